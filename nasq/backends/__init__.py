@@ -1,0 +1,43 @@
+"""Inference backends behind one small interface, chosen by name and imported lazily.
+
+A backend's life is ``Backend(device)`` -> ``load(model, batch_size=..., precision=...)``
+-> ``predict(batch)`` many times -> ``close()``. The device is handed in, never discovered
+inside. Each runtime lives in its own module; only the chosen one is imported.
+"""
+from __future__ import annotations
+
+import importlib
+
+from ..errors import BackendError
+from .base import Backend
+
+_REGISTRY = {
+    "torch": "nasq.backends.torch_backend:TorchBackend",
+    "onnxruntime": "nasq.backends.onnxruntime_backend:OnnxRuntimeBackend",
+    "ais_bench": "nasq.backends.ais_bench_backend:AisBenchBackend",
+}
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def backend_class(name: str) -> type[Backend]:
+    """The backend class registered under ``name``.
+
+    Raises:
+        BackendError: unknown name (the message lists the valid ones).
+    """
+    try:
+        target = _REGISTRY[name]
+    except KeyError:
+        raise BackendError(f"unknown backend {name!r}; choose one of: {', '.join(names())}") from None
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def create(name: str, device: str) -> Backend:
+    return backend_class(name)(device)
+
+
+__all__ = ["Backend", "backend_class", "create", "names"]

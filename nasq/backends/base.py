@@ -1,0 +1,54 @@
+"""The backend contract."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import numpy as np
+
+from ..data import normalize_u8
+from ..spec import ModelRef
+
+
+class Backend(ABC):
+    """One model on one device.
+
+    Subclasses set ``name``, implement ``load``, ``predict`` and ``versions``, and may
+    override ``predict_u8`` to normalize uint8 crops on the device.
+    """
+
+    name: ClassVar[str]
+    #: model artifact suffixes this backend runs (".pth" for a checkpoint)
+    artifact_suffixes: ClassVar[tuple[str, ...]]
+
+    def __init__(self, device: str):
+        self.device = device
+        #: a fixed batch size the loaded model needs (short batches are padded), or None
+        self.fixed_batch: int | None = None
+        #: number of logits per image, known after load()
+        self.num_outputs: int | None = None
+        #: provenance of the loaded model (weights hash, arch, ...), filled by load()
+        self.model_info: dict = {}
+
+    @abstractmethod
+    def load(self, model: ModelRef, *, batch_size: int, precision: str = "fp32") -> None:
+        """Load the model once; later calls to ``predict`` reuse it."""
+
+    @abstractmethod
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Normalized float32 NCHW batch -> float32 logits (N, num_outputs)."""
+
+    def predict_u8(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 NHWC crops -> logits. The default normalizes on the host."""
+        return self.predict(normalize_u8(batch))
+
+    @abstractmethod
+    def versions(self) -> dict[str, str]:
+        """Runtime name -> version, for provenance."""
+
+    def describe_device(self) -> str:
+        """A human name for the device (e.g. the GPU model)."""
+        return self.device
+
+    def close(self) -> None:
+        """Release the device."""

@@ -1,0 +1,67 @@
+"""ONNX Runtime: CPU, and the CUDA, TensorRT or CANN providers when the installed build has them."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..errors import BackendError
+from ..spec import ModelRef
+from .base import Backend
+
+
+def _providers(device: str, available: list[str]) -> list:
+    kind, _, index = device.partition(":")
+    dev_id = int(index or 0)
+    if kind == "cpu":
+        return ["CPUExecutionProvider"]
+    wanted = {"cuda": ["TensorrtExecutionProvider", "CUDAExecutionProvider"], "npu": ["CANNExecutionProvider"]}.get(kind)
+    if wanted is None:
+        raise BackendError(f"onnxruntime backend: unknown device {device!r} (use cpu, cuda:N or npu:N)")
+    chosen = [(p, {"device_id": dev_id}) for p in wanted if p in available]
+    if not chosen:
+        raise BackendError(f"onnxruntime backend: device {device} needs {' or '.join(wanted)}, but this "
+                           f"onnxruntime only has {available}; install onnxruntime-gpu (CUDA) or the CANN build")
+    return chosen + ["CPUExecutionProvider"]
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    artifact_suffixes = (".onnx", ".ort")
+
+    def load(self, model: ModelRef, *, batch_size: int, precision: str = "fp32") -> None:
+        import onnxruntime as ort
+
+        path = model.weights
+        if not path.endswith(self.artifact_suffixes):
+            raise BackendError(f"onnxruntime backend runs an ONNX model, not {path!r}: export one with "
+                               "`nasq build --target ort` (nasq eval does this for you)")
+        if not os.path.isfile(path):
+            raise BackendError(f"ONNX model {path!r} does not exist")
+        if precision != "fp32":
+            raise BackendError(f"onnxruntime backend: precision {precision!r} is not supported; use fp32")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        threads = int(os.environ.get("NASQ_THREADS", "0") or 0)
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        self._sess = ort.InferenceSession(path, opts, providers=_providers(self.device, ort.get_available_providers()))
+        inp = self._sess.get_inputs()[0]
+        out = self._sess.get_outputs()[0]
+        self._input, self._output = inp.name, out.name
+        self.fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
+        self.num_outputs = out.shape[1] if isinstance(out.shape[1], int) else None
+        self.model_info = {"artifact": os.path.abspath(path), **(model.options.get("provenance") or {})}
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        out = self._sess.run([self._output], {self._input: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        return np.asarray(out, dtype=np.float32)
+
+    def versions(self) -> dict[str, str]:
+        import onnxruntime as ort
+
+        return {"onnxruntime": ort.__version__, "providers": ",".join(self._sess.get_providers())}
+
+    def close(self) -> None:
+        self._sess = None

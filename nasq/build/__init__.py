@@ -1,0 +1,1 @@
+"""Model builds: checkpoint -> ONNX -> simplified -> device artifact."""

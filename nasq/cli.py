@@ -1,0 +1,184 @@
+"""The ``nasq`` command: a thin adapter from flags to ``nasq.api`` and friends."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import NasqError
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _write_predictions(pred: dict, path: str) -> None:
+    if path.endswith(".json"):
+        with open(path, "w") as f:
+            json.dump(pred, f)
+        return
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "label"] + [f"top{k}" for k in range(1, 6)] + [f"logit{k}" for k in range(1, 6)])
+        for name, label, ids, scores in zip(pred["names"], pred["labels"], pred["top5"], pred["scores"]):
+            w.writerow([name, "" if label is None else label, *ids, *scores])
+
+
+def _finish(result, args) -> int:
+    print(result.table)
+    if args.json:
+        from .report import write_json
+
+        write_json(result.report, args.json)
+        _log(f"report written to {args.json}")
+    if getattr(args, "predictions", None) and result.predictions is not None:
+        _write_predictions(result.predictions, args.predictions)
+        _log(f"per-image predictions written to {args.predictions}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .api import evaluate
+
+    result = evaluate(weights=args.weights, data=args.data, labels=args.labels, backend=args.backend,
+                      device=args.device, workers=args.workers, batch_size=args.batch_size,
+                      shard_size=args.shard_size, num_outputs=args.num_outputs, precision=args.precision,
+                      broker=args.broker, queue=args.queue, output_dir=args.output, outfmt=args.outfmt,
+                      progress=not args.no_progress, timeout=args.timeout, log=_log)
+    return _finish(result, args)
+
+
+def cmd_demo(args) -> int:
+    from .api import evaluate
+    from .config import load_settings
+    from .demo import prepare
+
+    workdir = args.workdir
+    if workdir is None:
+        import tempfile
+
+        workdir = tempfile.mkdtemp(prefix="nasq-demo-")
+    _log("nasq demo: the checkpoint has RANDOM weights (BatchNorm calibrated on generated images); "
+         "accuracy below only shows the pipeline is correct, not how good NASNet-Large is.")
+    paths = prepare(workdir, args.images, arch=args.arch, batch_size=args.batch_size, log=_log)
+    settings = load_settings()
+    if settings.broker_url:
+        _log(f"note: using the broker {settings.broker_url} from the environment/config; unset NASQ_BROKER_URL "
+             "for a self-contained demo")
+    result = evaluate(weights=paths["weights"], data=paths["data"], labels=paths["labels"], backend=args.backend,
+                      device="cpu", workers=args.workers, batch_size=args.batch_size,
+                      progress=not args.no_progress, settings=settings, log=_log)
+    rc = _finish(result, args)
+    if args.workdir is None:
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        _log(f"images, labels and checkpoint kept in {workdir}")
+    _log("reminder: random weights -- top-1 ~100% means every image got the reference model's prediction.")
+    return rc
+
+
+def cmd_preprocess(args) -> int:
+    from .preprocess import preprocess
+
+    res = preprocess(args.src, args.dst, fmt=args.format, workers=args.workers, shard_size=args.shard_size,
+                     progress=not args.no_progress)
+    print(f"{res.images} images -> {res.dst} ({res.fmt}): {res.written} written, {res.skipped} already done, "
+          f"{len(res.errors)} unusable")
+    for name, reason in list(res.errors.items())[:20]:
+        print(f"  {name}: {reason}")
+    return 0
+
+
+def cmd_worker(argv: list[str]) -> int:
+    # The worker runs in a fresh interpreter so its device pinning is in place before any
+    # framework is imported; `python -m workers` owns the flags (see `nasq worker --help`).
+    os.execv(sys.executable, [sys.executable, "-m", "workers", *argv])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__, backends
+
+    p = argparse.ArgumentParser(prog="nasq", description="Distributed NASNet-Large evaluation on device-pinned Celery workers.")
+    p.add_argument("--version", action="version", version=f"nasq {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def common_eval(q):
+        q.add_argument("--backend", default="torch", choices=backends.names(), help="inference runtime (default: torch)")
+        q.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+        q.add_argument("--json", metavar="PATH", help="also write the report as JSON here")
+        q.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on an image folder across workers",
+                       description="Evaluate NASNet-Large on a dataset folder. Without a broker (--broker or "
+                                   "NASQ_BROKER_URL) nasq starts a private Redis and one worker per device, runs, and "
+                                   "stops them; with one, it submits to the workers already running and waits.")
+    e.add_argument("--weights", required=True, help="Cadene-format checkpoint (.pth) or a built model for the backend")
+    e.add_argument("--data", required=True, help="folder of JPEGs, of .bin files, or of u8 shards")
+    e.add_argument("--labels", help="val_label.txt (default: one in or beside --data; none: no accuracy)")
+    common_eval(e)
+    e.add_argument("--device", default="auto", help="embedded runs: auto, cpu, cuda or a list like cuda:0,cuda:1 (default: auto)")
+    e.add_argument("--workers", type=int, help="embedded runs: number of local workers (default: one per device)")
+    e.add_argument("--shard-size", type=int, help="images per shard task (default: a few shards per worker, <= 1000)")
+    e.add_argument("--num-outputs", type=int, choices=(1001, 1000),
+                   help="1001 keeps the background class (as the seed's ONNX), 1000 drops it (default: the checkpoint's)")
+    e.add_argument("--precision", help="fp32 (default: the worker's)")
+    e.add_argument("--broker", help="Redis URL of a running nasq deployment (default: $NASQ_BROKER_URL; none: embedded)")
+    e.add_argument("--queue", help="evaluation queue (default: eval.<backend>)")
+    e.add_argument("--predictions", metavar="PATH", help="write per-image top-5 here (.csv or .json)")
+    e.add_argument("--output", metavar="DIR", help="also write every image's logits in ais_bench's layout (shared storage)")
+    e.add_argument("--outfmt", default="NPY", choices=("NPY", "TXT", "BIN"), help="format for --output (default: NPY)")
+    e.add_argument("--timeout", type=float, help="give up waiting after this many seconds (the run goes on)")
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("demo", help="generate images and a random-weight checkpoint, then run a full local evaluation",
+                       description="Self-contained demo: generated natural-looking JPEGs, a Cadene-format checkpoint with "
+                                   "random (calibrated) weights, labels from the fp32 reference model, and a full embedded "
+                                   "distributed evaluation. A correct pipeline scores ~100%% top-1.")
+    d.add_argument("--images", type=int, default=64, help="number of images (default: 64)")
+    d.add_argument("--workers", type=int, default=2, help="local CPU workers (default: 2)")
+    d.add_argument("--workdir", help="keep images, labels and checkpoint here (default: a temporary folder, removed)")
+    d.add_argument("--arch", default="large", choices=("large", "tiny"), help="model size (default: large = NASNet-A Large)")
+    common_eval(d)
+    d.set_defaults(func=cmd_demo)
+
+    pp = sub.add_parser("preprocess", help="JPEG folder -> .bin files (seed layout) or uint8 shards",
+                        description="Preprocess images exactly as the seed (resize 378, crop 331). Parallel, resumable.")
+    pp.add_argument("src", help="folder of JPEG images")
+    pp.add_argument("dst", help="output folder")
+    pp.add_argument("--format", default="u8", choices=("bin", "u8"),
+                    help="bin: one float32 .bin per image (ais_bench input); u8: compact uint8 shards (default)")
+    pp.add_argument("--workers", type=int, help="processes (default: all cores)")
+    pp.add_argument("--shard-size", type=int, default=256, help="images per u8 shard (default: 256)")
+    pp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pp.set_defaults(func=cmd_preprocess)
+
+    sub.add_parser("worker", add_help=False, help="start a Celery worker pinned to one device (see `nasq worker --help`)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "worker":
+        return cmd_worker(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except NasqError as e:
+        print(f"nasq {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

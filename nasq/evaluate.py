@@ -1,0 +1,87 @@
+"""Evaluate an index range of a dataset with a loaded backend.
+
+The one function both a Celery shard task and the single-process reference call, so a
+distributed run and a local one batch the same images the same way: batches are the
+fixed index windows ``[start + k*B, start + (k+1)*B)`` with unusable images dropped, and
+shard boundaries are multiples of B.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .backends.base import Backend
+from .data import ImageError, Source, stem
+from .outputs import OutputWriter
+from .spec import label_offset
+
+TOPK = 5
+
+
+def topk(logits: np.ndarray, num_outputs: int, k: int = TOPK) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k ImageNet label ids (background -> -1) and their logits, best first."""
+    order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    scores = np.take_along_axis(logits, order, axis=1)
+    return order - label_offset(num_outputs), scores
+
+
+def evaluate_range(source: Source, backend: Backend, start: int, stop: int, *, batch_size: int,
+                   labels: dict[str, int] | None = None, writer: OutputWriter | None = None,
+                   on_batch=None) -> dict:
+    """Run images ``[start, stop)`` of ``source`` through ``backend``.
+
+    Args:
+        labels: {file stem: label}; an image without one is recorded as an error.
+        writer: if given, full logits are written in ais_bench's layout.
+        on_batch: called with the number of images done after each batch (progress).
+
+    Returns:
+        A JSON-ready dict: per image (in index order) its index, name, label, top-5 ids and
+        logits; the unusable images with reasons; and timings (data, compute, wall seconds).
+    """
+    t0 = time.perf_counter()
+    started_at = time.time()
+    out = {"indices": [], "names": [], "labels": [], "top5": [], "scores": [], "errors": []}
+    data_s = compute_s = 0.0
+    num_outputs = None
+    for w0 in range(start, stop, batch_size):
+        td = time.perf_counter()
+        good, arrays = [], []
+        for i in range(w0, min(w0 + batch_size, stop)):
+            name = source.names[i]
+            try:
+                if labels is not None and stem(name) not in labels:
+                    raise ImageError("no label for this image in the label file")
+                arrays.append(source.load(i))
+                good.append(i)
+            except ImageError as e:
+                out["errors"].append({"index": i, "name": name, "reason": str(e)})
+        data_s += time.perf_counter() - td
+        if not good:
+            continue
+        batch = np.stack(arrays)
+        if backend.fixed_batch and len(batch) < backend.fixed_batch:
+            pad = np.zeros((backend.fixed_batch - len(batch),) + batch.shape[1:], dtype=batch.dtype)
+            batch = np.concatenate([batch, pad])
+        tc = time.perf_counter()
+        logits = backend.predict_u8(batch) if batch.dtype == np.uint8 else backend.predict(batch)
+        compute_s += time.perf_counter() - tc
+        logits = logits[: len(good)]
+        num_outputs = logits.shape[1]
+        ids, scores = topk(logits, num_outputs)
+        names = [source.names[i] for i in good]
+        if writer is not None:
+            writer.write(names, logits)
+        out["indices"] += good
+        out["names"] += names
+        out["labels"] += [labels[stem(n)] if labels is not None else None for n in names]
+        out["top5"] += ids.tolist()
+        out["scores"] += np.round(scores.astype(np.float64), 5).tolist()
+        if on_batch is not None:
+            on_batch(min(w0 + batch_size, stop) - start)
+    out["num_outputs"] = num_outputs
+    out["timing"] = {"data_s": round(data_s, 4), "compute_s": round(compute_s, 4),
+                     "wall_s": round(time.perf_counter() - t0, 4),
+                     "started_at": started_at, "finished_at": time.time()}
+    return out

@@ -1,0 +1,169 @@
+"""Merge shard results into a run report, and show it.
+
+The chord on the Redis result backend can hand the merge a shard twice (a redelivered
+shard whose result differs by a byte is counted again) and, when that happens before the
+last real shard lands, without one. So the merge checks itself: exactly one result per
+shard id of the manifest, every shard present and ``ok``, every image accounted for.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from .errors import RunError
+
+TOPK = 5
+
+
+class MissingShards(RunError):
+    def __init__(self, run_id: str, missing: list[str]):
+        self.missing = missing
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        super().__init__(f"run {run_id}: {len(missing)} shard(s) missing from the merge: {shown}")
+
+
+def collect(manifest: dict, results: list) -> tuple[dict[str, dict], list[str]]:
+    """One result per shard id: returns ({shard_id: result}, duplicate shard ids dropped).
+
+    Raises:
+        MissingShards: a shard of the manifest has no result.
+        RunError: a shard failed (its error is in the message).
+    """
+    run_id = manifest["run_id"]
+    by_id: dict[str, dict] = {}
+    dropped: list[str] = []
+    for r in results:
+        if not isinstance(r, dict) or r.get("run_id") != run_id:
+            continue
+        sid = r["shard_id"]
+        if sid in by_id:
+            dropped.append(sid)  # a redelivered shard: the first result is as good as the second
+            continue
+        by_id[sid] = r
+    expected = [s["shard_id"] for s in manifest["shards"]]
+    missing = [sid for sid in expected if sid not in by_id]
+    if missing:
+        raise MissingShards(run_id, missing)
+    failed = [by_id[sid] for sid in expected if by_id[sid].get("status") != "ok"]
+    if failed:
+        lines = "; ".join(f"{r['shard_id']} on {r.get('worker', '?')}: {r.get('error', 'failed')}" for r in failed[:5])
+        raise RunError(f"run {run_id}: {len(failed)} shard(s) failed: {lines}")
+    for s in manifest["shards"]:
+        r = by_id[s["shard_id"]]
+        seen = len(r["indices"]) + len(r["errors"])
+        if seen != s["stop"] - s["start"]:
+            raise RunError(f"run {run_id}: shard {s['shard_id']} accounts for {seen} images, "
+                           f"expected {s['stop'] - s['start']}")
+    return {sid: by_id[sid] for sid in expected}, dropped
+
+
+def accuracy(labels: list, top5: list[list[int]]) -> dict:
+    """Top-1..top-5 accuracy in percent over images that have a label (None without labels)."""
+    pairs = [(lab, ids) for lab, ids in zip(labels, top5) if lab is not None]
+    if not pairs:
+        return {f"top{k}": None for k in range(1, TOPK + 1)} | {"correct": None}
+    correct = {k: sum(lab in ids[:k] for lab, ids in pairs) for k in range(1, TOPK + 1)}
+    out = {f"top{k}": round(100.0 * correct[k] / len(pairs), 4) for k in correct}
+    out["correct"] = {f"top{k}": correct[k] for k in correct}
+    return out
+
+
+def merge(manifest: dict, results: list) -> tuple[dict, dict]:
+    """Validate shard results and compute the run report.
+
+    Returns:
+        (report, predictions): the report is the summary written as JSON and shown as a
+        table; predictions hold per image (index order) the name, label, top-5 ids, logits.
+    """
+    shards, dropped = collect(manifest, results)
+    pred = {"names": [], "indices": [], "labels": [], "top5": [], "scores": []}
+    errors = []
+    devices: dict[tuple, dict] = {}
+    for sid, r in shards.items():
+        for key in pred:
+            pred[key] += r[key]
+        errors += r["errors"]
+        t = r["timing"]
+        key = (r["worker"], r["device"])
+        d = devices.setdefault(key, {"worker": r["worker"], "device": r["device"], "device_name": r.get("device_name"),
+                                     "backend": r["backend"], "shards": 0, "images": 0, "compute_s": 0.0,
+                                     "data_s": 0.0, "wall_s": 0.0, "first_start": t["started_at"],
+                                     "last_finish": t["finished_at"]})
+        d["shards"] += 1
+        d["images"] += len(r["indices"])
+        d["compute_s"] += t["compute_s"]
+        d["data_s"] += t["data_s"]
+        d["wall_s"] += t["wall_s"]
+        d["first_start"] = min(d["first_start"], t["started_at"])
+        d["last_finish"] = max(d["last_finish"], t["finished_at"])
+    per_device = []
+    for d in devices.values():
+        d["img_s_compute"] = round(d["images"] / d["compute_s"], 3) if d["compute_s"] else None
+        d["img_s_wall"] = round(d["images"] / d["wall_s"], 3) if d["wall_s"] else None
+        for k in ("compute_s", "data_s", "wall_s"):
+            d[k] = round(d[k], 3)
+        per_device.append(d)
+    per_device.sort(key=lambda d: (d["worker"], d["device"]))
+    start = min(r["timing"]["started_at"] for r in shards.values())
+    end = max(r["timing"]["finished_at"] for r in shards.values())
+    n = len(pred["indices"])
+    first = next(iter(shards.values()))
+    report = {
+        "run_id": manifest["run_id"],
+        "created": manifest.get("created"),
+        "finished": time.time(),
+        "images": n,
+        "images_total": manifest["dataset"]["images"],
+        **accuracy(pred["labels"], pred["top5"]),
+        "throughput_img_s": round(n / (end - start), 3) if end > start else None,
+        "wall_s": round(end - start, 3),
+        "error_count": len(errors),
+        "errors": [{"name": e["name"], "reason": e["reason"]} for e in errors],
+        "per_device": per_device,
+        "backend": {"name": first["backend"], "versions": first.get("versions", {})},
+        "model": first.get("model_info", {}),
+        "num_outputs": first.get("num_outputs"),
+        "batch_size": manifest["batch_size"],
+        "precision": first.get("precision"),
+        "dataset": manifest["dataset"],
+        "labels_file": manifest.get("labels"),
+        "shards": len(shards),
+        "duplicate_shard_results_dropped": dropped,
+    }
+    return report, pred
+
+
+def render(report: dict) -> str:
+    """The report as a readable table."""
+    def pct(v):
+        return "   n/a" if v is None else f"{v:6.2f}%"
+
+    lines = [f"nasq run {report['run_id']}",
+             f"  model    {report['model'].get('arch', '?')} ({report.get('num_outputs')} outputs)  "
+             f"backend {report['backend']['name']}  batch {report['batch_size']}  precision {report.get('precision')}",
+             f"  dataset  {report['dataset']['root']} ({report['dataset']['kind']}, fingerprint {report['dataset']['fingerprint']})",
+             f"  images   {report['images']} evaluated of {report['images_total']}, {report['error_count']} excluded",
+             "  accuracy " + "  ".join(f"top-{k} {pct(report.get(f'top{k}'))}" for k in (1, 5)),
+             f"  speed    {report['throughput_img_s']} img/s aggregate over {report['wall_s']} s, {report['shards']} shards", ""]
+    head = f"  {'worker':<28} {'device':<10} {'shards':>6} {'images':>7} {'compute img/s':>14} {'wall img/s':>11}"
+    lines += [head, "  " + "-" * (len(head) - 2)]
+    for d in report["per_device"]:
+        lines.append(f"  {d['worker'][:28]:<28} {d['device']:<10} {d['shards']:>6} {d['images']:>7} "
+                     f"{d['img_s_compute'] or 0:>14.2f} {d['img_s_wall'] or 0:>11.2f}")
+    if report["errors"]:
+        lines += ["", f"  excluded images ({report['error_count']}):"]
+        lines += [f"    {e['name']}: {e['reason']}" for e in report["errors"][:20]]
+        if report["error_count"] > 20:
+            lines.append(f"    ... {report['error_count'] - 20} more in the JSON report")
+    if report.get("duplicate_shard_results_dropped"):
+        lines.append(f"  duplicate shard results dropped: {', '.join(report['duplicate_shard_results_dropped'])}")
+    return "\n".join(lines)
+
+
+def write_json(report: dict, path: str) -> None:
+    import os
+
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    os.replace(tmp, path)

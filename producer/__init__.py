@@ -1,0 +1,1 @@
+"""Producer: shards an image list into evaluation tasks and submits them as a chord."""

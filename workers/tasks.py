@@ -1,0 +1,173 @@
+"""Celery tasks. Each is a thin view: decode the payload, call one library function,
+return a small JSON dict.
+
+``nasq.eval_shard`` catches its own errors and returns ``status: "error"``, because a
+failed header task would make the chord drop every result. A worker *process* that dies
+mid-shard is a requeue (late acks + reject on worker lost); a per-shard attempt counter in
+Redis stops a shard that always kills its worker from looping forever.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+
+from celery import Task
+from celery.exceptions import Retry
+
+from nasq import backends
+from nasq.celery_app import TASK_EVAL_SHARD, TASK_MERGE, TASK_RUN_FAILED
+from nasq.data import open_source, read_labels
+from nasq.errors import NasqError, RunError
+from nasq.evaluate import evaluate_range
+from nasq.outputs import OutputWriter
+from nasq.report import MissingShards, merge
+from nasq.runstate import RunStore
+from nasq.spec import ModelRef
+from workers.app import app, settings
+
+log = logging.getLogger("nasq.worker")
+
+#: how long the merge waits for a shard that is still running (a redelivered one) before failing
+MERGE_WAIT_S = float(os.environ.get("NASQ_MERGE_WAIT_S", "900"))
+
+
+class DeviceTask(Task):
+    """Holds the loaded backend, dataset listing and labels for the life of the process."""
+
+    _runner = None
+    _runner_key = None
+    _sources: dict = {}
+    _labels: dict = {}
+    _store = None
+
+    @property
+    def store(self) -> RunStore:
+        if DeviceTask._store is None:
+            DeviceTask._store = RunStore(settings.backend_url, expires=settings.result_expires)
+        return DeviceTask._store
+
+    def backend_for(self, name: str, model: ModelRef, batch_size: int, precision: str):
+        key = (name, model.weights, model.num_outputs, precision)
+        if DeviceTask._runner_key != key:
+            if DeviceTask._runner is not None:
+                DeviceTask._runner.close()
+                DeviceTask._runner = None
+            device = os.environ.get("NASQ_WORKER_LOCAL_DEVICE", "cpu")
+            t = time.perf_counter()
+            b = backends.create(name, device)
+            b.load(model, batch_size=batch_size, precision=precision)
+            log.info("loaded %s on %s in %.1f s", model.weights, device, time.perf_counter() - t)
+            DeviceTask._runner, DeviceTask._runner_key = b, key
+        return DeviceTask._runner
+
+    def source_for(self, dataset: dict):
+        src = DeviceTask._sources.get(dataset["root"])
+        if src is None or src.fingerprint != dataset["fingerprint"]:
+            src = open_source(dataset["root"])
+            if src.fingerprint != dataset["fingerprint"]:
+                raise RunError(f"the dataset at {dataset['root']} on {socket.gethostname()} differs from the one the "
+                               f"run was submitted with (fingerprint {src.fingerprint} vs {dataset['fingerprint']}); "
+                               "every worker must see the same files")
+            DeviceTask._sources[dataset["root"]] = src
+        return src
+
+    def labels_for(self, path: str | None):
+        if path is None:
+            return None
+        key = (path, os.path.getmtime(path))
+        if key not in DeviceTask._labels:
+            DeviceTask._labels = {key: read_labels(path)}
+        return DeviceTask._labels[key]
+
+
+@app.task(name=TASK_EVAL_SHARD, bind=True, base=DeviceTask)
+def eval_shard(self, run_id: str, shard_id: str, start: int, stop: int, job: dict) -> dict:
+    """Evaluate images [start, stop) of the run's dataset; returns top-5 per image."""
+    worker_backend = os.environ.get("NASQ_WORKER_BACKEND", job["backend"])
+    precision = job.get("precision") or os.environ.get("NASQ_WORKER_PRECISION", "fp32")
+    base = {"run_id": run_id, "shard_id": shard_id, "start": start, "stop": stop,
+            "worker": self.request.hostname or socket.gethostname(),
+            "device": os.environ.get("NASQ_WORKER_DEVICE", "cpu"), "backend": worker_backend,
+            "precision": precision}
+    store = self.store
+    attempt = store.next_attempt(run_id, shard_id)
+    base["attempt"] = attempt
+    if attempt > settings.max_attempts:
+        msg = (f"started {attempt - 1} times without finishing (its worker died each time); "
+               f"giving up after max_attempts={settings.max_attempts}")
+        store.shard_finished(run_id, shard_id, {"status": "error", "error": msg, "worker": base["worker"]})
+        return {**base, "status": "error", "error": msg}
+    store.shard_started(run_id, shard_id, {"worker": base["worker"], "device": base["device"], "images": stop - start})
+    try:
+        if worker_backend != job["backend"]:
+            raise NasqError(f"this worker runs backend {worker_backend!r} but the run asked for {job['backend']!r}; "
+                            f"start a worker with --backend {job['backend']} on the run's queue")
+        source = self.source_for(job["dataset"])
+        labels = self.labels_for(job.get("labels"))
+        backend = self.backend_for(worker_backend, ModelRef.from_dict(job["model"]), job["batch_size"], precision)
+        out = job.get("output")
+        writer = OutputWriter(out["dir"], out.get("fmt", "NPY")) if out else None
+        result = evaluate_range(source, backend, start, stop, batch_size=job["batch_size"], labels=labels,
+                                writer=writer, on_batch=lambda n: store.shard_progress(run_id, shard_id, n))
+    except Exception as e:  # noqa: BLE001 - a shard reports its failure instead of breaking the chord
+        log.exception("shard %s of run %s failed", shard_id, run_id)
+        msg = f"{type(e).__name__}: {e}"
+        store.shard_finished(run_id, shard_id, {"status": "error", "error": msg, "worker": base["worker"]})
+        return {**base, "status": "error", "error": msg}
+    summary = {"status": "ok", "worker": base["worker"], "device": base["device"], "images": len(result["indices"]),
+               "errors": len(result["errors"]), **result["timing"]}
+    store.shard_finished(run_id, shard_id, summary)
+    return {**base, "status": "ok", **result, "versions": backend.versions(), "model_info": backend.model_info,
+            "device_name": backend.describe_device()}
+
+
+@app.task(name=TASK_MERGE, bind=True, base=DeviceTask, max_retries=None)
+def merge_run(self, results: list, run_id: str, _first_try: float | None = None) -> dict:
+    """Chord callback: validate the shard results and compute the report."""
+    store = self.store
+    manifest = store.manifest(run_id)
+    if manifest is None:
+        raise RunError(f"run {run_id}: its manifest is gone from Redis (expired or flushed)")
+    results = list(results or [])
+    try:
+        report, predictions = merge(manifest, results + _late_results(self, manifest, results))
+    except MissingShards as e:
+        waiting = set(store.running(run_id))
+        pending = [sid for sid in e.missing if sid in waiting]
+        first_try = _first_try or time.time()
+        if pending and time.time() - first_try < MERGE_WAIT_S:
+            # A redelivered shard is still running: its result lands in the backend by task id.
+            raise self.retry(countdown=5, kwargs={"run_id": run_id, "_first_try": first_try})
+        store.set_state(run_id, "failed", error=str(e))
+        raise
+    except Retry:
+        raise
+    except NasqError as e:
+        store.set_state(run_id, "failed", error=str(e))
+        raise
+    store.save_report(run_id, report, predictions)
+    store.set_state(run_id, "done", images=report["images"], top1=report["top1"], top5=report["top5"],
+                    throughput_img_s=report["throughput_img_s"])
+    return report
+
+
+def _late_results(task, manifest: dict, results: list) -> list:
+    """Results of shards absent from the chord's list, fetched from the backend by task id."""
+    have = {r.get("shard_id") for r in results if isinstance(r, dict)}
+    late = []
+    for s in manifest["shards"]:
+        if s["shard_id"] in have:
+            continue
+        res = task.app.AsyncResult(s["task_id"])
+        if res.state == "SUCCESS" and isinstance(res.result, dict):
+            late.append(res.result)
+    return late
+
+
+@app.task(name=TASK_RUN_FAILED, base=DeviceTask, bind=True)
+def run_failed(self, request, exc, traceback, run_id: str | None = None) -> None:
+    """Errback of the merge: mark the run failed so waiting clients stop."""
+    if run_id:
+        self.store.set_state(run_id, "failed", error=f"{type(exc).__name__}: {exc}")
