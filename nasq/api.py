@@ -72,8 +72,7 @@ def prepare_model(*, weights: str, backend: str, num_outputs: int | None, settin
             log("exporting the checkpoint to ONNX for onnxruntime (once; cached in the artifact store) ...")
             path, meta = ensure_onnx(weights, settings.artifact_dir, num_outputs=num_outputs)
             return ModelRef(weights=path, num_outputs=num_outputs,
-                            options={"provenance": {"checkpoint": weights, "artifact_key": meta["key"],
-                                                    "checkpoint_sha256": meta["inputs"]["weights"]}})
+                            options={"provenance": {**meta["model"], "artifact_key": meta["key"]}})
     elif not weights.endswith(cls.artifact_suffixes):
         raise NasqError(f"backend {backend} cannot run {weights!r}; it takes {', '.join(cls.artifact_suffixes)}")
     return ModelRef(weights=weights, num_outputs=num_outputs)

@@ -33,6 +33,16 @@ log = logging.getLogger("nasq.worker")
 MERGE_WAIT_S = float(os.environ.get("NASQ_MERGE_WAIT_S", "900"))
 
 
+_STORE: RunStore | None = None
+
+
+def _store() -> RunStore:
+    global _STORE
+    if _STORE is None:
+        _STORE = RunStore(settings.backend_url, expires=settings.result_expires)
+    return _STORE
+
+
 class DeviceTask(Task):
     """Holds the loaded backend, dataset listing and labels for the life of the process."""
 
@@ -40,13 +50,9 @@ class DeviceTask(Task):
     _runner_key = None
     _sources: dict = {}
     _labels: dict = {}
-    _store = None
-
     @property
     def store(self) -> RunStore:
-        if DeviceTask._store is None:
-            DeviceTask._store = RunStore(settings.backend_url, expires=settings.result_expires)
-        return DeviceTask._store
+        return _store()
 
     def backend_for(self, name: str, model: ModelRef, batch_size: int, precision: str):
         key = (name, model.weights, model.num_outputs, precision)
@@ -166,8 +172,9 @@ def _late_results(task, manifest: dict, results: list) -> list:
     return late
 
 
-@app.task(name=TASK_RUN_FAILED, base=DeviceTask, bind=True)
-def run_failed(self, request, exc, traceback, run_id: str | None = None) -> None:
-    """Errback of the merge: mark the run failed so waiting clients stop."""
+@app.task(name=TASK_RUN_FAILED)
+def run_failed(request, exc, traceback, run_id: str | None = None) -> None:
+    """Errback of the merge (not bound: Celery passes (request, exc, traceback) only to
+    unbound errbacks): mark the run failed so waiting clients stop."""
     if run_id:
-        self.store.set_state(run_id, "failed", error=f"{type(exc).__name__}: {exc}")
+        _store().set_state(run_id, "failed", error=f"{type(exc).__name__}: {exc}")

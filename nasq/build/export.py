@@ -21,8 +21,12 @@ def export_onnx(weights: str, path: str, *, num_outputs: int | None = None, opse
     x = torch.zeros((batch_size or 1, *PREPROCESS.chw))
     t = time.perf_counter()
     dyn = None if batch_size else {"image": {0: "batch"}, "class": {0: "batch"}}
-    torch.onnx.export(model, (x,), path, input_names=["image"], output_names=["class"], opset_version=opset,
-                      dynamic_axes=dyn, do_constant_folding=True, dynamo=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and folding notes
+        torch.onnx.export(model, (x,), path, input_names=["image"], output_names=["class"], opset_version=opset,
+                          dynamic_axes=dyn, do_constant_folding=True, dynamo=False)
     return {"export_s": round(time.perf_counter() - t, 2), "model": info.to_dict(), "opset": opset,
             "batch_size": batch_size}
 

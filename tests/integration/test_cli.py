@@ -1,0 +1,121 @@
+"""The commands as a user runs them: separate processes, embedded and with a broker."""
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from conftest import REPO, Workers, nasq_cli
+
+pytestmark = pytest.mark.slow
+
+
+def run(args, env=None, timeout=300):
+    e = dict(os.environ)
+    e.pop("NASQ_BROKER_URL", None)
+    e.update(env or {})
+    return subprocess.run(nasq_cli() + args, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=e)
+
+
+@pytest.mark.parametrize("cmd", [[], ["eval"], ["demo"], ["preprocess"], ["worker"]])
+def test_help_everywhere(cmd):
+    p = run(cmd + ["--help"])
+    assert p.returncode == 0 and "usage: nasq" in p.stdout
+
+
+def test_embedded_eval_of_a_users_folder(assets, tmp_path):
+    out = tmp_path / "r.json"
+    p = run(["eval", "--weights", assets["weights"], "--data", assets["data"], "--labels", assets["labels"],
+             "--workers", "2", "--batch-size", "4", "--json", str(out), "--predictions", str(tmp_path / "p.csv")],
+            env={"NASQ_WORK_DIR": str(tmp_path / "runs")})
+    assert p.returncode == 0, p.stderr
+    r = json.loads(out.read_text())
+    for key in ("run_id", "images", "top1", "top5", "throughput_img_s", "per_device", "errors"):
+        assert key in r
+    assert r["images"] == 20 and r["top1"] == 100.0 and r["error_count"] == 3
+    assert len(r["per_device"]) == 2
+    assert "top-1 100.00%" in p.stdout and "excluded images (3)" in p.stdout
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    assert lines[0].startswith("image,label,top1") and len(lines) == 21
+    # everything it started is gone: no redis-server or worker left with that work dir
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(tmp_path / "runs") not in ps
+
+
+def test_demo_tiny(tmp_path):
+    p = run(["demo", "--images", "12", "--workers", "2", "--arch", "tiny", "--workdir", str(tmp_path / "d"),
+             "--json", str(tmp_path / "r.json"), "--batch-size", "4"], env={"NASQ_WORK_DIR": str(tmp_path / "runs")})
+    assert p.returncode == 0, p.stderr
+    assert "RANDOM weights" in p.stderr
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["images"] == 12 and r["top1"] >= 99.0
+    assert (tmp_path / "d" / "val_label.txt").exists() and (tmp_path / "d" / "nasnetalarge-random-tiny.pth").exists()
+
+
+def test_md5_mismatch_refused_before_anything_runs(assets, tmp_path):
+    bad = tmp_path / "nasnetalarge-a1897284.pth"
+    bad.write_bytes(open(assets["weights"], "rb").read())
+    p = run(["eval", "--weights", str(bad), "--data", assets["data"], "--labels", assets["labels"]])
+    assert p.returncode == 2
+    assert "md5 is" in p.stderr and "78a73e51ee50997294f1f35a34b4de66" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_bad_inputs_give_clear_errors(assets, tmp_path):
+    p = run(["eval", "--weights", assets["weights"], "--data", str(tmp_path / "nowhere")])
+    assert p.returncode == 2 and "does not exist" in p.stderr
+    (tmp_path / "l.txt").write_text("other_image.JPEG 3\n")
+    p = run(["eval", "--weights", assets["weights"], "--data", assets["data"], "--labels", str(tmp_path / "l.txt")])
+    assert p.returncode == 2 and "right label file" in p.stderr
+    p = run(["worker", "--device", "gpu0", "--broker", "redis://127.0.0.1:1/0"])
+    assert p.returncode == 2 and "cpu, cuda:N or npu:N" in p.stderr
+    p = run(["worker"])
+    assert p.returncode == 2 and "no broker" in p.stderr
+
+
+def test_worker_and_eval_with_broker_as_separate_processes(assets, redis_url, tmp_path):
+    queue = f"eval.cli-{uuid.uuid4().hex[:6]}"
+    w = Workers(redis_url, queue, str(tmp_path))
+    w.start(1)  # `python -m workers` is what `nasq worker` execs
+    try:
+        out = tmp_path / "r.json"
+        p = run(["eval", "--broker", redis_url, "--queue", queue, "--weights", assets["weights"], "--data",
+                 assets["data"], "--labels", assets["labels"], "--batch-size", "4", "--json", str(out)])
+        assert p.returncode == 0, p.stderr
+        r = json.loads(out.read_text())
+        assert r["images"] == 20 and r["top1"] == 100.0
+        assert [d["worker"] for d in r["per_device"]] == [w.procs[0][0]]
+        assert "private Redis" not in p.stderr
+    finally:
+        w.stop()
+
+
+def test_nasq_worker_command_starts_a_worker(assets, redis_url, tmp_path):
+    """`nasq worker` itself (not python -m workers) joins the broker and answers a ping."""
+    import signal
+    import time
+
+    from nasq.celery_app import make_app
+    from nasq.config import Settings
+
+    name = f"clitest-{uuid.uuid4().hex[:6]}@localhost"
+    with open(tmp_path / "w.log", "wb") as log:
+        proc = subprocess.Popen(nasq_cli() + ["worker", "--device", "cpu", "--broker", redis_url, "--name", name,
+                                              "--queues", f"q-{name}"],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    try:
+        app = make_app(Settings(broker_url=redis_url))
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            if any(name in r for r in app.control.ping(destination=[name], timeout=1.0) or []):
+                break
+            assert proc.poll() is None, (tmp_path / "w.log").read_text()
+        else:
+            raise AssertionError("nasq worker did not answer")
+        stats = app.control.inspect(destination=[name], timeout=2).stats()[name]
+        assert stats["pool"]["max-concurrency"] == 1 and stats["prefetch_count"] == 1
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)

@@ -1,0 +1,145 @@
+"""Real Redis, real worker processes: the distributed result equals the single-process one."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from nasq.api import evaluate, evaluate_local
+from nasq.celery_app import TASK_EVAL_SHARD, TASK_MERGE, make_app
+from nasq.preprocess import preprocess
+from nasq.runstate import RunStore
+
+pytestmark = pytest.mark.slow
+
+
+def _same_predictions(dist: dict, ref: dict):
+    assert dist["names"] == ref["names"]
+    assert dist["labels"] == ref["labels"]
+    assert dist["top5"] == ref["top5"]
+    assert np.allclose(dist["scores"], ref["scores"], atol=1e-4)
+
+
+def test_multiworker_equals_single_process(assets, workers, settings):
+    res = evaluate(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4,
+                   shard_size=4, queue=workers.queue, settings=settings, progress=False, log=lambda *_: None)
+    ref = evaluate_local(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4,
+                         settings=settings)
+    _same_predictions(res.predictions, ref)
+    r = res.report
+    assert r["images"] == 20 and r["images_total"] == 23 and r["error_count"] == 3
+    assert {e["name"] for e in r["errors"]} == assets["bad"]
+    assert r["top1"] == 100.0 and r["top5"] == 100.0
+    assert r["shards"] == 6 and len(r["per_device"]) == 2  # both workers took shards
+    assert sum(d["images"] for d in r["per_device"]) == 20
+    assert r["throughput_img_s"] > 0 and all(d["img_s_compute"] > 0 for d in r["per_device"])
+    assert r["model"]["arch"] == "tiny" and r["num_outputs"] == 1001
+    assert RunStore(settings.broker_url).state(res.run_id)["state"] == "done"
+
+
+def test_u8_and_bin_forms_give_the_same_predictions(assets, workers, settings, tmp_path):
+    ref = evaluate_local(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4,
+                         settings=settings)
+    for fmt in ("u8", "bin"):
+        dst = tmp_path / fmt
+        preprocess(assets["data"], str(dst), fmt=fmt, workers=2, shard_size=8, progress=False)
+        res = evaluate(weights=assets["weights"], data=str(dst), labels=assets["labels"], batch_size=4,
+                       shard_size=8, queue=workers.queue, settings=settings, progress=False, log=lambda *_: None)
+        by_stem = {os.path.splitext(n)[0]: i for i, n in enumerate(ref["names"])}
+        order = [by_stem[os.path.splitext(n)[0]] for n in res.predictions["names"]]
+        assert len(order) == 20 and res.report["error_count"] == 3, fmt
+        assert res.predictions["top5"] == [ref["top5"][i] for i in order], fmt
+        assert np.allclose(res.predictions["scores"], [ref["scores"][i] for i in order], atol=1e-4), fmt
+
+
+def test_1000_outputs_and_ais_bench_output_layout(assets, workers, settings, tmp_path):
+    out = tmp_path / "result"
+    res = evaluate(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4,
+                   num_outputs=1000, queue=workers.queue, settings=settings, progress=False,
+                   output_dir=str(out), outfmt="TXT", log=lambda *_: None)
+    assert res.report["num_outputs"] == 1000 and res.report["top1"] == 100.0
+    files = sorted(os.listdir(out))
+    assert len(files) == 20 and files[0] == "ILSVRC2012_val_00000001_0.txt"
+    row = np.loadtxt(out / files[0])
+    assert row.shape == (1000,) and int(np.argmax(row)) == res.predictions["top5"][0][0]
+
+
+def _shard_results(app, manifest):
+    return [app.AsyncResult(s["task_id"]).get(timeout=30) for s in manifest["shards"]]
+
+
+def test_duplicate_shard_result_ignored_and_missing_shard_named(assets, workers, settings):
+    res = evaluate(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4,
+                   shard_size=8, queue=workers.queue, settings=settings, progress=False, log=lambda *_: None)
+    app = make_app(settings)
+    store = RunStore(settings.broker_url)
+    manifest = store.manifest(res.run_id)
+    results = _shard_results(app, manifest)
+    # A redelivered shard: same shard id, different timing and worker.
+    dup = dict(results[1], worker="elsewhere@host", timing=dict(results[1]["timing"], wall_s=99.0))
+    merged = app.signature(TASK_MERGE, args=(results + [dup],), kwargs={"run_id": res.run_id},
+                           queue=workers.queue).apply_async().get(timeout=60)
+    assert merged["duplicate_shard_results_dropped"] == [results[1]["shard_id"]]
+    assert merged["images"] == res.report["images"] and merged["top1"] == res.report["top1"]
+    assert "elsewhere@host" not in {d["worker"] for d in merged["per_device"]}
+    # A shard whose result never arrived (and is not running anywhere): the run fails, naming it.
+    gone = manifest["shards"][2]
+    app.AsyncResult(gone["task_id"]).forget()
+    rest = [r for r in results if r["shard_id"] != gone["shard_id"]]
+    with pytest.raises(Exception, match=gone["shard_id"]):
+        app.signature(TASK_MERGE, args=(rest,), kwargs={"run_id": res.run_id},
+                      queue=workers.queue).apply_async().get(timeout=60)
+    st = store.state(res.run_id)
+    assert st["state"] == "failed" and gone["shard_id"] in st["error"]
+
+
+class _Planted:
+    """Unpickling this creates a file: proof that pickle content was (not) decoded."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickle_refused_by_workers_and_client(assets, workers, settings, tmp_path):
+    from celery import Celery
+    from kombu.exceptions import ContentDisallowed, DecodeError
+
+    app = make_app(settings)
+    assert app.conf.accept_content == ["json"] and app.conf.result_accept_content == ["json"]
+    assert app.conf.task_serializer == app.conf.result_serializer == "json"
+    # Someone with access to Redis sends a pickled task: the worker must refuse to decode it.
+    worker_marker = tmp_path / "worker-unpickled"
+    evil = Celery(broker=settings.broker_url, backend=settings.broker_url)
+    evil.conf.task_serializer = "pickle"
+    evil.conf.accept_content = ["pickle", "json"]
+    evil.conf.result_serializer = "pickle"
+    evil.conf.result_accept_content = ["pickle", "json"]
+    r = evil.send_task(TASK_EVAL_SHARD, args=("evil-run", "shard-x", 0, 1, {"x": _Planted(str(worker_marker))}),
+                       queue=workers.queue)
+    deadline = time.time() + 20
+    while time.time() < deadline and "untrusted content of type pickle" not in workers.log_text():
+        time.sleep(0.5)
+    assert "Refusing to deserialize untrusted content of type pickle" in workers.log_text()
+    assert not worker_marker.exists()
+    assert r.state == "PENDING"  # never executed
+    assert RunStore(settings.broker_url).r.hget("nasq:run:evil-run:attempts", "shard-x") is None
+    # A pickled result planted in the backend is not unpickled by the client.
+    client_marker = tmp_path / "client-unpickled"
+    evil.backend.store_result("planted-pickle", _Planted(str(client_marker)), "SUCCESS")
+    with pytest.raises((ContentDisallowed, DecodeError)):
+        app.AsyncResult("planted-pickle").get(timeout=5)
+    assert not client_marker.exists()
+
+
+def test_wrong_backend_worker_reports_clear_error(assets, workers, settings, tmp_path):
+    from nasq.errors import RunError
+
+    with pytest.raises(RunError, match="runs backend 'torch' but the run asked for 'onnxruntime'"):
+        evaluate(weights=assets["weights"], data=assets["data"], labels=assets["labels"], backend="onnxruntime",
+                 batch_size=4, queue=workers.queue, settings=settings, progress=False, log=lambda *_: None)
