@@ -46,13 +46,9 @@ def _labels_for(source: Source, data: str, labels: str | None) -> str | None:
     return os.path.abspath(path)
 
 
-def prepare_model(*, weights: str, backend: str, num_outputs: int | None, settings: Settings,
-                  log=print) -> ModelRef:
-    """Check the weights here, before anything is queued, and build what the backend runs.
-
-    A checkpoint is read (md5 for the seed's file, key layout, head size). The onnxruntime
-    backend gets a simplified ONNX export from the artifact store (built once).
-    """
+def check_weights(weights: str, backend: str) -> str:
+    """Check the weights here, before anything is queued: a checkpoint is read (md5 for the
+    seed's file, key layout, head size); a built model must suit the backend."""
     from .model import infer_arch, read_checkpoint
 
     cls = backends.backend_class(backend)
@@ -60,22 +56,31 @@ def prepare_model(*, weights: str, backend: str, num_outputs: int | None, settin
     if not os.path.exists(weights):
         raise NasqError(f"weights {weights!r} do not exist")
     if weights.endswith((".pth", ".pt")):
-        state = read_checkpoint(weights)
-        infer_arch(state)
-        del state
-        if ".pth" not in cls.artifact_suffixes:
-            if backend != "onnxruntime":
-                raise NasqError(f"backend {backend} runs a compiled model ({', '.join(cls.artifact_suffixes)}), "
-                                f"not a checkpoint: build one with `nasq build` and pass it as --weights")
-            from .build.export import ensure_onnx
-
-            log("exporting the checkpoint to ONNX for onnxruntime (once; cached in the artifact store) ...")
-            path, meta = ensure_onnx(weights, settings.artifact_dir, num_outputs=num_outputs)
-            return ModelRef(weights=path, num_outputs=num_outputs,
-                            options={"provenance": {**meta["model"], "artifact_key": meta["key"]}})
-    elif not weights.endswith(cls.artifact_suffixes):
+        infer_arch(read_checkpoint(weights))
+        if ".pth" not in cls.artifact_suffixes and backend != "onnxruntime":
+            raise NasqError(f"backend {backend} runs a compiled model ({', '.join(cls.artifact_suffixes)}), "
+                            f"not a checkpoint: build one with `nasq build` and pass it as --weights")
+    elif not (weights.endswith(cls.artifact_suffixes) or os.path.isfile(os.path.join(weights, "meta.json"))):
         raise NasqError(f"backend {backend} cannot run {weights!r}; it takes {', '.join(cls.artifact_suffixes)}")
-    return ModelRef(weights=weights, num_outputs=num_outputs)
+    return weights
+
+
+def needs_build(weights: str, backend: str) -> bool:
+    return backend == "onnxruntime" and weights.endswith((".pth", ".pt"))
+
+
+def prepare_model(*, weights: str, backend: str, num_outputs: int | None, settings: Settings, app=None,
+                  log=print) -> ModelRef:
+    """What workers load: the checkpoint itself, or (onnxruntime) the verified ORT artifact,
+    built once on the build queue and reused."""
+    if not needs_build(weights, backend):
+        return ModelRef(weights=weights, num_outputs=num_outputs)
+    from .build.client import build
+
+    res = build(weights=weights, target="ort", num_outputs=num_outputs, settings=settings, app=app, log=log)
+    log(f"onnxruntime artifact {res.key} ({'cache hit' if res.cached else 'built'}): {res.path}")
+    return ModelRef(weights=res.path, num_outputs=num_outputs,
+                    options={"provenance": {**(res.meta.get("model") or {}), "artifact_key": res.key}})
 
 
 def _wait(result, store: RunStore, manifest: dict, *, progress: bool, timeout: float | None, cluster=None) -> dict:
@@ -151,12 +156,14 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
     settings = settings or load_settings(broker_url=broker)
     source = open_source(data)
     labels_path = _labels_for(source, data, labels)
-    model = prepare_model(weights=weights, backend=backend, num_outputs=num_outputs, settings=settings, log=log)
+    weights = check_weights(weights, backend)
     queue = queue or eval_queue(backend)
     output = {"dir": os.path.abspath(output_dir), "fmt": outfmt.upper()} if output_dir else None
 
     def run(app_settings: Settings, n_workers: int | None, cluster=None) -> EvalResult:
         app = make_app(app_settings)
+        model = prepare_model(weights=weights, backend=backend, num_outputs=num_outputs, settings=app_settings,
+                              app=app if cluster is not None else None, log=log)
         store = RunStore(app_settings.backend_url, expires=app_settings.result_expires)
         size = shard_size or submit.auto_shard_size(len(source), n_workers, batch_size)
         manifest, result = submit.submit_run(app, store, dataset=source.describe(), labels=labels_path,
@@ -179,8 +186,13 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
     devices = local_devices(backend, device, workers)
     threads = max(1, (os.cpu_count() or 1) // len(devices)) if devices[0] == "cpu" else None
     workdir = os.path.join(settings.work_dir, time.strftime("%Y%m%d-%H%M%S-") + str(os.getpid()))
+    build_workers = 0
+    if needs_build(weights, backend):
+        from .build.client import cached
+
+        build_workers = 0 if cached(weights=weights, target="ort", num_outputs=num_outputs, settings=settings) else 1
     cluster = LocalCluster(devices=devices, backend=backend, queue=queue, workdir=workdir, precision=precision,
-                           threads=threads, log=log)
+                           threads=threads, build_workers=build_workers, settings=settings, log=log)
     with cluster as url:
         local = Settings(**{**settings.__dict__, "broker_url": url, "result_backend": None})
         return run(local, len(devices), cluster=cluster)
@@ -198,8 +210,8 @@ def evaluate_local(*, weights: str, data: str, labels: str | None = None, backen
     settings = settings or load_settings()
     source = open_source(data)
     labels_path = _labels_for(source, data, labels)
-    model = prepare_model(weights=weights, backend=backend, num_outputs=num_outputs, settings=settings,
-                          log=lambda *_: None)
+    model = prepare_model(weights=check_weights(weights, backend), backend=backend, num_outputs=num_outputs,
+                          settings=settings, log=lambda *_: None)
     b = backends.create(backend, device)
     b.load(model, batch_size=batch_size, precision=precision)
     try:

@@ -12,7 +12,11 @@ from .config import Settings
 TASK_EVAL_SHARD = "nasq.eval_shard"
 TASK_MERGE = "nasq.merge_run"
 TASK_RUN_FAILED = "nasq.run_failed"
-TASK_BUILD = "nasq.build_artifact"
+TASK_BUILD_EXPORT = "nasq.build.export"
+TASK_BUILD_SIMPLIFY = "nasq.build.simplify"
+TASK_BUILD_DEVICE = "nasq.build.device"
+TASK_BUILD_COMMIT = "nasq.build.commit"
+TASK_BUILD_FAILED = "nasq.build.failed"
 
 BUILD_QUEUE = "build"
 
@@ -48,7 +52,8 @@ def celery_config(settings: Settings) -> dict:
         task_track_started=True,
         task_send_sent_event=True,
         worker_send_task_events=True,
-        task_routes={TASK_BUILD: {"queue": BUILD_QUEUE}},
+        # Every build task runs on the build queue, which evaluation workers never consume.
+        task_routes={"nasq.build.*": {"queue": BUILD_QUEUE}},
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         # The model loads lazily on the first task, not in worker_process_init.

@@ -94,6 +94,33 @@ def cmd_preprocess(args) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def cmd_build(args) -> int:
+    from .build.client import build
+
+    sizes = args.batch_size or [None]
+    if args.gears:
+        sizes = [None]
+    results = []
+    for bs in sizes:
+        res = build(weights=args.weights, target=args.target, batch_size=bs, gears=args.gears, opset=args.opset,
+                    soc_version=args.soc_version, num_outputs=args.num_outputs, tolerance=args.tolerance,
+                    accept_tolerance=args.accept_tolerance, broker=args.broker, timeout=args.timeout, log=_log)
+        print(res.table)
+        print()
+        results.append({"key": res.key, "path": res.path, "cached": res.cached, "meta": res.meta})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results if len(results) > 1 else results[0], f, indent=2)
+    return 0
+
+
 def cmd_worker(argv: list[str]) -> int:
     # The worker runs in a fresh interpreter so its device pinning is in place before any
     # framework is imported; `python -m workers` owns the flags (see `nasq worker --help`).
@@ -156,6 +183,26 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--shard-size", type=int, default=256, help="images per u8 shard (default: 256)")
     pp.add_argument("--no-progress", action="store_true", help="no progress bar")
     pp.set_defaults(func=cmd_preprocess)
+
+    b = sub.add_parser("build", help="build (or reuse) a verified model artifact on the build queue",
+                       description="Checkpoint -> ONNX (export, simplify, graph check) -> device artifact, each step "
+                                   "verified against PyTorch fp32. Built once per key (weights, options, tool versions); "
+                                   "a repeat is a cache hit. Without a broker a private Redis and build worker run it.")
+    b.add_argument("--weights", required=True, help="Cadene-format checkpoint (.pth)")
+    b.add_argument("--target", default="ort", choices=("onnx", "ort", "om", "trt"),
+                   help="onnx: verified ONNX; ort: + ONNX Runtime optimization; om: + Ascend ATC; trt: + TensorRT (default: ort)")
+    b.add_argument("--batch-size", type=_int_list, help="fixed batch size(s), comma-separated: one artifact each "
+                                                       "(default: dynamic batch)")
+    b.add_argument("--gears", type=_int_list, help="om: dynamic batch gears for ATC's --dynamic_batch_size, e.g. 1,4,8,16")
+    b.add_argument("--opset", type=int, help="ONNX opset (default: 17; 11 for --target om, as ATC accepted in the seed)")
+    b.add_argument("--soc-version", help="om: the chip, e.g. Ascend310P3 (see `npu-smi info`)")
+    b.add_argument("--num-outputs", type=int, choices=(1001, 1000), help="1000 drops the background class (default: the checkpoint's)")
+    b.add_argument("--tolerance", type=float, default=1e-4, help="max |logit diff| / max |logit| per step (default: 1e-4)")
+    b.add_argument("--accept-tolerance", action="store_true", help="keep an artifact that misses the tolerance")
+    b.add_argument("--broker", help="Redis URL of a deployment with a build worker (default: $NASQ_BROKER_URL; none: private)")
+    b.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
+    b.add_argument("--json", metavar="PATH", help="write the artifact metadata here")
+    b.set_defaults(func=cmd_build)
 
     sub.add_parser("worker", add_help=False, help="start a Celery worker pinned to one device (see `nasq worker --help`)")
     return p

@@ -7,8 +7,9 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import fields
 
-from .celery_app import make_app
+from .celery_app import BUILD_QUEUE, make_app
 from .config import Settings
 from .errors import NasqError, RunError
 from .redis_server import RedisServer
@@ -28,8 +29,11 @@ class LocalCluster:
     answers a ping, and on exit stops everything it started."""
 
     def __init__(self, *, devices: list[str], backend: str, queue: str, workdir: str,
-                 precision: str | None = None, threads: int | None = None, log=print):
+                 precision: str | None = None, threads: int | None = None, build_workers: int = 0,
+                 settings: Settings | None = None, log=print):
         self.devices, self.backend, self.queue, self.workdir = devices, backend, queue, workdir
+        self.build_workers = build_workers
+        self.settings = settings
         self.precision, self.threads, self.log = precision, threads, log
         self.redis = RedisServer(os.path.join(workdir, "redis"))
         self.procs: list[tuple[str, subprocess.Popen, str]] = []
@@ -41,20 +45,28 @@ class LocalCluster:
         host = socket.gethostname()
         env = dict(os.environ, NASQ_BROKER_URL=self.url, PYTHONUNBUFFERED="1")
         env.pop("NASQ_RESULT_BACKEND", None)
-        for i, dev in enumerate(self.devices):
-            name = f"{dev.replace(':', '')}-{i}@{host}"
-            logpath = os.path.join(self.workdir, f"worker-{i}.log")
+        if self.settings is not None:  # the workers see the settings this process resolved
+            for f in fields(Settings):
+                if f.name not in ("broker_url", "result_backend"):
+                    env[f"NASQ_{f.name.upper()}"] = str(getattr(self.settings, f.name))
+        # Build workers consume only the build queue; evaluation workers never do.
+        roles = [(dev, self.queue) for dev in self.devices] + [("cpu", BUILD_QUEUE)] * self.build_workers
+        for i, (dev, queue) in enumerate(roles):
+            kind = "build" if queue == BUILD_QUEUE else dev.replace(":", "")
+            name = f"{kind}-{i}@{host}"
+            logpath = os.path.join(self.workdir, f"worker-{i}-{kind}.log")
             cmd = [sys.executable, "-m", "workers", "--device", dev, "--backend", self.backend,
-                   "--queues", self.queue, "--name", name, "--broker", self.url]
+                   "--queues", queue, "--name", name, "--broker", self.url]
             if self.precision:
                 cmd += ["--precision", self.precision]
-            if self.threads and dev == "cpu":
+            if self.threads and dev == "cpu" and queue != BUILD_QUEUE:
                 cmd += ["--threads", str(self.threads)]
             with open(logpath, "wb") as logf:
                 proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             self.procs.append((name, proc, logpath))
-        self.log(f"started a private Redis and {len(self.procs)} worker(s) on {', '.join(self.devices)}; "
-                 f"logs in {self.workdir}")
+        what = [f"{len(self.devices)} worker(s) on {', '.join(self.devices)}"] if self.devices else []
+        what += [f"{self.build_workers} build worker(s)"] if self.build_workers else []
+        self.log(f"started a private Redis and {' and '.join(what)}; logs in {self.workdir}")
         self._wait_ready()
         return self.url
 

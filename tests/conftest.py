@@ -58,14 +58,16 @@ def assets(tmp_path_factory):
 
 
 class Workers:
-    def __init__(self, redis_url: str, queue: str, logdir: str, backend: str = "torch"):
+    def __init__(self, redis_url: str, queue: str, logdir: str, backend: str = "torch", env: dict | None = None):
         self.redis_url, self.queue, self.logdir, self.backend = redis_url, queue, logdir, backend
+        self.env = env or {}
         self.procs: list[tuple[str, subprocess.Popen, str]] = []
 
     def start(self, n: int) -> None:
-        env = dict(os.environ, NASQ_BROKER_URL=self.redis_url, PYTHONUNBUFFERED="1", NASQ_MERGE_WAIT_S="20")
+        env = dict(os.environ, NASQ_BROKER_URL=self.redis_url, PYTHONUNBUFFERED="1", NASQ_MERGE_WAIT_S="20",
+                   **self.env)
         for i in range(n):
-            name = f"test{i}-{self.queue}@localhost"
+            name = f"test{i}-{self.queue}-{uuid.uuid4().hex[:4]}@localhost"
             log = os.path.join(self.logdir, f"worker-{self.queue}-{i}.log")
             with open(log, "wb") as f:
                 p = subprocess.Popen([sys.executable, "-m", "workers", "--device", "cpu", "--threads", "1",
@@ -106,6 +108,26 @@ def workers(redis_url, tmp_path_factory):
     w = Workers(redis_url, f"eval.test-{uuid.uuid4().hex[:8]}", str(tmp_path_factory.mktemp("logs")))
     w.start(2)
     yield w
+    w.stop()
+
+
+def other_db(url: str, db: int) -> str:
+    """The same Redis server, another database (isolates a queue such as `build`)."""
+    head, _, tail = url.rpartition("/")
+    return f"{head}/{db}" if tail.isdigit() else f"{url.rstrip('/')}/{db}"
+
+
+@pytest.fixture(scope="session")
+def build_env(redis_url, tmp_path_factory):
+    """Two real build workers (`--queues build`) on database 14 with a shared artifact directory."""
+    import redis
+
+    url = other_db(redis_url, 14)
+    redis.Redis.from_url(url).delete("build")  # stale build messages from an earlier session
+    art = str(tmp_path_factory.mktemp("artifacts"))
+    w = Workers(url, "build", str(tmp_path_factory.mktemp("buildlogs")), env={"NASQ_ARTIFACT_DIR": art})
+    w.start(2)
+    yield {"url": url, "artifact_dir": art, "workers": w}
     w.stop()
 
 

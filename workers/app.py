@@ -6,3 +6,4 @@ settings = load_settings()
 app = make_app(settings)
 
 import workers.tasks  # noqa: E402,F401  (registers the tasks on `app`)
+import workers.build_tasks  # noqa: E402,F401

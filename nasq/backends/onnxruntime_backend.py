@@ -33,8 +33,10 @@ class OnnxRuntimeBackend(Backend):
         import onnxruntime as ort
 
         path = model.weights
-        if not path.endswith(self.artifact_suffixes):
-            raise BackendError(f"onnxruntime backend runs an ONNX model, not {path!r}: export one with "
+        if os.path.isdir(path):  # an artifact directory from `nasq build --target ort|onnx`
+            path = self._artifact_file(path)
+        elif not path.endswith(self.artifact_suffixes):
+            raise BackendError(f"onnxruntime backend runs an ONNX model, not {path!r}: build one with "
                                "`nasq build --target ort` (nasq eval does this for you)")
         if not os.path.isfile(path):
             raise BackendError(f"ONNX model {path!r} does not exist")
@@ -53,6 +55,14 @@ class OnnxRuntimeBackend(Backend):
         self.fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
         self.num_outputs = out.shape[1] if isinstance(out.shape[1], int) else None
         self.model_info = {"artifact": os.path.abspath(path), **(model.options.get("provenance") or {})}
+
+    def _artifact_file(self, folder: str) -> str:
+        """The model in an artifact directory for this device: the provider-optimized one if built."""
+        order = ["model.cuda.onnx"] if self.device.startswith("cuda") else []
+        for name in order + ["model.cpu.onnx", "model.onnx"]:
+            if os.path.isfile(os.path.join(folder, name)):
+                return os.path.join(folder, name)
+        raise BackendError(f"{folder} holds no ONNX model (expected model.cpu.onnx or model.onnx)")
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         out = self._sess.run([self._output], {self._input: np.ascontiguousarray(batch, dtype=np.float32)})[0]

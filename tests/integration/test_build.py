@@ -1,0 +1,165 @@
+"""Model builds on the build queue, with real build workers."""
+import os
+import stat
+import threading
+import uuid
+
+import numpy as np
+import pytest
+import redis
+
+from conftest import Workers, other_db
+from nasq.api import evaluate, evaluate_local
+from nasq.build.client import build
+from nasq.build.spec import make_spec
+from nasq.build.steps import graph_facts
+from nasq.config import Settings
+from nasq.errors import NasqError
+
+pytestmark = pytest.mark.slow
+
+
+def _settings(build_env):
+    return Settings(broker_url=build_env["url"], artifact_dir=build_env["artifact_dir"])
+
+
+def test_ort_build_verified_then_cache_hit(assets, build_env):
+    s = _settings(build_env)
+    res = build(weights=assets["weights"], target="ort", settings=s, log=lambda *_: None)
+    rows = {r["step"]: r for r in res.meta["verification"]}
+    assert set(rows) == {"export", "simplify", "ort-cpu"}
+    for r in rows.values():
+        assert r["ok"] and r["top1_agreement"] == 1.0 and r["max_rel"] <= 1e-4 and r["images"] == 8
+    assert res.meta["graph"]["consecutive_slice_pairs"] == 0
+    assert os.path.isfile(os.path.join(res.path, "model.cpu.onnx"))
+    assert set(res.meta["files"]) == {"model.cpu.onnx"} and res.meta["versions"]["onnxruntime"]
+    onnx = build(weights=assets["weights"], target="onnx", settings=s, log=lambda *_: None)
+    assert onnx.cached and os.path.isfile(os.path.join(onnx.path, "model.onnx"))
+    again = build(weights=assets["weights"], target="ort", settings=s, log=lambda *_: None)
+    assert again.cached and again.path == res.path and again.meta == res.meta
+    assert "verification against PyTorch fp32" in again.table and "cache hit" in again.table
+
+
+def test_concurrent_builds_of_one_key_export_once(assets, build_env, tmp_path):
+    # a fresh key: same weights content under another opset
+    s = _settings(build_env)
+    results, errors = [], []
+
+    def one():
+        try:
+            results.append(build(weights=assets["weights"], target="onnx", opset=16, settings=s, log=lambda *_: None))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    assert len({r.path for r in results}) == 1
+    assert sorted(r.cached for r in results) == [False, True]  # one built, the other waited and reused it
+    key = results[0].key
+    assert int(redis.Redis.from_url(build_env["url"]).get(f"nasq:build:exports:{key}")) == 1
+    assert not os.listdir(os.path.join(build_env["artifact_dir"], ".staging"))
+
+
+def test_failed_verification_leaves_nothing(assets, build_env):
+    s = _settings(build_env)
+    with pytest.raises(NasqError, match="--accept-tolerance"):
+        build(weights=assets["weights"], target="onnx", opset=15, tolerance=1e-12, settings=s, log=lambda *_: None)
+    spec = make_spec(weights=assets["weights"], target="onnx", opset=15, cache_dir=s.artifact_dir)
+    assert not os.path.exists(os.path.join(s.artifact_dir, spec.key))
+    assert not os.listdir(os.path.join(s.artifact_dir, ".staging"))
+    assert redis.Redis.from_url(build_env["url"]).get(f"nasq:build:lock:{spec.key}") is None
+    kept = build(weights=assets["weights"], target="onnx", opset=15, tolerance=1e-12, accept_tolerance=True,
+                 settings=s, log=lambda *_: None)
+    assert not kept.cached and not all(r["ok"] for r in kept.meta["verification"])
+
+
+def test_om_without_atc_prints_the_command(assets, build_env):
+    s = _settings(build_env)
+    with pytest.raises(NasqError) as e:
+        build(weights=assets["weights"], target="om", soc_version="310P3", settings=s, log=lambda *_: None)
+    onnx = make_spec(weights=assets["weights"], target="om", soc_version="310P3", cache_dir=s.artifact_dir).onnx_key
+    model = os.path.join(s.artifact_dir, onnx, "model.onnx")
+    assert (f"atc --framework=5 --model={model} --input_format=NCHW --input_shape=image:1,3,331,331 "
+            "--output=nasnetlarge_bs1 --log=error --soc_version=Ascend310P3") in str(e.value)
+    assert os.path.isfile(model)  # the ONNX the command needs is built and kept
+    assert not os.listdir(os.path.join(s.artifact_dir, ".staging"))
+
+
+STUB_ATC = """#!/bin/sh
+echo "$@" >> "$NASQ_TEST_ATC_LOG"
+for a in "$@"; do case "$a" in --output=*) out="${a#--output=}";; esac; done
+echo fake-om > "$out.om"
+"""
+
+
+def test_om_with_stub_atc_uses_the_seeds_flags(assets, redis_url, tmp_path):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    atc = bindir / "atc"
+    atc.write_text(STUB_ATC)
+    atc.chmod(atc.stat().st_mode | stat.S_IEXEC)
+    log = tmp_path / "atc.log"
+    url = other_db(redis_url, 13)
+    redis.Redis.from_url(url).delete("build")
+    art = str(tmp_path / "art")
+    w = Workers(url, "build", str(tmp_path), env={"NASQ_ARTIFACT_DIR": art, "NASQ_TEST_ATC_LOG": str(log),
+                                                  "PATH": f"{bindir}:{os.environ['PATH']}"})
+    w.start(1)
+    try:
+        s = Settings(broker_url=url, artifact_dir=art)
+        res = build(weights=assets["weights"], target="om", soc_version="Ascend310P3", batch_size=4, settings=s,
+                    log=lambda *_: None)
+        assert res.meta["files"] and list(res.meta["files"]) == ["nasnetlarge_bs4.om"]
+        dyn = build(weights=assets["weights"], target="om", soc_version="Ascend310P3", gears=[1, 4, 8], settings=s,
+                    log=lambda *_: None)
+        assert list(dyn.meta["files"]) == ["nasnetlarge_dyn.om"]
+    finally:
+        w.stop()
+    calls = [line.split() for line in log.read_text().splitlines()]
+    flags = [dict(a.split("=", 1) for a in c) for c in calls]
+    # the seed: atc --framework=5 --model=X.onnx --input_format=NCHW --input_shape="image:1,3,331,331"
+    #           --output=X --log=debug --soc_version=Ascend${chip_name}
+    seed_flags = {"--framework", "--model", "--input_format", "--input_shape", "--output", "--log", "--soc_version"}
+    assert set(flags[0]) == seed_flags
+    assert flags[0]["--framework"] == "5" and flags[0]["--input_format"] == "NCHW"
+    assert flags[0]["--input_shape"] == "image:4,3,331,331" and flags[0]["--soc_version"] == "Ascend310P3"
+    assert flags[0]["--model"].endswith("model.onnx") and os.path.isfile(flags[0]["--model"])
+    assert set(flags[1]) == seed_flags | {"--dynamic_batch_size"}
+    assert flags[1]["--input_shape"] == "image:-1,3,331,331" and flags[1]["--dynamic_batch_size"] == "1,4,8"
+
+
+def test_eval_onnxruntime_from_the_built_artifact(assets, build_env, tmp_path):
+    s = _settings(build_env)
+    queue = f"eval.ort-{uuid.uuid4().hex[:6]}"
+    w = Workers(build_env["url"], queue, str(tmp_path), backend="onnxruntime",
+                env={"NASQ_ARTIFACT_DIR": build_env["artifact_dir"]})
+    w.start(2)
+    try:
+        res = evaluate(weights=assets["weights"], data=assets["data"], labels=assets["labels"], backend="onnxruntime",
+                       batch_size=4, shard_size=4, queue=queue, settings=s, progress=False, log=lambda *_: None)
+    finally:
+        w.stop()
+    art = build(weights=assets["weights"], target="ort", settings=s, log=lambda *_: None)
+    assert art.cached and res.report["model"]["artifact_key"] == art.key
+    assert res.report["model"]["artifact"].startswith(art.path)
+    ref = evaluate_local(weights=assets["weights"], data=assets["data"], labels=assets["labels"],
+                         backend="onnxruntime", batch_size=4, settings=s)
+    assert res.predictions["names"] == ref["names"] and res.predictions["top5"] == ref["top5"]
+    assert np.allclose(res.predictions["scores"], ref["scores"], atol=1e-4)
+    assert res.report["top1"] == 100.0 and len(res.report["per_device"]) == 2
+
+
+def test_raw_export_has_consecutive_slices_and_simplify_removes_them(assets, tmp_path):
+    from nasq.build import steps
+
+    spec = make_spec(weights=assets["weights"], target="onnx", cache_dir=str(tmp_path))
+    rows = []
+    steps.export(spec, str(tmp_path), rows)
+    raw = graph_facts(str(tmp_path / "raw.onnx"))
+    assert raw["consecutive_slice_pairs"] > 0
+    rec = steps.simplify(spec, str(tmp_path), rows)
+    assert rec["graph"]["consecutive_slice_pairs"] == 0 and rec["graph"]["slice_nodes"] < raw["slice_nodes"]
