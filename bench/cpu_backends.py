@@ -72,6 +72,17 @@ def main() -> None:
                          "img_s": round(bs / med, 2), "samples": len(s)})
             print(rows[-1], flush=True)
         b.close()
+    # ONNX Runtime graph optimization level at load time, same artifact, batch 1.
+    levels = {"EXTENDED": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "ALL": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    model_file = os.path.join(art.path, "model.cpu.onnx")
+    for level, value in levels.items():
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = value
+        sess = ort.InferenceSession(model_file, opts, providers=["CPUExecutionProvider"])
+        x = {sess.get_inputs()[0].name: np.ascontiguousarray(crops[:1].transpose(0, 3, 1, 2), np.float32) / 255}
+        med = statistics.median(timed(lambda: sess.run(None, x), args.reps))
+        rows.append({"mode": f"ort {level}", "backend": "onnxruntime", "batch_size": 1, "img_s": round(1 / med, 2)})
+        print(rows[-1], flush=True)
     for name in ("torch", "onnxruntime"):
         res = evaluate(weights=paths["weights"], data=paths["data"], labels=paths["labels"], backend=name,
                        device="cpu", workers=1, batch_size=1, settings=settings, progress=False, log=lambda *_: None)
@@ -84,6 +95,7 @@ def main() -> None:
     print("\n" + json.dumps(env))
     print(f"\n{'mode':<10} {'backend':<12} {'bs':>3} {'img/s':>8}   ratio vs torch")
     base = {(r["mode"], r["batch_size"]): r["img_s"] for r in rows if r["backend"] == "torch"}
+    base.update({(r["mode"], 1): base[("compute", 1)] for r in rows if r["mode"].startswith("ort ")})
     for r in rows:
         ratio = r["img_s"] / base[(r["mode"], r["batch_size"])]
         print(f"{r['mode']:<10} {r['backend']:<12} {r['batch_size']:>3} {r['img_s']:>8.2f}   {ratio:.2f}x")
