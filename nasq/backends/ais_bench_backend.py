@@ -28,7 +28,7 @@ class AisBenchBackend(Backend):
     name = "ais_bench"
     artifact_suffixes = (".om",)
 
-    def load(self, model: ModelRef, *, batch_size: int, precision: str = "fp32") -> None:
+    def load(self, model: ModelRef, *, batch_size: int, precision: str = "fp32", options: dict | None = None) -> None:
         try:
             from ais_bench.infer.interface import InferSession
         except ImportError:

@@ -31,8 +31,8 @@ class Backend(ABC):
         self.model_info: dict = {}
 
     @abstractmethod
-    def load(self, model: ModelRef, *, batch_size: int, precision: str = "fp32") -> None:
-        """Load the model once; later calls to ``predict`` reuse it."""
+    def load(self, model: ModelRef, *, batch_size: int, precision: str = "fp32", options: dict | None = None) -> None:
+        """Load the model once; later calls to ``predict`` reuse it. ``options`` are runtime-specific."""
 
     @abstractmethod
     def predict(self, batch: np.ndarray) -> np.ndarray:
@@ -41,6 +41,15 @@ class Backend(ABC):
     def predict_u8(self, batch: np.ndarray) -> np.ndarray:
         """uint8 NHWC crops -> logits. The default normalizes on the host."""
         return self.predict(normalize_u8(batch))
+
+    def compute_fn(self, batch: np.ndarray):
+        """A zero-argument callable that runs ``batch`` (uint8 NHWC) through the model and
+        waits for it: what compute-only benchmarks time. Default: the full predict_u8."""
+        return lambda: self.predict_u8(batch)
+
+    def peak_memory_bytes(self) -> int | None:
+        """Peak device memory since load, where the runtime can tell."""
+        return None
 
     @abstractmethod
     def versions(self) -> dict[str, str]:

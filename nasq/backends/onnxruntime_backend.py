@@ -29,7 +29,7 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     artifact_suffixes = (".onnx", ".ort")
 
-    def load(self, model: ModelRef, *, batch_size: int, precision: str = "fp32") -> None:
+    def load(self, model: ModelRef, *, batch_size: int, precision: str = "fp32", options: dict | None = None) -> None:
         import onnxruntime as ort
 
         path = model.weights

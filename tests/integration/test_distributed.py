@@ -138,8 +138,13 @@ def test_pickle_refused_by_workers_and_client(assets, workers, settings, tmp_pat
 
 
 def test_wrong_backend_worker_reports_clear_error(assets, workers, settings, tmp_path):
+    from nasq.build import steps
+    from nasq.build.spec import make_spec
     from nasq.errors import RunError
 
+    spec = make_spec(weights=assets["weights"], target="onnx", cache_dir=str(tmp_path))
+    steps.export(spec, str(tmp_path), [])
+    steps.simplify(spec, str(tmp_path), [])
     with pytest.raises(RunError, match="runs backend 'torch' but the run asked for 'onnxruntime'"):
-        evaluate(weights=assets["weights"], data=assets["data"], labels=assets["labels"], backend="onnxruntime",
+        evaluate(weights=str(tmp_path / "model.onnx"), data=assets["data"], labels=assets["labels"], backend="onnxruntime",
                  batch_size=4, queue=workers.queue, settings=settings, progress=False, log=lambda *_: None)
