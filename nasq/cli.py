@@ -121,6 +121,25 @@ def cmd_build(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import bench
+
+    options = {}
+    if args.compile:
+        options["compile"] = args.compile
+    if args.cuda_graphs:
+        options["cuda_graphs"] = True
+    res = bench(backend=args.backend, device=args.device, precision=args.precision, batch_sizes=args.batch_sizes,
+                mode=args.mode, weights=args.weights, data=args.data, arch=args.arch, baseline=not args.no_baseline,
+                options=options or None, min_time_s=args.min_time, log=_log)
+    print(res.table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": res.env, "rows": res.rows}, f, indent=2)
+        _log(f"results written to {args.json}")
+    return 0
+
+
 def cmd_worker(argv: list[str]) -> int:
     # The worker runs in a fresh interpreter so its device pinning is in place before any
     # framework is imported; `python -m workers` owns the flags (see `nasq worker --help`).
@@ -203,6 +222,27 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
     b.add_argument("--json", metavar="PATH", help="write the artifact metadata here")
     b.set_defaults(func=cmd_build)
+
+    be = sub.add_parser("bench", help="latency and throughput per batch size, with eager baselines in the same process",
+                        description="Benchmark a backend configuration: warm-up, enough iterations for stable numbers, "
+                                    "min/mean/median/p99 latency, throughput (batch * 1000 / mean ms), peak memory; plus "
+                                    "eager fp32 (and eager fp16 on CUDA) measured in the same process for a ratio.")
+    be.add_argument("--backend", default="torch", choices=backends.names(), help="runtime (default: torch)")
+    be.add_argument("--device", default="cpu", help="cpu or cuda:N (default: cpu)")
+    be.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="default: fp32")
+    be.add_argument("--batch-sizes", type=_int_list, default=[1, 4, 8], help="comma-separated (default: 1,4,8)")
+    be.add_argument("--mode", default="compute", choices=("compute", "e2e"),
+                    help="compute: input already on the device; e2e: from JPEG files (decode, preprocess, transfer)")
+    be.add_argument("--weights", help="checkpoint (default: a calibrated random-weight one, made once)")
+    be.add_argument("--data", help="JPEG folder for e2e mode (default: generated images)")
+    be.add_argument("--arch", default="large", choices=("large", "tiny"), help="with the default weights (default: large)")
+    be.add_argument("--compile", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                    help="torch.compile mode for the torch backend")
+    be.add_argument("--cuda-graphs", action="store_true", help="torch backend: replay a CUDA graph per batch size")
+    be.add_argument("--no-baseline", action="store_true", help="skip the eager baselines")
+    be.add_argument("--min-time", type=float, default=2.0, help="seconds of timed iterations per point (default: 2)")
+    be.add_argument("--json", metavar="PATH", help="write all rows and the environment here")
+    be.set_defaults(func=cmd_bench)
 
     sub.add_parser("worker", add_help=False, help="start a Celery worker pinned to one device (see `nasq worker --help`)")
     return p

@@ -72,11 +72,13 @@ def _features(model, x):
 
 
 def make_checkpoint(path: str, image_folder: str, names: list[str], *, arch: str = "large", seed: int = 0,
-                    batch_size: int = 8, calib_images: int = 32, logit_std: float = 4.0, log=print) -> np.ndarray:
+                    batch_size: int = 8, calib_images: int = 32, logit_std: float = 4.0, labels: bool = True,
+                    log=print) -> np.ndarray | None:
     """Save a calibrated random-weight checkpoint; return the fp32 reference top-1 labels.
 
     The reference labels come from the same model on the same batches (``batch_size``
-    windows over the sorted names) that an evaluation uses.
+    windows over the sorted names) that an evaluation uses. ``labels=False`` calibrates on
+    the first ``calib_images`` only and returns None (for large image sets labelled elsewhere).
     """
     import torch
 
@@ -84,6 +86,8 @@ def make_checkpoint(path: str, image_folder: str, names: list[str], *, arch: str
 
     torch.manual_seed(seed)
     model = build_model(ARCHS[arch], BACKGROUND_OUTPUTS)
+    if not labels:
+        names = names[:calib_images]
     crops = np.stack([preprocess_u8(os.path.join(image_folder, n)) for n in names])
     # 1. BatchNorm statistics: a cumulative average over the calibration images in train mode.
     for m in model.modules():
@@ -117,6 +121,8 @@ def make_checkpoint(path: str, image_folder: str, names: list[str], *, arch: str
     tmp = f"{path}.tmp"
     torch.save(model.state_dict(), tmp)
     os.replace(tmp, path)
+    if not labels:
+        return None
     # Labels from the model as saved: the head applied per evaluation batch, as model(x) does.
     with torch.inference_mode():
         logits = torch.cat([model.last_linear(feats[i:i + batch_size]) for i in range(0, len(feats), batch_size)])
@@ -124,24 +130,27 @@ def make_checkpoint(path: str, image_folder: str, names: list[str], *, arch: str
 
 
 def prepare(workdir: str, n_images: int, *, arch: str = "large", batch_size: int = 8, seed: int = 0,
-            log=print) -> dict:
-    """Images, checkpoint and val_label.txt in ``workdir``; reused when already there."""
+            labels: bool = True, log=print) -> dict:
+    """Images, checkpoint and val_label.txt in ``workdir``; reused when already there.
+    ``labels=False``: no val_label.txt (the caller labels the images itself)."""
     images = os.path.join(workdir, "val")
     ckpt = os.path.join(workdir, f"nasnetalarge-random-{arch}.pth")
-    labels = os.path.join(workdir, "val_label.txt")
     stamp = os.path.join(workdir, ".demo.json")
-    want = {"images": n_images, "arch": arch, "batch_size": batch_size, "seed": seed}
+    want = {"images": n_images, "arch": arch, "batch_size": batch_size, "seed": seed, "labels": labels}
     import json
 
-    if os.path.isfile(stamp) and json.load(open(stamp)) == want and os.path.isfile(ckpt) and os.path.isfile(labels):
+    label_file = os.path.join(workdir, "val_label.txt")
+    if (os.path.isfile(stamp) and json.load(open(stamp)) == want and os.path.isfile(ckpt)
+            and (os.path.isfile(label_file) or not labels)):
         log(f"reusing the demo data in {workdir}")
-        return {"data": images, "weights": ckpt, "labels": labels}
+        return {"data": images, "weights": ckpt, "labels": label_file if labels else None}
     log(f"generating {n_images} images in {images} ...")
     names = make_images(images, n_images, seed=seed)
-    top1 = make_checkpoint(ckpt, images, names, arch=arch, seed=seed, batch_size=batch_size, log=log)
-    with open(labels, "w") as f:
-        f.writelines(f"{n} {int(c)}\n" for n, c in zip(names, top1))
-    log(f"{len(set(top1.tolist()))} distinct reference classes among {n_images} images")
+    top1 = make_checkpoint(ckpt, images, names, arch=arch, seed=seed, batch_size=batch_size, labels=labels, log=log)
+    if labels:
+        with open(label_file, "w") as f:
+            f.writelines(f"{n} {int(c)}\n" for n, c in zip(names, top1))
+        log(f"{len(set(top1.tolist()))} distinct reference classes among {n_images} images")
     with open(stamp, "w") as f:
         json.dump(want, f)
-    return {"data": images, "weights": ckpt, "labels": labels}
+    return {"data": images, "weights": ckpt, "labels": label_file if labels else None}

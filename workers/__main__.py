@@ -24,10 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Example: nasq worker --device cuda:0 --backend torch --broker redis://head:6379/0")
     p.add_argument("--device", default="cpu", help="cpu, cuda:N or npu:N (default: cpu)")
     p.add_argument("--backend", default="torch", choices=backends.names(), help="inference runtime (default: torch)")
-    p.add_argument("--precision", default="fp32", help="default precision when a run does not set one (default: fp32)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"),
+                   help="precision when a run does not set one; fp16/bf16 take the CUDA fast path (default: fp32)")
     p.add_argument("--queues", default=None,
                    help="comma-separated queues to consume (default: eval.<backend>; 'build' makes a build-only worker)")
     p.add_argument("--name", default=None, help="Celery node name (default: <device>-<pid>@<host>)")
+    p.add_argument("--compile", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                   help="torch backend: torch.compile mode (compiled once per process; cache in the artifact dir)")
+    p.add_argument("--cuda-graphs", action="store_true", help="torch backend: replay a CUDA graph per batch size")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the runtime (default: the runtime's choice)")
     p.add_argument("--broker", default=None, help="Redis URL of the broker (default: $NASQ_BROKER_URL or the config file)")
     p.add_argument("--loglevel", default="INFO", help="log level (default: INFO)")
@@ -44,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ["NASQ_WORKER_BACKEND"] = args.backend
     os.environ["NASQ_WORKER_PRECISION"] = args.precision
+    if args.compile:
+        os.environ["NASQ_TORCH_COMPILE"] = args.compile
+    if args.cuda_graphs:
+        os.environ["NASQ_TORCH_CUDA_GRAPHS"] = "1"
     if args.broker:
         os.environ["NASQ_BROKER_URL"] = args.broker
 

@@ -1,0 +1,203 @@
+"""``nasq bench``: latency and throughput per batch size, with the eager baselines measured in
+the same process so results read as ratios on one machine.
+
+Timing follows timm's benchmark.py and ais_bench: warm up, wait for the device before reading
+the clock, repeat until both a minimum count and a minimum time are reached, report
+min/mean/median/p99 latency and ``throughput = batch_size * 1000 / mean_ms``. A batch size
+that runs out of memory becomes an error row, not a crash.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import backends
+from .errors import NasqError
+from .spec import ModelRef
+
+
+@dataclass
+class BenchResult:
+    rows: list[dict]
+    env: dict = field(default_factory=dict)
+
+    @property
+    def table(self) -> str:
+        head = (f"{'config':<34} {'bs':>4} {'min ms':>9} {'mean ms':>9} {'median':>9} {'p99 ms':>9} "
+                f"{'img/s':>9} {'peak MiB':>9} {'vs eager fp32':>13}")
+        lines = [head, "-" * len(head)]
+        base = {r["batch_size"]: r["img_s"] for r in self.rows if r["config"] == "baseline eager fp32" and r.get("img_s")}
+        for r in self.rows:
+            if r.get("error"):
+                lines.append(f"{r['config']:<34} {r['batch_size']:>4}  error: {r['error']}")
+                continue
+            ratio = f"{r['img_s'] / base[r['batch_size']]:.2f}x" if r["batch_size"] in base else ""
+            peak = f"{r['peak_mib']:.0f}" if r.get("peak_mib") is not None else "-"
+            lines.append(f"{r['config']:<34} {r['batch_size']:>4} {r['min_ms']:>9.2f} {r['mean_ms']:>9.2f} "
+                         f"{r['median_ms']:>9.2f} {r['p99_ms']:>9.2f} {r['img_s']:>9.1f} {peak:>9} {ratio:>13}")
+        return "\n".join(lines)
+
+
+def measure(fn, *, warmup: int = 3, min_iters: int = 10, min_time_s: float = 2.0, max_iters: int = 10_000) -> list[float]:
+    """Latencies in ms of ``fn`` (which must wait for the device itself)."""
+    for _ in range(warmup):
+        fn()
+    lat, t_end = [], time.perf_counter() + min_time_s
+    while (len(lat) < min_iters or time.perf_counter() < t_end) and len(lat) < max_iters:
+        t = time.perf_counter()
+        fn()
+        lat.append((time.perf_counter() - t) * 1e3)
+    return lat
+
+
+def summarize(lat_ms: list[float], bs: int) -> dict:
+    arr = np.asarray(lat_ms)
+    mean = float(arr.mean())
+    return {"iters": len(arr), "min_ms": round(float(arr.min()), 3), "mean_ms": round(mean, 3),
+            "median_ms": round(float(np.median(arr)), 3), "p99_ms": round(float(np.percentile(arr, 99)), 3),
+            "img_s": round(bs * 1000.0 / mean, 2)}
+
+
+def _is_oom(e: BaseException) -> bool:
+    return "out of memory" in str(e).lower() or type(e).__name__ == "OutOfMemoryError"
+
+
+def _crops(data: str | None, n: int) -> tuple[np.ndarray, list[str]]:
+    from .data import open_source
+
+    src = open_source(data)
+    crops = []
+    for i in range(min(n, len(src))):
+        try:
+            crops.append(src.load(i))
+        except Exception:  # noqa: BLE001 - a bench skips unusable images
+            continue
+    if not crops:
+        raise NasqError(f"no usable images in {data}")
+    return np.stack(crops), src.names
+
+
+def run_config(name: str, backend: str, device: str, model: ModelRef, precision: str, batch_sizes: list[int], *,
+               crops: np.ndarray, mode: str, source=None, options: dict | None = None, min_time_s: float = 2.0,
+               decode_workers: int | None = None, log=print) -> list[dict]:
+    """One backend configuration over all batch sizes."""
+    rows = []
+    b = backends.create(backend, device)
+    try:
+        b.load(model, batch_size=max(batch_sizes), precision=precision, options=options)
+    except Exception as e:  # noqa: BLE001
+        return [{"config": name, "batch_size": bs, "error": f"{type(e).__name__}: {e}"} for bs in batch_sizes]
+    reset = None
+    if device.startswith("cuda"):
+        import torch
+
+        reset = torch.cuda.reset_peak_memory_stats
+    for bs in batch_sizes:
+        batch = crops[np.arange(bs) % len(crops)]
+        try:
+            if reset:
+                reset()
+            if mode == "compute":
+                lat = measure(b.compute_fn(batch), min_time_s=min_time_s)
+            else:
+                lat = _e2e(b, source, bs, min_time_s=min_time_s, workers=decode_workers)
+            peak = b.peak_memory_bytes()
+            row = {"config": name, "batch_size": bs, **summarize(lat, bs),
+                   "peak_mib": round(peak / 2**20, 1) if peak is not None else None}
+        except Exception as e:  # noqa: BLE001
+            if not _is_oom(e):
+                raise
+            row = {"config": name, "batch_size": bs, "error": "out of memory"}
+            if device.startswith("cuda"):
+                import torch
+
+                torch.cuda.empty_cache()
+        row.update({"backend": backend, "device": device, "precision": precision, "mode": mode,
+                    "options": getattr(b, "options", options or {}), "device_name": b.describe_device(),
+                    "versions": b.versions()})
+        rows.append(row)
+        log(row_line(row))
+    b.close()
+    return rows
+
+
+def row_line(r: dict) -> str:
+    if r.get("error"):
+        return f"{r['config']} bs={r['batch_size']}: {r['error']}"
+    return (f"{r['config']} bs={r['batch_size']}: median {r['median_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, "
+            f"{r['img_s']:.1f} img/s")
+
+
+def _e2e(b, source, bs: int, *, min_time_s: float, workers: int | None) -> list[float]:
+    """Per-batch latency from files: decode + preprocess (a thread pool), transfer, compute."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = len(source)
+    pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
+    k = 0
+
+    def step():
+        nonlocal k
+        idx = [(k + j) % n for j in range(bs)]
+        k += bs
+        arrays = list(pool.map(source.load, idx))
+        b.predict_u8(np.stack(arrays))
+
+    try:
+        return measure(step, warmup=1, min_iters=3, min_time_s=min_time_s)
+    finally:
+        pool.shutdown()
+
+
+def bench(*, backend: str = "torch", device: str = "cpu", precision: str = "fp32", batch_sizes: list[int],
+          mode: str = "compute", weights: str | None = None, data: str | None = None, arch: str = "large",
+          baseline: bool = True, options: dict | None = None, min_time_s: float = 2.0,
+          decode_workers: int | None = None, workdir: str | None = None, log=print) -> BenchResult:
+    """Benchmark one backend configuration, plus eager fp32 (and fp16 on CUDA) baselines.
+
+    Args:
+        weights: checkpoint (default: the demo's calibrated random-weight one, made once in
+            ``workdir``; speed depends only on shapes).
+        data: JPEG folder for e2e mode and for the batches (default: the demo's images).
+        options: backend options (torch: compile, cuda_graphs, fold_bn, channels_last).
+    """
+    from .demo import prepare
+
+    if mode not in ("compute", "e2e"):
+        raise NasqError(f"--mode must be compute or e2e, not {mode!r}")
+    workdir = workdir or os.path.expanduser(f"~/.cache/nasq/bench-{arch}")
+    if weights is None or data is None:
+        demo = prepare(workdir, 32, arch=arch, batch_size=8, log=log)
+        weights, data = weights or demo["weights"], data or demo["data"]
+    from .data import open_source
+
+    source = open_source(data)
+    crops, _ = _crops(data, 64)
+    model = ModelRef(os.path.abspath(weights))
+    rows: list[dict] = []
+    configs = []
+    if baseline:
+        configs.append(("baseline eager fp32", "torch", "fp32", {"compile": "none", "cuda_graphs": False,
+                                                                  "fold_bn": False, "channels_last": False}))
+        if device.startswith("cuda"):
+            configs.append(("baseline eager fp16 channels-last", "torch", "fp16",
+                            {"compile": "none", "cuda_graphs": False, "fold_bn": False, "channels_last": True}))
+    opt_text = ",".join(f"{k}={v}" for k, v in sorted((options or {}).items()))
+    configs.append((f"{backend} {precision}" + (f" [{opt_text}]" if opt_text else ""), backend, precision, options))
+    target = model
+    if backend != "torch":
+        from .api import prepare_model
+        from .config import load_settings
+
+        target = prepare_model(weights=model.weights, backend=backend, num_outputs=None, settings=load_settings(),
+                               log=log)  # onnxruntime: the verified artifact, built once
+    for name, be, prec, opts in configs:
+        rows += run_config(name, be, device, target if be == backend else model, prec, batch_sizes, crops=crops, mode=mode, source=source,
+                           options=opts, min_time_s=min_time_s, decode_workers=decode_workers, log=log)
+    env = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "host": os.uname().nodename, "weights": model.weights,
+           "data": source.root, "mode": mode, "arch": arch}
+    return BenchResult(rows, env)

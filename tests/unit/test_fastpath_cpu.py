@@ -1,0 +1,69 @@
+"""The GPU fast path's pieces that run on a CPU: BatchNorm folding, options, `nasq bench`."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from nasq import backends
+from nasq.bench import bench, summarize
+from nasq.errors import BackendError
+from nasq.fuse import fold_batchnorm
+from nasq.model import load_model
+from nasq.spec import ModelRef
+
+
+def test_fold_batchnorm_is_exact_enough(assets):
+    from nasq.data import normalize_u8, open_source
+
+    model, _ = load_model(assets["weights"])
+    folded = copy.deepcopy(model)
+    assert fold_batchnorm(folded) == 264  # every BatchNorm of NASNet-A
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    src = open_source(assets["data"])
+    x = torch.from_numpy(normalize_u8(np.stack([src.load(i) for i in range(8)])))
+    with torch.inference_mode():
+        a, b = model(x), folded(x)
+    assert (a - b).abs().max() / a.abs().max() < 1e-5
+    assert torch.equal(a.argmax(1), b.argmax(1))
+
+
+def test_half_precision_refused_on_cpu(assets):
+    b = backends.create("torch", "cpu")
+    with pytest.raises(BackendError, match="runs on CUDA only"):
+        b.load(ModelRef(assets["weights"]), batch_size=1, precision="fp16")
+    with pytest.raises(BackendError, match="compile mode"):
+        b.load(ModelRef(assets["weights"]), batch_size=1, options={"compile": "fastest"})
+
+
+def test_fold_option_on_cpu_keeps_predictions(assets):
+    from nasq.data import open_source
+
+    crops = np.stack([open_source(assets["data"]).load(i) for i in range(4)])
+    plain, fused = backends.create("torch", "cpu"), backends.create("torch", "cpu")
+    plain.load(ModelRef(assets["weights"]), batch_size=4)
+    fused.load(ModelRef(assets["weights"]), batch_size=4, options={"fold_bn": True, "channels_last": True})
+    a, b = plain.predict_u8(crops), fused.predict_u8(crops)
+    assert np.array_equal(a.argmax(1), b.argmax(1)) and np.abs(a - b).max() < 1e-3
+    assert fused.model_info["options"]["fold_bn"] is True
+
+
+def test_summary_throughput_is_batch_over_mean_latency():
+    s = summarize([10.0, 20.0, 30.0], 8)
+    assert s["mean_ms"] == 20.0 and s["img_s"] == 400.0 and s["min_ms"] == 10.0 and s["median_ms"] == 20.0
+
+
+def test_bench_on_cpu_with_baseline(assets, tmp_path):
+    res = bench(weights=assets["weights"], data=assets["data"], batch_sizes=[1, 2], min_time_s=0.2,
+                options={"fold_bn": True}, log=lambda *_: None)
+    configs = [(r["config"], r["batch_size"]) for r in res.rows]
+    assert configs == [("baseline eager fp32", 1), ("baseline eager fp32", 2),
+                       ("torch fp32 [fold_bn=True]", 1), ("torch fp32 [fold_bn=True]", 2)]
+    for r in res.rows:
+        assert r["iters"] >= 10 and r["min_ms"] <= r["median_ms"] <= r["p99_ms"]
+        assert r["img_s"] == pytest.approx(r["batch_size"] * 1000 / r["mean_ms"], rel=1e-3)
+        assert r["versions"]["torch"] and r["device"] == "cpu"
+    assert "vs eager fp32" in res.table and "1.00x" in res.table
+    e2e = bench(weights=assets["weights"], data=assets["data"], batch_sizes=[4], mode="e2e", baseline=False,
+                min_time_s=0.2, log=lambda *_: None)
+    assert e2e.rows[0]["mode"] == "e2e" and e2e.rows[0]["img_s"] > 0
