@@ -220,3 +220,4 @@ def evaluate_local(*, weights: str, data: str, labels: str | None = None, backen
     finally:
         b.close()
     return {k: out[k] for k in ("names", "indices", "labels", "top5", "scores")} | {"errors": out["errors"]}
+from .sweep import SweepHandle, submit_sweep  # noqa: E402,F401  (the sweep API lives in nasq.sweep)

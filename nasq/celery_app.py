@@ -18,7 +18,14 @@ TASK_BUILD_DEVICE = "nasq.build.device"
 TASK_BUILD_COMMIT = "nasq.build.commit"
 TASK_BUILD_FAILED = "nasq.build.failed"
 
+TASK_SWEEP_POINT = "nasq.sweep_point"
+
 BUILD_QUEUE = "build"
+
+
+def worker_queue(node_name: str) -> str:
+    """The queue only one worker consumes: sweeps address a device through it."""
+    return f"w.{node_name}"
 
 
 def eval_queue(backend: str) -> str:

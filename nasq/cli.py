@@ -140,6 +140,44 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _store(args):
+    from .config import load_settings
+    from .runstate import RunStore
+
+    settings = load_settings(broker_url=getattr(args, "broker", None))
+    if not settings.broker_url:
+        raise NasqError("no broker: pass --broker redis://HOST:6379/0 or set NASQ_BROKER_URL (the runs of an embedded "
+                        "`nasq eval` live in its private Redis and end with it)")
+    return RunStore(settings.backend_url, expires=settings.result_expires)
+
+
+def cmd_status(args) -> int:
+    from .monitor import render_status, run_status, watch
+    from .report import render
+
+    store = _store(args)
+    run_id = args.run_id or next(iter(store.run_ids(1)), None)
+    if run_id is None:
+        raise NasqError("no runs recorded in this Redis yet")
+    st = watch(store, run_id, interval=args.interval) if args.watch else run_status(store, run_id)
+    if not args.watch or not sys.stdout.isatty():
+        print(render_status(st))
+    report = store.report(run_id)
+    if st["state"] == "done" and report:
+        print()
+        print(render(report))
+        if report.get("files"):
+            print(f"\nreport files: {', '.join(report['files'].values())}")
+    return 0 if st["state"] != "failed" else 1
+
+
+def cmd_runs(args) -> int:
+    from .monitor import runs_table
+
+    print(runs_table(_store(args), args.limit))
+    return 0
+
+
 def cmd_worker(argv: list[str]) -> int:
     # The worker runs in a fresh interpreter so its device pinning is in place before any
     # framework is imported; `python -m workers` owns the flags (see `nasq worker --help`).
@@ -243,6 +281,20 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--min-time", type=float, default=2.0, help="seconds of timed iterations per point (default: 2)")
     be.add_argument("--json", metavar="PATH", help="write all rows and the environment here")
     be.set_defaults(func=cmd_bench)
+
+    st = sub.add_parser("status", help="progress of a run (shards, images/s, ETA, errors, workers)",
+                        description="Show a run's progress from its records in Redis: any machine with the broker URL "
+                                    "can watch. Without RUN_ID: the latest run.")
+    st.add_argument("run_id", nargs="?", help="the run (default: the most recent one)")
+    st.add_argument("--watch", action="store_true", help="refresh until the run ends, then print its report")
+    st.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default: 1)")
+    st.add_argument("--broker", help="Redis URL (default: $NASQ_BROKER_URL)")
+    st.set_defaults(func=cmd_status)
+
+    rn = sub.add_parser("runs", help="list recent runs with state and headline numbers")
+    rn.add_argument("--limit", type=int, default=20, help="how many (default: 20)")
+    rn.add_argument("--broker", help="Redis URL (default: $NASQ_BROKER_URL)")
+    rn.set_defaults(func=cmd_runs)
 
     sub.add_parser("worker", add_help=False, help="start a Celery worker pinned to one device (see `nasq worker --help`)")
     return p

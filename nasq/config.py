@@ -34,6 +34,8 @@ class Settings:
     max_attempts: int = 3
     #: built model artifacts (ONNX, OM, ...), shared by workers when on shared storage
     artifact_dir: str = dataclasses.field(default_factory=lambda: os.path.join(_cache_dir(), "artifacts"))
+    #: run reports (JSON, Markdown, plot) and sweep results, written by the merging worker
+    report_dir: str = dataclasses.field(default_factory=lambda: os.path.join(_cache_dir(), "reports"))
     #: logs and files of embedded runs
     work_dir: str = dataclasses.field(default_factory=lambda: os.path.join(_cache_dir(), "runs"))
 

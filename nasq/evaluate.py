@@ -28,13 +28,14 @@ def topk(logits: np.ndarray, num_outputs: int, k: int = TOPK) -> tuple[np.ndarra
 
 def evaluate_range(source: Source, backend: Backend, start: int, stop: int, *, batch_size: int,
                    labels: dict[str, int] | None = None, writer: OutputWriter | None = None,
-                   on_batch=None) -> dict:
+                   on_batch=None, latencies: list[float] | None = None) -> dict:
     """Run images ``[start, stop)`` of ``source`` through ``backend``.
 
     Args:
         labels: {file stem: label}; an image without one is recorded as an error.
         writer: if given, full logits are written in ais_bench's layout.
         on_batch: called with the number of images done after each batch (progress).
+        latencies: if given, each batch's compute time in ms is appended.
 
     Returns:
         A JSON-ready dict: per image (in index order) its index, name, label, top-5 ids and
@@ -59,6 +60,8 @@ def evaluate_range(source: Source, backend: Backend, start: int, stop: int, *, b
                 out["errors"].append({"index": i, "name": name, "reason": str(e)})
         data_s += time.perf_counter() - td
         if not good:
+            if on_batch is not None:
+                on_batch(min(w0 + batch_size, stop) - start)
             continue
         batch = np.stack(arrays)
         if backend.fixed_batch and len(batch) < backend.fixed_batch:
@@ -67,6 +70,8 @@ def evaluate_range(source: Source, backend: Backend, start: int, stop: int, *, b
         tc = time.perf_counter()
         logits = backend.predict_u8(batch) if batch.dtype == np.uint8 else backend.predict(batch)
         compute_s += time.perf_counter() - tc
+        if latencies is not None:
+            latencies.append((time.perf_counter() - tc) * 1e3)
         logits = logits[: len(good)]
         num_outputs = logits.shape[1]
         ids, scores = topk(logits, num_outputs)

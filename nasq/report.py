@@ -167,3 +167,69 @@ def write_json(report: dict, path: str) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
     os.replace(tmp, path)
+
+
+def render_markdown(report: dict) -> str:
+    """The report as Markdown (headline, per-device table, excluded images)."""
+    def pct(v):
+        return "n/a" if v is None else f"{v:.2f} %"
+
+    m = report.get("model", {})
+    lines = [f"# nasq run {report['run_id']}", "",
+             "| | |", "|---|---|",
+             f"| model | {m.get('arch', '?')}, {report.get('num_outputs')} outputs, sha256 {str(m.get('sha256', m.get('artifact_key', '?')))[:16]} |",
+             f"| backend | {report['backend']['name']} {report['backend'].get('versions', {})} |",
+             f"| batch size / precision | {report['batch_size']} / {report.get('precision')} |",
+             f"| dataset | {report['dataset']['root']} ({report['dataset']['kind']}, {report['images_total']} images, "
+             f"fingerprint {report['dataset']['fingerprint']}) |",
+             f"| images evaluated | {report['images']} ({report['error_count']} excluded) |"]
+    lines += [f"| top-{k} | {pct(report.get(f'top{k}'))} |" for k in range(1, 6)]
+    lines += [f"| throughput | {report['throughput_img_s']} img/s over {report['wall_s']} s |", "",
+              "| worker | device | shards | images | compute img/s | wall img/s |", "|---|---|---|---|---|---|"]
+    lines += [f"| {d['worker']} | {d['device']} ({d.get('device_name') or ''}) | {d['shards']} | {d['images']} | "
+              f"{d['img_s_compute']} | {d['img_s_wall']} |" for d in report["per_device"]]
+    if report["errors"]:
+        lines += ["", "## Excluded images", ""] + [f"- `{e['name']}`: {e['reason']}" for e in report["errors"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot_throughput_over_time(report: dict, shards: list[dict], path: str) -> None:
+    """Per-device throughput over the run: images done (cumulative) against seconds since start."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t0 = min(s["started_at"] for s in shards)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for key in sorted({(s["worker"], s["device"]) for s in shards}):
+        mine = sorted((s for s in shards if (s["worker"], s["device"]) == key), key=lambda s: s["finished_at"])
+        xs, ys, total = [], [], 0
+        for s in mine:
+            xs += [s["started_at"] - t0, s["finished_at"] - t0]
+            ys += [total, total + s["images"]]
+            total += s["images"]
+        ax.plot(xs, ys, marker=".", label=f"{key[0]} ({key[1]})")
+    ax.set_xlabel("seconds since the first shard started")
+    ax.set_ylabel("images done")
+    ax.set_title(f"run {report['run_id']}: per-device progress (slope = img/s)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_run_files(report: dict, shards: list[dict], folder: str) -> dict:
+    """report.json, report.md and throughput.png for one run; returns their paths."""
+    import os
+
+    os.makedirs(folder, exist_ok=True)
+    files = {"json": os.path.join(folder, "report.json"), "markdown": os.path.join(folder, "report.md"),
+             "plot": os.path.join(folder, "throughput.png")}
+    write_json({**report, "files": files}, files["json"])
+    with open(files["markdown"], "w", encoding="utf-8") as f:
+        f.write(render_markdown(report))
+    if shards:
+        plot_throughput_over_time(report, shards, files["plot"])
+    return files

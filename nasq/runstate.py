@@ -12,6 +12,7 @@ import redis
 
 PREFIX = "nasq:run:"
 RUNS = "nasq:runs"
+WORKERS = "nasq:workers"
 
 
 class RunStore:
@@ -80,6 +81,30 @@ class RunStore:
 
     def images_done(self, run_id: str) -> int:
         return sum(int(v) for v in self.r.hvals(self._k(run_id, "shard_done")))
+
+    # workers ------------------------------------------------------------------------
+    def register_worker(self, name: str, info: dict) -> None:
+        self.r.hset(WORKERS, name, json.dumps({**info, "last_seen": time.time()}))
+
+    def touch_worker(self, name: str, **fields) -> None:
+        raw = self.r.hget(WORKERS, name)
+        if raw is not None:
+            info = json.loads(raw)
+            info.update(fields, last_seen=time.time())
+            self.r.hset(WORKERS, name, json.dumps(info))
+
+    def unregister_worker(self, name: str) -> None:
+        self.r.hdel(WORKERS, name)
+
+    def workers(self, *, alive_within: float = 30.0) -> dict[str, dict]:
+        """Registered workers; ``alive`` is False when no heartbeat came for ``alive_within`` s."""
+        now = time.time()
+        out = {}
+        for k, v in self.r.hgetall(WORKERS).items():
+            info = json.loads(v)
+            info["alive"] = now - info.get("last_seen", 0) < alive_within
+            out[k.decode()] = info
+        return out
 
     # results ------------------------------------------------------------------------
     def save_report(self, run_id: str, report: dict, predictions: dict | None = None) -> None:

@@ -63,9 +63,13 @@ def submit_run(app, store: RunStore, *, dataset: dict, labels: str | None, model
     manifest = {"run_id": run_id, "created": time.time(), "nasq_version": __version__, "queue": queue,
                 "submitted_from": os.uname().nodename, **job, "shards": shards, **(extra or {})}
     store.save_manifest(manifest)
+    # argsrepr: what Flower shows instead of the whole job dict
     header = group(app.signature(TASK_EVAL_SHARD, args=(run_id, s["shard_id"], s["start"], s["stop"], job),
-                                 queue=queue, task_id=s["task_id"]) for s in shards)
-    body = app.signature(TASK_MERGE, kwargs={"run_id": run_id}, queue=queue, task_id=f"{run_id}:merge")
+                                 queue=queue, task_id=s["task_id"],
+                                 argsrepr=f"run={run_id} {s['shard_id']} images=[{s['start']},{s['stop']}) "
+                                          f"batch={batch_size} backend={backend}") for s in shards)
+    body = app.signature(TASK_MERGE, kwargs={"run_id": run_id}, queue=queue, task_id=f"{run_id}:merge",
+                         argsrepr=f"run={run_id} shards={len(shards)}")
     body.link_error(app.signature(TASK_RUN_FAILED, kwargs={"run_id": run_id}, queue=queue))
     result = chord(header, app=app)(body)
     store.set_state(run_id, "running", shards=len(shards))

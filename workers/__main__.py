@@ -65,8 +65,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from workers.app import app
 
+    import socket
+
+    from nasq.celery_app import BUILD_QUEUE, worker_queue
+
+    name = (args.name or f"{args.device.replace(':', '')}-{os.getpid()}@%h").replace("%h", socket.gethostname())
     queues = args.queues or eval_queue(args.backend)
-    name = args.name or f"{args.device.replace(':', '')}-{os.getpid()}@%h"
+    if BUILD_QUEUE not in queues.split(","):
+        queues += "," + worker_queue(name)  # sweeps send a point to this one device
+    os.environ["NASQ_WORKER_NAME"] = name
+    os.environ["NASQ_WORKER_QUEUES"] = queues
     worker_argv = ["worker", "--pool", "prefork", "--concurrency", "1", "--queues", queues,
                    "--hostname", name, "--task-events", "--prefetch-multiplier", "1",
                    "--loglevel", args.loglevel, "--without-gossip", "--without-mingle", "-O", "fair"]

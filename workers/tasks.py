@@ -15,14 +15,15 @@ import time
 
 from celery import Task
 from celery.exceptions import Retry
+from celery.signals import heartbeat_sent, worker_ready, worker_shutdown
 
 from nasq import backends
-from nasq.celery_app import TASK_EVAL_SHARD, TASK_MERGE, TASK_RUN_FAILED
+from nasq.celery_app import TASK_EVAL_SHARD, TASK_MERGE, TASK_RUN_FAILED, TASK_SWEEP_POINT
 from nasq.data import open_source, read_labels
 from nasq.errors import NasqError, RunError
 from nasq.evaluate import evaluate_range
 from nasq.outputs import OutputWriter
-from nasq.report import MissingShards, merge
+from nasq.report import MissingShards, merge, write_run_files
 from nasq.runstate import RunStore
 from nasq.spec import ModelRef
 from workers.app import app, settings
@@ -41,6 +42,29 @@ def _store() -> RunStore:
     if _STORE is None:
         _STORE = RunStore(settings.backend_url, expires=settings.result_expires)
     return _STORE
+
+
+@worker_ready.connect
+def _register(sender=None, **_):
+    name = os.environ.get("NASQ_WORKER_NAME") or getattr(sender, "hostname", socket.gethostname())
+    _store().register_worker(name, {"device": os.environ.get("NASQ_WORKER_DEVICE", "cpu"),
+                                    "backend": os.environ.get("NASQ_WORKER_BACKEND"),
+                                    "precision": os.environ.get("NASQ_WORKER_PRECISION"),
+                                    "queues": os.environ.get("NASQ_WORKER_QUEUES", "").split(","),
+                                    "host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
+                                    "current": None})
+
+
+@heartbeat_sent.connect
+def _heartbeat(sender=None, **_):
+    if os.environ.get("NASQ_WORKER_NAME"):
+        _store().touch_worker(os.environ["NASQ_WORKER_NAME"])
+
+
+@worker_shutdown.connect
+def _unregister(sender=None, **_):
+    if os.environ.get("NASQ_WORKER_NAME"):
+        _store().unregister_worker(os.environ["NASQ_WORKER_NAME"])
 
 
 class DeviceTask(Task):
@@ -106,6 +130,8 @@ def eval_shard(self, run_id: str, shard_id: str, start: int, stop: int, job: dic
         store.shard_finished(run_id, shard_id, {"status": "error", "error": msg, "worker": base["worker"]})
         return {**base, "status": "error", "error": msg}
     store.shard_started(run_id, shard_id, {"worker": base["worker"], "device": base["device"], "images": stop - start})
+    store.touch_worker(base["worker"], current={"run_id": run_id, "shard_id": shard_id, "images": stop - start,
+                                                "since": time.time()})
     try:
         if worker_backend != job["backend"]:
             raise NasqError(f"this worker runs backend {worker_backend!r} but the run asked for {job['backend']!r}; "
@@ -121,10 +147,13 @@ def eval_shard(self, run_id: str, shard_id: str, start: int, stop: int, job: dic
         log.exception("shard %s of run %s failed", shard_id, run_id)
         msg = f"{type(e).__name__}: {e}"
         store.shard_finished(run_id, shard_id, {"status": "error", "error": msg, "worker": base["worker"]})
+        store.touch_worker(base["worker"], current=None)
         return {**base, "status": "error", "error": msg}
     summary = {"status": "ok", "worker": base["worker"], "device": base["device"], "images": len(result["indices"]),
                "errors": len(result["errors"]), **result["timing"]}
     store.shard_finished(run_id, shard_id, summary)
+    rate = summary["images"] / summary["wall_s"] if summary["wall_s"] else None
+    store.touch_worker(base["worker"], current=None, last_rate_img_s=rate)
     return {**base, "status": "ok", **result, "versions": backend.versions(), "model_info": backend.model_info,
             "device_name": backend.describe_device()}
 
@@ -153,10 +182,24 @@ def merge_run(self, results: list, run_id: str, _first_try: float | None = None)
     except NasqError as e:
         store.set_state(run_id, "failed", error=str(e))
         raise
+    try:
+        report["files"] = write_run_files(report, list(_shard_timings(manifest, results)),
+                                          os.path.join(settings.report_dir, run_id))
+    except OSError as e:  # the report still reaches Redis and the client
+        log.warning("run %s: could not write report files: %s", run_id, e)
     store.save_report(run_id, report, predictions)
     store.set_state(run_id, "done", images=report["images"], top1=report["top1"], top5=report["top5"],
                     throughput_img_s=report["throughput_img_s"])
     return report
+
+
+def _shard_timings(manifest: dict, results: list):
+    seen = set()
+    for r in results:
+        if isinstance(r, dict) and r.get("run_id") == manifest["run_id"] and r.get("status") == "ok" \
+                and r["shard_id"] not in seen:
+            seen.add(r["shard_id"])
+            yield {"worker": r["worker"], "device": r["device"], "images": len(r["indices"]), **r["timing"]}
 
 
 def _late_results(task, manifest: dict, results: list) -> list:
@@ -178,3 +221,56 @@ def run_failed(request, exc, traceback, run_id: str | None = None) -> None:
     unbound errbacks): mark the run failed so waiting clients stop."""
     if run_id:
         _store().set_state(run_id, "failed", error=f"{type(exc).__name__}: {exc}")
+
+
+@app.task(name=TASK_SWEEP_POINT, bind=True, base=DeviceTask)
+def sweep_point(self, point: dict) -> dict:
+    """One sweep point on this worker's device: timed compute (bench) or an evaluation (eval).
+    The row is written to the sweep's folder (the durable record) and returned."""
+    import json
+
+    import numpy as np
+
+    from nasq.bench import measure, summarize
+    from nasq.report import accuracy
+    from nasq.sweep import point_file
+
+    bs = point["batch_size"]
+    row = {"sweep_id": point["sweep_id"], "point_id": point["point_id"], "worker": self.request.hostname,
+           "device": os.environ.get("NASQ_WORKER_DEVICE", "cpu"), "batch_size": bs, "mode": point["mode"],
+           "backend": point["backend"], "precision": point["precision"], "dataset": os.path.basename(point["data"]),
+           "dataset_fingerprint": point["dataset_fingerprint"], "finished_at": None}
+    b = None
+    try:
+        b = self.backend_for(point["backend"], ModelRef(point["weights"]), bs, point["precision"])
+        source = self.source_for({"root": point["data"], "fingerprint": point["dataset_fingerprint"]})
+        n = min(len(source), point.get("images") or len(source))
+        if point["mode"] == "bench":
+            crops = np.stack([source.load(i) for i in range(min(n, bs, 64))])
+            batch = crops[np.arange(bs) % len(crops)]
+            row.update(summarize(measure(b.compute_fn(batch), min_time_s=point["min_time_s"]), bs))
+        else:
+            lat: list[float] = []
+            out = evaluate_range(source, b, 0, n, batch_size=bs, labels=self.labels_for(point.get("labels")),
+                                 latencies=lat)
+            row.update(summarize(lat, bs))
+            row["img_s"] = round(len(out["indices"]) / out["timing"]["compute_s"], 3)
+            row.update({k: v for k, v in accuracy(out["labels"], out["top5"]).items() if k != "correct"},
+                       images=len(out["indices"]), errors=len(out["errors"]))
+        peak = b.peak_memory_bytes()
+        row["peak_mib"] = round(peak / 2**20, 1) if peak is not None else None
+    except Exception as e:  # noqa: BLE001 - an OOM (or any failure) is a row, not a crash
+        oom = "out of memory" in str(e).lower() or type(e).__name__ == "OutOfMemoryError"
+        row["error"] = "out of memory" if oom else f"{type(e).__name__}: {e}"
+        if oom:
+            DeviceTask._runner, DeviceTask._runner_key = None, None  # drop the model: free the device
+    if b is not None:
+        row.update(versions=b.versions(), device_name=b.describe_device(),
+                   model_sha256=b.model_info.get("sha256") or b.model_info.get("artifact_key"))
+    row["finished_at"] = time.time()
+    path = point_file(point["folder"], point["point_id"])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(row, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return row
