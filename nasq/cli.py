@@ -178,6 +178,69 @@ def cmd_runs(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .sweep import submit_sweep
+
+    handle = submit_sweep(batch_sizes=args.batch_sizes, weights=args.weights, data=args.data, backend=args.backend,
+                          precision=args.precision, devices=args.devices, workers=args.workers, mode=args.mode,
+                          labels=args.labels, images=args.images, min_time_s=args.min_time, broker=args.broker,
+                          log=_log)
+    if args.no_wait:
+        if handle.cluster is not None:
+            handle.close()
+            raise NasqError("--no-wait needs a broker: without one the sweep's private workers stop with this command")
+        print(handle.sweep_id)
+        return 0
+    import time
+
+    try:
+        last = None
+        while True:
+            st = handle.status()
+            if (st["done"], st["errors"]) != last:
+                _log(f"{handle.sweep_id}: {st['done']}/{st['total']} points done, {st['errors']} error rows")
+                last = (st["done"], st["errors"])
+            if st["done"] == st["total"]:
+                break
+            if handle.cluster is not None:
+                handle.cluster.check()
+            time.sleep(0.5)
+    finally:
+        handle.close()
+    rep = handle.report(args.out)
+    print(rep.markdown)
+    for kind, path in rep.files.items():
+        print(f"{kind:<10} {path}")
+    return 0
+
+
+def cmd_flower(args) -> int:
+    from .config import load_settings
+
+    settings = load_settings(broker_url=args.broker)
+    if not settings.broker_url:
+        raise NasqError("no broker: pass --broker redis://HOST:6379/0 or set NASQ_BROKER_URL")
+    auth = args.basic_auth or os.environ.get("NASQ_FLOWER_BASIC_AUTH") or os.environ.get("FLOWER_BASIC_AUTH")
+    if not auth and not args.no_auth:
+        raise NasqError("Flower lets anyone who reaches it revoke tasks and shut workers down, so nasq starts it with "
+                        "authentication: pass --basic-auth user:password (or set NASQ_FLOWER_BASIC_AUTH); "
+                        "--no-auth starts it open, on purpose")
+    if auth and ":" not in auth:
+        raise NasqError("--basic-auth takes user:password (several: user1:pw1,user2:pw2)")
+    env = dict(os.environ, NASQ_BROKER_URL=settings.broker_url)
+    if settings.result_backend:
+        env["NASQ_RESULT_BACKEND"] = settings.result_backend
+    cmd = [sys.executable, "-m", "celery", "-A", "nasq.flower_app", "flower", f"--address={args.address}",
+           f"--port={args.port}", f"--max_tasks={args.max_tasks}"]
+    if auth:
+        cmd.append(f"--basic-auth={auth}")
+    else:
+        env["FLOWER_UNAUTHENTICATED_API"] = "true"  # --no-auth: the REST API is open too, as asked
+    _log(f"Flower on http://{args.address}:{args.port} for {settings.broker_url.split('@')[-1]} "
+         f"({'basic auth' if auth else 'NO AUTHENTICATION'})")
+    os.execve(sys.executable, cmd, env)
+
+
 def cmd_worker(argv: list[str]) -> int:
     # The worker runs in a fresh interpreter so its device pinning is in place before any
     # framework is imported; `python -m workers` owns the flags (see `nasq worker --help`).
@@ -295,6 +358,39 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--limit", type=int, default=20, help="how many (default: 20)")
     rn.add_argument("--broker", help="Redis URL (default: $NASQ_BROKER_URL)")
     rn.set_defaults(func=cmd_runs)
+
+    sw = sub.add_parser("sweep", help="queue a batch-size sweep on the workers and report it (tables and plots)",
+                        description="One queued job per (device, batch size): bench mode times compute, eval mode "
+                                    "evaluates the data (throughput plus top-1/top-5). Points an identical sweep already "
+                                    "measured are reused. Writes JSON, CSV, Markdown and two PNG plots.")
+    sw.add_argument("--weights", required=True, help="checkpoint (or built model for the backend)")
+    sw.add_argument("--data", required=True, help="dataset folder (images for bench mode, the dataset for eval mode)")
+    sw.add_argument("--batch-sizes", type=_int_list, required=True, help="comma-separated, e.g. 1,4,8,16,32,64")
+    sw.add_argument("--backend", default="torch", choices=backends.names(), help="default: torch")
+    sw.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="default: fp32")
+    sw.add_argument("--devices", type=lambda t: [x for x in t.split(",") if x],
+                    help="worker names (with a broker; default: every live worker of the backend) or local devices "
+                         "such as cpu,cuda:0 (without one)")
+    sw.add_argument("--workers", type=int, help="without a broker: local CPU workers (default: 2)")
+    sw.add_argument("--mode", default="bench", choices=("bench", "eval"), help="default: bench")
+    sw.add_argument("--labels", help="eval mode: val_label.txt (default: beside the data)")
+    sw.add_argument("--images", type=int, help="eval mode: only the first N images")
+    sw.add_argument("--min-time", type=float, default=2.0, help="bench mode: timed seconds per point (default: 2)")
+    sw.add_argument("--broker", help="Redis URL (default: $NASQ_BROKER_URL; none: private local workers)")
+    sw.add_argument("--out", help="write the report files here (default: the sweep's folder)")
+    sw.add_argument("--no-wait", action="store_true", help="with a broker: print the sweep id and return")
+    sw.set_defaults(func=cmd_sweep)
+
+    fl = sub.add_parser("flower", help="start Flower on the nasq broker, with authentication",
+                        description="Start Flower (task and worker monitoring) against the same broker, with basic auth "
+                                    "on by default. Workers send task events, so runs show live.")
+    fl.add_argument("--port", type=int, default=5555, help="default: 5555")
+    fl.add_argument("--address", default="127.0.0.1", help="listen address (default: 127.0.0.1)")
+    fl.add_argument("--basic-auth", help="user:password (default: $NASQ_FLOWER_BASIC_AUTH or $FLOWER_BASIC_AUTH)")
+    fl.add_argument("--no-auth", action="store_true", help="start without authentication (anyone can revoke tasks)")
+    fl.add_argument("--max-tasks", type=int, default=100000, help="tasks Flower keeps in memory (default: 100000)")
+    fl.add_argument("--broker", help="Redis URL (default: $NASQ_BROKER_URL)")
+    fl.set_defaults(func=cmd_flower)
 
     sub.add_parser("worker", add_help=False, help="start a Celery worker pinned to one device (see `nasq worker --help`)")
     return p

@@ -91,7 +91,8 @@ def _plots(rows: list[dict], folder: str) -> dict:
         ax.set_title(("throughput" if name.startswith("throughput") else "latency") + " vs batch size"
                      + (" (red: error rows)" if any(r.get("error") for r in rows) else ""))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ok:
+            ax.legend(fontsize=8)
         fig.tight_layout()
         files[name.split("_")[0]] = os.path.join(folder, name)
         fig.savefig(files[name.split("_")[0]], dpi=110)

@@ -83,7 +83,7 @@ class DeviceTask(Task):
         if DeviceTask._runner_key != key:
             if DeviceTask._runner is not None:
                 DeviceTask._runner.close()
-                DeviceTask._runner = None
+            DeviceTask._runner, DeviceTask._runner_key = None, None  # stays empty if the load below fails
             device = os.environ.get("NASQ_WORKER_LOCAL_DEVICE", "cpu")
             t = time.perf_counter()
             b = backends.create(name, device)

@@ -1,0 +1,137 @@
+"""Sweeps, run status, run listing, report files and Flower, with real workers."""
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+
+import pytest
+import requests
+
+from conftest import REPO, nasq_cli
+from nasq.api import evaluate
+from nasq.celery_app import make_app
+from nasq.data import open_source
+from nasq.runstate import RunStore
+from nasq.sweep import submit_sweep
+from producer.submit import submit_run
+
+pytestmark = pytest.mark.slow
+
+
+def test_six_point_sweep_with_local_workers_then_rerun_reuses(assets, tmp_path):
+    from nasq.config import Settings
+
+    s = Settings(report_dir=str(tmp_path / "reports"), work_dir=str(tmp_path / "runs"),
+                 artifact_dir=str(tmp_path / "art"))
+    sweep = submit_sweep(batch_sizes=[1, 2, 3, 4, 5, 6], weights=assets["weights"], data=assets["data"], workers=2,
+                         min_time_s=0.1, settings=s, log=lambda *_: None)
+    first = sweep.status()
+    assert first["total"] == 12 and first["reused"] == 0
+    sweep.wait(timeout=300)
+    assert sweep.cluster is None  # the private workers stopped when the sweep finished
+    rep = sweep.report()
+    assert len(rep.rows) == 12 and not any(r.get("error") for r in rep.rows)
+    for r in rep.rows:
+        assert r["img_s"] == pytest.approx(r["batch_size"] * 1000 / r["mean_ms"], rel=1e-3)
+        assert r["versions"]["torch"] and r["model_sha256"] and r["dataset_fingerprint"]
+    assert {r["worker"].split("@")[0] for r in rep.rows} == {"cpu-0", "cpu-1"}
+    for kind in ("json", "csv", "markdown", "throughput", "latency"):
+        assert os.path.getsize(rep.files[kind]) > 0, kind
+    assert rep.files["throughput"].endswith(".png") and open(rep.files["throughput"], "rb").read(4) == b"\x89PNG"
+    assert "| device | worker | batch size |" in open(rep.files["markdown"]).read()
+    t0 = time.time()
+    again = submit_sweep(batch_sizes=[1, 2, 3, 4, 5, 6], weights=assets["weights"], data=assets["data"], workers=2,
+                         min_time_s=0.1, settings=s, log=lambda *_: None)
+    assert again.status()["reused"] == 12 and again.cluster is None
+    again.wait(timeout=5)
+    assert time.time() - t0 < 5 and len(again.report(str(tmp_path / "again")).rows) == 12
+
+
+def test_eval_sweep_on_named_workers_with_an_error_row(assets, workers, settings):
+    names = [n for n, _, _ in workers.procs]
+    ok = submit_sweep(batch_sizes=[2, 4], mode="eval", weights=assets["weights"], data=assets["data"],
+                      labels=assets["labels"], devices=names[:1], settings=settings, log=lambda *_: None)
+    ok.wait(timeout=120)
+    rows = ok.report().rows
+    assert sorted(r["batch_size"] for r in rows) == [2, 4]
+    assert all(r["top1"] == 100.0 and r["images"] == 20 and r["errors"] == 3 for r in rows)
+    # fp16 on a CPU worker cannot run: an error row, the sweep goes on
+    bad = submit_sweep(batch_sizes=[1], precision="fp16", weights=assets["weights"], data=assets["data"],
+                       devices=names[:1], settings=settings, log=lambda *_: None)
+    bad.wait(timeout=60)
+    (row,) = bad.report().rows
+    assert "runs on CUDA only" in row["error"]
+    # the failed load leaves that worker usable (it once kept a stale model key)
+    after = submit_sweep(batch_sizes=[3], weights=assets["weights"], data=assets["data"], devices=names[:1],
+                         min_time_s=0.1, settings=settings, log=lambda *_: None)
+    after.wait(timeout=60)
+    assert not after.report().rows[0].get("error")
+
+
+def test_status_watch_follows_a_run_to_its_report(assets, workers, settings):
+    app = make_app(settings)
+    store = RunStore(settings.broker_url)
+    src = open_source(assets["data"])
+    manifest, _ = submit_run(app, store, dataset=src.describe(), labels=assets["labels"],
+                             model={"weights": assets["weights"], "num_outputs": None, "options": {}}, backend="torch",
+                             batch_size=2, precision=None, shard_size=2, queue=workers.queue)
+    p = subprocess.run(nasq_cli() + ["status", manifest["run_id"], "--watch", "--interval", "0.2",
+                                     "--broker", settings.broker_url], capture_output=True, text=True, timeout=120,
+                       cwd=REPO)
+    assert p.returncode == 0, p.stderr
+    lines = [l for l in p.stdout.splitlines() if l.startswith(f"run {manifest['run_id']}")]
+    assert any("running" in l for l in lines), p.stdout  # seen while it ran
+    assert "done" in lines[-1] and "shards 12/12" in p.stdout and "images 23/23" in p.stdout
+    assert "top-1 100.00%" in p.stdout and "report files:" in p.stdout
+    report = store.report(manifest["run_id"])
+    for path in report["files"].values():
+        assert os.path.getsize(path) > 0
+    runs = subprocess.run(nasq_cli() + ["runs", "--broker", settings.broker_url], capture_output=True, text=True,
+                          cwd=REPO, timeout=60)
+    assert manifest["run_id"] in runs.stdout and "done" in runs.stdout
+
+
+def test_flower_with_auth_shows_the_runs_workers_and_tasks(assets, workers, settings, tmp_path):
+    from nasq.redis_server import free_port
+
+    refused = subprocess.run(nasq_cli() + ["flower", "--broker", settings.broker_url], capture_output=True, text=True,
+                             cwd=REPO, timeout=60, env={k: v for k, v in os.environ.items() if "FLOWER" not in k})
+    assert refused.returncode == 2 and "--basic-auth" in refused.stderr
+    port = free_port()
+    with open(tmp_path / "flower.log", "wb") as log:
+        proc = subprocess.Popen(nasq_cli() + ["flower", "--broker", settings.broker_url, "--port", str(port),
+                                              "--basic-auth", "ops:s3cret"], stdout=log, stderr=subprocess.STDOUT,
+                                cwd=REPO, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if requests.get(base + "/healthcheck", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.3)
+        else:
+            raise AssertionError((tmp_path / "flower.log").read_text())
+        assert requests.get(base + "/api/workers", timeout=5).status_code == 401
+        assert requests.get(base + "/api/workers", auth=("ops", "wrong"), timeout=5).status_code == 401
+        res = evaluate(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4,
+                       shard_size=8, queue=workers.queue, settings=settings, progress=False, log=lambda *_: None)
+        auth = ("ops", "s3cret")
+        ws = requests.get(base + "/api/workers?refresh=1", auth=auth, timeout=30).json()
+        assert {n for n, _, _ in workers.procs} <= set(ws)
+        deadline, mine = time.time() + 30, {}
+        while time.time() < deadline and len(mine) < 4:  # 3 shards + the merge, from task events
+            tasks = requests.get(base + "/api/tasks?limit=1000", auth=auth, timeout=10).json()
+            mine = {k: t for k, t in tasks.items() if k.startswith(res.run_id)}
+            time.sleep(0.5)
+        shards = [t for t in mine.values() if t["name"] == "nasq.eval_shard"]
+        assert len(shards) == 3 and all(t["state"] == "SUCCESS" for t in shards)
+        assert any(f"run={res.run_id} shard-00000 images=[0,8) batch=4" in t["args"] for t in shards)
+        info = requests.get(base + f"/api/task/info/{shards[0]['uuid']}", auth=auth, timeout=10).json()
+        assert info["worker"] in ws
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)
