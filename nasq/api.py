@@ -22,6 +22,7 @@ from .errors import DatasetError, NasqError, RunError
 from .report import render
 from .runstate import RunStore
 from .spec import ModelRef
+from .sweep import SweepHandle, submit_sweep  # noqa: F401  (part of the API; defined in nasq.sweep)
 
 
 @dataclass
@@ -220,4 +221,3 @@ def evaluate_local(*, weights: str, data: str, labels: str | None = None, backen
     finally:
         b.close()
     return {k: out[k] for k in ("names", "indices", "labels", "top5", "scores")} | {"errors": out["errors"]}
-from .sweep import SweepHandle, submit_sweep  # noqa: E402,F401  (the sweep API lives in nasq.sweep)

@@ -29,6 +29,8 @@ def _write_predictions(pred: dict, path: str) -> None:
 
 def _finish(result, args) -> int:
     print(result.table)
+    for kind, path in (result.report.get("files") or {}).items():
+        _log(f"run report ({kind}): {path}")
     if args.json:
         from .report import write_json
 
