@@ -68,7 +68,9 @@ def cmd_demo(args) -> int:
     paths = prepare(workdir, args.images, arch=args.arch, batch_size=args.batch_size, log=_log)
     settings = load_settings()
     if settings.broker_url:
-        _log(f"note: using the broker {settings.broker_url} from the environment/config; unset NASQ_BROKER_URL "
+        from .config import redact
+
+        _log(f"note: using the broker {redact(settings.broker_url)} from the environment/config; unset NASQ_BROKER_URL "
              "for a self-contained demo")
     result = evaluate(weights=paths["weights"], data=paths["data"], labels=paths["labels"], backend=args.backend,
                       device="cpu", workers=args.workers, batch_size=args.batch_size,
@@ -238,7 +240,9 @@ def cmd_flower(args) -> int:
         cmd.append(f"--basic-auth={auth}")
     else:
         env["FLOWER_UNAUTHENTICATED_API"] = "true"  # --no-auth: the REST API is open too, as asked
-    _log(f"Flower on http://{args.address}:{args.port} for {settings.broker_url.split('@')[-1]} "
+    from .config import redact
+
+    _log(f"Flower on http://{args.address}:{args.port} for {redact(settings.broker_url)} "
          f"({'basic auth' if auth else 'NO AUTHENTICATION'})")
     os.execve(sys.executable, cmd, env)
 

@@ -84,3 +84,11 @@ def load_settings(**overrides) -> Settings:
             values[n] = env
     values.update({k: v for k, v in overrides.items() if v is not None})
     return Settings(**{k: _coerce(k, v) for k, v in values.items()})
+
+
+def redact(url: str | None) -> str | None:
+    """A broker URL without its password, for logs."""
+    if not url or "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"

@@ -28,8 +28,11 @@ def topk(logits: np.ndarray, num_outputs: int, k: int = TOPK) -> tuple[np.ndarra
 
 def evaluate_range(source: Source, backend: Backend, start: int, stop: int, *, batch_size: int,
                    labels: dict[str, int] | None = None, writer: OutputWriter | None = None,
-                   on_batch=None, latencies: list[float] | None = None) -> dict:
+                   on_batch=None, latencies: list[float] | None = None, loader_threads: int = 1) -> dict:
     """Run images ``[start, stop)`` of ``source`` through ``backend``.
+
+    The next batch is read and preprocessed (``loader_threads`` threads; Pillow releases the
+    GIL while it decodes and resizes) while the current one runs on the device.
 
     Args:
         labels: {file stem: label}; an image without one is recorded as an error.
@@ -39,52 +42,72 @@ def evaluate_range(source: Source, backend: Backend, start: int, stop: int, *, b
 
     Returns:
         A JSON-ready dict: per image (in index order) its index, name, label, top-5 ids and
-        logits; the unusable images with reasons; and timings (data, compute, wall seconds).
+        logits; the unusable images with reasons; and timings (``data_s`` is the loaders'
+        time, overlapped with compute; ``wall_s`` the whole range).
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     t0 = time.perf_counter()
     started_at = time.time()
     out = {"indices": [], "names": [], "labels": [], "top5": [], "scores": [], "errors": []}
-    data_s = compute_s = 0.0
+    compute_s = 0.0
     num_outputs = None
-    for w0 in range(start, stop, batch_size):
+    pool = ThreadPoolExecutor(max_workers=max(1, loader_threads)) if loader_threads > 1 else None
+
+    def load_one(i: int):
+        name = source.names[i]
+        try:
+            if labels is not None and stem(name) not in labels:
+                raise ImageError("no label for this image in the label file")
+            return i, source.load(i), None
+        except ImageError as e:
+            return i, None, {"index": i, "name": name, "reason": str(e)}
+
+    def load_window(w0: int):
         td = time.perf_counter()
-        good, arrays = [], []
-        for i in range(w0, min(w0 + batch_size, stop)):
-            name = source.names[i]
-            try:
-                if labels is not None and stem(name) not in labels:
-                    raise ImageError("no label for this image in the label file")
-                arrays.append(source.load(i))
-                good.append(i)
-            except ImageError as e:
-                out["errors"].append({"index": i, "name": name, "reason": str(e)})
-        data_s += time.perf_counter() - td
-        if not good:
+        idx = range(w0, min(w0 + batch_size, stop))
+        items = list(pool.map(load_one, idx)) if pool else [load_one(i) for i in idx]
+        return items, time.perf_counter() - td
+
+    windows = list(range(start, stop, batch_size))
+    data_s = 0.0
+    with ThreadPoolExecutor(max_workers=1) as prefetch:
+        nxt = prefetch.submit(load_window, windows[0]) if windows else None
+        for k, w0 in enumerate(windows):
+            items, dt = nxt.result()
+            data_s += dt
+            if k + 1 < len(windows):
+                nxt = prefetch.submit(load_window, windows[k + 1])
+            out["errors"] += [err for _, _, err in items if err is not None]
+            good = [i for i, arr, _ in items if arr is not None]
+            if not good:
+                if on_batch is not None:
+                    on_batch(min(w0 + batch_size, stop) - start)
+                continue
+            batch = np.stack([arr for _, arr, _ in items if arr is not None])
+            if backend.fixed_batch and len(batch) < backend.fixed_batch:
+                pad = np.zeros((backend.fixed_batch - len(batch),) + batch.shape[1:], dtype=batch.dtype)
+                batch = np.concatenate([batch, pad])
+            tc = time.perf_counter()
+            logits = backend.predict_u8(batch) if batch.dtype == np.uint8 else backend.predict(batch)
+            compute_s += time.perf_counter() - tc
+            if latencies is not None:
+                latencies.append((time.perf_counter() - tc) * 1e3)
+            logits = logits[: len(good)]
+            num_outputs = logits.shape[1]
+            ids, scores = topk(logits, num_outputs)
+            names = [source.names[i] for i in good]
+            if writer is not None:
+                writer.write(names, logits)
+            out["indices"] += good
+            out["names"] += names
+            out["labels"] += [labels[stem(n)] if labels is not None else None for n in names]
+            out["top5"] += ids.tolist()
+            out["scores"] += np.round(scores.astype(np.float64), 5).tolist()
             if on_batch is not None:
                 on_batch(min(w0 + batch_size, stop) - start)
-            continue
-        batch = np.stack(arrays)
-        if backend.fixed_batch and len(batch) < backend.fixed_batch:
-            pad = np.zeros((backend.fixed_batch - len(batch),) + batch.shape[1:], dtype=batch.dtype)
-            batch = np.concatenate([batch, pad])
-        tc = time.perf_counter()
-        logits = backend.predict_u8(batch) if batch.dtype == np.uint8 else backend.predict(batch)
-        compute_s += time.perf_counter() - tc
-        if latencies is not None:
-            latencies.append((time.perf_counter() - tc) * 1e3)
-        logits = logits[: len(good)]
-        num_outputs = logits.shape[1]
-        ids, scores = topk(logits, num_outputs)
-        names = [source.names[i] for i in good]
-        if writer is not None:
-            writer.write(names, logits)
-        out["indices"] += good
-        out["names"] += names
-        out["labels"] += [labels[stem(n)] if labels is not None else None for n in names]
-        out["top5"] += ids.tolist()
-        out["scores"] += np.round(scores.astype(np.float64), 5).tolist()
-        if on_batch is not None:
-            on_batch(min(w0 + batch_size, stop) - start)
+    if pool is not None:
+        pool.shutdown()
     out["num_outputs"] = num_outputs
     out["timing"] = {"data_s": round(data_s, 4), "compute_s": round(compute_s, 4),
                      "wall_s": round(time.perf_counter() - t0, 4),

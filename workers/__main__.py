@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                    help="torch backend: torch.compile mode (compiled once per process; cache in the artifact dir)")
     p.add_argument("--cuda-graphs", action="store_true", help="torch backend: replay a CUDA graph per batch size")
+    p.add_argument("--decode-threads", type=int, default=None,
+                   help="threads decoding JPEGs ahead of the device (default: 1 on cpu, 4 on cuda/npu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the runtime (default: the runtime's choice)")
     p.add_argument("--broker", default=None, help="Redis URL of the broker (default: $NASQ_BROKER_URL or the config file)")
     p.add_argument("--loglevel", default="INFO", help="log level (default: INFO)")
@@ -48,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ["NASQ_WORKER_BACKEND"] = args.backend
     os.environ["NASQ_WORKER_PRECISION"] = args.precision
+    os.environ["NASQ_DECODE_THREADS"] = str(args.decode_threads or (1 if args.device == "cpu" else 4))
     if args.compile:
         os.environ["NASQ_TORCH_COMPILE"] = args.compile
     if args.cuda_graphs:

@@ -30,6 +30,9 @@ from workers.app import app, settings
 
 log = logging.getLogger("nasq.worker")
 
+#: threads decoding the next batch while the device runs the current one (`--decode-threads`)
+LOADER_THREADS = int(os.environ.get("NASQ_DECODE_THREADS", "1"))
+
 #: how long the merge waits for a shard that is still running (a redelivered one) before failing
 MERGE_WAIT_S = float(os.environ.get("NASQ_MERGE_WAIT_S", "900"))
 
@@ -142,7 +145,8 @@ def eval_shard(self, run_id: str, shard_id: str, start: int, stop: int, job: dic
         out = job.get("output")
         writer = OutputWriter(out["dir"], out.get("fmt", "NPY")) if out else None
         result = evaluate_range(source, backend, start, stop, batch_size=job["batch_size"], labels=labels,
-                                writer=writer, on_batch=lambda n: store.shard_progress(run_id, shard_id, n))
+                                writer=writer, on_batch=lambda n: store.shard_progress(run_id, shard_id, n),
+                                loader_threads=LOADER_THREADS)
     except Exception as e:  # noqa: BLE001 - a shard reports its failure instead of breaking the chord
         log.exception("shard %s of run %s failed", shard_id, run_id)
         msg = f"{type(e).__name__}: {e}"

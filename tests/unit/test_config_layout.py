@@ -67,3 +67,11 @@ def test_pinning_env():
     assert local == "cpu" and env["CUDA_VISIBLE_DEVICES"] == "" and env["OMP_NUM_THREADS"] == "2"
     with pytest.raises(ValueError):
         pinning_env("gpu0")
+
+
+def test_redact_hides_passwords():
+    from nasq.config import redact
+
+    assert redact("redis://:pw@head:6379/0") == "redis://***@head:6379/0"
+    assert redact("rediss://user:pw@head:6380/1") == "rediss://***@head:6380/1"
+    assert redact("redis://head:6379/0") == "redis://head:6379/0"

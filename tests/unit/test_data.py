@@ -80,3 +80,19 @@ def test_preprocess_bin_layout(assets, tmp_path):
     assert sum(1 for i in range(len(src)) if i in src.known_errors) == 3
     again = preprocess(assets["data"], str(dst), fmt="bin", workers=2, progress=False)
     assert again.written == 0  # resumable: nothing redone
+
+
+def test_prefetching_loader_threads_give_identical_results(assets):
+    from nasq import backends
+    from nasq.data import read_labels
+    from nasq.evaluate import evaluate_range
+    from nasq.spec import ModelRef
+
+    b = backends.create("torch", "cpu")
+    b.load(ModelRef(assets["weights"]), batch_size=4)
+    src, labels = open_source(assets["data"]), read_labels(assets["labels"])
+    one = evaluate_range(src, b, 0, len(src), batch_size=4, labels=labels)
+    many = evaluate_range(src, b, 0, len(src), batch_size=4, labels=labels, loader_threads=3)
+    for key in ("indices", "names", "labels", "top5", "scores", "errors"):
+        assert one[key] == many[key], key
+    assert len(one["errors"]) == 3
