@@ -1,0 +1,55 @@
+"""rediss:// (TLS) works end to end: broker, result backend, run records."""
+import shutil
+import subprocess
+import time
+import uuid
+
+import pytest
+import redis
+
+from conftest import Workers
+from nasq.api import evaluate
+from nasq.config import Settings
+from nasq.redis_server import free_port, redis_binary
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def tls_redis(tmp_path):
+    if not shutil.which("openssl"):
+        pytest.fail("openssl is needed to make the test certificate (apt-get install openssl)")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    port = free_port()
+    proc = subprocess.Popen([redis_binary(), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+                             "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
+                             "--tls-auth-clients", "no", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"rediss://127.0.0.1:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={cert}"
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            redis.Redis.from_url(url).ping()
+            break
+        except redis.exceptions.ConnectionError:
+            if proc.poll() is not None:
+                pytest.fail(f"this redis-server cannot serve TLS: {proc.stdout.read().decode()[-500:]}")
+            time.sleep(0.1)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_eval_over_tls(assets, tls_redis, tmp_path):
+    w = Workers(tls_redis, f"eval.tls-{uuid.uuid4().hex[:6]}", str(tmp_path))
+    w.start(1)
+    try:
+        res = evaluate(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4,
+                       queue=w.queue, settings=Settings(broker_url=tls_redis, report_dir=str(tmp_path / "rep")),
+                       progress=False, log=lambda *_: None)
+    finally:
+        w.stop()
+    assert res.report["images"] == 20 and res.report["top1"] == 100.0
