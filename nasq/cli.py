@@ -133,6 +133,8 @@ def cmd_bench(args) -> int:
         options["compile"] = args.compile
     if args.cuda_graphs:
         options["cuda_graphs"] = True
+    if args.device_decode:
+        options["device_decode"] = True
     res = bench(backend=args.backend, device=args.device, precision=args.precision, batch_sizes=args.batch_sizes,
                 mode=args.mode, weights=args.weights, data=args.data, arch=args.arch, baseline=not args.no_baseline,
                 options=options or None, min_time_s=args.min_time, log=_log)
@@ -346,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--compile", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                     help="torch.compile mode for the torch backend")
     be.add_argument("--cuda-graphs", action="store_true", help="torch backend: replay a CUDA graph per batch size")
+    be.add_argument("--device-decode", action="store_true",
+                    help="torch backend, e2e mode: decode JPEGs on the device (nvjpeg on CUDA)")
     be.add_argument("--no-baseline", action="store_true", help="skip the eager baselines")
     be.add_argument("--min-time", type=float, default=2.0, help="seconds of timed iterations per point (default: 2)")
     be.add_argument("--json", metavar="PATH", help="write all rows and the environment here")

@@ -73,7 +73,7 @@ def _features(model, x):
 
 def make_checkpoint(path: str, image_folder: str, names: list[str], *, arch: str = "large", seed: int = 0,
                     batch_size: int = 8, calib_images: int = 32, logit_std: float = 4.0, labels: bool = True,
-                    log=print) -> np.ndarray | None:
+                    branch_scale: float = 0.1, log=print) -> np.ndarray | None:
     """Save a calibrated random-weight checkpoint; return the fp32 reference top-1 labels.
 
     The reference labels come from the same model on the same batches (``batch_size``
@@ -90,10 +90,15 @@ def make_checkpoint(path: str, image_folder: str, names: list[str], *, arch: str
         names = names[:calib_images]
     crops = np.stack([preprocess_u8(os.path.join(image_folder, n)) for n in names])
     # 1. BatchNorm statistics: a cumulative average over the calibration images in train mode.
+    from pretrainedmodels.models import nasnet
+
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.reset_running_stats()
             m.momentum = None
+        if isinstance(m, (nasnet.BranchSeparables, nasnet.BranchSeparablesStem)):
+            with torch.no_grad():
+                m.bn_sep_2.weight.fill_(branch_scale)
     model.train()
     calib = crops[: max(2, min(calib_images, len(crops)))]
     log(f"calibrating BatchNorm statistics on {len(calib)} images ...")
@@ -136,7 +141,8 @@ def prepare(workdir: str, n_images: int, *, arch: str = "large", batch_size: int
     images = os.path.join(workdir, "val")
     ckpt = os.path.join(workdir, f"nasnetalarge-random-{arch}.pth")
     stamp = os.path.join(workdir, ".demo.json")
-    want = {"images": n_images, "arch": arch, "batch_size": batch_size, "seed": seed, "labels": labels}
+    want = {"images": n_images, "arch": arch, "batch_size": batch_size, "seed": seed, "labels": labels,
+            "checkpoint": "calibrated, branch_scale 0.1"}  # a change of recipe invalidates old demo folders
     import json
 
     label_file = os.path.join(workdir, "val_label.txt")

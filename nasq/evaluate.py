@@ -7,6 +7,7 @@ shard boundaries are multiples of B.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -54,14 +55,45 @@ def evaluate_range(source: Source, backend: Backend, start: int, stop: int, *, b
     num_outputs = None
     pool = ThreadPoolExecutor(max_workers=max(1, loader_threads)) if loader_threads > 1 else None
 
+    # JPEGs decoded on the device: the loaders only read bytes.
+    encoded = getattr(backend, "decodes_jpeg", False) and source.kind == "jpeg"
+
     def load_one(i: int):
         name = source.names[i]
         try:
             if labels is not None and stem(name) not in labels:
                 raise ImageError("no label for this image in the label file")
+            if encoded:
+                with open(os.path.join(source.root, name), "rb") as f:
+                    return i, f.read(), None
+            return i, source.load(i), None
+        except (ImageError, OSError) as e:
+            return i, None, {"index": i, "name": name, "reason": str(e)}
+
+    def run_batch(items):
+        """(kept items, logits). With device decoding, a batch holding an undecodable file goes
+        through the per-image CPU path instead, which names the file and its reason."""
+        if encoded:
+            try:
+                return items, backend.predict_encoded([arr for _, arr, _ in items])
+            except (RuntimeError, ValueError):
+                items = [load_cpu(i) for i, _, _ in items]
+                out["errors"].extend(err for _, _, err in items if err is not None)
+                items = [it for it in items if it[1] is not None]
+                if not items:
+                    return items, None
+        batch = np.stack([arr for _, arr, _ in items])
+        if backend.fixed_batch and len(batch) < backend.fixed_batch:
+            pad = np.zeros((backend.fixed_batch - len(batch),) + batch.shape[1:], dtype=batch.dtype)
+            batch = np.concatenate([batch, pad])
+        logits = backend.predict_u8(batch) if batch.dtype == np.uint8 else backend.predict(batch)
+        return items, logits[: len(items)]
+
+    def load_cpu(i: int):
+        try:
             return i, source.load(i), None
         except ImageError as e:
-            return i, None, {"index": i, "name": name, "reason": str(e)}
+            return i, None, {"index": i, "name": source.names[i], "reason": str(e)}
 
     def load_window(w0: int):
         td = time.perf_counter()
@@ -79,21 +111,18 @@ def evaluate_range(source: Source, backend: Backend, start: int, stop: int, *, b
             if k + 1 < len(windows):
                 nxt = prefetch.submit(load_window, windows[k + 1])
             out["errors"] += [err for _, _, err in items if err is not None]
-            good = [i for i, arr, _ in items if arr is not None]
-            if not good:
+            items = [it for it in items if it[1] is not None]
+            tc = time.perf_counter()
+            if items:
+                items, logits = run_batch(items)
+            if not items:
                 if on_batch is not None:
                     on_batch(min(w0 + batch_size, stop) - start)
                 continue
-            batch = np.stack([arr for _, arr, _ in items if arr is not None])
-            if backend.fixed_batch and len(batch) < backend.fixed_batch:
-                pad = np.zeros((backend.fixed_batch - len(batch),) + batch.shape[1:], dtype=batch.dtype)
-                batch = np.concatenate([batch, pad])
-            tc = time.perf_counter()
-            logits = backend.predict_u8(batch) if batch.dtype == np.uint8 else backend.predict(batch)
             compute_s += time.perf_counter() - tc
             if latencies is not None:
                 latencies.append((time.perf_counter() - tc) * 1e3)
-            logits = logits[: len(good)]
+            good = [i for i, _, _ in items]
             num_outputs = logits.shape[1]
             ids, scores = topk(logits, num_outputs)
             names = [source.names[i] for i in good]

@@ -25,7 +25,7 @@ def _env_options() -> dict:
     out = {}
     if os.environ.get("NASQ_TORCH_COMPILE"):
         out["compile"] = os.environ["NASQ_TORCH_COMPILE"]
-    for name in ("CUDA_GRAPHS", "FOLD_BN", "CHANNELS_LAST"):
+    for name in ("CUDA_GRAPHS", "FOLD_BN", "CHANNELS_LAST", "DEVICE_DECODE"):
         v = os.environ.get(f"NASQ_TORCH_{name}")
         if v is not None:
             out[name.lower()] = v.lower() in ("1", "true", "yes", "on")
@@ -52,7 +52,8 @@ class TorchBackend(Backend):
         if precision != "fp32" and not cuda:
             raise BackendError(f"torch backend: {precision} runs on CUDA only; use fp32 on the CPU")
         fast = cuda and precision != "fp32"
-        opts = {"fold_bn": fast, "channels_last": fast, "compile": "none", "cuda_graphs": False}
+        opts = {"fold_bn": fast, "channels_last": fast, "compile": "none", "cuda_graphs": False,
+                "device_decode": False}
         opts.update(_env_options())
         opts.update(options or {})
         if opts["compile"] not in COMPILE_MODES:
@@ -124,6 +125,36 @@ class TorchBackend(Backend):
             buf = self._pinned[n] = torch.empty(t.shape, dtype=torch.uint8).pin_memory()
         buf.copy_(t)
         return buf.to(self._dev, non_blocking=True)
+
+    @property
+    def decodes_jpeg(self) -> bool:
+        return bool(self.options.get("device_decode"))
+
+    def _resize_crop(self, img):
+        """CHW uint8 on the device -> the seed's 331 crop (float 0..255): shorter side to 378 with
+        antialiased bilinear (torch's antialias follows PIL's filter), rounded like PIL's uint8."""
+        import torch.nn.functional as F
+
+        from ..data import resized_size
+
+        h, w = img.shape[1:]
+        nw, nh = resized_size(w, h, PREPROCESS.resize)
+        x = F.interpolate(img[None].float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        top, left = int(round((nh - PREPROCESS.crop) / 2.0)), int(round((nw - PREPROCESS.crop) / 2.0))
+        return x[0, :, top:top + PREPROCESS.crop, left:left + PREPROCESS.crop].round_().clamp_(0, 255)
+
+    def predict_encoded(self, datas: list[bytes]) -> np.ndarray:
+        """JPEG bytes -> logits, decoded on the device (nvjpeg on CUDA). Raises on any
+        undecodable file; the caller falls back to the per-image CPU path for reasons."""
+        import torch
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        with torch.inference_mode():
+            raw = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+            imgs = decode_jpeg(raw, mode=ImageReadMode.RGB, device=self._dev)
+            x = torch.stack([self._resize_crop(im) for im in imgs])
+            x = x.div_(255.0).sub_(self._mean).div_(self._std).to(self._dtype).contiguous(memory_format=self._fmt)
+            return self._net(x).float().cpu().numpy()
 
     # ---------------------------------------------------------------- the contract
     def predict_u8(self, batch: np.ndarray) -> np.ndarray:
