@@ -1,6 +1,6 @@
 """Device-side JPEG decode + resize (torchvision) vs Pillow: top-1 agreement, score and pixel
 differences, on the CPU. Usage: python bench/decode_agreement.py CHECKPOINT DATA_DIR LABELS"""
-import numpy as np, glob
+import numpy as np
 from nasq import backends
 from nasq.data import open_source, read_labels
 from nasq.evaluate import evaluate_range

@@ -9,7 +9,6 @@ that runs out of memory becomes an error row, not a crash.
 from __future__ import annotations
 
 import os
-import statistics
 import time
 from dataclasses import dataclass, field
 

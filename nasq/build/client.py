@@ -3,7 +3,6 @@ chains on the ``build`` queue (a private Redis and build worker when no broker i
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass
 

@@ -1,8 +1,5 @@
 """Real Redis, real worker processes: the distributed result equals the single-process one."""
-import json
 import os
-import subprocess
-import sys
 import time
 
 import numpy as np

@@ -1,10 +1,8 @@
 """Sweeps, run status, run listing, report files and Flower, with real workers."""
-import json
 import os
 import signal
 import subprocess
 import time
-import uuid
 
 import pytest
 import requests
