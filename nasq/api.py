@@ -172,6 +172,8 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
                                              precision=precision, shard_size=size, queue=queue, output=output)
         log(f"run {manifest['run_id']}: {len(source)} images in {len(manifest['shards'])} shards "
             f"of <= {manifest['shards'][0]['stop'] if manifest['shards'] else 0} on queue {queue}")
+        if cluster is None:
+            _warn_if_unserved(store, queue, log)
         try:
             report = _wait(result, store, manifest, progress=progress, timeout=timeout, cluster=cluster)
         finally:
@@ -197,6 +199,41 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
     with cluster as url:
         local = Settings(**{**settings.__dict__, "broker_url": url, "result_backend": None})
         return run(local, len(devices), cluster=cluster)
+
+
+def resume(run_id: str, *, broker: str | None = None, settings: Settings | None = None, progress: bool = True,
+           timeout: float | None = None, log=print) -> EvalResult:
+    """Finish a failed or interrupted run: only its failed or missing shards run again (on the
+    run's queue), then the merge combines them with the results the run already has.
+
+    Raises:
+        NasqError: no broker, or no such run (records expire after ``result_expires``).
+    """
+    from .plugins import component
+
+    submit = component("producer")
+    settings = settings or load_settings(broker_url=broker)
+    if not settings.broker_url:
+        raise NasqError("resume needs the broker the run was submitted to (--broker or NASQ_BROKER_URL); an embedded "
+                        "run's private Redis is gone with it")
+    app = make_app(settings)
+    store = RunStore(settings.backend_url, expires=settings.result_expires)
+    manifest, result, redo = submit.resume_run(app, store, run_id)
+    log(f"run {run_id}: {len(redo)} of {len(manifest['shards'])} shards resubmitted"
+        + (f" ({', '.join(redo[:5])}{' ...' if len(redo) > 5 else ''})" if redo else "; merging the stored results"))
+    _warn_if_unserved(store, manifest["queue"], log)
+    try:
+        report = _wait(result, store, manifest, progress=progress, timeout=timeout)
+    finally:
+        app.backend.remove_pending_result(result)
+    return EvalResult(run_id, report, store.predictions(run_id))
+
+
+def _warn_if_unserved(store: RunStore, queue: str, log) -> None:
+    live = [n for n, w in store.workers().items() if w["alive"] and queue in w.get("queues", [])]
+    if not live:
+        log(f"warning: no live nasq worker consumes queue {queue!r}; the run waits until one starts "
+            f"(e.g. `nasq worker --backend {queue.split('.', 1)[-1]}` with the same broker)")
 
 
 def evaluate_local(*, weights: str, data: str, labels: str | None = None, backend: str = "torch",

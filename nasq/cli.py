@@ -157,6 +157,13 @@ def _store(args):
     return RunStore(settings.backend_url, expires=settings.result_expires)
 
 
+def cmd_resume(args) -> int:
+    from .api import resume
+
+    return _finish(resume(args.run_id, broker=args.broker, progress=not args.no_progress, timeout=args.timeout,
+                          log=_log), args)
+
+
 def cmd_status(args) -> int:
     from .monitor import render_status, run_status, watch
     from .report import render
@@ -363,6 +370,17 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default: 1)")
     st.add_argument("--broker", help="Redis URL (default: $NASQ_BROKER_URL)")
     st.set_defaults(func=cmd_status)
+
+    rs = sub.add_parser("resume", help="finish a failed run: rerun only its failed or missing shards, then merge",
+                        description="Resubmit the shards of RUN_ID that failed or have no stored result (same task ids, "
+                                    "same queue) and merge them with the results the run already has.")
+    rs.add_argument("run_id", help="the run to finish")
+    rs.add_argument("--broker", help="Redis URL the run was submitted to (default: $NASQ_BROKER_URL)")
+    rs.add_argument("--json", metavar="PATH", help="write the report as JSON here")
+    rs.add_argument("--predictions", metavar="PATH", help="write per-image top-5 here (.csv or .json)")
+    rs.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
+    rs.add_argument("--no-progress", action="store_true", help="no progress bar")
+    rs.set_defaults(func=cmd_resume)
 
     rn = sub.add_parser("runs", help="list recent runs with state and headline numbers")
     rn.add_argument("--limit", type=int, default=20, help="how many (default: 20)")

@@ -133,12 +133,29 @@ def merge(manifest: dict, results: list) -> tuple[dict, dict]:
     return report, pred
 
 
+def merge_partial(manifest: dict, results: list, reason: str) -> tuple[dict, dict] | None:
+    """What a failed run did finish: the report over its ok shards, marked partial."""
+    ok, seen = [], set()
+    for r in results:
+        if isinstance(r, dict) and r.get("run_id") == manifest["run_id"] and r.get("status") == "ok" \
+                and r["shard_id"] not in seen:
+            seen.add(r["shard_id"])
+            ok.append(r)
+    if not ok:
+        return None
+    sub = {**manifest, "shards": [s for s in manifest["shards"] if s["shard_id"] in seen]}
+    report, pred = merge(sub, ok)
+    report.update(partial=True, failure=reason, shards=len(manifest["shards"]),
+                  shards_ok=len(ok), shards_not_ok=[s["shard_id"] for s in manifest["shards"] if s["shard_id"] not in seen])
+    return report, pred
+
+
 def render(report: dict) -> str:
     """The report as a readable table."""
     def pct(v):
         return "   n/a" if v is None else f"{v:6.2f}%"
 
-    lines = [f"nasq run {report['run_id']}",
+    lines = [f"nasq run {report['run_id']}" + ("  PARTIAL: " + report["failure"] if report.get("partial") else ""),
              f"  model    {report['model'].get('arch', '?')} ({report.get('num_outputs')} outputs)  "
              f"backend {report['backend']['name']}  batch {report['batch_size']}  precision {report.get('precision')}",
              f"  dataset  {report['dataset']['root']} ({report['dataset']['kind']}, fingerprint {report['dataset']['fingerprint']})",

@@ -16,6 +16,7 @@ from celery import chord, group
 
 from nasq import __version__
 from nasq.celery_app import TASK_EVAL_SHARD, TASK_MERGE, TASK_RUN_FAILED
+from nasq.errors import NasqError
 from nasq.runstate import RunStore
 
 
@@ -63,14 +64,51 @@ def submit_run(app, store: RunStore, *, dataset: dict, labels: str | None, model
     manifest = {"run_id": run_id, "created": time.time(), "nasq_version": __version__, "queue": queue,
                 "submitted_from": os.uname().nodename, **job, "shards": shards, **(extra or {})}
     store.save_manifest(manifest)
+    result = _submit_chord(app, manifest, shards, merge_id=f"{run_id}:merge")
+    store.set_state(run_id, "running", shards=len(shards))
+    return manifest, result
+
+
+def _job(manifest: dict) -> dict:
+    return {k: manifest[k] for k in ("dataset", "labels", "model", "backend", "batch_size", "precision", "output")}
+
+
+def _submit_chord(app, manifest: dict, shards: list[dict], *, merge_id: str):
+    run_id, queue, job = manifest["run_id"], manifest["queue"], _job(manifest)
     # argsrepr: what Flower shows instead of the whole job dict
     header = group(app.signature(TASK_EVAL_SHARD, args=(run_id, s["shard_id"], s["start"], s["stop"], job),
                                  queue=queue, task_id=s["task_id"],
                                  argsrepr=f"run={run_id} {s['shard_id']} images=[{s['start']},{s['stop']}) "
-                                          f"batch={batch_size} backend={backend}") for s in shards)
-    body = app.signature(TASK_MERGE, kwargs={"run_id": run_id}, queue=queue, task_id=f"{run_id}:merge",
-                         argsrepr=f"run={run_id} shards={len(shards)}")
+                                          f"batch={job['batch_size']} backend={job['backend']}") for s in shards)
+    body = app.signature(TASK_MERGE, kwargs={"run_id": run_id}, queue=queue, task_id=merge_id,
+                         argsrepr=f"run={run_id} shards={len(manifest['shards'])}")
     body.link_error(app.signature(TASK_RUN_FAILED, kwargs={"run_id": run_id}, queue=queue))
-    result = chord(header, app=app)(body)
-    store.set_state(run_id, "running", shards=len(shards))
-    return manifest, result
+    if not shards:  # nothing to redo: the merge fetches every shard's stored result itself
+        return body.clone(args=([],)).apply_async()
+    return chord(header, app=app)(body)
+
+
+def resume_run(app, store: RunStore, run_id: str):
+    """Run again only the shards of ``run_id`` that failed or have no stored result, then merge
+    them with the results the run already has. Shard task ids stay the same, so the merge finds
+    every result by id.
+
+    Returns:
+        (manifest, AsyncResult of the merge, shard ids resubmitted)
+    """
+    manifest = store.manifest(run_id)
+    if manifest is None:
+        raise NasqError(f"no run {run_id!r} in this Redis (runs expire after result_expires)")
+    redo = []
+    for s in manifest["shards"]:
+        r = app.AsyncResult(s["task_id"])
+        done = r.state == "SUCCESS" and isinstance(r.result, dict) and r.result.get("status") == "ok"
+        if not done:
+            redo.append(s)
+    if redo:
+        store.r.hdel(f"nasq:run:{run_id}:attempts", *[s["shard_id"] for s in redo])
+        store.r.hdel(f"nasq:run:{run_id}:shard_done", *[s["shard_id"] for s in redo])
+    n = store.r.incr(f"nasq:run:{run_id}:resumes")
+    store.set_state(run_id, "running", shards=len(manifest["shards"]), resumed=len(redo))
+    result = _submit_chord(app, manifest, redo, merge_id=f"{run_id}:merge-r{n}")
+    return manifest, result, [s["shard_id"] for s in redo]

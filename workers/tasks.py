@@ -23,7 +23,7 @@ from nasq.data import open_source, read_labels
 from nasq.errors import NasqError, RunError
 from nasq.evaluate import evaluate_range
 from nasq.outputs import OutputWriter
-from nasq.report import MissingShards, merge, write_run_files
+from nasq.report import MissingShards, merge, merge_partial, write_run_files
 from nasq.runstate import RunStore
 from nasq.spec import ModelRef
 from workers.app import app, settings
@@ -170,8 +170,9 @@ def merge_run(self, results: list, run_id: str, _first_try: float | None = None)
     if manifest is None:
         raise RunError(f"run {run_id}: its manifest is gone from Redis (expired or flushed)")
     results = list(results or [])
+    results += _late_results(self, manifest, results)
     try:
-        report, predictions = merge(manifest, results + _late_results(self, manifest, results))
+        report, predictions = merge(manifest, results)
     except MissingShards as e:
         waiting = set(store.running(run_id))
         pending = [sid for sid in e.missing if sid in waiting]
@@ -179,12 +180,12 @@ def merge_run(self, results: list, run_id: str, _first_try: float | None = None)
         if pending and time.time() - first_try < MERGE_WAIT_S:
             # A redelivered shard is still running: its result lands in the backend by task id.
             raise self.retry(countdown=5, kwargs={"run_id": run_id, "_first_try": first_try})
-        store.set_state(run_id, "failed", error=str(e))
+        _failed(store, manifest, results, e)
         raise
     except Retry:
         raise
     except NasqError as e:
-        store.set_state(run_id, "failed", error=str(e))
+        _failed(store, manifest, results, e)
         raise
     try:
         report["files"] = write_run_files(report, list(_shard_timings(manifest, results)),
@@ -195,6 +196,23 @@ def merge_run(self, results: list, run_id: str, _first_try: float | None = None)
     store.set_state(run_id, "done", images=report["images"], top1=report["top1"], top5=report["top5"],
                     throughput_img_s=report["throughput_img_s"])
     return report
+
+
+def _failed(store: RunStore, manifest: dict, results: list, error: Exception) -> None:
+    """Mark the run failed, keeping what it finished: a partial report (and files), so that
+    `nasq resume` reruns only the rest."""
+    run_id = manifest["run_id"]
+    hint = f"{error} -- `nasq resume {run_id}` reruns only the failed or missing shards"
+    partial = merge_partial(manifest, results, str(error))
+    if partial is not None:
+        report, predictions = partial
+        try:
+            report["files"] = write_run_files(report, list(_shard_timings(manifest, results)),
+                                              os.path.join(settings.report_dir, run_id))
+        except OSError as e:
+            log.warning("run %s: could not write the partial report files: %s", run_id, e)
+        store.save_report(run_id, report, predictions)
+    store.set_state(run_id, "failed", error=hint, partial=partial is not None)
 
 
 def _shard_timings(manifest: dict, results: list):

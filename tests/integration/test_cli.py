@@ -18,7 +18,8 @@ def run(args, env=None, timeout=300):
     return subprocess.run(nasq_cli() + args, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=e)
 
 
-@pytest.mark.parametrize("cmd", [[], ["eval"], ["demo"], ["preprocess"], ["worker"]])
+@pytest.mark.parametrize("cmd", [[], ["eval"], ["demo"], ["preprocess"], ["worker"], ["build"], ["bench"], ["sweep"],
+                                 ["status"], ["runs"], ["resume"], ["flower"]])
 def test_help_everywhere(cmd):
     p = run(cmd + ["--help"])
     assert p.returncode == 0 and "usage: nasq" in p.stdout

@@ -90,7 +90,23 @@ def test_duplicate_shard_result_ignored_and_missing_shard_named(assets, workers,
         app.signature(TASK_MERGE, args=(rest,), kwargs={"run_id": res.run_id},
                       queue=workers.queue).apply_async().get(timeout=60)
     st = store.state(res.run_id)
-    assert st["state"] == "failed" and gone["shard_id"] in st["error"]
+    assert st["state"] == "failed" and gone["shard_id"] in st["error"] and "nasq resume" in st["error"]
+    # nothing lost: what finished is kept as a partial report ...
+    partial = store.report(res.run_id)
+    assert partial["partial"] is True and partial["shards_not_ok"] == [gone["shard_id"]]
+    gone_images = len(next(r for r in results if r["shard_id"] == gone["shard_id"])["indices"])
+    assert partial["images"] == res.report["images"] - gone_images
+    assert os.path.isfile(partial["files"]["json"])
+    # ... and `resume` reruns only the missing shard, then merges everything
+    from nasq.api import resume
+
+    t_resume = time.time()
+    done = resume(res.run_id, settings=settings, progress=False, log=lambda *_: None)
+    assert not done.report.get("partial") and done.report["images"] == res.report["images"]
+    assert done.predictions["top5"] == res.predictions["top5"]
+    rerun = {sid for sid, f in store.finished(res.run_id).items() if f["finished_at"] > t_resume}
+    assert rerun == {gone["shard_id"]}  # only that shard ran again
+    assert store.state(res.run_id)["state"] == "done"
 
 
 class _Planted:
