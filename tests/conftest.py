@@ -141,3 +141,18 @@ def settings(redis_url, tmp_path):
 def nasq_cli() -> list[str]:
     exe = shutil.which("nasq", path=os.path.dirname(sys.executable))
     return [exe] if exe else [sys.executable, "-m", "nasq.cli"]
+
+
+def eval_through(url: str, assets: dict, tmp_path) -> dict:
+    """An evaluation of the test images through the broker at ``url`` with one real worker."""
+    from nasq.api import evaluate
+    from nasq.config import Settings
+
+    w = Workers(url, f"eval.via-{uuid.uuid4().hex[:6]}", str(tmp_path))
+    w.start(1)
+    try:
+        return evaluate(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4,
+                        queue=w.queue, settings=Settings(broker_url=url, report_dir=str(tmp_path / "rep")),
+                        progress=False, log=lambda *_: None).report
+    finally:
+        w.stop()

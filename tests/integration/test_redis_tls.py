@@ -2,14 +2,11 @@
 import shutil
 import subprocess
 import time
-import uuid
 
 import pytest
 import redis
 
-from conftest import Workers
-from nasq.api import evaluate
-from nasq.config import Settings
+from conftest import eval_through
 from nasq.redis_server import free_port, redis_binary
 
 pytestmark = pytest.mark.slow
@@ -44,12 +41,5 @@ def tls_redis(tmp_path):
 
 
 def test_eval_over_tls(assets, tls_redis, tmp_path):
-    w = Workers(tls_redis, f"eval.tls-{uuid.uuid4().hex[:6]}", str(tmp_path))
-    w.start(1)
-    try:
-        res = evaluate(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4,
-                       queue=w.queue, settings=Settings(broker_url=tls_redis, report_dir=str(tmp_path / "rep")),
-                       progress=False, log=lambda *_: None)
-    finally:
-        w.stop()
-    assert res.report["images"] == 20 and res.report["top1"] == 100.0
+    report = eval_through(tls_redis, assets, tmp_path)
+    assert report["images"] == 20 and report["top1"] == 100.0
