@@ -61,23 +61,22 @@ def summarize(lat_ms: list[float], bs: int) -> dict:
             "img_s": round(bs * 1000.0 / mean, 2)}
 
 
-def _is_oom(e: BaseException) -> bool:
+def is_oom(e: BaseException) -> bool:
     return "out of memory" in str(e).lower() or type(e).__name__ == "OutOfMemoryError"
 
 
-def _crops(data: str | None, n: int) -> tuple[np.ndarray, list[str]]:
-    from .data import open_source
+def _crops(src, n: int) -> np.ndarray:
+    from .data import ImageError
 
-    src = open_source(data)
     crops = []
     for i in range(min(n, len(src))):
         try:
             crops.append(src.load(i))
-        except Exception:  # noqa: BLE001 - a bench skips unusable images
+        except ImageError:  # a bench skips unusable images
             continue
     if not crops:
-        raise NasqError(f"no usable images in {data}")
-    return np.stack(crops), src.names
+        raise NasqError(f"no usable images in {src.root}")
+    return np.stack(crops)
 
 
 def run_config(name: str, backend: str, device: str, model: ModelRef, precision: str, batch_sizes: list[int], *,
@@ -90,16 +89,10 @@ def run_config(name: str, backend: str, device: str, model: ModelRef, precision:
         b.load(model, batch_size=max(batch_sizes), precision=precision, options=options)
     except Exception as e:  # noqa: BLE001
         return [{"config": name, "batch_size": bs, "error": f"{type(e).__name__}: {e}"} for bs in batch_sizes]
-    reset = None
-    if device.startswith("cuda"):
-        import torch
-
-        reset = torch.cuda.reset_peak_memory_stats
     for bs in batch_sizes:
         batch = crops[np.arange(bs) % len(crops)]
         try:
-            if reset:
-                reset()
+            b.reset_peak_memory()
             if mode == "compute":
                 lat = measure(b.compute_fn(batch), min_time_s=min_time_s)
             else:
@@ -108,7 +101,7 @@ def run_config(name: str, backend: str, device: str, model: ModelRef, precision:
             row = {"config": name, "batch_size": bs, **summarize(lat, bs),
                    "peak_mib": round(peak / 2**20, 1) if peak is not None else None}
         except Exception as e:  # noqa: BLE001
-            if not _is_oom(e):
+            if not is_oom(e):
                 raise
             row = {"config": name, "batch_size": bs, "error": "out of memory"}
             if device.startswith("cuda"):
@@ -183,7 +176,7 @@ def bench(*, backend: str = "torch", device: str = "cpu", precision: str = "fp32
     from .data import open_source
 
     source = open_source(data)
-    crops, _ = _crops(data, 64)
+    crops = _crops(source, 64)
     model = ModelRef(os.path.abspath(weights))
     rows: list[dict] = []
     configs = []

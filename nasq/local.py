@@ -24,6 +24,11 @@ def _tail(path: str, n: int = 25) -> str:
         return "    (no log)"
 
 
+def worker_name(kind: str, index: int, host: str | None = None) -> str:
+    """The Celery node name of local worker ``index`` (``kind``: a device such as "cuda:0", or "build")."""
+    return f"{kind.replace(':', '')}-{index}@{host or socket.gethostname()}"
+
+
 class LocalCluster:
     """``with LocalCluster(...) as url:`` starts Redis and the workers, waits until every worker
     answers a ping, and on exit stops everything it started."""
@@ -53,7 +58,7 @@ class LocalCluster:
         roles = [(dev, self.queue) for dev in self.devices] + [("cpu", BUILD_QUEUE)] * self.build_workers
         for i, (dev, queue) in enumerate(roles):
             kind = "build" if queue == BUILD_QUEUE else dev.replace(":", "")
-            name = f"{kind}-{i}@{host}"
+            name = worker_name(kind, i, host)
             logpath = os.path.join(self.workdir, f"worker-{i}-{kind}.log")
             cmd = [sys.executable, "-m", "workers", "--device", dev, "--backend", self.backend,
                    "--queues", queue, "--name", name, "--broker", self.url]

@@ -31,6 +31,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_redis(url: str, proc: subprocess.Popen | None = None, timeout: float = 15.0) -> bool:
+    """Ping ``url`` until it answers (True) or ``timeout`` passes or ``proc`` exits (False)."""
+    import redis
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        try:
+            if redis.Redis.from_url(url, socket_connect_timeout=0.5).ping():
+                return True
+        except redis.exceptions.ConnectionError:
+            time.sleep(0.1)
+    return False
+
+
 class RedisServer:
     """``with RedisServer(dir) as url:`` runs a throwaway Redis on 127.0.0.1 that keeps nothing on disk."""
 
@@ -47,21 +63,14 @@ class RedisServer:
             [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--maxmemory-policy", "noeviction", "--dir", self.workdir, "--protected-mode", "yes"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        import redis
-
         url = f"redis://127.0.0.1:{port}/0"
-        deadline = time.time() + 15
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise NasqError(f"the private redis-server exited at start; see {self.workdir}/redis.log")
-            try:
-                if redis.Redis.from_url(url, socket_connect_timeout=0.5).ping():
-                    self.url = url
-                    return url
-            except redis.exceptions.ConnectionError:
-                time.sleep(0.1)
+        if wait_for_redis(url, self.proc):
+            self.url = url
+            return url
+        exited = self.proc.poll() is not None
         self.stop()
-        raise NasqError("the private redis-server did not answer within 15 s")
+        raise NasqError(f"the private redis-server {'exited at start' if exited else 'did not answer within 15 s'}; "
+                        f"see {self.workdir}/redis.log")
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

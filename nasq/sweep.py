@@ -220,11 +220,10 @@ def submit_sweep(*, batch_sizes: list[int], weights: str, data: str, backend: st
         store = RunStore(settings.backend_url, expires=settings.result_expires)
         names = devices or _live_workers(app, store, backend)
     else:
-        import socket
+        from .local import worker_name
 
         local_devs = devices or ["cpu"] * (workers or 2)
-        host = socket.gethostname()
-        names = [f"{d.replace(':', '')}-{i}@{host}" for i, d in enumerate(local_devs)]  # as LocalCluster names them
+        names = [worker_name(d, i) for i, d in enumerate(local_devs)]  # the names LocalCluster gives them
     ident = {"mode": mode, "backend": backend, "precision": precision, "batch_sizes": sorted(set(batch_sizes)),
              "workers": sorted(names), "weights": cached_sha256(weights, os.path.join(settings.artifact_dir, ".digests.json")),
              "dataset": source.fingerprint, "images": images, "labels": labels, "min_time_s": min_time_s}

@@ -77,12 +77,14 @@ class DeviceTask(Task):
     _runner_key = None
     _sources: dict = {}
     _labels: dict = {}
+
     @property
     def store(self) -> RunStore:
         return _store()
 
     def backend_for(self, name: str, model: ModelRef, batch_size: int, precision: str):
-        key = (name, model.weights, model.num_outputs, precision)
+        # the mtime: a checkpoint rewritten in place is loaded again
+        key = (name, model.weights, os.path.getmtime(model.weights), model.num_outputs, precision)
         if DeviceTask._runner_key != key:
             if DeviceTask._runner is not None:
                 DeviceTask._runner.close()
@@ -249,12 +251,10 @@ def run_failed(request, exc, traceback, run_id: str | None = None) -> None:
 def sweep_point(self, point: dict) -> dict:
     """One sweep point on this worker's device: timed compute (bench) or an evaluation (eval).
     The row is written to the sweep's folder (the durable record) and returned."""
-    import json
-
     import numpy as np
 
-    from nasq.bench import measure, summarize
-    from nasq.report import accuracy
+    from nasq.bench import is_oom, measure, summarize
+    from nasq.report import accuracy, write_json
     from nasq.sweep import point_file
 
     bs = point["batch_size"]
@@ -265,6 +265,7 @@ def sweep_point(self, point: dict) -> dict:
     b = None
     try:
         b = self.backend_for(point["backend"], ModelRef(point["weights"]), bs, point["precision"])
+        b.reset_peak_memory()
         source = self.source_for({"root": point["data"], "fingerprint": point["dataset_fingerprint"]})
         n = min(len(source), point.get("images") or len(source))
         if point["mode"] == "bench":
@@ -282,17 +283,15 @@ def sweep_point(self, point: dict) -> dict:
         peak = b.peak_memory_bytes()
         row["peak_mib"] = round(peak / 2**20, 1) if peak is not None else None
     except Exception as e:  # noqa: BLE001 - an OOM (or any failure) is a row, not a crash
-        oom = "out of memory" in str(e).lower() or type(e).__name__ == "OutOfMemoryError"
-        row["error"] = "out of memory" if oom else f"{type(e).__name__}: {e}"
-        if oom:
-            DeviceTask._runner, DeviceTask._runner_key = None, None  # drop the model: free the device
+        row["error"] = "out of memory" if is_oom(e) else f"{type(e).__name__}: {e}"
+        if is_oom(e) and DeviceTask._runner is not None:  # drop the model: free the device
+            DeviceTask._runner.close()
+            DeviceTask._runner, DeviceTask._runner_key = None, None
     if b is not None:
         row.update(versions=b.versions(), device_name=b.describe_device(),
                    model_sha256=b.model_info.get("sha256") or b.model_info.get("artifact_key"))
     row["finished_at"] = time.time()
     path = point_file(point["folder"], point["point_id"])
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(row, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_json(row, path)
     return row

@@ -48,8 +48,11 @@ class Backend(ABC):
         return lambda: self.predict_u8(batch)
 
     def peak_memory_bytes(self) -> int | None:
-        """Peak device memory since load, where the runtime can tell."""
+        """Peak device memory since load or the last ``reset_peak_memory``, where the runtime can tell."""
         return None
+
+    def reset_peak_memory(self) -> None:
+        """Start a new peak-memory measurement (per batch size, per sweep point)."""
 
     @abstractmethod
     def versions(self) -> dict[str, str]:

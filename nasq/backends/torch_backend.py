@@ -220,6 +220,17 @@ class TorchBackend(Backend):
 
         return torch.cuda.max_memory_allocated(self._dev) if self._dev.type == "cuda" else None
 
+    def reset_peak_memory(self) -> None:
+        import torch
+
+        if self._dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self._dev)
+
     def close(self) -> None:
         self._net = None
         self._graphs = {}
+        self._pinned = {}
+        if getattr(self, "_dev", None) is not None and self._dev.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()

@@ -1,12 +1,11 @@
 """A password-protected Redis works end to end (broker, results, run records)."""
 import subprocess
-import time
 
 import pytest
 import redis
 
 from conftest import eval_through
-from nasq.redis_server import free_port, redis_binary
+from nasq.redis_server import free_port, redis_binary, wait_for_redis
 
 pytestmark = pytest.mark.slow
 
@@ -18,13 +17,7 @@ def test_eval_through_a_password_protected_redis(assets, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"redis://:s3cret%20pass@127.0.0.1:{port}/0"
     try:
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            try:
-                redis.Redis.from_url(url).ping()
-                break
-            except redis.exceptions.ConnectionError:
-                time.sleep(0.1)
+        assert wait_for_redis(url, proc), "the password-protected redis-server did not start"
         with pytest.raises(redis.exceptions.AuthenticationError):
             redis.Redis(port=port).get("x")  # closed without the password
         report = eval_through(url, assets, tmp_path)

@@ -1,13 +1,11 @@
 """rediss:// (TLS) works end to end: broker, result backend, run records."""
 import shutil
 import subprocess
-import time
 
 import pytest
-import redis
 
 from conftest import eval_through
-from nasq.redis_server import free_port, redis_binary
+from nasq.redis_server import free_port, redis_binary, wait_for_redis
 
 pytestmark = pytest.mark.slow
 
@@ -26,15 +24,8 @@ def tls_redis(tmp_path):
                              "--tls-auth-clients", "no", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"rediss://127.0.0.1:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={cert}"
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        try:
-            redis.Redis.from_url(url).ping()
-            break
-        except redis.exceptions.ConnectionError:
-            if proc.poll() is not None:
-                pytest.fail(f"this redis-server cannot serve TLS: {proc.stdout.read().decode()[-500:]}")
-            time.sleep(0.1)
+    if not wait_for_redis(url, proc):
+        pytest.fail(f"this redis-server cannot serve TLS: {proc.stdout.read().decode()[-500:] if proc.poll() is not None else 'no answer'}")
     yield url
     proc.terminate()
     proc.wait(10)
