@@ -47,12 +47,11 @@ def main() -> None:
     import torch
 
     from nasq import backends
-    from nasq.api import evaluate
-    from nasq.build.client import build
+    from nasq.api import build, evaluate
     from nasq.config import load_settings
     from nasq.data import open_source
     from nasq.demo import prepare
-    from nasq.spec import ModelRef
+    from nasq.model.spec import ModelRef
 
     paths = prepare(args.workdir, args.images, arch="large", batch_size=4, log=print)
     settings = load_settings()

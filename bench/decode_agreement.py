@@ -3,13 +3,14 @@ differences, on the CPU. Usage: python bench/decode_agreement.py CHECKPOINT DATA
 import numpy as np
 from nasq import backends
 from nasq.data import open_source, read_labels
-from nasq.evaluate import evaluate_range
-from nasq.spec import ModelRef
+from nasq.config import BackendOptions
+from nasq.inference.evaluate import evaluate_range
+from nasq.model.spec import ModelRef
 import sys
 ck, data, lab = sys.argv[1:4]
 src = open_source(data); labels = read_labels(lab) if lab != "-" else None
 a = backends.create("torch", "cpu"); a.load(ModelRef(ck), batch_size=4)
-b = backends.create("torch", "cpu"); b.load(ModelRef(ck), batch_size=4, options={"device_decode": True})
+b = backends.create("torch", "cpu"); b.load(ModelRef(ck), batch_size=4, options=BackendOptions(device_decode=True))
 ra = evaluate_range(src, a, 0, len(src), batch_size=4, labels=labels)
 rb = evaluate_range(src, b, 0, len(src), batch_size=4, labels=labels)
 print("errors", [e["name"][-10:] for e in ra["errors"]], [e["name"][-10:] for e in rb["errors"]])

@@ -20,12 +20,13 @@ def main() -> None:
     ap.add_argument("--arch", default="large")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--precisions", default="fp16,bf16")
-    ap.add_argument("--options", default='{"cuda_graphs": true}', help="JSON options for the fast path")
+    ap.add_argument("--options", default='{"cuda_graphs": true}', help="JSON BackendOptions fields for the fast path")
     args = ap.parse_args()
     from nasq import backends
     from nasq.data import open_source
     from nasq.demo import prepare
-    from nasq.spec import ModelRef
+    from nasq.config import BackendOptions
+    from nasq.model.spec import ModelRef
 
     t0 = time.time()
     work = os.path.expanduser(f"~/.cache/nasq/acc-{args.arch}-{args.images}")
@@ -34,14 +35,14 @@ def main() -> None:
     src = open_source(paths["data"])
     crops = np.stack([src.load(i) for i in range(len(src))])
 
-    def logits(precision, options):
+    def logits(options):
         b = backends.create("torch", args.device)
-        b.load(ModelRef(paths["weights"]), batch_size=args.batch_size, precision=precision, options=options)
+        b.load(ModelRef(paths["weights"]), batch_size=args.batch_size, options=options)
         out = np.concatenate([b.predict_u8(crops[i:i + args.batch_size]) for i in range(0, len(crops), args.batch_size)])
         b.close()
         return out
 
-    ref = logits("fp32", {"compile": "none", "cuda_graphs": False, "fold_bn": False, "channels_last": False})
+    ref = logits(BackendOptions(precision="fp32", fold_bn=False, channels_last=False))
     r5 = np.argsort(-ref, 1)[:, :5]
     # Labels = the fp32 reference's top-1, for `nasq eval --precision fp16` on the same images.
     with open(os.path.join(work, "val_label.txt"), "w") as f:
@@ -49,7 +50,7 @@ def main() -> None:
     print(f"labels written to {work}/val_label.txt; weights {paths['weights']}", flush=True)
     results = {"images": len(crops), "arch": args.arch}
     for prec in args.precisions.split(","):
-        got = logits(prec, json.loads(args.options))
+        got = logits(BackendOptions(precision=prec, **json.loads(args.options)))
         g5 = np.argsort(-got, 1)[:, :5]
         top1 = float(np.mean(r5[:, 0] == g5[:, 0]))
         top5 = float(np.mean([len(set(a) & set(b)) / 5 for a, b in zip(r5, g5)]))

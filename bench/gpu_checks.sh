@@ -38,7 +38,7 @@ timeout 80 $PY bench/gpu_accuracy.py --images $IMAGES --arch $ARCH --device $DEV
   --precisions $([ $DEV = cpu ] && echo fp32 || echo fp16,bf16)
 step "nasq eval with a $PREC worker (embedded: private Redis + one worker per GPU)"
 ACC=~/.cache/nasq/acc-$ARCH-$IMAGES
-NASQ_TORCH_CUDA_GRAPHS=$([ $DEV = cpu ] && echo 0 || echo 1) timeout 60 $PY -m nasq.cli eval --weights $ACC/nasnetalarge-random-$ARCH.pth \
+timeout 60 $PY -m nasq.cli eval $([ $DEV = cpu ] || echo --cuda-graphs) --weights $ACC/nasnetalarge-random-$ARCH.pth \
   --data $ACC/val --labels $ACC/val_label.txt --precision $PREC --batch-size 64 --device $([ $DEV = cpu ] && echo cpu || echo cuda) \
   --no-progress --json "$OUT/eval.json"
 echo; echo "=== done $(date +%T); files in $OUT"

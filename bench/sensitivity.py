@@ -5,9 +5,9 @@ Usage: python bench/sensitivity.py ARCH N_IMAGES SCALES     e.g.  tiny 64 1.0,0.
 """
 import sys, numpy as np, torch, os
 from nasq.demo import make_images, _features
-from nasq.model import build_model
+from nasq.model.checkpoint import build_model
 from nasq.data import preprocess_u8, normalize_u8
-from nasq.spec import ARCHS
+from nasq.model.spec import ARCHS
 arch = sys.argv[1]; n = int(sys.argv[2])
 folder = f"/tmp/chaos-{arch}"; names = make_images(folder, n, seed=5) if not os.path.isdir(folder) else sorted(os.listdir(folder))
 crops = np.stack([preprocess_u8(os.path.join(folder, x)) for x in names])

@@ -1,4 +1,4 @@
-"""The Python API. Keyword-only functions that return dataclasses; the CLI maps flags onto them.
+"""The Python API: keyword-only functions that return dataclasses; the CLI maps flags onto them.
 
 Example::
 
@@ -6,34 +6,62 @@ Example::
     result = evaluate(weights="nasnetalarge-a1897284.pth", data="/data/imagenet/val",
                       labels="/data/imagenet/val_label.txt", batch_size=8)
     print(result.report["top1"], result.report["throughput_img_s"])
+
+Every check of the user's input (weights, data, labels, precision) happens here, before a
+Redis or a worker starts; the queue layer (``nasq.queue``) does the rest.
 """
 from __future__ import annotations
 
 import os
-import sys
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import backends
-from .celery_app import eval_queue, make_app
-from .config import Settings, load_settings
-from .data import Source, find_labels, open_source, read_labels, stem
-from .errors import DatasetError, NasqError, RunError
-from .report import render
-from .runstate import RunStore
-from .spec import ModelRef
-from .sweep import SweepHandle, submit_sweep  # noqa: F401  (part of the API; defined in nasq.sweep)
+from .artifacts.spec import make_spec
+from .artifacts.store import ArtifactStore, BuildResult
+from .config import BackendOptions, Settings, load_settings
+from .data.labels import find_labels, read_labels, stem
+from .data.sources import Source, open_source
+from .errors import DatasetError, NasqError
+from .model.spec import ModelRef
+from .perf.bench import BenchResult
+from .perf.sweep import sweep_folder, point_file, read_rows, sweep_id
+from .queue.app import BUILD_QUEUE, eval_queue
+from .queue.local import WorkerSpec, cpu_threads, local_devices, worker_name
+from .queue.messages import DatasetRef, EvalJob, OutputSpec, SweepPoint, auto_shard_size, make_manifest
+from .queue.session import Progress, Session
+from .results.report import render
+from .results.sweeps import render_markdown, write_report
+
+__all__ = ["BenchResult", "BuildResult", "EvalResult", "RunHandle", "SweepHandle", "SweepReport", "bench", "build",
+           "evaluate", "evaluate_local", "resume", "submit_evaluation", "submit_sweep"]
 
 
-@dataclass
-class EvalResult:
-    run_id: str
-    report: dict
-    predictions: dict | None
+# ------------------------------------------------------------------------------ checks
 
-    @property
-    def table(self) -> str:
-        return render(self.report)
+def check_precision(backend: str, precision: str | None) -> None:
+    """Refuse a precision the backend does not have, naming the valid ones."""
+    valid = backends.precisions(backend)
+    if precision is not None and precision not in valid:
+        raise NasqError(f"backend {backend} runs precision {', '.join(valid)}, not {precision!r}")
+
+
+def check_weights(weights: str, backend: str) -> str:
+    """Check the weights here, before anything is queued: a checkpoint is read (md5 for the
+    seed's file, key layout, head size); a built model must suit the backend."""
+    from .model.checkpoint import infer_arch, read_checkpoint
+
+    cls = backends.backend_class(backend)
+    weights = os.path.abspath(weights)
+    if not os.path.exists(weights):
+        raise NasqError(f"weights {weights!r} do not exist")
+    if weights.endswith((".pth", ".pt")):
+        infer_arch(read_checkpoint(weights))
+        if ".pth" not in cls.artifact_suffixes and not needs_build(weights, backend):
+            raise NasqError(f"backend {backend} runs a compiled model ({', '.join(cls.artifact_suffixes)}), "
+                            f"not a checkpoint: build one with `nasq build` and pass it as --weights")
+    elif not (weights.endswith(cls.artifact_suffixes) or os.path.isfile(os.path.join(weights, "meta.json"))):
+        raise NasqError(f"backend {backend} cannot run {weights!r}; it takes {', '.join(cls.artifact_suffixes)}")
+    return weights
 
 
 def _labels_for(source: Source, data: str, labels: str | None) -> str | None:
@@ -47,90 +75,186 @@ def _labels_for(source: Source, data: str, labels: str | None) -> str | None:
     return os.path.abspath(path)
 
 
-def check_weights(weights: str, backend: str) -> str:
-    """Check the weights here, before anything is queued: a checkpoint is read (md5 for the
-    seed's file, key layout, head size); a built model must suit the backend."""
-    from .model import infer_arch, read_checkpoint
-
-    cls = backends.backend_class(backend)
-    weights = os.path.abspath(weights)
-    if not os.path.exists(weights):
-        raise NasqError(f"weights {weights!r} do not exist")
-    if weights.endswith((".pth", ".pt")):
-        infer_arch(read_checkpoint(weights))
-        if ".pth" not in cls.artifact_suffixes and backend != "onnxruntime":
-            raise NasqError(f"backend {backend} runs a compiled model ({', '.join(cls.artifact_suffixes)}), "
-                            f"not a checkpoint: build one with `nasq build` and pass it as --weights")
-    elif not (weights.endswith(cls.artifact_suffixes) or os.path.isfile(os.path.join(weights, "meta.json"))):
-        raise NasqError(f"backend {backend} cannot run {weights!r}; it takes {', '.join(cls.artifact_suffixes)}")
-    return weights
-
-
 def needs_build(weights: str, backend: str) -> bool:
     return backend == "onnxruntime" and weights.endswith((".pth", ".pt"))
 
 
-def prepare_model(*, weights: str, backend: str, num_outputs: int | None, settings: Settings, app=None,
-                  log=print) -> ModelRef:
+# ------------------------------------------------------------------------------ builds
+
+def build(*, weights: str, target: str = "onnx", batch_size: int | None = None, gears: list[int] | None = None,
+          opset: int | None = None, soc_version: str | None = None, num_outputs: int | None = None,
+          tolerance: float = 1e-4, accept_tolerance: bool = False, broker: str | None = None,
+          settings: Settings | None = None, session: Session | None = None, timeout: float | None = None,
+          log=print) -> BuildResult:
+    """Build (or reuse) a verified model artifact on the build queue.
+
+    Args:
+        target: "onnx" (exported, simplified, checked, verified), "ort" (+ ONNX Runtime offline
+            optimization), "om" (+ ATC for ``soc_version``), "trt" (+ TensorRT engine).
+        batch_size: a fixed batch size (None: dynamic batch); ``gears``: ATC dynamic batch gears.
+        opset: ONNX opset (default 17; 11 for om, as ATC accepted in the seed).
+        tolerance: max |logit difference| / max |logit| allowed at each step.
+        accept_tolerance: keep an artifact that misses the tolerance (a shape mismatch stays fatal).
+        session: where to build (default: the configured broker, else a private Redis and build
+            worker for the duration of the call).
+
+    Returns:
+        BuildResult: artifact directory, key, metadata (verification numbers, commands, timings).
+    """
+    settings = session.settings if session is not None else settings or load_settings(broker_url=broker)
+    spec = make_spec(weights=weights, target=target, cache_dir=settings.artifact_dir, num_outputs=num_outputs,
+                     opset=opset, batch_size=batch_size, gears=gears, soc_version=soc_version,
+                     tolerance=tolerance, accept_tolerance=accept_tolerance)
+    artifacts = ArtifactStore(settings.artifact_dir)
+    hit = artifacts.result(spec.key)
+    if hit is not None:
+        return hit
+    if session is not None:
+        return _build(session, spec, artifacts, timeout=timeout, log=log)
+    with Session.open(settings, workers=[WorkerSpec(queues=(BUILD_QUEUE,))], log=log) as s:
+        if s.cluster is None:
+            s.require_consumer(BUILD_QUEUE, "start one with `nasq worker --queues build` (it needs the weights and "
+                                            "the artifact directory at the same paths as here)")
+        return _build(s, spec, artifacts, timeout=timeout, log=log)
+
+
+def _build(session: Session, spec, artifacts: ArtifactStore, *, timeout: float | None, log) -> BuildResult:
+    def one(s) -> dict:
+        return session.wait(session.submit_build(s), label=f"build {s.key}", timeout=timeout, log=log,
+                            poll=lambda: Progress(status=session.store.build_status(s.key) or "queued"))
+
+    if spec.target != "onnx" and artifacts.get(spec.onnx_key) is None:
+        one(spec.onnx_spec())
+    state = one(spec)
+    return BuildResult(spec.key, artifacts.path(spec.key), state["meta"], state["cached"])
+
+
+def cached_build(*, weights: str, target: str, num_outputs: int | None = None, settings: Settings) -> BuildResult | None:
+    """The artifact if it is already built (no build, no broker needed)."""
+    spec = make_spec(weights=weights, target=target, cache_dir=settings.artifact_dir, num_outputs=num_outputs)
+    return ArtifactStore(settings.artifact_dir).result(spec.key)
+
+
+def prepare_model(*, weights: str, backend: str, num_outputs: int | None, settings: Settings,
+                  session: Session | None = None, log=print) -> ModelRef:
     """What workers load: the checkpoint itself, or (onnxruntime) the verified ORT artifact,
     built once on the build queue and reused."""
     if not needs_build(weights, backend):
         return ModelRef(weights=weights, num_outputs=num_outputs)
-    from .build.client import build
-
-    res = build(weights=weights, target="ort", num_outputs=num_outputs, settings=settings, app=app, log=log)
+    res = build(weights=weights, target="ort", num_outputs=num_outputs, settings=settings, session=session, log=log)
     log(f"onnxruntime artifact {res.key} ({'cache hit' if res.cached else 'built'}): {res.path}")
     return ModelRef(weights=res.path, num_outputs=num_outputs,
                     options={"provenance": {**(res.meta.get("model") or {}), "artifact_key": res.key}})
 
 
-def _wait(result, store: RunStore, manifest: dict, *, progress: bool, timeout: float | None, cluster=None) -> dict:
-    run_id = manifest["run_id"]
-    total = manifest["dataset"]["images"]
-    bar = None
-    interactive = progress and sys.stderr.isatty()
-    if interactive:
-        from tqdm import tqdm
+# ------------------------------------------------------------------------------ evaluations
 
-        bar = tqdm(total=total, unit="img", desc=f"run {run_id}", file=sys.stderr, dynamic_ncols=True)
-    t0 = last_line = time.time()
-    try:
-        while not result.ready():
-            if cluster is not None:
-                cluster.check()
+@dataclass
+class EvalResult:
+    run_id: str
+    report: dict
+    predictions: dict | None
+
+    @property
+    def table(self) -> str:
+        return render(self.report)
+
+
+@dataclass
+class RunHandle:
+    """A submitted evaluation: ``wait()`` follows it to its report."""
+
+    run_id: str
+    manifest: dict
+    result: object
+    session: Session
+
+    def wait(self, *, progress: bool = True, timeout: float | None = None, log=print) -> EvalResult:
+        store, run_id, total = self.session.store, self.run_id, self.manifest["dataset"]["images"]
+
+        def poll() -> Progress:
             st = store.state(run_id) or {}
-            if st.get("state") == "failed":
-                raise RunError(st.get("error", f"run {run_id} failed"))
-            if timeout and time.time() - t0 > timeout:
-                raise RunError(f"run {run_id} did not finish within {timeout:.0f} s; it goes on on the workers")
-            done = min(total, store.images_done(run_id))
-            if bar is not None:
-                bar.n = done
-                bar.refresh()
-            elif progress and time.time() - last_line >= 10:
-                last_line = time.time()
-                print(f"run {run_id}: {done}/{total} images, {done / (last_line - t0):.1f} img/s", file=sys.stderr)
-            time.sleep(0.5)
-        if bar is not None:
-            bar.n = total
-            bar.refresh()
-    finally:
-        if bar is not None:
-            bar.close()
-    try:
-        return result.get(propagate=True, disable_sync_subtasks=False)
-    except NasqError:
-        raise
-    except Exception as e:  # a task error comes back re-raised from its serialized form
-        raise RunError(f"run {run_id} failed: {e}") from None
+            failed = st.get("error", f"run {run_id} failed") if st.get("state") == "failed" else None
+            return Progress(done=min(total, store.images_done(run_id)), failed=failed)
+
+        report = self.session.wait(self.result, label=f"run {run_id}", poll=poll, total=total, timeout=timeout,
+                                   progress=progress, log=log)
+        return EvalResult(run_id, report, store.predictions(run_id))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """An evaluation checked and ready to submit."""
+
+    weights: str
+    source: Source
+    labels: str | None
+    backend: str
+    batch_size: int
+    precision: str | None
+    num_outputs: int | None
+    output: OutputSpec | None
+
+
+def _plan(*, weights, data, labels, backend, batch_size, precision, num_outputs, output_dir, outfmt) -> _Plan:
+    check_precision(backend, precision)
+    source = open_source(data)
+    output = OutputSpec(os.path.abspath(output_dir), outfmt.upper()) if output_dir else None
+    return _Plan(weights=check_weights(weights, backend), source=source, labels=_labels_for(source, data, labels),
+                 backend=backend, batch_size=batch_size, precision=precision, num_outputs=num_outputs, output=output)
+
+
+def _submit(session: Session, plan: _Plan, *, queue: str, shard_size: int | None, workers: int | None,
+            log) -> RunHandle:
+    model = prepare_model(weights=plan.weights, backend=plan.backend, num_outputs=plan.num_outputs,
+                          settings=session.settings, session=session, log=log)
+    job = EvalJob(dataset=DatasetRef(**plan.source.describe()), labels=plan.labels, model=model, backend=plan.backend,
+                  batch_size=plan.batch_size, precision=plan.precision, output=plan.output)
+    size = shard_size or auto_shard_size(len(plan.source), workers, plan.batch_size)
+    manifest = make_manifest(job, shard_size=size, queue=queue)
+    run_id = manifest["run_id"]
+    session.store.save_manifest(manifest)
+    result = session.submit_run(manifest)
+    session.store.set_state(run_id, "running", shards=len(manifest["shards"]))
+    log(f"run {run_id}: {len(plan.source)} images in {len(manifest['shards'])} shards "
+        f"of <= {manifest['shards'][0]['stop'] if manifest['shards'] else 0} on queue {queue}")
+    if session.cluster is None:
+        _warn_if_unserved(session, queue, log)
+    return RunHandle(run_id, manifest, result, session)
+
+
+def _warn_if_unserved(session: Session, queue: str, log) -> None:
+    if not session.live_workers(queue):
+        log(f"warning: no live nasq worker consumes queue {queue!r}; the run waits until one starts "
+            f"(e.g. `nasq worker --backend {queue.split('.', 1)[-1]}` with the same broker)")
+
+
+def submit_evaluation(*, weights: str, data: str, labels: str | None = None, backend: str = "torch",
+                      batch_size: int = 8, shard_size: int | None = None, num_outputs: int | None = None,
+                      precision: str | None = None, queue: str | None = None, output_dir: str | None = None,
+                      outfmt: str = "NPY", broker: str | None = None, settings: Settings | None = None,
+                      log=print) -> RunHandle:
+    """Queue an evaluation on a running deployment and return at once (what ``python -m producer``
+    does). ``RunHandle.wait()`` follows it; ``nasq status RUN_ID`` too, from any machine.
+
+    Raises:
+        NasqError: no broker configured, or bad weights, data, labels or precision.
+    """
+    settings = settings or load_settings(broker_url=broker)
+    if not settings.broker_url:
+        raise NasqError("no broker: pass --broker redis://HOST:6379/0 or set NASQ_BROKER_URL")
+    plan = _plan(weights=weights, data=data, labels=labels, backend=backend, batch_size=batch_size,
+                 precision=precision, num_outputs=num_outputs, output_dir=output_dir, outfmt=outfmt)
+    return _submit(Session(settings), plan, queue=queue or eval_queue(backend), shard_size=shard_size, workers=None,
+                   log=log)
 
 
 def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str = "torch",
              device: str = "auto", workers: int | None = None, batch_size: int = 8,
              shard_size: int | None = None, num_outputs: int | None = None, precision: str | None = None,
-             broker: str | None = None, queue: str | None = None, output_dir: str | None = None,
-             outfmt: str = "NPY", progress: bool = True, timeout: float | None = None,
-             settings: Settings | None = None, log=print) -> EvalResult:
+             compile: str | None = None, cuda_graphs: bool = False, broker: str | None = None,
+             queue: str | None = None, output_dir: str | None = None, outfmt: str = "NPY", progress: bool = True,
+             timeout: float | None = None, settings: Settings | None = None, log=print) -> EvalResult:
     """Evaluate a checkpoint (or built model) on a dataset folder across workers.
 
     With no broker configured, starts a private Redis and one local worker per device
@@ -142,98 +266,63 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
         data: JPEG folder, .bin folder or u8 shard folder.
         labels: val_label.txt (default: one beside or inside ``data``; none: no accuracy).
         num_outputs: None keeps the checkpoint's head; 1000 drops the background class.
+        compile, cuda_graphs: embedded runs: options of the local workers.
         output_dir, outfmt: also write full logits per image in ais_bench's layout.
 
     Returns:
         EvalResult with the report (see README, "The report") and per-image predictions.
 
     Raises:
-        NasqError: bad weights, data or labels (before anything is queued); RunError if the
-            run fails (missing or failed shards, lost local workers).
+        NasqError: bad weights, data, labels or precision (before anything starts); RunError if
+            the run fails (missing or failed shards, lost local workers).
     """
-    from .plugins import component
-
-    submit = component("producer")
     settings = settings or load_settings(broker_url=broker)
-    source = open_source(data)
-    labels_path = _labels_for(source, data, labels)
-    weights = check_weights(weights, backend)
+    plan = _plan(weights=weights, data=data, labels=labels, backend=backend, batch_size=batch_size,
+                 precision=precision, num_outputs=num_outputs, output_dir=output_dir, outfmt=outfmt)
     queue = queue or eval_queue(backend)
-    output = {"dir": os.path.abspath(output_dir), "fmt": outfmt.upper()} if output_dir else None
-
-    def run(app_settings: Settings, n_workers: int | None, cluster=None) -> EvalResult:
-        app = make_app(app_settings)
-        model = prepare_model(weights=weights, backend=backend, num_outputs=num_outputs, settings=app_settings,
-                              app=app if cluster is not None else None, log=log)
-        store = RunStore(app_settings.backend_url, expires=app_settings.result_expires)
-        size = shard_size or submit.auto_shard_size(len(source), n_workers, batch_size)
-        manifest, result = submit.submit_run(app, store, dataset=source.describe(), labels=labels_path,
-                                             model=model.to_dict(), backend=backend, batch_size=batch_size,
-                                             precision=precision, shard_size=size, queue=queue, output=output)
-        log(f"run {manifest['run_id']}: {len(source)} images in {len(manifest['shards'])} shards "
-            f"of <= {manifest['shards'][0]['stop'] if manifest['shards'] else 0} on queue {queue}")
-        if cluster is None:
-            _warn_if_unserved(store, queue, log)
-        try:
-            report = _wait(result, store, manifest, progress=progress, timeout=timeout, cluster=cluster)
-        finally:
-            # Drop the result subscription now: an embedded Redis is about to stop.
-            app.backend.remove_pending_result(result)
-        return EvalResult(manifest["run_id"], report, store.predictions(manifest["run_id"]))
-
-    if settings.broker_url:
-        return run(settings, workers)
-    from .devices import local_devices
-    from .local import LocalCluster
-
-    devices = local_devices(backend, device, workers)
-    threads = max(1, (os.cpu_count() or 1) // len(devices)) if devices[0] == "cpu" else None
-    workdir = os.path.join(settings.work_dir, time.strftime("%Y%m%d-%H%M%S-") + str(os.getpid()))
-    build_workers = 0
-    if needs_build(weights, backend):
-        from .build.client import cached
-
-        build_workers = 0 if cached(weights=weights, target="ort", num_outputs=num_outputs, settings=settings) else 1
-    cluster = LocalCluster(devices=devices, backend=backend, queue=queue, workdir=workdir, precision=precision,
-                           threads=threads, build_workers=build_workers, settings=settings, log=log)
-    with cluster as url:
-        local = Settings(**{**settings.__dict__, "broker_url": url, "result_backend": None})
-        return run(local, len(devices), cluster=cluster)
+    local = None
+    if not settings.broker_url:
+        devices = local_devices(backend, device, workers)
+        threads = cpu_threads(devices)
+        local = [WorkerSpec(device=d, backend=backend, queues=(queue,), precision=precision, threads=threads,
+                            compile=compile, cuda_graphs=cuda_graphs) for d in devices]
+        if needs_build(plan.weights, backend) and not cached_build(weights=plan.weights, target="ort",
+                                                                   num_outputs=num_outputs, settings=settings):
+            local.append(WorkerSpec(queues=(BUILD_QUEUE,)))
+        workers = len(devices)
+    with Session.open(settings, workers=local, log=log) as session:
+        handle = _submit(session, plan, queue=queue, shard_size=shard_size, workers=workers, log=log)
+        return handle.wait(progress=progress, timeout=timeout, log=log)
 
 
 def resume(run_id: str, *, broker: str | None = None, settings: Settings | None = None, progress: bool = True,
            timeout: float | None = None, log=print) -> EvalResult:
     """Finish a failed or interrupted run: only its failed or missing shards run again (on the
-    run's queue), then the merge combines them with the results the run already has.
+    run's queue, with the same task ids), then the merge combines them with the results the
+    run already has.
 
     Raises:
         NasqError: no broker, or no such run (records expire after ``result_expires``).
     """
-    from .plugins import component
-
-    submit = component("producer")
     settings = settings or load_settings(broker_url=broker)
     if not settings.broker_url:
         raise NasqError("resume needs the broker the run was submitted to (--broker or NASQ_BROKER_URL); an embedded "
                         "run's private Redis is gone with it")
-    app = make_app(settings)
-    store = RunStore(settings.backend_url, expires=settings.result_expires)
-    manifest, result, redo = submit.resume_run(app, store, run_id)
+    session = Session(settings)
+    store = session.store
+    manifest = store.manifest(run_id)
+    if manifest is None:
+        raise NasqError(f"no run {run_id!r} in this Redis (runs expire after result_expires)")
+    redo = [s for s in manifest["shards"] if (session.result_of(s["task_id"]) or {}).get("status") != "ok"]
+    store.reset_shards(run_id, [s["shard_id"] for s in redo])
+    n = store.next_resume(run_id)
+    store.set_state(run_id, "running", shards=len(manifest["shards"]), resumed=len(redo))
+    result = session.submit_run(manifest, redo, merge_id=f"{run_id}:merge-r{n}")
+    ids = [s["shard_id"] for s in redo]
     log(f"run {run_id}: {len(redo)} of {len(manifest['shards'])} shards resubmitted"
-        + (f" ({', '.join(redo[:5])}{' ...' if len(redo) > 5 else ''})" if redo else "; merging the stored results"))
-    _warn_if_unserved(store, manifest["queue"], log)
-    try:
-        report = _wait(result, store, manifest, progress=progress, timeout=timeout)
-    finally:
-        app.backend.remove_pending_result(result)
-    return EvalResult(run_id, report, store.predictions(run_id))
-
-
-def _warn_if_unserved(store: RunStore, queue: str, log) -> None:
-    live = [n for n, w in store.workers().items() if w["alive"] and queue in w.get("queues", [])]
-    if not live:
-        log(f"warning: no live nasq worker consumes queue {queue!r}; the run waits until one starts "
-            f"(e.g. `nasq worker --backend {queue.split('.', 1)[-1]}` with the same broker)")
+        + (f" ({', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''})" if ids else "; merging the stored results"))
+    _warn_if_unserved(session, manifest["queue"], log)
+    return RunHandle(run_id, manifest, result, session).wait(progress=progress, timeout=timeout, log=log)
 
 
 def evaluate_local(*, weights: str, data: str, labels: str | None = None, backend: str = "torch",
@@ -243,18 +332,169 @@ def evaluate_local(*, weights: str, data: str, labels: str | None = None, backen
 
     Returns the per-image predictions in the same form as ``EvalResult.predictions``.
     """
-    from .evaluate import evaluate_range
+    from .inference.evaluate import evaluate_range
 
     settings = settings or load_settings()
-    source = open_source(data)
-    labels_path = _labels_for(source, data, labels)
-    model = prepare_model(weights=check_weights(weights, backend), backend=backend, num_outputs=num_outputs,
-                          settings=settings, log=lambda *_: None)
+    plan = _plan(weights=weights, data=data, labels=labels, backend=backend, batch_size=batch_size,
+                 precision=precision, num_outputs=num_outputs, output_dir=None, outfmt="NPY")
+    model = prepare_model(weights=plan.weights, backend=backend, num_outputs=num_outputs, settings=settings,
+                          log=lambda *_: None)
     b = backends.create(backend, device)
-    b.load(model, batch_size=batch_size, precision=precision)
+    b.load(model, batch_size=batch_size, options=BackendOptions(precision=precision))
     try:
-        out = evaluate_range(source, b, 0, len(source), batch_size=batch_size,
-                             labels=read_labels(labels_path) if labels_path else None)
+        out = evaluate_range(plan.source, b, 0, len(plan.source), batch_size=batch_size,
+                             labels=read_labels(plan.labels) if plan.labels else None)
     finally:
         b.close()
     return {k: out[k] for k in ("names", "indices", "labels", "top5", "scores")} | {"errors": out["errors"]}
+
+
+# ------------------------------------------------------------------------------ benchmarks
+
+def bench(*, backend: str = "torch", device: str = "cpu", precision: str = "fp32", compile: str = "none",
+          cuda_graphs: bool = False, device_decode: bool = False, batch_sizes: list[int], mode: str = "compute",
+          weights: str | None = None, data: str | None = None, arch: str = "large", baseline: bool = True,
+          min_time_s: float = 2.0, settings: Settings | None = None, log=print) -> BenchResult:
+    """``nasq bench``: one backend configuration plus eager baselines, in this process.
+    A backend that runs a built model (onnxruntime) gets the verified artifact, built once.
+    See ``nasq.perf.bench.bench``."""
+    from .demo import prepare
+    from .perf.bench import bench as run_bench
+
+    check_precision(backend, precision)
+    options = BackendOptions(precision=precision, compile=compile, cuda_graphs=cuda_graphs, device_decode=device_decode)
+    workdir = os.path.expanduser(f"~/.cache/nasq/bench-{arch}")
+    if weights is None or data is None:
+        demo = prepare(workdir, 32, arch=arch, batch_size=8, log=log)
+        weights, data = weights or demo["weights"], data or demo["data"]
+    target = None
+    if backend != "torch":
+        target = prepare_model(weights=os.path.abspath(weights), backend=backend, num_outputs=None,
+                               settings=settings or load_settings(), log=log)
+    return run_bench(backend=backend, device=device, options=options, batch_sizes=batch_sizes, mode=mode,
+                     weights=weights, target=target, data=data, arch=arch, baseline=baseline, min_time_s=min_time_s,
+                     workdir=workdir, log=log)
+
+
+# ------------------------------------------------------------------------------ sweeps
+
+@dataclass
+class SweepReport:
+    rows: list[dict]
+    files: dict = field(default_factory=dict)
+
+    @property
+    def markdown(self) -> str:
+        return render_markdown(self.rows)
+
+
+class SweepHandle:
+    """A submitted sweep: ``status()``, ``wait()``, ``report()``; ``close()`` stops a private cluster."""
+
+    def __init__(self, sweep_id: str, folder: str, points: list[SweepPoint], *, session: Session | None = None,
+                 result=None, reused: int = 0):
+        self.sweep_id, self.folder, self.points = sweep_id, folder, points
+        self.session, self.result, self.reused = session, result, reused
+
+    @property
+    def cluster(self):
+        return self.session.cluster if self.session is not None else None
+
+    def status(self) -> dict:
+        rows = read_rows(self.folder, [p.point_id for p in self.points])
+        done = {r["point_id"] for r in rows}
+        return {"sweep_id": self.sweep_id, "total": len(self.points), "done": len(rows),
+                "errors": sum(1 for r in rows if r.get("error")), "reused": self.reused,
+                "pending": [p.point_id for p in self.points if p.point_id not in done]}
+
+    def wait(self, timeout: float | None = None, *, progress: bool = False, log=print) -> dict:
+        """Until every point has its row; a private cluster stops once they all have."""
+        if self.result is not None:
+            try:
+                self.session.wait(self.result, label=self.sweep_id, total=len(self.points), unit="points",
+                                  timeout=timeout, progress=progress, log=log,
+                                  poll=lambda: Progress(done=self.reused + self.result.completed_count()))
+            finally:
+                if self.status()["done"] == len(self.points):
+                    self.close()
+        return self.status()
+
+    def report(self, out_dir: str | None = None) -> SweepReport:
+        """Rows of the finished points, written as JSON, CSV, Markdown and two PNG plots."""
+        rows = read_rows(self.folder, [p.point_id for p in self.points])
+        return SweepReport(rows, write_report(rows, out_dir or self.folder))
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+
+
+def submit_sweep(*, batch_sizes: list[int], weights: str, data: str, backend: str = "torch", precision: str = "fp32",
+                 devices: list[str] | None = None, workers: int | None = None, mode: str = "bench",
+                 labels: str | None = None, images: int | None = None, min_time_s: float = 2.0,
+                 broker: str | None = None, settings: Settings | None = None, log=print) -> SweepHandle:
+    """Queue a batch-size sweep and return at once.
+
+    Args:
+        batch_sizes: the points, per device.
+        devices: worker names to run on (default: every live worker of ``backend``). Without a
+            broker: local devices ("cpu", "cuda:0", ...); ``workers`` CPU workers by default 2.
+        mode: "bench" (compute latency/throughput, ``min_time_s`` per point) or "eval" (the
+            dataset, or its first ``images``, evaluated: throughput plus top-1/top-5).
+
+    Returns:
+        SweepHandle. Points already measured by an identical sweep are reused, not rerun; a
+        point that runs out of memory becomes an error row.
+    """
+    from .files import cached_sha256, write_json
+
+    if mode not in SweepPoint.MODES:
+        raise NasqError(f"mode must be one of {', '.join(SweepPoint.MODES)}, not {mode!r}")
+    if not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise NasqError("batch_sizes must be positive integers")
+    check_precision(backend, precision)
+    settings = settings or load_settings(broker_url=broker)
+    source = open_source(data)
+    if mode == "eval":
+        labels = labels or find_labels(data)
+    weights = check_weights(weights, backend)
+    session = None
+    if settings.broker_url:
+        session = Session(settings)
+        names = devices or _live_workers(session, backend)
+    else:
+        local_devs = devices or ["cpu"] * (workers or 2)
+        names = [worker_name(d, i) for i, d in enumerate(local_devs)]
+    definition = {"mode": mode, "backend": backend, "precision": precision, "batch_sizes": sorted(set(batch_sizes)),
+                  "workers": sorted(names), "dataset": source.fingerprint, "images": images, "labels": labels,
+                  "weights": cached_sha256(weights, os.path.join(settings.artifact_dir, ".digests.json")),
+                  "min_time_s": min_time_s}
+    sid = sweep_id(definition)
+    folder = sweep_folder(settings.report_dir, sid)
+    write_json(definition | {"weights_path": weights, "data": source.root}, os.path.join(folder, "sweep_spec.json"))
+    points = [SweepPoint(sweep_id=sid, point_id=f"{name}|bs{bs}", folder=folder, worker=name, batch_size=bs, mode=mode,
+                         backend=backend, precision=precision, weights=weights, data=source.root,
+                         dataset_fingerprint=source.fingerprint, labels=labels, images=images, min_time_s=min_time_s)
+              for name in names for bs in definition["batch_sizes"]]
+    todo = [p for p in points if not os.path.isfile(point_file(folder, p.point_id))]
+    reused = len(points) - len(todo)
+    result = None
+    if todo:
+        if session is None:  # no broker: local workers for the duration of the sweep
+            threads = cpu_threads(local_devs)
+            session = Session.open(settings, log=log, workers=[
+                WorkerSpec(device=d, backend=backend, queues=(eval_queue(backend),), name=n, precision=precision,
+                           threads=threads) for d, n in zip(local_devs, names)])
+        result = session.submit_sweep(todo)
+    log(f"{sid}: {len(points)} points on {len(names)} device(s), {reused} already done, {len(todo)} queued; "
+        f"results in {folder}")
+    return SweepHandle(sid, folder, points, session=session, result=result, reused=reused)
+
+
+def _live_workers(session: Session, backend: str) -> list[str]:
+    names = [n for n, info in session.store.workers().items()
+             if info["alive"] and info.get("backend") == backend and eval_queue(backend) in info.get("queues", [])]
+    if not names:
+        raise NasqError(f"no live worker runs backend {backend}: start some with `nasq worker --backend {backend}`, "
+                        "or submit without a broker to use local workers")
+    return sorted(names)

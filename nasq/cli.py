@@ -1,7 +1,14 @@
-"""The ``nasq`` command: a thin adapter from flags to ``nasq.api`` and friends."""
+"""The ``nasq`` command: a thin adapter from flags to ``nasq.api``.
+
+Each subcommand is a pair: ``_<name>_args(parser)`` declares its flags (choices come from the
+registries: backends, precisions, compile modes, build targets) and ``cmd_<name>(args)`` maps
+them onto one API call and prints the result. Bad flags end in one line and exit status 2.
+"""
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import os
 import sys
@@ -9,67 +16,148 @@ import sys
 from .errors import NasqError
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage block: the error is what the user needs
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _write_predictions(pred: dict, path: str) -> None:
-    if path.endswith(".json"):
-        with open(path, "w") as f:
-            json.dump(pred, f)
-        return
-    import csv
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image", "label"] + [f"top{k}" for k in range(1, 6)] + [f"logit{k}" for k in range(1, 6)])
-        for name, label, ids, scores in zip(pred["names"], pred["labels"], pred["top5"], pred["scores"]):
-            w.writerow([name, "" if label is None else label, *ids, *scores])
+
+def _settings(args):
+    from .config import load_settings
+
+    return load_settings(broker_url=getattr(args, "broker", None))
+
+
+def _store(args):
+    from .queue.store import RunStore
+
+    settings = _settings(args)
+    if not settings.broker_url:
+        raise NasqError("no broker: pass --broker redis://HOST:6379/0 or set NASQ_BROKER_URL (the runs of an embedded "
+                        "`nasq eval` live in its private Redis and end with it)")
+    return RunStore(settings.backend_url, expires=settings.result_expires)
+
+
+# ------------------------------------------------------------------------------ shared flags
+
+def _backend_flags(p, *, precision_default: str | None = "fp32") -> None:
+    from . import backends
+
+    p.add_argument("--backend", default="torch", choices=backends.names(), help="inference runtime (default: torch)")
+    default_text = precision_default or "the worker's"
+    p.add_argument("--precision", default=precision_default, choices=backends.precisions(),
+                   help=f"fp16/bf16 take the CUDA fast path (default: {default_text})")
+
+
+def _torch_flags(p) -> None:
+    from . import backends
+
+    p.add_argument("--compile", default="none", choices=backends.compile_modes(),
+                   help="torch backend: torch.compile mode (default: none)")
+    p.add_argument("--cuda-graphs", action="store_true", help="torch backend: replay a CUDA graph per batch size")
+
+
+def _report_flags(p) -> None:
+    p.add_argument("--json", metavar="PATH", help="also write the report as JSON here")
+    p.add_argument("--predictions", metavar="PATH", help="write per-image top-5 here (.csv or .json)")
+    p.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _finish(result, args) -> int:
+    from .files import atomic_write, write_json
+
     print(result.table)
     for kind, path in (result.report.get("files") or {}).items():
         _log(f"run report ({kind}): {path}")
     if args.json:
-        from .report import write_json
-
         write_json(result.report, args.json)
         _log(f"report written to {args.json}")
-    if getattr(args, "predictions", None) and result.predictions is not None:
-        _write_predictions(result.predictions, args.predictions)
+    pred = result.predictions
+    if getattr(args, "predictions", None) and pred is not None:
+        if args.predictions.endswith(".json"):
+            write_json(pred, args.predictions, indent=None)
+        else:
+            out = io.StringIO()
+            w = csv.writer(out)
+            w.writerow(["image", "label"] + [f"top{k}" for k in range(1, 6)] + [f"logit{k}" for k in range(1, 6)])
+            for name, label, ids, scores in zip(pred["names"], pred["labels"], pred["top5"], pred["scores"]):
+                w.writerow([name, "" if label is None else label, *ids, *scores])
+            atomic_write(args.predictions, out.getvalue())
         _log(f"per-image predictions written to {args.predictions}")
     return 0
+
+
+# ------------------------------------------------------------------------------ eval
+
+def _eval_args(p) -> None:
+    p.add_argument("--weights", required=True, help="Cadene-format checkpoint (.pth) or a built model for the backend")
+    p.add_argument("--data", required=True, help="folder of JPEGs, of .bin files, or of u8 shards")
+    p.add_argument("--labels", help="val_label.txt (default: one in or beside --data; none: no accuracy)")
+    _backend_flags(p, precision_default=None)
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    p.add_argument("--device", default="auto",
+                   help="embedded runs: auto, cpu, cuda or a list like cuda:0,cuda:1 (default: auto)")
+    p.add_argument("--workers", type=int, help="embedded runs: number of local workers (default: one per device)")
+    _torch_flags(p)
+    p.add_argument("--shard-size", type=int, help="images per shard task (default: a few shards per worker, <= 1000)")
+    p.add_argument("--num-outputs", type=int, choices=(1001, 1000),
+                   help="1001 keeps the background class (as the seed's ONNX), 1000 drops it (default: the checkpoint's)")
+    p.add_argument("--broker", help="Redis URL of a running nasq deployment (default: $NASQ_BROKER_URL; none: embedded)")
+    p.add_argument("--queue", help="evaluation queue (default: eval.<backend>)")
+    p.add_argument("--output", metavar="DIR", help="also write every image's logits in ais_bench's layout (shared storage)")
+    p.add_argument("--outfmt", default="NPY", choices=("NPY", "TXT", "BIN"), help="format for --output (default: NPY)")
+    _report_flags(p)
 
 
 def cmd_eval(args) -> int:
     from .api import evaluate
 
-    result = evaluate(weights=args.weights, data=args.data, labels=args.labels, backend=args.backend,
-                      device=args.device, workers=args.workers, batch_size=args.batch_size,
-                      shard_size=args.shard_size, num_outputs=args.num_outputs, precision=args.precision,
-                      broker=args.broker, queue=args.queue, output_dir=args.output, outfmt=args.outfmt,
-                      progress=not args.no_progress, timeout=args.timeout, log=_log)
-    return _finish(result, args)
+    return _finish(evaluate(weights=args.weights, data=args.data, labels=args.labels, backend=args.backend,
+                            device=args.device, workers=args.workers, batch_size=args.batch_size,
+                            shard_size=args.shard_size, num_outputs=args.num_outputs, precision=args.precision,
+                            compile=None if args.compile == "none" else args.compile, cuda_graphs=args.cuda_graphs,
+                            broker=args.broker, queue=args.queue, output_dir=args.output, outfmt=args.outfmt,
+                            progress=not args.no_progress, timeout=args.timeout, log=_log), args)
+
+
+# ------------------------------------------------------------------------------ demo
+
+def _demo_args(p) -> None:
+    p.add_argument("--images", type=int, default=64, help="number of images (default: 64)")
+    p.add_argument("--workers", type=int, default=2, help="local CPU workers (default: 2)")
+    p.add_argument("--workdir", help="keep images, labels and checkpoint here (default: a temporary folder, removed)")
+    p.add_argument("--arch", default="large", choices=("large", "tiny"), help="model size (default: large = NASNet-A Large)")
+    p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"), help="inference runtime (default: torch)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    p.add_argument("--json", metavar="PATH", help="also write the report as JSON here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def cmd_demo(args) -> int:
+    import shutil
+    import tempfile
+
     from .api import evaluate
-    from .config import load_settings
+    from .config import redact
     from .demo import prepare
 
-    workdir = args.workdir
-    if workdir is None:
-        import tempfile
-
-        workdir = tempfile.mkdtemp(prefix="nasq-demo-")
+    workdir = args.workdir or tempfile.mkdtemp(prefix="nasq-demo-")
     _log("nasq demo: the checkpoint has RANDOM weights (BatchNorm calibrated on generated images); "
          "accuracy below only shows the pipeline is correct, not how good NASNet-Large is.")
     paths = prepare(workdir, args.images, arch=args.arch, batch_size=args.batch_size, log=_log)
-    settings = load_settings()
+    settings = _settings(args)
     if settings.broker_url:
-        from .config import redact
-
         _log(f"note: using the broker {redact(settings.broker_url)} from the environment/config; unset NASQ_BROKER_URL "
              "for a self-contained demo")
     result = evaluate(weights=paths["weights"], data=paths["data"], labels=paths["labels"], backend=args.backend,
@@ -77,8 +165,6 @@ def cmd_demo(args) -> int:
                       progress=not args.no_progress, settings=settings, log=_log)
     rc = _finish(result, args)
     if args.workdir is None:
-        import shutil
-
         shutil.rmtree(workdir, ignore_errors=True)
     else:
         _log(f"images, labels and checkpoint kept in {workdir}")
@@ -86,8 +172,20 @@ def cmd_demo(args) -> int:
     return rc
 
 
+# ------------------------------------------------------------------------------ preprocess
+
+def _preprocess_args(p) -> None:
+    p.add_argument("src", help="folder of JPEG images")
+    p.add_argument("dst", help="output folder")
+    p.add_argument("--format", default="u8", choices=("bin", "u8"),
+                   help="bin: one float32 .bin per image (ais_bench input); u8: compact uint8 shards (default)")
+    p.add_argument("--workers", type=int, help="processes (default: all cores)")
+    p.add_argument("--shard-size", type=int, default=256, help="images per u8 shard (default: 256)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def cmd_preprocess(args) -> int:
-    from .preprocess import preprocess
+    from .data.preprocess import preprocess
 
     res = preprocess(args.src, args.dst, fmt=args.format, workers=args.workers, shard_size=args.shard_size,
                      progress=not args.no_progress)
@@ -98,75 +196,91 @@ def cmd_preprocess(args) -> int:
     return 0
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+# ------------------------------------------------------------------------------ build
+
+def _build_args(p) -> None:
+    from .artifacts.spec import TARGETS
+
+    p.add_argument("--weights", required=True, help="Cadene-format checkpoint (.pth)")
+    p.add_argument("--target", default="ort", choices=TARGETS,
+                   help="onnx: verified ONNX; ort: + ONNX Runtime optimization; om: + Ascend ATC; trt: + TensorRT "
+                        "(default: ort)")
+    p.add_argument("--batch-size", type=_int_list,
+                   help="fixed batch size(s), comma-separated: one artifact each (default: dynamic batch)")
+    p.add_argument("--gears", type=_int_list, help="om: dynamic batch gears for ATC's --dynamic_batch_size, e.g. 1,4,8,16")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: 17; 11 for --target om, as ATC accepted in the seed)")
+    p.add_argument("--soc-version", help="om: the chip, e.g. Ascend310P3 (see `npu-smi info`)")
+    p.add_argument("--num-outputs", type=int, choices=(1001, 1000),
+                   help="1000 drops the background class (default: the checkpoint's)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max |logit diff| / max |logit| per step (default: 1e-4)")
+    p.add_argument("--accept-tolerance", action="store_true", help="keep an artifact that misses the tolerance")
+    p.add_argument("--broker", help="Redis URL of a deployment with a build worker (default: $NASQ_BROKER_URL; none: private)")
+    p.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
+    p.add_argument("--json", metavar="PATH", help="write the artifact metadata here")
 
 
 def cmd_build(args) -> int:
-    from .build.client import build
+    from .api import build
+    from .files import write_json
 
-    sizes = args.batch_size or [None]
-    if args.gears:
-        sizes = [None]
     results = []
-    for bs in sizes:
+    for bs in ([None] if args.gears else args.batch_size or [None]):
         res = build(weights=args.weights, target=args.target, batch_size=bs, gears=args.gears, opset=args.opset,
                     soc_version=args.soc_version, num_outputs=args.num_outputs, tolerance=args.tolerance,
                     accept_tolerance=args.accept_tolerance, broker=args.broker, timeout=args.timeout, log=_log)
-        print(res.table)
-        print()
+        print(res.table + "\n")
         results.append({"key": res.key, "path": res.path, "cached": res.cached, "meta": res.meta})
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results if len(results) > 1 else results[0], f, indent=2)
+        write_json(results if len(results) > 1 else results[0], args.json)
     return 0
 
 
-def cmd_bench(args) -> int:
-    from .bench import bench
+# ------------------------------------------------------------------------------ bench
 
-    options = {}
-    if args.compile:
-        options["compile"] = args.compile
-    if args.cuda_graphs:
-        options["cuda_graphs"] = True
-    if args.device_decode:
-        options["device_decode"] = True
-    res = bench(backend=args.backend, device=args.device, precision=args.precision, batch_sizes=args.batch_sizes,
+def _bench_args(p) -> None:
+    _backend_flags(p)
+    p.add_argument("--device", default="cpu", help="cpu or cuda:N (default: cpu)")
+    p.add_argument("--batch-sizes", type=_int_list, default=[1, 4, 8], help="comma-separated (default: 1,4,8)")
+    p.add_argument("--mode", default="compute", choices=("compute", "e2e"),
+                   help="compute: input already on the device; e2e: from JPEG files (decode, preprocess, transfer)")
+    p.add_argument("--weights", help="checkpoint (default: a calibrated random-weight one, made once)")
+    p.add_argument("--data", help="JPEG folder for e2e mode (default: generated images)")
+    p.add_argument("--arch", default="large", choices=("large", "tiny"), help="with the default weights (default: large)")
+    _torch_flags(p)
+    p.add_argument("--device-decode", action="store_true",
+                   help="torch backend, e2e mode: decode JPEGs on the device (nvjpeg on CUDA)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the eager baselines")
+    p.add_argument("--min-time", type=float, default=2.0, help="seconds of timed iterations per point (default: 2)")
+    p.add_argument("--json", metavar="PATH", help="write all rows and the environment here")
+
+
+def cmd_bench(args) -> int:
+    from .api import bench
+    from .files import write_json
+
+    res = bench(backend=args.backend, device=args.device, precision=args.precision, compile=args.compile,
+                cuda_graphs=args.cuda_graphs, device_decode=args.device_decode, batch_sizes=args.batch_sizes,
                 mode=args.mode, weights=args.weights, data=args.data, arch=args.arch, baseline=not args.no_baseline,
-                options=options or None, min_time_s=args.min_time, log=_log)
+                min_time_s=args.min_time, log=_log)
     print(res.table)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"env": res.env, "rows": res.rows}, f, indent=2)
+        write_json({"env": res.env, "rows": res.rows}, args.json)
         _log(f"results written to {args.json}")
     return 0
 
 
-def _store(args):
-    from .config import load_settings
-    from .runstate import RunStore
+# ------------------------------------------------------------------------------ status, runs, resume
 
-    settings = load_settings(broker_url=getattr(args, "broker", None))
-    if not settings.broker_url:
-        raise NasqError("no broker: pass --broker redis://HOST:6379/0 or set NASQ_BROKER_URL (the runs of an embedded "
-                        "`nasq eval` live in its private Redis and end with it)")
-    return RunStore(settings.backend_url, expires=settings.result_expires)
-
-
-def cmd_resume(args) -> int:
-    from .api import resume
-
-    return _finish(resume(args.run_id, broker=args.broker, progress=not args.no_progress, timeout=args.timeout,
-                          log=_log), args)
+def _status_args(p) -> None:
+    p.add_argument("run_id", nargs="?", help="the run (default: the most recent one)")
+    p.add_argument("--watch", action="store_true", help="refresh until the run ends, then print its report")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default: 1)")
+    p.add_argument("--broker", help="Redis URL (default: $NASQ_BROKER_URL)")
 
 
 def cmd_status(args) -> int:
-    from .monitor import render_status, run_status, watch
-    from .report import render
+    from .results.report import render
+    from .results.status import render_status, run_status, watch
 
     store = _store(args)
     run_id = args.run_id or next(iter(store.run_ids(1)), None)
@@ -184,15 +298,53 @@ def cmd_status(args) -> int:
     return 0 if st["state"] != "failed" else 1
 
 
+def _runs_args(p) -> None:
+    p.add_argument("--limit", type=int, default=20, help="how many (default: 20)")
+    p.add_argument("--broker", help="Redis URL (default: $NASQ_BROKER_URL)")
+
+
 def cmd_runs(args) -> int:
-    from .monitor import runs_table
+    from .results.status import runs_table
 
     print(runs_table(_store(args), args.limit))
     return 0
 
 
+def _resume_args(p) -> None:
+    p.add_argument("run_id", help="the run to finish")
+    p.add_argument("--broker", help="Redis URL the run was submitted to (default: $NASQ_BROKER_URL)")
+    _report_flags(p)
+
+
+def cmd_resume(args) -> int:
+    from .api import resume
+
+    return _finish(resume(args.run_id, broker=args.broker, progress=not args.no_progress, timeout=args.timeout,
+                          log=_log), args)
+
+
+# ------------------------------------------------------------------------------ sweep
+
+def _sweep_args(p) -> None:
+    p.add_argument("--weights", required=True, help="checkpoint (or built model for the backend)")
+    p.add_argument("--data", required=True, help="dataset folder (images for bench mode, the dataset for eval mode)")
+    p.add_argument("--batch-sizes", type=_int_list, required=True, help="comma-separated, e.g. 1,4,8,16,32,64")
+    _backend_flags(p)
+    p.add_argument("--devices", type=lambda t: [x for x in t.split(",") if x],
+                   help="worker names (with a broker; default: every live worker of the backend) or local devices "
+                        "such as cpu,cuda:0 (without one)")
+    p.add_argument("--workers", type=int, help="without a broker: local CPU workers (default: 2)")
+    p.add_argument("--mode", default="bench", choices=("bench", "eval"), help="default: bench")
+    p.add_argument("--labels", help="eval mode: val_label.txt (default: beside the data)")
+    p.add_argument("--images", type=int, help="eval mode: only the first N images")
+    p.add_argument("--min-time", type=float, default=2.0, help="bench mode: timed seconds per point (default: 2)")
+    p.add_argument("--broker", help="Redis URL (default: $NASQ_BROKER_URL; none: private local workers)")
+    p.add_argument("--out", help="write the report files here (default: the sweep's folder)")
+    p.add_argument("--no-wait", action="store_true", help="with a broker: print the sweep id and return")
+
+
 def cmd_sweep(args) -> int:
-    from .sweep import submit_sweep
+    from .api import submit_sweep
 
     handle = submit_sweep(batch_sizes=args.batch_sizes, weights=args.weights, data=args.data, backend=args.backend,
                           precision=args.precision, devices=args.devices, workers=args.workers, mode=args.mode,
@@ -204,20 +356,8 @@ def cmd_sweep(args) -> int:
             raise NasqError("--no-wait needs a broker: without one the sweep's private workers stop with this command")
         print(handle.sweep_id)
         return 0
-    import time
-
     try:
-        last = None
-        while True:
-            st = handle.status()
-            if (st["done"], st["errors"]) != last:
-                _log(f"{handle.sweep_id}: {st['done']}/{st['total']} points done, {st['errors']} error rows")
-                last = (st["done"], st["errors"])
-            if st["done"] == st["total"]:
-                break
-            if handle.cluster is not None:
-                handle.cluster.check()
-            time.sleep(0.5)
+        handle.wait(progress=True, log=_log)
     finally:
         handle.close()
     rep = handle.report(args.out)
@@ -227,10 +367,21 @@ def cmd_sweep(args) -> int:
     return 0
 
 
-def cmd_flower(args) -> int:
-    from .config import load_settings
+# ------------------------------------------------------------------------------ flower, worker
 
-    settings = load_settings(broker_url=args.broker)
+def _flower_args(p) -> None:
+    p.add_argument("--port", type=int, default=5555, help="default: 5555")
+    p.add_argument("--address", default="127.0.0.1", help="listen address (default: 127.0.0.1)")
+    p.add_argument("--basic-auth", help="user:password (default: $NASQ_FLOWER_BASIC_AUTH or $FLOWER_BASIC_AUTH)")
+    p.add_argument("--no-auth", action="store_true", help="start without authentication (anyone can revoke tasks)")
+    p.add_argument("--max-tasks", type=int, default=100000, help="tasks Flower keeps in memory (default: 100000)")
+    p.add_argument("--broker", help="Redis URL (default: $NASQ_BROKER_URL)")
+
+
+def cmd_flower(args) -> int:
+    from .config import redact
+
+    settings = _settings(args)
     if not settings.broker_url:
         raise NasqError("no broker: pass --broker redis://HOST:6379/0 or set NASQ_BROKER_URL")
     auth = args.basic_auth or os.environ.get("NASQ_FLOWER_BASIC_AUTH") or os.environ.get("FLOWER_BASIC_AUTH")
@@ -243,14 +394,12 @@ def cmd_flower(args) -> int:
     env = dict(os.environ, NASQ_BROKER_URL=settings.broker_url)
     if settings.result_backend:
         env["NASQ_RESULT_BACKEND"] = settings.result_backend
-    cmd = [sys.executable, "-m", "celery", "-A", "nasq.flower_app", "flower", f"--address={args.address}",
+    cmd = [sys.executable, "-m", "celery", "-A", "nasq.queue.flower", "flower", f"--address={args.address}",
            f"--port={args.port}", f"--max_tasks={args.max_tasks}"]
     if auth:
         cmd.append(f"--basic-auth={auth}")
     else:
         env["FLOWER_UNAUTHENTICATED_API"] = "true"  # --no-auth: the REST API is open too, as asked
-    from .config import redact
-
     _log(f"Flower on http://{args.address}:{args.port} for {redact(settings.broker_url)} "
          f"({'basic auth' if auth else 'NO AUTHENTICATION'})")
     os.execve(sys.executable, cmd, env)
@@ -262,164 +411,54 @@ def cmd_worker(argv: list[str]) -> int:
     os.execv(sys.executable, [sys.executable, "-m", "workers", *argv])
 
 
+# ------------------------------------------------------------------------------ the parser
+
+COMMANDS = [
+    ("eval", "evaluate a checkpoint on an image folder across workers",
+     "Evaluate NASNet-Large on a dataset folder. Without a broker (--broker or NASQ_BROKER_URL) nasq starts a private "
+     "Redis and one worker per device, runs, and stops them; with one, it submits to the workers already running and "
+     "waits.", _eval_args, cmd_eval),
+    ("demo", "generate images and a random-weight checkpoint, then run a full local evaluation",
+     "Self-contained demo: generated natural-looking JPEGs, a Cadene-format checkpoint with random (calibrated) "
+     "weights, labels from the fp32 reference model, and a full embedded distributed evaluation. A correct pipeline "
+     "scores ~100%% top-1.", _demo_args, cmd_demo),
+    ("preprocess", "JPEG folder -> .bin files (seed layout) or uint8 shards",
+     "Preprocess images exactly as the seed (resize 378, crop 331). Parallel, resumable.",
+     _preprocess_args, cmd_preprocess),
+    ("build", "build (or reuse) a verified model artifact on the build queue",
+     "Checkpoint -> ONNX (export, simplify, graph check) -> device artifact, each step verified against PyTorch "
+     "fp32. Built once per key (weights, options, tool versions); a repeat is a cache hit. Without a broker a "
+     "private Redis and build worker run it.", _build_args, cmd_build),
+    ("bench", "latency and throughput per batch size, with eager baselines in the same process",
+     "Benchmark a backend configuration: warm-up, enough iterations for stable numbers, min/mean/median/p99 latency, "
+     "throughput (batch * 1000 / mean ms), peak memory; plus eager fp32 (and eager fp16 on CUDA) measured in the "
+     "same process for a ratio.", _bench_args, cmd_bench),
+    ("status", "progress of a run (shards, images/s, ETA, errors, workers)",
+     "Show a run's progress from its records in Redis: any machine with the broker URL can watch. Without RUN_ID: "
+     "the latest run.", _status_args, cmd_status),
+    ("resume", "finish a failed run: rerun only its failed or missing shards, then merge",
+     "Resubmit the shards of RUN_ID that failed or have no stored result (same task ids, same queue) and merge them "
+     "with the results the run already has.", _resume_args, cmd_resume),
+    ("runs", "list recent runs with state and headline numbers", None, _runs_args, cmd_runs),
+    ("sweep", "queue a batch-size sweep on the workers and report it (tables and plots)",
+     "One queued job per (device, batch size): bench mode times compute, eval mode evaluates the data (throughput "
+     "plus top-1/top-5). Points an identical sweep already measured are reused. Writes JSON, CSV, Markdown and two "
+     "PNG plots.", _sweep_args, cmd_sweep),
+    ("flower", "start Flower on the nasq broker, with authentication",
+     "Start Flower (task and worker monitoring) against the same broker, with basic auth on by default. Workers send "
+     "task events, so runs show live.", _flower_args, cmd_flower),
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__, backends
+    from . import __version__
 
-    p = argparse.ArgumentParser(prog="nasq", description="Distributed NASNet-Large evaluation on device-pinned Celery workers.")
+    p = _Parser(prog="nasq", description="Distributed NASNet-Large evaluation on device-pinned Celery workers.")
     p.add_argument("--version", action="version", version=f"nasq {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
-    def common_eval(q):
-        q.add_argument("--backend", default="torch", choices=backends.names(), help="inference runtime (default: torch)")
-        q.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
-        q.add_argument("--json", metavar="PATH", help="also write the report as JSON here")
-        q.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    e = sub.add_parser("eval", help="evaluate a checkpoint on an image folder across workers",
-                       description="Evaluate NASNet-Large on a dataset folder. Without a broker (--broker or "
-                                   "NASQ_BROKER_URL) nasq starts a private Redis and one worker per device, runs, and "
-                                   "stops them; with one, it submits to the workers already running and waits.")
-    e.add_argument("--weights", required=True, help="Cadene-format checkpoint (.pth) or a built model for the backend")
-    e.add_argument("--data", required=True, help="folder of JPEGs, of .bin files, or of u8 shards")
-    e.add_argument("--labels", help="val_label.txt (default: one in or beside --data; none: no accuracy)")
-    common_eval(e)
-    e.add_argument("--device", default="auto", help="embedded runs: auto, cpu, cuda or a list like cuda:0,cuda:1 (default: auto)")
-    e.add_argument("--workers", type=int, help="embedded runs: number of local workers (default: one per device)")
-    e.add_argument("--shard-size", type=int, help="images per shard task (default: a few shards per worker, <= 1000)")
-    e.add_argument("--num-outputs", type=int, choices=(1001, 1000),
-                   help="1001 keeps the background class (as the seed's ONNX), 1000 drops it (default: the checkpoint's)")
-    e.add_argument("--precision", help="fp32 (default: the worker's)")
-    e.add_argument("--broker", help="Redis URL of a running nasq deployment (default: $NASQ_BROKER_URL; none: embedded)")
-    e.add_argument("--queue", help="evaluation queue (default: eval.<backend>)")
-    e.add_argument("--predictions", metavar="PATH", help="write per-image top-5 here (.csv or .json)")
-    e.add_argument("--output", metavar="DIR", help="also write every image's logits in ais_bench's layout (shared storage)")
-    e.add_argument("--outfmt", default="NPY", choices=("NPY", "TXT", "BIN"), help="format for --output (default: NPY)")
-    e.add_argument("--timeout", type=float, help="give up waiting after this many seconds (the run goes on)")
-    e.set_defaults(func=cmd_eval)
-
-    d = sub.add_parser("demo", help="generate images and a random-weight checkpoint, then run a full local evaluation",
-                       description="Self-contained demo: generated natural-looking JPEGs, a Cadene-format checkpoint with "
-                                   "random (calibrated) weights, labels from the fp32 reference model, and a full embedded "
-                                   "distributed evaluation. A correct pipeline scores ~100%% top-1.")
-    d.add_argument("--images", type=int, default=64, help="number of images (default: 64)")
-    d.add_argument("--workers", type=int, default=2, help="local CPU workers (default: 2)")
-    d.add_argument("--workdir", help="keep images, labels and checkpoint here (default: a temporary folder, removed)")
-    d.add_argument("--arch", default="large", choices=("large", "tiny"), help="model size (default: large = NASNet-A Large)")
-    common_eval(d)
-    d.set_defaults(func=cmd_demo)
-
-    pp = sub.add_parser("preprocess", help="JPEG folder -> .bin files (seed layout) or uint8 shards",
-                        description="Preprocess images exactly as the seed (resize 378, crop 331). Parallel, resumable.")
-    pp.add_argument("src", help="folder of JPEG images")
-    pp.add_argument("dst", help="output folder")
-    pp.add_argument("--format", default="u8", choices=("bin", "u8"),
-                    help="bin: one float32 .bin per image (ais_bench input); u8: compact uint8 shards (default)")
-    pp.add_argument("--workers", type=int, help="processes (default: all cores)")
-    pp.add_argument("--shard-size", type=int, default=256, help="images per u8 shard (default: 256)")
-    pp.add_argument("--no-progress", action="store_true", help="no progress bar")
-    pp.set_defaults(func=cmd_preprocess)
-
-    b = sub.add_parser("build", help="build (or reuse) a verified model artifact on the build queue",
-                       description="Checkpoint -> ONNX (export, simplify, graph check) -> device artifact, each step "
-                                   "verified against PyTorch fp32. Built once per key (weights, options, tool versions); "
-                                   "a repeat is a cache hit. Without a broker a private Redis and build worker run it.")
-    b.add_argument("--weights", required=True, help="Cadene-format checkpoint (.pth)")
-    b.add_argument("--target", default="ort", choices=("onnx", "ort", "om", "trt"),
-                   help="onnx: verified ONNX; ort: + ONNX Runtime optimization; om: + Ascend ATC; trt: + TensorRT (default: ort)")
-    b.add_argument("--batch-size", type=_int_list, help="fixed batch size(s), comma-separated: one artifact each "
-                                                       "(default: dynamic batch)")
-    b.add_argument("--gears", type=_int_list, help="om: dynamic batch gears for ATC's --dynamic_batch_size, e.g. 1,4,8,16")
-    b.add_argument("--opset", type=int, help="ONNX opset (default: 17; 11 for --target om, as ATC accepted in the seed)")
-    b.add_argument("--soc-version", help="om: the chip, e.g. Ascend310P3 (see `npu-smi info`)")
-    b.add_argument("--num-outputs", type=int, choices=(1001, 1000), help="1000 drops the background class (default: the checkpoint's)")
-    b.add_argument("--tolerance", type=float, default=1e-4, help="max |logit diff| / max |logit| per step (default: 1e-4)")
-    b.add_argument("--accept-tolerance", action="store_true", help="keep an artifact that misses the tolerance")
-    b.add_argument("--broker", help="Redis URL of a deployment with a build worker (default: $NASQ_BROKER_URL; none: private)")
-    b.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
-    b.add_argument("--json", metavar="PATH", help="write the artifact metadata here")
-    b.set_defaults(func=cmd_build)
-
-    be = sub.add_parser("bench", help="latency and throughput per batch size, with eager baselines in the same process",
-                        description="Benchmark a backend configuration: warm-up, enough iterations for stable numbers, "
-                                    "min/mean/median/p99 latency, throughput (batch * 1000 / mean ms), peak memory; plus "
-                                    "eager fp32 (and eager fp16 on CUDA) measured in the same process for a ratio.")
-    be.add_argument("--backend", default="torch", choices=backends.names(), help="runtime (default: torch)")
-    be.add_argument("--device", default="cpu", help="cpu or cuda:N (default: cpu)")
-    be.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="default: fp32")
-    be.add_argument("--batch-sizes", type=_int_list, default=[1, 4, 8], help="comma-separated (default: 1,4,8)")
-    be.add_argument("--mode", default="compute", choices=("compute", "e2e"),
-                    help="compute: input already on the device; e2e: from JPEG files (decode, preprocess, transfer)")
-    be.add_argument("--weights", help="checkpoint (default: a calibrated random-weight one, made once)")
-    be.add_argument("--data", help="JPEG folder for e2e mode (default: generated images)")
-    be.add_argument("--arch", default="large", choices=("large", "tiny"), help="with the default weights (default: large)")
-    be.add_argument("--compile", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-                    help="torch.compile mode for the torch backend")
-    be.add_argument("--cuda-graphs", action="store_true", help="torch backend: replay a CUDA graph per batch size")
-    be.add_argument("--device-decode", action="store_true",
-                    help="torch backend, e2e mode: decode JPEGs on the device (nvjpeg on CUDA)")
-    be.add_argument("--no-baseline", action="store_true", help="skip the eager baselines")
-    be.add_argument("--min-time", type=float, default=2.0, help="seconds of timed iterations per point (default: 2)")
-    be.add_argument("--json", metavar="PATH", help="write all rows and the environment here")
-    be.set_defaults(func=cmd_bench)
-
-    st = sub.add_parser("status", help="progress of a run (shards, images/s, ETA, errors, workers)",
-                        description="Show a run's progress from its records in Redis: any machine with the broker URL "
-                                    "can watch. Without RUN_ID: the latest run.")
-    st.add_argument("run_id", nargs="?", help="the run (default: the most recent one)")
-    st.add_argument("--watch", action="store_true", help="refresh until the run ends, then print its report")
-    st.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default: 1)")
-    st.add_argument("--broker", help="Redis URL (default: $NASQ_BROKER_URL)")
-    st.set_defaults(func=cmd_status)
-
-    rs = sub.add_parser("resume", help="finish a failed run: rerun only its failed or missing shards, then merge",
-                        description="Resubmit the shards of RUN_ID that failed or have no stored result (same task ids, "
-                                    "same queue) and merge them with the results the run already has.")
-    rs.add_argument("run_id", help="the run to finish")
-    rs.add_argument("--broker", help="Redis URL the run was submitted to (default: $NASQ_BROKER_URL)")
-    rs.add_argument("--json", metavar="PATH", help="write the report as JSON here")
-    rs.add_argument("--predictions", metavar="PATH", help="write per-image top-5 here (.csv or .json)")
-    rs.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
-    rs.add_argument("--no-progress", action="store_true", help="no progress bar")
-    rs.set_defaults(func=cmd_resume)
-
-    rn = sub.add_parser("runs", help="list recent runs with state and headline numbers")
-    rn.add_argument("--limit", type=int, default=20, help="how many (default: 20)")
-    rn.add_argument("--broker", help="Redis URL (default: $NASQ_BROKER_URL)")
-    rn.set_defaults(func=cmd_runs)
-
-    sw = sub.add_parser("sweep", help="queue a batch-size sweep on the workers and report it (tables and plots)",
-                        description="One queued job per (device, batch size): bench mode times compute, eval mode "
-                                    "evaluates the data (throughput plus top-1/top-5). Points an identical sweep already "
-                                    "measured are reused. Writes JSON, CSV, Markdown and two PNG plots.")
-    sw.add_argument("--weights", required=True, help="checkpoint (or built model for the backend)")
-    sw.add_argument("--data", required=True, help="dataset folder (images for bench mode, the dataset for eval mode)")
-    sw.add_argument("--batch-sizes", type=_int_list, required=True, help="comma-separated, e.g. 1,4,8,16,32,64")
-    sw.add_argument("--backend", default="torch", choices=backends.names(), help="default: torch")
-    sw.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="default: fp32")
-    sw.add_argument("--devices", type=lambda t: [x for x in t.split(",") if x],
-                    help="worker names (with a broker; default: every live worker of the backend) or local devices "
-                         "such as cpu,cuda:0 (without one)")
-    sw.add_argument("--workers", type=int, help="without a broker: local CPU workers (default: 2)")
-    sw.add_argument("--mode", default="bench", choices=("bench", "eval"), help="default: bench")
-    sw.add_argument("--labels", help="eval mode: val_label.txt (default: beside the data)")
-    sw.add_argument("--images", type=int, help="eval mode: only the first N images")
-    sw.add_argument("--min-time", type=float, default=2.0, help="bench mode: timed seconds per point (default: 2)")
-    sw.add_argument("--broker", help="Redis URL (default: $NASQ_BROKER_URL; none: private local workers)")
-    sw.add_argument("--out", help="write the report files here (default: the sweep's folder)")
-    sw.add_argument("--no-wait", action="store_true", help="with a broker: print the sweep id and return")
-    sw.set_defaults(func=cmd_sweep)
-
-    fl = sub.add_parser("flower", help="start Flower on the nasq broker, with authentication",
-                        description="Start Flower (task and worker monitoring) against the same broker, with basic auth "
-                                    "on by default. Workers send task events, so runs show live.")
-    fl.add_argument("--port", type=int, default=5555, help="default: 5555")
-    fl.add_argument("--address", default="127.0.0.1", help="listen address (default: 127.0.0.1)")
-    fl.add_argument("--basic-auth", help="user:password (default: $NASQ_FLOWER_BASIC_AUTH or $FLOWER_BASIC_AUTH)")
-    fl.add_argument("--no-auth", action="store_true", help="start without authentication (anyone can revoke tasks)")
-    fl.add_argument("--max-tasks", type=int, default=100000, help="tasks Flower keeps in memory (default: 100000)")
-    fl.add_argument("--broker", help="Redis URL (default: $NASQ_BROKER_URL)")
-    fl.set_defaults(func=cmd_flower)
-
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, help_, description, add_args, run in COMMANDS:
+        add_args(sub.add_parser(name, help=help_, description=description or help_))
+        sub.choices[name].set_defaults(func=run)
     sub.add_parser("worker", add_help=False, help="start a Celery worker pinned to one device (see `nasq worker --help`)")
     return p
 

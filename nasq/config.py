@@ -1,8 +1,13 @@
-"""Settings, with the precedence defaults < config file < NASQ_* environment < CLI flags.
+"""Configuration: deployment ``Settings``, a worker's ``WorkerConfig`` and the
+``BackendOptions`` it hands to the backend.
 
-The config file is TOML with a ``[nasq]`` table, read from ``$NASQ_CONFIG``, else
+Settings have the precedence defaults < config file < NASQ_* environment < CLI flags. The
+config file is TOML with a ``[nasq]`` table, read from ``$NASQ_CONFIG``, else
 ``./nasq.toml``, else ``~/.config/nasq/config.toml``. Environment variables are the field
-names in upper case with a ``NASQ_`` prefix (``NASQ_BROKER_URL``).
+names in upper case with a ``NASQ_`` prefix (``NASQ_BROKER_URL``). This module is the only
+place that reads them: a worker's configuration is built once, from its flags and these
+settings, and passed explicitly from there on (``nasq worker --precision fp16`` ->
+``WorkerConfig.precision`` -> ``BackendOptions.precision`` -> ``Backend.load``).
 """
 from __future__ import annotations
 
@@ -38,6 +43,8 @@ class Settings:
     report_dir: str = dataclasses.field(default_factory=lambda: os.path.join(_cache_dir(), "reports"))
     #: logs and files of embedded runs
     work_dir: str = dataclasses.field(default_factory=lambda: os.path.join(_cache_dir(), "runs"))
+    #: how long a merge waits for a shard that is still running (a redelivered one) before failing
+    merge_wait_s: float = 900.0
 
     @property
     def backend_url(self) -> str | None:
@@ -48,11 +55,12 @@ def _coerce(name: str, value):
     ftype = {f.name: f.type for f in fields(Settings)}[name]
     if value is None or not isinstance(value, str):
         return value
-    if "int" in str(ftype):
-        try:
-            return int(value)
-        except ValueError:
-            raise NasqError(f"setting {name} must be an integer, got {value!r}") from None
+    for kind, word in ((int, "an integer"), (float, "a number")):
+        if ftype in (kind, kind.__name__):
+            try:
+                return kind(value)
+            except ValueError:
+                raise NasqError(f"setting {name} must be {word}, got {value!r}") from None
     return value
 
 
@@ -92,3 +100,65 @@ def redact(url: str | None) -> str | None:
         return url
     scheme, _, rest = url.partition("://")
     return f"{scheme}://***@{rest.split('@', 1)[1]}"
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """How a backend loads and runs the model; ``None`` leaves the backend's default.
+
+    The precision always comes with it, so nothing reaches a backend by a side channel.
+    """
+
+    precision: str = "fp32"
+    #: CPU threads for the runtime (None: its own choice)
+    threads: int | None = None
+    #: torch: torch.compile mode ("none" for eager)
+    compile: str = "none"
+    #: torch: replay a CUDA graph per batch size
+    cuda_graphs: bool = False
+    #: torch: decode JPEGs on the device
+    device_decode: bool = False
+    #: torch: fold BatchNorm / channels-last (None: on for the CUDA fp16/bf16 fast path)
+    fold_bn: bool | None = None
+    channels_last: bool | None = None
+    #: where compiled kernels are cached (torch.compile), so a restarted worker reuses them
+    cache_dir: str | None = None
+
+    def describe(self) -> dict:
+        """The options that differ from the defaults, for reports and row names."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in ("precision", "cache_dir") and getattr(self, f.name) != f.default}
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything one worker process runs with, built once by ``nasq worker`` from its flags
+    and the settings, held by the task base class and handed on explicitly."""
+
+    settings: Settings
+    #: the device as asked (cpu, cuda:N, npu:N) and as the pinned process sees it (cuda:0)
+    device: str = "cpu"
+    local_device: str = "cpu"
+    backend: str = "torch"
+    #: precision of runs that do not set one
+    precision: str = "fp32"
+    compile: str = "none"
+    cuda_graphs: bool = False
+    device_decode: bool = False
+    #: threads decoding the next batch while the device runs the current one
+    decode_threads: int = 1
+    threads: int | None = None
+    queues: tuple[str, ...] = ()
+    #: the Celery node name, unique in the deployment
+    name: str = ""
+
+    def backend_options(self, precision: str | None = None) -> BackendOptions:
+        """The options a run gets on this worker: the run's precision if it set one."""
+        return BackendOptions(precision=precision or self.precision, threads=self.threads, compile=self.compile,
+                              cuda_graphs=self.cuda_graphs, device_decode=self.device_decode,
+                              cache_dir=os.path.join(self.settings.artifact_dir, "inductor-cache"))
+
+    def describe(self) -> dict:
+        """What the worker registry shows (``nasq status``)."""
+        return {"device": self.device, "backend": self.backend, "precision": self.precision,
+                "queues": list(self.queues), **self.backend_options().describe()}

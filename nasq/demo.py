@@ -15,7 +15,8 @@ import os
 import numpy as np
 
 from .data import normalize_u8, preprocess_u8
-from .spec import ARCHS, BACKGROUND_OUTPUTS
+from .files import atomic_write, write_json
+from .model.spec import ARCHS, BACKGROUND_OUTPUTS
 
 
 def make_image(rng: np.random.Generator, width: int, height: int):
@@ -82,7 +83,7 @@ def make_checkpoint(path: str, image_folder: str, names: list[str], *, arch: str
     """
     import torch
 
-    from .model import build_model
+    from .model.checkpoint import build_model
 
     torch.manual_seed(seed)
     model = build_model(ARCHS[arch], BACKGROUND_OUTPUTS)
@@ -123,9 +124,7 @@ def make_checkpoint(path: str, image_folder: str, names: list[str], *, arch: str
         model.last_linear.weight.copy_(w)
         model.last_linear.bias.copy_(b)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(model.state_dict(), f))
     if not labels:
         return None
     # Labels from the model as saved: the head applied per evaluation batch, as model(x) does.
@@ -157,6 +156,5 @@ def prepare(workdir: str, n_images: int, *, arch: str = "large", batch_size: int
         with open(label_file, "w") as f:
             f.writelines(f"{n} {int(c)}\n" for n, c in zip(names, top1))
         log(f"{len(set(top1.tolist()))} distinct reference classes among {n_images} images")
-    with open(stamp, "w") as f:
-        json.dump(want, f)
+    write_json(want, stamp)
     return {"data": images, "weights": ckpt, "labels": label_file if labels else None}

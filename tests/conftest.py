@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 import uuid
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def repo() -> str:
+    """The repository root (commands run there, as a user would)."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +29,7 @@ def redis_url(tmp_path_factory):
         return
     except redis.exceptions.ConnectionError:
         pass
-    from nasq.redis_server import RedisServer
+    from nasq.queue.redis_server import RedisServer
 
     with RedisServer(str(tmp_path_factory.mktemp("redis"))) as private:
         yield private
@@ -57,78 +59,63 @@ def assets(tmp_path_factory):
                                   "ILSVRC2012_val_00000023.JPEG"}}
 
 
-class Workers:
-    def __init__(self, redis_url: str, queue: str, logdir: str, backend: str = "torch", env: dict | None = None):
-        self.redis_url, self.queue, self.logdir, self.backend = redis_url, queue, logdir, backend
-        self.env = env or {}
-        self.procs: list[tuple[str, subprocess.Popen, str]] = []
+@pytest.fixture(scope="session")
+def start_workers(tmp_path_factory):
+    """Start real worker processes (``python -m workers``) on a broker, each CPU worker on one
+    thread, through the library's own ``LocalCluster``: ``start_workers(url, n=2, backend=...)``.
+    Every cluster started is stopped at the end of the session (tests may stop theirs sooner)."""
+    from nasq.config import Settings
+    from nasq.queue.local import LocalCluster, WorkerSpec
 
-    def start(self, n: int) -> None:
-        env = dict(os.environ, NASQ_BROKER_URL=self.redis_url, PYTHONUNBUFFERED="1", NASQ_MERGE_WAIT_S="20",
-                   **self.env)
-        for i in range(n):
-            name = f"test{i}-{self.queue}-{uuid.uuid4().hex[:4]}@localhost"
-            log = os.path.join(self.logdir, f"worker-{self.queue}-{i}.log")
-            with open(log, "wb") as f:
-                p = subprocess.Popen([sys.executable, "-m", "workers", "--device", "cpu", "--threads", "1",
-                                      "--backend", self.backend, "--queues", self.queue, "--name", name],
-                                     stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
-            self.procs.append((name, p, log))
-        from nasq.celery_app import make_app
-        from nasq.config import Settings
+    started = []
 
-        app = make_app(Settings(broker_url=self.redis_url))
-        names = {n for n, _, _ in self.procs}
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            for name, p, log in self.procs:
-                assert p.poll() is None, f"worker {name} died:\n{open(log).read()[-3000:]}"
-            replies = app.control.ping(destination=sorted(names), timeout=1.0) or []
-            if names <= {k for r in replies for k in r}:
-                return
-        raise AssertionError("workers did not answer ping within 120 s")
+    def start(url: str, queue: str | None = None, *, n: int = 1, backend: str = "torch", settings=None,
+              env: dict | None = None) -> LocalCluster:
+        queue = queue or f"eval.test-{uuid.uuid4().hex[:8]}"
+        tag = uuid.uuid4().hex[:4]
+        specs = [WorkerSpec(device="cpu", backend=backend, queues=(queue,), threads=1,
+                            name=f"test{i}-{queue}-{tag}@localhost") for i in range(n)]
+        cluster = LocalCluster(specs, workdir=str(tmp_path_factory.mktemp("workers")), broker_url=url,
+                               settings=settings or Settings(merge_wait_s=20), env=env, ready_timeout=120,
+                               log=lambda *_: None)
+        started.append(cluster)
+        cluster.start()
+        return cluster
 
-    def log_text(self) -> str:
-        return "".join(open(log, errors="replace").read() for _, _, log in self.procs)
-
-    def stop(self) -> None:
-        for _, p, _ in self.procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for _, p, _ in self.procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+    yield start
+    for cluster in started:
+        cluster.stop()
 
 
 @pytest.fixture(scope="session")
-def workers(redis_url, tmp_path_factory):
+def workers(redis_url, start_workers):
     """Two real CPU worker processes (torch backend) on a queue of their own."""
-    w = Workers(redis_url, f"eval.test-{uuid.uuid4().hex[:8]}", str(tmp_path_factory.mktemp("logs")))
-    w.start(2)
-    yield w
-    w.stop()
-
-
-def other_db(url: str, db: int) -> str:
-    """The same Redis server, another database (isolates a queue such as `build`)."""
-    head, _, tail = url.rpartition("/")
-    return f"{head}/{db}" if tail.isdigit() else f"{url.rstrip('/')}/{db}"
+    return start_workers(redis_url, n=2)
 
 
 @pytest.fixture(scope="session")
-def build_env(redis_url, tmp_path_factory):
-    """Two real build workers (`--queues build`) on database 14 with a shared artifact directory."""
+def other_db(redis_url):
+    """``other_db(n)``: the test Redis server, database n (isolates a queue such as `build`)."""
     import redis
 
-    url = other_db(redis_url, 14)
-    redis.Redis.from_url(url).delete("build")  # stale build messages from an earlier session
+    def url_of(db: int) -> str:
+        head, _, tail = redis_url.rpartition("/")
+        url = f"{head}/{db}" if tail.isdigit() else f"{redis_url.rstrip('/')}/{db}"
+        redis.Redis.from_url(url).delete("build")  # stale build messages from an earlier session
+        return url
+
+    return url_of
+
+
+@pytest.fixture(scope="session")
+def build_env(other_db, start_workers, tmp_path_factory):
+    """Two real build workers (`--queues build`) on database 14 with a shared artifact directory."""
+    from nasq.config import Settings
+
+    url = other_db(14)
     art = str(tmp_path_factory.mktemp("artifacts"))
-    w = Workers(url, "build", str(tmp_path_factory.mktemp("buildlogs")), env={"NASQ_ARTIFACT_DIR": art})
-    w.start(2)
-    yield {"url": url, "artifact_dir": art, "workers": w}
-    w.stop()
+    w = start_workers(url, "build", n=2, settings=Settings(artifact_dir=art, merge_wait_s=20))
+    return {"url": url, "artifact_dir": art, "workers": w}
 
 
 @pytest.fixture
@@ -138,21 +125,27 @@ def settings(redis_url, tmp_path):
     return Settings(broker_url=redis_url, artifact_dir=str(tmp_path / "artifacts"), work_dir=str(tmp_path / "runs"))
 
 
+@pytest.fixture(scope="session")
 def nasq_cli() -> list[str]:
+    """The ``nasq`` command as a user runs it (the installed script)."""
     exe = shutil.which("nasq", path=os.path.dirname(sys.executable))
     return [exe] if exe else [sys.executable, "-m", "nasq.cli"]
 
 
-def eval_through(url: str, assets: dict, tmp_path) -> dict:
-    """An evaluation of the test images through the broker at ``url`` with one real worker."""
+@pytest.fixture
+def eval_through(assets, start_workers, tmp_path):
+    """``eval_through(url)``: an evaluation of the test images through the broker at ``url``
+    with one real worker; returns the report."""
     from nasq.api import evaluate
     from nasq.config import Settings
 
-    w = Workers(url, f"eval.via-{uuid.uuid4().hex[:6]}", str(tmp_path))
-    w.start(1)
-    try:
-        return evaluate(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4,
-                        queue=w.queue, settings=Settings(broker_url=url, report_dir=str(tmp_path / "rep")),
-                        progress=False, log=lambda *_: None).report
-    finally:
-        w.stop()
+    def run(url: str) -> dict:
+        w = start_workers(url)
+        try:
+            return evaluate(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4,
+                            queue=w.queue, settings=Settings(broker_url=url, report_dir=str(tmp_path / "rep")),
+                            progress=False, log=lambda *_: None).report
+        finally:
+            w.stop()
+
+    return run

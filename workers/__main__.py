@@ -1,35 +1,43 @@
 """``nasq worker`` / ``python -m workers``: a Celery worker pinned to one device.
 
 The pinning environment is set first, before anything imports torch, onnxruntime or
-Ascend's runtime. The worker runs the prefork pool with one child (the parent stays
-responsive for heartbeats and Flower; a crashed child turns into a requeue), consumes the
-backend's evaluation queue by default, sends task events, and prefetches one task.
+Ascend's runtime. Then the flags and the settings become one frozen ``WorkerConfig``, handed
+to the tasks (``workers.app.configure``). The worker runs the prefork pool with one child
+(the parent stays responsive for heartbeats and Flower; a crashed child turns into a
+requeue), consumes the backend's evaluation queue by default plus its own queue, sends task
+events, and prefetches one task.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 
 from workers import pinning
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nasq import backends
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="nasq worker",
         description="Start a Celery worker pinned to one device. It loads the model once, on its "
                     "first task, and reuses it for every shard.",
         epilog="Example: nasq worker --device cuda:0 --backend torch --broker redis://head:6379/0")
     p.add_argument("--device", default="cpu", help="cpu, cuda:N or npu:N (default: cpu)")
     p.add_argument("--backend", default="torch", choices=backends.names(), help="inference runtime (default: torch)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"),
+    p.add_argument("--precision", default="fp32", choices=backends.precisions(),
                    help="precision when a run does not set one; fp16/bf16 take the CUDA fast path (default: fp32)")
     p.add_argument("--queues", default=None,
                    help="comma-separated queues to consume (default: eval.<backend>; 'build' makes a build-only worker)")
     p.add_argument("--name", default=None, help="Celery node name (default: <device>-<pid>@<host>)")
-    p.add_argument("--compile", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    p.add_argument("--compile", default="none", choices=backends.compile_modes(),
                    help="torch backend: torch.compile mode (compiled once per process; cache in the artifact dir)")
     p.add_argument("--cuda-graphs", action="store_true", help="torch backend: replay a CUDA graph per batch size")
     p.add_argument("--device-decode", action="store_true",
@@ -44,45 +52,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        pinning.apply(args.device, args.threads)
+        local_device = pinning.apply(args.device, args.threads)
     except ValueError as e:
-        print(f"nasq worker: error: {e}", file=sys.stderr)
-        return 2
-    os.environ["NASQ_WORKER_BACKEND"] = args.backend
-    os.environ["NASQ_WORKER_PRECISION"] = args.precision
-    os.environ["NASQ_DECODE_THREADS"] = str(args.decode_threads or (1 if args.device == "cpu" else 4))
-    if args.compile:
-        os.environ["NASQ_TORCH_COMPILE"] = args.compile
-    if args.cuda_graphs:
-        os.environ["NASQ_TORCH_CUDA_GRAPHS"] = "1"
-    if args.device_decode:
-        os.environ["NASQ_TORCH_DEVICE_DECODE"] = "1"
-    if args.broker:
-        os.environ["NASQ_BROKER_URL"] = args.broker
+        parser.error(str(e))
+    from nasq import backends
+    from nasq.config import WorkerConfig, load_settings
+    from nasq.errors import NasqError
+    from nasq.queue.app import BUILD_QUEUE, eval_queue, worker_queue
 
-    from nasq.celery_app import eval_queue
-    from nasq.config import load_settings
-
-    settings = load_settings()
+    if args.precision not in backends.precisions(args.backend):
+        parser.error(f"backend {args.backend} runs precision {', '.join(backends.precisions(args.backend))}, "
+                     f"not {args.precision}")
+    try:
+        settings = load_settings(broker_url=args.broker)
+    except NasqError as e:
+        parser.error(str(e))
     if not settings.broker_url:
-        print("nasq worker: error: no broker. Pass --broker redis://HOST:6379/0 or set NASQ_BROKER_URL "
-              "(`nasq eval` without a broker starts its own private Redis and workers).", file=sys.stderr)
-        return 2
-    from workers.app import app
-
-    import socket
-
-    from nasq.celery_app import BUILD_QUEUE, worker_queue
-
+        parser.error("no broker. Pass --broker redis://HOST:6379/0 or set NASQ_BROKER_URL "
+                     "(`nasq eval` without a broker starts its own private Redis and workers)")
     name = (args.name or f"{args.device.replace(':', '')}-{os.getpid()}@%h").replace("%h", socket.gethostname())
-    queues = args.queues or eval_queue(args.backend)
-    if BUILD_QUEUE not in queues.split(","):
-        queues += "," + worker_queue(name)  # sweeps send a point to this one device
-    os.environ["NASQ_WORKER_NAME"] = name
-    os.environ["NASQ_WORKER_QUEUES"] = queues
-    worker_argv = ["worker", "--pool", "prefork", "--concurrency", "1", "--queues", queues,
+    queues = (args.queues or eval_queue(args.backend)).split(",")
+    if BUILD_QUEUE not in queues:
+        queues.append(worker_queue(name))  # sweeps send a point to this one device
+    config = WorkerConfig(settings=settings, device=args.device, local_device=local_device, backend=args.backend,
+                          precision=args.precision, compile=args.compile, cuda_graphs=args.cuda_graphs,
+                          device_decode=args.device_decode,
+                          decode_threads=args.decode_threads or (1 if args.device == "cpu" else 4),
+                          threads=args.threads, queues=tuple(queues), name=name)
+    from workers.app import app, configure
+
+    configure(config)
+    worker_argv = ["worker", "--pool", "prefork", "--concurrency", "1", "--queues", ",".join(queues),
                    "--hostname", name, "--task-events", "--prefetch-multiplier", "1",
                    "--loglevel", args.loglevel, "--without-gossip", "--without-mingle", "-O", "fair"]
     if args.logfile:

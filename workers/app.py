@@ -1,9 +1,92 @@
-"""The worker's Celery app, configured from the environment, with the tasks registered."""
-from nasq.celery_app import make_app
-from nasq.config import load_settings
+"""The worker's Celery app and the base class of its tasks.
 
-settings = load_settings()
-app = make_app(settings)
+``nasq worker`` (``workers/__main__.py``) builds one ``WorkerConfig`` from its flags and the
+settings and calls ``configure``; Celery imports the task modules when the worker starts, and
+the pool's child process inherits both. Tasks reach the configuration, the run store and what
+the process keeps loaded through ``WorkerTask``, never through the environment.
+"""
+from __future__ import annotations
 
-import workers.tasks  # noqa: E402,F401  (registers the tasks on `app`)
-import workers.build_tasks  # noqa: E402,F401
+import os
+import socket
+import time
+from typing import ClassVar
+
+from celery import Task
+from celery.signals import heartbeat_sent, worker_ready, worker_shutdown
+
+from nasq.artifacts.store import ArtifactStore
+from nasq.config import WorkerConfig
+from nasq.inference.resources import DeviceResources
+from nasq.queue.app import configure as configure_app
+from nasq.queue.app import make_app
+from nasq.queue.store import RunStore
+
+app = make_app(None, include=["workers.tasks", "workers.build_tasks"])
+
+
+class WorkerTask(Task):
+    """Base of every nasq task: the worker's configuration, its run store and loaded model."""
+
+    config: ClassVar[WorkerConfig | None] = None
+    _store: ClassVar[RunStore | None] = None
+    _resources: ClassVar[DeviceResources | None] = None
+
+    @property
+    def worker(self) -> WorkerConfig:
+        return WorkerTask.configured()
+
+    @staticmethod
+    def configured() -> WorkerConfig:
+        if WorkerTask.config is None:
+            raise RuntimeError("this worker was not configured: start it with `nasq worker` (or `python -m workers`)")
+        return WorkerTask.config
+
+    @staticmethod
+    def run_store() -> RunStore:
+        if WorkerTask._store is None:
+            s = WorkerTask.configured().settings
+            WorkerTask._store = RunStore(s.backend_url, expires=s.result_expires)
+        return WorkerTask._store
+
+    @property
+    def store(self) -> RunStore:
+        return WorkerTask.run_store()
+
+    @property
+    def resources(self) -> DeviceResources:
+        if WorkerTask._resources is None:
+            WorkerTask._resources = DeviceResources(self.worker.local_device)
+        return WorkerTask._resources
+
+    @property
+    def artifacts(self) -> ArtifactStore:
+        return ArtifactStore(self.worker.settings.artifact_dir)
+
+    def stored_result(self, task_id: str) -> dict | None:
+        """A finished task's result from the backend (a late, redelivered shard's), or None."""
+        res = self.app.AsyncResult(task_id)
+        return res.result if res.state == "SUCCESS" else None
+
+
+def configure(config: WorkerConfig) -> None:
+    """Bind the app to the configuration's broker and hand the configuration to the tasks."""
+    configure_app(app, config.settings)
+    WorkerTask.config = config
+
+
+@worker_ready.connect
+def _register(sender=None, **_):
+    c = WorkerTask.configured()
+    WorkerTask.run_store().register_worker(c.name, {**c.describe(), "host": socket.gethostname(),
+                                                    "pid": os.getpid(), "started": time.time(), "current": None})
+
+
+@heartbeat_sent.connect
+def _heartbeat(sender=None, **_):
+    WorkerTask.run_store().touch_worker(WorkerTask.configured().name)
+
+
+@worker_shutdown.connect
+def _unregister(sender=None, **_):
+    WorkerTask.run_store().unregister_worker(WorkerTask.configured().name)

@@ -32,7 +32,7 @@ def pinning_env(device: str, threads: int | None = None) -> tuple[dict[str, str]
         env["ASCEND_RT_VISIBLE_DEVICES"] = str(index)
         local = "npu:0"
     if threads:
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NASQ_THREADS"):
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = str(threads)
     return env, local
 
@@ -41,6 +41,4 @@ def apply(device: str, threads: int | None = None) -> str:
     """Pin this process; must run before torch, onnxruntime or acl are imported."""
     env, local = pinning_env(device, threads)
     os.environ.update(env)
-    os.environ["NASQ_WORKER_DEVICE"] = device
-    os.environ["NASQ_WORKER_LOCAL_DEVICE"] = local
     return local

@@ -1,6 +1,6 @@
 """Inference backends behind one small interface, chosen by name and imported lazily.
 
-A backend's life is ``Backend(device)`` -> ``load(model, batch_size=..., precision=...)``
+A backend's life is ``Backend(device)`` -> ``load(model, batch_size=..., options=BackendOptions(...))``
 -> ``predict(batch)`` many times -> ``close()``. The device is handed in, never discovered
 inside. Each runtime lives in its own module; only the chosen one is imported.
 """
@@ -40,4 +40,14 @@ def create(name: str, device: str) -> Backend:
     return backend_class(name)(device)
 
 
-__all__ = ["Backend", "backend_class", "create", "names"]
+def precisions(name: str | None = None) -> list[str]:
+    """The precisions of one backend, or of any backend (the CLI's choices)."""
+    chosen = [name] if name else names()
+    return sorted({p for n in chosen for p in backend_class(n).precisions})
+
+
+def compile_modes() -> list[str]:
+    return sorted({m for n in names() for m in backend_class(n).compile_modes}, key=lambda m: (m != "none", m))
+
+
+__all__ = ["Backend", "backend_class", "compile_modes", "create", "names", "precisions"]

@@ -19,8 +19,9 @@ import os
 
 import numpy as np
 
+from ..config import BackendOptions
 from ..errors import BackendError
-from ..spec import ModelRef
+from ..model.spec import ModelRef
 from .base import Backend
 
 
@@ -28,7 +29,8 @@ class AisBenchBackend(Backend):
     name = "ais_bench"
     artifact_suffixes = (".om",)
 
-    def load(self, model: ModelRef, *, batch_size: int, precision: str = "fp32", options: dict | None = None) -> None:
+    def load(self, model: ModelRef, *, batch_size: int, options: BackendOptions = BackendOptions()) -> None:
+        self.check_options(options)
         try:
             from ais_bench.infer.interface import InferSession
         except ImportError:

@@ -6,8 +6,10 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..data import normalize_u8
-from ..spec import ModelRef
+from ..config import BackendOptions
+from ..errors import BackendError
+from ..data.transforms import normalize_u8
+from ..model.spec import ModelRef
 
 
 class Backend(ABC):
@@ -20,6 +22,10 @@ class Backend(ABC):
     name: ClassVar[str]
     #: model artifact suffixes this backend runs (".pth" for a checkpoint)
     artifact_suffixes: ClassVar[tuple[str, ...]]
+    #: precisions it can run (the CLI's choices come from here)
+    precisions: ClassVar[tuple[str, ...]] = ("fp32",)
+    #: torch.compile modes it accepts, for the backends that compile
+    compile_modes: ClassVar[tuple[str, ...]] = ("none",)
 
     def __init__(self, device: str):
         self.device = device
@@ -31,8 +37,21 @@ class Backend(ABC):
         self.model_info: dict = {}
 
     @abstractmethod
-    def load(self, model: ModelRef, *, batch_size: int, precision: str = "fp32", options: dict | None = None) -> None:
-        """Load the model once; later calls to ``predict`` reuse it. ``options`` are runtime-specific."""
+    def load(self, model: ModelRef, *, batch_size: int, options: BackendOptions = BackendOptions()) -> None:
+        """Load the model once; later calls to ``predict`` reuse it.
+
+        Raises:
+            BackendError: a precision or option this runtime or device cannot run.
+        """
+
+    def check_options(self, options: BackendOptions) -> None:
+        """Refuse a precision or compile mode this backend does not have, naming the valid ones."""
+        if options.precision not in self.precisions:
+            raise BackendError(f"{self.name} backend: precision {options.precision!r} is not supported; "
+                               f"use one of {', '.join(self.precisions)}")
+        if options.compile not in self.compile_modes:
+            raise BackendError(f"{self.name} backend: compile mode {options.compile!r} is not one of "
+                               f"{', '.join(self.compile_modes)}")
 
     @abstractmethod
     def predict(self, batch: np.ndarray) -> np.ndarray:

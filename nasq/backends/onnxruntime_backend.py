@@ -5,8 +5,9 @@ import os
 
 import numpy as np
 
+from ..config import BackendOptions
 from ..errors import BackendError
-from ..spec import ModelRef
+from ..model.spec import ModelRef
 from .base import Backend
 
 
@@ -29,9 +30,10 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     artifact_suffixes = (".onnx", ".ort")
 
-    def load(self, model: ModelRef, *, batch_size: int, precision: str = "fp32", options: dict | None = None) -> None:
+    def load(self, model: ModelRef, *, batch_size: int, options: BackendOptions = BackendOptions()) -> None:
         import onnxruntime as ort
 
+        self.check_options(options)
         path = model.weights
         if os.path.isdir(path):  # an artifact directory from `nasq build --target ort|onnx`
             path = self._artifact_file(path)
@@ -40,13 +42,10 @@ class OnnxRuntimeBackend(Backend):
                                "`nasq build --target ort` (nasq eval does this for you)")
         if not os.path.isfile(path):
             raise BackendError(f"ONNX model {path!r} does not exist")
-        if precision != "fp32":
-            raise BackendError(f"onnxruntime backend: precision {precision!r} is not supported; use fp32")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        threads = int(os.environ.get("NASQ_THREADS", "0") or 0)
-        if threads:
-            opts.intra_op_num_threads = threads
+        if options.threads:
+            opts.intra_op_num_threads = options.threads
             opts.inter_op_num_threads = 1
         self._sess = ort.InferenceSession(path, opts, providers=_providers(self.device, ort.get_available_providers()))
         inp = self._sess.get_inputs()[0]

@@ -2,47 +2,36 @@
 
 fp32 runs the module as loaded (the reference). On CUDA, fp16 and bf16 take the fast path:
 BatchNorm folded into the convolutions, channels-last memory format, uint8 input normalized
-on the device, pinned host buffers, and optionally torch.compile (its cache kept in the
-artifact directory so a worker does not recompile on every start) and CUDA graphs per batch
-size. Options come from ``load(options=...)`` or the worker's environment
-(``NASQ_TORCH_COMPILE``, ``NASQ_TORCH_CUDA_GRAPHS``, ``NASQ_TORCH_FOLD_BN``).
+on the device, pinned host buffers, and optionally torch.compile (its cache kept in
+``BackendOptions.cache_dir`` so a worker does not recompile on every start) and CUDA graphs
+per batch size. Everything comes from the ``BackendOptions`` handed to ``load``.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
 
+from ..config import BackendOptions
 from ..errors import BackendError
-from ..spec import PREPROCESS, ModelRef
+from ..model.spec import PREPROCESS, ModelRef
 from .base import Backend
-
-PRECISIONS = ("fp32", "fp16", "bf16")
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-def _env_options() -> dict:
-    out = {}
-    if os.environ.get("NASQ_TORCH_COMPILE"):
-        out["compile"] = os.environ["NASQ_TORCH_COMPILE"]
-    for name in ("CUDA_GRAPHS", "FOLD_BN", "CHANNELS_LAST", "DEVICE_DECODE"):
-        v = os.environ.get(f"NASQ_TORCH_{name}")
-        if v is not None:
-            out[name.lower()] = v.lower() in ("1", "true", "yes", "on")
-    return out
 
 
 class TorchBackend(Backend):
     name = "torch"
     artifact_suffixes = (".pth", ".pt")
+    precisions = ("fp32", "fp16", "bf16")
+    compile_modes = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
-    def load(self, model: ModelRef, *, batch_size: int, precision: str = "fp32", options: dict | None = None) -> None:
+    def load(self, model: ModelRef, *, batch_size: int, options: BackendOptions = BackendOptions()) -> None:
         import torch
 
-        from ..model import load_model
+        from ..model.checkpoint import load_model
 
-        if precision not in PRECISIONS:
-            raise BackendError(f"torch backend: precision {precision!r} is not supported; use one of {PRECISIONS}")
+        self.check_options(options)
+        precision = options.precision
         cuda = self.device.startswith("cuda")
         if cuda and not torch.cuda.is_available():
             raise BackendError(f"torch backend: device {self.device} requested but CUDA is not available "
@@ -52,38 +41,32 @@ class TorchBackend(Backend):
         if precision != "fp32" and not cuda:
             raise BackendError(f"torch backend: {precision} runs on CUDA only; use fp32 on the CPU")
         fast = cuda and precision != "fp32"
-        opts = {"fold_bn": fast, "channels_last": fast, "compile": "none", "cuda_graphs": False,
-                "device_decode": False}
-        opts.update(_env_options())
-        opts.update(options or {})
-        if opts["compile"] not in COMPILE_MODES:
-            raise BackendError(f"torch backend: compile mode {opts['compile']!r} is not one of {COMPILE_MODES}")
+        opts = dataclasses.replace(options, fold_bn=fast if options.fold_bn is None else options.fold_bn,
+                                   channels_last=fast if options.channels_last is None else options.channels_last)
         self.options, self.precision = opts, precision
         net, info = load_model(model.weights, model.num_outputs)
-        if opts["fold_bn"]:
-            from ..fuse import fold_batchnorm
+        if opts.fold_bn:
+            from ..model.fold import fold_batchnorm
 
             fold_batchnorm(net)
         self._dev = torch.device(self.device)
         self._dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-        self._fmt = torch.channels_last if opts["channels_last"] else torch.contiguous_format
+        self._fmt = torch.channels_last if opts.channels_last else torch.contiguous_format
         net = net.to(self._dev, self._dtype).to(memory_format=self._fmt).eval()
         if cuda:
             torch.backends.cudnn.benchmark = True
-        if opts["compile"] != "none":
+        if opts.compile != "none":
             import torch._inductor.config as inductor
 
-            # Kept beside the artifacts: a restarted worker reuses compiled kernels.
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
-                os.environ.get("NASQ_ARTIFACT_DIR", os.path.expanduser("~/.cache/nasq/artifacts")), "inductor-cache"))
+            if opts.cache_dir:  # kept beside the artifacts: a restarted worker reuses compiled kernels
+                os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", opts.cache_dir)
             inductor.freezing = True  # constant-fold weights (BatchNorm folding included)
-            net = torch.compile(net, mode=None if opts["compile"] == "default" else opts["compile"], dynamic=False)
+            net = torch.compile(net, mode=None if opts.compile == "default" else opts.compile, dynamic=False)
         self._net = net
         self._graphs: dict[int, tuple] = {}
         self._pinned: dict[int, object] = {}
         self.num_outputs = info.num_outputs
-        self.model_info = {**info.to_dict(), "precision": precision,
-                           "options": {k: v for k, v in opts.items()}}
+        self.model_info = {**info.to_dict(), "precision": precision, "options": opts.describe()}
         shape = (1, 3, 1, 1)
         self._mean = torch.tensor(PREPROCESS.mean, dtype=torch.float32, device=self._dev).view(shape)
         self._std = torch.tensor(PREPROCESS.std, dtype=torch.float32, device=self._dev).view(shape)
@@ -128,14 +111,14 @@ class TorchBackend(Backend):
 
     @property
     def decodes_jpeg(self) -> bool:
-        return bool(self.options.get("device_decode"))
+        return self.options.device_decode
 
     def _resize_crop(self, img):
         """CHW uint8 on the device -> the seed's 331 crop (float 0..255): shorter side to 378 with
         antialiased bilinear (torch's antialias follows PIL's filter), rounded like PIL's uint8."""
         import torch.nn.functional as F
 
-        from ..data import resized_size
+        from ..data.transforms import resized_size
 
         h, w = img.shape[1:]
         nw, nh = resized_size(w, h, PREPROCESS.resize)
@@ -162,7 +145,7 @@ class TorchBackend(Backend):
 
         with torch.inference_mode():
             x = self._to_device_u8(batch)
-            if self.options["cuda_graphs"] and self._dev.type == "cuda":
+            if self.options.cuda_graphs and self._dev.type == "cuda":
                 g, static, out = self._graph(len(batch))
                 static.copy_(x)
                 g.replay()
@@ -184,7 +167,7 @@ class TorchBackend(Backend):
 
         x = torch.from_numpy(np.ascontiguousarray(batch)).to(self._dev)
         sync = torch.cuda.synchronize if self._dev.type == "cuda" else (lambda: None)
-        if self.options["cuda_graphs"] and self._dev.type == "cuda":
+        if self.options.cuda_graphs and self._dev.type == "cuda":
             g, static, _ = self._graph(len(batch))
             static.copy_(x)
 

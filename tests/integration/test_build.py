@@ -6,14 +6,12 @@ import uuid
 
 import numpy as np
 import pytest
-import redis
 
-from conftest import Workers, other_db
-from nasq.api import evaluate, evaluate_local
-from nasq.build.client import build
-from nasq.build.spec import make_spec
-from nasq.build.steps import graph_facts
+from nasq.api import build, evaluate, evaluate_local
+from nasq.artifacts.spec import make_spec
+from nasq.artifacts.steps import graph_facts
 from nasq.config import Settings
+from nasq.queue.store import RunStore
 from nasq.errors import NasqError
 
 pytestmark = pytest.mark.slow
@@ -43,9 +41,9 @@ def test_ort_build_verified_then_cache_hit(assets, build_env):
 def test_concurrent_builds_of_one_key_export_once(assets, build_env, tmp_path):
     # a fresh key: same weights content under another opset
     s = _settings(build_env)
-    r = redis.Redis.from_url(build_env["url"])
+    store = RunStore(build_env["url"])
     key = make_spec(weights=assets["weights"], target="onnx", opset=16, cache_dir=s.artifact_dir).key
-    before = int(r.get(f"nasq:build:exports:{key}") or 0)  # Redis outlives the artifact dirs of earlier sessions
+    before = store.exports(key)  # Redis outlives the artifact dirs of earlier sessions
     results, errors = [], []
 
     def one():
@@ -63,7 +61,7 @@ def test_concurrent_builds_of_one_key_export_once(assets, build_env, tmp_path):
     assert len({r.path for r in results}) == 1
     assert sorted(r.cached for r in results) == [False, True]  # one built, the other waited and reused it
     assert results[0].key == key
-    assert int(r.get(f"nasq:build:exports:{key}")) - before == 1
+    assert store.exports(key) - before == 1
     assert not os.listdir(os.path.join(build_env["artifact_dir"], ".staging"))
 
 
@@ -74,7 +72,7 @@ def test_failed_verification_leaves_nothing(assets, build_env):
     spec = make_spec(weights=assets["weights"], target="onnx", opset=15, cache_dir=s.artifact_dir)
     assert not os.path.exists(os.path.join(s.artifact_dir, spec.key))
     assert not os.listdir(os.path.join(s.artifact_dir, ".staging"))
-    assert redis.Redis.from_url(build_env["url"]).get(f"nasq:build:lock:{spec.key}") is None
+    assert RunStore(build_env["url"]).build_lock(spec.key, "anyone").holder() is None
     kept = build(weights=assets["weights"], target="onnx", opset=15, tolerance=1e-12, accept_tolerance=True,
                  settings=s, log=lambda *_: None)
     assert not kept.cached and not all(r["ok"] for r in kept.meta["verification"])
@@ -99,19 +97,17 @@ echo fake-om > "$out.om"
 """
 
 
-def test_om_with_stub_atc_uses_the_seeds_flags(assets, redis_url, tmp_path):
+def test_om_with_stub_atc_uses_the_seeds_flags(assets, other_db, start_workers, tmp_path):
     bindir = tmp_path / "bin"
     bindir.mkdir()
     atc = bindir / "atc"
     atc.write_text(STUB_ATC)
     atc.chmod(atc.stat().st_mode | stat.S_IEXEC)
     log = tmp_path / "atc.log"
-    url = other_db(redis_url, 13)
-    redis.Redis.from_url(url).delete("build")
+    url = other_db(13)
     art = str(tmp_path / "art")
-    w = Workers(url, "build", str(tmp_path), env={"NASQ_ARTIFACT_DIR": art, "NASQ_TEST_ATC_LOG": str(log),
-                                                  "PATH": f"{bindir}:{os.environ['PATH']}"})
-    w.start(1)
+    w = start_workers(url, "build", settings=Settings(artifact_dir=art),
+                      env={"NASQ_TEST_ATC_LOG": str(log), "PATH": f"{bindir}:{os.environ['PATH']}"})
     try:
         s = Settings(broker_url=url, artifact_dir=art)
         res = build(weights=assets["weights"], target="om", soc_version="Ascend310P3", batch_size=4, settings=s,
@@ -135,12 +131,10 @@ def test_om_with_stub_atc_uses_the_seeds_flags(assets, redis_url, tmp_path):
     assert flags[1]["--input_shape"] == "image:-1,3,331,331" and flags[1]["--dynamic_batch_size"] == "1,4,8"
 
 
-def test_eval_onnxruntime_from_the_built_artifact(assets, build_env, tmp_path):
+def test_eval_onnxruntime_from_the_built_artifact(assets, build_env, start_workers):
     s = _settings(build_env)
     queue = f"eval.ort-{uuid.uuid4().hex[:6]}"
-    w = Workers(build_env["url"], queue, str(tmp_path), backend="onnxruntime",
-                env={"NASQ_ARTIFACT_DIR": build_env["artifact_dir"]})
-    w.start(2)
+    w = start_workers(build_env["url"], queue, n=2, backend="onnxruntime", settings=s)
     try:
         res = evaluate(weights=assets["weights"], data=assets["data"], labels=assets["labels"], backend="onnxruntime",
                        batch_size=4, shard_size=4, queue=queue, settings=s, progress=False, log=lambda *_: None)
@@ -157,7 +151,7 @@ def test_eval_onnxruntime_from_the_built_artifact(assets, build_env, tmp_path):
 
 
 def test_raw_export_has_consecutive_slices_and_simplify_removes_them(assets, tmp_path):
-    from nasq.build import steps
+    from nasq.artifacts import steps
 
     spec = make_spec(weights=assets["weights"], target="onnx", cache_dir=str(tmp_path))
     rows = []

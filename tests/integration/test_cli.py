@@ -6,26 +6,29 @@ import uuid
 
 import pytest
 
-from conftest import REPO, Workers, nasq_cli
-
 pytestmark = pytest.mark.slow
 
 
-def run(args, env=None, timeout=300):
-    e = dict(os.environ)
-    e.pop("NASQ_BROKER_URL", None)
-    e.update(env or {})
-    return subprocess.run(nasq_cli() + args, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=e)
+@pytest.fixture
+def run(nasq_cli, repo):
+    """``run(args, env=...)``: the nasq command in a separate process, without a configured broker."""
+    def run_(args, env=None, timeout=300):
+        e = dict(os.environ)
+        e.pop("NASQ_BROKER_URL", None)
+        e.update(env or {})
+        return subprocess.run(nasq_cli + args, capture_output=True, text=True, timeout=timeout, cwd=repo, env=e)
+
+    return run_
 
 
 @pytest.mark.parametrize("cmd", [[], ["eval"], ["demo"], ["preprocess"], ["worker"], ["build"], ["bench"], ["sweep"],
                                  ["status"], ["runs"], ["resume"], ["flower"]])
-def test_help_everywhere(cmd):
+def test_help_everywhere(run, cmd):
     p = run(cmd + ["--help"])
     assert p.returncode == 0 and "usage: nasq" in p.stdout
 
 
-def test_embedded_eval_of_a_users_folder(assets, tmp_path):
+def test_embedded_eval_of_a_users_folder(run, assets, tmp_path):
     out = tmp_path / "r.json"
     p = run(["eval", "--weights", assets["weights"], "--data", assets["data"], "--labels", assets["labels"],
              "--workers", "2", "--batch-size", "4", "--json", str(out), "--predictions", str(tmp_path / "p.csv")],
@@ -44,7 +47,7 @@ def test_embedded_eval_of_a_users_folder(assets, tmp_path):
     assert str(tmp_path / "runs") not in ps
 
 
-def test_demo_tiny(tmp_path):
+def test_demo_tiny(run, tmp_path):
     p = run(["demo", "--images", "12", "--workers", "2", "--arch", "tiny", "--workdir", str(tmp_path / "d"),
              "--json", str(tmp_path / "r.json"), "--batch-size", "4"], env={"NASQ_WORK_DIR": str(tmp_path / "runs")})
     assert p.returncode == 0, p.stderr
@@ -54,7 +57,7 @@ def test_demo_tiny(tmp_path):
     assert (tmp_path / "d" / "val_label.txt").exists() and (tmp_path / "d" / "nasnetalarge-random-tiny.pth").exists()
 
 
-def test_md5_mismatch_refused_before_anything_runs(assets, tmp_path):
+def test_md5_mismatch_refused_before_anything_runs(run, assets, tmp_path):
     bad = tmp_path / "nasnetalarge-a1897284.pth"
     bad.write_bytes(open(assets["weights"], "rb").read())
     p = run(["eval", "--weights", str(bad), "--data", assets["data"], "--labels", assets["labels"]])
@@ -63,7 +66,7 @@ def test_md5_mismatch_refused_before_anything_runs(assets, tmp_path):
     assert "Traceback" not in p.stderr
 
 
-def test_bad_inputs_give_clear_errors(assets, tmp_path):
+def test_bad_inputs_give_clear_errors(run, assets, tmp_path):
     p = run(["eval", "--weights", assets["weights"], "--data", str(tmp_path / "nowhere")])
     assert p.returncode == 2 and "does not exist" in p.stderr
     (tmp_path / "l.txt").write_text("other_image.JPEG 3\n")
@@ -75,10 +78,9 @@ def test_bad_inputs_give_clear_errors(assets, tmp_path):
     assert p.returncode == 2 and "no broker" in p.stderr
 
 
-def test_worker_and_eval_with_broker_as_separate_processes(assets, redis_url, tmp_path):
+def test_worker_and_eval_with_broker_as_separate_processes(run, assets, redis_url, start_workers, tmp_path):
     queue = f"eval.cli-{uuid.uuid4().hex[:6]}"
-    w = Workers(redis_url, queue, str(tmp_path))
-    w.start(1)  # `python -m workers` is what `nasq worker` execs
+    w = start_workers(redis_url, queue)  # `python -m workers` is what `nasq worker` execs
     try:
         out = tmp_path / "r.json"
         p = run(["eval", "--broker", redis_url, "--queue", queue, "--weights", assets["weights"], "--data",
@@ -86,25 +88,25 @@ def test_worker_and_eval_with_broker_as_separate_processes(assets, redis_url, tm
         assert p.returncode == 0, p.stderr
         r = json.loads(out.read_text())
         assert r["images"] == 20 and r["top1"] == 100.0
-        assert [d["worker"] for d in r["per_device"]] == [w.procs[0][0]]
+        assert [d["worker"] for d in r["per_device"]] == [w.names[0]]
         assert "private Redis" not in p.stderr
     finally:
         w.stop()
 
 
-def test_nasq_worker_command_starts_a_worker(assets, redis_url, tmp_path):
+def test_nasq_worker_command_starts_a_worker(assets, redis_url, nasq_cli, repo, tmp_path):
     """`nasq worker` itself (not python -m workers) joins the broker and answers a ping."""
     import signal
     import time
 
-    from nasq.celery_app import make_app
     from nasq.config import Settings
+    from nasq.queue.app import make_app
 
     name = f"clitest-{uuid.uuid4().hex[:6]}@localhost"
     with open(tmp_path / "w.log", "wb") as log:
-        proc = subprocess.Popen(nasq_cli() + ["worker", "--device", "cpu", "--broker", redis_url, "--name", name,
+        proc = subprocess.Popen(nasq_cli + ["worker", "--device", "cpu", "--broker", redis_url, "--name", name,
                                               "--queues", f"q-{name}"],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+                                stdout=log, stderr=subprocess.STDOUT, cwd=repo, start_new_session=True)
     try:
         app = make_app(Settings(broker_url=redis_url))
         deadline = time.time() + 90

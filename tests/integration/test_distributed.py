@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from nasq.api import evaluate, evaluate_local
-from nasq.celery_app import TASK_EVAL_SHARD, TASK_MERGE, make_app
-from nasq.preprocess import preprocess
-from nasq.runstate import RunStore
+from nasq.data.preprocess import preprocess
+from nasq.queue.app import TASK_EVAL_SHARD, TASK_MERGE, make_app
+from nasq.queue.store import RunStore
 
 pytestmark = pytest.mark.slow
 
@@ -141,7 +141,7 @@ def test_pickle_refused_by_workers_and_client(assets, workers, settings, tmp_pat
     assert "Refusing to deserialize untrusted content of type pickle" in workers.log_text()
     assert not worker_marker.exists()
     assert r.state == "PENDING"  # never executed
-    assert RunStore(settings.broker_url).r.hget("nasq:run:evil-run:attempts", "shard-x") is None
+    assert RunStore(settings.broker_url).attempts("evil-run") == {}
     # A pickled result planted in the backend is not unpickled by the client.
     client_marker = tmp_path / "client-unpickled"
     evil.backend.store_result("planted-pickle", _Planted(str(client_marker)), "SUCCESS")
@@ -151,8 +151,8 @@ def test_pickle_refused_by_workers_and_client(assets, workers, settings, tmp_pat
 
 
 def test_wrong_backend_worker_reports_clear_error(assets, workers, settings, tmp_path):
-    from nasq.build import steps
-    from nasq.build.spec import make_spec
+    from nasq.artifacts import steps
+    from nasq.artifacts.spec import make_spec
     from nasq.errors import RunError
 
     spec = make_spec(weights=assets["weights"], target="onnx", cache_dir=str(tmp_path))

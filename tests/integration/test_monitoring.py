@@ -1,5 +1,6 @@
 """Sweeps, run status, run listing, report files and Flower, with real workers."""
 import os
+import re
 import signal
 import subprocess
 import time
@@ -7,13 +8,8 @@ import time
 import pytest
 import requests
 
-from conftest import REPO, nasq_cli
-from nasq.api import evaluate
-from nasq.celery_app import make_app
-from nasq.data import open_source
-from nasq.runstate import RunStore
-from nasq.sweep import submit_sweep
-from producer.submit import submit_run
+from nasq.api import evaluate, submit_evaluation, submit_sweep
+from nasq.queue.store import RunStore
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +34,7 @@ def test_six_point_sweep_with_local_workers_then_rerun_reuses(assets, tmp_path):
     for kind in ("json", "csv", "markdown", "throughput", "latency"):
         assert os.path.getsize(rep.files[kind]) > 0, kind
     assert rep.files["throughput"].endswith(".png") and open(rep.files["throughput"], "rb").read(4) == b"\x89PNG"
-    assert "| device | worker | batch size |" in open(rep.files["markdown"]).read()
+    assert re.search(r"\|\s*device\s*\|\s*worker\s*\|\s*batch size\s*\|", open(rep.files["markdown"]).read())
     t0 = time.time()
     again = submit_sweep(batch_sizes=[1, 2, 3, 4, 5, 6], weights=assets["weights"], data=assets["data"], workers=2,
                          min_time_s=0.1, settings=s, log=lambda *_: None)
@@ -48,7 +44,7 @@ def test_six_point_sweep_with_local_workers_then_rerun_reuses(assets, tmp_path):
 
 
 def test_eval_sweep_on_named_workers_with_an_error_row(assets, workers, settings):
-    names = [n for n, _, _ in workers.procs]
+    names = workers.names
     ok = submit_sweep(batch_sizes=[2, 4], mode="eval", weights=assets["weights"], data=assets["data"],
                       labels=assets["labels"], devices=names[:1], settings=settings, log=lambda *_: None)
     ok.wait(timeout=120)
@@ -68,16 +64,13 @@ def test_eval_sweep_on_named_workers_with_an_error_row(assets, workers, settings
     assert not after.report().rows[0].get("error")
 
 
-def test_status_watch_follows_a_run_to_its_report(assets, workers, settings):
-    app = make_app(settings)
+def test_status_watch_follows_a_run_to_its_report(assets, workers, settings, nasq_cli, repo):
     store = RunStore(settings.broker_url)
-    src = open_source(assets["data"])
-    manifest, _ = submit_run(app, store, dataset=src.describe(), labels=assets["labels"],
-                             model={"weights": assets["weights"], "num_outputs": None, "options": {}}, backend="torch",
-                             batch_size=2, precision=None, shard_size=2, queue=workers.queue)
-    p = subprocess.run(nasq_cli() + ["status", manifest["run_id"], "--watch", "--interval", "0.2",
+    manifest = submit_evaluation(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=2,
+                                 shard_size=2, queue=workers.queue, settings=settings, log=lambda *_: None).manifest
+    p = subprocess.run(nasq_cli + ["status", manifest["run_id"], "--watch", "--interval", "0.2",
                                      "--broker", settings.broker_url], capture_output=True, text=True, timeout=120,
-                       cwd=REPO)
+                       cwd=repo)
     assert p.returncode == 0, p.stderr
     lines = [l for l in p.stdout.splitlines() if l.startswith(f"run {manifest['run_id']}")]
     assert any("running" in l for l in lines), p.stdout  # seen while it ran
@@ -86,22 +79,22 @@ def test_status_watch_follows_a_run_to_its_report(assets, workers, settings):
     report = store.report(manifest["run_id"])
     for path in report["files"].values():
         assert os.path.getsize(path) > 0
-    runs = subprocess.run(nasq_cli() + ["runs", "--broker", settings.broker_url], capture_output=True, text=True,
-                          cwd=REPO, timeout=60)
+    runs = subprocess.run(nasq_cli + ["runs", "--broker", settings.broker_url], capture_output=True, text=True,
+                          cwd=repo, timeout=60)
     assert manifest["run_id"] in runs.stdout and "done" in runs.stdout
 
 
-def test_flower_with_auth_shows_the_runs_workers_and_tasks(assets, workers, settings, tmp_path):
-    from nasq.redis_server import free_port
+def test_flower_with_auth_shows_the_runs_workers_and_tasks(assets, workers, settings, nasq_cli, repo, tmp_path):
+    from nasq.queue.redis_server import free_port
 
-    refused = subprocess.run(nasq_cli() + ["flower", "--broker", settings.broker_url], capture_output=True, text=True,
-                             cwd=REPO, timeout=60, env={k: v for k, v in os.environ.items() if "FLOWER" not in k})
+    refused = subprocess.run(nasq_cli + ["flower", "--broker", settings.broker_url], capture_output=True, text=True,
+                             cwd=repo, timeout=60, env={k: v for k, v in os.environ.items() if "FLOWER" not in k})
     assert refused.returncode == 2 and "--basic-auth" in refused.stderr
     port = free_port()
     with open(tmp_path / "flower.log", "wb") as log:
-        proc = subprocess.Popen(nasq_cli() + ["flower", "--broker", settings.broker_url, "--port", str(port),
+        proc = subprocess.Popen(nasq_cli + ["flower", "--broker", settings.broker_url, "--port", str(port),
                                               "--basic-auth", "ops:s3cret"], stdout=log, stderr=subprocess.STDOUT,
-                                cwd=REPO, start_new_session=True)
+                                cwd=repo, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
@@ -119,7 +112,7 @@ def test_flower_with_auth_shows_the_runs_workers_and_tasks(assets, workers, sett
                        shard_size=8, queue=workers.queue, settings=settings, progress=False, log=lambda *_: None)
         auth = ("ops", "s3cret")
         ws = requests.get(base + "/api/workers?refresh=1", auth=auth, timeout=30).json()
-        assert {n for n, _, _ in workers.procs} <= set(ws)
+        assert set(workers.names) <= set(ws)
         deadline, mine = time.time() + 30, {}
         while time.time() < deadline and len(mine) < 4:  # 3 shards + the merge, from task events
             tasks = requests.get(base + "/api/tasks?limit=1000", auth=auth, timeout=10).json()

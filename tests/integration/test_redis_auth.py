@@ -4,13 +4,12 @@ import subprocess
 import pytest
 import redis
 
-from conftest import eval_through
-from nasq.redis_server import free_port, redis_binary, wait_for_redis
+from nasq.queue.redis_server import free_port, redis_binary, wait_for_redis
 
 pytestmark = pytest.mark.slow
 
 
-def test_eval_through_a_password_protected_redis(assets, tmp_path):
+def test_eval_through_a_password_protected_redis(eval_through, tmp_path):
     port = free_port()
     proc = subprocess.Popen([redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no", "--requirepass", "s3cret pass", "--dir", str(tmp_path)],
@@ -20,7 +19,7 @@ def test_eval_through_a_password_protected_redis(assets, tmp_path):
         assert wait_for_redis(url, proc), "the password-protected redis-server did not start"
         with pytest.raises(redis.exceptions.AuthenticationError):
             redis.Redis(port=port).get("x")  # closed without the password
-        report = eval_through(url, assets, tmp_path)
+        report = eval_through(url)
         assert report["images"] == 20 and report["top1"] == 100.0
     finally:
         proc.terminate()

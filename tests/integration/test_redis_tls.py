@@ -4,8 +4,7 @@ import subprocess
 
 import pytest
 
-from conftest import eval_through
-from nasq.redis_server import free_port, redis_binary, wait_for_redis
+from nasq.queue.redis_server import free_port, redis_binary, wait_for_redis
 
 pytestmark = pytest.mark.slow
 
@@ -31,6 +30,6 @@ def tls_redis(tmp_path):
     proc.wait(10)
 
 
-def test_eval_over_tls(assets, tls_redis, tmp_path):
-    report = eval_through(tls_redis, assets, tmp_path)
+def test_eval_over_tls(eval_through, tls_redis):
+    report = eval_through(tls_redis)
     assert report["images"] == 20 and report["top1"] == 100.0

@@ -7,7 +7,7 @@ import pytest
 
 from nasq.data import ImageError, open_source, preprocess_float, preprocess_u8, read_labels
 from nasq.errors import DatasetError
-from nasq.preprocess import preprocess
+from nasq.data.preprocess import preprocess
 
 
 def test_bad_images_raise_with_reason(assets):
@@ -85,8 +85,8 @@ def test_preprocess_bin_layout(assets, tmp_path):
 def test_prefetching_loader_threads_give_identical_results(assets):
     from nasq import backends
     from nasq.data import read_labels
-    from nasq.evaluate import evaluate_range
-    from nasq.spec import ModelRef
+    from nasq.inference.evaluate import evaluate_range
+    from nasq.model.spec import ModelRef
 
     b = backends.create("torch", "cpu")
     b.load(ModelRef(assets["weights"]), batch_size=4)

@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from nasq import backends
-from nasq.bench import bench, summarize
+from nasq.config import BackendOptions
 from nasq.errors import BackendError
-from nasq.fuse import fold_batchnorm
-from nasq.model import load_model
-from nasq.spec import ModelRef
+from nasq.model.checkpoint import load_model
+from nasq.model.fold import fold_batchnorm
+from nasq.model.spec import ModelRef
+from nasq.perf.bench import bench
+from nasq.perf.timing import summarize
 
 
 def test_fold_batchnorm_is_exact_enough(assets):
@@ -31,9 +33,9 @@ def test_fold_batchnorm_is_exact_enough(assets):
 def test_half_precision_refused_on_cpu(assets):
     b = backends.create("torch", "cpu")
     with pytest.raises(BackendError, match="runs on CUDA only"):
-        b.load(ModelRef(assets["weights"]), batch_size=1, precision="fp16")
+        b.load(ModelRef(assets["weights"]), batch_size=1, options=BackendOptions(precision="fp16"))
     with pytest.raises(BackendError, match="compile mode"):
-        b.load(ModelRef(assets["weights"]), batch_size=1, options={"compile": "fastest"})
+        b.load(ModelRef(assets["weights"]), batch_size=1, options=BackendOptions(compile="fastest"))
 
 
 def test_fold_option_on_cpu_keeps_predictions(assets):
@@ -42,7 +44,7 @@ def test_fold_option_on_cpu_keeps_predictions(assets):
     crops = np.stack([open_source(assets["data"]).load(i) for i in range(4)])
     plain, fused = backends.create("torch", "cpu"), backends.create("torch", "cpu")
     plain.load(ModelRef(assets["weights"]), batch_size=4)
-    fused.load(ModelRef(assets["weights"]), batch_size=4, options={"fold_bn": True, "channels_last": True})
+    fused.load(ModelRef(assets["weights"]), batch_size=4, options=BackendOptions(fold_bn=True, channels_last=True))
     a, b = plain.predict_u8(crops), fused.predict_u8(crops)
     assert np.array_equal(a.argmax(1), b.argmax(1)) and np.abs(a - b).max() < 1e-3
     assert fused.model_info["options"]["fold_bn"] is True
@@ -55,7 +57,7 @@ def test_summary_throughput_is_batch_over_mean_latency():
 
 def test_bench_on_cpu_with_baseline(assets, tmp_path):
     res = bench(weights=assets["weights"], data=assets["data"], batch_sizes=[1, 2], min_time_s=0.2,
-                options={"fold_bn": True}, log=lambda *_: None)
+                options=BackendOptions(fold_bn=True), log=lambda *_: None)
     configs = [(r["config"], r["batch_size"]) for r in res.rows]
     assert configs == [("baseline eager fp32", 1), ("baseline eager fp32", 2),
                        ("torch fp32 [fold_bn=True]", 1), ("torch fp32 [fold_bn=True]", 2)]
@@ -77,12 +79,12 @@ def test_device_decode_path_on_cpu(assets):
     from torchvision.io import ImageReadMode, decode_jpeg
 
     from nasq.data import open_source, preprocess_u8, read_labels
-    from nasq.evaluate import evaluate_range
+    from nasq.inference.evaluate import evaluate_range
 
     src, labels = open_source(assets["data"]), read_labels(assets["labels"])
     pil, dev = backends.create("torch", "cpu"), backends.create("torch", "cpu")
     pil.load(ModelRef(assets["weights"]), batch_size=4)
-    dev.load(ModelRef(assets["weights"]), batch_size=4, options={"device_decode": True})
+    dev.load(ModelRef(assets["weights"]), batch_size=4, options=BackendOptions(device_decode=True))
     for name in src.names[:6]:
         raw = open(os.path.join(src.root, name), "rb").read()
         img = decode_jpeg(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)

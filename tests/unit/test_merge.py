@@ -2,8 +2,9 @@
 import pytest
 
 from nasq.errors import RunError
-from nasq.report import MissingShards, accuracy, collect, merge, render
-from producer.submit import auto_shard_size, plan_shards
+from nasq.queue.messages import auto_shard_size, plan_shards
+from nasq.results.merge import MissingShards, accuracy, collect, merge
+from nasq.results.report import render
 
 
 def _manifest(n=10, size=4):

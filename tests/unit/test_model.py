@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from nasq.errors import CheckpointError
-from nasq.evaluate import topk
-from nasq.model import build_model, load_model
-from nasq.spec import SEED_CHECKPOINT_NAME
+from nasq.inference.evaluate import topk
+from nasq.model.checkpoint import build_model, load_model
+from nasq.model.spec import SEED_CHECKPOINT_NAME
 
 
 def test_module_is_cadenes():

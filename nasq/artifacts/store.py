@@ -1,0 +1,111 @@
+"""The artifact store: one directory per build key, complete or absent.
+
+``<root>/<key>/`` holds the built files and ``meta.json``. A build works in
+``<root>/.staging/<key>-<token>/`` and is published with one ``rename`` of that directory,
+so a failed or interrupted build never leaves a directory that looks complete. Staging
+directories older than a day are swept at the next build.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+
+from ..files import write_json
+
+STAGING = ".staging"
+META = "meta.json"
+
+
+@dataclass
+class BuildResult:
+    """An artifact in the store: its key, directory, metadata, and whether it was already there."""
+
+    key: str
+    path: str
+    meta: dict
+    cached: bool
+
+    @property
+    def table(self) -> str:
+        from .verify import table
+
+        rows = [r for r in self.meta.get("verification") or [] if r]
+        how = "cache hit" if self.cached else f"built in {self.meta.get('build_s')} s"
+        lines = [f"artifact  {self.path}", f"key       {self.key}", f"target    {self.meta['target']}  ({how})",
+                 f"files     {', '.join(self.meta.get('files', {}))}"]
+        g = self.meta.get("graph")
+        if g:
+            lines.append(f"graph     {g['nodes']} nodes, {g['slice_nodes']} Slice, "
+                         f"{g['consecutive_slice_pairs']} consecutive Slice pairs")
+        for s in self.meta.get("steps", []):
+            if "command" in s:
+                lines.append(f"step      {s['name']} ({s['seconds']} s): {s['command'].splitlines()[0]}")
+        if rows:
+            lines += ["verification against PyTorch fp32 (fixed batch of generated images):", table(rows)]
+        return "\n".join(lines)
+
+
+class ArtifactStore:
+    def __init__(self, root: str):
+        self.root = os.path.abspath(root)
+
+    def path(self, key: str) -> str:
+        return os.path.join(self.root, key)
+
+    def result(self, key: str) -> BuildResult | None:
+        """The artifact as a cache hit, or None when it is not built."""
+        meta = self.get(key)
+        return BuildResult(key, self.path(key), meta, True) if meta is not None else None
+
+    def get(self, key: str) -> dict | None:
+        """The metadata of a complete artifact, or None."""
+        meta = os.path.join(self.path(key), META)
+        try:
+            with open(meta, encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def staging_path(self, key: str, token: str) -> str:
+        return os.path.join(self.root, STAGING, f"{key}-{token}")
+
+    def staging(self, key: str, token: str) -> str:
+        """A fresh staging directory for this build request (emptied if a redelivery left one)."""
+        base = os.path.join(self.root, STAGING)
+        os.makedirs(base, exist_ok=True)
+        self._sweep(base)
+        d = self.staging_path(key, token)
+        shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(d)
+        return d
+
+    def commit(self, key: str, staging: str, meta: dict) -> str:
+        """Write meta.json into the staging directory and publish it as ``<root>/<key>``."""
+        write_json(meta, os.path.join(staging, META))
+        dest = self.path(key)
+        try:
+            os.rename(staging, dest)
+        except OSError:
+            if self.get(key) is None:  # a partial directory in the way: not ours to keep
+                shutil.rmtree(dest, ignore_errors=True)
+                os.rename(staging, dest)
+            else:  # someone else published the same key first
+                shutil.rmtree(staging, ignore_errors=True)
+        return dest
+
+    def discard(self, staging: str | None) -> None:
+        if staging and os.path.basename(os.path.dirname(staging)) == STAGING:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    @staticmethod
+    def _sweep(base: str, max_age: float = 24 * 3600) -> None:
+        now = time.time()
+        for e in os.scandir(base):
+            try:
+                if now - e.stat().st_mtime > max_age:
+                    shutil.rmtree(e.path, ignore_errors=True)
+            except OSError:
+                pass

@@ -1,1 +1,0 @@
-"""Model builds: checkpoint -> ONNX -> simplified -> device artifact."""

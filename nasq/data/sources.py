@@ -1,0 +1,148 @@
+"""Datasets: the three on-disk forms workers read.
+
+* a folder of JPEGs (ImageNet val), decoded and preprocessed by the worker;
+* a folder of ``.bin`` files, the seed's layout: one raw float32 3x331x331 (CHW) array
+  per image, normalized, readable by ais_bench;
+* a folder of ``u8`` shards written by ``nasq preprocess --format u8``: uint8 331x331x3
+  crops (4x smaller than ``.bin``) that workers normalize on the device.
+
+Images are ordered by file name; shards of a run are index ranges into that order.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import DatasetError
+from ..model.spec import PREPROCESS
+from .labels import stem
+from .transforms import ImageError, preprocess_u8
+
+IMAGE_EXTS = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
+U8_FORMAT = "nasq-u8"
+U8_INDEX = "index.json"
+BIN_ERRORS = "preprocess_errors.json"
+
+
+@dataclass
+class Source:
+    """An ordered list of images in one of the three forms. Load item i with ``load``."""
+
+    kind: str
+    root: str
+    names: list[str]
+    fingerprint: str
+    dtype: str  # what load() returns: "uint8" (HWC crop) or "float32" (normalized CHW)
+    known_errors: dict[int, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "root": self.root, "images": len(self.names), "fingerprint": self.fingerprint}
+
+    def load(self, i: int) -> np.ndarray:
+        if i in self.known_errors:
+            raise ImageError(self.known_errors[i])
+        return self._load(i)
+
+    def _load(self, i: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+class JpegFolder(Source):
+    def _load(self, i):
+        return preprocess_u8(os.path.join(self.root, self.names[i]))
+
+
+class BinFolder(Source):
+    def _load(self, i):
+        path = os.path.join(self.root, self.names[i])
+        want = int(np.prod(PREPROCESS.chw)) * 4
+        try:
+            size = os.path.getsize(path)
+            if size != want:
+                raise ImageError(f"{size} bytes, expected {want} (float32 3x331x331)")
+            return np.fromfile(path, dtype=np.float32).reshape(PREPROCESS.chw)
+        except OSError as e:
+            raise ImageError(str(e)) from None
+
+
+class U8Shards(Source):
+    def __init__(self, *args, shards: list[dict], **kw):
+        super().__init__(*args, **kw)
+        self.shards = shards
+        self._starts = [s["start"] for s in shards]
+        self._maps: dict[int, np.ndarray] = {}
+
+    def _load(self, i):
+        import bisect
+
+        k = bisect.bisect_right(self._starts, i) - 1
+        if k not in self._maps:
+            path = os.path.join(self.root, self.shards[k]["file"])
+            try:
+                self._maps[k] = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise ImageError(f"cannot read shard {path}: {e}") from None
+        return np.array(self._maps[k][i - self.shards[k]["start"]])
+
+
+def _listing_fingerprint(kind: str, entries: list[tuple[str, int]]) -> str:
+    h = hashlib.sha256(kind.encode())
+    for name, size in entries:
+        h.update(f"\n{name}\t{size}".encode())
+    return h.hexdigest()[:16]
+
+
+def open_source(path: str | os.PathLike) -> Source:
+    """Open a dataset folder, telling the three forms apart by their contents.
+
+    Raises:
+        DatasetError: missing folder, incomplete u8 shards, or no images in it.
+    """
+    root = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(root):
+        raise DatasetError(f"data folder {root!r} does not exist")
+    index = os.path.join(root, U8_INDEX)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            meta = json.load(f)
+        if meta.get("format") != U8_FORMAT:
+            raise DatasetError(f"{index} is not a nasq u8 index (format {meta.get('format')!r})")
+        raw = open(index, "rb").read()
+        errors = {int(k): v for k, v in meta.get("errors", {}).items()}
+        return U8Shards("u8", root, list(meta["names"]), hashlib.sha256(raw).hexdigest()[:16], "uint8",
+                        errors, shards=meta["shards"])
+    entries = []
+    bins = []
+    for e in os.scandir(root):
+        if not e.is_file() or e.name.startswith("."):
+            continue
+        ext = os.path.splitext(e.name)[1].lower()
+        if ext == ".bin":
+            bins.append((e.name, e.stat().st_size))
+        elif ext in IMAGE_EXTS:
+            entries.append((e.name, e.stat().st_size))
+    if bins:
+        errors_file = os.path.join(root, BIN_ERRORS)
+        failed = {}
+        if os.path.isfile(errors_file):
+            with open(errors_file, encoding="utf-8") as f:
+                failed = json.load(f)
+        have = {stem(n) for n, _ in bins}
+        listing = sorted(bins + [(n, -1) for n in failed if stem(n) not in have])
+        names = [n for n, _ in listing]
+        known = {i: f"preprocessing failed: {failed[n]}" for i, n in enumerate(names) if n in failed}
+        return BinFolder("bin", root, names, _listing_fingerprint("bin", listing), "float32", known)
+    if os.path.isfile(os.path.join(root, "shard-00000.npy")):
+        raise DatasetError(f"{root} holds u8 shards but no {U8_INDEX}: preprocessing did not finish. "
+                           f"Rerun `nasq preprocess SRC {root} --format u8`; it resumes where it stopped.")
+    if not entries:
+        raise DatasetError(f"no images in {root}: expected JPEG (or PNG) files, .bin files, or u8 shards")
+    entries.sort()
+    return JpegFolder("jpeg", root, [n for n, _ in entries], _listing_fingerprint("jpeg", entries), "uint8")

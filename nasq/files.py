@@ -1,0 +1,74 @@
+"""Files written whole or not at all, and file digests cached so a worker hashes a checkpoint once."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from functools import lru_cache
+from typing import BinaryIO, Callable
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` so that readers see the old file or the whole new one, never a part.
+
+    ``data`` is bytes, text (UTF-8), or a function that writes to the open binary file. The
+    temporary file has a unique name beside ``path`` and is removed if writing fails (a full
+    disk leaves no ``*.tmp`` behind).
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_json(obj, path: str | os.PathLike, *, indent: int | None = 2) -> None:
+    atomic_write(path, json.dumps(obj, indent=indent))
+
+
+def file_digest(path: str | os.PathLike, algo: str = "sha256") -> str:
+    st = os.stat(path)
+    return _digest(os.path.abspath(path), st.st_size, st.st_mtime_ns, algo)
+
+
+@lru_cache(maxsize=64)
+def _digest(path: str, size: int, mtime_ns: int, algo: str) -> str:
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cached_sha256(path: str | os.PathLike, cache_file: str) -> str:
+    """sha256 of a (large) file, remembered on disk per (path, size, mtime) so that a repeat
+    build of a 340 MB checkpoint does not rehash it."""
+    path = os.path.abspath(path)
+    st = os.stat(path)
+    stamp = f"{st.st_size}:{st.st_mtime_ns}"
+    try:
+        with open(cache_file, encoding="utf-8") as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    hit = cache.get(path)
+    if hit and hit.get("stamp") == stamp:
+        return hit["sha256"]
+    digest = file_digest(path)
+    cache[path] = {"stamp": stamp, "sha256": digest}
+    os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+    write_json(cache, cache_file, indent=None)
+    return digest

@@ -1,0 +1,82 @@
+"""One shard of a run on this worker: the library function behind the ``nasq.eval_shard`` task.
+
+A shard reports its failure in its result (``status: "error"``) instead of raising, because
+a failed header task makes the chord drop every result. A worker *process* that dies
+mid-shard is a requeue (late acks + reject on worker lost); the attempt counter in the run's
+ledger stops a shard that always kills its worker from looping forever.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Protocol
+
+from ..config import WorkerConfig
+from ..data.outputs import OutputWriter
+from ..errors import NasqError
+from .evaluate import evaluate_range
+from .resources import DeviceResources
+
+if TYPE_CHECKING:
+    from ..queue.messages import ShardTask
+
+log = logging.getLogger("nasq.worker")
+
+
+class ShardLedger(Protocol):
+    """Where a run's shard bookkeeping goes (the Redis run store; a dict in unit tests)."""
+
+    def next_attempt(self, run_id: str, shard_id: str) -> int: ...
+    def shard_started(self, run_id: str, shard_id: str, info: dict) -> None: ...
+    def shard_progress(self, run_id: str, shard_id: str, done: int) -> None: ...
+    def shard_finished(self, run_id: str, shard_id: str, summary: dict) -> None: ...
+    def touch_worker(self, name: str, **fields) -> None: ...
+
+
+def run_shard(task: ShardTask, *, ledger: ShardLedger, resources: DeviceResources, worker: WorkerConfig) -> dict:
+    """Evaluate images ``[task.start, task.stop)`` of the run's dataset on this worker.
+
+    Returns:
+        A JSON-ready dict: the shard's identity, ``status`` ("ok" or "error" with ``error``),
+        and for "ok" the per-image top-5 of ``evaluate_range`` with timings and provenance.
+    """
+    job = task.job
+    options = worker.backend_options(job.precision)
+    base = {"run_id": task.run_id, "shard_id": task.shard_id, "start": task.start, "stop": task.stop,
+            "worker": worker.name, "device": worker.device, "backend": worker.backend,
+            "precision": options.precision}
+
+    def failed(msg: str) -> dict:
+        ledger.shard_finished(task.run_id, task.shard_id, {"status": "error", "error": msg, "worker": worker.name})
+        ledger.touch_worker(worker.name, current=None)
+        return {**base, "status": "error", "error": msg}
+
+    attempt = ledger.next_attempt(task.run_id, task.shard_id)
+    if attempt > worker.settings.max_attempts:
+        return failed(f"started {attempt - 1} times without finishing (its worker died each time); "
+                      f"giving up after max_attempts={worker.settings.max_attempts}")
+    n = task.stop - task.start
+    ledger.shard_started(task.run_id, task.shard_id, {"worker": worker.name, "device": worker.device, "images": n})
+    ledger.touch_worker(worker.name, current={"run_id": task.run_id, "shard_id": task.shard_id, "images": n,
+                                              "since": time.time()})
+    try:
+        if worker.backend != job.backend:
+            raise NasqError(f"this worker runs backend {worker.backend!r} but the run asked for {job.backend!r}; "
+                            f"start a worker with --backend {job.backend} on the run's queue")
+        source = resources.source_for(job.dataset.root, job.dataset.fingerprint)
+        labels = resources.labels_for(job.labels)
+        backend = resources.backend_for(worker.backend, job.model, job.batch_size, options)
+        writer = OutputWriter(job.output.dir, job.output.fmt) if job.output else None
+        result = evaluate_range(source, backend, task.start, task.stop, batch_size=job.batch_size, labels=labels,
+                                writer=writer, loader_threads=worker.decode_threads,
+                                on_batch=lambda done: ledger.shard_progress(task.run_id, task.shard_id, done))
+    except Exception as e:  # noqa: BLE001 - a shard reports its failure instead of breaking the chord
+        log.exception("shard %s of run %s failed", task.shard_id, task.run_id)
+        return failed(f"{type(e).__name__}: {e}")
+    summary = {"status": "ok", "worker": worker.name, "device": worker.device, "images": len(result["indices"]),
+               "errors": len(result["errors"]), **result["timing"]}
+    ledger.shard_finished(task.run_id, task.shard_id, summary)
+    wall = summary["wall_s"]
+    ledger.touch_worker(worker.name, current=None, last_rate_img_s=summary["images"] / wall if wall else None)
+    return {**base, "status": "ok", **result, "versions": backend.versions(), "model_info": backend.model_info,
+            "device_name": backend.describe_device()}

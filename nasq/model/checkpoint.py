@@ -1,0 +1,133 @@
+"""NASNet-A Large with the seed's reference numerics.
+
+The module is Cadene's ``pretrainedmodels.models.nasnet.NASNetALarge``, used unmodified.
+Checkpoints are plain state dicts in its key layout, with a 1001-way head (class 0 is
+background, as in the seed's ``nasnetalarge-a1897284.pth``) or a 1000-way one. The
+architecture (large or the tiny test configuration) is read off the tensor shapes, so
+every checkpoint goes through the same loading code.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..errors import CheckpointError
+from ..files import file_digest
+from .spec import (ARCHS, BACKGROUND_OUTPUTS, IMAGENET_CLASSES, SEED_CHECKPOINT_MD5,
+                   SEED_CHECKPOINT_NAME, ArchSpec)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Provenance of a loaded model; goes into every report."""
+
+    weights: str
+    sha256: str
+    arch: str
+    checkpoint_outputs: int
+    num_outputs: int
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def build_model(arch: ArchSpec | str = "large", num_outputs: int = BACKGROUND_OUTPUTS):
+    """A freshly initialised NASNet-A (Cadene's module) in eval mode.
+
+    Args:
+        arch: "large", "tiny" or an ``ArchSpec``.
+        num_outputs: 1001 (background at 0) or 1000.
+    """
+    from pretrainedmodels.models.nasnet import NASNetALarge
+
+    spec = ARCHS[arch] if isinstance(arch, str) else arch
+    model = NASNetALarge(num_classes=num_outputs, stem_filters=spec.stem_filters,
+                         penultimate_filters=spec.penultimate_filters,
+                         filters_multiplier=spec.filters_multiplier)
+    return model.eval()
+
+
+def infer_arch(state_dict: dict) -> ArchSpec:
+    """The NASNet-A configuration a state dict was saved from."""
+    try:
+        stem = int(state_dict["conv0.conv.weight"].shape[0])
+        penultimate = int(state_dict["last_linear.weight"].shape[1])
+    except KeyError as e:
+        raise CheckpointError(
+            f"not a NASNet-A Large state dict: key {e.args[0]!r} is missing "
+            "(expected Cadene's pretrainedmodels layout, e.g. 'conv0.conv.weight', 'last_linear.weight')") from None
+    for spec in ARCHS.values():
+        if (spec.stem_filters, spec.penultimate_filters) == (stem, penultimate):
+            return spec
+    return ArchSpec("custom", stem_filters=stem, penultimate_filters=penultimate)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a state dict from disk, refusing the seed checkpoint if its md5 is wrong.
+
+    Raises:
+        CheckpointError: missing or unreadable file, md5 mismatch for the seed's file name,
+            or a file that does not hold a state dict.
+    """
+    import torch
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    if os.path.basename(path) == SEED_CHECKPOINT_NAME:
+        md5 = file_digest(path, "md5")
+        if md5 != SEED_CHECKPOINT_MD5:
+            raise CheckpointError(
+                f"{path}: md5 is {md5}, but the seed checkpoint {SEED_CHECKPOINT_NAME} has "
+                f"{SEED_CHECKPOINT_MD5}. The file is corrupt or truncated, or a different checkpoint "
+                "was saved under this name: download it again, or rename your own checkpoint.")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a bad file
+        raise CheckpointError(f"cannot read checkpoint {path!r}: {e}") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{path!r} does not hold a state dict")
+    # Checkpoints saved from nn.DataParallel prefix every key with "module.".
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_model(weights: str | os.PathLike, num_outputs: int | None = None):
+    """Load a checkpoint into Cadene's NASNetALarge.
+
+    Args:
+        weights: path of a state dict in the Cadene layout (1001 or 1000 outputs).
+        num_outputs: None keeps the checkpoint's head; 1000 drops the background row of a
+            1001-way head (Cadene's "imagenet" setting); 1001 needs a 1001-way checkpoint.
+
+    Returns:
+        (model in eval mode on the CPU, ModelInfo)
+
+    Raises:
+        CheckpointError: see ``read_checkpoint``; also a head size or key layout mismatch.
+    """
+    state = read_checkpoint(weights)
+    arch = infer_arch(state)
+    ckpt_outputs = int(state["last_linear.weight"].shape[0])
+    if ckpt_outputs not in (BACKGROUND_OUTPUTS, IMAGENET_CLASSES):
+        raise CheckpointError(f"{weights}: the head has {ckpt_outputs} outputs; nasq evaluates "
+                              "ImageNet heads with 1001 (background at 0) or 1000 outputs")
+    want = ckpt_outputs if num_outputs is None else int(num_outputs)
+    if want == IMAGENET_CLASSES and ckpt_outputs == BACKGROUND_OUTPUTS:
+        state = dict(state)
+        state["last_linear.weight"] = state["last_linear.weight"][1:]
+        state["last_linear.bias"] = state["last_linear.bias"][1:]
+    elif want != ckpt_outputs:
+        raise CheckpointError(f"{weights}: cannot make {want} outputs from a {ckpt_outputs}-way head")
+    model = build_model(arch, want)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights}: key layout does not match NASNet-A ({arch.name}): "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    info = ModelInfo(weights=os.path.abspath(weights), sha256=file_digest(weights), arch=arch.name,
+                     checkpoint_outputs=ckpt_outputs, num_outputs=want)
+    return model.eval(), info

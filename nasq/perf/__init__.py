@@ -1,0 +1,1 @@
+"""Performance: timing (``timing``), ``nasq bench`` (``bench``) and sweep points (``sweep``)."""

@@ -1,0 +1,234 @@
+"""Message types: what travels through the broker, and the one place payloads are checked.
+
+A task decodes its payload with ``from_payload`` before doing anything; a payload of the
+wrong type or range is refused there with a ``MessageError`` that says which field is wrong.
+Payloads carry paths and index ranges, never image bytes.
+"""
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass
+
+from .. import __version__, backends
+from ..data.outputs import FORMATS
+from ..errors import NasqError
+from ..model.spec import ModelRef
+
+
+class MessageError(NasqError):
+    """A task payload of the wrong shape, type or range."""
+
+
+def _need(ok: bool, what: str) -> None:
+    if not ok:
+        raise MessageError(what)
+
+
+def _int(d: dict, name: str, *, low: int = 0) -> int:
+    v = d.get(name)
+    _need(isinstance(v, int) and not isinstance(v, bool) and v >= low, f"{name} must be an integer >= {low}, not {v!r}")
+    return v
+
+
+def _str(d: dict, name: str, *, optional: bool = False) -> str | None:
+    v = d.get(name)
+    _need(isinstance(v, str) and v != "" or (optional and v is None), f"{name} must be a non-empty string, not {v!r}")
+    return v
+
+
+def _dict(d, name: str) -> dict:
+    _need(isinstance(d, dict), f"{name} must be an object, not {type(d).__name__}")
+    return d
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    root: str
+    kind: str
+    images: int
+    fingerprint: str
+
+    @classmethod
+    def from_payload(cls, d) -> DatasetRef:
+        d = _dict(d, "dataset")
+        return cls(root=_str(d, "root"), kind=_str(d, "kind"), images=_int(d, "images"),
+                   fingerprint=_str(d, "fingerprint"))
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """Full logits per image in ais_bench's layout, written under ``dir``."""
+
+    dir: str
+    fmt: str = "NPY"
+
+    @classmethod
+    def from_payload(cls, d) -> OutputSpec | None:
+        if d is None:
+            return None
+        d = _dict(d, "output")
+        fmt = _str(d, "fmt").upper()
+        _need(fmt in FORMATS, f"output.fmt must be one of {', '.join(FORMATS)}, not {fmt!r}")
+        return cls(dir=_str(d, "dir"), fmt=fmt)
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """What every shard of a run shares: data, labels, model, backend, batch size, precision."""
+
+    dataset: DatasetRef
+    labels: str | None
+    model: ModelRef
+    backend: str
+    batch_size: int
+    precision: str | None = None
+    output: OutputSpec | None = None
+
+    def to_payload(self) -> dict:
+        d = asdict(self)
+        d["model"] = self.model.to_dict()
+        return d
+
+    @classmethod
+    def from_payload(cls, d) -> EvalJob:
+        d = _dict(d, "job")
+        backend = _str(d, "backend")
+        _need(backend in backends.names(), f"backend must be one of {', '.join(backends.names())}, not {backend!r}")
+        precision = _str(d, "precision", optional=True)
+        valid = backends.precisions(backend)
+        _need(precision is None or precision in valid,
+              f"precision must be one of {', '.join(valid)} for backend {backend}, not {precision!r}")
+        model = _dict(d.get("model"), "model")
+        _str(model, "weights")
+        n = model.get("num_outputs")
+        _need(n in (None, 1000, 1001), f"model.num_outputs must be 1000, 1001 or null, not {n!r}")
+        return cls(dataset=DatasetRef.from_payload(d.get("dataset")), labels=_str(d, "labels", optional=True),
+                   model=ModelRef.from_dict(model), backend=backend, batch_size=_int(d, "batch_size", low=1),
+                   precision=precision, output=OutputSpec.from_payload(d.get("output")))
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One ``nasq.eval_shard`` message: images ``[start, stop)`` of the run's dataset."""
+
+    run_id: str
+    shard_id: str
+    start: int
+    stop: int
+    job: EvalJob
+
+    @classmethod
+    def from_payload(cls, run_id, shard_id, start, stop, job) -> ShardTask:
+        d = {"run_id": run_id, "shard_id": shard_id, "start": start, "stop": stop}
+        task = cls(run_id=_str(d, "run_id"), shard_id=_str(d, "shard_id"), start=_int(d, "start"),
+                   stop=_int(d, "stop", low=1), job=EvalJob.from_payload(job))
+        _need(task.start < task.stop, f"start ({task.start}) must be below stop ({task.stop})")
+        _need(task.stop <= task.job.dataset.images,
+              f"stop ({task.stop}) is past the dataset's {task.job.dataset.images} images")
+        return task
+
+    def args(self) -> tuple:
+        return (self.run_id, self.shard_id, self.start, self.stop, self.job.to_payload())
+
+    @property
+    def argsrepr(self) -> str:
+        """What Flower shows instead of the whole job."""
+        return (f"run={self.run_id} {self.shard_id} images=[{self.start},{self.stop}) batch={self.job.batch_size} "
+                f"backend={self.job.backend}")
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One ``nasq.sweep_point`` message: a batch size on one worker, timed (bench) or evaluated (eval)."""
+
+    sweep_id: str
+    point_id: str
+    folder: str
+    worker: str
+    batch_size: int
+    mode: str
+    backend: str
+    precision: str
+    weights: str
+    data: str
+    dataset_fingerprint: str
+    labels: str | None = None
+    images: int | None = None
+    min_time_s: float = 2.0
+
+    MODES = ("bench", "eval")
+
+    def to_payload(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_payload(cls, d) -> SweepPoint:
+        d = _dict(d, "point")
+        mode, backend = _str(d, "mode"), _str(d, "backend")
+        _need(mode in cls.MODES, f"mode must be one of {', '.join(cls.MODES)}, not {mode!r}")
+        _need(backend in backends.names(), f"backend must be one of {', '.join(backends.names())}, not {backend!r}")
+        precision = _str(d, "precision")
+        _need(precision in backends.precisions(backend), f"precision {precision!r} is not one of backend {backend}'s")
+        images = d.get("images")
+        _need(images is None or isinstance(images, int) and not isinstance(images, bool) and images >= 1,
+              f"images must be a positive integer or null, not {images!r}")
+        t = d.get("min_time_s", 2.0)
+        _need(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t <= 3600,
+              f"min_time_s must be a number of seconds in (0, 3600], not {t!r}")
+        return cls(sweep_id=_str(d, "sweep_id"), point_id=_str(d, "point_id"), folder=_str(d, "folder"),
+                   worker=_str(d, "worker"), batch_size=_int(d, "batch_size", low=1), mode=mode, backend=backend,
+                   precision=precision, weights=_str(d, "weights"), data=_str(d, "data"),
+                   dataset_fingerprint=_str(d, "dataset_fingerprint"), labels=_str(d, "labels", optional=True),
+                   images=images, min_time_s=float(t))
+
+    @property
+    def argsrepr(self) -> str:
+        return f"sweep={self.sweep_id} {self.mode} bs={self.batch_size} on {self.worker}"
+
+
+# ------------------------------------------------------------------------------ run plans
+
+def plan_shards(n_images: int, shard_size: int, batch_size: int) -> list[dict]:
+    """Split ``range(n_images)`` into shards; sizes are rounded up to a multiple of the batch size
+    so that every batch is the same in a distributed and a single-process run."""
+    if n_images <= 0:
+        return []
+    size = max(batch_size, math.ceil(max(1, shard_size) / batch_size) * batch_size)
+    return [{"shard_id": f"shard-{k:05d}", "start": s, "stop": min(s + size, n_images)}
+            for k, s in enumerate(range(0, n_images, size))]
+
+
+def auto_shard_size(n_images: int, workers: int | None, batch_size: int, *, per_worker: int = 4,
+                    cap: int = 1000) -> int:
+    """Several shards per worker (so a slow device does not hold the run), at most ``cap`` images."""
+    workers = max(1, workers or 8)
+    return max(batch_size, min(cap, math.ceil(n_images / (workers * per_worker))))
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+def make_manifest(job: EvalJob, *, shard_size: int, queue: str, run_id: str | None = None) -> dict:
+    """The run's record: the job, its queue and its shards (task ids ``<run_id>:<shard_id>``,
+    so the merge can look a late shard up)."""
+    run_id = run_id or new_run_id()
+    shards = plan_shards(job.dataset.images, shard_size, job.batch_size)
+    for s in shards:
+        s["task_id"] = f"{run_id}:{s['shard_id']}"
+    return {"run_id": run_id, "created": time.time(), "nasq_version": __version__, "queue": queue,
+            "submitted_from": os.uname().nodename, **job.to_payload(), "shards": shards}
+
+
+def job_of(manifest: dict) -> EvalJob:
+    return EvalJob.from_payload({k: manifest.get(k) for k in
+                                 ("dataset", "labels", "model", "backend", "batch_size", "precision", "output")})
+
+
+def shard_tasks(manifest: dict, shards: list[dict] | None = None) -> list[ShardTask]:
+    job = job_of(manifest)
+    return [ShardTask(manifest["run_id"], s["shard_id"], s["start"], s["stop"], job)
+            for s in (manifest["shards"] if shards is None else shards)]

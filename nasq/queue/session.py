@@ -1,0 +1,167 @@
+"""The session: one way to reach a deployment (the configured broker, or a private local
+cluster started for the duration), submission by canvas (a chord for an evaluation, a chain
+for a build, a group for a sweep) and the one wait loop that watches a run's record."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from celery import chain, chord, group
+
+from ..config import Settings
+from ..errors import NasqError, RunError
+from .app import (BUILD_QUEUE, TASK_BUILD_COMMIT, TASK_BUILD_DEVICE, TASK_BUILD_EXPORT, TASK_BUILD_FAILED,
+                  TASK_BUILD_SIMPLIFY, TASK_EVAL_SHARD, TASK_MERGE, TASK_RUN_FAILED, TASK_SWEEP_POINT, make_app,
+                  worker_queue)
+from .local import LocalCluster, WorkerSpec
+from .messages import SweepPoint, shard_tasks
+from .store import RunStore
+
+
+@dataclass
+class Progress:
+    """What the wait loop shows: units done, a failure recorded by the workers, a status line."""
+
+    done: int = 0
+    failed: str | None = None
+    status: str | None = None
+
+
+class Session:
+    """A connection to a nasq deployment. ``Session.open(settings, workers=[...])`` uses the
+    configured broker, or starts a private Redis and the given local workers when there is none
+    (``close()`` stops them)."""
+
+    def __init__(self, settings: Settings, *, cluster: LocalCluster | None = None):
+        self.settings, self.cluster = settings, cluster
+        self.app = make_app(settings)
+        self.store = RunStore(settings.backend_url, expires=settings.result_expires)
+
+    @classmethod
+    def open(cls, settings: Settings, *, workers: list[WorkerSpec] | None = None, log=print) -> Session:
+        if settings.broker_url:
+            return cls(settings)
+        if not workers:
+            raise NasqError("no broker: pass --broker redis://HOST:6379/0 or set NASQ_BROKER_URL")
+        workdir = os.path.join(settings.work_dir, time.strftime("%Y%m%d-%H%M%S-") + str(os.getpid()))
+        cluster = LocalCluster(workers, workdir=workdir, settings=settings, log=log)
+        url = cluster.__enter__()
+        return cls(dataclasses.replace(settings, broker_url=url, result_backend=None), cluster=cluster)
+
+    def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()
+            self.cluster = None
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ who is listening
+    def live_workers(self, queue: str) -> list[str]:
+        """Workers in the registry with a recent heartbeat that consume ``queue``."""
+        return sorted(n for n, w in self.store.workers().items() if w["alive"] and queue in w.get("queues", []))
+
+    def result_of(self, task_id: str) -> dict | None:
+        """A finished task's stored result, or None."""
+        r = self.app.AsyncResult(task_id)
+        return r.result if r.state == "SUCCESS" and isinstance(r.result, dict) else None
+
+    def require_consumer(self, queue: str, hint: str) -> None:
+        """Raise unless a worker answering right now consumes ``queue``."""
+        queues = self.app.control.inspect(timeout=2.0).active_queues() or {}
+        if not any(q["name"] == queue for qs in queues.values() for q in qs):
+            raise NasqError(f"no worker consumes the {queue} queue: {hint}")
+
+    # ------------------------------------------------------------------ canvases
+    def submit_run(self, manifest: dict, shards: list[dict] | None = None, *, merge_id: str | None = None):
+        """The chord of an evaluation: one ``eval_shard`` per shard (all of the manifest's by
+        default), then ``merge_run``; an errback marks the run failed. Returns the merge's result."""
+        run_id, queue = manifest["run_id"], manifest["queue"]
+        tasks = shard_tasks(manifest, shards)
+        body = self.app.signature(TASK_MERGE, kwargs={"run_id": run_id}, queue=queue,
+                                  task_id=merge_id or f"{run_id}:merge",
+                                  argsrepr=f"run={run_id} shards={len(manifest['shards'])}")
+        body.link_error(self.app.signature(TASK_RUN_FAILED, kwargs={"run_id": run_id}, queue=queue))
+        if not tasks:  # nothing to redo: the merge fetches every shard's stored result itself
+            return body.clone(args=([],)).apply_async()
+        header = group(self.app.signature(TASK_EVAL_SHARD, args=t.args(), queue=queue, argsrepr=t.argsrepr,
+                                          task_id=f"{run_id}:{t.shard_id}") for t in tasks)
+        return chord(header, app=self.app)(body)
+
+    def submit_build(self, spec) -> object:
+        """The chain of a build on the build queue: export -> simplify -> commit for ONNX,
+        device -> commit for a device artifact; an errback cleans up after a failed step."""
+        sig = lambda name, *args: self.app.signature(name, args=args, queue=BUILD_QUEUE)  # noqa: E731
+        if spec.target == "onnx":
+            c = chain(sig(TASK_BUILD_EXPORT, spec.to_dict()), sig(TASK_BUILD_SIMPLIFY), sig(TASK_BUILD_COMMIT))
+        else:
+            c = chain(sig(TASK_BUILD_DEVICE, spec.to_dict()), sig(TASK_BUILD_COMMIT))
+        c.link_error(self.app.signature(TASK_BUILD_FAILED, kwargs={"spec": spec.to_dict()}, queue=BUILD_QUEUE))
+        return c.apply_async()
+
+    def submit_sweep(self, points: list[SweepPoint]):
+        """The group of a sweep: each point on the queue of the one worker it measures."""
+        return group(self.app.signature(TASK_SWEEP_POINT, args=(p.to_payload(),), queue=worker_queue(p.worker),
+                                        argsrepr=p.argsrepr) for p in points).apply_async()
+
+    # ------------------------------------------------------------------ the wait loop
+    def wait(self, result, *, label: str, poll: Callable[[], Progress], total: int | None = None,
+             unit: str = "img", timeout: float | None = None, progress: bool = True, log=print):
+        """Wait for ``result`` (a run's merge, a build chain, a sweep group) and return its value.
+
+        While it runs: local workers are checked (one that died ends the wait with its log),
+        ``poll()`` reports progress and failures the workers recorded, and progress is shown
+        (a bar on a terminal, else a line every 10 s).
+
+        Raises:
+            RunError: the work failed, a local worker died, or ``timeout`` passed.
+        """
+        bar = None
+        if progress and total and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit=unit, desc=label, file=sys.stderr, dynamic_ncols=True)
+        t0 = last_line = time.time()
+        last_status = None
+        try:
+            while not result.ready():
+                if self.cluster is not None:
+                    self.cluster.check()
+                p = poll()
+                if p.failed:
+                    raise RunError(p.failed)
+                if p.status and p.status != last_status:
+                    log(f"{label}: {p.status}")
+                    last_status = p.status
+                if timeout and time.time() - t0 > timeout:
+                    where = ("its local workers are stopped now" if self.cluster is not None
+                             else "it goes on on the workers")
+                    raise RunError(f"{label} did not finish within {timeout:.0f} s; {where}")
+                if bar is not None:
+                    bar.n = min(total, p.done)
+                    bar.refresh()
+                elif progress and total and time.time() - last_line >= 10:
+                    last_line = time.time()
+                    log(f"{label}: {p.done}/{total} {unit}, {p.done / (last_line - t0):.1f} {unit}/s")
+                time.sleep(0.3)
+            if bar is not None:
+                bar.n = total
+                bar.refresh()
+            try:
+                return result.get(propagate=True, disable_sync_subtasks=False)
+            except NasqError:
+                raise
+            except Exception as e:  # a task error comes back re-raised from its serialized form
+                raise RunError(f"{label} failed: {e}") from None
+        finally:
+            if bar is not None:
+                bar.close()
+            for r in getattr(result, "results", None) or [result]:
+                self.app.backend.remove_pending_result(r)  # drop the subscription: a private Redis may stop next

@@ -1,0 +1,212 @@
+"""Everything nasq keeps in Redis, and the only place its key names are spelled: run records
+(manifest, state, per-shard progress and attempts, report, predictions), the worker
+registry, and the build lock, status and export counter.
+
+Everything a watcher needs lives under ``nasq:run:<id>:*`` so any machine with the broker
+URL can follow a run; keys expire with the results (``result_expires``).
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from contextlib import contextmanager
+
+import redis
+from redis.exceptions import LockError
+from redis.lock import Lock
+
+PREFIX = "nasq:run:"
+RUNS = "nasq:runs"
+WORKERS = "nasq:workers"
+BUILD = "nasq:build:"
+BUILD_LOCK_TTL_S = 300
+
+
+class BuildLock(Lock):
+    """redis-py's ``Lock`` owned by a build request's token instead of a thread (the steps of
+    one build run as separate tasks, maybe in other processes), plus what it lacks: the same
+    request taking it again (a redelivered step) and a keeper that extends it while a long
+    step runs. Its expiry frees the key when the worker building it dies."""
+
+    def __init__(self, r, key: str, token: str, ttl: int = BUILD_LOCK_TTL_S):
+        super().__init__(r, f"{BUILD}lock:{key}", timeout=ttl, thread_local=False)
+        self.token = token
+        self.local.token = token.encode()
+
+    def take(self) -> bool:
+        """Take the lock, or keep it if this request already holds it."""
+        return self.acquire(blocking=False, token=self.token) or self.renew()
+
+    def renew(self) -> bool:
+        try:
+            return self.reacquire()
+        except LockError:
+            return False
+
+    def holder(self) -> str | None:
+        v = self.redis.get(self.name)
+        return v.decode() if v else None
+
+    def free(self) -> None:
+        try:
+            self.release()
+        except LockError:  # expired or taken over: nothing of ours to free
+            pass
+        self.local.token = self.token.encode()
+
+    @contextmanager
+    def kept(self):
+        """Renew the lock every ttl/3 while the body runs."""
+        stop = threading.Event()
+
+        def keep():
+            while not stop.wait(self.timeout / 3):
+                self.renew()
+
+        keeper = threading.Thread(target=keep, daemon=True)
+        keeper.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            keeper.join()
+
+
+class RunStore:
+    def __init__(self, url: str, *, expires: int = 7 * 24 * 3600):
+        self.r = redis.Redis.from_url(url)
+        self.expires = expires
+
+    def _k(self, run_id: str, part: str = "manifest") -> str:
+        return f"{PREFIX}{run_id}:{part}"
+
+    def _set(self, key: str, value) -> None:
+        self.r.set(key, json.dumps(value), ex=self.expires)
+
+    def _get(self, key: str):
+        raw = self.r.get(key)
+        return None if raw is None else json.loads(raw)
+
+    # manifest and state -----------------------------------------------------------
+    def save_manifest(self, manifest: dict) -> None:
+        run_id = manifest["run_id"]
+        self._set(self._k(run_id), manifest)
+        self.r.zadd(RUNS, {run_id: manifest.get("created", time.time())})
+        self.set_state(run_id, "submitted")
+
+    def manifest(self, run_id: str) -> dict | None:
+        return self._get(self._k(run_id))
+
+    def set_state(self, run_id: str, state: str, **fields) -> None:
+        self._set(self._k(run_id, "state"), {"state": state, "at": time.time(), **fields})
+
+    def state(self, run_id: str) -> dict | None:
+        return self._get(self._k(run_id, "state"))
+
+    def run_ids(self, limit: int = 50) -> list[str]:
+        return [x.decode() for x in self.r.zrevrange(RUNS, 0, limit - 1)]
+
+    # shards -----------------------------------------------------------------------
+    def next_attempt(self, run_id: str, shard_id: str) -> int:
+        key = self._k(run_id, "attempts")
+        n = self.r.hincrby(key, shard_id, 1)
+        self.r.expire(key, self.expires)
+        return int(n)
+
+    def shard_started(self, run_id: str, shard_id: str, info: dict) -> None:
+        key = self._k(run_id, "running")
+        self.r.hset(key, shard_id, json.dumps({**info, "at": time.time()}))
+        self.r.expire(key, self.expires)
+
+    def shard_progress(self, run_id: str, shard_id: str, done: int) -> None:
+        key = self._k(run_id, "shard_done")
+        self.r.hset(key, shard_id, done)
+        self.r.expire(key, self.expires)
+
+    def shard_finished(self, run_id: str, shard_id: str, summary: dict) -> None:
+        with self.r.pipeline() as p:
+            p.hdel(self._k(run_id, "running"), shard_id)
+            p.hset(self._k(run_id, "finished"), shard_id, json.dumps(summary))
+            p.expire(self._k(run_id, "finished"), self.expires)
+            p.execute()
+
+    def running(self, run_id: str) -> dict[str, dict]:
+        return {k.decode(): json.loads(v) for k, v in self.r.hgetall(self._k(run_id, "running")).items()}
+
+    def finished(self, run_id: str) -> dict[str, dict]:
+        return {k.decode(): json.loads(v) for k, v in self.r.hgetall(self._k(run_id, "finished")).items()}
+
+    def images_done(self, run_id: str) -> int:
+        return sum(int(v) for v in self.r.hvals(self._k(run_id, "shard_done")))
+
+    def attempts(self, run_id: str) -> dict[str, int]:
+        return {k.decode(): int(v) for k, v in self.r.hgetall(self._k(run_id, "attempts")).items()}
+
+    def reset_shards(self, run_id: str, shard_ids: list[str]) -> None:
+        """Forget the attempts and progress of shards about to run again (``nasq resume``)."""
+        if shard_ids:
+            self.r.hdel(self._k(run_id, "attempts"), *shard_ids)
+            self.r.hdel(self._k(run_id, "shard_done"), *shard_ids)
+
+    def next_resume(self, run_id: str) -> int:
+        key = self._k(run_id, "resumes")
+        n = int(self.r.incr(key))
+        self.r.expire(key, self.expires)
+        return n
+
+    # workers ------------------------------------------------------------------------
+    def register_worker(self, name: str, info: dict) -> None:
+        self.r.hset(WORKERS, name, json.dumps({**info, "last_seen": time.time()}))
+
+    def touch_worker(self, name: str, **fields) -> None:
+        raw = self.r.hget(WORKERS, name)
+        if raw is not None:
+            info = json.loads(raw)
+            info.update(fields, last_seen=time.time())
+            self.r.hset(WORKERS, name, json.dumps(info))
+
+    def unregister_worker(self, name: str) -> None:
+        self.r.hdel(WORKERS, name)
+
+    def workers(self, *, alive_within: float = 30.0) -> dict[str, dict]:
+        """Registered workers; ``alive`` is False when no heartbeat came for ``alive_within`` s."""
+        now = time.time()
+        out = {}
+        for k, v in self.r.hgetall(WORKERS).items():
+            info = json.loads(v)
+            info["alive"] = now - info.get("last_seen", 0) < alive_within
+            out[k.decode()] = info
+        return out
+
+    # results ------------------------------------------------------------------------
+    def save_report(self, run_id: str, report: dict, predictions: dict | None = None) -> None:
+        self._set(self._k(run_id, "report"), report)
+        if predictions is not None:
+            self._set(self._k(run_id, "predictions"), predictions)
+
+    def report(self, run_id: str) -> dict | None:
+        return self._get(self._k(run_id, "report"))
+
+    def predictions(self, run_id: str) -> dict | None:
+        return self._get(self._k(run_id, "predictions"))
+
+    # builds -------------------------------------------------------------------------
+    def build_lock(self, key: str, token: str) -> BuildLock:
+        return BuildLock(self.r, key, token)
+
+    def set_build_status(self, key: str, text: str) -> None:
+        self.r.set(f"{BUILD}status:{key}", text, ex=3600)
+
+    def build_status(self, key: str) -> str | None:
+        v = self.r.get(f"{BUILD}status:{key}")
+        return v.decode() if v else None
+
+    def count_export(self, key: str) -> None:
+        """Exports started for ``key``: concurrent requests for one artifact export it once."""
+        name = f"{BUILD}exports:{key}"
+        self.r.incr(name)
+        self.r.expire(name, self.expires)
+
+    def exports(self, key: str) -> int:
+        return int(self.r.get(f"{BUILD}exports:{key}") or 0)

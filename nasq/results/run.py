@@ -1,0 +1,92 @@
+"""The end of a run: the library function behind the chord callback ``nasq.merge_run``."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Callable
+
+from ..errors import NasqError, RunError
+from .merge import MissingShards, merge, merge_partial
+from .report import write_run_files
+
+log = logging.getLogger("nasq.worker")
+
+
+class MergeLater(Exception):
+    """A shard the merge needs is still running somewhere (a redelivered one): try again soon."""
+
+
+def merge_run(run_id: str, results: list, *, store, report_dir: str, fetch_result: Callable[[str], dict | None],
+              merge_wait_s: float, first_try: float) -> dict:
+    """Validate the shard results of ``run_id``, write and record its report.
+
+    Args:
+        results: what the chord handed over; a shard missing from it is fetched by its task id
+            with ``fetch_result`` (a late, redelivered shard stores its result there).
+        store: the run store (manifest, running shards, report, state).
+        first_try: when the first attempt at this merge ran; a merge that still misses a
+            running shard raises ``MergeLater`` until ``merge_wait_s`` have passed.
+
+    Raises:
+        MergeLater: retry in a few seconds.
+        RunError: missing or failed shards (the run is marked failed, with a partial report).
+    """
+    manifest = store.manifest(run_id)
+    if manifest is None:
+        raise RunError(f"run {run_id}: its manifest is gone from Redis (expired or flushed)")
+    results = list(results or [])
+    results += _late_results(manifest, results, fetch_result)
+    try:
+        report, predictions = merge(manifest, results)
+    except MissingShards as e:
+        running = set(store.running(run_id))
+        if any(sid in running for sid in e.missing) and time.time() - first_try < merge_wait_s:
+            raise MergeLater(str(e)) from None
+        mark_failed(store, manifest, results, e, report_dir)
+        raise
+    except NasqError as e:
+        mark_failed(store, manifest, results, e, report_dir)
+        raise
+    _save(store, manifest, results, report, predictions, report_dir)
+    store.set_state(run_id, "done", images=report["images"], top1=report["top1"], top5=report["top5"],
+                    throughput_img_s=report["throughput_img_s"])
+    return report
+
+
+def mark_failed(store, manifest: dict, results: list, error: Exception, report_dir: str) -> None:
+    """Mark the run failed, keeping what it finished: a partial report (and files), so that
+    ``nasq resume`` reruns only the rest."""
+    run_id = manifest["run_id"]
+    partial = merge_partial(manifest, results, str(error))
+    if partial is not None:
+        _save(store, manifest, results, *partial, report_dir)
+    store.set_state(run_id, "failed", partial=partial is not None,
+                    error=f"{error} -- `nasq resume {run_id}` reruns only the failed or missing shards")
+
+
+def _save(store, manifest: dict, results: list, report: dict, predictions: dict, report_dir: str) -> None:
+    """Report files on disk (a failure to write them is logged: the report still reaches Redis)."""
+    run_id = manifest["run_id"]
+    try:
+        report["files"] = write_run_files(report, _shard_timings(manifest, results), os.path.join(report_dir, run_id))
+    except OSError as e:
+        log.warning("run %s: could not write the report files: %s", run_id, e)
+    store.save_report(run_id, report, predictions)
+
+
+def _shard_timings(manifest: dict, results: list) -> list[dict]:
+    seen, out = set(), []
+    for r in results:
+        if isinstance(r, dict) and r.get("run_id") == manifest["run_id"] and r.get("status") == "ok" \
+                and r["shard_id"] not in seen:
+            seen.add(r["shard_id"])
+            out.append({"worker": r["worker"], "device": r["device"], "images": len(r["indices"]), **r["timing"]})
+    return out
+
+
+def _late_results(manifest: dict, results: list, fetch_result) -> list:
+    """Results of shards absent from the chord's list, fetched by task id."""
+    have = {r.get("shard_id") for r in results if isinstance(r, dict)}
+    late = (fetch_result(s["task_id"]) for s in manifest["shards"] if s["shard_id"] not in have)
+    return [r for r in late if isinstance(r, dict)]

@@ -1,0 +1,106 @@
+"""``nasq status`` and ``nasq runs``: what is running, from the run records (the run store)."""
+from __future__ import annotations
+
+import sys
+import time
+
+from ..errors import NasqError
+from ..tables import table
+
+
+def _bar(done: int, total: int, width: int = 30) -> str:
+    filled = int(width * done / total) if total else width
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "--:--"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def run_status(store, run_id: str) -> dict:
+    """Progress numbers of one run: shards, images, rate, ETA, errors, per-worker activity."""
+    manifest = store.manifest(run_id)
+    if manifest is None:
+        raise NasqError(f"no run {run_id!r} in this Redis (runs expire after result_expires)")
+    state = store.state(run_id) or {}
+    finished, running = store.finished(run_id), store.running(run_id)
+    total_images = manifest["dataset"]["images"]
+    done = min(total_images, store.images_done(run_id))
+    starts = [s["started_at"] for s in finished.values() if "started_at" in s]
+    starts += [r["at"] for r in running.values()]
+    t0 = min(starts) if starts else None
+    if state.get("state") in ("done", "failed"):
+        t_end = state.get("at", time.time())
+    else:
+        t_end = time.time()
+    rate = done / (t_end - t0) if t0 and done and t_end > t0 else None
+    eta = (total_images - done) / rate if rate and state.get("state") not in ("done", "failed") else None
+    per_worker: dict[str, dict] = {}
+    for s in finished.values():
+        w = per_worker.setdefault(s.get("worker", "?"), {"device": s.get("device"), "shards": 0, "images": 0, "wall_s": 0.0})
+        w["shards"] += 1
+        w["images"] += s.get("images", 0)
+        w["wall_s"] += s.get("wall_s", 0.0)
+    for sid, r in running.items():
+        w = per_worker.setdefault(r["worker"], {"device": r.get("device"), "shards": 0, "images": 0, "wall_s": 0.0})
+        w["current"] = {"shard_id": sid, "images": r.get("images"), "since": r["at"]}
+    for w in per_worker.values():
+        w["rate_img_s"] = round(w["images"] / w["wall_s"], 2) if w["wall_s"] else None
+    return {"run_id": run_id, "state": state.get("state", "unknown"), "error": state.get("error"),
+            "shards_total": len(manifest["shards"]), "shards_done": len(finished),
+            "shard_errors": sum(1 for s in finished.values() if s.get("status") != "ok"),
+            "images_total": total_images, "images_done": done,
+            "image_errors": sum(s.get("errors", 0) for s in finished.values()),
+            "rate_img_s": round(rate, 2) if rate else None, "eta_s": round(eta, 1) if eta is not None else None,
+            "backend": manifest.get("backend"), "batch_size": manifest.get("batch_size"), "workers": per_worker}
+
+
+def render_status(st: dict) -> str:
+    lines = [f"run {st['run_id']}  {st['state']:<9} {_bar(st['images_done'], st['images_total'])} "
+             f"shards {st['shards_done']}/{st['shards_total']}  images {st['images_done']}/{st['images_total']}  "
+             f"{st['rate_img_s'] or 0:.1f} img/s  ETA {_eta(st['eta_s'])}  errors {st['image_errors']} images"
+             + (f", {st['shard_errors']} shards" if st["shard_errors"] else "")]
+    for name, w in sorted(st["workers"].items()):
+        cur = w.get("current")
+        doing = (f"{cur['shard_id']} ({cur['images']} img, {time.time() - cur['since']:.0f} s)" if cur else "idle")
+        lines.append(f"  {name:<30} {str(w.get('device')):<8} {doing:<28} done {w['shards']} shards, "
+                     f"{w['images']} img, {w['rate_img_s'] or 0:.2f} img/s")
+    if st.get("error"):
+        lines.append(f"  error: {st['error']}")
+    return "\n".join(lines)
+
+
+def watch(store, run_id: str, *, interval: float = 1.0, out=sys.stdout) -> dict:
+    """Redraw the status until the run ends; returns the last status."""
+    tty = out.isatty()
+    last = None
+    while True:
+        st = run_status(store, run_id)
+        text = render_status(st)
+        if tty:
+            out.write("\x1b[H\x1b[2J" + text + "\n")
+        elif text.splitlines()[0] != last:
+            out.write(text.splitlines()[0] + "\n")
+        last = text.splitlines()[0]
+        out.flush()
+        if st["state"] in ("done", "failed"):
+            return st
+        time.sleep(interval)
+
+
+def runs_table(store, limit: int = 20) -> str:
+    rows = []
+    for rid in store.run_ids(limit):
+        m, st, rep = store.manifest(rid), store.state(rid) or {}, store.report(rid)
+        if m is None:
+            continue
+        images = rep["images"] if rep else store.images_done(rid)
+        top1 = f"{rep['top1']:.2f}" if rep and rep.get("top1") is not None else "-"
+        top5 = f"{rep['top5']:.2f}" if rep and rep.get("top5") is not None else "-"
+        speed = f"{rep['throughput_img_s']:.1f}" if rep and rep.get("throughput_img_s") else "-"
+        rows.append([rid, st.get("state", "?"), m.get("backend", "?"), m.get("batch_size", 0), images, top1, top5, speed])
+    return table(rows, ["run", "state", "backend", "bs", "images", "top-1", "top-5", "img/s"])
