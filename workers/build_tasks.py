@@ -12,12 +12,18 @@ from workers.app import WorkerTask, app
 WAIT_RETRIES = 3600  # x 2 s: how long a request waits for another one's build of the same key
 
 
+def _begin(task, begin, spec: dict) -> dict:
+    """The first step of a chain; while another request builds the same key, retry later
+    instead of holding this worker."""
+    try:
+        return begin(BuildSpec.from_dict(spec), store=task.store, artifacts=task.artifacts)
+    except pipeline.BuildBusy:
+        raise task.retry(countdown=2, max_retries=WAIT_RETRIES) from None
+
+
 @app.task(name=TASK_BUILD_EXPORT, bind=True, base=WorkerTask)
 def build_export(self, spec: dict) -> dict:
-    try:
-        return pipeline.begin_export(BuildSpec.from_dict(spec), store=self.store, artifacts=self.artifacts)
-    except pipeline.BuildBusy:
-        raise self.retry(countdown=2, max_retries=WAIT_RETRIES) from None
+    return _begin(self, pipeline.begin_export, spec)
 
 
 @app.task(name=TASK_BUILD_SIMPLIFY, bind=True, base=WorkerTask)
@@ -27,10 +33,7 @@ def build_simplify(self, state: dict) -> dict:
 
 @app.task(name=TASK_BUILD_DEVICE, bind=True, base=WorkerTask)
 def build_device(self, spec: dict) -> dict:
-    try:
-        return pipeline.begin_device(BuildSpec.from_dict(spec), store=self.store, artifacts=self.artifacts)
-    except pipeline.BuildBusy:
-        raise self.retry(countdown=2, max_retries=WAIT_RETRIES) from None
+    return _begin(self, pipeline.begin_device, spec)
 
 
 @app.task(name=TASK_BUILD_COMMIT, bind=True, base=WorkerTask)

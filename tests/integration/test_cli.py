@@ -2,6 +2,7 @@
 import json
 import os
 import subprocess
+import sys
 import uuid
 
 import pytest
@@ -26,6 +27,11 @@ def run(nasq_cli, repo):
 def test_help_everywhere(run, cmd):
     p = run(cmd + ["--help"])
     assert p.returncode == 0 and "usage: nasq" in p.stdout
+
+
+def test_producer_help(repo):
+    p = subprocess.run([sys.executable, "-m", "producer", "--help"], capture_output=True, text=True, cwd=repo)
+    assert p.returncode == 0 and "usage: python -m producer" in p.stdout
 
 
 def test_embedded_eval_of_a_users_folder(run, assets, tmp_path):
@@ -78,7 +84,7 @@ def test_bad_inputs_give_clear_errors(run, assets, tmp_path):
     assert p.returncode == 2 and "no broker" in p.stderr
 
 
-def test_worker_and_eval_with_broker_as_separate_processes(run, assets, redis_url, start_workers, tmp_path):
+def test_worker_and_eval_with_broker_as_separate_processes(run, assets, redis_url, start_workers, repo, tmp_path):
     queue = f"eval.cli-{uuid.uuid4().hex[:6]}"
     w = start_workers(redis_url, queue)  # `python -m workers` is what `nasq worker` execs
     try:
@@ -90,6 +96,15 @@ def test_worker_and_eval_with_broker_as_separate_processes(run, assets, redis_ur
         assert r["images"] == 20 and r["top1"] == 100.0
         assert [d["worker"] for d in r["per_device"]] == [w.names[0]]
         assert "private Redis" not in p.stderr
+        # the producer queues the same run and returns at once; `nasq status --watch` follows it
+        p = subprocess.run([sys.executable, "-m", "producer", "--broker", redis_url, "--queue", queue, "--weights",
+                            assets["weights"], "--data", assets["data"], "--batch-size", "4"],
+                           capture_output=True, text=True, timeout=120, cwd=repo)
+        assert p.returncode == 0, p.stderr
+        run_id = p.stdout.strip()
+        st = run(["status", run_id, "--watch", "--interval", "0.3", "--broker", redis_url])
+        assert st.returncode == 0, st.stderr
+        assert "top-1 100.00%" in st.stdout and "images 23/23" in st.stdout
     finally:
         w.stop()
 

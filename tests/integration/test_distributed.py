@@ -1,6 +1,7 @@
 """Real Redis, real worker processes: the distributed result equals the single-process one."""
 import os
 import time
+import uuid
 
 import numpy as np
 import pytest
@@ -143,10 +144,12 @@ def test_pickle_refused_by_workers_and_client(assets, workers, settings, tmp_pat
     assert r.state == "PENDING"  # never executed
     assert RunStore(settings.broker_url).attempts("evil-run") == {}
     # A pickled result planted in the backend is not unpickled by the client.
+    # (a fresh key: the evil backend itself would unpickle a value planted by an earlier session)
     client_marker = tmp_path / "client-unpickled"
-    evil.backend.store_result("planted-pickle", _Planted(str(client_marker)), "SUCCESS")
+    planted = f"planted-pickle-{uuid.uuid4().hex}"
+    evil.backend.store_result(planted, _Planted(str(client_marker)), "SUCCESS")
     with pytest.raises((ContentDisallowed, DecodeError)):
-        app.AsyncResult("planted-pickle").get(timeout=5)
+        app.AsyncResult(planted).get(timeout=5)
     assert not client_marker.exists()
 
 

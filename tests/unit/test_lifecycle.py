@@ -1,0 +1,209 @@
+"""The library functions behind the tasks, without a broker: a shard (``run_shard``), the end
+of a run (``merge_run``), a sweep point (``measure_point``), and the message checks."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nasq.config import Settings, WorkerConfig
+from nasq.errors import RunError
+from nasq.inference.resources import DeviceResources
+from nasq.inference.shard import run_shard
+from nasq.perf.sweep import measure_point, point_file, read_rows
+from nasq.queue.messages import MessageError, ShardTask, SweepPoint, job_of, make_manifest
+from nasq.results.run import MergeLater, merge_run
+
+
+class MemoryLedger:
+    """What the run store records for shards, in dicts."""
+
+    def __init__(self):
+        self.attempts, self.started, self.progress, self.finished, self.workers = {}, {}, {}, {}, {}
+
+    def next_attempt(self, run_id, shard_id):
+        self.attempts[shard_id] = self.attempts.get(shard_id, 0) + 1
+        return self.attempts[shard_id]
+
+    def shard_started(self, run_id, shard_id, info):
+        self.started[shard_id] = info
+
+    def shard_progress(self, run_id, shard_id, done):
+        self.progress[shard_id] = done
+
+    def shard_finished(self, run_id, shard_id, summary):
+        self.finished[shard_id] = summary
+
+    def touch_worker(self, name, **fields):
+        self.workers.setdefault(name, {}).update(fields)
+
+
+class MemoryStore:
+    """What the merge reads and writes in the run store, in dicts."""
+
+    def __init__(self, manifest, running=()):
+        self._manifest, self._running = manifest, {sid: {} for sid in running}
+        self.states, self.reports = [], {}
+
+    def manifest(self, run_id):
+        return self._manifest
+
+    def running(self, run_id):
+        return self._running
+
+    def set_state(self, run_id, state, **fields):
+        self.states.append({"state": state, **fields})
+
+    def save_report(self, run_id, report, predictions=None):
+        self.reports[run_id] = (report, predictions)
+
+
+def _job(assets, **over) -> dict:
+    from nasq.data import open_source
+
+    job = {"dataset": open_source(assets["data"]).describe(), "labels": assets["labels"],
+           "model": {"weights": assets["weights"], "num_outputs": None, "options": {}}, "backend": "torch",
+           "batch_size": 4, "precision": None, "output": None}
+    return job | over
+
+
+def _worker(tmp_path, **over) -> WorkerConfig:
+    settings = Settings(artifact_dir=str(tmp_path / "art"), report_dir=str(tmp_path / "rep"), max_attempts=2)
+    return WorkerConfig(**({"settings": settings, "name": "w0@test", "threads": 1} | over))
+
+
+def test_run_shard_evaluates_its_range_and_records_it(assets, tmp_path):
+    from nasq.api import evaluate_local
+
+    ledger, resources = MemoryLedger(), DeviceResources("cpu")
+    task = ShardTask.from_payload("r1", "shard-00001", 8, 16, _job(assets))
+    out = run_shard(task, ledger=ledger, resources=resources, worker=_worker(tmp_path))
+    assert out["status"] == "ok" and out["worker"] == "w0@test" and out["precision"] == "fp32"
+    ref = evaluate_local(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4)
+    mine = [ref["indices"].index(i) for i in out["indices"]]
+    assert out["top5"] == [ref["top5"][k] for k in mine]
+    assert len(out["indices"]) + len(out["errors"]) == 8
+    assert ledger.attempts == {"shard-00001": 1} and ledger.progress["shard-00001"] == 8
+    assert ledger.finished["shard-00001"]["status"] == "ok" and ledger.workers["w0@test"]["current"] is None
+    # the loaded model is kept for the next shard of the same run
+    first = resources.backend
+    run_shard(ShardTask.from_payload("r1", "shard-00000", 0, 8, _job(assets)), ledger=ledger, resources=resources,
+              worker=_worker(tmp_path))
+    assert resources.backend is first
+
+
+def test_run_shard_reports_failures_instead_of_raising(assets, tmp_path):
+    ledger = MemoryLedger()
+    task = ShardTask.from_payload("r1", "shard-00000", 0, 4, _job(assets))
+    out = run_shard(task, ledger=ledger, resources=DeviceResources("cpu"), worker=_worker(tmp_path, backend="onnxruntime"))
+    assert out["status"] == "error" and "runs backend 'onnxruntime' but the run asked for 'torch'" in out["error"]
+    assert ledger.finished["shard-00000"]["status"] == "error"
+    # a shard whose worker died max_attempts times is failed, not run again
+    ledger.attempts["shard-00000"] = 2
+    out = run_shard(task, ledger=ledger, resources=DeviceResources("cpu"), worker=_worker(tmp_path))
+    assert out["status"] == "error" and "max_attempts=2" in out["error"]
+
+
+def test_run_precision_wins_over_the_workers(assets, tmp_path):
+    w = _worker(tmp_path, precision="bf16")
+    assert w.backend_options(None).precision == "bf16" and w.backend_options("fp32").precision == "fp32"
+    out = run_shard(ShardTask.from_payload("r1", "s", 0, 4, _job(assets, precision="fp16")), ledger=MemoryLedger(),
+                    resources=DeviceResources("cpu"), worker=w)
+    assert out["status"] == "error" and "fp16 runs on CUDA only" in out["error"]  # the flag reached the backend
+
+
+def _results(manifest, drop=()):
+    out = []
+    for s in manifest["shards"]:
+        if s["shard_id"] in drop:
+            continue
+        idx = list(range(s["start"], s["stop"]))
+        out.append({"run_id": manifest["run_id"], "shard_id": s["shard_id"], "status": "ok", "worker": "w0",
+                    "device": "cpu", "backend": "torch", "indices": idx, "names": [f"{i}.JPEG" for i in idx],
+                    "labels": idx, "top5": [[i, 0, 0, 0, 0] for i in idx], "scores": [[1.0] * 5 for _ in idx],
+                    "errors": [], "num_outputs": 1001,
+                    "timing": {"data_s": 0.1, "compute_s": 1.0, "wall_s": 1.0, "started_at": 10.0, "finished_at": 11.0}})
+    return out
+
+
+def test_merge_run_writes_the_report_and_fetches_late_shards(assets, tmp_path):
+    manifest = make_manifest(job_of(_job(assets) | {"dataset": {**_job(assets)["dataset"], "images": 12}}),
+                             shard_size=4, queue="q")
+    store = MemoryStore(manifest)
+    results = _results(manifest)
+    late = results.pop(1)
+    report = merge_run(manifest["run_id"], results, store=store, report_dir=str(tmp_path),
+                       fetch_result=lambda tid: late if tid == manifest["shards"][1]["task_id"] else None,
+                       merge_wait_s=60, first_try=0.0)
+    assert report["images"] == 12 and report["top1"] == 100.0 and report["shards"] == 3
+    assert store.states[-1]["state"] == "done" and os.path.isfile(report["files"]["json"])
+    assert store.reports[manifest["run_id"]][1]["indices"] == list(range(12))
+
+
+def test_merge_run_waits_for_a_running_shard_then_fails_keeping_the_rest(assets, tmp_path):
+    import time
+
+    manifest = make_manifest(job_of(_job(assets) | {"dataset": {**_job(assets)["dataset"], "images": 12}}),
+                             shard_size=4, queue="q")
+    gone = manifest["shards"][2]["shard_id"]
+    results = _results(manifest, drop={gone})
+    store = MemoryStore(manifest, running=[gone])
+    kw = dict(store=store, report_dir=str(tmp_path), fetch_result=lambda tid: None, merge_wait_s=60)
+    with pytest.raises(MergeLater):
+        merge_run(manifest["run_id"], results, first_try=time.time(), **kw)
+    assert store.states == []  # nothing decided yet
+    with pytest.raises(RunError, match=gone):
+        merge_run(manifest["run_id"], results, first_try=time.time() - 120, **kw)
+    assert store.states[-1]["state"] == "failed" and "nasq resume" in store.states[-1]["error"]
+    partial, _ = store.reports[manifest["run_id"]]
+    assert partial["partial"] and partial["images"] == 8 and partial["shards_not_ok"] == [gone]
+
+
+def test_measure_point_writes_its_row(assets, tmp_path):
+    from nasq.data import open_source
+
+    src = open_source(assets["data"])
+    point = SweepPoint.from_payload({"sweep_id": "sweep-x", "point_id": "w0@test|bs2", "folder": str(tmp_path),
+                                     "worker": "w0@test", "batch_size": 2, "mode": "bench", "backend": "torch",
+                                     "precision": "fp32", "weights": assets["weights"], "data": src.root,
+                                     "dataset_fingerprint": src.fingerprint, "min_time_s": 0.1})
+    row = measure_point(point, resources=DeviceResources("cpu"), worker=_worker(tmp_path))
+    assert not row.get("error") and row["img_s"] == pytest.approx(2000 / row["mean_ms"], rel=1e-3)
+    assert os.path.isfile(point_file(str(tmp_path), point.point_id))
+    assert read_rows(str(tmp_path), [point.point_id]) == [row]
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"start": -4}, "start"), ({"start": 8, "stop": 8}, "below stop"), ({"stop": 10_000}, "past the dataset"),
+    ({"start": True}, "start"), ({"job": {"batch_size": 0}}, "batch_size"), ({"job": {"precision": "fp64"}}, "precision"),
+    ({"job": {"backend": "tensorflow"}}, "backend"), ({"job": {"output": {"dir": "/x", "fmt": "EXE"}}}, "output.fmt"),
+    ({"job": {"model": {"weights": 3}}}, "weights"), ({"job": "not a dict"}, "job"),
+])
+def test_shard_messages_are_checked(assets, change, field):
+    args = {"run_id": "r", "shard_id": "s", "start": 0, "stop": 4, "job": _job(assets)}
+    job_change = change.pop("job", None)
+    args |= change
+    if isinstance(job_change, dict):
+        args["job"] = args["job"] | job_change
+    elif job_change is not None:
+        args["job"] = job_change
+    with pytest.raises(MessageError, match=field):
+        ShardTask.from_payload(**args)
+
+
+def test_a_valid_message_round_trips(assets):
+    task = ShardTask.from_payload("r", "s", 0, 4, _job(assets, precision="fp32"))
+    assert ShardTask.from_payload(*task.args()) == task
+    assert task.argsrepr == "run=r s images=[0,4) batch=4 backend=torch"
+
+
+def test_a_bad_precision_flag_is_one_line_before_anything_starts(tmp_path):
+    env = dict(os.environ, NASQ_WORK_DIR=str(tmp_path / "runs"))
+    env.pop("NASQ_BROKER_URL", None)
+    for argv, names in ((["--precision", "fp64"], "'bf16', 'fp16', 'fp32'"),
+                        (["--backend", "onnxruntime", "--precision", "fp16"], "fp32")):
+        p = subprocess.run([sys.executable, "-m", "nasq.cli", "eval", "--weights", "w.pth", "--data", str(tmp_path),
+                            *argv], capture_output=True, text=True, timeout=120, env=env)
+        assert p.returncode == 2, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1 and names in p.stderr, p.stderr
+        assert not (tmp_path / "runs").exists()  # no private Redis or worker was started
