@@ -13,6 +13,7 @@ Redis or a worker starts; the queue layer (``nasq.queue``) does the rest.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 from . import backends
@@ -26,6 +27,7 @@ from .model.spec import ModelRef
 from .perf.bench import BenchResult
 from .perf.sweep import sweep_folder, point_file, read_rows, sweep_id
 from .queue.app import BUILD_QUEUE, eval_queue
+from .queue.healing import heal
 from .queue.local import WorkerSpec, cpu_threads, local_devices, worker_name
 from .queue.messages import DatasetRef, EvalJob, OutputSpec, SweepPoint, auto_shard_size, make_manifest
 from .queue.session import Progress, Session
@@ -38,11 +40,14 @@ __all__ = ["BenchResult", "BuildResult", "EvalResult", "RunHandle", "SweepHandle
 
 # ------------------------------------------------------------------------------ checks
 
-def check_precision(backend: str, precision: str | None) -> None:
-    """Refuse a precision the backend does not have, naming the valid ones."""
+def check_precision(backend: str, precision: str | None, compile: str | None = None) -> None:
+    """Refuse a precision (or compile mode) the backend does not have, naming the valid ones."""
     valid = backends.precisions(backend)
     if precision is not None and precision not in valid:
         raise NasqError(f"backend {backend} runs precision {', '.join(valid)}, not {precision!r}")
+    modes = backends.backend_class(backend).compile_modes
+    if compile not in (None, "none") and compile not in modes:
+        raise NasqError(f"backend {backend} compiles with {', '.join(modes)}, not {compile!r}")
 
 
 def check_weights(weights: str, backend: str) -> str:
@@ -112,13 +117,14 @@ def build(*, weights: str, target: str = "onnx", batch_size: int | None = None, 
     if session is not None:
         return _build(session, spec, artifacts, timeout=timeout, log=log)
     with Session.open(settings, workers=[WorkerSpec(queues=(BUILD_QUEUE,))], log=log) as s:
-        if s.cluster is None:
-            s.require_consumer(BUILD_QUEUE, "start one with `nasq worker --queues build` (it needs the weights and "
-                                            "the artifact directory at the same paths as here)")
         return _build(s, spec, artifacts, timeout=timeout, log=log)
 
 
 def _build(session: Session, spec, artifacts: ArtifactStore, *, timeout: float | None, log) -> BuildResult:
+    if session.cluster is None:
+        session.require_consumer(BUILD_QUEUE, "start one with `nasq worker --queues build` (it needs the weights "
+                                              "and the artifact directory at the same paths as here)")
+
     def one(s) -> dict:
         return session.wait(session.submit_build(s), label=f"build {s.key}", timeout=timeout, log=log,
                             poll=lambda: Progress(status=session.store.build_status(s.key) or "queued"))
@@ -170,9 +176,17 @@ class RunHandle:
     session: Session
 
     def wait(self, *, progress: bool = True, timeout: float | None = None, log=print) -> EvalResult:
+        """Follow the run to its report. While waiting, shards whose worker is gone (lease
+        expired) are dispatched again (``nasq.queue.healing``)."""
         store, run_id, total = self.session.store, self.run_id, self.manifest["dataset"]["images"]
+        every = max(1.0, self.session.settings.lease_s / 3)
+        last_heal = [time.time()]
 
         def poll() -> Progress:
+            if time.time() - last_heal[0] >= every:
+                last_heal[0] = time.time()
+                for sid in heal(self.session.app, store, run_id):
+                    log(f"run {run_id}: {sid} lost its worker; dispatched again")
             st = store.state(run_id) or {}
             failed = st.get("error", f"run {run_id} failed") if st.get("state") == "failed" else None
             return Progress(done=min(total, store.images_done(run_id)), failed=failed)
@@ -180,6 +194,10 @@ class RunHandle:
         report = self.session.wait(self.result, label=f"run {run_id}", poll=poll, total=total, timeout=timeout,
                                    progress=progress, log=log)
         return EvalResult(run_id, report, store.predictions(run_id))
+
+    def close(self) -> None:
+        """Drop the connections of a handle from ``submit_evaluation`` (the run goes on)."""
+        self.session.close()
 
 
 @dataclass(frozen=True)
@@ -245,8 +263,12 @@ def submit_evaluation(*, weights: str, data: str, labels: str | None = None, bac
         raise NasqError("no broker: pass --broker redis://HOST:6379/0 or set NASQ_BROKER_URL")
     plan = _plan(weights=weights, data=data, labels=labels, backend=backend, batch_size=batch_size,
                  precision=precision, num_outputs=num_outputs, output_dir=output_dir, outfmt=outfmt)
-    return _submit(Session(settings), plan, queue=queue or eval_queue(backend), shard_size=shard_size, workers=None,
-                   log=log)
+    session = Session(settings)
+    try:
+        return _submit(session, plan, queue=queue or eval_queue(backend), shard_size=shard_size, workers=None, log=log)
+    except BaseException:
+        session.close()
+        raise
 
 
 def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str = "torch",
@@ -277,6 +299,7 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
             the run fails (missing or failed shards, lost local workers).
     """
     settings = settings or load_settings(broker_url=broker)
+    check_precision(backend, precision, compile)
     plan = _plan(weights=weights, data=data, labels=labels, backend=backend, batch_size=batch_size,
                  precision=precision, num_outputs=num_outputs, output_dir=output_dir, outfmt=outfmt)
     queue = queue or eval_queue(backend)
@@ -284,8 +307,9 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
     if not settings.broker_url:
         devices = local_devices(backend, device, workers)
         threads = cpu_threads(devices)
-        local = [WorkerSpec(device=d, backend=backend, queues=(queue,), precision=precision, threads=threads,
-                            compile=compile, cuda_graphs=cuda_graphs) for d in devices]
+        local = [WorkerSpec(device=d, backend=backend, queues=(queue,), precision=precision,
+                            threads=threads if d == "cpu" else None, compile=compile, cuda_graphs=cuda_graphs)
+                 for d in devices]
         if needs_build(plan.weights, backend) and not cached_build(weights=plan.weights, target="ort",
                                                                    num_outputs=num_outputs, settings=settings):
             local.append(WorkerSpec(queues=(BUILD_QUEUE,)))
@@ -312,8 +336,15 @@ def resume(run_id: str, *, broker: str | None = None, settings: Settings | None 
     store = session.store
     manifest = store.manifest(run_id)
     if manifest is None:
+        session.close()
         raise NasqError(f"no run {run_id!r} in this Redis (runs expire after result_expires)")
-    redo = [s for s in manifest["shards"] if (session.result_of(s["task_id"]) or {}).get("status") != "ok"]
+    # not those running on a live worker (their lease is held); a lost one only if no one else
+    # re-dispatched it meanwhile
+    lost = set(store.lost_shards(run_id))
+    busy = set(store.running(run_id)) - lost
+    redo = [s for s in manifest["shards"] if s["shard_id"] not in busy
+            and (session.result_of(s["task_id"]) or {}).get("status") != "ok"
+            and (s["shard_id"] not in lost or store.claim_lost(run_id, s["shard_id"]))]
     store.reset_shards(run_id, [s["shard_id"] for s in redo])
     n = store.next_resume(run_id)
     store.set_state(run_id, "running", shards=len(manifest["shards"]), resumed=len(redo))
@@ -322,7 +353,8 @@ def resume(run_id: str, *, broker: str | None = None, settings: Settings | None 
     log(f"run {run_id}: {len(redo)} of {len(manifest['shards'])} shards resubmitted"
         + (f" ({', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''})" if ids else "; merging the stored results"))
     _warn_if_unserved(session, manifest["queue"], log)
-    return RunHandle(run_id, manifest, result, session).wait(progress=progress, timeout=timeout, log=log)
+    with session:
+        return RunHandle(run_id, manifest, result, session).wait(progress=progress, timeout=timeout, log=log)
 
 
 def evaluate_local(*, weights: str, data: str, labels: str | None = None, backend: str = "torch",
@@ -361,8 +393,10 @@ def bench(*, backend: str = "torch", device: str = "cpu", precision: str = "fp32
     from .demo import prepare
     from .perf.bench import bench as run_bench
 
-    check_precision(backend, precision)
-    options = BackendOptions(precision=precision, compile=compile, cuda_graphs=cuda_graphs, device_decode=device_decode)
+    check_precision(backend, precision, compile)
+    settings = settings or load_settings()
+    options = BackendOptions(precision=precision, compile=compile, cuda_graphs=cuda_graphs, device_decode=device_decode,
+                             cache_dir=os.path.join(settings.artifact_dir, "inductor-cache"))
     workdir = os.path.expanduser(f"~/.cache/nasq/bench-{arch}")
     if weights is None or data is None:
         demo = prepare(workdir, 32, arch=arch, batch_size=8, log=log)
@@ -370,7 +404,7 @@ def bench(*, backend: str = "torch", device: str = "cpu", precision: str = "fp32
     target = None
     if backend != "torch":
         target = prepare_model(weights=os.path.abspath(weights), backend=backend, num_outputs=None,
-                               settings=settings or load_settings(), log=log)
+                               settings=settings, log=log)
     return run_bench(backend=backend, device=device, options=options, batch_sizes=batch_sizes, mode=mode,
                      weights=weights, target=target, data=data, arch=arch, baseline=baseline, min_time_s=min_time_s,
                      workdir=workdir, log=log)
@@ -460,7 +494,11 @@ def submit_sweep(*, batch_sizes: list[int], weights: str, data: str, backend: st
     session = None
     if settings.broker_url:
         session = Session(settings)
-        names = devices or _live_workers(session, backend)
+        try:
+            names = devices or _live_workers(session, backend)
+        except BaseException:
+            session.close()
+            raise
     else:
         local_devs = devices or ["cpu"] * (workers or 2)
         names = [worker_name(d, i) for i, d in enumerate(local_devs)]
@@ -471,10 +509,11 @@ def submit_sweep(*, batch_sizes: list[int], weights: str, data: str, backend: st
     sid = sweep_id(definition)
     folder = sweep_folder(settings.report_dir, sid)
     write_json(definition | {"weights_path": weights, "data": source.root}, os.path.join(folder, "sweep_spec.json"))
-    points = [SweepPoint(sweep_id=sid, point_id=f"{name}|bs{bs}", folder=folder, worker=name, batch_size=bs, mode=mode,
-                         backend=backend, precision=precision, weights=weights, data=source.root,
-                         dataset_fingerprint=source.fingerprint, labels=labels, images=images, min_time_s=min_time_s)
-              for name in names for bs in definition["batch_sizes"]]
+    points = [SweepPoint.from_payload({  # checked here, as the worker will
+        "sweep_id": sid, "point_id": f"{name}|bs{bs}", "folder": folder, "worker": name, "batch_size": bs, "mode": mode,
+        "backend": backend, "precision": precision, "weights": weights, "data": source.root,
+        "dataset_fingerprint": source.fingerprint, "labels": labels, "images": images, "min_time_s": min_time_s})
+        for name in names for bs in definition["batch_sizes"]]
     todo = [p for p in points if not os.path.isfile(point_file(folder, p.point_id))]
     reused = len(points) - len(todo)
     result = None
@@ -483,8 +522,12 @@ def submit_sweep(*, batch_sizes: list[int], weights: str, data: str, backend: st
             threads = cpu_threads(local_devs)
             session = Session.open(settings, log=log, workers=[
                 WorkerSpec(device=d, backend=backend, queues=(eval_queue(backend),), name=n, precision=precision,
-                           threads=threads) for d, n in zip(local_devs, names)])
-        result = session.submit_sweep(todo)
+                           threads=threads if d == "cpu" else None) for d, n in zip(local_devs, names)])
+        try:
+            result = session.submit_sweep(todo)
+        except BaseException:
+            session.close()
+            raise
     log(f"{sid}: {len(points)} points on {len(names)} device(s), {reused} already done, {len(todo)} queued; "
         f"results in {folder}")
     return SweepHandle(sid, folder, points, session=session, result=result, reused=reused)

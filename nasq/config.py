@@ -45,6 +45,10 @@ class Settings:
     work_dir: str = dataclasses.field(default_factory=lambda: os.path.join(_cache_dir(), "runs"))
     #: how long a merge waits for a shard that is still running (a redelivered one) before failing
     merge_wait_s: float = 900.0
+    #: a running shard's lease: its worker renews it every lease_s / 3; once it expires (the
+    #: machine is gone) the shard is dispatched again, by whichever live worker or waiting
+    #: client notices first. The visibility timeout stays only as the last resort.
+    lease_s: float = 30.0
 
     @property
     def backend_url(self) -> str | None:

@@ -19,3 +19,7 @@ class BackendError(NasqError):
 
 class RunError(NasqError):
     """An evaluation run that failed: missing or failed shards, lost workers."""
+
+
+class ShardFailed(RunError):
+    """A shard that could not be evaluated (its task ends in FAILURE, visible as such in Flower)."""

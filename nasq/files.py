@@ -9,6 +9,15 @@ from functools import lru_cache
 from typing import BinaryIO, Callable
 
 
+def _file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_MODE = _file_mode()  # what open() would give a new file (mkstemp's files are 0600)
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], None]) -> None:
     """Write ``path`` so that readers see the old file or the whole new one, never a part.
 
@@ -25,7 +34,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
                 data(f)
             else:
                 f.write(data.encode() if isinstance(data, str) else data)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, _MODE)
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"producer: error: {e}", file=sys.stderr)
         return 2
     print(handle.run_id)
+    handle.close()
     return 0
 
 

@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.precision not in backends.precisions(args.backend):
         parser.error(f"backend {args.backend} runs precision {', '.join(backends.precisions(args.backend))}, "
                      f"not {args.precision}")
+    modes = backends.backend_class(args.backend).compile_modes
+    if args.compile not in modes:
+        parser.error(f"backend {args.backend} compiles with {', '.join(modes)}, not {args.compile}")
     try:
         settings = load_settings(broker_url=args.broker)
     except NasqError as e:
@@ -84,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                           threads=args.threads, queues=tuple(queues), name=name)
     from workers.app import app, configure
 
+    if _answers(settings, name):
+        parser.error(f"a worker named {name} is already running on this broker; give this one another --name")
     configure(config)
     worker_argv = ["worker", "--pool", "prefork", "--concurrency", "1", "--queues", ",".join(queues),
                    "--hostname", name, "--task-events", "--prefetch-multiplier", "1",
@@ -92,6 +97,22 @@ def main(argv: list[str] | None = None) -> int:
         worker_argv += ["--logfile", args.logfile]
     app.worker_main(worker_argv)
     return 0
+
+
+def _answers(settings, name: str) -> bool:
+    """Does a live worker of that name answer a ping? Asked from a forked child: a process that
+    has talked to the broker through kombu cannot fork a working pool afterwards."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            from nasq.queue.app import make_app
+
+            code = 0 if make_app(settings).control.ping(destination=[name], timeout=1.0) else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ the process keeps loaded through ``WorkerTask``, never through the environment.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -20,7 +21,10 @@ from nasq.config import WorkerConfig
 from nasq.inference.resources import DeviceResources
 from nasq.queue.app import configure as configure_app
 from nasq.queue.app import make_app
+from nasq.queue.healing import heal_active
 from nasq.queue.store import RunStore
+
+log = logging.getLogger("nasq.worker")
 
 app = make_app(None, include=["workers.tasks", "workers.build_tasks"])
 
@@ -63,9 +67,10 @@ class WorkerTask(Task):
     def artifacts(self) -> ArtifactStore:
         return ArtifactStore(self.worker.settings.artifact_dir)
 
-    def stored_result(self, task_id: str) -> dict | None:
+    @staticmethod
+    def stored_result(task_id: str) -> dict | None:
         """A finished task's result from the backend (a late, redelivered shard's), or None."""
-        res = self.app.AsyncResult(task_id)
+        res = app.AsyncResult(task_id)
         return res.result if res.state == "SUCCESS" else None
 
 
@@ -79,12 +84,26 @@ def configure(config: WorkerConfig) -> None:
 def _register(sender=None, **_):
     c = WorkerTask.configured()
     WorkerTask.run_store().register_worker(c.name, {**c.describe(), "host": socket.gethostname(),
-                                                    "pid": os.getpid(), "started": time.time(), "current": None})
+                                                    "pid": os.getpid(), "started": _STARTED, "current": None})
+
+
+_STARTED = time.time()
+_last_heal = [0.0]
 
 
 @heartbeat_sent.connect
 def _heartbeat(sender=None, **_):
-    WorkerTask.run_store().touch_worker(WorkerTask.configured().name)
+    """Every heartbeat (about 2 s): stay in the registry (again, after a broker that lost its
+    data), and now and then look for shards whose worker is gone (``nasq.queue.healing``)."""
+    c, store = WorkerTask.configured(), WorkerTask.run_store()
+    try:
+        if not store.touch_worker(c.name):
+            _register()
+        if time.time() - _last_heal[0] >= max(1.0, c.settings.lease_s / 3):
+            _last_heal[0] = time.time()
+            heal_active(app, store)
+    except Exception:  # noqa: BLE001 - a broker blip must not stop the heartbeat
+        log.warning("heartbeat bookkeeping failed", exc_info=True)
 
 
 @worker_shutdown.connect

@@ -1,15 +1,22 @@
 """Evaluation tasks. Each is a view, as Celery's guide puts it: decode the payload, call one
-library function, return a small JSON dict."""
+library function, return a small JSON dict.
+
+A shard that fails ends in FAILURE (so Flower and its metrics show it): it is recorded in the
+run store first, and the chord's errback (``run_failed``) keeps the partial report that
+``nasq resume`` completes.
+"""
 from __future__ import annotations
 
 import logging
 import time
 
+from nasq.errors import ShardFailed
 from nasq.inference.shard import run_shard
 from nasq.perf.sweep import measure_point
 from nasq.queue.app import TASK_EVAL_SHARD, TASK_MERGE, TASK_RUN_FAILED, TASK_SWEEP_POINT
+from nasq.queue.healing import heal, merge_if_stranded
 from nasq.queue.messages import MessageError, ShardTask, SweepPoint
-from nasq.results.run import MergeLater
+from nasq.results.run import MergeLater, fail_run
 from nasq.results.run import merge_run as finish_run
 from workers.app import WorkerTask, app
 
@@ -21,10 +28,16 @@ def eval_shard(self, run_id, shard_id, start, stop, job) -> dict:
     """Evaluate images [start, stop) of the run's dataset; returns top-5 per image."""
     try:
         task = ShardTask.from_payload(run_id, shard_id, start, stop, job)
-    except MessageError as e:  # reported in the result, so the chord still completes
+    except MessageError as e:
         log.warning("refused a shard message: %s", e)
-        return {"run_id": run_id, "shard_id": shard_id, "status": "error", "error": f"bad shard message: {e}"}
-    return run_shard(task, ledger=self.store, resources=self.resources, worker=self.worker)
+        raise ShardFailed(f"bad shard message: {e}") from None
+    out = run_shard(task, ledger=self.store, resources=self.resources, worker=self.worker)
+    manifest = self.store.manifest(task.run_id)
+    if manifest is not None:
+        merge_if_stranded(self.app, self.store, manifest)
+    if out["status"] == "error":
+        raise ShardFailed(f"{task.shard_id} on {self.worker.name}: {out['error']}")
+    return out
 
 
 @app.task(name=TASK_MERGE, bind=True, base=WorkerTask, max_retries=None)
@@ -36,15 +49,19 @@ def merge_run(self, results: list, run_id: str, _first_try: float | None = None)
                           fetch_result=self.stored_result, merge_wait_s=self.worker.settings.merge_wait_s,
                           first_try=first_try)
     except MergeLater:
+        heal(self.app, self.store, run_id)  # a missing shard whose worker is gone runs again
         raise self.retry(countdown=5, kwargs={"run_id": run_id, "_first_try": first_try}) from None
 
 
 @app.task(name=TASK_RUN_FAILED)
 def run_failed(request, exc, traceback, run_id: str | None = None) -> None:
     """Errback of the merge (unbound: Celery passes (request, exc, traceback) only to unbound
-    errbacks): mark the run failed so waiting clients stop."""
+    errbacks): a shard failed or the merge did. Keep what finished as a partial report and mark
+    the run failed, so waiting clients stop and ``nasq resume`` can finish it."""
     if run_id:
-        WorkerTask.run_store().set_state(run_id, "failed", error=f"{type(exc).__name__}: {exc}")
+        store = WorkerTask.run_store()
+        fail_run(run_id, exc, store=store, report_dir=WorkerTask.configured().settings.report_dir,
+                 fetch_result=WorkerTask.stored_result)
 
 
 @app.task(name=TASK_SWEEP_POINT, bind=True, base=WorkerTask)

@@ -8,7 +8,9 @@ ledger stops a shard that always kills its worker from looping forever.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Protocol
 
 from ..config import WorkerConfig
@@ -26,6 +28,10 @@ log = logging.getLogger("nasq.worker")
 class ShardLedger(Protocol):
     """Where a run's shard bookkeeping goes (the Redis run store; a dict in unit tests)."""
 
+    def state(self, run_id: str) -> dict | None: ...
+    def take_lease(self, run_id: str, shard_id: str, holder: str, ttl_s: float) -> None: ...
+    def renew_lease(self, run_id: str, shard_id: str, holder: str, ttl_s: float) -> bool: ...
+    def drop_lease(self, run_id: str, shard_id: str, holder: str) -> None: ...
     def next_attempt(self, run_id: str, shard_id: str) -> int: ...
     def shard_started(self, run_id: str, shard_id: str, info: dict) -> None: ...
     def shard_progress(self, run_id: str, shard_id: str, done: int) -> None: ...
@@ -34,11 +40,13 @@ class ShardLedger(Protocol):
 
 
 def run_shard(task: ShardTask, *, ledger: ShardLedger, resources: DeviceResources, worker: WorkerConfig) -> dict:
-    """Evaluate images ``[task.start, task.stop)`` of the run's dataset on this worker.
+    """Evaluate images ``[task.start, task.stop)`` of the run's dataset on this worker, under
+    the shard's lease.
 
     Returns:
-        A JSON-ready dict: the shard's identity, ``status`` ("ok" or "error" with ``error``),
-        and for "ok" the per-image top-5 of ``evaluate_range`` with timings and provenance.
+        A JSON-ready dict: the shard's identity, ``status`` ("ok"; "error" with ``error``;
+        "skipped" for a late redelivery of a run already merged), and for "ok" the per-image
+        top-5 of ``evaluate_range`` with timings and provenance.
     """
     job = task.job
     options = worker.backend_options(job.precision)
@@ -51,32 +59,60 @@ def run_shard(task: ShardTask, *, ledger: ShardLedger, resources: DeviceResource
         ledger.touch_worker(worker.name, current=None)
         return {**base, "status": "error", "error": msg}
 
+    if (ledger.state(task.run_id) or {}).get("state") == "done":
+        log.info("shard %s of run %s: the run is already merged; skipped", task.shard_id, task.run_id)
+        return {**base, "status": "skipped"}
     attempt = ledger.next_attempt(task.run_id, task.shard_id)
     if attempt > worker.settings.max_attempts:
         return failed(f"started {attempt - 1} times without finishing (its worker died each time); "
                       f"giving up after max_attempts={worker.settings.max_attempts}")
     n = task.stop - task.start
-    ledger.shard_started(task.run_id, task.shard_id, {"worker": worker.name, "device": worker.device, "images": n})
-    ledger.touch_worker(worker.name, current={"run_id": task.run_id, "shard_id": task.shard_id, "images": n,
-                                              "since": time.time()})
-    try:
-        if worker.backend != job.backend:
-            raise NasqError(f"this worker runs backend {worker.backend!r} but the run asked for {job.backend!r}; "
-                            f"start a worker with --backend {job.backend} on the run's queue")
-        source = resources.source_for(job.dataset.root, job.dataset.fingerprint)
-        labels = resources.labels_for(job.labels)
-        backend = resources.backend_for(worker.backend, job.model, job.batch_size, options)
-        writer = OutputWriter(job.output.dir, job.output.fmt) if job.output else None
-        result = evaluate_range(source, backend, task.start, task.stop, batch_size=job.batch_size, labels=labels,
-                                writer=writer, loader_threads=worker.decode_threads,
-                                on_batch=lambda done: ledger.shard_progress(task.run_id, task.shard_id, done))
-    except Exception as e:  # noqa: BLE001 - a shard reports its failure instead of breaking the chord
-        log.exception("shard %s of run %s failed", task.shard_id, task.run_id)
-        return failed(f"{type(e).__name__}: {e}")
-    summary = {"status": "ok", "worker": worker.name, "device": worker.device, "images": len(result["indices"]),
-               "errors": len(result["errors"]), **result["timing"]}
-    ledger.shard_finished(task.run_id, task.shard_id, summary)
+    with _lease(ledger, task, f"{worker.name}#{attempt}", worker.settings.lease_s):
+        ledger.shard_started(task.run_id, task.shard_id, {"worker": worker.name, "device": worker.device, "images": n})
+        ledger.touch_worker(worker.name, current={"run_id": task.run_id, "shard_id": task.shard_id, "images": n,
+                                                  "since": time.time()})
+        try:
+            if worker.backend != job.backend:
+                raise NasqError(f"this worker runs backend {worker.backend!r} but the run asked for "
+                                f"{job.backend!r}; start a worker with --backend {job.backend} on the run's queue")
+            source = resources.source_for(job.dataset.root, job.dataset.fingerprint)
+            labels = resources.labels_for(job.labels)
+            backend = resources.backend_for(worker.backend, job.model, job.batch_size, options)
+            writer = OutputWriter(job.output.dir, job.output.fmt) if job.output else None
+            result = evaluate_range(source, backend, task.start, task.stop, batch_size=job.batch_size,
+                                    labels=labels, writer=writer, loader_threads=worker.decode_threads,
+                                    on_batch=lambda done: ledger.shard_progress(task.run_id, task.shard_id, done))
+        except Exception as e:  # noqa: BLE001 - recorded, then reported by the task
+            log.exception("shard %s of run %s failed", task.shard_id, task.run_id)
+            return failed(f"{type(e).__name__}: {e}")
+        summary = {"status": "ok", "worker": worker.name, "device": worker.device, "images": len(result["indices"]),
+                   "errors": len(result["errors"]), **result["timing"]}
+        ledger.shard_finished(task.run_id, task.shard_id, summary)
     wall = summary["wall_s"]
     ledger.touch_worker(worker.name, current=None, last_rate_img_s=summary["images"] / wall if wall else None)
     return {**base, "status": "ok", **result, "versions": backend.versions(), "model_info": backend.model_info,
             "device_name": backend.describe_device()}
+
+
+@contextmanager
+def _lease(ledger: ShardLedger, task: ShardTask, holder: str, ttl_s: float):
+    """Hold the shard's lease while the body runs, renewed every ttl_s / 3 by a thread (the
+    device work keeps the main thread busy). A worker that dies stops renewing it."""
+    ledger.take_lease(task.run_id, task.shard_id, holder, ttl_s)
+    stop = threading.Event()
+
+    def renew():
+        while not stop.wait(ttl_s / 3):
+            try:
+                ledger.renew_lease(task.run_id, task.shard_id, holder, ttl_s)
+            except Exception:  # noqa: BLE001 - a broker blip: the next renewal tries again
+                log.warning("shard %s: could not renew its lease", task.shard_id, exc_info=True)
+
+    keeper = threading.Thread(target=renew, daemon=True, name=f"lease-{task.shard_id}")
+    keeper.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        keeper.join()
+        ledger.drop_lease(task.run_id, task.shard_id, holder)

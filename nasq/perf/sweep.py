@@ -1,5 +1,5 @@
-"""Batch-size sweeps: the points of a sweep (``plan_points``) and the measurement of one point
-on a worker's device (``measure_point``, behind the ``nasq.sweep_point`` task).
+"""Batch-size sweeps: a sweep's id and folder, the rows already measured, and the measurement of
+one point on a worker's device (``measure_point``, behind the ``nasq.sweep_point`` task).
 
 A point's row is written to the sweep's folder (``<report_dir>/sweeps/<sweep id>/points/``),
 the durable record; the sweep id is a hash of everything that defines it, so submitting the

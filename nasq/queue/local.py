@@ -129,7 +129,11 @@ class LocalCluster:
                                f"the end of {logpath}:\n{_tail(logpath)}")
 
     def log_text(self) -> str:
-        return "".join(open(p, errors="replace").read() for _, _, p in self.procs)
+        text = []
+        for _, _, path in self.procs:
+            with open(path, errors="replace") as f:
+                text.append(f.read())
+        return "".join(text)
 
     def stop(self) -> None:
         for _, proc, _ in self.procs:

@@ -215,6 +215,7 @@ def new_run_id() -> str:
 def make_manifest(job: EvalJob, *, shard_size: int, queue: str, run_id: str | None = None) -> dict:
     """The run's record: the job, its queue and its shards (task ids ``<run_id>:<shard_id>``,
     so the merge can look a late shard up)."""
+    job = EvalJob.from_payload(job.to_payload())  # refused here, before anything is recorded
     run_id = run_id or new_run_id()
     shards = plan_shards(job.dataset.images, shard_size, job.batch_size)
     for s in shards:

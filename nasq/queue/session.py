@@ -50,9 +50,16 @@ class Session:
         workdir = os.path.join(settings.work_dir, time.strftime("%Y%m%d-%H%M%S-") + str(os.getpid()))
         cluster = LocalCluster(workers, workdir=workdir, settings=settings, log=log)
         url = cluster.__enter__()
-        return cls(dataclasses.replace(settings, broker_url=url, result_backend=None), cluster=cluster)
+        try:
+            return cls(dataclasses.replace(settings, broker_url=url, result_backend=None), cluster=cluster)
+        except BaseException:
+            cluster.stop()
+            raise
 
     def close(self) -> None:
+        """Stop a private cluster and drop this client's broker and Redis connections."""
+        self.app.close()
+        self.store.r.close()
         if self.cluster is not None:
             self.cluster.stop()
             self.cluster = None
@@ -141,7 +148,7 @@ class Session:
                     log(f"{label}: {p.status}")
                     last_status = p.status
                 if timeout and time.time() - t0 > timeout:
-                    where = ("its local workers are stopped now" if self.cluster is not None
+                    where = ("its local workers stop with this session" if self.cluster is not None
                              else "it goes on on the workers")
                     raise RunError(f"{label} did not finish within {timeout:.0f} s; {where}")
                 if bar is not None:

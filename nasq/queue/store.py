@@ -18,9 +18,14 @@ from redis.lock import Lock
 
 PREFIX = "nasq:run:"
 RUNS = "nasq:runs"
+ACTIVE = "nasq:runs:active"
 WORKERS = "nasq:workers"
 BUILD = "nasq:build:"
 BUILD_LOCK_TTL_S = 300
+
+
+_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
+_DROP = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 
 
 class BuildLock(Lock):
@@ -100,6 +105,14 @@ class RunStore:
 
     def set_state(self, run_id: str, state: str, **fields) -> None:
         self._set(self._k(run_id, "state"), {"state": state, "at": time.time(), **fields})
+        if state in ("done", "failed"):
+            self.r.srem(ACTIVE, run_id)
+        else:
+            self.r.sadd(ACTIVE, run_id)
+
+    def active_runs(self) -> list[str]:
+        """Runs submitted or running: the ones whose shards a healthy component watches."""
+        return sorted(x.decode() for x in self.r.smembers(ACTIVE))
 
     def state(self, run_id: str) -> dict | None:
         return self._get(self._k(run_id, "state"))
@@ -131,6 +144,45 @@ class RunStore:
             p.expire(self._k(run_id, "finished"), self.expires)
             p.execute()
 
+    # leases -------------------------------------------------------------------------
+    def take_lease(self, run_id: str, shard_id: str, holder: str, ttl_s: float) -> None:
+        """The shard runs under ``holder`` for ``ttl_s`` unless renewed (its worker's heartbeat)."""
+        self.r.set(self._k(run_id, f"lease:{shard_id}"), holder, px=max(1, int(ttl_s * 1000)))
+
+    def renew_lease(self, run_id: str, shard_id: str, holder: str, ttl_s: float) -> bool:
+        """Extend the lease if ``holder`` still has it (a re-dispatched shard belongs to another)."""
+        return bool(self.r.eval(_RENEW, 1, self._k(run_id, f"lease:{shard_id}"), holder, max(1, int(ttl_s * 1000))))
+
+    def drop_lease(self, run_id: str, shard_id: str, holder: str) -> None:
+        self.r.eval(_DROP, 1, self._k(run_id, f"lease:{shard_id}"), holder)
+
+    def lost_shards(self, run_id: str) -> list[str]:
+        """Shards recorded as running whose lease expired: their worker is gone."""
+        running = list(self.running(run_id))
+        if not running:
+            return []
+        with self.r.pipeline() as p:
+            for sid in running:
+                p.exists(self._k(run_id, f"lease:{sid}"))
+            alive = p.execute()
+        return [sid for sid, a in zip(running, alive) if not a]
+
+    def claim_lost(self, run_id: str, shard_id: str) -> bool:
+        """Take a lost shard off the running list; True for the one caller that gets to re-dispatch it."""
+        if not self.r.hdel(self._k(run_id, "running"), shard_id):
+            return False
+        key = self._k(run_id, "redispatched")
+        self.r.hincrby(key, shard_id, 1)
+        self.r.expire(key, self.expires)
+        return True
+
+    def redispatched(self, run_id: str) -> dict[str, int]:
+        return {k.decode(): int(v) for k, v in self.r.hgetall(self._k(run_id, "redispatched")).items()}
+
+    def claim_merge(self, run_id: str) -> bool:
+        """True once per run: for the component that sends the merge of a run the chord cannot finish."""
+        return bool(self.r.set(self._k(run_id, "merge_sent"), 1, nx=True, ex=self.expires))
+
     def running(self, run_id: str) -> dict[str, dict]:
         return {k.decode(): json.loads(v) for k, v in self.r.hgetall(self._k(run_id, "running")).items()}
 
@@ -159,12 +211,15 @@ class RunStore:
     def register_worker(self, name: str, info: dict) -> None:
         self.r.hset(WORKERS, name, json.dumps({**info, "last_seen": time.time()}))
 
-    def touch_worker(self, name: str, **fields) -> None:
+    def touch_worker(self, name: str, **fields) -> bool:
+        """Update a registered worker; False when it is not registered (a broker that lost its data)."""
         raw = self.r.hget(WORKERS, name)
-        if raw is not None:
-            info = json.loads(raw)
-            info.update(fields, last_seen=time.time())
-            self.r.hset(WORKERS, name, json.dumps(info))
+        if raw is None:
+            return False
+        info = json.loads(raw)
+        info.update(fields, last_seen=time.time())
+        self.r.hset(WORKERS, name, json.dumps(info))
+        return True
 
     def unregister_worker(self, name: str) -> None:
         self.r.hdel(WORKERS, name)

@@ -24,7 +24,9 @@ def merge_run(run_id: str, results: list, *, store, report_dir: str, fetch_resul
     Args:
         results: what the chord handed over; a shard missing from it is fetched by its task id
             with ``fetch_result`` (a late, redelivered shard stores its result there).
-        store: the run store (manifest, running shards, report, state).
+        store: the run store (manifest, running shards, report, state). Merging twice (the
+            chord and a healing merge can both fire) gives the same report, with any shard
+            delivered twice counted in ``duplicate_shard_results_dropped``.
         first_try: when the first attempt at this merge ran; a merge that still misses a
             running shard raises ``MergeLater`` until ``merge_wait_s`` have passed.
 
@@ -48,10 +50,34 @@ def merge_run(run_id: str, results: list, *, store, report_dir: str, fetch_resul
     except NasqError as e:
         mark_failed(store, manifest, results, e, report_dir)
         raise
+    report["redispatched_shards"] = store.redispatched(run_id)
     _save(store, manifest, results, report, predictions, report_dir)
     store.set_state(run_id, "done", images=report["images"], top1=report["top1"], top5=report["top5"],
                     throughput_img_s=report["throughput_img_s"])
     return report
+
+
+def fail_run(run_id: str, error: BaseException, *, store, report_dir: str,
+             fetch_result: Callable[[str], dict | None]) -> None:
+    """After a failed shard (the chord's errback): keep what finished as a partial report and
+    mark the run failed, naming the failed shards. A run merged meanwhile stays done."""
+    manifest = store.manifest(run_id)
+    if manifest is None or (store.state(run_id) or {}).get("state") == "done":
+        return
+    finished = store.finished(run_id)
+    results = []
+    for s in manifest["shards"]:
+        r = fetch_result(s["task_id"])
+        if r is None and finished.get(s["shard_id"], {}).get("status") == "error":
+            r = {"run_id": run_id, "shard_id": s["shard_id"], **finished[s["shard_id"]]}
+        if r is not None:
+            results.append(r)
+    try:
+        merge(manifest, results)
+        reason: Exception = RunError(f"run {run_id}: {type(error).__name__}: {error}")
+    except NasqError as e:  # names the failed or missing shards
+        reason = e
+    mark_failed(store, manifest, results, reason, report_dir)
 
 
 def mark_failed(store, manifest: dict, results: list, error: Exception, report_dir: str) -> None:

@@ -37,8 +37,11 @@ def run_status(store, run_id: str) -> dict:
         t_end = state.get("at", time.time())
     else:
         t_end = time.time()
+    ended = state.get("state") in ("done", "failed")
+    lost = set() if ended else set(store.lost_shards(run_id))
+    registry = store.workers()
     rate = done / (t_end - t0) if t0 and done and t_end > t0 else None
-    eta = (total_images - done) / rate if rate and state.get("state") not in ("done", "failed") else None
+    eta = (total_images - done) / rate if rate and not ended and not lost else None
     per_worker: dict[str, dict] = {}
     for s in finished.values():
         w = per_worker.setdefault(s.get("worker", "?"), {"device": s.get("device"), "shards": 0, "images": 0, "wall_s": 0.0})
@@ -47,16 +50,18 @@ def run_status(store, run_id: str) -> dict:
         w["wall_s"] += s.get("wall_s", 0.0)
     for sid, r in running.items():
         w = per_worker.setdefault(r["worker"], {"device": r.get("device"), "shards": 0, "images": 0, "wall_s": 0.0})
-        w["current"] = {"shard_id": sid, "images": r.get("images"), "since": r["at"]}
-    for w in per_worker.values():
+        w["current"] = {"shard_id": sid, "images": r.get("images"), "since": r["at"], "lost": sid in lost}
+    for name, w in per_worker.items():
         w["rate_img_s"] = round(w["images"] / w["wall_s"], 2) if w["wall_s"] else None
+        w["alive"] = registry.get(name, {}).get("alive", False)
     return {"run_id": run_id, "state": state.get("state", "unknown"), "error": state.get("error"),
             "shards_total": len(manifest["shards"]), "shards_done": len(finished),
             "shard_errors": sum(1 for s in finished.values() if s.get("status") != "ok"),
             "images_total": total_images, "images_done": done,
             "image_errors": sum(s.get("errors", 0) for s in finished.values()),
             "rate_img_s": round(rate, 2) if rate else None, "eta_s": round(eta, 1) if eta is not None else None,
-            "backend": manifest.get("backend"), "batch_size": manifest.get("batch_size"), "workers": per_worker}
+            "backend": manifest.get("backend"), "batch_size": manifest.get("batch_size"), "workers": per_worker,
+            "lost_shards": sorted(lost), "redispatched": store.redispatched(run_id)}
 
 
 def render_status(st: dict) -> str:
@@ -66,9 +71,17 @@ def render_status(st: dict) -> str:
              + (f", {st['shard_errors']} shards" if st["shard_errors"] else "")]
     for name, w in sorted(st["workers"].items()):
         cur = w.get("current")
-        doing = (f"{cur['shard_id']} ({cur['images']} img, {time.time() - cur['since']:.0f} s)" if cur else "idle")
+        if cur and cur.get("lost"):
+            doing = f"LOST: {cur['shard_id']} (lease expired; dispatched again)"
+        elif cur:
+            doing = f"{cur['shard_id']} ({cur['images']} img, {time.time() - cur['since']:.0f} s)"
+        else:
+            doing = "idle" if w.get("alive", True) or st["state"] in ("done", "failed") else "gone (no heartbeat)"
         lines.append(f"  {name:<30} {str(w.get('device')):<8} {doing:<28} done {w['shards']} shards, "
                      f"{w['images']} img, {w['rate_img_s'] or 0:.2f} img/s")
+    if st.get("redispatched"):
+        lines.append("  dispatched again after their worker was lost: "
+                     + ", ".join(f"{sid} (x{n})" for sid, n in sorted(st["redispatched"].items())))
     if st.get("error"):
         lines.append(f"  error: {st['error']}")
     return "\n".join(lines)

@@ -133,6 +133,11 @@ def test_nasq_worker_command_starts_a_worker(assets, redis_url, nasq_cli, repo, 
             raise AssertionError("nasq worker did not answer")
         stats = app.control.inspect(destination=[name], timeout=2).stats()[name]
         assert stats["pool"]["max-concurrency"] == 1 and stats["prefetch_count"] == 1
+        # a second worker under a name that is live is refused, in one line
+        twin = subprocess.run(nasq_cli + ["worker", "--broker", redis_url, "--name", name], capture_output=True,
+                              text=True, cwd=repo, timeout=60)
+        assert twin.returncode == 2 and "already running" in twin.stderr
+        assert len(twin.stderr.strip().splitlines()) == 1, twin.stderr
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(20)

@@ -40,3 +40,49 @@ def test_killed_worker_child_requeues_its_shard(assets, redis_url, settings, sta
         assert np.allclose(store.predictions(run_id)["scores"], ref["scores"], atol=1e-4)
     finally:
         w.stop()
+
+
+def test_a_machine_lost_mid_shard_costs_a_lease_not_the_visibility_timeout(assets, redis_url, start_workers):
+    """A whole worker (main process and pool child: a machine dying) SIGKILLed mid-shard: its
+    shard's lease expires, the shard runs again elsewhere, and the waiting client gets the exact
+    report, with no human action and long before the 12-hour visibility timeout."""
+    import threading
+
+    from nasq.config import Settings
+
+    fast = Settings(broker_url=redis_url, lease_s=3, merge_wait_s=20)
+    w = start_workers(redis_url, f"eval.lost-{uuid.uuid4().hex[:6]}", n=2, settings=fast)
+    victim_name, victim = w.names[0], w.procs[0][1]
+    store = RunStore(redis_url)
+    try:
+        handle = submit_evaluation(weights=assets["weights"], data=assets["data"], labels=assets["labels"],
+                                   batch_size=4, shard_size=4, queue=w.queue, settings=fast, log=lambda *_: None)
+        killed = {}
+
+        def kill_when_busy():
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                mine = [sid for sid, r in store.running(handle.run_id).items() if r["worker"] == victim_name]
+                if mine:
+                    os.killpg(victim.pid, signal.SIGKILL)
+                    killed.update(shard=mine[0], at=time.time())
+                    return
+                time.sleep(0.02)
+
+        killer = threading.Thread(target=kill_when_busy)
+        killer.start()
+        result = handle.wait(progress=False, timeout=120, log=lambda *_: None)
+        killer.join()
+        assert killed, "the victim never took a shard"
+        assert victim.poll() is not None  # it is gone for good
+        waited = time.time() - killed["at"]
+        report = result.report
+        assert report["redispatched_shards"] == {killed["shard"]: 1}
+        assert report["images"] == 20 and report["top1"] == 100.0
+        ref = evaluate_local(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4)
+        assert result.predictions["names"] == ref["names"] and result.predictions["top5"] == ref["top5"]
+        assert np.allclose(result.predictions["scores"], ref["scores"], atol=1e-4)
+        assert waited < 3 + 30, f"recovered {waited:.1f} s after the kill"  # one lease + a shard, with slack
+        assert store.state(handle.run_id)["state"] == "done"
+    finally:
+        w.stop()

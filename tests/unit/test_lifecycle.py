@@ -20,6 +20,20 @@ class MemoryLedger:
 
     def __init__(self):
         self.attempts, self.started, self.progress, self.finished, self.workers = {}, {}, {}, {}, {}
+        self.leases, self.run_state = {}, None
+
+    def state(self, run_id):
+        return self.run_state
+
+    def take_lease(self, run_id, shard_id, holder, ttl_s):
+        self.leases[shard_id] = holder
+
+    def renew_lease(self, run_id, shard_id, holder, ttl_s):
+        return self.leases.get(shard_id) == holder
+
+    def drop_lease(self, run_id, shard_id, holder):
+        if self.leases.get(shard_id) == holder:
+            del self.leases[shard_id]
 
     def next_attempt(self, run_id, shard_id):
         self.attempts[shard_id] = self.attempts.get(shard_id, 0) + 1
@@ -47,6 +61,15 @@ class MemoryStore:
 
     def manifest(self, run_id):
         return self._manifest
+
+    def state(self, run_id):
+        return self.states[-1] if self.states else None
+
+    def report(self, run_id):
+        return self.reports.get(run_id, (None,))[0]
+
+    def redispatched(self, run_id):
+        return {}
 
     def running(self, run_id):
         return self._running
@@ -85,6 +108,7 @@ def test_run_shard_evaluates_its_range_and_records_it(assets, tmp_path):
     assert len(out["indices"]) + len(out["errors"]) == 8
     assert ledger.attempts == {"shard-00001": 1} and ledger.progress["shard-00001"] == 8
     assert ledger.finished["shard-00001"]["status"] == "ok" and ledger.workers["w0@test"]["current"] is None
+    assert ledger.leases == {}  # held while it ran, dropped when it finished
     # the loaded model is kept for the next shard of the same run
     first = resources.backend
     run_shard(ShardTask.from_payload("r1", "shard-00000", 0, 8, _job(assets)), ledger=ledger, resources=resources,
@@ -102,6 +126,10 @@ def test_run_shard_reports_failures_instead_of_raising(assets, tmp_path):
     ledger.attempts["shard-00000"] = 2
     out = run_shard(task, ledger=ledger, resources=DeviceResources("cpu"), worker=_worker(tmp_path))
     assert out["status"] == "error" and "max_attempts=2" in out["error"]
+    # a late redelivery of a run that is already merged does nothing
+    ledger.run_state = {"state": "done"}
+    assert run_shard(task, ledger=ledger, resources=DeviceResources("cpu"), worker=_worker(tmp_path))["status"] == "skipped"
+    assert ledger.attempts["shard-00000"] == 3
 
 
 def test_run_precision_wins_over_the_workers(assets, tmp_path):

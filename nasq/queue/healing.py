@@ -1,0 +1,56 @@
+"""Runs heal themselves: a shard whose lease expired (its machine is gone) is dispatched again
+under the same task id, and a run whose chord can no longer fire (one of its original messages
+died with its worker) is merged anyway.
+
+No daemon does this: whichever healthy component looks first does it, and the run store makes
+sure only one of them does (``claim_lost``, ``claim_merge``): the waiting client (every poll),
+every live worker (on its heartbeat) and the worker that finishes a shard.
+"""
+from __future__ import annotations
+
+import logging
+
+from .app import TASK_EVAL_SHARD, TASK_MERGE
+from .messages import shard_tasks
+from .store import RunStore
+
+log = logging.getLogger("nasq.heal")
+
+
+def heal(app, store: RunStore, run_id: str) -> list[str]:
+    """Dispatch again the shards of ``run_id`` whose lease expired; returns their ids."""
+    manifest = store.manifest(run_id)
+    if manifest is None or (store.state(run_id) or {}).get("state") in ("done", "failed"):
+        return []
+    lost = [sid for sid in store.lost_shards(run_id) if store.claim_lost(run_id, sid)]
+    if lost:
+        tasks = {t.shard_id: t for t in shard_tasks(manifest)}
+        for sid in lost:
+            t = tasks[sid]
+            app.signature(TASK_EVAL_SHARD, args=t.args(), queue=manifest["queue"], task_id=f"{run_id}:{sid}",
+                          argsrepr=t.argsrepr + " (re-dispatched: lease expired)").apply_async()
+        log.warning("run %s: %d shard(s) lost their worker and were dispatched again: %s", run_id, len(lost),
+                    ", ".join(lost))
+    merge_if_stranded(app, store, manifest)
+    return lost
+
+
+def merge_if_stranded(app, store: RunStore, manifest: dict) -> bool:
+    """Send the merge of a run whose every shard finished while the chord cannot fire (a
+    re-dispatched shard is not part of it). The merge keeps the chord body's task id, so a
+    client waiting on it gets the report; a merge that runs twice returns the same report."""
+    run_id = manifest["run_id"]
+    if not store.redispatched(run_id) or len(store.finished(run_id)) < len(manifest["shards"]):
+        return False
+    if not store.claim_merge(run_id):
+        return False
+    app.signature(TASK_MERGE, args=([],), kwargs={"run_id": run_id}, queue=manifest["queue"],
+                  task_id=f"{run_id}:merge", argsrepr=f"run={run_id} (after re-dispatched shards)").apply_async()
+    log.info("run %s: every shard finished after a re-dispatch; merge sent", run_id)
+    return True
+
+
+def heal_active(app, store: RunStore) -> None:
+    """``heal`` every active run (a worker's heartbeat)."""
+    for run_id in store.active_runs():
+        heal(app, store, run_id)
