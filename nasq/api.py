@@ -22,7 +22,7 @@ from .artifacts.store import ArtifactStore, BuildResult
 from .config import BackendOptions, Settings, load_settings
 from .data.labels import find_labels, read_labels, stem
 from .data.sources import Source, open_source
-from .errors import DatasetError, NasqError
+from .errors import DatasetError, NasqError, RunError
 from .model.spec import ModelRef
 from .perf.bench import BenchResult
 from .perf.sweep import sweep_folder, point_file, read_rows, sweep_id
@@ -174,15 +174,21 @@ class RunHandle:
     manifest: dict
     result: object
     session: Session
+    #: the command that submits the same run again (said when a broker lost the run)
+    rerun: str = "submit the evaluation again"
 
     def wait(self, *, progress: bool = True, timeout: float | None = None, log=print) -> EvalResult:
-        """Follow the run to its report. While waiting, shards whose worker is gone (lease
-        expired) are dispatched again (``nasq.queue.healing``)."""
+        """Follow the run's record to its report. While waiting, shards whose worker is gone
+        (lease expired) are dispatched again (``nasq.queue.healing``); a broker that goes away
+        is waited for (until ``timeout``)."""
         store, run_id, total = self.session.store, self.run_id, self.manifest["dataset"]["images"]
         every = max(1.0, self.session.settings.lease_s / 3)
         last_heal = [time.time()]
 
         def poll() -> Progress:
+            if store.manifest(run_id) is None:
+                return Progress(failed=f"the broker lost run {run_id} (it restarted without persistence, or the "
+                                       f"records expired); rerun it with: {self.rerun}")
             if time.time() - last_heal[0] >= every:
                 last_heal[0] = time.time()
                 for sid in heal(self.session.app, store, run_id):
@@ -191,13 +197,33 @@ class RunHandle:
             failed = st.get("error", f"run {run_id} failed") if st.get("state") == "failed" else None
             return Progress(done=min(total, store.images_done(run_id)), failed=failed)
 
-        report = self.session.wait(self.result, label=f"run {run_id}", poll=poll, total=total, timeout=timeout,
-                                   progress=progress, log=log)
+        try:
+            report = self.session.wait(_RunRecord(store, run_id), label=f"run {run_id}", poll=poll, total=total,
+                                       timeout=timeout, progress=progress, log=log)
+        finally:
+            self.session.app.backend.remove_pending_result(self.result)
         return EvalResult(run_id, report, store.predictions(run_id))
 
     def close(self) -> None:
         """Drop the connections of a handle from ``submit_evaluation`` (the run goes on)."""
         self.session.close()
+
+
+class _RunRecord:
+    """A run's record as something to wait on: ready once the run is done (its report) or failed.
+    The chord's own result is not enough: a run that heals is merged outside the chord."""
+
+    def __init__(self, store, run_id: str):
+        self.store, self.run_id = store, run_id
+
+    def ready(self) -> bool:
+        return (self.store.state(self.run_id) or {}).get("state") in ("done", "failed")
+
+    def get(self, **_) -> dict:
+        st = self.store.state(self.run_id) or {}
+        if st.get("state") != "done":
+            raise RunError(st.get("error", f"run {self.run_id} failed"))
+        return self.store.report(self.run_id)
 
 
 @dataclass(frozen=True)
@@ -223,7 +249,7 @@ def _plan(*, weights, data, labels, backend, batch_size, precision, num_outputs,
 
 
 def _submit(session: Session, plan: _Plan, *, queue: str, shard_size: int | None, workers: int | None,
-            log) -> RunHandle:
+            rerun: str | None, log) -> RunHandle:
     model = prepare_model(weights=plan.weights, backend=plan.backend, num_outputs=plan.num_outputs,
                           settings=session.settings, session=session, log=log)
     job = EvalJob(dataset=DatasetRef(**plan.source.describe()), labels=plan.labels, model=model, backend=plan.backend,
@@ -238,7 +264,9 @@ def _submit(session: Session, plan: _Plan, *, queue: str, shard_size: int | None
         f"of <= {manifest['shards'][0]['stop'] if manifest['shards'] else 0} on queue {queue}")
     if session.cluster is None:
         _warn_if_unserved(session, queue, log)
-    return RunHandle(run_id, manifest, result, session)
+        for warning in session.store.broker_warnings():
+            log(f"warning: {warning}")
+    return RunHandle(run_id, manifest, result, session, rerun=rerun or "submit the evaluation again")
 
 
 def _warn_if_unserved(session: Session, queue: str, log) -> None:
@@ -251,7 +279,7 @@ def submit_evaluation(*, weights: str, data: str, labels: str | None = None, bac
                       batch_size: int = 8, shard_size: int | None = None, num_outputs: int | None = None,
                       precision: str | None = None, queue: str | None = None, output_dir: str | None = None,
                       outfmt: str = "NPY", broker: str | None = None, settings: Settings | None = None,
-                      log=print) -> RunHandle:
+                      rerun: str | None = None, log=print) -> RunHandle:
     """Queue an evaluation on a running deployment and return at once (what ``python -m producer``
     does). ``RunHandle.wait()`` follows it; ``nasq status RUN_ID`` too, from any machine.
 
@@ -265,7 +293,8 @@ def submit_evaluation(*, weights: str, data: str, labels: str | None = None, bac
                  precision=precision, num_outputs=num_outputs, output_dir=output_dir, outfmt=outfmt)
     session = Session(settings)
     try:
-        return _submit(session, plan, queue=queue or eval_queue(backend), shard_size=shard_size, workers=None, log=log)
+        return _submit(session, plan, queue=queue or eval_queue(backend), shard_size=shard_size, workers=None,
+                       rerun=rerun, log=log)
     except BaseException:
         session.close()
         raise
@@ -276,7 +305,8 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
              shard_size: int | None = None, num_outputs: int | None = None, precision: str | None = None,
              compile: str | None = None, cuda_graphs: bool = False, broker: str | None = None,
              queue: str | None = None, output_dir: str | None = None, outfmt: str = "NPY", progress: bool = True,
-             timeout: float | None = None, settings: Settings | None = None, log=print) -> EvalResult:
+             timeout: float | None = None, settings: Settings | None = None, rerun: str | None = None,
+             log=print) -> EvalResult:
     """Evaluate a checkpoint (or built model) on a dataset folder across workers.
 
     With no broker configured, starts a private Redis and one local worker per device
@@ -289,6 +319,7 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
         labels: val_label.txt (default: one beside or inside ``data``; none: no accuracy).
         num_outputs: None keeps the checkpoint's head; 1000 drops the background class.
         compile, cuda_graphs: embedded runs: options of the local workers.
+        rerun: the command that submits this run again, said if a broker loses the run.
         output_dir, outfmt: also write full logits per image in ais_bench's layout.
 
     Returns:
@@ -315,7 +346,7 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
             local.append(WorkerSpec(queues=(BUILD_QUEUE,)))
         workers = len(devices)
     with Session.open(settings, workers=local, log=log) as session:
-        handle = _submit(session, plan, queue=queue, shard_size=shard_size, workers=workers, log=log)
+        handle = _submit(session, plan, queue=queue, shard_size=shard_size, workers=workers, rerun=rerun, log=log)
         return handle.wait(progress=progress, timeout=timeout, log=log)
 
 
@@ -342,8 +373,9 @@ def resume(run_id: str, *, broker: str | None = None, settings: Settings | None 
     # re-dispatched it meanwhile
     lost = set(store.lost_shards(run_id))
     busy = set(store.running(run_id)) - lost
+    stored = store.shard_results(run_id)
     redo = [s for s in manifest["shards"] if s["shard_id"] not in busy
-            and (session.result_of(s["task_id"]) or {}).get("status") != "ok"
+            and stored.get(s["shard_id"], {}).get("status") != "ok"
             and (s["shard_id"] not in lost or store.claim_lost(run_id, s["shard_id"]))]
     store.reset_shards(run_id, [s["shard_id"] for s in redo])
     n = store.next_resume(run_id)

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import shlex
 import sys
 
 from .errors import NasqError
@@ -128,7 +129,8 @@ def cmd_eval(args) -> int:
                             shard_size=args.shard_size, num_outputs=args.num_outputs, precision=args.precision,
                             compile=None if args.compile == "none" else args.compile, cuda_graphs=args.cuda_graphs,
                             broker=args.broker, queue=args.queue, output_dir=args.output, outfmt=args.outfmt,
-                            progress=not args.no_progress, timeout=args.timeout, log=_log), args)
+                            progress=not args.no_progress, timeout=args.timeout, log=_log,
+                            rerun=shlex.join(["nasq", *sys.argv[1:]])), args)
 
 
 # ------------------------------------------------------------------------------ demo

@@ -49,6 +49,8 @@ class Settings:
     #: machine is gone) the shard is dispatched again, by whichever live worker or waiting
     #: client notices first. The visibility timeout stays only as the last resort.
     lease_s: float = 30.0
+    #: how long workers ride out a broker that went away (a Redis restart) before a call fails
+    broker_outage_s: float = 120.0
 
     @property
     def backend_url(self) -> str | None:

@@ -50,7 +50,7 @@ class WorkerTask(Task):
     def run_store() -> RunStore:
         if WorkerTask._store is None:
             s = WorkerTask.configured().settings
-            WorkerTask._store = RunStore(s.backend_url, expires=s.result_expires)
+            WorkerTask._store = RunStore(s.backend_url, expires=s.result_expires, outage_s=s.broker_outage_s)
         return WorkerTask._store
 
     @property
@@ -66,12 +66,6 @@ class WorkerTask(Task):
     @property
     def artifacts(self) -> ArtifactStore:
         return ArtifactStore(self.worker.settings.artifact_dir)
-
-    @staticmethod
-    def stored_result(task_id: str) -> dict | None:
-        """A finished task's result from the backend (a late, redelivered shard's), or None."""
-        res = app.AsyncResult(task_id)
-        return res.result if res.state == "SUCCESS" else None
 
 
 def configure(config: WorkerConfig) -> None:

@@ -14,7 +14,7 @@ from nasq.errors import ShardFailed
 from nasq.inference.shard import run_shard
 from nasq.perf.sweep import measure_point
 from nasq.queue.app import TASK_EVAL_SHARD, TASK_MERGE, TASK_RUN_FAILED, TASK_SWEEP_POINT
-from nasq.queue.healing import heal, merge_if_stranded
+from nasq.queue.healing import heal, merge_if_stranded, redispatch
 from nasq.queue.messages import MessageError, ShardTask, SweepPoint
 from nasq.results.run import MergeLater, fail_run
 from nasq.results.run import merge_run as finish_run
@@ -46,8 +46,7 @@ def merge_run(self, results: list, run_id: str, _first_try: float | None = None)
     first_try = _first_try or time.time()
     try:
         return finish_run(run_id, results, store=self.store, report_dir=self.worker.settings.report_dir,
-                          fetch_result=self.stored_result, merge_wait_s=self.worker.settings.merge_wait_s,
-                          first_try=first_try)
+                          merge_wait_s=self.worker.settings.merge_wait_s, first_try=first_try)
     except MergeLater:
         heal(self.app, self.store, run_id)  # a missing shard whose worker is gone runs again
         raise self.retry(countdown=5, kwargs={"run_id": run_id, "_first_try": first_try}) from None
@@ -61,7 +60,7 @@ def run_failed(request, exc, traceback, run_id: str | None = None) -> None:
     if run_id:
         store = WorkerTask.run_store()
         fail_run(run_id, exc, store=store, report_dir=WorkerTask.configured().settings.report_dir,
-                 fetch_result=WorkerTask.stored_result)
+                 redispatch=lambda manifest, ids: redispatch(app, manifest, ids, why="revoked in flight"))
 
 
 @app.task(name=TASK_SWEEP_POINT, bind=True, base=WorkerTask)

@@ -36,6 +36,7 @@ class ShardLedger(Protocol):
     def shard_started(self, run_id: str, shard_id: str, info: dict) -> None: ...
     def shard_progress(self, run_id: str, shard_id: str, done: int) -> None: ...
     def shard_finished(self, run_id: str, shard_id: str, summary: dict) -> None: ...
+    def save_shard_result(self, run_id: str, shard_id: str, result: dict) -> None: ...
     def touch_worker(self, name: str, **fields) -> None: ...
 
 
@@ -85,13 +86,15 @@ def run_shard(task: ShardTask, *, ledger: ShardLedger, resources: DeviceResource
         except Exception as e:  # noqa: BLE001 - recorded, then reported by the task
             log.exception("shard %s of run %s failed", task.shard_id, task.run_id)
             return failed(f"{type(e).__name__}: {e}")
+        out = {**base, "status": "ok", **result, "versions": backend.versions(), "model_info": backend.model_info,
+               "device_name": backend.describe_device()}
         summary = {"status": "ok", "worker": worker.name, "device": worker.device, "images": len(result["indices"]),
                    "errors": len(result["errors"]), **result["timing"]}
+        ledger.save_shard_result(task.run_id, task.shard_id, out)
         ledger.shard_finished(task.run_id, task.shard_id, summary)
     wall = summary["wall_s"]
     ledger.touch_worker(worker.name, current=None, last_rate_img_s=summary["images"] / wall if wall else None)
-    return {**base, "status": "ok", **result, "versions": backend.versions(), "model_info": backend.model_info,
-            "device_name": backend.describe_device()}
+    return out
 
 
 @contextmanager

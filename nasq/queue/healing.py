@@ -23,16 +23,22 @@ def heal(app, store: RunStore, run_id: str) -> list[str]:
     if manifest is None or (store.state(run_id) or {}).get("state") in ("done", "failed"):
         return []
     lost = [sid for sid in store.lost_shards(run_id) if store.claim_lost(run_id, sid)]
-    if lost:
-        tasks = {t.shard_id: t for t in shard_tasks(manifest)}
-        for sid in lost:
-            t = tasks[sid]
-            app.signature(TASK_EVAL_SHARD, args=t.args(), queue=manifest["queue"], task_id=f"{run_id}:{sid}",
-                          argsrepr=t.argsrepr + " (re-dispatched: lease expired)").apply_async()
-        log.warning("run %s: %d shard(s) lost their worker and were dispatched again: %s", run_id, len(lost),
-                    ", ".join(lost))
+    redispatch(app, manifest, lost, why="lease expired")
     merge_if_stranded(app, store, manifest)
     return lost
+
+
+def redispatch(app, manifest: dict, shard_ids: list[str], *, why: str) -> None:
+    """Send the shards again, under their own task ids (claimed first by the caller)."""
+    if not shard_ids:
+        return
+    tasks = {t.shard_id: t for t in shard_tasks(manifest)}
+    for sid in shard_ids:
+        t = tasks[sid]
+        app.signature(TASK_EVAL_SHARD, args=t.args(), queue=manifest["queue"], task_id=f"{manifest['run_id']}:{sid}",
+                      argsrepr=f"{t.argsrepr} (dispatched again: {why})").apply_async()
+    log.warning("run %s: %d shard(s) dispatched again (%s): %s", manifest["run_id"], len(shard_ids), why,
+                ", ".join(shard_ids))
 
 
 def merge_if_stranded(app, store: RunStore, manifest: dict) -> bool:

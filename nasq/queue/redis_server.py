@@ -48,7 +48,8 @@ def wait_for_redis(url: str, proc: subprocess.Popen | None = None, timeout: floa
 
 
 class RedisServer:
-    """``with RedisServer(dir) as url:`` runs a throwaway Redis on 127.0.0.1 that keeps nothing on disk."""
+    """``with RedisServer(dir) as url:`` runs a private Redis on 127.0.0.1 whose append-only file
+    (fsync every second) lives in ``dir``, so a restart of it loses at most a second of work."""
 
     def __init__(self, workdir: str):
         self.workdir = workdir
@@ -60,8 +61,9 @@ class RedisServer:
         port = free_port()
         log = open(os.path.join(self.workdir, "redis.log"), "ab")
         self.proc = subprocess.Popen(
-            [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--maxmemory-policy", "noeviction", "--dir", self.workdir, "--protected-mode", "yes"],
+            [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+             "--appendfsync", "everysec", "--maxmemory-policy", "noeviction", "--dir", self.workdir,
+             "--protected-mode", "yes"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         url = f"redis://127.0.0.1:{port}/0"
         if wait_for_redis(url, self.proc):

@@ -10,7 +10,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import redis
 from celery import chain, chord, group
+from celery.result import AsyncResult
+from kombu.exceptions import OperationalError
 
 from ..config import Settings
 from ..errors import NasqError, RunError
@@ -20,6 +23,10 @@ from .app import (BUILD_QUEUE, TASK_BUILD_COMMIT, TASK_BUILD_DEVICE, TASK_BUILD_
 from .local import LocalCluster, WorkerSpec
 from .messages import SweepPoint, shard_tasks
 from .store import RunStore
+
+
+#: what a broker that went away raises, in redis-py and in kombu
+BROKER_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OperationalError)
 
 
 @dataclass
@@ -74,11 +81,6 @@ class Session:
     def live_workers(self, queue: str) -> list[str]:
         """Workers in the registry with a recent heartbeat that consume ``queue``."""
         return sorted(n for n, w in self.store.workers().items() if w["alive"] and queue in w.get("queues", []))
-
-    def result_of(self, task_id: str) -> dict | None:
-        """A finished task's stored result, or None."""
-        r = self.app.AsyncResult(task_id)
-        return r.result if r.state == "SUCCESS" and isinstance(r.result, dict) else None
 
     def require_consumer(self, queue: str, hint: str) -> None:
         """Raise unless a worker answering right now consumes ``queue``."""
@@ -136,21 +138,34 @@ class Session:
 
             bar = tqdm(total=total, unit=unit, desc=label, file=sys.stderr, dynamic_ncols=True)
         t0 = last_line = time.time()
-        last_status = None
+        last_status, away = None, None
         try:
-            while not result.ready():
+            while True:
                 if self.cluster is not None:
                     self.cluster.check()
-                p = poll()
+                if timeout and time.time() - t0 > timeout:
+                    where = ("its local workers stop with this session" if self.cluster is not None
+                             else "it goes on on the workers")
+                    raise RunError(f"{label} did not finish within {timeout:.0f} s; {where}")
+                try:
+                    if result.ready():
+                        break
+                    p = poll()
+                except BROKER_ERRORS as e:
+                    if away is None:
+                        away = time.time()
+                        log(f"{label}: lost the broker ({e}); waiting for it to come back"
+                            + (f" (at most {timeout:.0f} s in all)" if timeout else ""))
+                    time.sleep(1.0)
+                    continue
+                if away is not None:
+                    log(f"{label}: the broker is back after {time.time() - away:.0f} s")
+                    away = None
                 if p.failed:
                     raise RunError(p.failed)
                 if p.status and p.status != last_status:
                     log(f"{label}: {p.status}")
                     last_status = p.status
-                if timeout and time.time() - t0 > timeout:
-                    where = ("its local workers stop with this session" if self.cluster is not None
-                             else "it goes on on the workers")
-                    raise RunError(f"{label} did not finish within {timeout:.0f} s; {where}")
                 if bar is not None:
                     bar.n = min(total, p.done)
                     bar.refresh()
@@ -171,4 +186,5 @@ class Session:
             if bar is not None:
                 bar.close()
             for r in getattr(result, "results", None) or [result]:
-                self.app.backend.remove_pending_result(r)  # drop the subscription: a private Redis may stop next
+                if isinstance(r, AsyncResult):  # drop the subscription: a private Redis may stop next
+                    self.app.backend.remove_pending_result(r)

@@ -13,8 +13,10 @@ import time
 from contextlib import contextmanager
 
 import redis
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import LockError
 from redis.lock import Lock
+from redis.retry import Retry
 
 PREFIX = "nasq:run:"
 RUNS = "nasq:runs"
@@ -79,8 +81,17 @@ class BuildLock(Lock):
 
 
 class RunStore:
-    def __init__(self, url: str, *, expires: int = 7 * 24 * 3600):
-        self.r = redis.Redis.from_url(url)
+    """Run records, the worker registry and build bookkeeping in Redis.
+
+    ``outage_s``: how long a call rides out a broker that went away (a restart) before it
+    raises; workers ride it out, a waiting client prefers to hear of it at once (0).
+    """
+
+    def __init__(self, url: str, *, expires: int = 7 * 24 * 3600, outage_s: float = 0.0):
+        retry = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=max(0, int(outage_s / 2.0) + 3)) \
+            if outage_s else Retry(NoBackoff(), retries=1)
+        self.r = redis.Redis.from_url(url, retry=retry, socket_connect_timeout=5,
+                                      retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError])
         self.expires = expires
 
     def _k(self, run_id: str, part: str = "manifest") -> str:
@@ -102,6 +113,22 @@ class RunStore:
 
     def manifest(self, run_id: str) -> dict | None:
         return self._get(self._k(run_id))
+
+    def broker_warnings(self) -> list[str]:
+        """What this Redis lacks for runs to survive it (read with CONFIG GET; managed Redis
+        services that forbid it are not second-guessed)."""
+        try:
+            conf = {k: v for part in ("appendonly", "maxmemory-policy") for k, v in self.r.config_get(part).items()}
+        except redis.exceptions.ResponseError:
+            return []
+        out = []
+        if conf.get("appendonly") != "yes":
+            out.append("the broker runs without appendonly: a Redis restart loses queued shards and run records "
+                       "(redis-server --appendonly yes --appendfsync everysec)")
+        if conf.get("maxmemory-policy") not in (None, "noeviction"):
+            out.append(f"the broker's maxmemory-policy is {conf['maxmemory-policy']}: Redis may evict run records "
+                       "and results (set it to noeviction)")
+        return out
 
     def set_state(self, run_id: str, state: str, **fields) -> None:
         self._set(self._k(run_id, "state"), {"state": state, "at": time.time(), **fields})
@@ -167,9 +194,10 @@ class RunStore:
             alive = p.execute()
         return [sid for sid, a in zip(running, alive) if not a]
 
-    def claim_lost(self, run_id: str, shard_id: str) -> bool:
-        """Take a lost shard off the running list; True for the one caller that gets to re-dispatch it."""
-        if not self.r.hdel(self._k(run_id, "running"), shard_id):
+    def claim_lost(self, run_id: str, shard_id: str, *, running: bool = True) -> bool:
+        """Take a lost shard off the running list; True for the one caller that gets to re-dispatch
+        it. ``running=False``: a shard lost before it was recorded as running (revoked in the queue)."""
+        if not self.r.hdel(self._k(run_id, "running"), shard_id) and running:
             return False
         key = self._k(run_id, "redispatched")
         self.r.hincrby(key, shard_id, 1)
@@ -182,6 +210,16 @@ class RunStore:
     def claim_merge(self, run_id: str) -> bool:
         """True once per run: for the component that sends the merge of a run the chord cannot finish."""
         return bool(self.r.set(self._k(run_id, "merge_sent"), 1, nx=True, ex=self.expires))
+
+    def save_shard_result(self, run_id: str, shard_id: str, result: dict) -> None:
+        """A finished shard's result (top-5 per image), kept by shard id: the merge reads it from
+        here, whatever happened to the task that carried it (redelivered, re-dispatched, revoked)."""
+        key = self._k(run_id, "results")
+        self.r.hset(key, shard_id, json.dumps(result))
+        self.r.expire(key, self.expires)
+
+    def shard_results(self, run_id: str) -> dict[str, dict]:
+        return {k.decode(): json.loads(v) for k, v in self.r.hgetall(self._k(run_id, "results")).items()}
 
     def running(self, run_id: str) -> dict[str, dict]:
         return {k.decode(): json.loads(v) for k, v in self.r.hgetall(self._k(run_id, "running")).items()}
@@ -196,10 +234,10 @@ class RunStore:
         return {k.decode(): int(v) for k, v in self.r.hgetall(self._k(run_id, "attempts")).items()}
 
     def reset_shards(self, run_id: str, shard_ids: list[str]) -> None:
-        """Forget the attempts and progress of shards about to run again (``nasq resume``)."""
+        """Forget the attempts, progress and results of shards about to run again (``nasq resume``)."""
         if shard_ids:
-            self.r.hdel(self._k(run_id, "attempts"), *shard_ids)
-            self.r.hdel(self._k(run_id, "shard_done"), *shard_ids)
+            for part in ("attempts", "shard_done", "results"):
+                self.r.hdel(self._k(run_id, part), *shard_ids)
 
     def next_resume(self, run_id: str) -> int:
         key = self._k(run_id, "resumes")

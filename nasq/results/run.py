@@ -17,13 +17,12 @@ class MergeLater(Exception):
     """A shard the merge needs is still running somewhere (a redelivered one): try again soon."""
 
 
-def merge_run(run_id: str, results: list, *, store, report_dir: str, fetch_result: Callable[[str], dict | None],
-              merge_wait_s: float, first_try: float) -> dict:
+def merge_run(run_id: str, results: list, *, store, report_dir: str, merge_wait_s: float, first_try: float) -> dict:
     """Validate the shard results of ``run_id``, write and record its report.
 
     Args:
-        results: what the chord handed over; a shard missing from it is fetched by its task id
-            with ``fetch_result`` (a late, redelivered shard stores its result there).
+        results: what the chord handed over; a shard missing from it is read from the run
+            store (a late, redelivered or re-dispatched shard saves its result there).
         store: the run store (manifest, running shards, report, state). Merging twice (the
             chord and a healing merge can both fire) gives the same report, with any shard
             delivered twice counted in ``duplicate_shard_results_dropped``.
@@ -38,7 +37,8 @@ def merge_run(run_id: str, results: list, *, store, report_dir: str, fetch_resul
     if manifest is None:
         raise RunError(f"run {run_id}: its manifest is gone from Redis (expired or flushed)")
     results = list(results or [])
-    results += _late_results(manifest, results, fetch_result)
+    have = {r.get("shard_id") for r in results if isinstance(r, dict)}
+    results += [r for sid, r in store.shard_results(run_id).items() if sid not in have]
     try:
         report, predictions = merge(manifest, results)
     except MissingShards as e:
@@ -58,20 +58,30 @@ def merge_run(run_id: str, results: list, *, store, report_dir: str, fetch_resul
 
 
 def fail_run(run_id: str, error: BaseException, *, store, report_dir: str,
-             fetch_result: Callable[[str], dict | None]) -> None:
-    """After a failed shard (the chord's errback): keep what finished as a partial report and
-    mark the run failed, naming the failed shards. A run merged meanwhile stays done."""
+             redispatch: Callable[[dict, list[str]], None]) -> None:
+    """The chord's errback: a shard failed, or was revoked in flight (a broker that went away).
+
+    Shards that failed for real: keep what finished as a partial report and mark the run failed,
+    naming them. Shards only lost in flight (no result, no recorded failure) are not a failure
+    of the run: they go to ``redispatch(manifest, shard_ids)`` and the run heals (it is merged
+    once they finish). A run merged meanwhile stays done.
+    """
     manifest = store.manifest(run_id)
     if manifest is None or (store.state(run_id) or {}).get("state") == "done":
         return
-    finished = store.finished(run_id)
-    results = []
+    finished, stored = store.finished(run_id), store.shard_results(run_id)
+    results, in_flight = [], []
     for s in manifest["shards"]:
-        r = fetch_result(s["task_id"])
-        if r is None and finished.get(s["shard_id"], {}).get("status") == "error":
-            r = {"run_id": run_id, "shard_id": s["shard_id"], **finished[s["shard_id"]]}
-        if r is not None:
-            results.append(r)
+        sid = s["shard_id"]
+        if sid in stored:
+            results.append(stored[sid])
+        elif finished.get(sid, {}).get("status") == "error":
+            results.append({"run_id": run_id, "shard_id": sid, **finished[sid]})
+        else:
+            in_flight.append(sid)
+    if in_flight and all(r.get("status") == "ok" for r in results):
+        redispatch(manifest, [sid for sid in in_flight if store.claim_lost(run_id, sid, running=False)])
+        return
     try:
         merge(manifest, results)
         reason: Exception = RunError(f"run {run_id}: {type(error).__name__}: {error}")
@@ -110,9 +120,3 @@ def _shard_timings(manifest: dict, results: list) -> list[dict]:
             out.append({"worker": r["worker"], "device": r["device"], "images": len(r["indices"]), **r["timing"]})
     return out
 
-
-def _late_results(manifest: dict, results: list, fetch_result) -> list:
-    """Results of shards absent from the chord's list, fetched by task id."""
-    have = {r.get("shard_id") for r in results if isinstance(r, dict)}
-    late = (fetch_result(s["task_id"]) for s in manifest["shards"] if s["shard_id"] not in have)
-    return [r for r in late if isinstance(r, dict)]

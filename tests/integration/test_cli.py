@@ -141,3 +141,36 @@ def test_nasq_worker_command_starts_a_worker(assets, redis_url, nasq_cli, repo, 
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(20)
+
+
+def test_a_client_killed_mid_run_leaves_the_run_to_the_workers(run, assets, redis_url, start_workers, nasq_cli, repo):
+    """The run lives on the workers and in Redis: SIGKILL the waiting `nasq eval`, and the run still
+    completes; `nasq status`, `nasq runs` and the report files show it."""
+    import re
+    import signal
+
+    w = start_workers(redis_url, f"eval.orphan-{uuid.uuid4().hex[:6]}")
+    try:
+        env = {k: v for k, v in os.environ.items() if k != "NASQ_BROKER_URL"}
+        client = subprocess.Popen(nasq_cli + ["eval", "--broker", redis_url, "--queue", w.queue, "--weights",
+                                              assets["weights"], "--data", assets["data"], "--batch-size", "2",
+                                              "--shard-size", "2", "--no-progress"],
+                                  stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=repo, env=env)
+        run_id = None
+        for line in client.stderr:
+            m = re.match(r"run (\S+): \d+ images in", line)
+            if m:
+                run_id = m.group(1)
+                break
+        assert run_id, "the client never said its run id"
+        client.send_signal(signal.SIGKILL)
+        client.wait(10)
+        st = run(["status", run_id, "--watch", "--interval", "0.3", "--broker", redis_url])
+        assert st.returncode == 0, st.stderr
+        assert "done" in st.stdout and "top-1 100.00%" in st.stdout and "images 23/23" in st.stdout
+        files = re.search(r"report files: (.+)", st.stdout).group(1).split(", ")
+        assert all(os.path.getsize(f) > 0 for f in files)
+        runs = run(["runs", "--broker", redis_url])
+        assert re.search(rf"{run_id}\s+done", runs.stdout), runs.stdout
+    finally:
+        w.stop()

@@ -86,6 +86,7 @@ def test_duplicate_shard_result_ignored_and_missing_shard_named(assets, workers,
     # A shard whose result never arrived (and is not running anywhere): the run fails, naming it.
     gone = manifest["shards"][2]
     app.AsyncResult(gone["task_id"]).forget()
+    store.reset_shards(res.run_id, [gone["shard_id"]])  # and the run store lost it too
     rest = [r for r in results if r["shard_id"] != gone["shard_id"]]
     with pytest.raises(Exception, match=gone["shard_id"]):
         app.signature(TASK_MERGE, args=(rest,), kwargs={"run_id": res.run_id},

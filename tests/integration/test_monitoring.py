@@ -84,7 +84,8 @@ def test_status_watch_follows_a_run_to_its_report(assets, workers, settings, nas
     assert manifest["run_id"] in runs.stdout and "done" in runs.stdout
 
 
-def test_flower_with_auth_shows_the_runs_workers_and_tasks(assets, workers, settings, nasq_cli, repo, tmp_path):
+def test_flower_with_auth_shows_the_runs_workers_and_tasks(assets, workers, settings, nasq_cli, repo, tmp_path,
+                                                          start_workers):
     from nasq.queue.redis_server import free_port
 
     refused = subprocess.run(nasq_cli + ["flower", "--broker", settings.broker_url], capture_output=True, text=True,
@@ -123,6 +124,38 @@ def test_flower_with_auth_shows_the_runs_workers_and_tasks(assets, workers, sett
         assert any(f"run={res.run_id} shard-00000 images=[0,8) batch=4" in t["args"] for t in shards)
         info = requests.get(base + f"/api/task/info/{shards[0]['uuid']}", auth=auth, timeout=10).json()
         assert info["worker"] in ws
+        _failed_shards_are_failure_in_flower(base, auth, assets, workers, settings, start_workers)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(20)
+
+
+def _failed_shards_are_failure_in_flower(base, auth, assets, workers, settings, start_workers):
+    """A shard that fails is FAILURE in Flower (so an alert on failed tasks fires), while the
+    partial report and `nasq resume` still work. The failing shards are the ones an
+    onnxruntime worker on the torch run's queue takes: it refuses them."""
+    from nasq.api import resume
+    from nasq.errors import RunError
+
+    wrong = start_workers(settings.broker_url, workers.queue, backend="onnxruntime")
+    try:
+        with pytest.raises(RunError, match="shard.* failed") as e:
+            evaluate(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=2,
+                     shard_size=2, queue=workers.queue, settings=settings, progress=False, log=lambda *_: None)
+    finally:
+        wrong.stop()
+    run_id = next(r for r in RunStore(settings.broker_url).run_ids(5) if r in str(e.value))
+    store = RunStore(settings.broker_url)
+    partial = store.report(run_id)
+    bad = partial["shards_not_ok"]
+    assert partial["partial"] and bad and partial["shards_ok"] == 12 - len(bad)
+    deadline, states = time.time() + 30, {}
+    while time.time() < deadline and len(states) < 12:
+        tasks = requests.get(base + "/api/tasks?limit=2000", auth=auth, timeout=10).json()
+        states = {t["args"].split()[1]: t["state"] for k, t in tasks.items()
+                  if k.startswith(run_id) and t["name"] == "nasq.eval_shard" and t.get("args")}
+        time.sleep(0.5)
+    assert {sid for sid, st in states.items() if st == "FAILURE"} == set(bad), states
+    assert all(states[sid] == "SUCCESS" for sid in states if sid not in bad)
+    done = resume(run_id, settings=settings, progress=False, log=lambda *_: None)
+    assert not done.report.get("partial") and done.report["images"] == 20 and done.report["top1"] == 100.0

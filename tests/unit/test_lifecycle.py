@@ -20,7 +20,7 @@ class MemoryLedger:
 
     def __init__(self):
         self.attempts, self.started, self.progress, self.finished, self.workers = {}, {}, {}, {}, {}
-        self.leases, self.run_state = {}, None
+        self.leases, self.run_state, self.results = {}, None, {}
 
     def state(self, run_id):
         return self.run_state
@@ -48,6 +48,9 @@ class MemoryLedger:
     def shard_finished(self, run_id, shard_id, summary):
         self.finished[shard_id] = summary
 
+    def save_shard_result(self, run_id, shard_id, result):
+        self.results[shard_id] = result
+
     def touch_worker(self, name, **fields):
         self.workers.setdefault(name, {}).update(fields)
 
@@ -55,9 +58,12 @@ class MemoryLedger:
 class MemoryStore:
     """What the merge reads and writes in the run store, in dicts."""
 
-    def __init__(self, manifest, running=()):
+    def __init__(self, manifest, running=(), stored=()):
         self._manifest, self._running = manifest, {sid: {} for sid in running}
-        self.states, self.reports = [], {}
+        self.states, self.reports, self.stored = [], {}, {r["shard_id"]: r for r in stored}
+
+    def shard_results(self, run_id):
+        return dict(self.stored)
 
     def manifest(self, run_id):
         return self._manifest
@@ -157,12 +163,11 @@ def _results(manifest, drop=()):
 def test_merge_run_writes_the_report_and_fetches_late_shards(assets, tmp_path):
     manifest = make_manifest(job_of(_job(assets) | {"dataset": {**_job(assets)["dataset"], "images": 12}}),
                              shard_size=4, queue="q")
-    store = MemoryStore(manifest)
     results = _results(manifest)
-    late = results.pop(1)
-    report = merge_run(manifest["run_id"], results, store=store, report_dir=str(tmp_path),
-                       fetch_result=lambda tid: late if tid == manifest["shards"][1]["task_id"] else None,
-                       merge_wait_s=60, first_try=0.0)
+    late = results.pop(1)  # its result is only in the run store (a redelivered or re-dispatched shard)
+    store = MemoryStore(manifest, stored=[late])
+    report = merge_run(manifest["run_id"], results, store=store, report_dir=str(tmp_path), merge_wait_s=60,
+                       first_try=0.0)
     assert report["images"] == 12 and report["top1"] == 100.0 and report["shards"] == 3
     assert store.states[-1]["state"] == "done" and os.path.isfile(report["files"]["json"])
     assert store.reports[manifest["run_id"]][1]["indices"] == list(range(12))
@@ -176,7 +181,7 @@ def test_merge_run_waits_for_a_running_shard_then_fails_keeping_the_rest(assets,
     gone = manifest["shards"][2]["shard_id"]
     results = _results(manifest, drop={gone})
     store = MemoryStore(manifest, running=[gone])
-    kw = dict(store=store, report_dir=str(tmp_path), fetch_result=lambda tid: None, merge_wait_s=60)
+    kw = dict(store=store, report_dir=str(tmp_path), merge_wait_s=60)
     with pytest.raises(MergeLater):
         merge_run(manifest["run_id"], results, first_try=time.time(), **kw)
     assert store.states == []  # nothing decided yet
