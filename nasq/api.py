@@ -70,7 +70,7 @@ def check_weights(weights: str, backend: str) -> str:
 
 
 def _labels_for(source: Source, data: str, labels: str | None) -> str | None:
-    path = labels or find_labels(data)
+    path = labels or (find_labels(data) if source.kind != "index" else None)
     if path is None:
         return None
     table = read_labels(path)
@@ -186,7 +186,7 @@ class RunHandle:
         last_heal = [time.time()]
 
         def poll() -> Progress:
-            if store.manifest(run_id) is None:
+            if not store.has_run(run_id):
                 return Progress(failed=f"the broker lost run {run_id} (it restarted without persistence, or the "
                                        f"records expired); rerun it with: {self.rerun}")
             if time.time() - last_heal[0] >= every:

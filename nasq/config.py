@@ -129,6 +129,8 @@ class BackendOptions:
     channels_last: bool | None = None
     #: where compiled kernels are cached (torch.compile), so a restarted worker reuses them
     cache_dir: str | None = None
+    #: the SIMULATED backend's options ("rate=310p3,crash_after=100", see backends/sim_backend.py)
+    sim: str | None = None
 
     def describe(self) -> dict:
         """The options that differ from the defaults, for reports and row names."""
@@ -153,6 +155,8 @@ class WorkerConfig:
     device_decode: bool = False
     #: threads decoding the next batch while the device runs the current one
     decode_threads: int = 1
+    #: the SIMULATED backend's options (``--sim``)
+    sim: str | None = None
     threads: int | None = None
     queues: tuple[str, ...] = ()
     #: the Celery node name, unique in the deployment
@@ -161,7 +165,7 @@ class WorkerConfig:
     def backend_options(self, precision: str | None = None) -> BackendOptions:
         """The options a run gets on this worker: the run's precision if it set one."""
         return BackendOptions(precision=precision or self.precision, threads=self.threads, compile=self.compile,
-                              cuda_graphs=self.cuda_graphs, device_decode=self.device_decode,
+                              cuda_graphs=self.cuda_graphs, device_decode=self.device_decode, sim=self.sim,
                               cache_dir=os.path.join(self.settings.artifact_dir, "inductor-cache"))
 
     def describe(self) -> dict:

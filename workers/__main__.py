@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-threads", type=int, default=None,
                    help="threads decoding JPEGs ahead of the device (default: 1 on cpu, 4 on cuda/npu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the runtime (default: the runtime's choice)")
+    p.add_argument("--sim", default=None, metavar="OPTIONS",
+                   help="--backend sim only: a SIMULATED device for fleet-scale queue tests, never a measurement: "
+                        "rate=310p3|N,slow=X,crash_after=N,hang_after=N (default: rate=310p3)")
     p.add_argument("--broker", default=None, help="Redis URL of the broker (default: $NASQ_BROKER_URL or the config file)")
     p.add_argument("--loglevel", default="INFO", help="log level (default: INFO)")
     p.add_argument("--logfile", default=None, help="write the worker log here instead of stderr")
@@ -66,6 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.precision not in backends.precisions(args.backend):
         parser.error(f"backend {args.backend} runs precision {', '.join(backends.precisions(args.backend))}, "
                      f"not {args.precision}")
+    if args.sim is not None and args.backend != "sim":
+        parser.error("--sim goes with --backend sim (a simulated device)")
+    if args.backend == "sim":
+        from nasq.backends.sim_backend import parse_sim
+
+        try:
+            parse_sim(args.sim)
+        except NasqError as e:
+            parser.error(str(e))
+        print(f"nasq worker: SIMULATED device ({args.sim or 'rate=310p3'}): for queue tests, not a measurement",
+              file=sys.stderr)
     modes = backends.backend_class(args.backend).compile_modes
     if args.compile not in modes:
         parser.error(f"backend {args.backend} compiles with {', '.join(modes)}, not {args.compile}")
@@ -84,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                           precision=args.precision, compile=args.compile, cuda_graphs=args.cuda_graphs,
                           device_decode=args.device_decode,
                           decode_threads=args.decode_threads or (1 if args.device == "cpu" else 4),
-                          threads=args.threads, queues=tuple(queues), name=name)
+                          threads=args.threads, queues=tuple(queues), name=name, sim=args.sim)
     from workers.app import app, configure
 
     if _answers(settings, name):

@@ -32,9 +32,7 @@ def eval_shard(self, run_id, shard_id, start, stop, job) -> dict:
         log.warning("refused a shard message: %s", e)
         raise ShardFailed(f"bad shard message: {e}") from None
     out = run_shard(task, ledger=self.store, resources=self.resources, worker=self.worker)
-    manifest = self.store.manifest(task.run_id)
-    if manifest is not None:
-        merge_if_stranded(self.app, self.store, manifest)
+    merge_if_stranded(self.app, self.store, task.run_id)
     if out["status"] == "error":
         raise ShardFailed(f"{task.shard_id} on {self.worker.name}: {out['error']}")
     return out

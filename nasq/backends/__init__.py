@@ -15,6 +15,7 @@ _REGISTRY = {
     "torch": "nasq.backends.torch_backend:TorchBackend",
     "onnxruntime": "nasq.backends.onnxruntime_backend:OnnxRuntimeBackend",
     "ais_bench": "nasq.backends.ais_bench_backend:AisBenchBackend",
+    "sim": "nasq.backends.sim_backend:SimBackend",  # SIMULATED: fleet-scale queue tests only
 }
 
 

@@ -26,6 +26,7 @@ IMAGE_EXTS = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif",
 U8_FORMAT = "nasq-u8"
 U8_INDEX = "index.json"
 BIN_ERRORS = "preprocess_errors.json"
+INDEX_PREFIX = "index:"
 
 
 @dataclass
@@ -92,6 +93,14 @@ class U8Shards(Source):
         return np.array(self._maps[k][i - self.shards[k]["start"]])
 
 
+class IndexSource(Source):
+    """``index:N``: N images that are only their index, for the SIMULATED backend (fleet-scale
+    queue tests without files). Other backends refuse it."""
+
+    def _load(self, i):
+        return np.array([i], dtype=np.int64)
+
+
 def _listing_fingerprint(kind: str, entries: list[tuple[str, int]]) -> str:
     h = hashlib.sha256(kind.encode())
     for name, size in entries:
@@ -105,7 +114,14 @@ def open_source(path: str | os.PathLike) -> Source:
     Raises:
         DatasetError: missing folder, incomplete u8 shards, or no images in it.
     """
-    root = os.path.abspath(os.fspath(path))
+    text = os.fspath(path)
+    if text.startswith(INDEX_PREFIX):
+        n = text[len(INDEX_PREFIX):]
+        if not n.isdigit() or int(n) < 1:
+            raise DatasetError(f"{text!r}: an index dataset is index:N with N >= 1 (for --backend sim)")
+        return IndexSource("index", text, [f"{i:08d}" for i in range(int(n))],
+                           _listing_fingerprint("index", [(text, int(n))]), "int64")
+    root = os.path.abspath(text)
     if not os.path.isdir(root):
         raise DatasetError(f"data folder {root!r} does not exist")
     index = os.path.join(root, U8_INDEX)

@@ -8,7 +8,6 @@ ledger stops a shard that always kills its worker from looping forever.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Protocol
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 from ..config import WorkerConfig
 from ..data.outputs import OutputWriter
 from ..errors import NasqError
+from ..keepalive import every
 from .evaluate import evaluate_range
 from .resources import DeviceResources
 
@@ -102,20 +102,9 @@ def _lease(ledger: ShardLedger, task: ShardTask, holder: str, ttl_s: float):
     """Hold the shard's lease while the body runs, renewed every ttl_s / 3 by a thread (the
     device work keeps the main thread busy). A worker that dies stops renewing it."""
     ledger.take_lease(task.run_id, task.shard_id, holder, ttl_s)
-    stop = threading.Event()
-
-    def renew():
-        while not stop.wait(ttl_s / 3):
-            try:
-                ledger.renew_lease(task.run_id, task.shard_id, holder, ttl_s)
-            except Exception:  # noqa: BLE001 - a broker blip: the next renewal tries again
-                log.warning("shard %s: could not renew its lease", task.shard_id, exc_info=True)
-
-    keeper = threading.Thread(target=renew, daemon=True, name=f"lease-{task.shard_id}")
-    keeper.start()
     try:
-        yield
+        with every(ttl_s / 3, lambda: ledger.renew_lease(task.run_id, task.shard_id, holder, ttl_s),
+                   what=f"the lease of {task.shard_id}"):
+            yield
     finally:
-        stop.set()
-        keeper.join()
         ledger.drop_lease(task.run_id, task.shard_id, holder)

@@ -18,13 +18,16 @@ log = logging.getLogger("nasq.heal")
 
 
 def heal(app, store: RunStore, run_id: str) -> list[str]:
-    """Dispatch again the shards of ``run_id`` whose lease expired; returns their ids."""
-    manifest = store.manifest(run_id)
-    if manifest is None or (store.state(run_id) or {}).get("state") in ("done", "failed"):
+    """Dispatch again the shards of ``run_id`` whose lease expired; returns their ids. Cheap when
+    nothing is lost (no manifest is read): every live worker calls it on its heartbeat."""
+    if (store.state(run_id) or {}).get("state") in (None, "done", "failed"):
         return []
     lost = [sid for sid in store.lost_shards(run_id) if store.claim_lost(run_id, sid)]
-    redispatch(app, manifest, lost, why="lease expired")
-    merge_if_stranded(app, store, manifest)
+    if lost or store.redispatched(run_id):
+        manifest = store.manifest(run_id)
+        if manifest is not None:
+            redispatch(app, manifest, lost, why="lease expired")
+            merge_if_stranded(app, store, run_id, manifest)
     return lost
 
 
@@ -41,12 +44,14 @@ def redispatch(app, manifest: dict, shard_ids: list[str], *, why: str) -> None:
                 ", ".join(shard_ids))
 
 
-def merge_if_stranded(app, store: RunStore, manifest: dict) -> bool:
+def merge_if_stranded(app, store: RunStore, run_id: str, manifest: dict | None = None) -> bool:
     """Send the merge of a run whose every shard finished while the chord cannot fire (a
-    re-dispatched shard is not part of it). The merge keeps the chord body's task id, so a
-    client waiting on it gets the report; a merge that runs twice returns the same report."""
-    run_id = manifest["run_id"]
-    if not store.redispatched(run_id) or len(store.finished(run_id)) < len(manifest["shards"]):
+    re-dispatched shard is not part of it). The merge keeps the chord body's task id; a merge
+    that runs twice gives the same report."""
+    if not store.redispatched(run_id):
+        return False
+    manifest = manifest or store.manifest(run_id)
+    if manifest is None or len(store.finished(run_id)) < len(manifest["shards"]):
         return False
     if not store.claim_merge(run_id):
         return False

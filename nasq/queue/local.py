@@ -35,6 +35,7 @@ class WorkerSpec:
     threads: int | None = None
     compile: str | None = None
     cuda_graphs: bool = False
+    sim: str | None = None
 
     @property
     def kind(self) -> str:
@@ -45,7 +46,8 @@ class WorkerSpec:
                "--broker", broker]
         if self.queues:
             cmd += ["--queues", ",".join(self.queues)]
-        for flag, value in (("--precision", self.precision), ("--threads", self.threads), ("--compile", self.compile)):
+        for flag, value in (("--precision", self.precision), ("--threads", self.threads), ("--compile", self.compile),
+                            ("--sim", self.sim)):
             if value:
                 cmd += [flag, str(value)]
         return cmd + (["--cuda-graphs"] if self.cuda_graphs else [])

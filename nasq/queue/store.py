@@ -8,15 +8,15 @@ URL can follow a run; keys expire with the results (``result_expires``).
 from __future__ import annotations
 
 import json
-import threading
 import time
-from contextlib import contextmanager
 
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import LockError
 from redis.lock import Lock
 from redis.retry import Retry
+
+from ..keepalive import every
 
 PREFIX = "nasq:run:"
 RUNS = "nasq:runs"
@@ -62,22 +62,9 @@ class BuildLock(Lock):
             pass
         self.local.token = self.token.encode()
 
-    @contextmanager
     def kept(self):
-        """Renew the lock every ttl/3 while the body runs."""
-        stop = threading.Event()
-
-        def keep():
-            while not stop.wait(self.timeout / 3):
-                self.renew()
-
-        keeper = threading.Thread(target=keep, daemon=True)
-        keeper.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            keeper.join()
+        """``with lock.kept():`` renews the lock every ttl/3 while the body runs."""
+        return every(self.timeout / 3, self.renew, what=f"the build lock {self.name}")
 
 
 class RunStore:
@@ -113,6 +100,9 @@ class RunStore:
 
     def manifest(self, run_id: str) -> dict | None:
         return self._get(self._k(run_id))
+
+    def has_run(self, run_id: str) -> bool:
+        return bool(self.r.exists(self._k(run_id)))
 
     def broker_warnings(self) -> list[str]:
         """What this Redis lacks for runs to survive it (read with CONFIG GET; managed Redis

@@ -79,8 +79,11 @@ def fail_run(run_id: str, error: BaseException, *, store, report_dir: str,
             results.append({"run_id": run_id, "shard_id": sid, **finished[sid]})
         else:
             in_flight.append(sid)
-    if in_flight and all(r.get("status") == "ok" for r in results):
-        redispatch(manifest, [sid for sid in in_flight if store.claim_lost(run_id, sid, running=False)])
+    if all(r.get("status") == "ok" for r in results):
+        if in_flight:  # not a failure of the run: it heals, and is merged once they finish
+            redispatch(manifest, [sid for sid in in_flight if store.claim_lost(run_id, sid, running=False)])
+        else:  # every shard finished after all (re-dispatched ones too): the run is done
+            merge_run(run_id, [], store=store, report_dir=report_dir, merge_wait_s=0, first_try=time.time())
         return
     try:
         merge(manifest, results)

@@ -1,0 +1,161 @@
+"""Fleet benchmark: SIMULATED workers (``--backend sim``) x an index-only dataset on a real Redis.
+
+Three runs, each timed from submission to the client holding the report:
+  1. undisturbed;
+  2. KILL workers SIGKILLed (main process and pool child: machines dying) when 30 % is done;
+  3. Redis SIGKILLed and restarted (appendonly) when 30 % is done, the killed workers replaced.
+It prints ideal time (images / sum of device rates), wall time, efficiency, queue overhead, merge
+time, Redis memory and message sizes, checks that runs 2 and 3 equal run 1 image for image, and
+writes everything to --out. The devices are simulated: this measures the queue, not a model.
+
+    .venv/bin/python bench/fleet.py --workers 64 --images 50000 --rate 10
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+
+from nasq.api import submit_evaluation
+from nasq.config import Settings
+from nasq.queue.local import LocalCluster, WorkerSpec
+from nasq.queue.redis_server import free_port, redis_binary, wait_for_redis
+from nasq.queue.store import RunStore
+
+
+class Redis:
+    def __init__(self, folder: str):
+        self.folder, self.port = folder, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self):
+        self.proc = subprocess.Popen([redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "yes", "--appendfsync", "always", "--dir", self.folder,
+                                      "--maxmemory-policy", "noeviction"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert wait_for_redis(self.url, self.proc, timeout=60), "redis-server did not start"
+
+    def kill(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workers", type=int, default=64)
+    ap.add_argument("--images", type=int, default=50_000)
+    ap.add_argument("--rate", type=float, default=10.0, help="simulated img/s per device (default: 10)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--shard-size", type=int, default=40)
+    ap.add_argument("--lease", type=float, default=5.0, help="lease_s (default: 5)")
+    ap.add_argument("--kill", type=int, default=8, help="workers killed in run 2 (default: 8)")
+    ap.add_argument("--out", default="bench/results/fleet.json")
+    args = ap.parse_args()
+
+    work = tempfile.mkdtemp(prefix="nasq-fleet-")
+    redis = Redis(os.path.join(work, "redis"))
+    os.makedirs(redis.folder)
+    redis.start()
+    weights = os.path.join(work, "fleet.sim")
+    with open(weights, "wb") as f:
+        f.write(os.urandom(256))
+    settings = Settings(broker_url=redis.url, lease_s=args.lease, merge_wait_s=120, broker_outage_s=120,
+                        report_dir=os.path.join(work, "reports"), artifact_dir=os.path.join(work, "art"),
+                        work_dir=os.path.join(work, "runs"))
+    queue = "eval.fleet"
+
+    def workers(names):
+        return LocalCluster([WorkerSpec(backend="sim", queues=(queue,), name=n, threads=1, sim=f"rate={args.rate}")
+                             for n in names], workdir=os.path.join(work, "workers", names[0]), broker_url=redis.url,
+                            settings=settings, ready_timeout=900, log=lambda *_: None)
+
+    t = time.time()
+    fleet = workers([f"sim{i:02d}@fleet" for i in range(args.workers)])
+    fleet.start()
+    print(f"{args.workers} simulated workers up in {time.time() - t:.0f} s", flush=True)
+    results, reference = {}, None
+
+    def one(label, fault=None):
+        store = RunStore(redis.url, outage_s=120)
+        said = []
+        t0 = time.time()
+        h = submit_evaluation(weights=weights, data=f"index:{args.images}", backend="sim",
+                              batch_size=args.batch_size, shard_size=args.shard_size, queue=queue, settings=settings,
+                              log=said.append)
+        hit = {}
+        if fault:
+            def trigger():
+                while store.images_done(h.run_id) < 0.3 * args.images:
+                    time.sleep(0.05)
+                hit["at"] = time.time() - t0
+                fault()
+            threading.Thread(target=trigger, daemon=True).start()
+        res = h.wait(progress=False, timeout=3600, log=said.append)
+        wall = time.time() - t0
+        rep = res.report
+        last_shard = rep["created"] + 0  # noqa: F841 - for the reader: merge time is below
+        shards_end = max(d["last_finish"] for d in rep["per_device"])
+        sizes = sorted(len(json.dumps(r)) for r in store.shard_results(h.run_id).values())
+        info = store.r.info("memory")
+        manifest = store.manifest(h.run_id)
+        from nasq.queue.messages import shard_tasks
+
+        msg = len(json.dumps(shard_tasks(manifest)[0].args()))
+        row = {"run": label, "run_id": h.run_id, "wall_s": round(wall, 2), "images": rep["images"],
+               "shards": rep["shards"], "fault_at_s": round(hit["at"], 1) if hit else None,
+               "merge_s": round(rep["finished"] - shards_end, 2), "report_to_client_s": round(t0 + wall - rep["finished"], 2),
+               "redispatched": rep.get("redispatched_shards"), "redis_used_memory_peak": info["used_memory_peak_human"],
+               "shard_message_bytes": msg, "shard_result_bytes_median": sizes[len(sizes) // 2],
+               "workers_reporting": len(rep["per_device"]), "client_said": [m for m in said if "run " in m][-3:]}
+        results[label] = row
+        print(json.dumps(row), flush=True)
+        h.close()
+        return res.predictions
+
+    reference = one("undisturbed")
+
+    def kill_some():
+        for _, proc, _ in fleet.procs[:args.kill]:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    assert one("kill", kill_some)["top5"] == reference["top5"], "run 2 differs from run 1"
+    fleet.procs = fleet.procs[args.kill:]
+    spare = workers([f"spare{i:02d}@fleet" for i in range(args.kill)])
+    spare.start()
+
+    def restart_redis():
+        redis.kill()
+        time.sleep(2)
+        redis.start()
+
+    assert one("broker-restart", restart_redis)["top5"] == reference["top5"], "run 3 differs from run 1"
+    spare.stop()
+    fleet.stop()
+    redis.kill()
+
+    ideal = args.images / (args.workers * args.rate)
+    ideal_killed = args.images / ((args.workers - args.kill) * args.rate)
+    shard_s = args.shard_size / args.rate
+    summary = {
+        "date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "workers": args.workers, "images": args.images, "rate_img_s_per_device": args.rate,
+        "batch_size": args.batch_size, "shard_size": args.shard_size, "lease_s": args.lease,
+        "ideal_s": round(ideal, 2), "efficiency": round(ideal / results["undisturbed"]["wall_s"], 4),
+        "queue_overhead_s": round(results["undisturbed"]["wall_s"] - ideal, 2),
+        "kill_bound_s": round(ideal_killed + args.lease + shard_s, 2),
+        "restart_added_s": round(results["broker-restart"]["wall_s"] - results["undisturbed"]["wall_s"], 2),
+        "runs": results, "exact": True}
+    print(json.dumps(summary, indent=1))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(summary, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
