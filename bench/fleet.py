@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=50_000)
     ap.add_argument("--rate", type=float, default=10.0, help="simulated img/s per device (default: 10)")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--shard-size", type=int, default=40)
+    ap.add_argument("--shard-size", type=int, default=None, help="default: nasq's own (a few shards per worker)")
     ap.add_argument("--lease", type=float, default=5.0, help="lease_s (default: 5)")
     ap.add_argument("--kill", type=int, default=8, help="workers killed in run 2 (default: 8)")
     ap.add_argument("--out", default="bench/results/fleet.json")
@@ -99,7 +99,6 @@ def main() -> None:
         res = h.wait(progress=False, timeout=3600, log=said.append)
         wall = time.time() - t0
         rep = res.report
-        last_shard = rep["created"] + 0  # noqa: F841 - for the reader: merge time is below
         shards_end = max(d["last_finish"] for d in rep["per_device"])
         sizes = sorted(len(json.dumps(r)) for r in store.shard_results(h.run_id).values())
         info = store.r.info("memory")
@@ -108,7 +107,7 @@ def main() -> None:
 
         msg = len(json.dumps(shard_tasks(manifest)[0].args()))
         row = {"run": label, "run_id": h.run_id, "wall_s": round(wall, 2), "images": rep["images"],
-               "shards": rep["shards"], "fault_at_s": round(hit["at"], 1) if hit else None,
+               "shards": rep["shards"], "shard_images": manifest["shards"][0]["stop"], "fault_at_s": round(hit["at"], 1) if hit else None,
                "merge_s": round(rep["finished"] - shards_end, 2), "report_to_client_s": round(t0 + wall - rep["finished"], 2),
                "redispatched": rep.get("redispatched_shards"), "redis_used_memory_peak": info["used_memory_peak_human"],
                "shard_message_bytes": msg, "shard_result_bytes_median": sizes[len(sizes) // 2],
@@ -141,7 +140,7 @@ def main() -> None:
 
     ideal = args.images / (args.workers * args.rate)
     ideal_killed = args.images / ((args.workers - args.kill) * args.rate)
-    shard_s = args.shard_size / args.rate
+    shard_s = max(r["shard_images"] for r in results.values()) / args.rate
     summary = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "workers": args.workers, "images": args.images, "rate_img_s_per_device": args.rate,

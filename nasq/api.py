@@ -30,7 +30,7 @@ from .queue.app import BUILD_QUEUE, eval_queue
 from .queue.healing import heal
 from .queue.local import WorkerSpec, cpu_threads, local_devices, worker_name
 from .queue.messages import DatasetRef, EvalJob, OutputSpec, SweepPoint, auto_shard_size, make_manifest
-from .queue.session import Progress, Session
+from .queue.session import BROKER_ERRORS, Progress, Session
 from .results.report import render
 from .results.sweeps import render_markdown, write_report
 
@@ -191,7 +191,7 @@ class RunHandle:
                                        f"records expired); rerun it with: {self.rerun}")
             if time.time() - last_heal[0] >= every:
                 last_heal[0] = time.time()
-                for sid in heal(self.session.app, store, run_id):
+                for sid in heal(self.session.app, store, run_id, lease_s=self.session.settings.lease_s):
                     log(f"run {run_id}: {sid} lost its worker; dispatched again")
             st = store.state(run_id) or {}
             failed = st.get("error", f"run {run_id} failed") if st.get("state") == "failed" else None
@@ -254,12 +254,18 @@ def _submit(session: Session, plan: _Plan, *, queue: str, shard_size: int | None
                           settings=session.settings, session=session, log=log)
     job = EvalJob(dataset=DatasetRef(**plan.source.describe()), labels=plan.labels, model=model, backend=plan.backend,
                   batch_size=plan.batch_size, precision=plan.precision, output=plan.output)
+    if workers is None and session.cluster is None:  # a deployment: as many as serve the queue now
+        workers = len(session.live_workers(queue)) or None
     size = shard_size or auto_shard_size(len(plan.source), workers, plan.batch_size)
     manifest = make_manifest(job, shard_size=size, queue=queue)
     run_id = manifest["run_id"]
-    session.store.save_manifest(manifest)
-    result = session.submit_run(manifest)
-    session.store.set_state(run_id, "running", shards=len(manifest["shards"]))
+    try:
+        session.store.save_manifest(manifest)
+        result = session.submit_run(manifest)
+        session.store.set_state(run_id, "running", shards=len(manifest["shards"]))
+    except BROKER_ERRORS as e:
+        raise RunError(f"the broker went away while run {run_id} was being submitted ({e}); when it is back, "
+                       f"rerun it with: {rerun or 'the same command'}") from None
     log(f"run {run_id}: {len(plan.source)} images in {len(manifest['shards'])} shards "
         f"of <= {manifest['shards'][0]['stop'] if manifest['shards'] else 0} on queue {queue}")
     if session.cluster is None:

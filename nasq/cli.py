@@ -466,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .queue.session import BROKER_ERRORS
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "worker":
         return cmd_worker(argv[1:])
@@ -478,6 +480,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except NasqError as e:
         print(f"nasq {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except BROKER_ERRORS as e:
+        print(f"nasq {args.command}: error: cannot reach the broker ({e}); check --broker / NASQ_BROKER_URL and "
+              "that Redis is up", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

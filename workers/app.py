@@ -95,7 +95,7 @@ def _heartbeat(sender=None, **_):
             _register()
         if time.time() - _last_heal[0] >= max(1.0, c.settings.lease_s / 3):
             _last_heal[0] = time.time()
-            heal_active(app, store)
+            heal_active(app, store, lease_s=c.settings.lease_s)
     except Exception:  # noqa: BLE001 - a broker blip must not stop the heartbeat
         log.warning("heartbeat bookkeeping failed", exc_info=True)
 

@@ -46,7 +46,7 @@ def merge_run(self, results: list, run_id: str, _first_try: float | None = None)
         return finish_run(run_id, results, store=self.store, report_dir=self.worker.settings.report_dir,
                           merge_wait_s=self.worker.settings.merge_wait_s, first_try=first_try)
     except MergeLater:
-        heal(self.app, self.store, run_id)  # a missing shard whose worker is gone runs again
+        heal(self.app, self.store, run_id, lease_s=self.worker.settings.lease_s)  # a lost shard runs again
         raise self.retry(countdown=5, kwargs={"run_id": run_id, "_first_try": first_try}) from None
 
 

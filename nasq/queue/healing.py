@@ -17,18 +17,39 @@ from .store import RunStore
 log = logging.getLogger("nasq.heal")
 
 
-def heal(app, store: RunStore, run_id: str) -> list[str]:
+def heal(app, store: RunStore, run_id: str, *, lease_s: float) -> list[str]:
     """Dispatch again the shards of ``run_id`` whose lease expired; returns their ids. Cheap when
     nothing is lost (no manifest is read): every live worker calls it on its heartbeat."""
     if (store.state(run_id) or {}).get("state") in (None, "done", "failed"):
         return []
     lost = [sid for sid in store.lost_shards(run_id) if store.claim_lost(run_id, sid)]
+    manifest = None
     if lost or store.redispatched(run_id):
         manifest = store.manifest(run_id)
         if manifest is not None:
             redispatch(app, manifest, lost, why="lease expired")
             merge_if_stranded(app, store, run_id, manifest)
-    return lost
+    return lost + _stranded(app, store, run_id, manifest, lease_s)
+
+
+def _stranded(app, store: RunStore, run_id: str, manifest: dict | None, lease_s: float) -> list[str]:
+    """Shards neither finished nor running whose message is nowhere to be taken: the queue is
+    empty, and the message is missing (lost with the broker) or was delivered to a worker that
+    never started it (its connection broke) more than a lease ago. Checked only once the
+    queue has drained, so it costs nothing while the fleet is busy."""
+    st = store.state(run_id) or {}
+    n = st.get("shards")
+    if not n or len(store.finished(run_id)) + len(store.running(run_id)) >= n:
+        return []
+    manifest = manifest or store.manifest(run_id)
+    if manifest is None or store.queued(manifest["queue"]):
+        return []
+    finished, running, unacked = store.finished(run_id), store.running(run_id), store.unacked_ages()
+    stuck = [s["shard_id"] for s in manifest["shards"] if s["shard_id"] not in finished
+             and s["shard_id"] not in running and unacked.get(s["task_id"], lease_s + 1) > lease_s]
+    stuck = [sid for sid in stuck if store.claim_stranded(run_id, sid)]
+    redispatch(app, manifest, stuck, why="message stranded (broker restart)")
+    return stuck
 
 
 def redispatch(app, manifest: dict, shard_ids: list[str], *, why: str) -> None:
@@ -61,7 +82,7 @@ def merge_if_stranded(app, store: RunStore, run_id: str, manifest: dict | None =
     return True
 
 
-def heal_active(app, store: RunStore) -> None:
+def heal_active(app, store: RunStore, *, lease_s: float) -> None:
     """``heal`` every active run (a worker's heartbeat)."""
     for run_id in store.active_runs():
-        heal(app, store, run_id)
+        heal(app, store, run_id, lease_s=lease_s)

@@ -194,6 +194,34 @@ class RunStore:
         self.r.expire(key, self.expires)
         return True
 
+    def claim_stranded(self, run_id: str, shard_id: str) -> bool:
+        """True for the one caller that re-dispatches a shard whose message is stranded (see
+        ``queued``/``unacked_ages``): one claim per generation of the shard."""
+        gen = int(self.r.hget(self._k(run_id, "redispatched"), shard_id) or 0)
+        if not self.r.set(self._k(run_id, f"claim:{shard_id}:{gen}"), 1, nx=True, ex=self.expires):
+            return False
+        return self.claim_lost(run_id, shard_id, running=False)
+
+    # kombu's Redis transport: what is still queued, and what was delivered but never acked
+    def queued(self, queue: str) -> int:
+        """Messages waiting in ``queue`` (kombu keeps one list per priority step)."""
+        with self.r.pipeline() as p:
+            for name in (queue, *(f"{queue}\x06\x16{n}" for n in (3, 6, 9))):
+                p.llen(name)
+            return sum(p.execute())
+
+    def unacked_ages(self) -> dict[str, float]:
+        """Task id -> seconds since delivery, for messages delivered to a worker and not acked."""
+        now, out = time.time(), {}
+        since = {k.decode(): t for k, t in self.r.zrange("unacked_index", 0, -1, withscores=True)}
+        for tag, raw in self.r.hgetall("unacked").items():
+            try:
+                task_id = json.loads(raw)[0]["headers"]["id"]
+            except (ValueError, KeyError, IndexError, TypeError):
+                continue
+            out[task_id] = now - since.get(tag.decode(), now)
+        return out
+
     def redispatched(self, run_id: str) -> dict[str, int]:
         return {k.decode(): int(v) for k, v in self.r.hgetall(self._k(run_id, "redispatched")).items()}
 

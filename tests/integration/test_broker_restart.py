@@ -1,6 +1,7 @@
 """A broker restarted mid-run: with persistence the run completes exactly, with no human action;
 without it the client says in one line that the broker lost the run and how to rerun it."""
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -92,13 +93,14 @@ def test_a_broker_restarted_without_persistence_says_the_run_is_lost(assets, sta
                                               assets["weights"], "--data", assets["data"], "--batch-size", "1",
                                               "--shard-size", "1", "--no-progress", "--timeout", "120"],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=repo, env=env)
-        time.sleep(0.5)
-        store = RunStore(broker.url)
-        deadline = time.time() + 60
-        while time.time() < deadline and not store.run_ids(1):
-            time.sleep(0.05)
-        _restart_when_busy(broker, store.run_ids(1)[0], down_s=1.0)
+        said = []
+        for line in client.stderr:  # once the run is submitted
+            said.append(line)
+            if re.match(r"run \S+: \d+ images in", line):
+                break
+        _restart_when_busy(broker, line.split()[1].rstrip(":"), down_s=1.0)
         out, err = client.communicate(timeout=180)
+        err = "".join(said) + err
         assert client.returncode == 2, err
         last = err.strip().splitlines()[-1]
         assert "the broker lost run" in last and "rerun it with: nasq eval --broker" in last, err

@@ -240,3 +240,73 @@ def test_a_bad_precision_flag_is_one_line_before_anything_starts(tmp_path):
         assert p.returncode == 2, p.stderr
         assert len(p.stderr.strip().splitlines()) == 1 and names in p.stderr, p.stderr
         assert not (tmp_path / "runs").exists()  # no private Redis or worker was started
+
+
+def test_fail_run_heals_what_was_only_lost_and_fails_what_failed(assets, tmp_path):
+    from nasq.results.run import fail_run
+
+    manifest = make_manifest(job_of(_job(assets) | {"dataset": {**_job(assets)["dataset"], "images": 12}}),
+                             shard_size=4, queue="q")
+    ids = [s["shard_id"] for s in manifest["shards"]]
+
+    class Store(MemoryStore):
+        def __init__(self, *a, finished=None, **kw):
+            super().__init__(*a, **kw)
+            self._finished, self.claimed = finished or {}, []
+
+        def finished(self, run_id):
+            return self._finished
+
+        def claim_lost(self, run_id, sid, running=True):
+            self.claimed.append(sid)
+            return True
+
+        def redispatched(self, run_id):
+            return {sid: 1 for sid in self.claimed}
+
+    sent = []
+    # one shard revoked in flight (no result, no failure): dispatched again, the run goes on
+    store = Store(manifest, stored=_results(manifest, drop={ids[1]}))
+    fail_run(manifest["run_id"], RuntimeError("revoked"), store=store, report_dir=str(tmp_path),
+             redispatch=lambda m, sids: sent.extend(sids))
+    assert sent == [ids[1]] and store.states == []
+    # every shard finished after all: the run is merged and done
+    store = Store(manifest, stored=_results(manifest))
+    fail_run(manifest["run_id"], RuntimeError("late"), store=store, report_dir=str(tmp_path),
+             redispatch=lambda m, sids: sent.extend(sids))
+    assert store.states[-1]["state"] == "done" and store.reports[manifest["run_id"]][0]["images"] == 12
+    # a shard that failed for real: the run fails with a partial report naming it
+    store = Store(manifest, stored=_results(manifest, drop={ids[2]}),
+                  finished={ids[2]: {"status": "error", "error": "boom", "worker": "w0"}})
+    fail_run(manifest["run_id"], RuntimeError("chord"), store=store, report_dir=str(tmp_path),
+             redispatch=lambda m, sids: sent.extend(sids))
+    assert store.states[-1]["state"] == "failed" and "boom" in store.states[-1]["error"]
+    assert store.reports[manifest["run_id"]][0]["shards_not_ok"] == [ids[2]]
+
+
+def test_the_simulated_device_is_deterministic_and_says_what_it_is(tmp_path):
+    from nasq import backends
+    from nasq.config import BackendOptions
+    from nasq.data import open_source
+    from nasq.errors import BackendError, DatasetError
+    from nasq.inference.evaluate import evaluate_range
+    from nasq.model.spec import ModelRef
+
+    weights = tmp_path / "w.sim"
+    weights.write_bytes(b"any bytes will do")
+    src = open_source("index:30")
+
+    def run(spec):
+        b = backends.create("sim", "cpu")
+        b.load(ModelRef(str(weights)), batch_size=8, options=BackendOptions(sim=spec))
+        return b, evaluate_range(src, b, 0, 30, batch_size=8)
+
+    b, one = run("rate=1000")
+    _, two = run("rate=2000,slow=1")
+    assert one["top5"] == two["top5"] and len(one["indices"]) == 30
+    assert "SIMULATED" in b.describe_device() and "not a measurement" in b.versions()["sim"]
+    assert b.seconds_for(8) == pytest.approx(0.008)
+    with pytest.raises(BackendError, match="crash_after"):
+        run("explode=1")
+    with pytest.raises(DatasetError, match="index:N"):
+        open_source("index:zero")
