@@ -29,7 +29,7 @@ from .perf.sweep import sweep_folder, point_file, read_rows, sweep_id
 from .queue.app import BUILD_QUEUE, eval_queue
 from .queue.healing import heal
 from .queue.local import WorkerSpec, cpu_threads, local_devices, worker_name
-from .queue.messages import DatasetRef, EvalJob, OutputSpec, SweepPoint, auto_shard_size, make_manifest
+from .queue.messages import DatasetRef, EvalJob, OutputSpec, SweepPoint, make_manifest
 from .queue.session import BROKER_ERRORS, Progress, Session
 from .results.report import render
 from .results.sweeps import render_markdown, write_report
@@ -256,8 +256,7 @@ def _submit(session: Session, plan: _Plan, *, queue: str, shard_size: int | None
                   batch_size=plan.batch_size, precision=plan.precision, output=plan.output)
     if workers is None and session.cluster is None:  # a deployment: as many as serve the queue now
         workers = len(session.live_workers(queue)) or None
-    size = shard_size or auto_shard_size(len(plan.source), workers, plan.batch_size)
-    manifest = make_manifest(job, shard_size=size, queue=queue)
+    manifest = make_manifest(job, queue=queue, shard_size=shard_size, workers=workers)
     run_id = manifest["run_id"]
     try:
         session.store.save_manifest(manifest)

@@ -93,9 +93,11 @@ def _heartbeat(sender=None, **_):
     try:
         if not store.touch_worker(c.name):
             _register()
-        if time.time() - _last_heal[0] >= max(1.0, c.settings.lease_s / 3):
+        every = max(1.0, c.settings.lease_s / 3)
+        if time.time() - _last_heal[0] >= every:
             _last_heal[0] = time.time()
-            heal_active(app, store, lease_s=c.settings.lease_s)
+            if store.heal_turn(every):  # one worker per interval, not the whole fleet
+                heal_active(app, store, lease_s=c.settings.lease_s)
     except Exception:  # noqa: BLE001 - a broker blip must not stop the heartbeat
         log.warning("heartbeat bookkeeping failed", exc_info=True)
 

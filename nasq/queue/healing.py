@@ -37,9 +37,8 @@ def _stranded(app, store: RunStore, run_id: str, manifest: dict | None, lease_s:
     empty, and the message is missing (lost with the broker) or was delivered to a worker that
     never started it (its connection broke) more than a lease ago. Checked only once the
     queue has drained, so it costs nothing while the fleet is busy."""
-    st = store.state(run_id) or {}
-    n = st.get("shards")
-    if not n or len(store.finished(run_id)) + len(store.running(run_id)) >= n:
+    n = (store.state(run_id) or {}).get("shards")
+    if not n or sum(store.shard_counts(run_id)) >= n:
         return []
     manifest = manifest or store.manifest(run_id)
     if manifest is None or store.queued(manifest["queue"]):
@@ -72,7 +71,7 @@ def merge_if_stranded(app, store: RunStore, run_id: str, manifest: dict | None =
     if not store.redispatched(run_id):
         return False
     manifest = manifest or store.manifest(run_id)
-    if manifest is None or len(store.finished(run_id)) < len(manifest["shards"]):
+    if manifest is None or store.shard_counts(run_id)[0] < len(manifest["shards"]):
         return False
     if not store.claim_merge(run_id):
         return False

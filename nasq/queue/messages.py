@@ -201,23 +201,32 @@ def plan_shards(n_images: int, shard_size: int, batch_size: int) -> list[dict]:
             for k, s in enumerate(range(0, n_images, size))]
 
 
-def auto_shard_size(n_images: int, workers: int | None, batch_size: int, *, per_worker: int = 4,
-                    cap: int = 1000) -> int:
-    """Several shards per worker (so a slow device does not hold the run), at most ``cap`` images."""
-    workers = max(1, workers or 8)
-    return max(batch_size, min(cap, math.ceil(n_images / (workers * per_worker))))
+def plan_even(n_images: int, workers: int | None, batch_size: int, *, per_worker: int = 4,
+              cap: int = 1000) -> list[dict]:
+    """The default plan: ``per_worker`` shards for each worker (so a slow device does not hold
+    the run) of at most ``cap`` images and at least a batch, split as evenly as batch-aligned
+    boundaries allow, so that every worker has the same work and none idles at the end. Shard
+    starts are multiples of the batch size: batches are those of a single-process run."""
+    if n_images <= 0:
+        return []
+    k = max(1, workers or 8) * per_worker
+    k = min(max(k, math.ceil(n_images / cap)), max(1, math.ceil(n_images / batch_size)))
+    bounds = sorted({min(n_images, round(i * n_images / k / batch_size) * batch_size) for i in range(k)} | {n_images})
+    return [{"shard_id": f"shard-{j:05d}", "start": a, "stop": b} for j, (a, b) in enumerate(zip(bounds, bounds[1:]))]
 
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
 
-def make_manifest(job: EvalJob, *, shard_size: int, queue: str, run_id: str | None = None) -> dict:
-    """The run's record: the job, its queue and its shards (task ids ``<run_id>:<shard_id>``,
-    so the merge can look a late shard up)."""
+def make_manifest(job: EvalJob, *, queue: str, shard_size: int | None = None, workers: int | None = None,
+                  run_id: str | None = None) -> dict:
+    """The run's record: the job, its queue and its shards (``shard_size`` images each, or the
+    even default plan for ``workers``), with task ids ``<run_id>:<shard_id>``."""
     job = EvalJob.from_payload(job.to_payload())  # refused here, before anything is recorded
     run_id = run_id or new_run_id()
-    shards = plan_shards(job.dataset.images, shard_size, job.batch_size)
+    n = job.dataset.images
+    shards = plan_shards(n, shard_size, job.batch_size) if shard_size else plan_even(n, workers, job.batch_size)
     for s in shards:
         s["task_id"] = f"{run_id}:{s['shard_id']}"
     return {"run_id": run_id, "created": time.time(), "nasq_version": __version__, "queue": queue,

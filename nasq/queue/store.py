@@ -245,6 +245,19 @@ class RunStore:
     def finished(self, run_id: str) -> dict[str, dict]:
         return {k.decode(): json.loads(v) for k, v in self.r.hgetall(self._k(run_id, "finished")).items()}
 
+    def shard_counts(self, run_id: str) -> tuple[int, int]:
+        """(finished, running) shard counts, without reading the records."""
+        with self.r.pipeline() as p:
+            p.hlen(self._k(run_id, "finished"))
+            p.hlen(self._k(run_id, "running"))
+            finished, running = p.execute()
+        return int(finished), int(running)
+
+    def heal_turn(self, every_s: float) -> bool:
+        """True for one caller per ``every_s`` across the deployment: the live workers take
+        turns at healing instead of all of them doing it on every heartbeat."""
+        return bool(self.r.set("nasq:heal:turn", 1, nx=True, px=max(1, int(every_s * 1000))))
+
     def images_done(self, run_id: str) -> int:
         return sum(int(v) for v in self.r.hvals(self._k(run_id, "shard_done")))
 

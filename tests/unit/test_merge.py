@@ -2,7 +2,7 @@
 import pytest
 
 from nasq.errors import RunError
-from nasq.queue.messages import auto_shard_size, plan_shards
+from nasq.queue.messages import plan_even, plan_shards
 from nasq.results.merge import MissingShards, accuracy, collect, merge
 from nasq.results.report import render
 
@@ -27,7 +27,15 @@ def test_plan_shards_cover_range_in_batch_multiples():
     assert shards[0]["start"] == 0 and shards[-1]["stop"] == 50
     assert all(a["stop"] == b["start"] for a, b in zip(shards, shards[1:]))
     assert plan_shards(0, 8, 4) == []
-    assert auto_shard_size(50_000, 8, 8) == 1000 and auto_shard_size(64, 2, 8) == 8
+    # the default plan: a few shards per worker, at most 1000 images, at least a batch, even
+    big = plan_even(50_000, 8, 8)
+    assert len(big) == 50 and {s["stop"] - s["start"] for s in big} == {1000}
+    assert [s["stop"] - s["start"] for s in plan_even(64, 2, 8)] == [8] * 8
+    fleet = plan_even(50_000, 64, 8)
+    sizes = [s["stop"] - s["start"] for s in fleet]
+    assert len(fleet) == 256 and set(sizes) <= {192, 200} and sum(sizes) == 50_000
+    assert all(s["start"] % 8 == 0 for s in fleet) and fleet[-1]["stop"] == 50_000
+    assert [s["stop"] - s["start"] for s in plan_even(23, 2, 4)] == [4, 4, 4, 4, 4, 3]
 
 
 def test_duplicate_dropped_and_report_correct():
