@@ -77,7 +77,8 @@ def plot_throughput_over_time(report: dict, shards: list[dict], path: str) -> No
     ax.set_ylabel("images done")
     ax.set_title(f"run {report['run_id']}: per-device progress (slope = img/s)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if len({(s["worker"], s["device"]) for s in shards}) <= 16:  # a fleet's legend would hide the plot
+        ax.legend(fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"))
     plt.close(fig)

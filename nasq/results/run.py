@@ -37,8 +37,9 @@ def merge_run(run_id: str, results: list, *, store, report_dir: str, merge_wait_
     if manifest is None:
         raise RunError(f"run {run_id}: its manifest is gone from Redis (expired or flushed)")
     results = list(results or [])
-    have = {r.get("shard_id") for r in results if isinstance(r, dict)}
-    results += [r for sid, r in store.shard_results(run_id).items() if sid not in have]
+    have = {r.get("shard_id") for r in results if isinstance(r, dict) and r.get("status") == "ok"}
+    if any(s["shard_id"] not in have for s in manifest["shards"]):  # read the store only when needed
+        results += [r for sid, r in store.shard_results(run_id).items() if sid not in have]
     try:
         report, predictions = merge(manifest, results)
     except MissingShards as e:
