@@ -10,12 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 import time
 from typing import ClassVar
 
 from celery import Task
-from celery.signals import heartbeat_sent, worker_process_init, worker_ready, worker_shutdown
+from celery.signals import heartbeat_sent, worker_ready, worker_shutdown
 
 from nasq.artifacts.store import ArtifactStore
 from nasq.config import WorkerConfig
@@ -73,19 +72,6 @@ def configure(config: WorkerConfig) -> None:
     """Bind the app to the configuration's broker and hand the configuration to the tasks."""
     configure_app(app, config.settings)
     WorkerTask.config = config
-
-
-@worker_process_init.connect
-def _warm_up(**_):
-    """Import the report plotting in the background while the pool child is idle: a merge
-    should not pay matplotlib's import (most of a first merge's time)."""
-    def load():
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot  # noqa: F401
-
-    threading.Thread(target=load, daemon=True, name="warm-up").start()
 
 
 @worker_ready.connect
