@@ -254,8 +254,11 @@ def _submit(session: Session, plan: _Plan, *, queue: str, shard_size: int | None
                           settings=session.settings, session=session, log=log)
     job = EvalJob(dataset=DatasetRef(**plan.source.describe()), labels=plan.labels, model=model, backend=plan.backend,
                   batch_size=plan.batch_size, precision=plan.precision, output=plan.output)
-    if workers is None and session.cluster is None:  # a deployment: as many as serve the queue now
-        workers = len(session.live_workers(queue)) or None
+    if session.cluster is None:  # a deployment: warn first, and plan for the workers serving the queue now
+        live = _warn_if_unserved(session, queue, log)
+        for warning in session.store.broker_warnings():
+            log(f"warning: {warning}")
+        workers = workers or len(live) or None
     manifest = make_manifest(job, queue=queue, shard_size=shard_size, workers=workers)
     run_id = manifest["run_id"]
     try:
@@ -266,18 +269,17 @@ def _submit(session: Session, plan: _Plan, *, queue: str, shard_size: int | None
         raise RunError(f"the broker went away while run {run_id} was being submitted ({e}); when it is back, "
                        f"rerun it with: {rerun or 'the same command'}") from None
     log(f"run {run_id}: {len(plan.source)} images in {len(manifest['shards'])} shards "
-        f"of <= {manifest['shards'][0]['stop'] if manifest['shards'] else 0} on queue {queue}")
-    if session.cluster is None:
-        _warn_if_unserved(session, queue, log)
-        for warning in session.store.broker_warnings():
-            log(f"warning: {warning}")
+        f"of <= {max((s['stop'] - s['start'] for s in manifest['shards']), default=0)} on queue {queue}")
     return RunHandle(run_id, manifest, result, session, rerun=rerun or "submit the evaluation again")
 
 
-def _warn_if_unserved(session: Session, queue: str, log) -> None:
-    if not session.live_workers(queue):
+def _warn_if_unserved(session: Session, queue: str, log) -> list[str]:
+    """The live workers of ``queue``; a warning when there are none."""
+    live = session.live_workers(queue)
+    if not live:
         log(f"warning: no live nasq worker consumes queue {queue!r}; the run waits until one starts "
             f"(e.g. `nasq worker --backend {queue.split('.', 1)[-1]}` with the same broker)")
+    return live
 
 
 def submit_evaluation(*, weights: str, data: str, labels: str | None = None, backend: str = "torch",
