@@ -35,7 +35,10 @@ def eval_shard(self, run_id, shard_id, start, stop, job) -> dict:
     merge_if_stranded(self.app, self.store, task.run_id)
     if out["status"] == "error":
         raise ShardFailed(f"{task.shard_id} on {self.worker.name}: {out['error']}")
-    return out
+    # A summary: the full result (top-5 of every image) is in the run store, where the merge reads
+    # it; the chord and Flower carry this much only.
+    return {k: out[k] for k in ("run_id", "shard_id", "status", "worker", "device", "start", "stop") if k in out} | {
+        "images": len(out.get("indices", [])), "errors": len(out.get("errors", [])), "timing": out.get("timing")}
 
 
 @app.task(name=TASK_MERGE, bind=True, base=WorkerTask, max_retries=None)

@@ -9,6 +9,7 @@ every live worker (on its heartbeat) and the worker that finishes a shard.
 from __future__ import annotations
 
 import logging
+import time
 
 from .app import TASK_EVAL_SHARD, TASK_MERGE
 from .messages import shard_tasks
@@ -44,8 +45,10 @@ def _stranded(app, store: RunStore, run_id: str, manifest: dict | None, lease_s:
     if manifest is None or store.queued(manifest["queue"]):
         return []
     finished, running, unacked = store.finished(run_id), store.running(run_id), store.unacked_ages()
-    stuck = [s["shard_id"] for s in manifest["shards"] if s["shard_id"] not in finished
-             and s["shard_id"] not in running and unacked.get(s["task_id"], lease_s + 1) > lease_s]
+    recent = {sid for sid, t in store.redispatched_at(run_id).items() if time.time() - t < lease_s}
+    busy = set(finished) | set(running) | recent
+    stuck = [s["shard_id"] for s in manifest["shards"] if s["shard_id"] not in busy
+             and unacked.get(s["task_id"], lease_s + 1) > lease_s]
     stuck = [sid for sid in stuck if store.claim_stranded(run_id, sid)]
     redispatch(app, manifest, stuck, why="message stranded (broker restart)")
     return stuck

@@ -189,10 +189,18 @@ class RunStore:
         it. ``running=False``: a shard lost before it was recorded as running (revoked in the queue)."""
         if not self.r.hdel(self._k(run_id, "running"), shard_id) and running:
             return False
-        key = self._k(run_id, "redispatched")
-        self.r.hincrby(key, shard_id, 1)
-        self.r.expire(key, self.expires)
+        count, at = self._k(run_id, "redispatched"), self._k(run_id, "redispatched_at")
+        with self.r.pipeline() as p:
+            p.hincrby(count, shard_id, 1)
+            p.hset(at, shard_id, time.time())
+            p.expire(count, self.expires)
+            p.expire(at, self.expires)
+            p.execute()
         return True
+
+    def redispatched_at(self, run_id: str) -> dict[str, float]:
+        """When each re-dispatched shard was last sent again."""
+        return {k.decode(): float(v) for k, v in self.r.hgetall(self._k(run_id, "redispatched_at")).items()}
 
     def claim_stranded(self, run_id: str, shard_id: str) -> bool:
         """True for the one caller that re-dispatches a shard whose message is stranded (see
@@ -211,7 +219,8 @@ class RunStore:
             return sum(p.execute())
 
     def unacked_ages(self) -> dict[str, float]:
-        """Task id -> seconds since delivery, for messages delivered to a worker and not acked."""
+        """Task id -> seconds since its latest delivery, for messages delivered to a worker and not
+        acked (a lost worker's message stays there until the visibility timeout)."""
         now, out = time.time(), {}
         since = {k.decode(): t for k, t in self.r.zrange("unacked_index", 0, -1, withscores=True)}
         for tag, raw in self.r.hgetall("unacked").items():
@@ -219,7 +228,8 @@ class RunStore:
                 task_id = json.loads(raw)[0]["headers"]["id"]
             except (ValueError, KeyError, IndexError, TypeError):
                 continue
-            out[task_id] = now - since.get(tag.decode(), now)
+            age = now - since.get(tag.decode(), now)
+            out[task_id] = min(age, out.get(task_id, age))  # a re-dispatched shard shares its task id
         return out
 
     def redispatched(self, run_id: str) -> dict[str, int]:

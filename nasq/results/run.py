@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from typing import Callable
 
 from ..errors import NasqError, RunError
@@ -21,8 +22,10 @@ def merge_run(run_id: str, results: list, *, store, report_dir: str, merge_wait_
     """Validate the shard results of ``run_id``, write and record its report.
 
     Args:
-        results: what the chord handed over; a shard missing from it is read from the run
-            store (a late, redelivered or re-dispatched shard saves its result there).
+        results: what the chord handed over: each shard's summary (its full result is in the
+            run store, where every shard saves it, however it was delivered) or, from a caller
+            that has them, full results. A shard id that comes twice is counted in
+            ``duplicate_shard_results_dropped``.
         store: the run store (manifest, running shards, report, state). Merging twice (the
             chord and a healing merge can both fire) gives the same report, with any shard
             delivered twice counted in ``duplicate_shard_results_dropped``.
@@ -36,10 +39,13 @@ def merge_run(run_id: str, results: list, *, store, report_dir: str, merge_wait_
     manifest = store.manifest(run_id)
     if manifest is None:
         raise RunError(f"run {run_id}: its manifest is gone from Redis (expired or flushed)")
-    results = list(results or [])
-    have = {r.get("shard_id") for r in results if isinstance(r, dict) and r.get("status") == "ok"}
-    if any(s["shard_id"] not in have for s in manifest["shards"]):  # read the store only when needed
-        results += [r for sid, r in store.shard_results(run_id).items() if sid not in have]
+    handed = [r for r in results or [] if isinstance(r, dict) and r.get("run_id") == run_id and "shard_id" in r]
+    counts = Counter(r["shard_id"] for r in handed)
+    full = {r["shard_id"]: r for r in handed if r.get("status") == "ok" and "indices" in r}
+    if any(s["shard_id"] not in full for s in manifest["shards"]):  # read the store only when needed
+        for sid, r in store.shard_results(run_id).items():
+            full.setdefault(sid, r)
+    results = list(full.values())
     try:
         report, predictions = merge(manifest, results)
     except MissingShards as e:
@@ -51,6 +57,7 @@ def merge_run(run_id: str, results: list, *, store, report_dir: str, merge_wait_
     except NasqError as e:
         mark_failed(store, manifest, results, e, report_dir)
         raise
+    report["duplicate_shard_results_dropped"] = sorted(sid for sid, n in counts.items() for _ in range(n - 1))
     report["redispatched_shards"] = store.redispatched(run_id)
     _save(store, manifest, results, report, predictions, report_dir)
     store.set_state(run_id, "done", images=report["images"], top1=report["top1"], top5=report["top5"],
