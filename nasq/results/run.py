@@ -26,9 +26,8 @@ def merge_run(run_id: str, results: list, *, store, report_dir: str, merge_wait_
             run store, where every shard saves it, however it was delivered) or, from a caller
             that has them, full results. A shard id that comes twice is counted in
             ``duplicate_shard_results_dropped``.
-        store: the run store (manifest, running shards, report, state). Merging twice (the
-            chord and a healing merge can both fire) gives the same report, with any shard
-            delivered twice counted in ``duplicate_shard_results_dropped``.
+        store: the run store (manifest, results, running shards, report, state). Merging twice
+            (the chord and a healing merge can both fire) gives the same report.
         first_try: when the first attempt at this merge ran; a merge that still misses a
             running shard raises ``MergeLater`` until ``merge_wait_s`` have passed.
 
