@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import backends
 from .artifacts.spec import make_spec
 from .artifacts.store import ArtifactStore, BuildResult
 from .config import BackendOptions, Settings, load_settings
-from .data.labels import find_labels, read_labels, stem
-from .data.sources import Source, open_source
+from .roots import split_paths
+from .data.labels import find_labels, out_of_range, read_labels, stem
+from .data.sources import Source, check_usable, open_source
 from .errors import DatasetError, NasqError, RunError
 from .model.spec import ModelRef
 from .perf.bench import BenchResult
@@ -29,7 +30,7 @@ from .perf.sweep import sweep_folder, point_file, read_rows, sweep_id
 from .queue.app import BUILD_QUEUE, eval_queue
 from .queue.healing import heal
 from .queue.local import WorkerSpec, cpu_threads, local_devices, worker_name
-from .queue.messages import DatasetRef, EvalJob, OutputSpec, SweepPoint, make_manifest
+from .queue.messages import MAX_BATCH_SIZE, DatasetRef, EvalJob, OutputSpec, SweepPoint, make_manifest
 from .queue.session import BROKER_ERRORS, Progress, Session
 from .results.report import render
 from .results.sweeps import render_markdown, write_report
@@ -50,17 +51,17 @@ def check_precision(backend: str, precision: str | None, compile: str | None = N
         raise NasqError(f"backend {backend} compiles with {', '.join(modes)}, not {compile!r}")
 
 
-def check_weights(weights: str, backend: str) -> str:
-    """Check the weights here, before anything is queued: a checkpoint is read (md5 for the
-    seed's file, key layout, head size); a built model must suit the backend."""
-    from .model.checkpoint import infer_arch, read_checkpoint
+def check_weights(weights: str, backend: str, num_outputs: int | None = None) -> str:
+    """Check the weights here, before anything is queued: a checkpoint is read whole (md5 for
+    the seed's file, head size, every key and every shape); a built model must suit the backend."""
+    from .model.checkpoint import check_state_dict, read_checkpoint
 
     cls = backends.backend_class(backend)
     weights = os.path.abspath(weights)
     if not os.path.exists(weights):
-        raise NasqError(f"weights {weights!r} do not exist")
+        raise NasqError(f"weights {weights} do not exist")
     if weights.endswith((".pth", ".pt")):
-        infer_arch(read_checkpoint(weights))
+        check_state_dict(read_checkpoint(weights), weights, num_outputs)
         if ".pth" not in cls.artifact_suffixes and not needs_build(weights, backend):
             raise NasqError(f"backend {backend} runs a compiled model ({', '.join(cls.artifact_suffixes)}), "
                             f"not a checkpoint: build one with `nasq build` and pass it as --weights")
@@ -69,7 +70,7 @@ def check_weights(weights: str, backend: str) -> str:
     return weights
 
 
-def _labels_for(source: Source, data: str, labels: str | None) -> str | None:
+def _labels_for(source: Source, data: str, labels: str | None, *, allow_bad: bool = False) -> str | None:
     path = labels or (find_labels(data) if source.kind != "index" else None)
     if path is None:
         return None
@@ -77,7 +78,40 @@ def _labels_for(source: Source, data: str, labels: str | None) -> str | None:
     if not any(stem(n) in table for n in source.names):
         raise DatasetError(f"none of the {len(source)} images in {source.root} has a label in {path}: "
                            "is it the right label file?")
+    bad = out_of_range(table, source.names)
+    if bad and not allow_bad:
+        shown = ", ".join(f"{n} {label}" for n, label in bad[:3])
+        raise DatasetError(f"{path}: {len(bad)} image(s) have labels outside the ImageNet classes 0-999 (e.g. {shown}); "
+                           "they could never be predicted right. Fix the label file, or pass --allow-bad-labels to go "
+                           "on (they count as misses)")
     return os.path.abspath(path)
+
+
+def _with_roots(settings: Settings, *, read=(), write=()) -> Settings:
+    """Settings for private local workers: they may read and write what this call names (a
+    file's folder, a data folder, an output folder) besides what the settings allow."""
+    def join(current: str, extra) -> str:
+        return os.pathsep.join([*split_paths(current), *(os.path.abspath(p) for p in extra
+                                                         if p and not str(p).startswith("index:"))])
+    return replace(settings, read_roots=join(settings.read_roots, read), write_roots=join(settings.write_roots, write))
+
+
+def _check_worker_roots(session: Session, queue: str, job: EvalJob) -> None:
+    """Refuse a run that no live worker of ``queue`` may read (or write) by its roots, naming
+    the roots, instead of failing every shard on the workers."""
+    from .roots import RootError, Roots
+
+    infos = [(n, w) for n, w in session.store.workers().items()
+             if w["alive"] and queue in w.get("queues", []) and "read_roots" in w]
+    errors = []
+    for name, info in infos:
+        try:
+            job.within(Roots.of(info["read_roots"], info["write_roots"]))
+            return
+        except RootError as e:
+            errors.append(f"{name}: {e}")
+    if errors:
+        raise NasqError(f"no live worker on {queue} may use this run's paths; {errors[0]}")
 
 
 def needs_build(weights: str, backend: str) -> bool:
@@ -116,6 +150,8 @@ def build(*, weights: str, target: str = "onnx", batch_size: int | None = None, 
         return hit
     if session is not None:
         return _build(session, spec, artifacts, timeout=timeout, log=log)
+    if not settings.broker_url:
+        settings = _with_roots(settings, read=[os.path.dirname(spec.weights)])
     with Session.open(settings, workers=[WorkerSpec(queues=(BUILD_QUEUE,))], log=log) as s:
         return _build(s, spec, artifacts, timeout=timeout, log=log)
 
@@ -240,11 +276,16 @@ class _Plan:
     output: OutputSpec | None
 
 
-def _plan(*, weights, data, labels, backend, batch_size, precision, num_outputs, output_dir, outfmt) -> _Plan:
+def _plan(*, weights, data, labels, backend, batch_size, precision, num_outputs, output_dir, outfmt,
+          allow_bad_labels: bool = False) -> _Plan:
     check_precision(backend, precision)
+    if not (isinstance(batch_size, int) and 1 <= batch_size <= MAX_BATCH_SIZE):
+        raise NasqError(f"batch_size must be 1 to {MAX_BATCH_SIZE}, not {batch_size!r}")
     source = open_source(data)
+    check_usable(source)
     output = OutputSpec(os.path.abspath(output_dir), outfmt.upper()) if output_dir else None
-    return _Plan(weights=check_weights(weights, backend), source=source, labels=_labels_for(source, data, labels),
+    return _Plan(weights=check_weights(weights, backend, num_outputs), source=source,
+                 labels=_labels_for(source, data, labels, allow_bad=allow_bad_labels),
                  backend=backend, batch_size=batch_size, precision=precision, num_outputs=num_outputs, output=output)
 
 
@@ -256,6 +297,7 @@ def _submit(session: Session, plan: _Plan, *, queue: str, shard_size: int | None
                   batch_size=plan.batch_size, precision=plan.precision, output=plan.output)
     if session.cluster is None:  # a deployment: warn first, and plan for the workers serving the queue now
         live = _warn_if_unserved(session, queue, log)
+        _check_worker_roots(session, queue, job)
         for warning in session.store.broker_warnings():
             log(f"warning: {warning}")
         workers = workers or len(live) or None
@@ -286,7 +328,7 @@ def submit_evaluation(*, weights: str, data: str, labels: str | None = None, bac
                       batch_size: int = 8, shard_size: int | None = None, num_outputs: int | None = None,
                       precision: str | None = None, queue: str | None = None, output_dir: str | None = None,
                       outfmt: str = "NPY", broker: str | None = None, settings: Settings | None = None,
-                      rerun: str | None = None, log=print) -> RunHandle:
+                      allow_bad_labels: bool = False, rerun: str | None = None, log=print) -> RunHandle:
     """Queue an evaluation on a running deployment and return at once (what ``python -m producer``
     does). ``RunHandle.wait()`` follows it; ``nasq status RUN_ID`` too, from any machine.
 
@@ -297,7 +339,8 @@ def submit_evaluation(*, weights: str, data: str, labels: str | None = None, bac
     if not settings.broker_url:
         raise NasqError("no broker: pass --broker redis://HOST:6379/0 or set NASQ_BROKER_URL")
     plan = _plan(weights=weights, data=data, labels=labels, backend=backend, batch_size=batch_size,
-                 precision=precision, num_outputs=num_outputs, output_dir=output_dir, outfmt=outfmt)
+                 precision=precision, num_outputs=num_outputs, output_dir=output_dir, outfmt=outfmt,
+                 allow_bad_labels=allow_bad_labels)
     session = Session(settings)
     try:
         return _submit(session, plan, queue=queue or eval_queue(backend), shard_size=shard_size, workers=None,
@@ -312,8 +355,8 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
              shard_size: int | None = None, num_outputs: int | None = None, precision: str | None = None,
              compile: str | None = None, cuda_graphs: bool = False, broker: str | None = None,
              queue: str | None = None, output_dir: str | None = None, outfmt: str = "NPY", progress: bool = True,
-             timeout: float | None = None, settings: Settings | None = None, rerun: str | None = None,
-             log=print) -> EvalResult:
+             timeout: float | None = None, settings: Settings | None = None, allow_bad_labels: bool = False,
+             rerun: str | None = None, log=print) -> EvalResult:
     """Evaluate a checkpoint (or built model) on a dataset folder across workers.
 
     With no broker configured, starts a private Redis and one local worker per device
@@ -339,10 +382,14 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
     settings = settings or load_settings(broker_url=broker)
     check_precision(backend, precision, compile)
     plan = _plan(weights=weights, data=data, labels=labels, backend=backend, batch_size=batch_size,
-                 precision=precision, num_outputs=num_outputs, output_dir=output_dir, outfmt=outfmt)
+                 precision=precision, num_outputs=num_outputs, output_dir=output_dir, outfmt=outfmt,
+                 allow_bad_labels=allow_bad_labels)
     queue = queue or eval_queue(backend)
     local = None
     if not settings.broker_url:
+        settings = _with_roots(settings, read=[plan.source.root, os.path.dirname(plan.weights),
+                                               plan.labels and os.path.dirname(plan.labels)],
+                               write=[plan.output.dir if plan.output else None])
         devices = local_devices(backend, device, workers)
         threads = cpu_threads(devices)
         local = [WorkerSpec(device=d, backend=backend, queues=(queue,), precision=precision,
@@ -529,6 +576,7 @@ def submit_sweep(*, batch_sizes: list[int], weights: str, data: str, backend: st
     source = open_source(data)
     if mode == "eval":
         labels = labels or find_labels(data)
+    labels = os.path.abspath(labels) if labels else None
     weights = check_weights(weights, backend)
     session = None
     if settings.broker_url:
@@ -541,6 +589,8 @@ def submit_sweep(*, batch_sizes: list[int], weights: str, data: str, backend: st
     else:
         local_devs = devices or ["cpu"] * (workers or 2)
         names = [worker_name(d, i) for i, d in enumerate(local_devs)]
+        settings = _with_roots(settings, read=[source.root, os.path.dirname(weights),
+                                               labels and os.path.dirname(os.path.abspath(labels))])
     definition = {"mode": mode, "backend": backend, "precision": precision, "batch_sizes": sorted(set(batch_sizes)),
                   "workers": sorted(names), "dataset": source.fingerprint, "images": images, "labels": labels,
                   "weights": cached_sha256(weights, os.path.join(settings.artifact_dir, ".digests.json")),

@@ -25,11 +25,91 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _int_list(text: str) -> list[int]:
+# ------------------------------------------------------------------------------ flag types
+# Each checks its value when the flags are parsed, so a bad one is one line naming the flag
+# (argparse adds "argument --batch-size:") before anything starts.
+
+MAX_BATCH = 1024  # = nasq.queue.messages.MAX_BATCH_SIZE (a test holds them equal; importing it here would slow --help)
+
+
+def int_in(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high]."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, not {text!r}") from None
+        if v < low or (high is not None and v > high):
+            raise argparse.ArgumentTypeError(f"must be {'at least ' + str(low) if high is None else f'{low} to {high}'}"
+                                             f", not {v}")
+        return v
+    return parse
+
+
+def seconds(high: float | None = None):
+    """An argparse type: a number of seconds above 0 (at most ``high``)."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of seconds, not {text!r}") from None
+        if not v > 0 or (high is not None and v > high) or v != v:
+            raise argparse.ArgumentTypeError(f"must be above 0{f' and at most {high:g}' if high else ''}, not {text}")
+        return v
+    return parse
+
+
+def int_list(low: int = 1, high: int | None = None):
+    """An argparse type: comma-separated integers, each in [low, high]."""
+    one = int_in(low, high)
+
+    def parse(text: str) -> list[int]:
+        values = [one(x.strip()) for x in text.split(",") if x.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, not {text!r}")
+        return values
+    return parse
+
+
+def _devices(text: str) -> str:
+    from .config import parse_device
+
+    if text in ("auto", "cpu", "cuda"):
+        return text
+    for d in (x.strip() for x in text.split(",")):
+        try:
+            parse_device(d)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or a list such as cuda:0,cuda:1, not {d!r}") \
+                from None
+    return text
+
+
+def _out_file(flag: str, path: str | None) -> None:
+    """Make sure ``path`` can be written before a long run: its folder exists (made if need be)
+    and is writable, and it is not a folder itself."""
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise NasqError(f"{flag} {path} is a folder; give a file name")
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise NasqError(f"{flag} {path}: cannot create its folder ({e.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise NasqError(f"{flag} {path}: the folder {folder} is not writable")
+
+
+def _out_dir(flag: str, path: str | None) -> None:
+    if not path:
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise NasqError(f"{flag} {path}: cannot create it ({e.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise NasqError(f"{flag} {path} is not writable")
 
 
 def _settings(args):
@@ -39,13 +119,15 @@ def _settings(args):
 
 
 def _store(args):
+    from .queue.broker import probe
     from .queue.store import RunStore
 
     settings = _settings(args)
     if not settings.broker_url:
         raise NasqError("no broker: pass --broker redis://HOST:6379/0 or set NASQ_BROKER_URL (the runs of an embedded "
                         "`nasq eval` live in its private Redis and end with it)")
-    return RunStore(settings.backend_url, expires=settings.result_expires)
+    probe(settings)
+    return RunStore.for_settings(settings)
 
 
 # ------------------------------------------------------------------------------ shared flags
@@ -70,8 +152,13 @@ def _torch_flags(p) -> None:
 def _report_flags(p) -> None:
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON here")
     p.add_argument("--predictions", metavar="PATH", help="write per-image top-5 here (.csv or .json)")
-    p.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
+    p.add_argument("--timeout", type=seconds(), help="give up waiting after this many seconds")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _check_report_paths(args) -> None:
+    _out_file("--json", args.json)
+    _out_file("--predictions", getattr(args, "predictions", None))
 
 
 def _finish(result, args) -> int:
@@ -80,21 +167,29 @@ def _finish(result, args) -> int:
     print(result.table)
     for kind, path in (result.report.get("files") or {}).items():
         _log(f"run report ({kind}): {path}")
-    if args.json:
-        write_json(result.report, args.json)
-        _log(f"report written to {args.json}")
-    pred = result.predictions
-    if getattr(args, "predictions", None) and pred is not None:
-        if args.predictions.endswith(".json"):
-            write_json(pred, args.predictions, indent=None)
-        else:
-            out = io.StringIO()
-            w = csv.writer(out)
-            w.writerow(["image", "label"] + [f"top{k}" for k in range(1, 6)] + [f"logit{k}" for k in range(1, 6)])
-            for name, label, ids, scores in zip(pred["names"], pred["labels"], pred["top5"], pred["scores"]):
-                w.writerow([name, "" if label is None else label, *ids, *scores])
-            atomic_write(args.predictions, out.getvalue())
-        _log(f"per-image predictions written to {args.predictions}")
+    kept = (f"the report is kept in {', '.join((result.report.get('files') or {}).values()) or 'the report dir'} and "
+            f"in Redis (`nasq status {result.run_id}`)")
+    try:
+        if args.json:
+            write_json(result.report, args.json)
+            _log(f"report written to {args.json}")
+        pred = result.predictions
+        if getattr(args, "predictions", None) and pred is not None:
+            if args.predictions.endswith(".json"):
+                write_json(pred, args.predictions, indent=None)
+            else:
+                out = io.StringIO()
+                w = csv.writer(out)
+                w.writerow(["image", "label"] + [f"top{k}" for k in range(1, 6)] + [f"logit{k}" for k in range(1, 6)])
+                for name, label, ids, scores in zip(pred["names"], pred["labels"], pred["top5"], pred["scores"]):
+                    w.writerow([name, "" if label is None else label, *ids, *scores])
+                atomic_write(args.predictions, out.getvalue())
+            _log(f"per-image predictions written to {args.predictions}")
+    except OSError as e:
+        raise NasqError(f"could not write {e.filename or 'an output file'}: {e.strerror}; {kept}") from None
+    if not result.report.get("images"):
+        raise NasqError(f"no image could be evaluated ({result.report.get('error_count', 0)} unusable, listed above); "
+                        "check the data folder")
     return 0
 
 
@@ -105,12 +200,17 @@ def _eval_args(p) -> None:
     p.add_argument("--data", required=True, help="folder of JPEGs, of .bin files, or of u8 shards")
     p.add_argument("--labels", help="val_label.txt (default: one in or beside --data; none: no accuracy)")
     _backend_flags(p, precision_default=None)
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
-    p.add_argument("--device", default="auto",
-                   help="embedded runs: auto, cpu, cuda or a list like cuda:0,cuda:1 (default: auto)")
-    p.add_argument("--workers", type=int, help="embedded runs: number of local workers (default: one per device)")
+    p.add_argument("-b", "--batch-size", type=int_in(1, MAX_BATCH), default=8,
+                   help="images per forward pass (default: 8)")
+    p.add_argument("--device", default="auto", type=_devices,
+                   help="embedded runs: auto, cpu, cuda or a list like cuda:0,cuda:1; indices count the GPUs "
+                        "CUDA_VISIBLE_DEVICES leaves visible (default: auto)")
+    p.add_argument("--workers", type=int_in(1, 256), help="embedded runs: number of local workers (default: one per device)")
     _torch_flags(p)
-    p.add_argument("--shard-size", type=int, help="images per shard task (default: a few shards per worker, <= 1000)")
+    p.add_argument("--shard-size", type=int_in(1, 100_000),
+                   help="images per shard task (default: a few shards per worker, <= 1000)")
+    p.add_argument("--allow-bad-labels", action="store_true",
+                   help="go on when some labels are not ImageNet classes 0-999 (they count as misses)")
     p.add_argument("--num-outputs", type=int, choices=(1001, 1000),
                    help="1001 keeps the background class (as the seed's ONNX), 1000 drops it (default: the checkpoint's)")
     p.add_argument("--broker", help="Redis URL of a running nasq deployment (default: $NASQ_BROKER_URL; none: embedded)")
@@ -123,24 +223,27 @@ def _eval_args(p) -> None:
 def cmd_eval(args) -> int:
     from .api import evaluate
 
+    _check_report_paths(args)
+    _out_dir("--output", args.output)
     return _finish(evaluate(weights=args.weights, data=args.data, labels=args.labels, backend=args.backend,
                             device=args.device, workers=args.workers, batch_size=args.batch_size,
                             shard_size=args.shard_size, num_outputs=args.num_outputs, precision=args.precision,
                             compile=None if args.compile == "none" else args.compile, cuda_graphs=args.cuda_graphs,
                             broker=args.broker, queue=args.queue, output_dir=args.output, outfmt=args.outfmt,
                             progress=not args.no_progress, timeout=args.timeout, log=_log,
-                            rerun=shlex.join(["nasq", *sys.argv[1:]])), args)
+                            allow_bad_labels=args.allow_bad_labels, rerun=shlex.join(["nasq", *sys.argv[1:]])), args)
 
 
 # ------------------------------------------------------------------------------ demo
 
 def _demo_args(p) -> None:
-    p.add_argument("--images", type=int, default=64, help="number of images (default: 64)")
-    p.add_argument("--workers", type=int, default=2, help="local CPU workers (default: 2)")
+    p.add_argument("--images", type=int_in(1, 100_000), default=64, help="number of images (default: 64)")
+    p.add_argument("--workers", type=int_in(1, 64), default=2, help="local CPU workers (default: 2)")
     p.add_argument("--workdir", help="keep images, labels and checkpoint here (default: a temporary folder, removed)")
     p.add_argument("--arch", default="large", choices=("large", "tiny"), help="model size (default: large = NASNet-A Large)")
     p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"), help="inference runtime (default: torch)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    p.add_argument("-b", "--batch-size", type=int_in(1, MAX_BATCH), default=8,
+                   help="images per forward pass (default: 8)")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -153,6 +256,7 @@ def cmd_demo(args) -> int:
     from .config import redact
     from .demo import prepare
 
+    _out_file("--json", args.json)
     workdir = args.workdir or tempfile.mkdtemp(prefix="nasq-demo-")
     _log("nasq demo: the checkpoint has RANDOM weights (BatchNorm calibrated on generated images); "
          "accuracy below only shows the pipeline is correct, not how good NASNet-Large is.")
@@ -180,8 +284,8 @@ def _preprocess_args(p) -> None:
     p.add_argument("dst", help="output folder")
     p.add_argument("--format", default="u8", choices=("bin", "u8"),
                    help="bin: one float32 .bin per image (ais_bench input); u8: compact uint8 shards (default)")
-    p.add_argument("--workers", type=int, help="processes (default: all cores)")
-    p.add_argument("--shard-size", type=int, default=256, help="images per u8 shard (default: 256)")
+    p.add_argument("--workers", type=int_in(1, 1024), help="processes (default: all cores)")
+    p.add_argument("--shard-size", type=int_in(1, 100_000), default=256, help="images per u8 shard (default: 256)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -206,17 +310,20 @@ def _build_args(p) -> None:
     p.add_argument("--target", default="ort", choices=TARGETS,
                    help="onnx: verified ONNX; ort: + ONNX Runtime optimization; om: + Ascend ATC; trt: + TensorRT "
                         "(default: ort)")
-    p.add_argument("--batch-size", type=_int_list,
+    p.add_argument("-b", "--batch-size", type=int_list(1, MAX_BATCH),
                    help="fixed batch size(s), comma-separated: one artifact each (default: dynamic batch)")
-    p.add_argument("--gears", type=_int_list, help="om: dynamic batch gears for ATC's --dynamic_batch_size, e.g. 1,4,8,16")
-    p.add_argument("--opset", type=int, help="ONNX opset (default: 17; 11 for --target om, as ATC accepted in the seed)")
+    p.add_argument("--gears", type=int_list(1, MAX_BATCH),
+                   help="om: dynamic batch gears for ATC's --dynamic_batch_size, e.g. 1,4,8,16")
+    p.add_argument("--opset", type=int_in(11, 21),
+                   help="ONNX opset (default: 17; 11 for --target om, as ATC accepted in the seed)")
     p.add_argument("--soc-version", help="om: the chip, e.g. Ascend310P3 (see `npu-smi info`)")
     p.add_argument("--num-outputs", type=int, choices=(1001, 1000),
                    help="1000 drops the background class (default: the checkpoint's)")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="max |logit diff| / max |logit| per step (default: 1e-4)")
+    p.add_argument("--tolerance", type=seconds(), default=1e-4, metavar="RATIO",
+                   help="max |logit diff| / max |logit| per step, above 0 (default: 1e-4)")
     p.add_argument("--accept-tolerance", action="store_true", help="keep an artifact that misses the tolerance")
     p.add_argument("--broker", help="Redis URL of a deployment with a build worker (default: $NASQ_BROKER_URL; none: private)")
-    p.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
+    p.add_argument("--timeout", type=seconds(), help="give up waiting after this many seconds")
     p.add_argument("--json", metavar="PATH", help="write the artifact metadata here")
 
 
@@ -224,6 +331,7 @@ def cmd_build(args) -> int:
     from .api import build
     from .files import write_json
 
+    _out_file("--json", args.json)
     results = []
     for bs in ([None] if args.gears else args.batch_size or [None]):
         res = build(weights=args.weights, target=args.target, batch_size=bs, gears=args.gears, opset=args.opset,
@@ -240,8 +348,9 @@ def cmd_build(args) -> int:
 
 def _bench_args(p) -> None:
     _backend_flags(p)
-    p.add_argument("--device", default="cpu", help="cpu or cuda:N (default: cpu)")
-    p.add_argument("--batch-sizes", type=_int_list, default=[1, 4, 8], help="comma-separated (default: 1,4,8)")
+    p.add_argument("--device", default="cpu", type=_one_device, help="cpu or cuda:N (default: cpu)")
+    p.add_argument("-b", "--batch-sizes", type=int_list(1, MAX_BATCH), default=[1, 4, 8],
+                   help="comma-separated (default: 1,4,8)")
     p.add_argument("--mode", default="compute", choices=("compute", "e2e"),
                    help="compute: input already on the device; e2e: from JPEG files (decode, preprocess, transfer)")
     p.add_argument("--weights", help="checkpoint (default: a calibrated random-weight one, made once)")
@@ -251,7 +360,8 @@ def _bench_args(p) -> None:
     p.add_argument("--device-decode", action="store_true",
                    help="torch backend, e2e mode: decode JPEGs on the device (nvjpeg on CUDA)")
     p.add_argument("--no-baseline", action="store_true", help="skip the eager baselines")
-    p.add_argument("--min-time", type=float, default=2.0, help="seconds of timed iterations per point (default: 2)")
+    p.add_argument("--min-time", type=seconds(3600), default=2.0,
+                   help="seconds of timed iterations per point (default: 2)")
     p.add_argument("--json", metavar="PATH", help="write all rows and the environment here")
 
 
@@ -259,6 +369,7 @@ def cmd_bench(args) -> int:
     from .api import bench
     from .files import write_json
 
+    _out_file("--json", args.json)
     res = bench(backend=args.backend, device=args.device, precision=args.precision, compile=args.compile,
                 cuda_graphs=args.cuda_graphs, device_decode=args.device_decode, batch_sizes=args.batch_sizes,
                 mode=args.mode, weights=args.weights, data=args.data, arch=args.arch, baseline=not args.no_baseline,
@@ -275,7 +386,7 @@ def cmd_bench(args) -> int:
 def _status_args(p) -> None:
     p.add_argument("run_id", nargs="?", help="the run (default: the most recent one)")
     p.add_argument("--watch", action="store_true", help="refresh until the run ends, then print its report")
-    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default: 1)")
+    p.add_argument("--interval", type=seconds(3600), default=1.0, help="seconds between refreshes (default: 1)")
     p.add_argument("--broker", help="Redis URL (default: $NASQ_BROKER_URL)")
 
 
@@ -300,7 +411,7 @@ def cmd_status(args) -> int:
 
 
 def _runs_args(p) -> None:
-    p.add_argument("--limit", type=int, default=20, help="how many (default: 20)")
+    p.add_argument("--limit", type=int_in(1, 100_000), default=20, help="how many (default: 20)")
     p.add_argument("--broker", help="Redis URL (default: $NASQ_BROKER_URL)")
 
 
@@ -320,6 +431,7 @@ def _resume_args(p) -> None:
 def cmd_resume(args) -> int:
     from .api import resume
 
+    _check_report_paths(args)
     return _finish(resume(args.run_id, broker=args.broker, progress=not args.no_progress, timeout=args.timeout,
                           log=_log), args)
 
@@ -329,16 +441,17 @@ def cmd_resume(args) -> int:
 def _sweep_args(p) -> None:
     p.add_argument("--weights", required=True, help="checkpoint (or built model for the backend)")
     p.add_argument("--data", required=True, help="dataset folder (images for bench mode, the dataset for eval mode)")
-    p.add_argument("--batch-sizes", type=_int_list, required=True, help="comma-separated, e.g. 1,4,8,16,32,64")
+    p.add_argument("-b", "--batch-sizes", type=int_list(1, MAX_BATCH), required=True,
+                   help="comma-separated, e.g. 1,4,8,16,32,64")
     _backend_flags(p)
     p.add_argument("--devices", type=lambda t: [x for x in t.split(",") if x],
                    help="worker names (with a broker; default: every live worker of the backend) or local devices "
                         "such as cpu,cuda:0 (without one)")
-    p.add_argument("--workers", type=int, help="without a broker: local CPU workers (default: 2)")
+    p.add_argument("--workers", type=int_in(1, 64), help="without a broker: local CPU workers (default: 2)")
     p.add_argument("--mode", default="bench", choices=("bench", "eval"), help="default: bench")
     p.add_argument("--labels", help="eval mode: val_label.txt (default: beside the data)")
-    p.add_argument("--images", type=int, help="eval mode: only the first N images")
-    p.add_argument("--min-time", type=float, default=2.0, help="bench mode: timed seconds per point (default: 2)")
+    p.add_argument("--images", type=int_in(1, 10_000_000), help="eval mode: only the first N images")
+    p.add_argument("--min-time", type=seconds(3600), default=2.0, help="bench mode: timed seconds per point (default: 2)")
     p.add_argument("--broker", help="Redis URL (default: $NASQ_BROKER_URL; none: private local workers)")
     p.add_argument("--out", help="write the report files here (default: the sweep's folder)")
     p.add_argument("--no-wait", action="store_true", help="with a broker: print the sweep id and return")
@@ -347,6 +460,7 @@ def _sweep_args(p) -> None:
 def cmd_sweep(args) -> int:
     from .api import submit_sweep
 
+    _out_dir("--out", args.out)
     handle = submit_sweep(batch_sizes=args.batch_sizes, weights=args.weights, data=args.data, backend=args.backend,
                           precision=args.precision, devices=args.devices, workers=args.workers, mode=args.mode,
                           labels=args.labels, images=args.images, min_time_s=args.min_time, broker=args.broker,
@@ -371,11 +485,16 @@ def cmd_sweep(args) -> int:
 # ------------------------------------------------------------------------------ flower, worker
 
 def _flower_args(p) -> None:
-    p.add_argument("--port", type=int, default=5555, help="default: 5555")
+    p.add_argument("--port", type=int_in(1, 65535), default=5555, help="default: 5555")
     p.add_argument("--address", default="127.0.0.1", help="listen address (default: 127.0.0.1)")
-    p.add_argument("--basic-auth", help="user:password (default: $NASQ_FLOWER_BASIC_AUTH or $FLOWER_BASIC_AUTH)")
+    p.add_argument("--basic-auth-file", metavar="FILE",
+                   help="a file holding user:password (several: one per line); it reaches Flower through its "
+                        "environment, never its command line")
+    p.add_argument("--basic-auth", help="user:password (prefer --basic-auth-file or $NASQ_FLOWER_BASIC_AUTH: a "
+                                        "password on a command line is seen by every local user while it runs)")
     p.add_argument("--no-auth", action="store_true", help="start without authentication (anyone can revoke tasks)")
-    p.add_argument("--max-tasks", type=int, default=100000, help="tasks Flower keeps in memory (default: 100000)")
+    p.add_argument("--max-tasks", type=int_in(1, 10_000_000), default=100000,
+                   help="tasks Flower keeps in memory (default: 100000)")
     p.add_argument("--broker", help="Redis URL (default: $NASQ_BROKER_URL)")
 
 
@@ -385,25 +504,53 @@ def cmd_flower(args) -> int:
     settings = _settings(args)
     if not settings.broker_url:
         raise NasqError("no broker: pass --broker redis://HOST:6379/0 or set NASQ_BROKER_URL")
-    auth = args.basic_auth or os.environ.get("NASQ_FLOWER_BASIC_AUTH") or os.environ.get("FLOWER_BASIC_AUTH")
+    auth = args.basic_auth or _read_auth_file(args.basic_auth_file) or os.environ.get("NASQ_FLOWER_BASIC_AUTH") \
+        or os.environ.get("FLOWER_BASIC_AUTH")
     if not auth and not args.no_auth:
         raise NasqError("Flower lets anyone who reaches it revoke tasks and shut workers down, so nasq starts it with "
                         "authentication: pass --basic-auth user:password (or set NASQ_FLOWER_BASIC_AUTH); "
                         "--no-auth starts it open, on purpose")
-    if auth and ":" not in auth:
+    if auth and not all(":" in pair for pair in auth.split(",")):
         raise NasqError("--basic-auth takes user:password (several: user1:pw1,user2:pw2)")
+    from .queue.broker import probe
+
+    probe(settings)
     env = dict(os.environ, NASQ_BROKER_URL=settings.broker_url)
     if settings.result_backend:
         env["NASQ_RESULT_BACKEND"] = settings.result_backend
     cmd = [sys.executable, "-m", "celery", "-A", "nasq.queue.flower", "flower", f"--address={args.address}",
            f"--port={args.port}", f"--max_tasks={args.max_tasks}"]
+    env.pop("FLOWER_BASIC_AUTH", None)
     if auth:
-        cmd.append(f"--basic-auth={auth}")
+        env["FLOWER_BASIC_AUTH"] = auth  # Flower reads FLOWER_* options from its environment: not on argv
     else:
         env["FLOWER_UNAUTHENTICATED_API"] = "true"  # --no-auth: the REST API is open too, as asked
     _log(f"Flower on http://{args.address}:{args.port} for {redact(settings.broker_url)} "
          f"({'basic auth' if auth else 'NO AUTHENTICATION'})")
     os.execve(sys.executable, cmd, env)
+
+
+def _read_auth_file(path: str | None) -> str | None:
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            pairs = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    except OSError as e:
+        raise NasqError(f"--basic-auth-file {path}: {e.strerror}") from None
+    if not pairs:
+        raise NasqError(f"--basic-auth-file {path} holds no user:password line")
+    return ",".join(pairs)
+
+
+def _one_device(text: str) -> str:
+    from .config import parse_device
+
+    try:
+        parse_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def cmd_worker(argv: list[str]) -> int:
@@ -454,8 +601,10 @@ COMMANDS = [
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = _Parser(prog="nasq", description="Distributed NASNet-Large evaluation on device-pinned Celery workers.")
+    p = _Parser(prog="nasq", description="Distributed NASNet-Large evaluation on device-pinned Celery workers.",
+                epilog="Errors are one line; --debug (anywhere on the line) shows the traceback too.")
     p.add_argument("--version", action="version", version=f"nasq {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, help_, description, add_args, run in COMMANDS:
         add_args(sub.add_parser(name, help=help_, description=description or help_))
@@ -465,28 +614,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .queue.session import BROKER_ERRORS
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "worker":
         return cmd_worker(argv[1:])
+    debug = "--debug" in argv or os.environ.get("NASQ_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from .queue.session import BROKER_ERRORS
+
+    def fail(message: str, code: int = 2) -> int:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"nasq {args.command}: error: {message}", file=sys.stderr)
+        return code
+
     try:
         return args.func(args)
     except NasqError as e:
-        print(f"nasq {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e))
     except BROKER_ERRORS as e:
-        print(f"nasq {args.command}: error: cannot reach the broker ({e}); check --broker / NASQ_BROKER_URL and "
-              "that Redis is up", file=sys.stderr)
-        return 2
+        return fail(f"lost the broker ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
+                    "check --broker / NASQ_BROKER_URL and that Redis is up")
+    except OSError as e:
+        return fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback with --debug
+        return fail(f"internal error ({type(e).__name__}: {e}); rerun with --debug for the traceback and report it", 1)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,27 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, fields
 
 from .errors import NasqError
+from .roots import Roots, split_paths
+
+
+_DEVICE = re.compile(r"(cpu|cuda:\d{1,3}|npu:\d{1,3})")
+
+
+def parse_device(device: str) -> tuple[str, int | None]:
+    """"cuda:1" -> ("cuda", 1); "cpu" -> ("cpu", None).
+
+    Raises:
+        ValueError: anything but cpu, cuda:N or npu:N.
+    """
+    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
+        raise ValueError(f"device must be cpu, cuda:N or npu:N, not {device!r}")
+    kind, _, index = device.partition(":")
+    return kind, (int(index) if index else None)
 
 
 def _cache_dir() -> str:
@@ -51,6 +68,23 @@ class Settings:
     lease_s: float = 30.0
     #: how long workers ride out a broker that went away (a Redis restart) before a call fails
     broker_outage_s: float = 120.0
+    #: a broker that does not accept a connection within this many seconds is unreachable
+    broker_connect_timeout_s: float = 5.0
+    #: a broker that accepted the connection but does not answer a command within this many
+    #: seconds is treated as gone (a silent or wedged server never hangs a worker or a client)
+    broker_socket_timeout_s: float = 30.0
+    #: idle broker connections are checked (PING) this often, in seconds
+    broker_health_check_s: float = 10.0
+    #: folders workers may read besides their artifact and report directories (data, weights,
+    #: labels), separated by ``os.pathsep`` (":") as in PATH; see nasq/roots.py
+    read_roots: str = ""
+    #: folders workers may write besides their artifact and report directories (``--output``)
+    write_roots: str = ""
+    #: message signing (Celery's ``auth`` serializer): this process's private key (PEM), its
+    #: certificate, and the folder of certificates whose signatures are accepted. All three, or none.
+    signing_key: str | None = None
+    signing_cert: str | None = None
+    signing_cert_store: str | None = None
 
     @property
     def backend_url(self) -> str | None:
@@ -59,6 +93,8 @@ class Settings:
 
 def _coerce(name: str, value):
     ftype = {f.name: f.type for f in fields(Settings)}[name]
+    if name in ("read_roots", "write_roots") and isinstance(value, (list, tuple)):  # a TOML list
+        return os.pathsep.join(map(str, value))
     if value is None or not isinstance(value, str):
         return value
     for kind, word in ((int, "an integer"), (float, "a number")):
@@ -161,6 +197,17 @@ class WorkerConfig:
     queues: tuple[str, ...] = ()
     #: the Celery node name, unique in the deployment
     name: str = ""
+    #: the accelerator the pinned process sees, by its id on the machine ("2" for cuda:0 under
+    #: CUDA_VISIBLE_DEVICES=2,3); None on the CPU
+    physical_device: str | None = None
+
+    @property
+    def roots(self) -> Roots:
+        """Where this worker may read and write: the configured roots plus its own artifact and
+        report directories."""
+        s = self.settings
+        return Roots.of(read=split_paths(s.read_roots), write=[*split_paths(s.write_roots), s.artifact_dir,
+                                                               s.report_dir])
 
     def backend_options(self, precision: str | None = None) -> BackendOptions:
         """The options a run gets on this worker: the run's precision if it set one."""
@@ -170,5 +217,6 @@ class WorkerConfig:
 
     def describe(self) -> dict:
         """What the worker registry shows (``nasq status``)."""
-        return {"device": self.device, "backend": self.backend, "precision": self.precision,
-                "queues": list(self.queues), **self.backend_options().describe()}
+        return {"device": self.device, "physical_device": self.physical_device, "backend": self.backend,
+                "precision": self.precision, "queues": list(self.queues), **self.roots.describe(),
+                **self.backend_options().describe()}

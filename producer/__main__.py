@@ -11,6 +11,7 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from nasq import backends
+    from nasq.cli import MAX_BATCH, int_in
 
     p = argparse.ArgumentParser(prog="python -m producer", description=__doc__.splitlines()[0],
                                 epilog="Example: python -m producer --broker redis://head:6379/0 --weights "
@@ -20,8 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="val_label.txt (default: one in or beside --data; none: no accuracy)")
     p.add_argument("--backend", default="torch", choices=backends.names(), help="inference runtime (default: torch)")
     p.add_argument("--precision", choices=backends.precisions(), help="default: each worker's")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
-    p.add_argument("--shard-size", type=int, help="images per shard task (default: <= 1000, several per worker)")
+    p.add_argument("-b", "--batch-size", type=int_in(1, MAX_BATCH), default=8,
+                   help="images per forward pass (default: 8)")
+    p.add_argument("--shard-size", type=int_in(1, 100_000),
+                   help="images per shard task (default: <= 1000, several per worker)")
+    p.add_argument("--allow-bad-labels", action="store_true",
+                   help="go on when some labels are not ImageNet classes 0-999 (they count as misses)")
     p.add_argument("--queue", help="evaluation queue (default: eval.<backend>)")
     p.add_argument("--broker", help="Redis URL (default: $NASQ_BROKER_URL)")
     return p
@@ -35,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         handle = submit_evaluation(weights=args.weights, data=args.data, labels=args.labels, backend=args.backend,
                                    precision=args.precision, batch_size=args.batch_size, shard_size=args.shard_size,
-                                   queue=args.queue, broker=args.broker,
+                                   queue=args.queue, broker=args.broker, allow_bad_labels=args.allow_bad_labels,
                                    log=lambda m: print(m, file=sys.stderr, flush=True))
     except NasqError as e:
         print(f"producer: error: {e}", file=sys.stderr)

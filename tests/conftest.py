@@ -2,6 +2,7 @@
 real worker processes (``python -m workers``), each on a queue of its own."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -75,8 +76,13 @@ def start_workers(tmp_path_factory):
         tag = uuid.uuid4().hex[:4]
         specs = [WorkerSpec(device="cpu", backend=backend, queues=(queue,), threads=1,
                             name=f"test{i}-{queue}-{tag}@localhost") for i in range(n)]
+        # the test workers may read and write the session's temporary folders (assets, outputs)
+        base = str(tmp_path_factory.getbasetemp())
+        settings = settings or Settings(merge_wait_s=20)
+        settings = dataclasses.replace(settings, read_roots=settings.read_roots or base,
+                                       write_roots=settings.write_roots or base)
         cluster = LocalCluster(specs, workdir=str(tmp_path_factory.mktemp("workers")), broker_url=url,
-                               settings=settings or Settings(merge_wait_s=20), env=env, ready_timeout=120,
+                               settings=settings, env=env, ready_timeout=120,
                                log=lambda *_: None)
         started.append(cluster)
         cluster.start()

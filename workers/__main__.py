@@ -13,6 +13,7 @@ import argparse
 import os
 import socket
 import sys
+from dataclasses import replace
 
 from workers import pinning
 
@@ -24,6 +25,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from nasq import backends
+    from nasq.cli import int_in
 
     p = _Parser(
         prog="nasq worker",
@@ -42,12 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graphs", action="store_true", help="torch backend: replay a CUDA graph per batch size")
     p.add_argument("--device-decode", action="store_true",
                    help="torch backend: decode JPEGs on the device (nvjpeg on CUDA; within 1/255 of Pillow per pixel)")
-    p.add_argument("--decode-threads", type=int, default=None,
+    p.add_argument("--decode-threads", type=int_in(1, 64), default=None,
                    help="threads decoding JPEGs ahead of the device (default: 1 on cpu, 4 on cuda/npu)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for the runtime (default: the runtime's choice)")
+    p.add_argument("--threads", type=int_in(1, 1024), default=None, help="CPU threads for the runtime (default: the runtime's choice)")
     p.add_argument("--sim", default=None, metavar="OPTIONS",
                    help="--backend sim only: a SIMULATED device for fleet-scale queue tests, never a measurement: "
                         "rate=310p3|N,slow=X,crash_after=N,hang_after=N (default: rate=310p3)")
+    p.add_argument("--read-root", action="append", default=[], metavar="DIR",
+                   help="a folder this worker may read (data, weights, labels); repeatable; added to the read_roots "
+                        "setting. Its artifact and report directories are always allowed")
+    p.add_argument("--write-root", action="append", default=[], metavar="DIR",
+                   help="a folder this worker may write (--output of runs, sweeps); repeatable; added to the "
+                        "write_roots setting")
     p.add_argument("--broker", default=None, help="Redis URL of the broker (default: $NASQ_BROKER_URL or the config file)")
     p.add_argument("--loglevel", default="INFO", help="log level (default: INFO)")
     p.add_argument("--logfile", default=None, help="write the worker log here instead of stderr")
@@ -58,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        local_device = pinning.apply(args.device, args.threads)
+        local_device, physical = pinning.apply(args.device, args.threads)
     except ValueError as e:
         parser.error(str(e))
     from nasq import backends
@@ -90,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.broker_url:
         parser.error("no broker. Pass --broker redis://HOST:6379/0 or set NASQ_BROKER_URL "
                      "(`nasq eval` without a broker starts its own private Redis and workers)")
+    roots = [os.pathsep.join([getattr(settings, f"{kind}_roots"), *map(os.path.abspath, extra)]).strip(os.pathsep)
+             for kind, extra in (("read", args.read_root), ("write", args.write_root))]
+    settings = replace(settings, read_roots=roots[0], write_roots=roots[1])
+    _wait_for_broker(settings, parser)
     name = (args.name or f"{args.device.replace(':', '')}-{os.getpid()}@%h").replace("%h", socket.gethostname())
     queues = (args.queues or eval_queue(args.backend)).split(",")
     if BUILD_QUEUE not in queues:
@@ -98,12 +110,16 @@ def main(argv: list[str] | None = None) -> int:
                           precision=args.precision, compile=args.compile, cuda_graphs=args.cuda_graphs,
                           device_decode=args.device_decode,
                           decode_threads=args.decode_threads or (1 if args.device == "cpu" else 4),
-                          threads=args.threads, queues=tuple(queues), name=name, sim=args.sim)
+                          threads=args.threads, queues=tuple(queues), name=name, sim=args.sim,
+                          physical_device=physical)
     from workers.app import app, configure
 
+    try:
+        configure(config)
+    except NasqError as e:
+        parser.exit(2, f"nasq worker: error: {e}\n")
     if _answers(settings, name):
         parser.error(f"a worker named {name} is already running on this broker; give this one another --name")
-    configure(config)
     worker_argv = ["worker", "--pool", "prefork", "--concurrency", "1", "--queues", ",".join(queues),
                    "--hostname", name, "--task-events", "--prefetch-multiplier", "1",
                    "--loglevel", args.loglevel, "--without-gossip", "--without-mingle", "-O", "fair"]
@@ -111,6 +127,31 @@ def main(argv: list[str] | None = None) -> int:
         worker_argv += ["--logfile", args.logfile]
     app.worker_main(worker_argv)
     return 0
+
+
+def _wait_for_broker(settings, parser) -> None:
+    """Until the broker answers a PING (each try bounded by the settings' timeouts). A refused
+    password ends the worker at once, with one line; an unreachable broker is waited for (a
+    compose stack starts its workers with Redis), saying so every 30 s. Celery's signal
+    handlers are not installed yet: SIGTERM ends the process at once."""
+    import time
+
+    from nasq.config import redact
+    from nasq.queue.broker import BrokerAuthError, BrokerError, probe
+
+    said = 0.0
+    while True:
+        try:
+            probe(settings)
+            return
+        except BrokerAuthError as e:
+            parser.exit(2, f"nasq worker: error: {e}\n")
+        except BrokerError as e:
+            if time.time() - said >= 30:
+                said = time.time()
+                print(f"nasq worker: waiting for the broker {redact(settings.broker_url)}: {e}", file=sys.stderr,
+                      flush=True)
+            time.sleep(2.0)
 
 
 def _answers(settings, name: str) -> bool:

@@ -50,7 +50,7 @@ class WorkerTask(Task):
     def run_store() -> RunStore:
         if WorkerTask._store is None:
             s = WorkerTask.configured().settings
-            WorkerTask._store = RunStore(s.backend_url, expires=s.result_expires, outage_s=s.broker_outage_s)
+            WorkerTask._store = RunStore.for_settings(s, ride_out=True)
         return WorkerTask._store
 
     @property

@@ -16,7 +16,7 @@ def _begin(task, begin, spec: dict) -> dict:
     """The first step of a chain; while another request builds the same key, retry later
     instead of holding this worker."""
     try:
-        return begin(BuildSpec.from_dict(spec), store=task.store, artifacts=task.artifacts)
+        return begin(BuildSpec.from_dict(spec).within(task.worker.roots), store=task.store, artifacts=task.artifacts)
     except pipeline.BuildBusy:
         raise task.retry(countdown=2, max_retries=WAIT_RETRIES) from None
 
@@ -28,7 +28,7 @@ def build_export(self, spec: dict) -> dict:
 
 @app.task(name=TASK_BUILD_SIMPLIFY, bind=True, base=WorkerTask)
 def build_simplify(self, state: dict) -> dict:
-    return pipeline.step(state, "simplify", steps.simplify, store=self.store)
+    return pipeline.step(state, "simplify", steps.simplify, store=self.store, artifacts=self.artifacts)
 
 
 @app.task(name=TASK_BUILD_DEVICE, bind=True, base=WorkerTask)

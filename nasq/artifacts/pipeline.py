@@ -50,7 +50,7 @@ def begin_export(spec: BuildSpec, *, store, artifacts: ArtifactStore) -> dict:
     state = begin(spec, store=store, artifacts=artifacts)
     if not state["cached"]:
         store.count_export(spec.key)
-    return step(state, "export", steps.export, store=store)
+    return step(state, "export", steps.export, store=store, artifacts=artifacts)
 
 
 def begin_device(spec: BuildSpec, *, store, artifacts: ArtifactStore) -> dict:
@@ -65,21 +65,30 @@ def begin_device(spec: BuildSpec, *, store, artifacts: ArtifactStore) -> dict:
         onnx_meta = artifacts.get(spec.onnx_key) or {}
         state["model"], state["graph"] = onnx_meta.get("model"), onnx_meta.get("graph")
         state["verification"] = list(onnx_meta.get("verification") or [])  # the steps that made its input
-    return step(state, spec.target, steps.DEVICE_STEPS[spec.target], onnx, store=store)
+    return step(state, spec.target, steps.DEVICE_STEPS[spec.target], onnx, store=store, artifacts=artifacts)
 
 
-def step(state: dict, name: str, fn, *args, store) -> dict:
+def _staging(state: dict, spec: BuildSpec, artifacts: ArtifactStore) -> str:
+    """The staging directory of this request, recomputed: a path in the message is never trusted."""
+    path = artifacts.staging_path(spec.key, spec.token)
+    if state.get("staging") != path:
+        raise NasqError(f"build {spec.key}: the state names another staging directory than its own")
+    return path
+
+
+def step(state: dict, name: str, fn, *args, store, artifacts: ArtifactStore) -> dict:
     """Run one build step in the staging directory, the lock kept alive meanwhile."""
     if state["cached"]:
         return state
     spec = BuildSpec.from_dict(state["spec"])
+    staging = _staging(state, spec, artifacts)
     lock = store.build_lock(spec.key, spec.token)
     if not lock.renew():
         raise NasqError(f"build {spec.key}: lost its lock (expired?); another request may be building it")
     store.set_build_status(spec.key, f"{name} on {socket.gethostname()}")
     log.info("build %s: %s", spec.key, name)
     with lock.kept():
-        record = fn(spec, *args, state["staging"], state["verification"])
+        record = fn(spec, *args, staging, state["verification"])
     state["steps"].append(record)
     return state
 
@@ -89,7 +98,7 @@ def commit(state: dict, *, store, artifacts: ArtifactStore) -> dict:
     if state["cached"]:
         return state
     spec = BuildSpec.from_dict(state["spec"])
-    staging = state["staging"]
+    staging = _staging(state, spec, artifacts)
     files = sorted(f for f in os.listdir(staging) if not f.startswith(".") and f != steps.REFERENCE)
     meta = {"key": spec.key, "target": spec.target, "created": time.time(), "built_on": state["host"],
             "build_s": round(time.time() - state["started"], 2), "spec": state["spec"],

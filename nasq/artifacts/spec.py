@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib.metadata import PackageNotFoundError, version
 
 from ..errors import NasqError
@@ -18,6 +19,8 @@ from ..errors import NasqError
 TARGETS = ("onnx", "ort", "om", "trt")
 DEFAULT_OPSET = 17
 ATC_OPSET = 11  # the opset the seed's ATC accepted
+_HEX = re.compile(r"[0-9a-f]{1,64}")
+_KEY = re.compile(r"(onnx|ort|om|trt)-[0-9a-f]{24}")
 
 
 def tool_versions(target: str) -> dict[str, str]:
@@ -68,9 +71,41 @@ class BuildSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "BuildSpec":
+        """A spec from a message, every field checked (its key and token become folder names).
+
+        Raises:
+            NasqError: an unknown field or a value of the wrong type or range.
+        """
+        if not isinstance(d, dict) or set(d) - {f.name for f in fields(cls)}:
+            raise NasqError(f"not a build spec: unknown fields {sorted(set(d) - {f.name for f in fields(cls)})}"
+                            if isinstance(d, dict) else "not a build spec")
         d = dict(d)
+        small = lambda v, hi: v is None or isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= hi  # noqa: E731
+        checks = {
+            "weights": isinstance(d.get("weights"), str) and os.path.isabs(d["weights"]),
+            "weights_sha256": isinstance(d.get("weights_sha256"), str) and _HEX.fullmatch(d["weights_sha256"]),
+            "target": d.get("target") in TARGETS,
+            "num_outputs": d.get("num_outputs") in (None, 1000, 1001),
+            "opset": small(d.get("opset", DEFAULT_OPSET), 30),
+            "batch_size": small(d.get("batch_size"), 1024),
+            "gears": d.get("gears") is None or isinstance(d["gears"], (list, tuple)) and all(small(g, 1024)
+                                                                                           for g in d["gears"]),
+            "soc_version": d.get("soc_version") is None or isinstance(d["soc_version"], str)
+            and re.fullmatch(r"[A-Za-z0-9_]{1,32}", d["soc_version"]),
+            "tolerance": isinstance(d.get("tolerance", 1e-4), (int, float)),
+            "versions": isinstance(d.get("versions", {}), dict),
+            "onnx_key": d.get("onnx_key") is None or isinstance(d["onnx_key"], str) and _KEY.fullmatch(d["onnx_key"]),
+            "token": isinstance(d.get("token"), str) and _HEX.fullmatch(d["token"]),
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise NasqError(f"build spec: bad {', '.join(bad)}")
         d["gears"] = tuple(d["gears"]) if d.get("gears") else None
         return cls(**d)
+
+    def within(self, roots) -> "BuildSpec":
+        """This spec with its weights resolved and checked against a worker's read roots."""
+        return replace(self, weights=roots.readable(self.weights, "weights"))
 
 
 def normalize_soc(soc: str | None) -> str | None:

@@ -17,17 +17,26 @@ def read_labels(path: str | os.PathLike) -> dict[str, int]:
     if not os.path.isfile(path):
         raise DatasetError(f"label file {path!r} does not exist")
     labels: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
+    # The line itself is never quoted: a label path in a message may name a file that is not
+    # a label file, and errors travel to Redis and the logs.
+    with open(path, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
             parts = line.split()
             if not parts:
                 continue
-            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-                raise DatasetError(f"{path}:{n}: expected '<image file> <label>', got {line.strip()!r}")
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit() or len(parts[1]) > 9:
+                raise DatasetError(f"{path}:{n}: not a label line (expected '<image file> <label>', such as "
+                                   "'ILSVRC2012_val_00000001.JPEG 65'); is it a val_label.txt?")
             labels[os.path.splitext(parts[0])[0]] = int(parts[1])
     if not labels:
         raise DatasetError(f"label file {path!r} is empty")
     return labels
+
+
+def out_of_range(labels: dict[str, int], names, classes: int = 1000) -> list[tuple[str, int]]:
+    """(image, label) of the images in ``names`` whose label is not an ImageNet class
+    (0 <= label < ``classes``): they could never be predicted right."""
+    return [(n, labels[stem(n)]) for n in names if stem(n) in labels and not 0 <= labels[stem(n)] < classes]
 
 
 def find_labels(data: str) -> str | None:

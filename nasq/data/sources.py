@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +28,7 @@ U8_FORMAT = "nasq-u8"
 U8_INDEX = "index.json"
 BIN_ERRORS = "preprocess_errors.json"
 INDEX_PREFIX = "index:"
+MAX_INDEX_IMAGES = 10_000_000
 
 
 @dataclass
@@ -35,7 +37,7 @@ class Source:
 
     kind: str
     root: str
-    names: list[str]
+    names: Sequence[str]
     fingerprint: str
     dtype: str  # what load() returns: "uint8" (HWC crop) or "float32" (normalized CHW)
     known_errors: dict[int, str] = field(default_factory=dict)
@@ -93,6 +95,23 @@ class U8Shards(Source):
         return np.array(self._maps[k][i - self.shards[k]["start"]])
 
 
+class _IndexNames(Sequence):
+    """The names of an index dataset, made when asked for (a list of millions would not be)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [f"{k:08d}" for k in range(*i.indices(self.n))]
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        return f"{i % self.n:08d}"
+
+
 class IndexSource(Source):
     """``index:N``: N images that are only their index, for the SIMULATED backend (fleet-scale
     queue tests without files). Other backends refuse it."""
@@ -117,23 +136,28 @@ def open_source(path: str | os.PathLike) -> Source:
     text = os.fspath(path)
     if text.startswith(INDEX_PREFIX):
         n = text[len(INDEX_PREFIX):]
-        if not n.isdigit() or int(n) < 1:
-            raise DatasetError(f"{text!r}: an index dataset is index:N with N >= 1 (for --backend sim)")
-        return IndexSource("index", text, [f"{i:08d}" for i in range(int(n))],
+        if not n.isdigit() or not 1 <= int(n) <= MAX_INDEX_IMAGES:
+            raise DatasetError(f"{text[:40]!r}: an index dataset is index:N with 1 <= N <= {MAX_INDEX_IMAGES} "
+                               "(for --backend sim)")
+        return IndexSource("index", text, _IndexNames(int(n)),
                            _listing_fingerprint("index", [(text, int(n))]), "int64")
     root = os.path.abspath(text)
     if not os.path.isdir(root):
         raise DatasetError(f"data folder {root!r} does not exist")
     index = os.path.join(root, U8_INDEX)
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            meta = json.load(f)
-        if meta.get("format") != U8_FORMAT:
-            raise DatasetError(f"{index} is not a nasq u8 index (format {meta.get('format')!r})")
-        raw = open(index, "rb").read()
-        errors = {int(k): v for k, v in meta.get("errors", {}).items()}
-        return U8Shards("u8", root, list(meta["names"]), hashlib.sha256(raw).hexdigest()[:16], "uint8",
-                        errors, shards=meta["shards"])
+        with open(index, "rb") as f:
+            raw = f.read()
+        try:
+            meta = json.loads(raw)
+            if meta.get("format") != U8_FORMAT:
+                raise DatasetError(f"{index} is not a nasq u8 index (its format field is not {U8_FORMAT!r})")
+            errors = {int(k): str(v) for k, v in meta.get("errors", {}).items()}
+            return U8Shards("u8", root, [str(n) for n in meta["names"]], hashlib.sha256(raw).hexdigest()[:16],
+                            "uint8", errors, shards=meta["shards"])
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise DatasetError(f"{index} is not a readable nasq u8 index; rerun `nasq preprocess SRC {root} "
+                               "--format u8`") from None
     entries = []
     bins = []
     for e in os.scandir(root):
@@ -162,3 +186,35 @@ def open_source(path: str | os.PathLike) -> Source:
         raise DatasetError(f"no images in {root}: expected JPEG (or PNG) files, .bin files, or u8 shards")
     entries.sort()
     return JpegFolder("jpeg", root, [n for n, _ in entries], _listing_fingerprint("jpeg", entries), "uint8")
+
+
+def check_usable(source: Source) -> None:
+    """Refuse a dataset without a single usable image before a run is queued. Looks only as far
+    as the first usable image (a JPEG whose header Pillow reads, a ``.bin`` of the right size).
+
+    Raises:
+        DatasetError: naming the folder, how many files it holds and why the first one fails.
+    """
+    if source.kind == "index" or (source.kind == "u8" and len(source.known_errors) < len(source)):
+        return
+    first = None
+    for i, name in enumerate(source.names):
+        if i in source.known_errors:
+            first = first or (name, source.known_errors[i])
+            continue
+        path = os.path.join(source.root, name)
+        try:
+            if source.kind == "bin":
+                size = os.path.getsize(path)
+                if size == int(np.prod(PREPROCESS.chw)) * 4:
+                    return
+                first = first or (name, f"{size} bytes, not a float32 3x331x331 array")
+            else:
+                from PIL import Image
+
+                with Image.open(path):
+                    return
+        except (OSError, ValueError) as e:
+            first = first or (name, type(e).__name__ if isinstance(e, ValueError) else "not an image Pillow can read")
+    why = f" (e.g. {first[0]}: {first[1]})" if first else ""
+    raise DatasetError(f"no usable image in {source.root}: none of its {len(source)} files can be read{why}")

@@ -60,6 +60,11 @@ def run_shard(task: ShardTask, *, ledger: ShardLedger, resources: DeviceResource
         ledger.touch_worker(worker.name, current=None)
         return {**base, "status": "error", "error": msg}
 
+    try:  # every path in the message, resolved and checked against this worker's roots, first
+        job = job.within(worker.roots)
+    except NasqError as e:
+        log.warning("shard %s of run %s refused: %s", task.shard_id, task.run_id, e)
+        return failed(str(e))
     if (ledger.state(task.run_id) or {}).get("state") == "done":
         log.info("shard %s of run %s: the run is already merged; skipped", task.shard_id, task.run_id)
         return {**base, "status": "skipped"}
@@ -77,6 +82,9 @@ def run_shard(task: ShardTask, *, ledger: ShardLedger, resources: DeviceResource
                 raise NasqError(f"this worker runs backend {worker.backend!r} but the run asked for "
                                 f"{job.backend!r}; start a worker with --backend {job.backend} on the run's queue")
             source = resources.source_for(job.dataset.root, job.dataset.fingerprint)
+            if task.stop > len(source):
+                raise NasqError(f"images [{task.start}, {task.stop}) are past the {len(source)} images of "
+                                f"{job.dataset.root}")
             labels = resources.labels_for(job.labels)
             backend = resources.backend_for(worker.backend, job.model, job.batch_size, options)
             writer = OutputWriter(job.output.dir, job.output.fmt) if job.output else None
@@ -93,6 +101,8 @@ def run_shard(task: ShardTask, *, ledger: ShardLedger, resources: DeviceResource
         ledger.save_shard_result(task.run_id, task.shard_id, out)
         ledger.shard_finished(task.run_id, task.shard_id, summary)
     wall = summary["wall_s"]
+    log.info("%s of run %s: %d images (%d unusable) in %.1f s, %.1f img/s on %s", task.shard_id, task.run_id,
+             summary["images"], summary["errors"], wall, summary["images"] / wall if wall else 0.0, worker.device)
     ledger.touch_worker(worker.name, current=None, last_rate_img_s=summary["images"] / wall if wall else None)
     return out
 

@@ -84,7 +84,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a bad file
-        raise CheckpointError(f"cannot read checkpoint {path!r}: {e}") from None
+        # torch's own message quotes the file and suggests weights_only=False, which would let
+        # the file run code: say what is wrong instead
+        if "GLOBAL" in str(e) or "Unsupported global" in str(e):
+            why = ("it holds Python objects besides tensors; nasq loads tensors only (loading other objects "
+                   "can run code). Save the model's state_dict() instead")
+        else:
+            why = f"it is corrupt, truncated or not a PyTorch file ({type(e).__name__})"
+        raise CheckpointError(f"cannot read checkpoint {path}: {why}") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj:
@@ -93,6 +100,38 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
+
+
+def check_state_dict(state: dict, weights: str, num_outputs: int | None = None) -> ArchSpec:
+    """Check a whole state dict against NASNet-A before anything is queued: the head size, every
+    key and every tensor's shape (the model is built on PyTorch's meta device: no memory, no
+    time).
+
+    Raises:
+        CheckpointError: naming the first few missing, unexpected or misshapen tensors.
+    """
+    import torch
+
+    arch = infer_arch(state)
+    outputs = int(state["last_linear.weight"].shape[0])
+    if outputs not in (BACKGROUND_OUTPUTS, IMAGENET_CLASSES):
+        raise CheckpointError(f"{weights}: the head has {outputs} outputs; nasq evaluates ImageNet heads with "
+                              "1001 (background at 0) or 1000 outputs")
+    if num_outputs not in (None, outputs) and not (num_outputs == IMAGENET_CLASSES and outputs == BACKGROUND_OUTPUTS):
+        raise CheckpointError(f"{weights}: cannot make {num_outputs} outputs from a {outputs}-way head")
+    with torch.device("meta"):
+        want = build_model(arch, outputs).state_dict()
+    missing = [k for k in want if k not in state]
+    unexpected = [k for k in state if k not in want]
+    shapes = [f"{k} {tuple(state[k].shape)} (expected {tuple(want[k].shape)})" for k in want
+              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(want[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{len(missing)} missing (e.g. {', '.join(missing[:3])})" if missing else "",
+                 f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})" if unexpected else "",
+                 f"{len(shapes)} of the wrong shape (e.g. {'; '.join(shapes[:2])})" if shapes else ""]
+        raise CheckpointError(f"{weights}: not a NASNet-A ({arch.name}) state dict in Cadene's layout: "
+                              + ", ".join(p for p in parts if p))
+    return arch
 
 
 def load_model(weights: str | os.PathLike, num_outputs: int | None = None):

@@ -33,7 +33,7 @@ def point_file(folder: str, point_id: str) -> str:
 
 
 def sweep_folder(report_dir: str, sid: str) -> str:
-    folder = os.path.join(report_dir, "sweeps", sid)
+    folder = os.path.abspath(os.path.join(report_dir, "sweeps", sid))
     os.makedirs(os.path.join(folder, "points"), exist_ok=True)
     return folder
 
@@ -58,7 +58,11 @@ def measure_point(point: SweepPoint, *, resources: DeviceResources, worker: Work
 
     An out-of-memory error (or any failure) becomes the row's ``error``, and an OOM also
     drops the model to free the device. The row is written to the sweep's folder and returned.
+
+    Raises:
+        RootError: a path of the point outside the worker's roots (nothing is read or written).
     """
+    point = point.within(worker.roots)  # RootError (the task fails) before anything is read or written
     bs = point.batch_size
     row = {"sweep_id": point.sweep_id, "point_id": point.point_id, "worker": worker.name, "device": worker.device,
            "batch_size": bs, "mode": point.mode, "backend": point.backend, "precision": point.precision,

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from ..config import Settings
 from ..errors import NasqError, RunError
@@ -94,8 +94,9 @@ class LocalCluster:
         env.pop("NASQ_RESULT_BACKEND", None)  # the workers' results go to the broker they are given
         if self.settings is not None:  # the workers see the settings this process resolved
             for f in fields(Settings):
-                if f.name not in ("broker_url", "result_backend"):
-                    env[f"NASQ_{f.name.upper()}"] = str(getattr(self.settings, f.name))
+                value = getattr(self.settings, f.name)
+                if f.name not in ("broker_url", "result_backend") and value is not None:
+                    env[f"NASQ_{f.name.upper()}"] = str(value)
         env.update(self.extra_env)
         for i, spec in enumerate(self.specs):
             name = spec.name or worker_name(spec.kind, i, host)
@@ -113,7 +114,7 @@ class LocalCluster:
         return self.url
 
     def _wait_ready(self) -> None:
-        app = make_app(Settings(broker_url=self.url))
+        app = make_app(replace(self.settings or Settings(), broker_url=self.url, result_backend=None))
         names = set(self.names)
         deadline = time.time() + self.ready_timeout
         while time.time() < deadline:
@@ -171,7 +172,7 @@ class LocalCluster:
 def cuda_device_count() -> int:
     """GPUs visible to a child process, read from nvidia-smi and CUDA_VISIBLE_DEVICES (a process
     that forks workers must never initialize CUDA itself)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # cuda:N below counts these, as in the workers' pinning
     if visible is not None and visible.strip() in ("", "-1"):
         return 0
     if not shutil.which("nvidia-smi"):

@@ -2,7 +2,8 @@
 
 A task decodes its payload with ``from_payload`` before doing anything; a payload of the
 wrong type or range is refused there with a ``MessageError`` that says which field is wrong.
-Payloads carry paths and index ranges, never image bytes.
+Payloads carry paths and index ranges, never image bytes; ``within(roots)`` then resolves every
+path against the worker's read and write roots (``nasq.roots``) before any of it is used.
 """
 from __future__ import annotations
 
@@ -16,6 +17,14 @@ from .. import __version__, backends
 from ..data.outputs import FORMATS
 from ..errors import NasqError
 from ..model.spec import ModelRef
+from ..roots import Roots
+
+#: bounds on what one message may ask for (a hostile or mistyped number is refused before it
+#: allocates anything): images in a dataset, images in one shard, images in one batch
+MAX_IMAGES = 10_000_000
+MAX_SHARD_IMAGES = 100_000
+MAX_BATCH_SIZE = 1024
+_MAX_TEXT = 4096
 
 
 class MessageError(NasqError):
@@ -27,15 +36,17 @@ def _need(ok: bool, what: str) -> None:
         raise MessageError(what)
 
 
-def _int(d: dict, name: str, *, low: int = 0) -> int:
+def _int(d: dict, name: str, *, low: int = 0, high: int = MAX_IMAGES) -> int:
     v = d.get(name)
-    _need(isinstance(v, int) and not isinstance(v, bool) and v >= low, f"{name} must be an integer >= {low}, not {v!r}")
+    _need(isinstance(v, int) and not isinstance(v, bool) and low <= v <= high,
+          f"{name} must be an integer in [{low}, {high}], not {v!r}"[:200])
     return v
 
 
 def _str(d: dict, name: str, *, optional: bool = False) -> str | None:
     v = d.get(name)
-    _need(isinstance(v, str) and v != "" or (optional and v is None), f"{name} must be a non-empty string, not {v!r}")
+    _need(isinstance(v, str) and 0 < len(v) <= _MAX_TEXT and "\0" not in v or (optional and v is None),
+          f"{name} must be a non-empty string, not {v!r}"[:200])
     return v
 
 
@@ -54,8 +65,19 @@ class DatasetRef:
     @classmethod
     def from_payload(cls, d) -> DatasetRef:
         d = _dict(d, "dataset")
-        return cls(root=_str(d, "root"), kind=_str(d, "kind"), images=_int(d, "images"),
+        return cls(root=_str(d, "root"), kind=_str(d, "kind"), images=_int(d, "images", low=1),
                    fingerprint=_str(d, "fingerprint"))
+
+    @property
+    def is_index(self) -> bool:
+        """An ``index:N`` dataset of the simulated backend: no files."""
+        return self.kind == "index"
+
+    def within(self, roots: Roots) -> DatasetRef:
+        if self.is_index:
+            _need(self.root == f"index:{self.images}", f"an index dataset is index:{self.images}, not {self.root!r}")
+            return self
+        return DatasetRef(roots.readable(self.root, "data folder"), self.kind, self.images, self.fingerprint)
 
 
 @dataclass(frozen=True)
@@ -73,6 +95,9 @@ class OutputSpec:
         fmt = _str(d, "fmt").upper()
         _need(fmt in FORMATS, f"output.fmt must be one of {', '.join(FORMATS)}, not {fmt!r}")
         return cls(dir=_str(d, "dir"), fmt=fmt)
+
+    def within(self, roots: Roots) -> OutputSpec:
+        return OutputSpec(roots.writable(self.dir, "output folder"), self.fmt)
 
 
 @dataclass(frozen=True)
@@ -105,9 +130,24 @@ class EvalJob:
         _str(model, "weights")
         n = model.get("num_outputs")
         _need(n in (None, 1000, 1001), f"model.num_outputs must be 1000, 1001 or null, not {n!r}")
+        _need(isinstance(model.get("options") or {}, dict), "model.options must be an object")
         return cls(dataset=DatasetRef.from_payload(d.get("dataset")), labels=_str(d, "labels", optional=True),
-                   model=ModelRef.from_dict(model), backend=backend, batch_size=_int(d, "batch_size", low=1),
+                   model=ModelRef.from_dict(model), backend=backend,
+                   batch_size=_int(d, "batch_size", low=1, high=MAX_BATCH_SIZE),
                    precision=precision, output=OutputSpec.from_payload(d.get("output")))
+
+    def within(self, roots: Roots) -> EvalJob:
+        """This job with every path resolved and checked against the worker's roots.
+
+        Raises:
+            RootError: a path outside them, named with the roots.
+        """
+        from dataclasses import replace
+
+        return replace(self, dataset=self.dataset.within(roots),
+                       labels=None if self.labels is None else roots.readable(self.labels, "label file"),
+                       model=replace(self.model, weights=roots.readable(self.model.weights, "weights")),
+                       output=None if self.output is None else self.output.within(roots))
 
 
 @dataclass(frozen=True)
@@ -126,6 +166,8 @@ class ShardTask:
         task = cls(run_id=_str(d, "run_id"), shard_id=_str(d, "shard_id"), start=_int(d, "start"),
                    stop=_int(d, "stop", low=1), job=EvalJob.from_payload(job))
         _need(task.start < task.stop, f"start ({task.start}) must be below stop ({task.stop})")
+        _need(task.stop - task.start <= MAX_SHARD_IMAGES,
+              f"a shard holds at most {MAX_SHARD_IMAGES} images, not {task.stop - task.start}")
         _need(task.stop <= task.job.dataset.images,
               f"stop ({task.stop}) is past the dataset's {task.job.dataset.images} images")
         return task
@@ -172,14 +214,13 @@ class SweepPoint:
         _need(backend in backends.names(), f"backend must be one of {', '.join(backends.names())}, not {backend!r}")
         precision = _str(d, "precision")
         _need(precision in backends.precisions(backend), f"precision {precision!r} is not one of backend {backend}'s")
-        images = d.get("images")
-        _need(images is None or isinstance(images, int) and not isinstance(images, bool) and images >= 1,
-              f"images must be a positive integer or null, not {images!r}")
+        images = None if d.get("images") is None else _int(d, "images", low=1)
         t = d.get("min_time_s", 2.0)
         _need(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t <= 3600,
               f"min_time_s must be a number of seconds in (0, 3600], not {t!r}")
         return cls(sweep_id=_str(d, "sweep_id"), point_id=_str(d, "point_id"), folder=_str(d, "folder"),
-                   worker=_str(d, "worker"), batch_size=_int(d, "batch_size", low=1), mode=mode, backend=backend,
+                   worker=_str(d, "worker"), batch_size=_int(d, "batch_size", low=1, high=MAX_BATCH_SIZE), mode=mode,
+                   backend=backend,
                    precision=precision, weights=_str(d, "weights"), data=_str(d, "data"),
                    dataset_fingerprint=_str(d, "dataset_fingerprint"), labels=_str(d, "labels", optional=True),
                    images=images, min_time_s=float(t))
@@ -187,6 +228,15 @@ class SweepPoint:
     @property
     def argsrepr(self) -> str:
         return f"sweep={self.sweep_id} {self.mode} bs={self.batch_size} on {self.worker}"
+
+    def within(self, roots: Roots) -> SweepPoint:
+        """This point with its paths resolved and checked against the worker's roots (RootError)."""
+        from dataclasses import replace
+
+        data = self.data if self.data.startswith("index:") else roots.readable(self.data, "data folder")
+        return replace(self, folder=roots.writable(self.folder, "sweep folder"), data=data,
+                       weights=roots.readable(self.weights, "weights"),
+                       labels=None if self.labels is None else roots.readable(self.labels, "label file"))
 
 
 # ------------------------------------------------------------------------------ run plans

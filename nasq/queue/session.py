@@ -17,6 +17,7 @@ from kombu.exceptions import OperationalError
 
 from ..config import Settings
 from ..errors import NasqError, RunError
+from .broker import probe
 from .app import (BUILD_QUEUE, TASK_BUILD_COMMIT, TASK_BUILD_DEVICE, TASK_BUILD_EXPORT, TASK_BUILD_FAILED,
                   TASK_BUILD_SIMPLIFY, TASK_EVAL_SHARD, TASK_MERGE, TASK_RUN_FAILED, TASK_SWEEP_POINT, make_app,
                   worker_queue)
@@ -44,9 +45,11 @@ class Session:
     (``close()`` stops them)."""
 
     def __init__(self, settings: Settings, *, cluster: LocalCluster | None = None):
+        if cluster is None:
+            probe(settings)  # a wrong password or a silent broker: one line now, not a hang or a traceback later
         self.settings, self.cluster = settings, cluster
         self.app = make_app(settings)
-        self.store = RunStore(settings.backend_url, expires=settings.result_expires)
+        self.store = RunStore.for_settings(settings)
 
     @classmethod
     def open(cls, settings: Settings, *, workers: list[WorkerSpec] | None = None, log=print) -> Session:
@@ -144,8 +147,8 @@ class Session:
                 if self.cluster is not None:
                     self.cluster.check()
                 if timeout and time.time() - t0 > timeout:
-                    where = ("its local workers stop with this session" if self.cluster is not None
-                             else "it goes on on the workers")
+                    where = ("its local workers were stopped with this command, so it is incomplete"
+                             if self.cluster is not None else "it goes on on the workers (`nasq status` follows it)")
                     raise RunError(f"{label} did not finish within {timeout:.0f} s; {where}")
                 try:
                     if result.ready():

@@ -74,12 +74,23 @@ class RunStore:
     raises; workers ride it out, a waiting client prefers to hear of it at once (0).
     """
 
-    def __init__(self, url: str, *, expires: int = 7 * 24 * 3600, outage_s: float = 0.0):
+    def __init__(self, url: str, *, expires: int = 7 * 24 * 3600, outage_s: float = 0.0, connect_timeout_s: float = 5.0,
+                 socket_timeout_s: float | None = 30.0, health_check_s: float = 10.0):
         retry = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=max(0, int(outage_s / 2.0) + 3)) \
             if outage_s else Retry(NoBackoff(), retries=1)
-        self.r = redis.Redis.from_url(url, retry=retry, socket_connect_timeout=5,
+        self.r = redis.Redis.from_url(url, retry=retry, socket_connect_timeout=connect_timeout_s,
+                                      socket_timeout=socket_timeout_s, health_check_interval=health_check_s,
                                       retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError])
         self.expires = expires
+
+    @classmethod
+    def for_settings(cls, settings, *, ride_out: bool = False) -> RunStore:
+        """The store of ``settings``' result backend, with its timeouts; ``ride_out``: calls wait
+        out a broker restart (workers) instead of failing at once (clients)."""
+        return cls(settings.backend_url, expires=settings.result_expires,
+                   outage_s=settings.broker_outage_s if ride_out else 0.0,
+                   connect_timeout_s=settings.broker_connect_timeout_s,
+                   socket_timeout_s=settings.broker_socket_timeout_s, health_check_s=settings.broker_health_check_s)
 
     def _k(self, run_id: str, part: str = "manifest") -> str:
         return f"{PREFIX}{run_id}:{part}"

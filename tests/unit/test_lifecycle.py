@@ -97,7 +97,8 @@ def _job(assets, **over) -> dict:
 
 
 def _worker(tmp_path, **over) -> WorkerConfig:
-    settings = Settings(artifact_dir=str(tmp_path / "art"), report_dir=str(tmp_path / "rep"), max_attempts=2)
+    settings = Settings(artifact_dir=str(tmp_path / "art"), report_dir=str(tmp_path / "rep"), max_attempts=2,
+                        read_roots=str(tmp_path.parent.parent))  # the session's temporary folders: the assets
     return WorkerConfig(**({"settings": settings, "name": "w0@test", "threads": 1} | over))
 
 
@@ -196,14 +197,15 @@ def test_measure_point_writes_its_row(assets, tmp_path):
     from nasq.data import open_source
 
     src = open_source(assets["data"])
-    point = SweepPoint.from_payload({"sweep_id": "sweep-x", "point_id": "w0@test|bs2", "folder": str(tmp_path),
+    folder = str(tmp_path / "rep" / "sweeps" / "sweep-x")  # under the worker's report dir: a write root
+    point = SweepPoint.from_payload({"sweep_id": "sweep-x", "point_id": "w0@test|bs2", "folder": folder,
                                      "worker": "w0@test", "batch_size": 2, "mode": "bench", "backend": "torch",
                                      "precision": "fp32", "weights": assets["weights"], "data": src.root,
                                      "dataset_fingerprint": src.fingerprint, "min_time_s": 0.1})
     row = measure_point(point, resources=DeviceResources("cpu"), worker=_worker(tmp_path))
     assert not row.get("error") and row["img_s"] == pytest.approx(2000 / row["mean_ms"], rel=1e-3)
-    assert os.path.isfile(point_file(str(tmp_path), point.point_id))
-    assert read_rows(str(tmp_path), [point.point_id]) == [row]
+    assert os.path.isfile(point_file(folder, point.point_id))
+    assert read_rows(folder, [point.point_id]) == [row]
 
 
 @pytest.mark.parametrize("change, field", [
