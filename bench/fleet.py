@@ -67,7 +67,7 @@ def main() -> None:
         f.write(os.urandom(256))
     settings = Settings(broker_url=redis.url, lease_s=args.lease, merge_wait_s=120, broker_outage_s=120,
                         report_dir=os.path.join(work, "reports"), artifact_dir=os.path.join(work, "art"),
-                        work_dir=os.path.join(work, "runs"))
+                        work_dir=os.path.join(work, "runs"), read_roots=work)  # the workers read the weights there
     queue = "eval.fleet"
 
     def workers(names):

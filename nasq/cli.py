@@ -13,6 +13,7 @@ import os
 import shlex
 import sys
 
+from .config import MAX_BATCH_SIZE as MAX_BATCH  # a light module: --help stays fast
 from .errors import NasqError
 
 
@@ -29,7 +30,6 @@ def _log(msg: str) -> None:
 # Each checks its value when the flags are parsed, so a bad one is one line naming the flag
 # (argparse adds "argument --batch-size:") before anything starts.
 
-MAX_BATCH = 1024  # = nasq.queue.messages.MAX_BATCH_SIZE (a test holds them equal; importing it here would slow --help)
 
 
 def int_in(low: int, high: int | None = None):

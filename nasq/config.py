@@ -21,6 +21,13 @@ from .errors import NasqError
 from .roots import Roots, split_paths
 
 
+#: bounds on what one request may ask for (a hostile or mistyped number is refused before it
+#: allocates anything): images in a dataset, images in one shard (or one eval sweep point),
+#: images in one batch
+MAX_IMAGES = 10_000_000
+MAX_SHARD_IMAGES = 100_000
+MAX_BATCH_SIZE = 1024
+
 _DEVICE = re.compile(r"(cpu|cuda:\d{1,3}|npu:\d{1,3})")
 
 
@@ -203,11 +210,12 @@ class WorkerConfig:
 
     @property
     def roots(self) -> Roots:
-        """Where this worker may read and write: the configured roots plus its own artifact and
-        report directories."""
+        """Where the paths of a message may point: the configured roots, plus the worker's artifact
+        directory to read (built models) and its report directory to write (sweeps). Artifacts
+        are written by the build steps alone, never where a message says."""
         s = self.settings
-        return Roots.of(read=split_paths(s.read_roots), write=[*split_paths(s.write_roots), s.artifact_dir,
-                                                               s.report_dir])
+        return Roots.of(read=[*split_paths(s.read_roots), s.artifact_dir],
+                        write=[*split_paths(s.write_roots), s.report_dir])
 
     def backend_options(self, precision: str | None = None) -> BackendOptions:
         """The options a run gets on this worker: the run's precision if it set one."""

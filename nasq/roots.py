@@ -14,6 +14,7 @@ check and the use by someone who can already write inside a root.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 from .errors import NasqError
@@ -21,6 +22,21 @@ from .errors import NasqError
 
 class RootError(NasqError):
     """A path outside every root this worker may use."""
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def check_name(text, what: str) -> str:
+    """An id that becomes a file or folder name or a Redis key part (a run id, a shard id):
+    letters, digits and ``_.-``, starting with a letter or digit, at most 128 characters.
+
+    Raises:
+        RootError: anything else (a ``/``, ``..``, an empty string, a non-string).
+    """
+    if not isinstance(text, str) or not _NAME.fullmatch(text):
+        raise RootError(f"{what} must be letters, digits and _.- (at most 128), not {str(text)[:60]!r}")
+    return text
 
 
 def split_paths(text: str | None) -> tuple[str, ...]:

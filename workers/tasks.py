@@ -11,6 +11,7 @@ import logging
 import time
 
 from nasq.errors import ShardFailed
+from nasq.roots import check_name
 from nasq.inference.shard import run_shard
 from nasq.perf.sweep import measure_point
 from nasq.queue.app import TASK_EVAL_SHARD, TASK_MERGE, TASK_RUN_FAILED, TASK_SWEEP_POINT
@@ -43,14 +44,21 @@ def eval_shard(self, run_id, shard_id, start, stop, job) -> dict:
 
 @app.task(name=TASK_MERGE, bind=True, base=WorkerTask, max_retries=None)
 def merge_run(self, results: list, run_id: str, _first_try: float | None = None) -> dict:
-    """Chord callback: validate the shard results and compute the report."""
-    first_try = _first_try or time.time()
+    """Chord callback: validate the shard results, compute and store the report; returns its headline."""
+    check_name(run_id, "run_id")
+    now = time.time()  # the first try's time travels in the message: only a plausible one is used
+    first_try = _first_try if isinstance(_first_try, (int, float)) and now - 86400 < _first_try <= now else now
     try:
-        return finish_run(run_id, results, store=self.store, report_dir=self.worker.settings.report_dir,
-                          merge_wait_s=self.worker.settings.merge_wait_s, first_try=first_try)
+        report = finish_run(run_id, results, store=self.store, report_dir=self.worker.settings.report_dir,
+                            merge_wait_s=self.worker.settings.merge_wait_s, first_try=first_try)
     except MergeLater:
         heal(self.app, self.store, run_id, lease_s=self.worker.settings.lease_s)  # a lost shard runs again
         raise self.retry(countdown=5, kwargs={"run_id": run_id, "_first_try": first_try}) from None
+    # The report is in the run store and the report dir; the chord, Flower and the log get its headline.
+    headline = {k: report.get(k) for k in ("run_id", "images", "error_count", "top1", "top5", "throughput_img_s")}
+    log.info("run %s merged: %s images (%s unusable), top-1 %s%%, %s img/s", run_id, headline["images"],
+             headline["error_count"], headline["top1"], headline["throughput_img_s"])
+    return headline
 
 
 @app.task(name=TASK_RUN_FAILED)
@@ -58,7 +66,7 @@ def run_failed(request, exc, traceback, run_id: str | None = None) -> None:
     """Errback of the merge (unbound: Celery passes (request, exc, traceback) only to unbound
     errbacks): a shard failed or the merge did. Keep what finished as a partial report and mark
     the run failed, so waiting clients stop and ``nasq resume`` can finish it."""
-    if run_id:
+    if run_id and check_name(run_id, "run_id"):
         store = WorkerTask.run_store()
         fail_run(run_id, exc, store=store, report_dir=WorkerTask.configured().settings.report_dir,
                  redispatch=lambda manifest, ids: redispatch(app, manifest, ids, why="revoked in flight"))

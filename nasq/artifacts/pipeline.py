@@ -34,6 +34,9 @@ def begin(spec: BuildSpec, *, store, artifacts: ArtifactStore) -> dict:
     meta = artifacts.get(spec.key)
     if meta is not None:
         return {"cached": True, "key": spec.key, "meta": meta}
+    if file_digest(spec.weights) != spec.weights_sha256:  # the key names these exact weights: never others
+        raise NasqError(f"build {spec.key}: {spec.weights} is not the checkpoint the build was requested for "
+                        "(its sha256 differs: changed since?); request the build again")
     lock = store.build_lock(spec.key, spec.token)
     if not lock.take():
         store.set_build_status(spec.key, f"waiting for the build in flight ({lock.holder()})")
@@ -99,6 +102,8 @@ def commit(state: dict, *, store, artifacts: ArtifactStore) -> dict:
         return state
     spec = BuildSpec.from_dict(state["spec"])
     staging = _staging(state, spec, artifacts)
+    if not store.build_lock(spec.key, spec.token).renew():
+        raise NasqError(f"build {spec.key}: lost its lock (expired?); another request may be building it")
     files = sorted(f for f in os.listdir(staging) if not f.startswith(".") and f != steps.REFERENCE)
     meta = {"key": spec.key, "target": spec.target, "created": time.time(), "built_on": state["host"],
             "build_s": round(time.time() - state["started"], 2), "spec": state["spec"],

@@ -92,7 +92,8 @@ class BuildSpec:
                                                                                            for g in d["gears"]),
             "soc_version": d.get("soc_version") is None or isinstance(d["soc_version"], str)
             and re.fullmatch(r"[A-Za-z0-9_]{1,32}", d["soc_version"]),
-            "tolerance": isinstance(d.get("tolerance", 1e-4), (int, float)),
+            "tolerance": isinstance(d.get("tolerance", 1e-4), (int, float)) and 0 < d.get("tolerance", 1e-4) <= 1,
+            "accept_tolerance": isinstance(d.get("accept_tolerance", False), bool),
             "versions": isinstance(d.get("versions", {}), dict),
             "onnx_key": d.get("onnx_key") is None or isinstance(d["onnx_key"], str) and _KEY.fullmatch(d["onnx_key"]),
             "token": isinstance(d.get("token"), str) and _HEX.fullmatch(d["token"]),

@@ -93,6 +93,7 @@ class TorchBackend(Backend):
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g), torch.inference_mode():
                 out = self._forward_u8(static)
+            _bounded(self._graphs)
             self._graphs[bs] = (g, static, out)
         return self._graphs[bs]
 
@@ -105,6 +106,7 @@ class TorchBackend(Backend):
         n = len(batch)
         buf = self._pinned.get(n)
         if buf is None:
+            _bounded(self._pinned)
             buf = self._pinned[n] = torch.empty(t.shape, dtype=torch.uint8).pin_memory()
         buf.copy_(t)
         return buf.to(self._dev, non_blocking=True)
@@ -217,3 +219,10 @@ class TorchBackend(Backend):
             import torch
 
             torch.cuda.empty_cache()
+
+
+def _bounded(cache: dict, keep: int = 4) -> None:
+    """Make room in a per-batch-size cache (pinned buffers, CUDA graphs): a run uses its batch
+    size and the last, shorter batch; a worker serving many runs must not grow without end."""
+    while len(cache) >= keep:
+        cache.pop(next(iter(cache)))

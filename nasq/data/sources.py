@@ -153,6 +153,9 @@ def open_source(path: str | os.PathLike) -> Source:
             if meta.get("format") != U8_FORMAT:
                 raise DatasetError(f"{index} is not a nasq u8 index (its format field is not {U8_FORMAT!r})")
             errors = {int(k): str(v) for k, v in meta.get("errors", {}).items()}
+            if any(os.path.basename(str(s["file"])) != s["file"] or s["file"] in ("", ".", "..")
+                   for s in meta["shards"]):
+                raise ValueError("a shard file outside the folder")
             return U8Shards("u8", root, [str(n) for n in meta["names"]], hashlib.sha256(raw).hexdigest()[:16],
                             "uint8", errors, shards=meta["shards"])
         except (ValueError, TypeError, KeyError, AttributeError):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..config import WorkerConfig
+from ..config import MAX_SHARD_IMAGES, WorkerConfig
 from ..files import write_json
 from ..inference.evaluate import evaluate_range
 from ..inference.resources import DeviceResources
@@ -73,7 +73,7 @@ def measure_point(point: SweepPoint, *, resources: DeviceResources, worker: Work
         b = resources.backend_for(point.backend, ModelRef(point.weights), bs, worker.backend_options(point.precision))
         b.reset_peak_memory()
         source = resources.source_for(point.data, point.dataset_fingerprint)
-        n = min(len(source), point.images or len(source))
+        n = min(len(source), point.images or len(source), MAX_SHARD_IMAGES)  # an eval point is at most a shard
         if point.mode == "bench":
             crops = np.stack([source.load(i) for i in range(min(n, bs, 64))])
             batch = crops[np.arange(bs) % len(crops)]

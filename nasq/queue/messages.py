@@ -17,13 +17,11 @@ from .. import __version__, backends
 from ..data.outputs import FORMATS
 from ..errors import NasqError
 from ..model.spec import ModelRef
-from ..roots import Roots
+from ..config import MAX_BATCH_SIZE, MAX_IMAGES, MAX_SHARD_IMAGES
+from ..roots import Roots, check_name
 
-#: bounds on what one message may ask for (a hostile or mistyped number is refused before it
-#: allocates anything): images in a dataset, images in one shard, images in one batch
-MAX_IMAGES = 10_000_000
-MAX_SHARD_IMAGES = 100_000
-MAX_BATCH_SIZE = 1024
+__all__ = ["MAX_BATCH_SIZE", "MAX_IMAGES", "MAX_SHARD_IMAGES", "DatasetRef", "EvalJob", "MessageError", "OutputSpec",
+           "ShardTask", "SweepPoint", "job_of", "make_manifest", "plan_even", "plan_shards", "shard_tasks"]
 _MAX_TEXT = 4096
 
 
@@ -48,6 +46,15 @@ def _str(d: dict, name: str, *, optional: bool = False) -> str | None:
     _need(isinstance(v, str) and 0 < len(v) <= _MAX_TEXT and "\0" not in v or (optional and v is None),
           f"{name} must be a non-empty string, not {v!r}"[:200])
     return v
+
+
+def _name(d: dict, name: str) -> str:
+    """An id that becomes part of a file name or a Redis key: letters, digits, ``_.-``."""
+    v = _str(d, name)
+    try:
+        return check_name(v, name)
+    except NasqError as e:
+        raise MessageError(str(e)) from None
 
 
 def _dict(d, name: str) -> dict:
@@ -163,7 +170,7 @@ class ShardTask:
     @classmethod
     def from_payload(cls, run_id, shard_id, start, stop, job) -> ShardTask:
         d = {"run_id": run_id, "shard_id": shard_id, "start": start, "stop": stop}
-        task = cls(run_id=_str(d, "run_id"), shard_id=_str(d, "shard_id"), start=_int(d, "start"),
+        task = cls(run_id=_name(d, "run_id"), shard_id=_name(d, "shard_id"), start=_int(d, "start"),
                    stop=_int(d, "stop", low=1), job=EvalJob.from_payload(job))
         _need(task.start < task.stop, f"start ({task.start}) must be below stop ({task.stop})")
         _need(task.stop - task.start <= MAX_SHARD_IMAGES,
@@ -214,11 +221,11 @@ class SweepPoint:
         _need(backend in backends.names(), f"backend must be one of {', '.join(backends.names())}, not {backend!r}")
         precision = _str(d, "precision")
         _need(precision in backends.precisions(backend), f"precision {precision!r} is not one of backend {backend}'s")
-        images = None if d.get("images") is None else _int(d, "images", low=1)
+        images = None if d.get("images") is None else _int(d, "images", low=1, high=MAX_SHARD_IMAGES)
         t = d.get("min_time_s", 2.0)
         _need(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t <= 3600,
               f"min_time_s must be a number of seconds in (0, 3600], not {t!r}")
-        return cls(sweep_id=_str(d, "sweep_id"), point_id=_str(d, "point_id"), folder=_str(d, "folder"),
+        return cls(sweep_id=_name(d, "sweep_id"), point_id=_str(d, "point_id"), folder=_str(d, "folder"),
                    worker=_str(d, "worker"), batch_size=_int(d, "batch_size", low=1, high=MAX_BATCH_SIZE), mode=mode,
                    backend=backend,
                    precision=precision, weights=_str(d, "weights"), data=_str(d, "data"),

@@ -8,6 +8,7 @@ from collections import Counter
 from typing import Callable
 
 from ..errors import NasqError, RunError
+from ..roots import check_name
 from .merge import MissingShards, merge, merge_partial
 from .report import write_run_files
 
@@ -38,6 +39,8 @@ def merge_run(run_id: str, results: list, *, store, report_dir: str, merge_wait_
     manifest = store.manifest(run_id)
     if manifest is None:
         raise RunError(f"run {run_id}: its manifest is gone from Redis (expired or flushed)")
+    if manifest.get("run_id") != run_id:
+        raise RunError(f"run {run_id}: its manifest names another run")
     handed = [r for r in results or [] if isinstance(r, dict) and r.get("run_id") == run_id and "shard_id" in r]
     counts = Counter(r["shard_id"] for r in handed)
     full = {r["shard_id"]: r for r in handed if r.get("status") == "ok" and "indices" in r}
@@ -113,7 +116,7 @@ def mark_failed(store, manifest: dict, results: list, error: Exception, report_d
 
 def _save(store, manifest: dict, results: list, report: dict, predictions: dict, report_dir: str) -> None:
     """Report files on disk (a failure to write them is logged: the report still reaches Redis)."""
-    run_id = manifest["run_id"]
+    run_id = check_name(manifest["run_id"], "run_id")  # the folder's name: never a path
     try:
         report["files"] = write_run_files(report, _shard_timings(manifest, results), os.path.join(report_dir, run_id))
     except OSError as e:

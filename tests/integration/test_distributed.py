@@ -78,8 +78,10 @@ def test_duplicate_shard_result_ignored_and_missing_shard_named(assets, workers,
     results = _shard_results(app, manifest)
     # A redelivered shard: same shard id, different timing and worker.
     dup = dict(results[1], worker="elsewhere@host", timing=dict(results[1]["timing"], wall_s=99.0))
-    merged = app.signature(TASK_MERGE, args=(results + [dup],), kwargs={"run_id": res.run_id},
-                           queue=workers.queue).apply_async().get(timeout=60)
+    headline = app.signature(TASK_MERGE, args=(results + [dup],), kwargs={"run_id": res.run_id},
+                             queue=workers.queue).apply_async().get(timeout=60)
+    merged = store.report(res.run_id)  # the merge task returns the headline; the report is in the run store
+    assert headline["images"] == merged["images"] and headline["run_id"] == res.run_id
     assert merged["duplicate_shard_results_dropped"] == [results[1]["shard_id"]]
     assert merged["images"] == res.report["images"] and merged["top1"] == res.report["top1"]
     assert "elsewhere@host" not in {d["worker"] for d in merged["per_device"]}

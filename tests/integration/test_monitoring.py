@@ -92,10 +92,11 @@ def test_flower_with_auth_shows_the_runs_workers_and_tasks(assets, workers, sett
                              cwd=repo, timeout=60, env={k: v for k, v in os.environ.items() if "FLOWER" not in k})
     assert refused.returncode == 2 and "--basic-auth" in refused.stderr
     port = free_port()
+    (tmp_path / "flower-users").write_text("# user:password, one per line\nops:s3cret\n")
     with open(tmp_path / "flower.log", "wb") as log:
         proc = subprocess.Popen(nasq_cli + ["flower", "--broker", settings.broker_url, "--port", str(port),
-                                              "--basic-auth", "ops:s3cret"], stdout=log, stderr=subprocess.STDOUT,
-                                cwd=repo, start_new_session=True)
+                                              "--basic-auth-file", str(tmp_path / "flower-users")], stdout=log,
+                                stderr=subprocess.STDOUT, cwd=repo, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
@@ -107,6 +108,9 @@ def test_flower_with_auth_shows_the_runs_workers_and_tasks(assets, workers, sett
                 time.sleep(0.3)
         else:
             raise AssertionError((tmp_path / "flower.log").read_text())
+        # the credentials are in no command line any local user can read (Flower is the exec'd process)
+        cmdline = open(f"/proc/{proc.pid}/cmdline", "rb").read()
+        assert b"flower" in cmdline and b"s3cret" not in cmdline
         assert requests.get(base + "/api/workers", timeout=5).status_code == 401
         assert requests.get(base + "/api/workers", auth=("ops", "wrong"), timeout=5).status_code == 401
         res = evaluate(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4,

@@ -221,7 +221,51 @@ def test_pinning_honours_an_inherited_visibility_list():
         pinning_env("cuda:2", environ={"CUDA_VISIBLE_DEVICES": "2,3"})
 
 
-def test_cli_batch_bound_matches_the_message_bound():
-    from nasq.cli import MAX_BATCH
+@pytest.mark.parametrize("run_id", ["../../etc", "/etc/x", "", "a/b", "..", "x" * 200, 7])
+def test_ids_that_become_file_names_are_plain_names(run_id):
+    with pytest.raises(MessageError, match="run_id"):
+        _shard(run_id=run_id)
 
-    assert MAX_BATCH == MAX_BATCH_SIZE
+
+def test_the_merge_writes_only_under_its_own_run_folder(tmp_path):
+    """A manifest planted in Redis with a path for a run id is refused before any file is written."""
+    from nasq.errors import RunError
+    from nasq.results.run import merge_run
+
+    class Store:
+        def manifest(self, run_id):
+            return {"run_id": "/tmp/elsewhere", "shards": []}
+
+    with pytest.raises(RunError, match="another run"):
+        merge_run("r1", [], store=Store(), report_dir=str(tmp_path), merge_wait_s=1, first_try=0)
+    assert os.listdir(tmp_path) == []
+
+
+def test_u8_index_may_not_name_files_outside_its_folder(tmp_path):
+    import json
+
+    from nasq.data.sources import U8_FORMAT, open_source
+
+    (tmp_path / "index.json").write_text(json.dumps({"format": U8_FORMAT, "names": ["a"],
+                                                     "shards": [{"file": "../secret.npy", "start": 0}]}))
+    with pytest.raises(DatasetError, match="not a readable nasq u8 index"):
+        open_source(str(tmp_path))
+
+
+def test_per_batch_size_caches_are_bounded():
+    from nasq.backends.torch_backend import _bounded
+
+    cache = {}
+    for bs in range(1, 100):
+        _bounded(cache)
+        cache[bs] = bs
+    assert list(cache) == [96, 97, 98, 99]
+
+
+def test_build_spec_tolerance_fields_are_checked():
+    from nasq.artifacts.spec import BuildSpec
+
+    good = {"weights": "/m.pth", "weights_sha256": "ab" * 32, "target": "onnx", "token": "0123456789ab"}
+    for bad in ({"accept_tolerance": "yes"}, {"tolerance": 1e9}, {"tolerance": -1}):
+        with pytest.raises(NasqError, match="build spec"):
+            BuildSpec.from_dict(good | bad)
