@@ -13,6 +13,7 @@ Redis or a worker starts; the queue layer (``nasq.queue``) does the rest.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from dataclasses import dataclass, replace
 
@@ -230,7 +231,8 @@ class RunHandle:
                 for sid in heal(self.session.app, store, run_id, lease_s=self.session.settings.lease_s):
                     log(f"run {run_id}: {sid} lost its worker; dispatched again")
             st = store.state(run_id) or {}
-            failed = st.get("error", f"run {run_id} failed") if st.get("state") == "failed" else None
+            failed = st.get("error", f"run {run_id} {st['state']}") if st.get("state") in ("failed", "cancelled") \
+                else None
             return Progress(done=min(total, store.images_done(run_id)), failed=failed)
 
         try:
@@ -253,7 +255,7 @@ class _RunRecord:
         self.store, self.run_id = store, run_id
 
     def ready(self) -> bool:
-        return (self.store.state(self.run_id) or {}).get("state") in ("done", "failed")
+        return (self.store.state(self.run_id) or {}).get("state") in ("done", "failed", "cancelled")
 
     def get(self, **_) -> dict:
         st = self.store.state(self.run_id) or {}
@@ -467,6 +469,104 @@ def evaluate_local(*, weights: str, data: str, labels: str | None = None, backen
     return {k: out[k] for k in ("names", "indices", "labels", "top5", "scores")} | {"errors": out["errors"]}
 
 
+# ------------------------------------------------------------------------------ history, compare, cancel
+
+def _store_or_none(settings: Settings):
+    """The run store of the configured broker (checked), or None without one."""
+    from .queue.broker import probe
+    from .queue.store import RunStore
+
+    if not settings.broker_url:
+        return None
+    probe(settings)
+    return RunStore.for_settings(settings)
+
+
+def list_runs(*, state: str | None = None, backend: str | None = None, since_days: float | None = None,
+              limit: int = 20, broker: str | None = None, settings: Settings | None = None) -> list[dict]:
+    """Recent runs, newest first: from the broker (when one is configured) and from the run
+    history in the report dir, which outlives Redis. Each row: run_id, created, state, model,
+    backend, precision, devices, batch_size, images, top1, top5, throughput_img_s, ..."""
+    from .results.status import runs_rows
+
+    settings = settings or load_settings(broker_url=broker)
+    since = time.time() - since_days * 86400 if since_days else None
+    return runs_rows(_store_or_none(settings), settings.report_dir, state=state, backend=backend, since=since,
+                     limit=limit)
+
+
+def load_run(run_id: str, *, settings: Settings) -> tuple[dict, dict | None]:
+    """A run's report and per-image predictions: from the broker while it holds them, else from
+    the report folder the history index names.
+
+    Raises:
+        NasqError: no such run in either place, or it has no report (it did not finish a shard).
+    """
+    import json
+
+    from .results.history import get
+
+    store = _store_or_none(settings)
+    if store is not None and store.report(run_id):
+        return store.report(run_id), store.predictions(run_id)
+    row = get(settings.report_dir, run_id)
+    path = (row or {}).get("report") or os.path.join(settings.report_dir, run_id, "report.json")
+    if not os.path.isfile(path):
+        raise NasqError(f"no report of run {run_id!r} in the broker or in {settings.report_dir} (runs table: "
+                        "`nasq runs`)")
+    with open(path, encoding="utf-8") as f:
+        report = json.load(f)
+    pred_path = os.path.join(os.path.dirname(path), "predictions.json")
+    predictions = None
+    if os.path.isfile(pred_path):
+        with open(pred_path, encoding="utf-8") as f:
+            predictions = json.load(f)
+    return report, predictions
+
+
+def compare_runs(run_a: str, run_b: str, *, broker: str | None = None, settings: Settings | None = None) -> dict:
+    """``nasq compare``: accuracy on the images both runs saw (difference with a 95 % interval,
+    McNemar's exact test), images whose top-1 changed, throughput per device, configuration
+    differences. See ``nasq.results.compare``."""
+    from .results.compare import compare
+
+    settings = settings or load_settings(broker_url=broker)
+    (a, pa), (b, pb) = load_run(run_a, settings=settings), load_run(run_b, settings=settings)
+    if pa is None or pb is None:
+        raise NasqError(f"run {run_a if pa is None else run_b} has no per-image predictions to compare")
+    return compare(a, pa, b, pb)
+
+
+def cancel(run_id: str, *, broker: str | None = None, settings: Settings | None = None, log=print) -> dict | None:
+    """Cancel a run: revoke its queued and running shards (a running one is stopped), mark it
+    cancelled and keep what finished as a partial report. Returns that report (None if no shard
+    had finished).
+
+    Raises:
+        NasqError: no broker, no such run, or a run that already ended.
+    """
+    from .results.run import cancel_run
+
+    settings = settings or load_settings(broker_url=broker)
+    if not settings.broker_url:
+        raise NasqError("cancel needs the broker the run was submitted to (--broker or NASQ_BROKER_URL)")
+    with Session(settings) as session:
+        store = session.store
+        manifest = store.manifest(run_id)
+        if manifest is None:
+            raise NasqError(f"no run {run_id!r} in this Redis (runs expire after result_expires)")
+        state = (store.state(run_id) or {}).get("state")
+        if state in ("done", "failed", "cancelled"):
+            raise NasqError(f"run {run_id} already ended ({state}); nothing to cancel")
+        finished = store.finished(run_id)
+        ids = [s["task_id"] for s in manifest["shards"] if finished.get(s["shard_id"], {}).get("status") != "ok"]
+        partial = cancel_run(store, run_id, settings.report_dir)  # first: shards that start now skip themselves
+        session.app.control.revoke(ids + [f"{run_id}:merge"], terminate=True, signal="SIGTERM")
+        log(f"run {run_id}: cancelled; {len(ids)} shard(s) revoked"
+            + (f", partial report of {partial['images']} images kept" if partial else ", no shard had finished"))
+        return partial
+
+
 # ------------------------------------------------------------------------------ benchmarks
 
 def bench(*, backend: str = "torch", device: str = "cpu", precision: str = "fp32", compile: str = "none",
@@ -582,27 +682,33 @@ def submit_sweep(*, batch_sizes: list[int], weights: str, data: str, backend: st
     if settings.broker_url:
         session = Session(settings)
         try:
-            names = devices or _live_workers(session, backend)
+            slots = _slots(session, backend, devices)
         except BaseException:
             session.close()
             raise
     else:
         local_devs = devices or ["cpu"] * (workers or 2)
-        names = [worker_name(d, i) for i, d in enumerate(local_devs)]
+        host = socket.gethostname()
+        slots = _number([(host, d, worker_name(d, i)) for i, d in enumerate(local_devs)])
         settings = _with_roots(settings, read=[source.root, os.path.dirname(weights),
                                                labels and os.path.dirname(os.path.abspath(labels))])
+    names = [name for _, name in slots]
+    # What defines the measurement (not worker names, which carry PIDs): a restarted worker on
+    # the same device continues the same sweep.
     definition = {"mode": mode, "backend": backend, "precision": precision, "batch_sizes": sorted(set(batch_sizes)),
-                  "workers": sorted(names), "dataset": source.fingerprint, "images": images, "labels": labels,
-                  "weights": cached_sha256(weights, os.path.join(settings.artifact_dir, ".digests.json")),
-                  "min_time_s": min_time_s}
+                  "devices": sorted(slot for slot, _ in slots), "dataset": source.fingerprint, "images": images,
+                  "labels": labels, "min_time_s": min_time_s,
+                  "weights": cached_sha256(weights, os.path.join(settings.artifact_dir, ".digests.json"))}
     sid = sweep_id(definition)
     folder = sweep_folder(settings.report_dir, sid)
-    write_json(definition | {"weights_path": weights, "data": source.root}, os.path.join(folder, "sweep_spec.json"))
+    spec_file = os.path.join(folder, "sweep_spec.json")
+    if not os.path.isfile(spec_file):
+        write_json(definition | {"weights_path": weights, "data": source.root, "created": time.time()}, spec_file)
     points = [SweepPoint.from_payload({  # checked here, as the worker will
-        "sweep_id": sid, "point_id": f"{name}|bs{bs}", "folder": folder, "worker": name, "batch_size": bs, "mode": mode,
-        "backend": backend, "precision": precision, "weights": weights, "data": source.root,
+        "sweep_id": sid, "point_id": f"{slot}|bs{bs}", "folder": folder, "worker": name, "batch_size": bs,
+        "mode": mode, "backend": backend, "precision": precision, "weights": weights, "data": source.root,
         "dataset_fingerprint": source.fingerprint, "labels": labels, "images": images, "min_time_s": min_time_s})
-        for name in names for bs in definition["batch_sizes"]]
+        for slot, name in slots for bs in definition["batch_sizes"]]
     todo = [p for p in points if not os.path.isfile(point_file(folder, p.point_id))]
     reused = len(points) - len(todo)
     result = None
@@ -622,10 +728,75 @@ def submit_sweep(*, batch_sizes: list[int], weights: str, data: str, backend: st
     return SweepHandle(sid, folder, points, session=session, result=result, reused=reused)
 
 
-def _live_workers(session: Session, backend: str) -> list[str]:
-    names = [n for n, info in session.store.workers().items()
-             if info["alive"] and info.get("backend") == backend and eval_queue(backend) in info.get("queues", [])]
-    if not names:
+def _number(workers: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
+    """(host, device, worker name) -> (slot, worker name): a slot names a device as
+    ``host/device#k`` (k counts the workers on the same device of a host, by name), so it stays
+    the same when a worker restarts under a new name."""
+    seen: dict[tuple, int] = {}
+    out = []
+    for host, device, name in sorted(workers):
+        k = seen[(host, device)] = seen.get((host, device), -1) + 1
+        out.append((f"{host}/{device}#{k}", name))
+    return out
+
+
+def _slots(session: Session, backend: str, names: list[str] | None) -> list[tuple[str, str]]:
+    """The (slot, worker name) pairs of the live workers of ``backend`` (or of ``names``)."""
+    registry = session.store.workers()
+    live = {n: info for n, info in registry.items()
+            if info["alive"] and info.get("backend") == backend and eval_queue(backend) in info.get("queues", [])}
+    if names:
+        unknown = [n for n in names if n not in registry or not registry[n]["alive"]]
+        if unknown:
+            raise NasqError(f"no live worker named {', '.join(unknown)} (live: {', '.join(sorted(live)) or 'none'})")
+        live = {n: registry[n] for n in names}
+    if not live:
         raise NasqError(f"no live worker runs backend {backend}: start some with `nasq worker --backend {backend}`, "
                         "or submit without a broker to use local workers")
-    return sorted(names)
+    return _number([(info.get("host", "?"), info.get("device", "?"), n) for n, info in live.items()])
+
+
+def list_sweeps(*, settings: Settings | None = None, broker: str | None = None) -> list[dict]:
+    """The sweeps in the report dir, newest first: id, definition, points done and errors."""
+    import glob
+    import json
+
+    settings = settings or load_settings(broker_url=broker)
+    out = []
+    for spec_file in glob.glob(os.path.join(settings.report_dir, "sweeps", "*", "sweep_spec.json")):
+        folder = os.path.dirname(spec_file)
+        try:
+            with open(spec_file, encoding="utf-8") as f:
+                spec = json.load(f)
+        except (OSError, ValueError):
+            continue
+        rows = []
+        for p in glob.glob(os.path.join(folder, "points", "*.json")):
+            try:
+                with open(p, encoding="utf-8") as f:
+                    rows.append(json.load(f))
+            except (OSError, ValueError):
+                pass
+        total = len(spec.get("devices", spec.get("workers", []))) * len(spec.get("batch_sizes", []))
+        out.append({"sweep_id": os.path.basename(folder), "created": spec.get("created", os.path.getmtime(spec_file)),
+                    "mode": spec.get("mode"), "backend": spec.get("backend"), "precision": spec.get("precision"),
+                    "devices": spec.get("devices", spec.get("workers")), "batch_sizes": spec.get("batch_sizes"),
+                    "points": total, "done": len(rows), "errors": sum(1 for r in rows if r.get("error")),
+                    "state": "done" if total and len(rows) >= total else "incomplete", "folder": folder,
+                    "spec": spec})
+    return sorted(out, key=lambda s: s["created"] or 0, reverse=True)
+
+
+def resume_sweep(sweep: str, *, settings: Settings | None = None, broker: str | None = None, workers: int | None = None,
+                 log=print) -> SweepHandle:
+    """Submit a recorded sweep again: its measured points are reused, the rest run. The same
+    devices must be there (with a broker: live workers on them; without: local workers)."""
+    settings = settings or load_settings(broker_url=broker)
+    found = [s for s in list_sweeps(settings=settings) if s["sweep_id"] == sweep]
+    if not found:
+        raise NasqError(f"no sweep {sweep!r} in {os.path.join(settings.report_dir, 'sweeps')} (`nasq sweeps` lists them)")
+    spec = found[0]["spec"]
+    return submit_sweep(batch_sizes=spec["batch_sizes"], weights=spec["weights_path"], data=spec["data"],
+                        backend=spec["backend"], precision=spec["precision"], mode=spec["mode"], labels=spec.get("labels"),
+                        images=spec.get("images"), min_time_s=spec.get("min_time_s", 2.0), settings=settings,
+                        workers=workers, log=log)

@@ -387,10 +387,13 @@ def _status_args(p) -> None:
     p.add_argument("run_id", nargs="?", help="the run (default: the most recent one)")
     p.add_argument("--watch", action="store_true", help="refresh until the run ends, then print its report")
     p.add_argument("--interval", type=seconds(3600), default=1.0, help="seconds between refreshes (default: 1)")
+    p.add_argument("--json", action="store_true", help="print the status (and the report, once done) as JSON")
     p.add_argument("--broker", help="Redis URL (default: $NASQ_BROKER_URL)")
 
 
 def cmd_status(args) -> int:
+    import json
+
     from .results.report import render
     from .results.status import render_status, run_status, watch
 
@@ -398,6 +401,11 @@ def cmd_status(args) -> int:
     run_id = args.run_id or next(iter(store.run_ids(1)), None)
     if run_id is None:
         raise NasqError("no runs recorded in this Redis yet")
+    if args.json:
+        st = watch(store, run_id, interval=args.interval, out=open(os.devnull, "w")) if args.watch \
+            else run_status(store, run_id)
+        print(json.dumps({**st, "report": store.report(run_id)}, indent=2))
+        return 0 if st["state"] not in ("failed", "cancelled") else 1
     st = watch(store, run_id, interval=args.interval) if args.watch else run_status(store, run_id)
     if not args.watch or not sys.stdout.isatty():
         print(render_status(st))
@@ -412,13 +420,64 @@ def cmd_status(args) -> int:
 
 def _runs_args(p) -> None:
     p.add_argument("--limit", type=int_in(1, 100_000), default=20, help="how many (default: 20)")
-    p.add_argument("--broker", help="Redis URL (default: $NASQ_BROKER_URL)")
+    p.add_argument("--state", choices=("submitted", "running", "done", "failed", "cancelled"), help="only these")
+    p.add_argument("--backend", help="only runs of this backend")
+    p.add_argument("--since", type=seconds(), metavar="DAYS", help="only runs created in the last DAYS days")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print the rows as JSON")
+    out.add_argument("--csv", action="store_true", help="print the rows as CSV")
+    p.add_argument("--broker", help="Redis URL (default: $NASQ_BROKER_URL; without one: the run history only)")
 
 
 def cmd_runs(args) -> int:
+    import json
+
+    from .api import list_runs
+    from .results.history import COLUMNS
     from .results.status import runs_table
 
-    print(runs_table(_store(args), args.limit))
+    rows = list_runs(state=args.state, backend=args.backend, since_days=args.since, limit=args.limit,
+                     settings=_settings(args))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif args.csv:
+        w = csv.DictWriter(sys.stdout, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    else:
+        print(runs_table(rows) if rows else "no runs recorded yet")
+    return 0
+
+
+def _compare_args(p) -> None:
+    p.add_argument("run_a", help="the baseline run")
+    p.add_argument("run_b", help="the run compared with it")
+    p.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    p.add_argument("--broker", help="Redis URL (default: $NASQ_BROKER_URL; without one: the report dir)")
+
+
+def cmd_compare(args) -> int:
+    import json
+
+    from .api import compare_runs
+    from .results.compare import render
+
+    c = compare_runs(args.run_a, args.run_b, settings=_settings(args))
+    print(json.dumps(c, indent=2) if args.json else render(c))
+    return 0
+
+
+def _cancel_args(p) -> None:
+    p.add_argument("run_id", help="the run to cancel")
+    p.add_argument("--broker", help="Redis URL the run was submitted to (default: $NASQ_BROKER_URL)")
+
+
+def cmd_cancel(args) -> int:
+    from .api import cancel
+
+    partial = cancel(args.run_id, settings=_settings(args), log=_log)
+    if partial and partial.get("files"):
+        _log(f"partial report: {partial['files'].get('json')}")
     return 0
 
 
@@ -457,14 +516,7 @@ def _sweep_args(p) -> None:
     p.add_argument("--no-wait", action="store_true", help="with a broker: print the sweep id and return")
 
 
-def cmd_sweep(args) -> int:
-    from .api import submit_sweep
-
-    _out_dir("--out", args.out)
-    handle = submit_sweep(batch_sizes=args.batch_sizes, weights=args.weights, data=args.data, backend=args.backend,
-                          precision=args.precision, devices=args.devices, workers=args.workers, mode=args.mode,
-                          labels=args.labels, images=args.images, min_time_s=args.min_time, broker=args.broker,
-                          log=_log)
+def _finish_sweep(handle, args) -> int:
     if args.no_wait:
         if handle.cluster is not None:
             handle.close()
@@ -480,6 +532,52 @@ def cmd_sweep(args) -> int:
     for kind, path in rep.files.items():
         print(f"{kind:<10} {path}")
     return 0
+
+
+def _sweeps_args(p) -> None:
+    p.add_argument("--resume", metavar="SWEEP_ID", help="run the points a recorded sweep has not measured yet (the "
+                                                        "measured ones are reused), then report it")
+    p.add_argument("--workers", type=int_in(1, 64), help="--resume without a broker: local CPU workers (default: 2)")
+    p.add_argument("--json", action="store_true", help="list as JSON")
+    p.add_argument("--out", help="--resume: write the report files here (default: the sweep's folder)")
+    p.add_argument("--no-wait", action="store_true", help="--resume with a broker: print the sweep id and return")
+    p.add_argument("--broker", help="Redis URL (default: $NASQ_BROKER_URL; none: private local workers)")
+
+
+def cmd_sweeps(args) -> int:
+    import json
+    import time
+
+    from .api import list_sweeps, resume_sweep
+    from .tables import table
+
+    settings = _settings(args)
+    if args.resume:
+        _out_dir("--out", args.out)
+        return _finish_sweep(resume_sweep(args.resume, settings=settings, workers=args.workers, log=_log), args)
+    sweeps = list_sweeps(settings=settings)
+    if args.json:
+        print(json.dumps([{k: v for k, v in s.items() if k != "spec"} for s in sweeps], indent=2))
+        return 0
+    if not sweeps:
+        print(f"no sweeps in {os.path.join(settings.report_dir, 'sweeps')}")
+        return 0
+    print(table([[s["sweep_id"], time.strftime("%Y-%m-%d %H:%M", time.localtime(s["created"])), s["state"],
+                  f"{s['done']}/{s['points']}", s["errors"], s["mode"], f"{s['backend']} {s['precision']}",
+                  ",".join(map(str, s["batch_sizes"] or [])), ", ".join(s["devices"] or [])] for s in sweeps],
+                ["sweep", "created", "state", "points", "errors", "mode", "backend", "batch sizes", "devices"]))
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .api import submit_sweep
+
+    _out_dir("--out", args.out)
+    handle = submit_sweep(batch_sizes=args.batch_sizes, weights=args.weights, data=args.data, backend=args.backend,
+                          precision=args.precision, devices=args.devices, workers=args.workers, mode=args.mode,
+                          labels=args.labels, images=args.images, min_time_s=args.min_time, broker=args.broker,
+                          log=_log)
+    return _finish_sweep(handle, args)
 
 
 # ------------------------------------------------------------------------------ flower, worker
@@ -553,6 +651,25 @@ def _one_device(text: str) -> str:
     return text
 
 
+def _metrics_args(p) -> None:
+    p.add_argument("--port", type=int_in(1, 65535), default=9808, help="default: 9808")
+    p.add_argument("--address", default="127.0.0.1", help="listen address (default: 127.0.0.1)")
+    p.add_argument("--recent", type=int_in(1, 1000), default=20, help="ended runs to keep exporting (default: 20)")
+    p.add_argument("--broker", help="Redis URL (default: $NASQ_BROKER_URL)")
+
+
+def cmd_metrics(args) -> int:
+    import time
+
+    from .queue.metrics import serve
+
+    store = _store(args)
+    serve(store, port=args.port, address=args.address, recent=args.recent)
+    _log(f"run metrics on http://{args.address}:{args.port}/metrics (Ctrl-C stops)")
+    while True:
+        time.sleep(3600)
+
+
 def cmd_worker(argv: list[str]) -> int:
     # The worker runs in a fresh interpreter so its device pinning is in place before any
     # framework is imported; `python -m workers` owns the flags (see `nasq worker --help`).
@@ -587,15 +704,50 @@ COMMANDS = [
     ("resume", "finish a failed run: rerun only its failed or missing shards, then merge",
      "Resubmit the shards of RUN_ID that failed or have no stored result (same task ids, same queue) and merge them "
      "with the results the run already has.", _resume_args, cmd_resume),
-    ("runs", "list recent runs with state and headline numbers", None, _runs_args, cmd_runs),
+    ("runs", "list runs (the broker's and the history in the report dir) with state and headline numbers",
+     "Recent runs, newest first, from the broker and from the run history in the report dir (which outlives "
+     "Redis); filter by state, backend or age; --json or --csv to export.", _runs_args, cmd_runs),
+    ("compare", "compare two runs: accuracy on the images both saw, with a significance test",
+     "Top-1 of both runs on the images both saw, the difference with a 95%% confidence interval and McNemar's "
+     "exact test, images whose top-1 class changed, throughput per device, and the configuration differences.",
+     _compare_args, cmd_compare),
+    ("cancel", "cancel a running run (its partial report is kept)",
+     "Revoke the run's queued and running shards (a running one is stopped), mark it cancelled and keep what "
+     "finished as a partial report.", _cancel_args, cmd_cancel),
     ("sweep", "queue a batch-size sweep on the workers and report it (tables and plots)",
      "One queued job per (device, batch size): bench mode times compute, eval mode evaluates the data (throughput "
      "plus top-1/top-5). Points an identical sweep already measured are reused. Writes JSON, CSV, Markdown and two "
      "PNG plots.", _sweep_args, cmd_sweep),
+    ("sweeps", "list recorded batch-size sweeps, or resume one",
+     "The sweeps in the report dir with their state (points measured of all, errors). --resume SWEEP_ID runs only "
+     "the points not measured yet (a restarted worker on the same device continues its sweep).", _sweeps_args,
+     cmd_sweeps),
+    ("metrics", "serve run-level Prometheus metrics (images done, img/s, state, top-1 so far)",
+     "An HTTP endpoint for Prometheus with what Flower lacks: per run its images done and total, img/s, state and "
+     "top-1 so far, per worker its img/s, and the live workers. Each scrape reads the broker.", _metrics_args,
+     cmd_metrics),
     ("flower", "start Flower on the nasq broker, with authentication",
      "Start Flower (task and worker monitoring) against the same broker, with basic auth on by default. Workers send "
      "task events, so runs show live.", _flower_args, cmd_flower),
 ]
+
+
+EXAMPLES = {
+    "eval": "nasq eval --weights nasnetalarge-a1897284.pth --data /data/imagenet/val -b 8 --json r.json",
+    "demo": "nasq demo --images 64 --workers 2",
+    "preprocess": "nasq preprocess /data/imagenet/val /data/val-u8 --format u8",
+    "build": "nasq build --weights nasnetalarge-a1897284.pth --target om --soc-version Ascend310P3 -b 1,8",
+    "bench": "nasq bench --device cuda:0 --precision fp16 -b 1,8,64",
+    "status": "nasq status 20261126-101500-ab12cd --watch --broker redis://head:6379/0",
+    "resume": "nasq resume 20261126-101500-ab12cd --broker redis://head:6379/0",
+    "runs": "nasq runs --state done --since 30 --csv > runs.csv",
+    "compare": "nasq compare 20261120-090000-aaaaaa 20261126-101500-ab12cd",
+    "cancel": "nasq cancel 20261126-101500-ab12cd --broker redis://head:6379/0",
+    "sweep": "nasq sweep --weights w.pth --data /data/val -b 1,4,8,16,32,64 --broker redis://head:6379/0",
+    "sweeps": "nasq sweeps --resume sweep-0123456789ab",
+    "metrics": "nasq metrics --port 9808 --broker redis://head:6379/0",
+    "flower": "nasq flower --basic-auth-file /etc/nasq/flower-users --broker redis://head:6379/0",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -607,7 +759,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, help_, description, add_args, run in COMMANDS:
-        add_args(sub.add_parser(name, help=help_, description=description or help_))
+        add_args(sub.add_parser(name, help=help_, description=description or help_,
+                                epilog="example:\n  " + EXAMPLES[name], formatter_class=argparse.RawDescriptionHelpFormatter))
         sub.choices[name].set_defaults(func=run)
     sub.add_parser("worker", add_help=False, help="start a Celery worker pinned to one device (see `nasq worker --help`)")
     return p

@@ -71,10 +71,10 @@ def start_workers(tmp_path_factory):
     started = []
 
     def start(url: str, queue: str | None = None, *, n: int = 1, backend: str = "torch", settings=None,
-              env: dict | None = None) -> LocalCluster:
+              env: dict | None = None, sim: str | None = None) -> LocalCluster:
         queue = queue or f"eval.test-{uuid.uuid4().hex[:8]}"
         tag = uuid.uuid4().hex[:4]
-        specs = [WorkerSpec(device="cpu", backend=backend, queues=(queue,), threads=1,
+        specs = [WorkerSpec(device="cpu", backend=backend, queues=(queue,), threads=1, sim=sim,
                             name=f"test{i}-{queue}-{tag}@localhost") for i in range(n)]
         # the test workers may read and write the session's temporary folders (assets, outputs)
         base = str(tmp_path_factory.getbasetemp())

@@ -28,17 +28,20 @@ def build_parser() -> argparse.ArgumentParser:
     from nasq.cli import int_in
 
     p = _Parser(
-        prog="nasq worker",
+        prog="nasq worker", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Start a Celery worker pinned to one device. It loads the model once, on its "
                     "first task, and reuses it for every shard.",
-        epilog="Example: nasq worker --device cuda:0 --backend torch --broker redis://head:6379/0")
+        epilog="Example: nasq worker --device cuda:0 --backend torch --broker redis://head:6379/0\n"
+               "Other Celery worker options are passed through (e.g. --max-tasks-per-child 100); the pool is "
+               "always one process, so -c/--concurrency other than 1 is refused.")
     p.add_argument("--device", default="cpu", help="cpu, cuda:N or npu:N (default: cpu)")
     p.add_argument("--backend", default="torch", choices=backends.names(), help="inference runtime (default: torch)")
     p.add_argument("--precision", default="fp32", choices=backends.precisions(),
                    help="precision when a run does not set one; fp16/bf16 take the CUDA fast path (default: fp32)")
-    p.add_argument("--queues", default=None,
+    p.add_argument("-Q", "--queues", default=None,
                    help="comma-separated queues to consume (default: eval.<backend>; 'build' makes a build-only worker)")
-    p.add_argument("--name", default=None, help="Celery node name (default: <device>-<pid>@<host>)")
+    p.add_argument("-n", "--name", "--hostname", dest="name", default=None,
+                   help="Celery node name (default: <device>-<pid>@<host>)")
     p.add_argument("--compile", default="none", choices=backends.compile_modes(),
                    help="torch backend: torch.compile mode (compiled once per process; cache in the artifact dir)")
     p.add_argument("--cuda-graphs", action="store_true", help="torch backend: replay a CUDA graph per batch size")
@@ -57,14 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a folder this worker may write (--output of runs, sweeps); repeatable; added to the "
                         "write_roots setting")
     p.add_argument("--broker", default=None, help="Redis URL of the broker (default: $NASQ_BROKER_URL or the config file)")
-    p.add_argument("--loglevel", default="INFO", help="log level (default: INFO)")
+    p.add_argument("-l", "--loglevel", default="INFO", help="log level (default: INFO)")
+    p.add_argument("-c", "--concurrency", type=int_in(1, 1), default=1,
+                   help="always 1: one process per device (a second would load a second model on it)")
     p.add_argument("--logfile", default=None, help="write the worker log here instead of stderr")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, celery_extra = parser.parse_known_args(argv)
+    _check_celery_options(parser, celery_extra)
     try:
         local_device, physical = pinning.apply(args.device, args.threads)
     except ValueError as e:
@@ -125,8 +131,23 @@ def main(argv: list[str] | None = None) -> int:
                    "--loglevel", args.loglevel, "--without-gossip", "--without-mingle", "-O", "fair"]
     if args.logfile:
         worker_argv += ["--logfile", args.logfile]
+    worker_argv += celery_extra  # other Celery worker options, as given
     app.worker_main(worker_argv)
     return 0
+
+
+def _check_celery_options(parser, extra: list[str]) -> None:
+    """Options not ours must be Celery worker options (passed through); anything else is a typo."""
+    if not extra:
+        return
+    from celery.bin.worker import worker as celery_worker
+
+    known = {o.split("=")[0] for p in celery_worker.params for o in (*p.opts, *p.secondary_opts)}
+    if not extra[0].startswith("-"):
+        parser.error(f"unexpected argument {extra[0]!r}")
+    for a in extra:
+        if a.startswith("-") and a.split("=")[0] not in known:
+            parser.error(f"unrecognized argument {a.split('=')[0]} (neither a nasq worker nor a Celery worker option)")
 
 
 def _wait_for_broker(settings, parser) -> None:

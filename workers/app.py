@@ -71,6 +71,9 @@ class WorkerTask(Task):
 def configure(config: WorkerConfig) -> None:
     """Bind the app to the configuration's broker and hand the configuration to the tasks."""
     configure_app(app, config.settings)
+    # visible in Flower (a worker's Config tab, /api/workers "conf") and `celery inspect conf`
+    app.conf.update(nasq_device=config.device, nasq_physical_device=config.physical_device,
+                    nasq_backend=config.backend, nasq_precision=config.precision)
     WorkerTask.config = config
 
 

@@ -198,7 +198,8 @@ class TorchBackend(Backend):
 
         if self.device.startswith("cuda"):
             return torch.cuda.get_device_name(self._dev)
-        return f"cpu ({torch.get_num_threads()} threads)"
+        n = torch.get_num_threads()
+        return f"cpu, {n} thread{'s' if n != 1 else ''}"
 
     def peak_memory_bytes(self) -> int | None:
         import torch

@@ -27,16 +27,20 @@ class DeviceResources:
         self._backend_key: tuple | None = None
         self._sources: dict[str, Source] = {}
         self._labels: tuple[tuple, dict] | None = None
+        #: seconds the last ``backend_for`` spent loading (0 when the model was already loaded)
+        self.last_load_s = 0.0
 
     def backend_for(self, name: str, model: ModelRef, batch_size: int, options: BackendOptions) -> backends.Backend:
         # the mtime: a checkpoint rewritten in place is loaded again
         key = (name, model.weights, os.path.getmtime(model.weights), model.num_outputs, options)
+        self.last_load_s = 0.0
         if self._backend_key != key:
             self.drop_backend()  # stays empty if the load below fails
             t = time.perf_counter()
             b = backends.create(name, self.device)
             b.load(model, batch_size=batch_size, options=options)
-            log.info("loaded %s on %s in %.1f s", model.weights, self.device, time.perf_counter() - t)
+            self.last_load_s = time.perf_counter() - t
+            log.info("loaded %s on %s in %.1f s", model.weights, self.device, self.last_load_s)
             self.backend, self._backend_key = b, key
         return self.backend
 

@@ -65,8 +65,10 @@ def run_shard(task: ShardTask, *, ledger: ShardLedger, resources: DeviceResource
     except NasqError as e:
         log.warning("shard %s of run %s refused: %s", task.shard_id, task.run_id, e)
         return failed(str(e))
-    if (ledger.state(task.run_id) or {}).get("state") == "done":
-        log.info("shard %s of run %s: the run is already merged; skipped", task.shard_id, task.run_id)
+    run_state = (ledger.state(task.run_id) or {}).get("state")
+    if run_state in ("done", "cancelled"):
+        log.info("shard %s of run %s: the run is %s; skipped", task.shard_id, task.run_id,
+                 "already merged" if run_state == "done" else "cancelled")
         return {**base, "status": "skipped"}
     attempt = ledger.next_attempt(task.run_id, task.shard_id)
     if attempt > worker.settings.max_attempts:
@@ -87,17 +89,23 @@ def run_shard(task: ShardTask, *, ledger: ShardLedger, resources: DeviceResource
                                 f"{job.dataset.root}")
             labels = resources.labels_for(job.labels)
             backend = resources.backend_for(worker.backend, job.model, job.batch_size, options)
+            load_s = resources.last_load_s  # 0 when the model was already loaded
             writer = OutputWriter(job.output.dir, job.output.fmt) if job.output else None
+            latencies: list[float] = []
             result = evaluate_range(source, backend, task.start, task.stop, batch_size=job.batch_size,
                                     labels=labels, writer=writer, loader_threads=worker.decode_threads,
+                                    latencies=latencies,
                                     on_batch=lambda done: ledger.shard_progress(task.run_id, task.shard_id, done))
         except Exception as e:  # noqa: BLE001 - recorded, then reported by the task
             log.exception("shard %s of run %s failed", task.shard_id, task.run_id)
             return failed(f"{type(e).__name__}: {e}")
         out = {**base, "status": "ok", **result, "versions": backend.versions(), "model_info": backend.model_info,
-               "device_name": backend.describe_device()}
+               "device_name": backend.describe_device(), "latency_ms": [round(x, 3) for x in latencies],
+               "load_s": round(load_s, 3)}
+        labelled = [(lab, ids) for lab, ids in zip(result["labels"], result["top5"]) if lab is not None]
         summary = {"status": "ok", "worker": worker.name, "device": worker.device, "images": len(result["indices"]),
-                   "errors": len(result["errors"]), **result["timing"]}
+                   "errors": len(result["errors"]), **result["timing"], "labelled": len(labelled),
+                   "top1_correct": sum(1 for lab, ids in labelled if ids[:1] == [lab])}
         ledger.save_shard_result(task.run_id, task.shard_id, out)
         ledger.shard_finished(task.run_id, task.shard_id, summary)
     wall = summary["wall_s"]

@@ -26,6 +26,7 @@ class ModelInfo:
     arch: str
     checkpoint_outputs: int
     num_outputs: int
+    param_count: int | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -168,5 +169,6 @@ def load_model(weights: str | os.PathLike, num_outputs: int | None = None):
             f"{weights}: key layout does not match NASNet-A ({arch.name}): "
             f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
     info = ModelInfo(weights=os.path.abspath(weights), sha256=file_digest(weights), arch=arch.name,
+                     param_count=sum(p.numel() for p in model.parameters()),
                      checkpoint_outputs=ckpt_outputs, num_outputs=want)
     return model.eval(), info

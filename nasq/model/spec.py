@@ -16,6 +16,7 @@ SEED_CHECKPOINT_MD5 = "78a73e51ee50997294f1f35a34b4de66"
 class PreprocessSpec:
     crop: int = 331
     resize: int = 378  # floor(331 / 0.875), Cadene's TransformImage with scale 0.875
+    crop_pct: float = 0.875
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 

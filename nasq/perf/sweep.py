@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import time
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,7 @@ from ..inference.evaluate import evaluate_range
 from ..inference.resources import DeviceResources
 from ..model.spec import ModelRef
 from ..results.merge import accuracy
-from .timing import is_oom, measure, summarize
+from .timing import is_oom, measure_stable, summarize
 
 if TYPE_CHECKING:
     from ..queue.messages import SweepPoint
@@ -65,8 +66,8 @@ def measure_point(point: SweepPoint, *, resources: DeviceResources, worker: Work
     point = point.within(worker.roots)  # RootError (the task fails) before anything is read or written
     bs = point.batch_size
     row = {"sweep_id": point.sweep_id, "point_id": point.point_id, "worker": worker.name, "device": worker.device,
-           "batch_size": bs, "mode": point.mode, "backend": point.backend, "precision": point.precision,
-           "dataset": os.path.basename(point.data), "dataset_fingerprint": point.dataset_fingerprint,
+           "host": socket.gethostname(), "batch_size": bs, "mode": point.mode, "backend": point.backend,
+           "precision": point.precision, "dataset": point.data, "dataset_fingerprint": point.dataset_fingerprint,
            "finished_at": None}
     b = None
     try:
@@ -77,7 +78,8 @@ def measure_point(point: SweepPoint, *, resources: DeviceResources, worker: Work
         if point.mode == "bench":
             crops = np.stack([source.load(i) for i in range(min(n, bs, 64))])
             batch = crops[np.arange(bs) % len(crops)]
-            row.update(summarize(measure(b.compute_fn(batch), min_time_s=point.min_time_s), bs))
+            lat, stability = measure_stable(b.compute_fn(batch), min_time_s=point.min_time_s)
+            row.update(summarize(lat, bs), **stability)
         else:
             lat: list[float] = []
             out = evaluate_range(source, b, 0, n, batch_size=bs, labels=resources.labels_for(point.labels),
@@ -93,9 +95,10 @@ def measure_point(point: SweepPoint, *, resources: DeviceResources, worker: Work
         if is_oom(e):
             resources.drop_backend()
     if b is not None:
-        row.update(versions=b.versions(), device_name=b.describe_device(),
+        row.update(versions=b.versions(), device_name=b.describe_device(), model=b.model_info.get("arch"),
                    model_sha256=b.model_info.get("sha256") or b.model_info.get("artifact_key"))
     row["finished_at"] = time.time()
+    row["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(row["finished_at"]))
     path = point_file(point.folder, point.point_id)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     write_json(row, path)

@@ -13,7 +13,7 @@ import time
 
 from .app import TASK_EVAL_SHARD, TASK_MERGE
 from .messages import shard_tasks
-from .store import RunStore
+from .store import ENDED, RunStore
 
 log = logging.getLogger("nasq.heal")
 
@@ -21,7 +21,7 @@ log = logging.getLogger("nasq.heal")
 def heal(app, store: RunStore, run_id: str, *, lease_s: float) -> list[str]:
     """Dispatch again the shards of ``run_id`` whose lease expired; returns their ids. Cheap when
     nothing is lost (no manifest is read): every live worker calls it on its heartbeat."""
-    if (store.state(run_id) or {}).get("state") in (None, "done", "failed"):
+    if (store.state(run_id) or {}).get("state") in (None, *ENDED):
         return []
     lost = [sid for sid in store.lost_shards(run_id) if store.claim_lost(run_id, sid)]
     manifest = None

@@ -17,10 +17,10 @@ from kombu.exceptions import OperationalError
 
 from ..config import Settings
 from ..errors import NasqError, RunError
-from .broker import probe
 from .app import (BUILD_QUEUE, TASK_BUILD_COMMIT, TASK_BUILD_DEVICE, TASK_BUILD_EXPORT, TASK_BUILD_FAILED,
                   TASK_BUILD_SIMPLIFY, TASK_EVAL_SHARD, TASK_MERGE, TASK_RUN_FAILED, TASK_SWEEP_POINT, make_app,
                   worker_queue)
+from .broker import probe
 from .local import LocalCluster, WorkerSpec
 from .messages import SweepPoint, shard_tasks
 from .store import RunStore
@@ -68,6 +68,11 @@ class Session:
 
     def close(self) -> None:
         """Stop a private cluster and drop this client's broker and Redis connections."""
+        # Results collected later (AsyncResult.__del__) would unsubscribe over the pubsub
+        # connection, after a private Redis stopped: forget the subscriptions now.
+        consumer = getattr(self.app.backend, "result_consumer", None)
+        if consumer is not None and hasattr(consumer, "subscribed_to"):
+            consumer.subscribed_to.clear()
         self.app.close()
         self.store.r.close()
         if self.cluster is not None:

@@ -21,6 +21,8 @@ from ..keepalive import every
 PREFIX = "nasq:run:"
 RUNS = "nasq:runs"
 ACTIVE = "nasq:runs:active"
+#: the states a run ends in
+ENDED = ("done", "failed", "cancelled")
 WORKERS = "nasq:workers"
 BUILD = "nasq:build:"
 BUILD_LOCK_TTL_S = 300
@@ -133,7 +135,7 @@ class RunStore:
 
     def set_state(self, run_id: str, state: str, **fields) -> None:
         self._set(self._k(run_id, "state"), {"state": state, "at": time.time(), **fields})
-        if state in ("done", "failed"):
+        if state in ENDED:
             self.r.srem(ACTIVE, run_id)
         else:
             self.r.sadd(ACTIVE, run_id)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import time
 from collections import Counter
 from typing import Callable
@@ -10,6 +11,7 @@ from typing import Callable
 from ..errors import NasqError, RunError
 from ..roots import check_name
 from .merge import MissingShards, merge, merge_partial
+from .history import record, row_of
 from .report import write_run_files
 
 log = logging.getLogger("nasq.worker")
@@ -77,7 +79,7 @@ def fail_run(run_id: str, error: BaseException, *, store, report_dir: str,
     once they finish). A run merged meanwhile stays done.
     """
     manifest = store.manifest(run_id)
-    if manifest is None or (store.state(run_id) or {}).get("state") == "done":
+    if manifest is None or (store.state(run_id) or {}).get("state") in ("done", "cancelled"):
         return
     finished, stored = store.finished(run_id), store.shard_results(run_id)
     results, in_flight = [], []
@@ -109,19 +111,49 @@ def mark_failed(store, manifest: dict, results: list, error: Exception, report_d
     run_id = manifest["run_id"]
     partial = merge_partial(manifest, results, str(error))
     if partial is not None:
-        _save(store, manifest, results, *partial, report_dir)
+        _save(store, manifest, results, *partial, report_dir, state="failed", error=str(error))
+    else:
+        _history(report_dir, row_of(manifest, "failed", error=str(error)))
     store.set_state(run_id, "failed", partial=partial is not None,
                     error=f"{error} -- `nasq resume {run_id}` reruns only the failed or missing shards")
 
 
-def _save(store, manifest: dict, results: list, report: dict, predictions: dict, report_dir: str) -> None:
-    """Report files on disk (a failure to write them is logged: the report still reaches Redis)."""
+def cancel_run(store, run_id: str, report_dir: str) -> dict | None:
+    """Mark a run cancelled and keep what finished as a partial report (files and Redis).
+    Returns the partial report, or None when no shard had finished."""
+    manifest = store.manifest(run_id)
+    if manifest is None:
+        raise RunError(f"no run {run_id!r} in this Redis (runs expire after result_expires)")
+    stored = store.shard_results(run_id)
+    results = [stored[s["shard_id"]] for s in manifest["shards"] if s["shard_id"] in stored]
+    store.set_state(run_id, "cancelled", error=f"run {run_id} was cancelled")
+    partial = merge_partial(manifest, results, "cancelled")
+    if partial is not None:
+        _save(store, manifest, results, *partial, report_dir, state="cancelled")
+        return partial[0]
+    _history(report_dir, row_of(manifest, "cancelled"))
+    return None
+
+
+def _save(store, manifest: dict, results: list, report: dict, predictions: dict, report_dir: str, *,
+          state: str = "done", error: str | None = None) -> None:
+    """Report files on disk and the run's row in the history index (a failure to write them is
+    logged: the report still reaches Redis)."""
     run_id = check_name(manifest["run_id"], "run_id")  # the folder's name: never a path
     try:
-        report["files"] = write_run_files(report, _shard_timings(manifest, results), os.path.join(report_dir, run_id))
+        report["files"] = write_run_files(report, _shard_timings(manifest, results), os.path.join(report_dir, run_id),
+                                          predictions=predictions)
     except OSError as e:
         log.warning("run %s: could not write the report files: %s", run_id, e)
+    _history(report_dir, row_of(manifest, state, report, error))
     store.save_report(run_id, report, predictions)
+
+
+def _history(report_dir: str, row: dict) -> None:
+    try:
+        record(report_dir, row)
+    except (OSError, sqlite3.Error) as e:  # the report is in Redis and its folder all the same
+        log.warning("run %s: could not update the run history in %s: %s", row["run_id"], report_dir, e)
 
 
 def _shard_timings(manifest: dict, results: list) -> list[dict]:

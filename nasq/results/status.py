@@ -33,11 +33,10 @@ def run_status(store, run_id: str) -> dict:
     starts = [s["started_at"] for s in finished.values() if "started_at" in s]
     starts += [r["at"] for r in running.values()]
     t0 = min(starts) if starts else None
-    if state.get("state") in ("done", "failed"):
-        t_end = state.get("at", time.time())
-    else:
-        t_end = time.time()
-    ended = state.get("state") in ("done", "failed")
+    ended = state.get("state") in ("done", "failed", "cancelled")
+    ends = [s["finished_at"] for s in finished.values() if "finished_at" in s]
+    # an ended run's rate is over the shards' span, as in its report (throughput_img_s)
+    t_end = max(ends) if ended and ends else time.time()
     lost = set() if ended else set(store.lost_shards(run_id))
     registry = store.workers()
     rate = done / (t_end - t0) if t0 and done and t_end > t0 else None
@@ -76,7 +75,8 @@ def render_status(st: dict) -> str:
         elif cur:
             doing = f"{cur['shard_id']} ({cur['images']} img, {time.time() - cur['since']:.0f} s)"
         else:
-            doing = "idle" if w.get("alive", True) or st["state"] in ("done", "failed") else "gone (no heartbeat)"
+            doing = "idle" if w.get("alive", True) or st["state"] in ("done", "failed", "cancelled") \
+                else "gone (no heartbeat)"
         lines.append(f"  {name:<30} {str(w.get('device')):<8} {doing:<28} done {w['shards']} shards, "
                      f"{w['images']} img, {w['rate_img_s'] or 0:.2f} img/s")
     if st.get("redispatched"):
@@ -100,20 +100,46 @@ def watch(store, run_id: str, *, interval: float = 1.0, out=sys.stdout) -> dict:
             out.write(text.splitlines()[0] + "\n")
         last = text.splitlines()[0]
         out.flush()
-        if st["state"] in ("done", "failed"):
+        if st["state"] in ("done", "failed", "cancelled"):
             return st
         time.sleep(interval)
 
 
-def runs_table(store, limit: int = 20) -> str:
-    rows = []
-    for rid in store.run_ids(limit):
-        m, st, rep = store.manifest(rid), store.state(rid) or {}, store.report(rid)
-        if m is None:
-            continue
-        images = rep["images"] if rep else store.images_done(rid)
-        top1 = f"{rep['top1']:.2f}" if rep and rep.get("top1") is not None else "-"
-        top5 = f"{rep['top5']:.2f}" if rep and rep.get("top5") is not None else "-"
-        speed = f"{rep['throughput_img_s']:.1f}" if rep and rep.get("throughput_img_s") else "-"
-        rows.append([rid, st.get("state", "?"), m.get("backend", "?"), m.get("batch_size", 0), images, top1, top5, speed])
-    return table(rows, ["run", "state", "backend", "bs", "images", "top-1", "top-5", "img/s"])
+RUN_COLUMNS = ("run_id", "created", "state", "model", "backend", "precision", "devices", "batch_size", "images",
+               "top1", "top5", "throughput_img_s")
+
+
+def runs_rows(store, report_dir: str, *, state: str | None = None, backend: str | None = None,
+              since: float | None = None, limit: int = 20) -> list[dict]:
+    """Recent runs, newest first: the broker's records (``store``, None without a broker) for
+    runs it still holds, the history index in ``report_dir`` for the rest."""
+    from .history import query, row_of
+
+    rows: dict[str, dict] = {r["run_id"]: r for r in query(report_dir, state=state, backend=backend, since=since,
+                                                            limit=limit)}
+    if store is not None:
+        for rid in store.run_ids(limit):
+            m = store.manifest(rid)
+            if m is None:
+                continue
+            st = (store.state(rid) or {}).get("state", "?")
+            row = row_of(m, st, store.report(rid))
+            if st not in ("done", "failed", "cancelled"):
+                row.update(finished=None, images=store.images_done(rid))
+            if (state and st != state) or (backend and m.get("backend") != backend) or \
+                    (since and (m.get("created") or 0) < since):
+                continue
+            rows[rid] = {**rows.get(rid, {}), **{k: v for k, v in row.items() if v is not None or k not in rows.get(rid, {})}}
+    return sorted(rows.values(), key=lambda r: r.get("created") or 0, reverse=True)[:limit]
+
+
+def runs_table(rows: list[dict]) -> str:
+    def pct(v):
+        return f"{v:.2f}" if isinstance(v, (int, float)) else "-"
+
+    return table([[r["run_id"], time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])) if r.get("created") else "?",
+                   r.get("state") or "?", r.get("model") or "?", r.get("backend") or "?", r.get("precision") or "-",
+                   r.get("devices") or "-", r.get("batch_size") or "-", r.get("images") if r.get("images") is not None
+                   else "-", pct(r.get("top1")), pct(r.get("top5")), pct(r.get("throughput_img_s"))] for r in rows],
+                 ["run", "created", "state", "model", "backend", "precision", "devices", "bs", "images", "top-1",
+                  "top-5", "img/s"])

@@ -118,6 +118,8 @@ def test_flower_with_auth_shows_the_runs_workers_and_tasks(assets, workers, sett
         auth = ("ops", "s3cret")
         ws = requests.get(base + "/api/workers?refresh=1", auth=auth, timeout=30).json()
         assert set(workers.names) <= set(ws)
+        conf = ws[workers.names[0]]["conf"]  # each worker's device, backend and precision, in Flower
+        assert (conf["nasq_device"], conf["nasq_backend"], conf["nasq_precision"]) == ("cpu", "torch", "fp32")
         deadline, mine = time.time() + 30, {}
         while time.time() < deadline and len(mine) < 4:  # 3 shards + the merge, from task events
             tasks = requests.get(base + "/api/tasks?limit=1000", auth=auth, timeout=10).json()

@@ -1,0 +1,69 @@
+"""Run-level Prometheus metrics (``nasq metrics``): what Flower cannot say, since it knows tasks
+and not runs. Each scrape reads the run store: the active runs and the most recent ended ones.
+
+    nasq_run_images_total{run_id,backend,queue}      images in the run's dataset
+    nasq_run_images_done{run_id,backend,queue}       images evaluated so far
+    nasq_run_info{run_id,backend,queue,state}        1, with the run's state as a label
+    nasq_run_throughput_img_s{run_id,...}            images / s over the shards' span so far
+    nasq_run_top1_so_far_percent{run_id,...}         top-1 over the finished shards' labelled images
+    nasq_run_device_throughput_img_s{run_id,worker,device}  per worker, over its shards' time
+    nasq_workers_alive                               workers with a recent heartbeat
+"""
+from __future__ import annotations
+
+from prometheus_client.core import GaugeMetricFamily
+
+from ..results.status import run_status
+from .store import RunStore
+
+
+class RunCollector:
+    """A prometheus_client collector over a run store."""
+
+    def __init__(self, store: RunStore, *, recent: int = 20):
+        self.store, self.recent = store, recent
+
+    def collect(self):
+        labels = ["run_id", "backend", "queue"]
+        g = {name: GaugeMetricFamily(f"nasq_run_{name}", doc, labels=labels) for name, doc in (
+            ("images_total", "Images in the run's dataset"),
+            ("images_done", "Images evaluated so far"),
+            ("throughput_img_s", "Images per second over the shards' span so far"),
+            ("top1_so_far_percent", "Top-1 accuracy over the labelled images of the finished shards"))}
+        info = GaugeMetricFamily("nasq_run_info", "1 per run, its state as a label", labels=[*labels, "state"])
+        dev = GaugeMetricFamily("nasq_run_device_throughput_img_s", "Per worker: images / s over its shards' time",
+                                labels=["run_id", "worker", "device"])
+        runs = list(dict.fromkeys([*self.store.active_runs(), *self.store.run_ids(self.recent)]))
+        for run_id in runs:
+            manifest = self.store.manifest(run_id)
+            if manifest is None:
+                continue
+            st = run_status(self.store, run_id)
+            values = [run_id, manifest.get("backend", ""), manifest.get("queue", "")]
+            g["images_total"].add_metric(values, st["images_total"])
+            g["images_done"].add_metric(values, st["images_done"])
+            g["throughput_img_s"].add_metric(values, st["rate_img_s"] or 0.0)
+            finished = self.store.finished(run_id).values()
+            labelled = sum(s.get("labelled", 0) for s in finished)
+            if labelled:
+                g["top1_so_far_percent"].add_metric(values, 100.0 * sum(s.get("top1_correct", 0) for s in finished)
+                                                    / labelled)
+            info.add_metric([*values, st["state"]], 1)
+            for worker, w in st["workers"].items():
+                dev.add_metric([run_id, worker, str(w.get("device"))], w.get("rate_img_s") or 0.0)
+        yield from g.values()
+        yield info
+        yield dev
+        alive = GaugeMetricFamily("nasq_workers_alive", "Workers with a recent heartbeat")
+        alive.add_metric([], sum(1 for w in self.store.workers().values() if w["alive"]))
+        yield alive
+
+
+def serve(store: RunStore, *, port: int, address: str = "127.0.0.1", recent: int = 20):
+    """Serve /metrics on ``address:port`` in a background thread; returns the HTTP server."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry()
+    registry.register(RunCollector(store, recent=recent))
+    server, _thread = start_http_server(port, addr=address, registry=registry)
+    return server

@@ -1,0 +1,84 @@
+"""Run history that outlives Redis: an SQLite index in the report dir (``runs.sqlite``), one
+row per run, written by the worker that merges, fails or cancels the run, beside the run's
+report folder. ``nasq runs`` reads it (with or without a broker); Redis keeps only the runs of
+the last ``result_expires``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+
+INDEX = "runs.sqlite"
+COLUMNS = ("run_id", "created", "finished", "state", "model", "model_sha256", "backend", "precision", "batch_size",
+           "devices", "dataset", "dataset_fingerprint", "images", "images_total", "top1", "top5", "throughput_img_s",
+           "end_to_end_img_s", "report", "error")
+
+
+def _connect(report_dir: str) -> sqlite3.Connection:
+    os.makedirs(report_dir, exist_ok=True)
+    db = sqlite3.connect(os.path.join(report_dir, INDEX), timeout=30)
+    db.execute(f"CREATE TABLE IF NOT EXISTS runs ({', '.join(c + (' PRIMARY KEY' if c == 'run_id' else '') for c in COLUMNS)})")
+    return db
+
+
+def row_of(manifest: dict, state: str, report: dict | None = None, error: str | None = None) -> dict:
+    """The index row of a run: its manifest, its end state and its report's headline."""
+    report = report or {}
+    model = report.get("model") or {}
+    devices = sorted({d.get("device_name") or d["device"] for d in report.get("per_device", [])})
+    return {"run_id": manifest["run_id"], "created": manifest.get("created"),
+            "finished": report.get("finished") or time.time(), "state": state,
+            "model": model.get("arch") or os.path.basename(manifest.get("model", {}).get("weights", "")),
+            "model_sha256": (model.get("sha256") or model.get("artifact_key") or "")[:16] or None,
+            "backend": manifest.get("backend"), "precision": report.get("precision") or manifest.get("precision"),
+            "batch_size": manifest.get("batch_size"), "devices": ", ".join(devices) or None,
+            "dataset": manifest.get("dataset", {}).get("root"),
+            "dataset_fingerprint": manifest.get("dataset", {}).get("fingerprint"), "images": report.get("images"),
+            "images_total": manifest.get("dataset", {}).get("images"), "top1": report.get("top1"),
+            "top5": report.get("top5"), "throughput_img_s": report.get("throughput_img_s"),
+            "end_to_end_img_s": (report.get("throughput") or {}).get("end_to_end_img_s"),
+            "report": (report.get("files") or {}).get("json"), "error": error}
+
+
+def record(report_dir: str, row: dict) -> None:
+    """Insert or replace a run's row."""
+    with _connect(report_dir) as db:
+        db.execute(f"INSERT OR REPLACE INTO runs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
+                   [row.get(c) if not isinstance(row.get(c), (dict, list)) else json.dumps(row.get(c))
+                    for c in COLUMNS])
+    db.close()
+
+
+def query(report_dir: str, *, state: str | None = None, backend: str | None = None, since: float | None = None,
+          limit: int = 20) -> list[dict]:
+    """Runs from the index, newest first."""
+    if not os.path.isfile(os.path.join(report_dir, INDEX)):
+        return []
+    where, args = [], []
+    for col, value in (("state", state), ("backend", backend)):
+        if value:
+            where.append(f"{col} = ?")
+            args.append(value)
+    if since:
+        where.append("created >= ?")
+        args.append(since)
+    sql = f"SELECT {', '.join(COLUMNS)} FROM runs" + (f" WHERE {' AND '.join(where)}" if where else "") + \
+        " ORDER BY created DESC LIMIT ?"
+    db = _connect(report_dir)
+    try:
+        return [dict(zip(COLUMNS, r)) for r in db.execute(sql, [*args, limit])]
+    finally:
+        db.close()
+
+
+def get(report_dir: str, run_id: str) -> dict | None:
+    if not os.path.isfile(os.path.join(report_dir, INDEX)):
+        return None
+    db = _connect(report_dir)
+    try:
+        r = db.execute(f"SELECT {', '.join(COLUMNS)} FROM runs WHERE run_id = ?", [run_id]).fetchone()
+        return dict(zip(COLUMNS, r)) if r else None
+    finally:
+        db.close()

@@ -1,0 +1,117 @@
+"""Pure logic of the reports people compare: paired comparison, latency summaries, the
+stability rule, sweep slots, the ais_bench and timm formats, the history index."""
+import math
+
+import pytest
+
+
+def _pred(names, labels, top1s):
+    return {"names": names, "labels": labels, "top5": [[t, 999, 998, 997, 996] for t in top1s],
+            "scores": [[0.0] * 5 for _ in names], "indices": list(range(len(names)))}
+
+
+def _report(run_id, **over):
+    base = {"run_id": run_id, "backend": {"name": "torch", "versions": {"torch": "2.14.1"}}, "precision": "fp32",
+            "batch_size": 8, "num_outputs": 1001, "model": {"sha256": "abc"}, "dataset": {"fingerprint": "f"},
+            "per_device": [{"worker": "w", "device": "cpu", "device_name": "cpu, 2 threads", "img_s_compute": 3.0,
+                            "img_s_wall": 2.5}], "throughput_img_s": 2.5}
+    return base | over
+
+
+def test_compare_counts_discordant_pairs_and_tests_them_exactly():
+    from nasq.results.compare import _binom_two_sided, compare
+
+    names = [f"i{k}" for k in range(100)]
+    labels = [k % 10 for k in range(100)]
+    a_top1 = list(labels)                     # A right on all
+    b_top1 = [lab if k >= 12 else lab + 1 for k, lab in enumerate(labels)]  # B wrong on the first 12
+    b_top1[50] = labels[50]
+    c = compare(_report("A"), _pred(names, labels, a_top1), _report("B", batch_size=4), _pred(names, labels, b_top1))
+    assert c["images_both"] == 100 and c["top1_changed"] == 12
+    assert c["mcnemar"]["a_right_b_wrong"] == 12 and c["mcnemar"]["b_right_a_wrong"] == 0
+    assert c["mcnemar"]["p_value"] == pytest.approx(2 * 0.5 ** 12, rel=1e-6)
+    assert c["delta_points"] == -12.0 and c["ci95_points"][0] < -12.0 < c["ci95_points"][1] < 0
+    assert c["differences"] == {"batch_size": [8, 4]}
+    assert _binom_two_sided(5, 10) == 1.0 and _binom_two_sided(0, 0) == 1.0
+    assert _binom_two_sided(1, 10) == pytest.approx(2 * 11 / 1024)
+
+
+def test_compare_uses_only_images_both_runs_saw():
+    from nasq.results.compare import compare
+
+    a = _pred(["x", "y", "z"], [1, 2, 3], [1, 2, 3])
+    b = _pred(["y", "z", "w"], [2, 3, 4], [2, 0, 4])
+    c = compare(_report("A"), a, _report("B"), b)
+    assert c["images_both"] == 2 and c["images_labelled_both"] == 2 and c["top1_changed"] == 1
+
+
+def test_latency_summary_percentiles():
+    from nasq.results.merge import latency_summary
+
+    s = latency_summary([float(x) for x in range(1, 101)])
+    assert s["count"] == 100 and s["min"] == 1.0 and s["max"] == 100.0 and s["p50"] == 50.5
+    assert s["p90"] == pytest.approx(90.1) and s["p99"] == pytest.approx(99.01)
+    assert latency_summary([])["p50"] is None
+
+
+def test_stability_rule_stops_once_the_median_settles():
+    from nasq.perf.timing import measure_stable
+
+    def steady():
+        t = __import__("time").perf_counter()
+        while __import__("time").perf_counter() - t < 0.002:
+            pass
+    lat, info = measure_stable(steady, min_time_s=0.2, stability_pct=50, max_time_s=3)
+    assert info["stable"] and info["windows"] >= 2 and len(lat) >= 16
+
+    calls = [0]
+
+    def drifting():  # each window slower than the last: never stable, stops at max_time_s
+        calls[0] += 1
+        t = __import__("time").perf_counter()
+        while __import__("time").perf_counter() - t < 0.0005 * (1 + calls[0] / 20):
+            pass
+    lat, info = measure_stable(drifting, min_time_s=0.2, stability_pct=1, max_time_s=1.0)
+    assert not info["stable"] and info["windows"] >= 2
+
+
+def test_sweep_slots_survive_a_renamed_worker():
+    from nasq.api import _number
+
+    before = _number([("h1", "cuda:0", "cuda0-111@h1"), ("h1", "cuda:1", "cuda1-112@h1"), ("h1", "cpu", "a@h1"),
+                      ("h1", "cpu", "b@h1")])
+    after = _number([("h1", "cuda:0", "cuda0-999@h1"), ("h1", "cuda:1", "cuda1-998@h1"), ("h1", "cpu", "c@h1"),
+                     ("h1", "cpu", "d@h1")])
+    assert [s for s, _ in before] == [s for s, _ in after] == ["h1/cpu#0", "h1/cpu#1", "h1/cuda:0#0", "h1/cuda:1#0"]
+
+
+def test_ais_bench_block_and_timm_row():
+    from nasq.results.report import ais_bench_summary, timm_row
+
+    r = _report("R", top1=82.5, top5=96.0, images=1000, model={"arch": "large", "param_count": 88_753_150})
+    r["per_device"][0].update(images=1000, latency_ms={"count": 125, "min": 10.0, "max": 20.0, "mean": 12.5,
+                                                       "p50": 12.0, "p90": 14.0, "p95": 15.0, "p99": 19.0},
+                              img_s_ais_bench=640.0)
+    text = ais_bench_summary(r)
+    assert "NPU_compute_time (ms): min = 10.0, max = 20.0, mean = 12.5, median = 12.0, percentile(99%) = 19.0" in text
+    assert "throughput 1000*batchsize.mean(8)/NPU_compute_time.mean(12.5): 640.0" in text
+    row = timm_row(r)
+    assert row["model"] == "nasnetalarge" and row["top1_err"] == 17.5 and row["top5_err"] == 4.0
+    assert row["param_count"] == 88.75 and row["img_size"] == 331 and row["interpolation"] == "bilinear"
+
+
+def test_history_index_round_trip(tmp_path):
+    from nasq.results.history import get, query, record, row_of
+
+    manifest = {"run_id": "r1", "created": 100.0, "backend": "torch", "batch_size": 8,
+                "dataset": {"root": "/d", "fingerprint": "f", "images": 10}, "model": {"weights": "/w.pth"}}
+    record(str(tmp_path), row_of(manifest, "done", {"images": 10, "top1": 90.0, "model": {"arch": "large"},
+                                                    "per_device": [{"device": "cpu", "device_name": "cpu, 1 thread"}]}))
+    record(str(tmp_path), row_of({**manifest, "run_id": "r2", "created": 200.0, "backend": "onnxruntime"}, "failed",
+                                 error="boom"))
+    assert [r["run_id"] for r in query(str(tmp_path))] == ["r2", "r1"]
+    assert [r["run_id"] for r in query(str(tmp_path), state="done")] == ["r1"]
+    assert [r["run_id"] for r in query(str(tmp_path), backend="onnxruntime")] == ["r2"]
+    assert query(str(tmp_path), since=150.0)[0]["run_id"] == "r2"
+    assert get(str(tmp_path), "r1")["devices"] == "cpu, 1 thread" and get(str(tmp_path), "nope") is None
+    assert math.isclose(get(str(tmp_path), "r1")["top1"], 90.0)
