@@ -23,10 +23,13 @@ def run(nasq_cli, repo):
 
 
 @pytest.mark.parametrize("cmd", [[], ["eval"], ["demo"], ["preprocess"], ["worker"], ["build"], ["bench"], ["sweep"],
-                                 ["status"], ["runs"], ["resume"], ["flower"]])
+                                 ["status"], ["runs"], ["resume"], ["flower"], ["compare"], ["cancel"], ["sweeps"],
+                                 ["metrics"]])
 def test_help_everywhere(run, cmd):
     p = run(cmd + ["--help"])
     assert p.returncode == 0 and "usage: nasq" in p.stdout
+    if cmd:  # every command shows an example
+        assert "xample" in p.stdout, p.stdout
 
 
 def test_producer_help(repo):
@@ -171,6 +174,6 @@ def test_a_client_killed_mid_run_leaves_the_run_to_the_workers(run, assets, redi
         files = re.search(r"report files: (.+)", st.stdout).group(1).split(", ")
         assert all(os.path.getsize(f) > 0 for f in files)
         runs = run(["runs", "--broker", redis_url])
-        assert re.search(rf"{run_id}\s+done", runs.stdout), runs.stdout
+        assert re.search(rf"{run_id}\s+\S+ \S+\s+done", runs.stdout), runs.stdout  # run, created, state
     finally:
         w.stop()
