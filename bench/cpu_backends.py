@@ -1,107 +1,151 @@
-"""CPU: ONNX Runtime (built artifact) vs PyTorch eager fp32 on the same images, same run.
+"""CPU backends in one run: torch eager fp32, ONNX Runtime fp32, OpenVINO fp32 and OpenVINO bf16 on
+NASNet-A Large (the demo's calibrated random-weight checkpoint, the same one for all), compute
+only, each configuration in a process of its own (as on a worker), the worker's thread count; then bf16's top-1 agreement with fp32 on the demo
+images, and the time of a repeat build (a cache hit).
 
-Two measurements, both on the full NASNet-A Large:
-1. compute only: one backend object each, the same preprocessed batch, warm-up then the
-   median of timed repeats, per batch size;
-2. end to end: `nasq eval` (embedded, one worker using all cores) with each backend on the
-   same JPEG folder; the report's compute and wall images/s.
+    python bench/cpu_backends.py --out bench/results/cpu_backends.json
 
-Usage: python bench/cpu_backends.py [--workdir DIR] [--images N] [--batch-sizes 1,4] [--json PATH]
-Without a checkpoint in DIR it makes the demo's calibrated random-weight one (numbers depend
-only on shapes).
+Ratios are against torch eager fp32 measured in the same run. Speed depends only on shapes, so
+random weights measure the real model's speed; agreement on random weights is harsher than on the
+real checkpoint (near-ties between classes are common), hence the margin distribution.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
-import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-def timed(fn, reps: int, min_s: float = 3.0) -> list[float]:
-    fn()  # warm-up
-    samples, t_end = [], time.perf_counter() + min_s
-    while len(samples) < reps or time.perf_counter() < t_end:
-        t = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t)
-        if len(samples) >= 3 * reps:
-            break
-    return samples
+# Light imports only at the top: a configuration's process loads its own runtime and no other
+# (torch's OpenMP runtime beside OpenVINO's threads slowed OpenVINO by ~10 % in one process).
+from nasq import backends  # noqa: E402
+from nasq.config import BackendOptions, Settings  # noqa: E402
+from nasq.data.sources import open_source  # noqa: E402
+from nasq.model.spec import ModelRef  # noqa: E402
+from nasq.perf.timing import measure, summarize  # noqa: E402
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", default=os.path.expanduser("~/.cache/nasq/bench-cpu"))
-    ap.add_argument("--images", type=int, default=32)
-    ap.add_argument("--batch-sizes", default="1,4")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--json")
+    ap.add_argument("--arch", default="large", choices=("large", "tiny"))
+    ap.add_argument("--batch-sizes", default="1,4", help="comma-separated (default: 1,4)")
+    ap.add_argument("--images", type=int, default=64, help="demo images for the bf16 agreement (default: 64)")
+    ap.add_argument("--min-time", type=float, default=8.0, help="timed seconds per point (default: 8)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="runtime threads (default: all cores)")
+    ap.add_argument("--workdir", default=os.path.expanduser("~/.cache/nasq/bench-cpu-backends"))
+    ap.add_argument("--out", default="bench/results/cpu_backends.json")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
-
-    import onnxruntime as ort
-    import torch
-
-    from nasq import backends
-    from nasq.api import build, evaluate
-    from nasq.config import load_settings
-    from nasq.data import open_source
+    if args.one:
+        one(json.loads(args.one))
+        return 0
+    sizes = [int(x) for x in args.batch_sizes.split(",")]
+    from nasq.api import build
+    from nasq.data.labels import read_labels
     from nasq.demo import prepare
-    from nasq.model.spec import ModelRef
 
-    paths = prepare(args.workdir, args.images, arch="large", batch_size=4, log=print)
-    settings = load_settings()
-    art = build(weights=paths["weights"], target="ort", settings=settings, log=print)
-    src = open_source(paths["data"])
-    crops = np.stack([src.load(i) for i in range(len(src))])
-    threads = os.cpu_count()
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+
+    demo = prepare(os.path.join(args.workdir, args.arch), args.images, arch=args.arch, batch_size=8, log=log)
+    settings = Settings(artifact_dir=os.path.join(args.workdir, "artifacts"), work_dir=os.path.join(args.workdir, "runs"))
+    built, hits = {}, {}
+    for target in ("ort", "ov"):
+        built[target] = build(weights=demo["weights"], target=target, settings=settings, log=log)
+        t = time.perf_counter()
+        again = build(weights=demo["weights"], target=target, settings=settings, log=log)
+        hits[target] = {"cached": again.cached, "seconds": round(time.perf_counter() - t, 4)}
+        log(f"{target}: {built[target].path}; repeat build: cache hit {again.cached} in {hits[target]['seconds']} s")
+
+    source = open_source(demo["data"])
+    configs = [("torch eager fp32", "torch", demo["weights"], "fp32"),
+               ("onnxruntime fp32", "onnxruntime", built["ort"].path, "fp32"),
+               ("openvino fp32", "openvino", built["ov"].path, "fp32"),
+               ("openvino bf16", "openvino", built["ov"].path, "bf16")]
     rows = []
-    for name, model in (("torch", ModelRef(paths["weights"])), ("onnxruntime", ModelRef(art.path))):
-        b = backends.create(name, "cpu")
-        b.load(model, batch_size=1)
-        for bs in [int(x) for x in args.batch_sizes.split(",")]:
-            batch = crops[:bs]
-            s = timed(lambda: b.predict_u8(batch), args.reps)
-            med = statistics.median(s)
-            rows.append({"mode": "compute", "backend": name, "batch_size": bs, "median_ms": round(med * 1e3, 1),
-                         "img_s": round(bs / med, 2), "samples": len(s)})
-            print(rows[-1], flush=True)
-        b.close()
-    # ONNX Runtime graph optimization level at load time, same artifact, batch 1.
-    levels = {"EXTENDED": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "ALL": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-    model_file = os.path.join(art.path, "model.cpu.onnx")
-    for level, value in levels.items():
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = value
-        sess = ort.InferenceSession(model_file, opts, providers=["CPUExecutionProvider"])
-        x = {sess.get_inputs()[0].name: np.ascontiguousarray(crops[:1].transpose(0, 3, 1, 2), np.float32) / 255}
-        med = statistics.median(timed(lambda: sess.run(None, x), args.reps))
-        rows.append({"mode": f"ort {level}", "backend": "onnxruntime", "batch_size": 1, "img_s": round(1 / med, 2)})
-        print(rows[-1], flush=True)
-    for name in ("torch", "onnxruntime"):
-        res = evaluate(weights=paths["weights"], data=paths["data"], labels=paths["labels"], backend=name,
-                       device="cpu", workers=1, batch_size=1, settings=settings, progress=False, log=lambda *_: None)
-        d = res.report["per_device"][0]
-        rows.append({"mode": "nasq eval", "backend": name, "batch_size": 1, "images": res.report["images"],
-                     "img_s": d["img_s_compute"], "img_s_wall": d["img_s_wall"], "top1": res.report["top1"]})
-        print(rows[-1], flush=True)
-    env = {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(), "cores": threads,
-           "torch": torch.__version__, "onnxruntime": ort.__version__, "artifact": art.key}
-    print("\n" + json.dumps(env))
-    print(f"\n{'mode':<10} {'backend':<12} {'bs':>3} {'img/s':>8}   ratio vs torch")
-    base = {(r["mode"], r["batch_size"]): r["img_s"] for r in rows if r["backend"] == "torch"}
-    base.update({(r["mode"], 1): base[("compute", 1)] for r in rows if r["mode"].startswith("ort ")})
+    for name, be, model, precision in configs:  # each in a process of its own, as on a worker
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", json.dumps(
+            {"name": name, "backend": be, "model": model, "precision": precision, "data": demo["data"],
+             "sizes": sizes, "threads": args.threads, "min_time": args.min_time})],
+            capture_output=True, text=True, check=True)
+        for row in json.loads(out.stdout):
+            rows.append(row)
+            log(f"{name} bs={row['batch_size']}: {row['img_s']:.2f} img/s (median {row['median_ms']:.1f} ms, "
+                f"{row['iters']} iters)")
+    loaded = {}
+    for precision in ("fp32", "bf16"):
+        b = backends.create("openvino", "cpu")
+        b.load(ModelRef(built["ov"].path), batch_size=max(sizes),
+               options=BackendOptions(precision=precision, threads=args.threads))
+        loaded[precision] = b
+    eager = {r["batch_size"]: r["img_s"] for r in rows if r["config"] == "torch eager fp32"}
     for r in rows:
-        ratio = r["img_s"] / base[(r["mode"], r["batch_size"])]
-        print(f"{r['mode']:<10} {r['backend']:<12} {r['batch_size']:>3} {r['img_s']:>8.2f}   {ratio:.2f}x")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"env": env, "rows": rows}, f, indent=2)
+        r["x_torch_eager"] = round(r["img_s"] / eager[r["batch_size"]], 2)
+
+    # bf16 against fp32, image for image, on the demo images
+    labels = read_labels(demo["labels"])
+    truth = [labels.get(os.path.splitext(n)[0]) for n in source.names]
+    logits = {}
+    for p, b in loaded.items():
+        chunks = []
+        for i in range(0, len(source), max(sizes)):
+            chunks.append(b.predict_u8(np.stack([source.load(j) for j in range(i, min(len(source), i + max(sizes)))])))
+        logits[p] = np.concatenate(chunks)
+    off = 1 if logits["fp32"].shape[1] == 1001 else 0  # background at 0
+    top_f, top_b = logits["fp32"].argmax(1) - off, logits["bf16"].argmax(1) - off
+    agree = top_f == top_b
+    srt = np.sort(logits["fp32"], axis=1)
+    margins = (srt[:, -1] - srt[:, -2]).tolist()  # fp32 top-1 minus top-2 logit
+    dis = [m for m, ok in zip(margins, agree) if not ok]
+    agreement = {"images": int(len(agree)), "top1_agree": int(agree.sum()),
+                 "top1_agreement_pct": round(100 * float(agree.mean()), 2),
+                 "fp32_top1_vs_labels_pct": round(100 * float(np.mean(top_f == np.asarray(truth))), 2),
+                 "bf16_top1_vs_labels_pct": round(100 * float(np.mean(top_b == np.asarray(truth))), 2),
+                 "fp32_margin_all": _quantiles(margins), "fp32_margin_where_bf16_differs": _quantiles(dis),
+                 "max_abs_logit_diff": round(float(np.abs(logits["fp32"] - logits["bf16"]).max()), 4),
+                 "fp32_logit_scale": round(float(np.abs(logits["fp32"]).max()), 3)}
+    log(f"bf16 vs fp32 top-1: {agreement['top1_agree']}/{agreement['images']} agree; fp32 margins "
+        f"{agreement['fp32_margin_all']}; where they differ {agreement['fp32_margin_where_bf16_differs']}")
+    result = {"env": {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "host": os.uname().nodename, "cpu": rows[0]["device_name"],
+                      "threads": args.threads, "arch": args.arch, "min_time_s": args.min_time,
+                      "note": "compute only, one process per configuration; ratios against torch eager fp32 in the same run"},
+              "rows": rows, "bf16_agreement": agreement, "repeat_build": hits}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    for r in rows:
+        print(f"{r['config']:<18} bs={r['batch_size']:<3} {r['img_s']:8.2f} img/s  x{r['x_torch_eager']:.2f} eager")
+    return 0
+
+
+def one(spec: dict) -> None:
+    """Measure one configuration (``--one``): rows as JSON on stdout."""
+    source = open_source(spec["data"])
+    crops = np.stack([source.load(i) for i in range(min(len(source), 16))])
+    b = backends.create(spec["backend"], "cpu")
+    b.load(ModelRef(spec["model"]), batch_size=max(spec["sizes"]),
+           options=BackendOptions(precision=spec["precision"], threads=spec["threads"]))
+    rows = []
+    for bs in spec["sizes"]:
+        batch = crops[np.arange(bs) % len(crops)]
+        rows.append({"config": spec["name"], "batch_size": bs,
+                     **summarize(measure(b.compute_fn(batch), min_time_s=spec["min_time"]), bs),
+                     "device_name": b.describe_device(), "versions": b.versions()})
+    print(json.dumps(rows))
+
+
+def _quantiles(values: list[float]) -> dict:
+    if not values:
+        return {"count": 0}
+    q = np.percentile(values, [0, 10, 50, 90, 100])
+    return {"count": len(values), "min": round(float(q[0]), 3), "p10": round(float(q[1]), 3),
+            "median": round(float(q[2]), 3), "p90": round(float(q[3]), 3), "max": round(float(q[4]), 3)}
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -116,7 +116,8 @@ def _check_worker_roots(session: Session, queue: str, job: EvalJob) -> None:
 
 
 def needs_build(weights: str, backend: str) -> bool:
-    return backend == "onnxruntime" and weights.endswith((".pth", ".pt"))
+    """A checkpoint given to a backend that runs a built model (onnxruntime, openvino)."""
+    return backends.backend_class(backend).build_target is not None and weights.endswith((".pth", ".pt"))
 
 
 # ------------------------------------------------------------------------------ builds
@@ -180,12 +181,13 @@ def cached_build(*, weights: str, target: str, num_outputs: int | None = None, s
 
 def prepare_model(*, weights: str, backend: str, num_outputs: int | None, settings: Settings,
                   session: Session | None = None, log=print) -> ModelRef:
-    """What workers load: the checkpoint itself, or (onnxruntime) the verified ORT artifact,
-    built once on the build queue and reused."""
+    """What workers load: the checkpoint itself, or the verified artifact of the backend's build
+    target (onnxruntime: ORT; openvino: OpenVINO IR), built once on the build queue and reused."""
     if not needs_build(weights, backend):
         return ModelRef(weights=weights, num_outputs=num_outputs)
-    res = build(weights=weights, target="ort", num_outputs=num_outputs, settings=settings, session=session, log=log)
-    log(f"onnxruntime artifact {res.key} ({'cache hit' if res.cached else 'built'}): {res.path}")
+    target = backends.backend_class(backend).build_target
+    res = build(weights=weights, target=target, num_outputs=num_outputs, settings=settings, session=session, log=log)
+    log(f"{backend} artifact {res.key} ({'cache hit' if res.cached else 'built'}): {res.path}")
     return ModelRef(weights=res.path, num_outputs=num_outputs,
                     options={"provenance": {**(res.meta.get("model") or {}), "artifact_key": res.key}})
 
@@ -397,8 +399,9 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
         local = [WorkerSpec(device=d, backend=backend, queues=(queue,), precision=precision,
                             threads=threads if d == "cpu" else None, compile=compile, cuda_graphs=cuda_graphs)
                  for d in devices]
-        if needs_build(plan.weights, backend) and not cached_build(weights=plan.weights, target="ort",
-                                                                   num_outputs=num_outputs, settings=settings):
+        if needs_build(plan.weights, backend) and not cached_build(
+                weights=plan.weights, target=backends.backend_class(backend).build_target, num_outputs=num_outputs,
+                settings=settings):
             local.append(WorkerSpec(queues=(BUILD_QUEUE,)))
         workers = len(devices)
     with Session.open(settings, workers=local, log=log) as session:
@@ -704,9 +707,12 @@ def submit_sweep(*, batch_sizes: list[int], weights: str, data: str, backend: st
     spec_file = os.path.join(folder, "sweep_spec.json")
     if not os.path.isfile(spec_file):
         write_json(definition | {"weights_path": weights, "data": source.root, "created": time.time()}, spec_file)
+    # what the workers load: the checkpoint, or the backend's built artifact (built once here)
+    model_path = prepare_model(weights=weights, backend=backend, num_outputs=None, settings=settings, session=session,
+                               log=log).weights
     points = [SweepPoint.from_payload({  # checked here, as the worker will
         "sweep_id": sid, "point_id": f"{slot}|bs{bs}", "folder": folder, "worker": name, "batch_size": bs,
-        "mode": mode, "backend": backend, "precision": precision, "weights": weights, "data": source.root,
+        "mode": mode, "backend": backend, "precision": precision, "weights": model_path, "data": source.root,
         "dataset_fingerprint": source.fingerprint, "labels": labels, "images": images, "min_time_s": min_time_s})
         for slot, name in slots for bs in definition["batch_sizes"]]
     todo = [p for p in points if not os.path.isfile(point_file(folder, p.point_id))]

@@ -308,8 +308,8 @@ def _build_args(p) -> None:
 
     p.add_argument("--weights", required=True, help="Cadene-format checkpoint (.pth)")
     p.add_argument("--target", default="ort", choices=TARGETS,
-                   help="onnx: verified ONNX; ort: + ONNX Runtime optimization; om: + Ascend ATC; trt: + TensorRT "
-                        "(default: ort)")
+                   help="onnx: verified ONNX; ort: + ONNX Runtime optimization; ov: + OpenVINO IR; om: + Ascend "
+                        "ATC; trt: + TensorRT (default: ort)")
     p.add_argument("-b", "--batch-size", type=int_list(1, MAX_BATCH),
                    help="fixed batch size(s), comma-separated: one artifact each (default: dynamic batch)")
     p.add_argument("--gears", type=int_list(1, MAX_BATCH),

@@ -16,17 +16,19 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ..errors import NasqError
 
-TARGETS = ("onnx", "ort", "om", "trt")
+TARGETS = ("onnx", "ort", "ov", "om", "trt")
 DEFAULT_OPSET = 17
 ATC_OPSET = 11  # the opset the seed's ATC accepted
 _HEX = re.compile(r"[0-9a-f]{1,64}")
-_KEY = re.compile(r"(onnx|ort|om|trt)-[0-9a-f]{24}")
+_KEY = re.compile(r"(onnx|ort|ov|om|trt)-[0-9a-f]{24}")
 
 
 def tool_versions(target: str) -> dict[str, str]:
     names = ["torch", "onnx", "onnxsim", "onnxruntime"]
     if target == "trt":
         names.append("tensorrt")
+    if target == "ov":
+        names.append("openvino")
     out = {}
     for n in names:
         try:

@@ -202,4 +202,38 @@ def trt(spec: BuildSpec, onnx_path: str, workdir: str, rows: list[dict]) -> dict
             "verification": None}
 
 
-DEVICE_STEPS = {"ort": ort_optimize, "om": atc, "trt": trt}
+def openvino_logits(xml: str, x: np.ndarray, precision: str = "f32") -> np.ndarray:
+    """Run an OpenVINO IR on the CPU with an explicit inference precision."""
+    import openvino as ov
+
+    core = ov.Core()
+    net = core.read_model(xml)
+    net.reshape([len(x), *x.shape[1:]])
+    compiled = core.compile_model(net, "CPU", {"INFERENCE_PRECISION_HINT": precision})
+    return np.asarray(compiled.create_infer_request().infer({0: x})[compiled.output(0)], dtype=np.float32)
+
+
+def ov_convert(spec: BuildSpec, onnx_path: str, workdir: str, rows: list[dict]) -> dict:
+    """ONNX -> OpenVINO IR (model.xml + model.bin, weights kept in fp32), verified in fp32 against
+    PyTorch; bf16's agreement is measured and recorded beside it (not a gate: bf16 is opt-in)."""
+    import openvino as ov
+
+    x, ref = reference(spec, workdir)
+    t = time.perf_counter()
+    xml = os.path.join(workdir, "model.xml")
+    ov.save_model(ov.convert_model(onnx_path), xml, compress_to_fp16=False)
+    seconds = time.perf_counter() - t
+    row = _check(spec, rows, verify.compare(ref, openvino_logits(xml, x, "f32"), step="ov-fp32",
+                                            tolerance=spec.tolerance))
+    bf16 = None
+    if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        bf16 = verify.compare(ref, openvino_logits(xml, x, "bf16"), step="ov-bf16 (informational)",
+                              tolerance=spec.tolerance)
+        rows.append(bf16)
+    return {"name": "ov", "seconds": round(seconds, 2), "files": {"xml": "model.xml", "bin": "model.bin"},
+            "tool": f"openvino {ov.__version__}",
+            "command": "openvino.save_model(openvino.convert_model(model.onnx), model.xml, compress_to_fp16=False)",
+            "verification": row, "bf16_verification": bf16}
+
+
+DEVICE_STEPS = {"ort": ort_optimize, "ov": ov_convert, "om": atc, "trt": trt}

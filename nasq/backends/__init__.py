@@ -14,6 +14,7 @@ from .base import Backend
 _REGISTRY = {
     "torch": "nasq.backends.torch_backend:TorchBackend",
     "onnxruntime": "nasq.backends.onnxruntime_backend:OnnxRuntimeBackend",
+    "openvino": "nasq.backends.openvino_backend:OpenVinoBackend",
     "ais_bench": "nasq.backends.ais_bench_backend:AisBenchBackend",
     "sim": "nasq.backends.sim_backend:SimBackend",  # SIMULATED: fleet-scale queue tests only
 }

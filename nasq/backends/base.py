@@ -26,6 +26,9 @@ class Backend(ABC):
     precisions: ClassVar[tuple[str, ...]] = ("fp32",)
     #: torch.compile modes it accepts, for the backends that compile
     compile_modes: ClassVar[tuple[str, ...]] = ("none",)
+    #: the build target (``nasq build --target``) a checkpoint is built to before this backend
+    #: runs it, or None when it runs checkpoints (or only prebuilt models) itself
+    build_target: ClassVar[str | None] = None
 
     def __init__(self, device: str):
         self.device = device

@@ -29,6 +29,7 @@ def _providers(device: str, available: list[str]) -> list:
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     artifact_suffixes = (".onnx", ".ort")
+    build_target = "ort"
 
     def load(self, model: ModelRef, *, batch_size: int, options: BackendOptions = BackendOptions()) -> None:
         import onnxruntime as ort

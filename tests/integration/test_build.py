@@ -160,3 +160,38 @@ def test_raw_export_has_consecutive_slices_and_simplify_removes_them(assets, tmp
     assert raw["consecutive_slice_pairs"] > 0
     rec = steps.simplify(spec, str(tmp_path), rows)
     assert rec["graph"]["consecutive_slice_pairs"] == 0 and rec["graph"]["slice_nodes"] < raw["slice_nodes"]
+
+
+def test_openvino_build_verified_then_cache_hit_and_eval_equals_the_reference(assets, build_env, nasq_cli, repo,
+                                                                               tmp_path):
+    """`nasq eval --backend openvino` (embedded: a private build worker makes the IR, a worker runs
+    it) in fp32 gives the single-process reference's predictions image for image."""
+    import json
+    import subprocess
+
+    s = _settings(build_env)
+    res = build(weights=assets["weights"], target="ov", settings=s, log=lambda *_: None)
+    rows = {r["step"]: r for r in res.meta["verification"]}
+    assert rows["ov-fp32"]["ok"] and rows["ov-fp32"]["top1_agreement"] == 1.0 and rows["ov-fp32"]["max_rel"] <= 1e-4
+    assert {"model.xml", "model.bin"} <= set(res.meta["files"]) and res.meta["versions"]["openvino"]
+    again = build(weights=assets["weights"], target="ov", settings=s, log=lambda *_: None)
+    assert again.cached and again.path == res.path
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NASQ_")}
+    env.update(NASQ_WORK_DIR=str(tmp_path / "runs"), NASQ_ARTIFACT_DIR=str(tmp_path / "art"),
+               NASQ_REPORT_DIR=str(tmp_path / "rep"))
+    p = subprocess.run(nasq_cli + ["eval", "--backend", "openvino", "--weights", assets["weights"], "--data",
+                                   assets["data"], "--labels", assets["labels"], "-b", "4", "--workers", "1",
+                                   "--json", str(tmp_path / "r.json"), "--predictions", str(tmp_path / "p.json"),
+                                   "--no-progress"], capture_output=True, text=True, cwd=repo, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr
+    report, pred = json.loads((tmp_path / "r.json").read_text()), json.loads((tmp_path / "p.json").read_text())
+    assert report["backend"]["name"] == "openvino" and report["precision"] in (None, "fp32")
+    assert report["images"] == 20 and report["top1"] == 100.0
+    ov_ref = evaluate_local(weights=assets["weights"], data=assets["data"], labels=assets["labels"],
+                            backend="openvino", batch_size=4, settings=Settings(artifact_dir=str(tmp_path / "art")))
+    assert pred["names"] == ov_ref["names"] and pred["top5"] == ov_ref["top5"]
+    torch_ref = evaluate_local(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4)
+    assert [t[0] for t in pred["top5"]] == [t[0] for t in torch_ref["top5"]]  # fp32: PyTorch's top-1, image for image
+    scale = np.abs(np.asarray(torch_ref["scores"])).max()
+    assert np.abs(np.asarray(pred["scores"])[:, 0] - np.asarray(torch_ref["scores"])[:, 0]).max() <= 1e-3 * scale
