@@ -47,6 +47,24 @@ class Backend(ABC):
             BackendError: a precision or option this runtime or device cannot run.
         """
 
+    def _model_file(self, path: str, in_folder: str, hint: str) -> str:
+        """The model file to load: ``in_folder`` inside an artifact directory, or ``path`` itself
+        when it has one of this backend's suffixes.
+
+        Raises:
+            BackendError: another kind of file (``hint`` says how to build the right one), or none.
+        """
+        import os
+
+        if os.path.isdir(path):
+            path = os.path.join(path, in_folder)
+        elif not path.endswith(self.artifact_suffixes):
+            raise BackendError(f"{self.name} backend runs {hint}, not {path!r}: build one with `nasq build --target "
+                               f"{self.build_target}` (nasq eval does this for you)")
+        if not os.path.isfile(path):
+            raise BackendError(f"{self.name} model {path!r} does not exist")
+        return path
+
     def check_options(self, options: BackendOptions) -> None:
         """Refuse a precision or compile mode this backend does not have, naming the valid ones."""
         if options.precision not in self.precisions:

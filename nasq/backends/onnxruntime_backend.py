@@ -38,11 +38,7 @@ class OnnxRuntimeBackend(Backend):
         path = model.weights
         if os.path.isdir(path):  # an artifact directory from `nasq build --target ort|onnx`
             path = self._artifact_file(path)
-        elif not path.endswith(self.artifact_suffixes):
-            raise BackendError(f"onnxruntime backend runs an ONNX model, not {path!r}: build one with "
-                               "`nasq build --target ort` (nasq eval does this for you)")
-        if not os.path.isfile(path):
-            raise BackendError(f"ONNX model {path!r} does not exist")
+        path = self._model_file(path, "model.onnx", "an ONNX model")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if options.threads:

@@ -33,14 +33,7 @@ class OpenVinoBackend(Backend):
         self.check_options(options)
         if not self.device.startswith("cpu"):
             raise BackendError(f"openvino backend: device {self.device} is not supported yet (cpu only)")
-        path = model.weights
-        if os.path.isdir(path):  # an artifact directory from `nasq build --target ov`
-            path = os.path.join(path, "model.xml")
-        elif not path.endswith(self.artifact_suffixes):
-            raise BackendError(f"openvino backend runs an OpenVINO IR (.xml), not {path!r}: build one with "
-                               "`nasq build --target ov` (nasq eval does this for you)")
-        if not os.path.isfile(path):
-            raise BackendError(f"OpenVINO model {path!r} does not exist")
+        path = self._model_file(model.weights, "model.xml", "an OpenVINO IR (.xml)")
         core = ov.Core()
         if options.precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
             raise BackendError("openvino backend: this CPU has no bf16 support (OPTIMIZATION_CAPABILITIES); use fp32")

@@ -55,7 +55,7 @@ def test_backend_registry_lists_valid_names():
     from nasq import backends
     from nasq.errors import BackendError
 
-    with pytest.raises(BackendError, match="ais_bench, onnxruntime, sim, torch"):
+    with pytest.raises(BackendError, match="ais_bench, onnxruntime, openvino, sim, torch"):
         backends.create("tensorflow", "cpu")
 
 
