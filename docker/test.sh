@@ -9,7 +9,8 @@
 #   sudo docker/test.sh            # about 10-15 minutes the first time (image build), 5 after
 #
 # Needs root (dockerd, debootstrap); installs docker.io, docker-compose and debootstrap with apt
-# when missing. Not part of the default test command.
+# when missing, and the host's client in .venv (the README's install) when there is none. Not
+# part of the default test command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -25,9 +26,12 @@ if ! docker info >/dev/null 2>&1; then
 fi
 
 T0=$(date +%s)
+if [ ! -x .venv/bin/nasq ]; then  # the host's client (and pip, for the wheelhouse): the README's install
+  say "host client: python3 -m venv .venv && .venv/bin/pip install -e ."
+  python3 -m venv .venv && .venv/bin/pip install -q -e . 2>/dev/null
+fi
+PY=.venv/bin/python
 docker/base.sh nasq-base:bookworm
-PY=${NASQ_PYTHON:-$(command -v python3)}
-[ -x .venv/bin/python ] && PY=.venv/bin/python
 if ! ls docker/wheelhouse/torch-*.whl >/dev/null 2>&1; then
   say "wheelhouse: pip wheel -w docker/wheelhouse . (dependencies)"; "$PY" -m pip wheel -q -w docker/wheelhouse . 2>/dev/null
 fi
