@@ -802,7 +802,15 @@ def resume_sweep(sweep: str, *, settings: Settings | None = None, broker: str | 
     if not found:
         raise NasqError(f"no sweep {sweep!r} in {os.path.join(settings.report_dir, 'sweeps')} (`nasq sweeps` lists them)")
     spec = found[0]["spec"]
-    return submit_sweep(batch_sizes=spec["batch_sizes"], weights=spec["weights_path"], data=spec["data"],
-                        backend=spec["backend"], precision=spec["precision"], mode=spec["mode"], labels=spec.get("labels"),
-                        images=spec.get("images"), min_time_s=spec.get("min_time_s", 2.0), settings=settings,
-                        workers=workers, log=log)
+    slots = spec.get("devices") or []
+    # without a broker: local workers on the recorded devices; with one: the live workers
+    devices = None if settings.broker_url else [s.split("/", 1)[-1].rsplit("#", 1)[0] for s in slots] or None
+    handle = submit_sweep(batch_sizes=spec["batch_sizes"], weights=spec["weights_path"], data=spec["data"],
+                          backend=spec["backend"], precision=spec["precision"], mode=spec["mode"],
+                          labels=spec.get("labels"), images=spec.get("images"), min_time_s=spec.get("min_time_s", 2.0),
+                          devices=devices, settings=settings, workers=workers, log=log)
+    if handle.sweep_id != sweep:
+        handle.close()
+        raise NasqError(f"sweep {sweep} was measured on {', '.join(slots)}; those devices are not all here now, so "
+                        f"resuming it would start another sweep ({handle.sweep_id}). Start workers on them first")
+    return handle

@@ -143,11 +143,16 @@ def _check_celery_options(parser, extra: list[str]) -> None:
     from celery.bin.worker import worker as celery_worker
 
     known = {o.split("=")[0] for p in celery_worker.params for o in (*p.opts, *p.secondary_opts)}
+    # the pool is one prefork child per device: options that change it would load more models
+    fixed = ("-P", "--pool", "--autoscale", "--concurrency")
     if not extra[0].startswith("-"):
         parser.error(f"unexpected argument {extra[0]!r}")
     for a in extra:
-        if a.startswith("-") and a.split("=")[0] not in known:
-            parser.error(f"unrecognized argument {a.split('=')[0]} (neither a nasq worker nor a Celery worker option)")
+        opt = a.split("=")[0]
+        if any(opt == f or (len(f) == 2 and opt.startswith(f)) for f in fixed):
+            parser.error(f"{opt}: the pool is one process per device (a second would load a second model on it)")
+        if a.startswith("-") and opt not in known and not (len(opt) > 2 and opt[:2] in known and opt[1] != "-"):
+            parser.error(f"unrecognized argument {opt} (neither a nasq worker nor a Celery worker option)")
 
 
 def _wait_for_broker(settings, parser) -> None:

@@ -39,7 +39,7 @@ class RunCollector:
             if manifest is None:
                 continue
             st = run_status(self.store, run_id)
-            values = [run_id, manifest.get("backend", ""), manifest.get("queue", "")]
+            values = [run_id, str(manifest.get("backend") or ""), str(manifest.get("queue") or "")]
             g["images_total"].add_metric(values, st["images_total"])
             g["images_done"].add_metric(values, st["images_done"])
             g["throughput_img_s"].add_metric(values, st["rate_img_s"] or 0.0)

@@ -43,6 +43,8 @@ def merge_run(run_id: str, results: list, *, store, report_dir: str, merge_wait_
         raise RunError(f"run {run_id}: its manifest is gone from Redis (expired or flushed)")
     if manifest.get("run_id") != run_id:
         raise RunError(f"run {run_id}: its manifest names another run")
+    if (store.state(run_id) or {}).get("state") == "cancelled":  # a merge that slipped past the revoke
+        return store.report(run_id) or {"run_id": run_id}
     handed = [r for r in results or [] if isinstance(r, dict) and r.get("run_id") == run_id and "shard_id" in r]
     counts = Counter(r["shard_id"] for r in handed)
     full = {r["shard_id"]: r for r in handed if r.get("status") == "ok" and "indices" in r}
@@ -109,6 +111,8 @@ def mark_failed(store, manifest: dict, results: list, error: Exception, report_d
     """Mark the run failed, keeping what it finished: a partial report (and files), so that
     ``nasq resume`` reruns only the rest."""
     run_id = manifest["run_id"]
+    if (store.state(run_id) or {}).get("state") == "cancelled":  # cancelled stays cancelled
+        return
     partial = merge_partial(manifest, results, str(error))
     if partial is not None:
         _save(store, manifest, results, *partial, report_dir, state="failed", error=str(error))
@@ -124,6 +128,8 @@ def cancel_run(store, run_id: str, report_dir: str) -> dict | None:
     manifest = store.manifest(run_id)
     if manifest is None:
         raise RunError(f"no run {run_id!r} in this Redis (runs expire after result_expires)")
+    if (store.state(run_id) or {}).get("state") in ("done", "failed", "cancelled"):
+        raise RunError(f"run {run_id} already ended ({store.state(run_id)['state']}); nothing to cancel")
     stored = store.shard_results(run_id)
     results = [stored[s["shard_id"]] for s in manifest["shards"] if s["shard_id"] in stored]
     store.set_state(run_id, "cancelled", error=f"run {run_id} was cancelled")

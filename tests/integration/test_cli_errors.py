@@ -172,7 +172,9 @@ def test_the_installed_command_and_the_worker_answer_in_one_line(nasq_cli, repo)
     env = {k: v for k, v in os.environ.items() if not k.startswith("NASQ_")}
     for argv, expected in ((["eval", "--weights", "w.pth", "--data", "d", "-b", "0"], "must be 1 to 1024"),
                            (["worker", "--threads", "0", "--broker", "redis://127.0.0.1:1/0"], "argument --threads"),
-                           (["worker", "--device", "cuda:x", "--broker", "redis://127.0.0.1:1/0"], "cpu, cuda:N")):
+                           (["worker", "--device", "cuda:x", "--broker", "redis://127.0.0.1:1/0"], "cpu, cuda:N"),
+                           (["worker", "-P", "threads", "--broker", "redis://127.0.0.1:1/0"], "one process per device"),
+                           (["worker", "--threds", "2", "--broker", "redis://127.0.0.1:1/0"], "unrecognized argument")):
         p = subprocess.run(nasq_cli + argv, capture_output=True, text=True, cwd=repo, env=env, timeout=60)
         assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and expected in p.stderr, p.stderr
 

@@ -115,3 +115,32 @@ def test_history_index_round_trip(tmp_path):
     assert query(str(tmp_path), since=150.0)[0]["run_id"] == "r2"
     assert get(str(tmp_path), "r1")["devices"] == "cpu, 1 thread" and get(str(tmp_path), "nope") is None
     assert math.isclose(get(str(tmp_path), "r1")["top1"], 90.0)
+
+
+def test_a_cancelled_run_stays_cancelled(tmp_path):
+    """A merge or a failure that slips past the revoke leaves a cancelled run alone."""
+    from nasq.results.run import mark_failed, merge_run
+
+    class Store:
+        def __init__(self):
+            self.writes = []
+
+        def manifest(self, run_id):
+            return {"run_id": run_id, "shards": [{"shard_id": "s0", "start": 0, "stop": 1}]}
+
+        def state(self, run_id):
+            return {"state": "cancelled"}
+
+        def report(self, run_id):
+            return {"run_id": run_id, "partial": True}
+
+        def set_state(self, *a, **kw):
+            self.writes.append(("state", a))
+
+        def save_report(self, *a):
+            self.writes.append(("report", a))
+
+    store = Store()
+    assert merge_run("r1", [], store=store, report_dir=str(tmp_path), merge_wait_s=1, first_try=0)["partial"]
+    mark_failed(store, store.manifest("r1"), [], RuntimeError("x"), str(tmp_path))
+    assert store.writes == [] and list(tmp_path.iterdir()) == []
