@@ -64,13 +64,23 @@ def test_eval_sweep_on_named_workers_with_an_error_row(assets, workers, settings
     assert not after.report().rows[0].get("error")
 
 
-def test_status_watch_follows_a_run_to_its_report(assets, workers, settings, nasq_cli, repo):
+def test_status_watch_follows_a_run_to_its_report(assets, start_workers, settings, nasq_cli, repo):
+    import uuid
+
     store = RunStore(settings.broker_url)
+    queue = f"eval.watch-{uuid.uuid4().hex[:6]}"  # no worker yet: the watcher sees the run running first
     manifest = submit_evaluation(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=2,
-                                 shard_size=2, queue=workers.queue, settings=settings, log=lambda *_: None).manifest
-    p = subprocess.run(nasq_cli + ["status", manifest["run_id"], "--watch", "--interval", "0.2",
-                                     "--broker", settings.broker_url], capture_output=True, text=True, timeout=120,
-                       cwd=repo)
+                                 shard_size=2, queue=queue, settings=settings, log=lambda *_: None).manifest
+    watcher = subprocess.Popen(nasq_cli + ["status", manifest["run_id"], "--watch", "--interval", "0.2",
+                                           "--broker", settings.broker_url], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=repo)
+    time.sleep(3)
+    w = start_workers(settings.broker_url, queue, n=2)
+    try:
+        out, err = watcher.communicate(timeout=120)
+    finally:
+        w.stop()
+    p = subprocess.CompletedProcess(watcher.args, watcher.returncode, out, err)
     assert p.returncode == 0, p.stderr
     lines = [l for l in p.stdout.splitlines() if l.startswith(f"run {manifest['run_id']}")]
     assert any("running" in l for l in lines), p.stdout  # seen while it ran
