@@ -85,31 +85,28 @@ def _devices(text: str) -> str:
     return text
 
 
-def _out_file(flag: str, path: str | None) -> None:
-    """Make sure ``path`` can be written before a long run: its folder exists (made if need be)
-    and is writable, and it is not a folder itself."""
-    if not path:
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise NasqError(f"{flag} {path} is a folder; give a file name")
+def _ready(what: str, folder: str) -> None:
+    """``folder`` exists (made if need be) and is writable, else one line naming ``what``."""
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
-        raise NasqError(f"{flag} {path}: cannot create its folder ({e.strerror})") from None
+        raise NasqError(f"{what}: cannot create {folder} ({e.strerror})") from None
     if not os.access(folder, os.W_OK):
-        raise NasqError(f"{flag} {path}: the folder {folder} is not writable")
+        raise NasqError(f"{what}: {folder} is not writable")
+
+
+def _out_file(flag: str, path: str | None) -> None:
+    """Make sure ``path`` can be written before a long run: its folder is ready and it is not a
+    folder itself."""
+    if path:
+        if os.path.isdir(path):
+            raise NasqError(f"{flag} {path} is a folder; give a file name")
+        _ready(f"{flag} {path}", os.path.dirname(os.path.abspath(path)))
 
 
 def _out_dir(flag: str, path: str | None) -> None:
-    if not path:
-        return
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise NasqError(f"{flag} {path}: cannot create it ({e.strerror})") from None
-    if not os.access(path, os.W_OK):
-        raise NasqError(f"{flag} {path} is not writable")
+    if path:
+        _ready(f"{flag} {path}", path)
 
 
 def _settings(args):
