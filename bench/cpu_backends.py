@@ -1,7 +1,8 @@
 """CPU backends in one run: torch eager fp32, ONNX Runtime fp32, OpenVINO fp32 and OpenVINO bf16 on
 NASNet-A Large (the demo's calibrated random-weight checkpoint, the same one for all), compute
-only, each configuration in a process of its own (as on a worker), the worker's thread count; then bf16's top-1 agreement with fp32 on the demo
-images, and the time of a repeat build (a cache hit).
+only, each configuration in a process of its own (as on a worker), the worker's thread count,
+the processes taking turns over several rounds (a shared VM's slow minutes fall on all alike);
+then bf16's top-1 agreement with fp32 on the demo images, and the time of a repeat build.
 
     python bench/cpu_backends.py --out bench/results/cpu_backends.json
 
@@ -36,7 +37,8 @@ def main() -> int:
     ap.add_argument("--arch", default="large", choices=("large", "tiny"))
     ap.add_argument("--batch-sizes", default="1,4", help="comma-separated (default: 1,4)")
     ap.add_argument("--images", type=int, default=64, help="demo images for the bf16 agreement (default: 64)")
-    ap.add_argument("--min-time", type=float, default=8.0, help="timed seconds per point (default: 8)")
+    ap.add_argument("--min-time", type=float, default=6.0, help="timed seconds per point and round (default: 6)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="runtime threads (default: all cores)")
     ap.add_argument("--workdir", default=os.path.expanduser("~/.cache/nasq/bench-cpu-backends"))
     ap.add_argument("--out", default="bench/results/cpu_backends.json")
@@ -67,25 +69,45 @@ def main() -> int:
                ("onnxruntime fp32", "onnxruntime", built["ort"].path, "fp32"),
                ("openvino fp32", "openvino", built["ov"].path, "fp32"),
                ("openvino bf16", "openvino", built["ov"].path, "bf16")]
-    rows = []
-    for name, be, model, precision in configs:  # each in a process of its own, as on a worker
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", json.dumps(
+    # Each configuration lives in a process of its own (as on a worker), loaded once; the processes
+    # take turns, round after round (the order rotated each round), so a slow minute of a shared
+    # VM falls on every configuration alike. A ratio is the median over rounds of the same round's
+    # ratio; a figure is the median over rounds.
+    procs = {}
+    for name, be, model, precision in configs:
+        procs[name] = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--one", json.dumps(
             {"name": name, "backend": be, "model": model, "precision": precision, "data": demo["data"],
-             "sizes": sizes, "threads": args.threads, "min_time": args.min_time})],
-            capture_output=True, text=True, check=True)
-        for row in json.loads(out.stdout):
-            rows.append(row)
-            log(f"{name} bs={row['batch_size']}: {row['img_s']:.2f} img/s (median {row['median_ms']:.1f} ms, "
-                f"{row['iters']} iters)")
+             "sizes": sizes, "threads": args.threads})], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        _ask(procs[name], None)  # loaded
+    per_round: dict[tuple, list[dict]] = {}
+    names = [c[0] for c in configs]
+    try:
+        for r in range(args.rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                for bs in sizes:
+                    row = _ask(procs[name], {"batch_size": bs, "min_time": args.min_time})
+                    per_round.setdefault((name, bs), []).append(row)
+                    log(f"round {r + 1}/{args.rounds} {name} bs={bs}: {row['img_s']:.2f} img/s "
+                        f"(median {row['median_ms']:.1f} ms, {row['iters']} iters)")
+    finally:
+        for proc in procs.values():
+            proc.stdin.close()
+            proc.wait(timeout=60)
+    rows = []
+    for (name, bs), runs in per_round.items():
+        eager = per_round[(configs[0][0], bs)]
+        ratios = [a["img_s"] / b["img_s"] for a, b in zip(runs, eager)]
+        rows.append({**runs[0], "img_s": round(float(np.median([x["img_s"] for x in runs])), 3),
+                     "median_ms": round(float(np.median([x["median_ms"] for x in runs])), 2),
+                     "iters": sum(x["iters"] for x in runs), "rounds": [round(x["img_s"], 3) for x in runs],
+                     "x_torch_eager": round(float(np.median(ratios)), 2),
+                     "x_torch_eager_rounds": [round(x, 2) for x in ratios]})
     loaded = {}
     for precision in ("fp32", "bf16"):
         b = backends.create("openvino", "cpu")
         b.load(ModelRef(built["ov"].path), batch_size=max(sizes),
                options=BackendOptions(precision=precision, threads=args.threads))
         loaded[precision] = b
-    eager = {r["batch_size"]: r["img_s"] for r in rows if r["config"] == "torch eager fp32"}
-    for r in rows:
-        r["x_torch_eager"] = round(r["img_s"] / eager[r["batch_size"]], 2)
 
     # bf16 against fp32, image for image, on the demo images
     labels = read_labels(demo["labels"])
@@ -113,30 +135,47 @@ def main() -> int:
         f"{agreement['fp32_margin_all']}; where they differ {agreement['fp32_margin_where_bf16_differs']}")
     result = {"env": {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "host": os.uname().nodename, "cpu": rows[0]["device_name"],
                       "threads": args.threads, "arch": args.arch, "min_time_s": args.min_time,
-                      "note": "compute only, one process per configuration; ratios against torch eager fp32 in the same run"},
+                      "rounds": args.rounds,
+                      "note": "compute only, one process per configuration, the processes taking turns round after "
+                              "round; img_s the median over rounds, x_torch_eager the median over rounds of the "
+                              "ratio to torch eager fp32 in the same round"},
               "rows": rows, "bf16_agreement": agreement, "repeat_build": hits}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     for r in rows:
-        print(f"{r['config']:<18} bs={r['batch_size']:<3} {r['img_s']:8.2f} img/s  x{r['x_torch_eager']:.2f} eager")
+        print(f"{r['config']:<18} bs={r['batch_size']:<3} {r['img_s']:8.2f} img/s  x{r['x_torch_eager']:.2f} eager "
+              f"(rounds: {', '.join(f'x{x:.2f}' for x in r['x_torch_eager_rounds'])})")
     return 0
 
 
+def _ask(proc: subprocess.Popen, request: dict | None) -> dict:
+    """Send one request to a configuration's process (None: wait until it has loaded) and read its answer."""
+    if request is not None:
+        proc.stdin.write(json.dumps(request) + "\n")
+        proc.stdin.flush()
+    line = proc.stdout.readline()
+    if not line:
+        raise SystemExit(f"a configuration's process died (exit {proc.wait()}); its error is above")
+    return json.loads(line)
+
+
 def one(spec: dict) -> None:
-    """Measure one configuration (``--one``): rows as JSON on stdout."""
+    """One configuration's process (``--one``): load, say so, then answer each request on stdin
+    (a batch size and a time) with a measured row on stdout, until stdin closes."""
     source = open_source(spec["data"])
     crops = np.stack([source.load(i) for i in range(min(len(source), 16))])
     b = backends.create(spec["backend"], "cpu")
     b.load(ModelRef(spec["model"]), batch_size=max(spec["sizes"]),
            options=BackendOptions(precision=spec["precision"], threads=spec["threads"]))
-    rows = []
-    for bs in spec["sizes"]:
+    print(json.dumps({"loaded": spec["name"]}), flush=True)
+    for line in sys.stdin:
+        req = json.loads(line)
+        bs = req["batch_size"]
         batch = crops[np.arange(bs) % len(crops)]
-        rows.append({"config": spec["name"], "batch_size": bs,
-                     **summarize(measure(b.compute_fn(batch), min_time_s=spec["min_time"]), bs),
-                     "device_name": b.describe_device(), "versions": b.versions()})
-    print(json.dumps(rows))
+        lat = measure(b.compute_fn(batch), warmup=1, min_iters=4, min_time_s=req["min_time"])
+        print(json.dumps({"config": spec["name"], "batch_size": bs, **summarize(lat, bs),
+                          "device_name": b.describe_device(), "versions": b.versions()}), flush=True)
 
 
 def _quantiles(values: list[float]) -> dict:

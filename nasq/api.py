@@ -173,20 +173,48 @@ def _build(session: Session, spec, artifacts: ArtifactStore, *, timeout: float |
     return BuildResult(spec.key, artifacts.path(spec.key), state["meta"], state["cached"])
 
 
-def cached_build(*, weights: str, target: str, num_outputs: int | None = None, settings: Settings) -> BuildResult | None:
+def cached_build(*, weights: str, target: str, num_outputs: int | None = None, settings: Settings,
+                 build_options: dict | None = None) -> BuildResult | None:
     """The artifact if it is already built (no build, no broker needed)."""
-    spec = make_spec(weights=weights, target=target, cache_dir=settings.artifact_dir, num_outputs=num_outputs)
+    spec = make_spec(weights=weights, target=target, cache_dir=settings.artifact_dir, num_outputs=num_outputs,
+                     **(build_options or {}))
     return ArtifactStore(settings.artifact_dir).result(spec.key)
 
 
+def build_options_for(backend: str, weights: str, *, batch_size: int, soc_version: str | None = None,
+                  gears: list[int] | None = None) -> dict:
+    """What the backend's build target needs besides the checkpoint: for ais_bench (an ATC
+    build), the chip and either the batch gears or the one batch size, as the seed builds one
+    .om per batch size.
+
+    Raises:
+        NasqError: --soc-version/--gears where no .om is built, an ATC build without a chip, or a
+            batch size that is not one of the gears.
+    """
+    if not needs_build(weights, backend) or backends.backend_class(backend).build_target != "om":
+        if soc_version or gears:
+            raise NasqError("--soc-version and --gears say how to build an .om from a checkpoint (--backend ais_bench "
+                            f"with a .pth); they do not apply to --backend {backend} with {os.path.basename(weights)}")
+        return {}
+    if not soc_version:
+        raise NasqError("the ais_bench backend runs an .om: pass --soc-version (e.g. Ascend310P3, see `npu-smi info`) "
+                        "to build one on the build queue (a build worker on a CANN host, with atc), or --weights X.om")
+    if gears and batch_size not in gears:
+        raise NasqError(f"-b {batch_size} is not one of the gears {','.join(map(str, gears))}")
+    return {"soc_version": soc_version, "gears": sorted(gears)} if gears else \
+        {"soc_version": soc_version, "batch_size": batch_size}
+
+
 def prepare_model(*, weights: str, backend: str, num_outputs: int | None, settings: Settings,
-                  session: Session | None = None, log=print) -> ModelRef:
+                  session: Session | None = None, build_options: dict | None = None, log=print) -> ModelRef:
     """What workers load: the checkpoint itself, or the verified artifact of the backend's build
-    target (onnxruntime: ORT; openvino: OpenVINO IR), built once on the build queue and reused."""
+    target (onnxruntime: ORT; openvino: OpenVINO IR; ais_bench: an .om, with ``build_options``' chip
+    and gears), built once on the build queue and reused."""
     if not needs_build(weights, backend):
         return ModelRef(weights=weights, num_outputs=num_outputs)
     target = backends.backend_class(backend).build_target
-    res = build(weights=weights, target=target, num_outputs=num_outputs, settings=settings, session=session, log=log)
+    res = build(weights=weights, target=target, num_outputs=num_outputs, settings=settings, session=session,
+                log=log, **(build_options or {}))
     log(f"{backend} artifact {res.key} ({'cache hit' if res.cached else 'built'}): {res.path}")
     return ModelRef(weights=res.path, num_outputs=num_outputs,
                     options={"provenance": {**(res.meta.get("model") or {}), "artifact_key": res.key}})
@@ -278,25 +306,28 @@ class _Plan:
     precision: str | None
     num_outputs: int | None
     output: OutputSpec | None
+    #: the build target's options (ais_bench: chip, gears or batch size)
+    build: dict
 
 
 def _plan(*, weights, data, labels, backend, batch_size, precision, num_outputs, output_dir, outfmt,
-          allow_bad_labels: bool = False) -> _Plan:
+          allow_bad_labels: bool = False, soc_version: str | None = None, gears: list[int] | None = None) -> _Plan:
     check_precision(backend, precision)
     if not (isinstance(batch_size, int) and 1 <= batch_size <= MAX_BATCH_SIZE):
         raise NasqError(f"batch_size must be 1 to {MAX_BATCH_SIZE}, not {batch_size!r}")
     source = open_source(data)
     check_usable(source)
     output = OutputSpec(os.path.abspath(output_dir), outfmt.upper()) if output_dir else None
-    return _Plan(weights=check_weights(weights, backend, num_outputs), source=source,
-                 labels=_labels_for(source, data, labels, allow_bad=allow_bad_labels),
-                 backend=backend, batch_size=batch_size, precision=precision, num_outputs=num_outputs, output=output)
+    weights = check_weights(weights, backend, num_outputs)
+    return _Plan(weights=weights, source=source, labels=_labels_for(source, data, labels, allow_bad=allow_bad_labels),
+                 backend=backend, batch_size=batch_size, precision=precision, num_outputs=num_outputs, output=output,
+                 build=build_options_for(backend, weights, batch_size=batch_size, soc_version=soc_version, gears=gears))
 
 
 def _submit(session: Session, plan: _Plan, *, queue: str, shard_size: int | None, workers: int | None,
             rerun: str | None, log) -> RunHandle:
     model = prepare_model(weights=plan.weights, backend=plan.backend, num_outputs=plan.num_outputs,
-                          settings=session.settings, session=session, log=log)
+                          settings=session.settings, session=session, build_options=plan.build, log=log)
     job = EvalJob(dataset=DatasetRef(**plan.source.describe()), labels=plan.labels, model=model, backend=plan.backend,
                   batch_size=plan.batch_size, precision=plan.precision, output=plan.output)
     if session.cluster is None:  # a deployment: warn first, and plan for the workers serving the queue now
@@ -332,7 +363,8 @@ def submit_evaluation(*, weights: str, data: str, labels: str | None = None, bac
                       batch_size: int = 8, shard_size: int | None = None, num_outputs: int | None = None,
                       precision: str | None = None, queue: str | None = None, output_dir: str | None = None,
                       outfmt: str = "NPY", broker: str | None = None, settings: Settings | None = None,
-                      allow_bad_labels: bool = False, rerun: str | None = None, log=print) -> RunHandle:
+                      allow_bad_labels: bool = False, rerun: str | None = None, soc_version: str | None = None,
+                      gears: list[int] | None = None, log=print) -> RunHandle:
     """Queue an evaluation on a running deployment and return at once (what ``python -m producer``
     does). ``RunHandle.wait()`` follows it; ``nasq status RUN_ID`` too, from any machine.
 
@@ -344,7 +376,7 @@ def submit_evaluation(*, weights: str, data: str, labels: str | None = None, bac
         raise NasqError("no broker: pass --broker redis://HOST:6379/0 or set NASQ_BROKER_URL")
     plan = _plan(weights=weights, data=data, labels=labels, backend=backend, batch_size=batch_size,
                  precision=precision, num_outputs=num_outputs, output_dir=output_dir, outfmt=outfmt,
-                 allow_bad_labels=allow_bad_labels)
+                 allow_bad_labels=allow_bad_labels, soc_version=soc_version, gears=gears)
     session = Session(settings)
     try:
         return _submit(session, plan, queue=queue or eval_queue(backend), shard_size=shard_size, workers=None,
@@ -360,7 +392,8 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
              compile: str | None = None, cuda_graphs: bool = False, broker: str | None = None,
              queue: str | None = None, output_dir: str | None = None, outfmt: str = "NPY", progress: bool = True,
              timeout: float | None = None, settings: Settings | None = None, allow_bad_labels: bool = False,
-             rerun: str | None = None, log=print) -> EvalResult:
+             rerun: str | None = None, soc_version: str | None = None, gears: list[int] | None = None,
+             log=print) -> EvalResult:
     """Evaluate a checkpoint (or built model) on a dataset folder across workers.
 
     With no broker configured, starts a private Redis and one local worker per device
@@ -375,6 +408,8 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
         compile, cuda_graphs: embedded runs: options of the local workers.
         rerun: the command that submits this run again, said if a broker loses the run.
         output_dir, outfmt: also write full logits per image in ais_bench's layout.
+        soc_version, gears: ais_bench with a checkpoint: the chip the .om is built for (ATC on the
+            build queue) and its dynamic batch gears (default: a static .om of ``batch_size``).
 
     Returns:
         EvalResult with the report (see README, "The report") and per-image predictions.
@@ -387,7 +422,7 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
     check_precision(backend, precision, compile)
     plan = _plan(weights=weights, data=data, labels=labels, backend=backend, batch_size=batch_size,
                  precision=precision, num_outputs=num_outputs, output_dir=output_dir, outfmt=outfmt,
-                 allow_bad_labels=allow_bad_labels)
+                 allow_bad_labels=allow_bad_labels, soc_version=soc_version, gears=gears)
     queue = queue or eval_queue(backend)
     local = None
     if not settings.broker_url:
@@ -401,7 +436,7 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
                  for d in devices]
         if needs_build(plan.weights, backend) and not cached_build(
                 weights=plan.weights, target=backends.backend_class(backend).build_target, num_outputs=num_outputs,
-                settings=settings):
+                settings=settings, build_options=plan.build):
             local.append(WorkerSpec(queues=(BUILD_QUEUE,)))
         workers = len(devices)
     with Session.open(settings, workers=local, log=log) as session:
@@ -450,7 +485,8 @@ def resume(run_id: str, *, broker: str | None = None, settings: Settings | None 
 
 def evaluate_local(*, weights: str, data: str, labels: str | None = None, backend: str = "torch",
                    device: str = "cpu", batch_size: int = 8, num_outputs: int | None = None,
-                   precision: str = "fp32", settings: Settings | None = None) -> dict:
+                   precision: str = "fp32", settings: Settings | None = None, soc_version: str | None = None,
+                   gears: list[int] | None = None) -> dict:
     """Single-process reference: the same evaluation in this process, no queue.
 
     Returns the per-image predictions in the same form as ``EvalResult.predictions``.
@@ -459,9 +495,10 @@ def evaluate_local(*, weights: str, data: str, labels: str | None = None, backen
 
     settings = settings or load_settings()
     plan = _plan(weights=weights, data=data, labels=labels, backend=backend, batch_size=batch_size,
-                 precision=precision, num_outputs=num_outputs, output_dir=None, outfmt="NPY")
+                 precision=precision, num_outputs=num_outputs, output_dir=None, outfmt="NPY",
+                 soc_version=soc_version, gears=gears)
     model = prepare_model(weights=plan.weights, backend=backend, num_outputs=num_outputs, settings=settings,
-                          log=lambda *_: None)
+                          build_options=plan.build, log=lambda *_: None)
     b = backends.create(backend, device)
     b.load(model, batch_size=batch_size, options=BackendOptions(precision=precision))
     try:

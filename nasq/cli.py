@@ -214,6 +214,11 @@ def _eval_args(p) -> None:
     p.add_argument("--queue", help="evaluation queue (default: eval.<backend>)")
     p.add_argument("--output", metavar="DIR", help="also write every image's logits in ais_bench's layout (shared storage)")
     p.add_argument("--outfmt", default="NPY", choices=("NPY", "TXT", "BIN"), help="format for --output (default: NPY)")
+    p.add_argument("--soc-version", help="ais_bench with a checkpoint: the chip to build the .om for, e.g. Ascend310P3 "
+                                         "(ATC on the build queue; see `npu-smi info`)")
+    p.add_argument("--gears", type=int_list(1, MAX_BATCH),
+                   help="ais_bench with a checkpoint: dynamic batch gears of the .om, e.g. 1,4,8 (-b must be one; "
+                        "default: a static .om of -b)")
     _report_flags(p)
 
 
@@ -228,7 +233,8 @@ def cmd_eval(args) -> int:
                             compile=None if args.compile == "none" else args.compile, cuda_graphs=args.cuda_graphs,
                             broker=args.broker, queue=args.queue, output_dir=args.output, outfmt=args.outfmt,
                             progress=not args.no_progress, timeout=args.timeout, log=_log,
-                            allow_bad_labels=args.allow_bad_labels, rerun=shlex.join(["nasq", *sys.argv[1:]])), args)
+                            allow_bad_labels=args.allow_bad_labels, rerun=shlex.join(["nasq", *sys.argv[1:]]),
+                            soc_version=args.soc_version, gears=args.gears), args)
 
 
 # ------------------------------------------------------------------------------ demo

@@ -11,7 +11,7 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from nasq import backends
-    from nasq.cli import MAX_BATCH, int_in
+    from nasq.cli import MAX_BATCH, int_in, int_list
 
     p = argparse.ArgumentParser(prog="python -m producer", description=__doc__.splitlines()[0],
                                 epilog="Example: python -m producer --broker redis://head:6379/0 --weights "
@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-bad-labels", action="store_true",
                    help="go on when some labels are not ImageNet classes 0-999 (they count as misses)")
     p.add_argument("--queue", help="evaluation queue (default: eval.<backend>)")
+    p.add_argument("--soc-version", help="ais_bench with a checkpoint: the chip to build the .om for, e.g. Ascend310P3")
+    p.add_argument("--gears", type=int_list(1, MAX_BATCH),
+                   help="ais_bench with a checkpoint: dynamic batch gears of the .om (default: a static .om of -b)")
     p.add_argument("--broker", help="Redis URL (default: $NASQ_BROKER_URL)")
     return p
 
@@ -41,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         handle = submit_evaluation(weights=args.weights, data=args.data, labels=args.labels, backend=args.backend,
                                    precision=args.precision, batch_size=args.batch_size, shard_size=args.shard_size,
                                    queue=args.queue, broker=args.broker, allow_bad_labels=args.allow_bad_labels,
+                                   soc_version=args.soc_version, gears=args.gears,
                                    log=lambda m: print(m, file=sys.stderr, flush=True))
     except NasqError as e:
         print(f"producer: error: {e}", file=sys.stderr)

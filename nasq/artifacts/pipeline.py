@@ -108,6 +108,10 @@ def commit(state: dict, *, store, artifacts: ArtifactStore) -> dict:
     meta = {"key": spec.key, "target": spec.target, "created": time.time(), "built_on": state["host"],
             "build_s": round(time.time() - state["started"], 2), "spec": state["spec"],
             "versions": tool_versions(spec.target), "steps": state["steps"], "verification": state["verification"],
+            # which steps were checked against PyTorch fp32 and which could not be, and why
+            "verified_steps": [r["step"] for r in state["verification"] if r.get("ok")],
+            "unverified_steps": [{"step": s["name"], "reason": s["unverified"]} for s in state["steps"]
+                                 if s.get("unverified")],
             "files": {f: file_digest(os.path.join(staging, f)) for f in files},
             "graph": next((s.get("graph") for s in reversed(state["steps"]) if s.get("graph")), state.get("graph")),
             "model": next((s["model"] for s in state["steps"] if s.get("model")), state.get("model"))}

@@ -141,8 +141,13 @@ def ort_optimize(spec: BuildSpec, onnx_path: str, workdir: str, rows: list[dict]
 
 
 def atc_commands(spec: BuildSpec, onnx_path: str, workdir: str | None) -> list[list[str]]:
-    """The ATC command line(s), with the seed's flags: one .om for the fixed batch size, or
-    one with dynamic batch gears. ``workdir`` None: output in the current directory."""
+    """The ATC command line, the seed's flags in the seed's order (``--framework=5 --model
+    --input_format=NCHW --input_shape="image:N,3,331,331" --output --log --soc_version``): one
+    static .om for the fixed batch size (the seed builds one per batch size), or one with dynamic
+    batch gears (``image:-1,...`` and ``--dynamic_batch_size``; its ONNX keeps a dynamic batch).
+    ``--output`` is a name without a suffix (ATC appends ``.om``; the seed's ``--output=X.onnx``
+    gave ``X.onnx.om``). ``--log=error`` where the seed has ``debug`` (a debugging level that
+    writes large logs). ``workdir`` None: the output in the current directory."""
     if spec.gears:
         shape, extra, out = "image:-1,3,331,331", ["--dynamic_batch_size=" + ",".join(map(str, spec.gears))], "nasnetlarge_dyn"
     else:
@@ -151,6 +156,11 @@ def atc_commands(spec: BuildSpec, onnx_path: str, workdir: str | None) -> list[l
     return [["atc", "--framework=5", f"--model={onnx_path}", "--input_format=NCHW", f"--input_shape={shape}",
              f"--output={os.path.join(workdir, out) if workdir else out}", "--log=error",
              f"--soc_version={spec.soc_version}", *extra]]
+
+
+#: why the ATC step's output is not verified where it is built
+ATC_UNVERIFIED = ("an .om runs only on an Ascend NPU: the build cannot compare it with PyTorch; "
+                  "`nasq eval --backend ais_bench` on a CANN host checks its accuracy")
 
 
 def atc(spec: BuildSpec, onnx_path: str, workdir: str, rows: list[dict]) -> dict:
@@ -165,13 +175,13 @@ def atc(spec: BuildSpec, onnx_path: str, workdir: str, rows: list[dict]) -> dict
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
             raise BuildError(f"atc failed ({p.returncode}): {shlex.join(cmd)}\n{(p.stdout + p.stderr)[-3000:]}")
+        # ATC may add the host's OS and architecture to the name (X_linux_x86_64.om)
         prefix = os.path.basename(cmd[5].split("=", 1)[1])
         files += sorted(f for f in os.listdir(workdir) if f.startswith(prefix) and f.endswith(".om"))
     if not files:
         raise BuildError(f"atc reported success but wrote no .om in {workdir}")
     return {"name": "atc", "seconds": round(time.perf_counter() - t, 2), "files": {"om": files},
-            "command": "\n".join(shlex.join(c) for c in cmds),
-            "verification": None}  # an .om runs only on an NPU: verify with `nasq eval --backend ais_bench`
+            "command": "\n".join(shlex.join(c) for c in cmds), "verification": None, "unverified": ATC_UNVERIFIED}
 
 
 def trt(spec: BuildSpec, onnx_path: str, workdir: str, rows: list[dict]) -> dict:

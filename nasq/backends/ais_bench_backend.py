@@ -1,68 +1,203 @@
-"""Ascend OM models through ais_bench's ``InferSession``.
+"""Ascend offline models (``.om``) through ais_bench's ``InferSession``.
 
-Thin and documented, because no Ascend NPU or CANN toolkit is available where nasq is
-developed: this adapter is not exercised by the test suite. What it relies on (ais_bench
-interface API, https://gitee.com/ascend/tools, ``ais_bench.infer.interface``):
+No Ascend NPU or CANN toolkit exists where nasq is developed, so this adapter is held to ais_bench's
+documented interface instead: ais_bench 0.0.2 with its ``aclruntime`` 0.0.2 backend (the wheels built
+from ``ais-bench_workload/tool/ais_bench`` in Ascend's tools repository; its API_GUIDE.md), through
+the test double in ``tests/doubles`` that enforces that contract (README, "Ascend"). What nasq relies
+on, and how it uses it:
 
-* ``InferSession(device_id, model_path)`` loads an ``.om`` on NPU ``device_id``;
-* ``session.infer([batch], mode="static")`` returns a list of numpy outputs
-  (``mode="dymbatch"`` for models compiled with ``--dynamic_batch_size`` gears);
-* ``session.free_device()`` releases it.
+* ``InferSession(device_id, model_path, acl_json_path=None, debug=False, loop=1)`` loads the .om on
+  NPU ``device_id`` of those the process sees. A worker is pinned with ``ASCEND_RT_VISIBLE_DEVICES``
+  before anything loads the ACL (``workers/pinning.py``), so inside a worker the NPU is always
+  ``npu:0``; a variable already set (by a scheduler) is honoured, its entries counted as the runtime
+  counts them.
+* ``get_inputs()[0]`` is a ``tensor_desc`` (``name``, ``datatype``, ``format``, ``shape``, ``size``,
+  ``realsize``): ``shape[0]`` is the batch a static .om was compiled for, or -1 for an .om compiled
+  with ``--dynamic_batch_size`` gears. nasq checks float32, NCHW (format 0) and 3x331x331 at load.
+* ``infer([x], mode="static")`` for a static .om: ``x`` must hold exactly the compiled batch (nasq
+  pads a short batch: ``fixed_batch``, and ``-b`` must equal the compiled batch).
+  ``infer([x], mode="dymbatch")`` for a gear .om: the batch of ``x`` selects the gear and must be one
+  exactly (aclruntime neither pads nor chooses: "the dymBatch parameter is not correct"). nasq runs a
+  batch on the smallest gear that holds it, padded with copies of its first image (as the
+  ``ais_bench`` tool pads a short batch) and the padding's outputs dropped. ``x`` is one C-contiguous
+  float32 NCHW array: aclruntime compares only byte sizes, so a wrong dtype of the same size would
+  pass there silently. The result is a list of host numpy arrays, one per output (``[0]``: logits).
+* ``summary().exec_time_list``: one entry per model execution, ``(start_ms, end_ms)`` since the
+  session started in 0.0.2, a duration in ms in earlier versions (``sumary()``, ``reset_sumaryinfo``);
+  ``reset_summaryinfo()`` clears it. nasq reads it after every batch, so the compute time, latency
+  percentiles and per-device throughput of a report are the NPU's execution time, the figure
+  ``python3 -m ais_bench`` reports (``NPU_compute_time``), not host time around the call.
+* ``free_resource()`` (0.0.2) releases the model and the context; versions before it had only
+  ``finalize()``. There is no ``free_device()`` in any version. ``InferSession.finalize()`` (a class
+  method that ends the process's ACL use) is left to the process's exit.
 
-The worker pins the NPU with ``ASCEND_RT_VISIBLE_DEVICES`` before this module is imported,
-so inside the process the device is always ``npu:0``. An OM compiled for a fixed batch
-size gets padded batches (``fixed_batch``), as ais_bench itself does.
+Gears come from the artifact's ``meta.json`` when the .om was built by ``nasq build --target om``
+(``--gears``); for any other .om the batch size must be one of its gears (checked at load).
 """
 from __future__ import annotations
 
+import glob
+import json
 import os
 
 import numpy as np
 
 from ..config import BackendOptions
 from ..errors import BackendError
-from ..model.spec import ModelRef
+from ..model.spec import PREPROCESS, ModelRef
 from .base import Backend
+
+
+def device_ms(exec_time_list) -> float:
+    """Total execution time in ms of ``summary().exec_time_list``: (start, end) pairs in ms
+    (ais_bench 0.0.2) or durations in ms (earlier versions)."""
+    total = 0.0
+    for entry in exec_time_list or []:
+        if isinstance(entry, (tuple, list)):
+            start, end = entry
+            total += float(end) - float(start)
+        else:
+            total += float(entry)
+    return total
+
+
+def find_om(path: str) -> tuple[str, dict]:
+    """(the .om to load, what nasq's build recorded about it: gears, chip; {} if not built by nasq).
+
+    Raises:
+        BackendError: no .om there, or several in one folder.
+    """
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    if os.path.isdir(path):
+        found = sorted(glob.glob(os.path.join(path, "*.om")))
+        if len(found) != 1:
+            raise BackendError(f"ais_bench: {path} holds {len(found)} .om files ({', '.join(map(os.path.basename, found)) or 'none'}); "
+                               "give --weights the one to run")
+        path = found[0]
+    elif not path.endswith(".om"):
+        raise BackendError(f"ais_bench runs a compiled .om, not {path!r}: build one with `nasq build --target om "
+                           "--soc-version Ascend310P3` on a CANN host (or give `nasq eval` --soc-version)")
+    if not os.path.isfile(path):
+        raise BackendError(f"ais_bench model {path!r} does not exist")
+    spec = {}
+    try:
+        with open(os.path.join(folder, "meta.json")) as f:
+            spec = json.load(f).get("spec") or {}
+    except (OSError, ValueError):
+        pass
+    return path, {"gears": [int(g) for g in spec.get("gears") or []] or None, "soc_version": spec.get("soc_version")}
 
 
 class AisBenchBackend(Backend):
     name = "ais_bench"
     artifact_suffixes = (".om",)
+    #: a checkpoint is built to an .om first (ATC on the build queue, needs --soc-version)
+    build_target = "om"
 
     def load(self, model: ModelRef, *, batch_size: int, options: BackendOptions = BackendOptions()) -> None:
         self.check_options(options)
-        try:
-            from ais_bench.infer.interface import InferSession
-        except ImportError:
-            raise BackendError("the ais_bench backend needs Ascend's ais_bench and aclruntime packages "
-                               "(install the wheels from the ais_bench release on a CANN host)") from None
         kind, _, index = self.device.partition(":")
         if kind != "npu":
             raise BackendError(f"ais_bench runs on npu:N, not {self.device!r}")
-        if not model.weights.endswith(".om") or not os.path.isfile(model.weights):
-            raise BackendError(f"ais_bench needs a compiled .om model, got {model.weights!r} "
-                               "(build one with `nasq build --target om`)")
-        self._sess = InferSession(int(index or 0), model.weights)
-        shape = self._sess.get_inputs()[0].shape
-        self.fixed_batch = int(shape[0]) if int(shape[0]) > 0 else None
-        self._mode = "static" if self.fixed_batch else "dymbatch"
-        self.model_info = {"artifact": os.path.abspath(model.weights)}
+        path, built = find_om(model.weights)
+        try:
+            from ais_bench.infer.interface import InferSession
+        except ImportError:
+            raise BackendError("the ais_bench backend needs Ascend's ais_bench and aclruntime wheels (from the "
+                               "ais_bench release, installed on a CANN host after `source "
+                               "/usr/local/Ascend/ascend-toolkit/set_env.sh`)") from None
+        try:
+            self._sess = InferSession(int(index or 0), path)
+        except RuntimeError as e:
+            raise BackendError(f"ais_bench could not load {path} on {self.device} "
+                               f"(ASCEND_RT_VISIBLE_DEVICES={os.environ.get('ASCEND_RT_VISIBLE_DEVICES')}): {e}") from None
+        desc = self._sess.get_inputs()[0]
+        dtype = getattr(desc.datatype, "name", str(desc.datatype)).rsplit(".", 1)[-1]
+        shape = [int(d) for d in desc.shape]
+        if dtype != "float32" or int(getattr(desc, "format", 0)) != 0 or shape[1:] != list(PREPROCESS.chw):
+            raise BackendError(f"ais_bench: {path} takes {dtype} {shape} (format {desc.format}); nasq feeds "
+                               f"float32 NCHW [N, {', '.join(map(str, PREPROCESS.chw))}] as the seed's ATC command compiles")
+        self._soc = built["soc_version"]
+        if shape[0] > 0:  # static: one batch size, short batches padded by the caller
+            if batch_size != shape[0]:
+                raise BackendError(f"ais_bench: {os.path.basename(path)} was compiled for batch {shape[0]}; run it "
+                                   f"with -b {shape[0]} (or build one per batch size, or one with --gears)")
+            self.fixed_batch, self._gears, self._mode = shape[0], None, "static"
+        else:
+            gears = built["gears"]
+            if gears is None:  # not built by nasq: the batch size must be a gear, as aclruntime checks
+                try:
+                    self._sess.set_dynamic_batchsize(batch_size)
+                except RuntimeError as e:
+                    raise BackendError(f"ais_bench: batch size {batch_size} is not a gear of {path}: {e}") from None
+                gears = [batch_size]
+            elif batch_size not in gears:
+                raise BackendError(f"ais_bench: batch size {batch_size} is not one of {os.path.basename(path)}'s gears "
+                                   f"({', '.join(map(str, gears))}); run with -b one of them")
+            self.fixed_batch, self._gears, self._mode = None, sorted(g for g in gears if g <= batch_size), "dymbatch"
+        self._pending_ms: float | None = None
+        self._reset_summary()
+        self.model_info = {"artifact": os.path.abspath(path), "gears": self._gears,
+                           **(model.options.get("provenance") or {})}
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        out = self._sess.infer([np.ascontiguousarray(batch, dtype=np.float32)], mode=self._mode)[0]
-        out = np.asarray(out, dtype=np.float32).reshape(len(batch), -1)
+        n = len(batch)
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        if self._mode == "dymbatch":
+            gear = next((g for g in self._gears if g >= n), None)
+            if gear is None:
+                raise BackendError(f"ais_bench: a batch of {n} is larger than every gear ({self._gears})")
+            if gear > n:
+                x = np.ascontiguousarray(np.concatenate([x, np.repeat(x[:1], gear - n, axis=0)]))
+        try:
+            out = self._sess.infer([x], mode=self._mode)[0]
+        except RuntimeError as e:
+            raise BackendError(f"ais_bench infer ({self._mode}, batch {len(x)}) failed: {e}") from None
+        out = np.asarray(out, dtype=np.float32).reshape(len(x), -1)[:n]
         self.num_outputs = out.shape[1]
+        ms = self._read_summary()
+        if ms is not None:
+            self._pending_ms = (self._pending_ms or 0.0) + ms
         return out
+
+    def _read_summary(self) -> float | None:
+        """The NPU time of the executions since the last read (None: this ais_bench has no summary)."""
+        read = getattr(self._sess, "summary", None) or getattr(self._sess, "sumary", None)
+        if read is None:
+            return None
+        ms = device_ms(read().exec_time_list)
+        self._reset_summary()
+        return ms
+
+    def _reset_summary(self) -> None:
+        reset = getattr(self._sess, "reset_summaryinfo", None) or getattr(self._sess, "reset_sumaryinfo", None)
+        if reset is not None:
+            reset()
+
+    def take_device_ms(self) -> float | None:
+        ms, self._pending_ms = self._pending_ms, None
+        return ms
 
     def versions(self) -> dict[str, str]:
         from importlib.metadata import PackageNotFoundError, version
 
-        try:
-            return {"ais_bench": version("ais_bench")}
-        except PackageNotFoundError:
-            return {"ais_bench": "unknown"}
+        out = {}
+        for pkg in ("ais_bench", "aclruntime"):
+            try:
+                out[pkg] = version(pkg)
+            except PackageNotFoundError:
+                out[pkg] = "unknown"
+        return out
+
+    def describe_device(self) -> str:
+        visible = os.environ.get("ASCEND_RT_VISIBLE_DEVICES")
+        where = f"NPU {visible}" if visible and "," not in visible else self.device
+        return f"{self._soc or 'Ascend'} {where}, ais_bench {self._mode}" + \
+            (f" (gears {','.join(map(str, self._gears))})" if self._gears else "")
 
     def close(self) -> None:
-        if getattr(self, "_sess", None) is not None:
-            self._sess.free_device()
-            self._sess = None
+        sess, self._sess = getattr(self, "_sess", None), None
+        if sess is not None:
+            free = getattr(sess, "free_resource", None) or getattr(sess, "finalize", None)
+            if free is not None:
+                free()

@@ -87,6 +87,12 @@ class Backend(ABC):
         waits for it: what compute-only benchmarks time. Default: the full predict_u8."""
         return lambda: self.predict_u8(batch)
 
+    def take_device_ms(self) -> float | None:
+        """The device's own execution time in ms of the ``predict`` calls since the last call
+        (ais_bench's ``exec_time_list``), or None where the runtime does not report one (then
+        compute time is host time around ``predict``)."""
+        return None
+
     def peak_memory_bytes(self) -> int | None:
         """Peak device memory since load or the last ``reset_peak_memory``, where the runtime can tell."""
         return None

@@ -195,6 +195,9 @@ def local_devices(backend: str, device: str = "auto", workers: int | None = None
     """
     if device not in ("auto", "cpu", "cuda"):
         return [d.strip() for d in device.split(",") if d.strip()]
+    if backend == "ais_bench":
+        raise NasqError("--backend ais_bench runs on Ascend NPUs: name them, e.g. --device npu:0,npu:1 "
+                        "(one worker each, pinned with ASCEND_RT_VISIBLE_DEVICES)")
     gpus = cuda_device_count() if device != "cpu" and backend in ("torch", "onnxruntime") else 0
     if device == "cuda" and not gpus:
         raise NasqError("--device cuda: no NVIDIA GPU is visible (nvidia-smi found none)")

@@ -136,9 +136,17 @@ def _facts(report: dict) -> list[list]:
               ["throughput, end to end", f"{t.get('end_to_end_img_s')} img/s over {t.get('end_to_end_s')} s "
                                          "(submission to report)"],
               ["throughput, compute only", f"{t.get('compute_img_s')} img/s (sum over devices of ais_bench's "
-                                           "1000 * batch / mean compute ms)"],
+                                           "1000 * batch / mean compute ms; compute timed by "
+                                           f"{_clock(report)})"],
               ["model load", f"{report.get('model_load_s')} s (slowest device)"]]
     return facts
+
+
+def _clock(report: dict) -> str:
+    clocks = {d.get("compute_clock", "host") for d in report.get("per_device") or []}
+    if clocks == {"device"}:
+        return "the device's own execution time (ais_bench exec_time_list)"
+    return "the host around each batch" if clocks <= {"host"} else "the device where it reports one, else the host"
 
 
 def render_markdown(report: dict) -> str:

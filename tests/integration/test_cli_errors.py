@@ -133,6 +133,13 @@ CASES = [
     ("flower auth file", ["flower", "--basic-auth-file", "{bad}/none.txt", "--broker", "redis://127.0.0.1:1/0"],
      "--basic-auth-file"),
     ("resume json", ["resume", "r1", "--json", "{bad}/afile/r.json"], "--json"),
+    ("ais_bench without a chip", EVAL + ["--backend", "ais_bench", "--device", "npu:0"], "pass --soc-version"),
+    ("ais_bench on no NPU", EVAL + ["--backend", "ais_bench", "--soc-version", "Ascend310P3"],
+     "--backend ais_bench runs on Ascend NPUs: name them"),
+    ("ais_bench batch not a gear", EVAL + ["--backend", "ais_bench", "--soc-version", "310P3", "--gears", "1,4",
+                                           "-b", "3", "--device", "npu:0"], "-b 3 is not one of the gears 1,4"),
+    ("gears 0", EVAL + ["--backend", "ais_bench", "--gears", "0,4"], "argument --gears: must be 1 to 1024, not 0"),
+    ("soc-version on torch", EVAL + ["--soc-version", "Ascend310P3"], "do not apply to --backend torch"),
 ]
 
 
