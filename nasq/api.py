@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, replace
 
 from . import backends
-from .artifacts.spec import make_spec
+from .artifacts.spec import check_om_options, make_spec
 from .artifacts.store import ArtifactStore, BuildResult
 from .config import BackendOptions, Settings, load_settings
 from .roots import split_paths
@@ -201,6 +201,7 @@ def build_options_for(backend: str, weights: str, *, batch_size: int, soc_versio
                         "to build one on the build queue (a build worker on a CANN host, with atc), or --weights X.om")
     if gears and batch_size not in gears:
         raise NasqError(f"-b {batch_size} is not one of the gears {','.join(map(str, gears))}")
+    check_om_options(soc_version, gears)
     return {"soc_version": soc_version, "gears": sorted(gears)} if gears else \
         {"soc_version": soc_version, "batch_size": batch_size}
 
@@ -213,6 +214,9 @@ def prepare_model(*, weights: str, backend: str, num_outputs: int | None, settin
     if not needs_build(weights, backend):
         return ModelRef(weights=weights, num_outputs=num_outputs)
     target = backends.backend_class(backend).build_target
+    if target == "om" and not build_options:
+        raise NasqError(f"backend {backend} runs an .om here: build one with `nasq build --weights {weights} --target "
+                        "om --soc-version Ascend310P3 --gears 1,4,8` (on a CANN host) and pass it as --weights")
     res = build(weights=weights, target=target, num_outputs=num_outputs, settings=settings, session=session,
                 log=log, **(build_options or {}))
     log(f"{backend} artifact {res.key} ({'cache hit' if res.cached else 'built'}): {res.path}")
@@ -389,7 +393,7 @@ def submit_evaluation(*, weights: str, data: str, labels: str | None = None, bac
 def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str = "torch",
              device: str = "auto", workers: int | None = None, batch_size: int = 8,
              shard_size: int | None = None, num_outputs: int | None = None, precision: str | None = None,
-             compile: str | None = None, cuda_graphs: bool = False, broker: str | None = None,
+             compile: str | None = None, cuda_graphs: bool = False, kernels: str = "torch", broker: str | None = None,
              queue: str | None = None, output_dir: str | None = None, outfmt: str = "NPY", progress: bool = True,
              timeout: float | None = None, settings: Settings | None = None, allow_bad_labels: bool = False,
              rerun: str | None = None, soc_version: str | None = None, gears: list[int] | None = None,
@@ -405,7 +409,7 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
         data: JPEG folder, .bin folder or u8 shard folder.
         labels: val_label.txt (default: one beside or inside ``data``; none: no accuracy).
         num_outputs: None keeps the checkpoint's head; 1000 drops the background class.
-        compile, cuda_graphs: embedded runs: options of the local workers.
+        compile, cuda_graphs, kernels: embedded runs: options of the local workers.
         rerun: the command that submits this run again, said if a broker loses the run.
         output_dir, outfmt: also write full logits per image in ais_bench's layout.
         soc_version, gears: ais_bench with a checkpoint: the chip the .om is built for (ATC on the
@@ -432,7 +436,8 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
         devices = local_devices(backend, device, workers)
         threads = cpu_threads(devices)
         local = [WorkerSpec(device=d, backend=backend, queues=(queue,), precision=precision,
-                            threads=threads if d == "cpu" else None, compile=compile, cuda_graphs=cuda_graphs)
+                            threads=threads if d == "cpu" else None, compile=compile, cuda_graphs=cuda_graphs,
+                            kernels=kernels)
                  for d in devices]
         if needs_build(plan.weights, backend) and not cached_build(
                 weights=plan.weights, target=backends.backend_class(backend).build_target, num_outputs=num_outputs,
@@ -610,7 +615,8 @@ def cancel(run_id: str, *, broker: str | None = None, settings: Settings | None 
 # ------------------------------------------------------------------------------ benchmarks
 
 def bench(*, backend: str = "torch", device: str = "cpu", precision: str = "fp32", compile: str = "none",
-          cuda_graphs: bool = False, device_decode: bool = False, batch_sizes: list[int], mode: str = "compute",
+          cuda_graphs: bool = False, kernels: str = "torch", device_decode: bool = False, batch_sizes: list[int],
+          mode: str = "compute",
           weights: str | None = None, data: str | None = None, arch: str = "large", baseline: bool = True,
           min_time_s: float = 2.0, settings: Settings | None = None, log=print) -> BenchResult:
     """``nasq bench``: one backend configuration plus eager baselines, in this process.
@@ -621,7 +627,8 @@ def bench(*, backend: str = "torch", device: str = "cpu", precision: str = "fp32
 
     check_precision(backend, precision, compile)
     settings = settings or load_settings()
-    options = BackendOptions(precision=precision, compile=compile, cuda_graphs=cuda_graphs, device_decode=device_decode,
+    options = BackendOptions(precision=precision, compile=compile, cuda_graphs=cuda_graphs, kernels=kernels,
+                             device_decode=device_decode,
                              cache_dir=os.path.join(settings.artifact_dir, "inductor-cache"))
     workdir = os.path.expanduser(f"~/.cache/nasq/bench-{arch}")
     if weights is None or data is None:

@@ -144,6 +144,9 @@ def _torch_flags(p) -> None:
     p.add_argument("--compile", default="none", choices=backends.compile_modes(),
                    help="torch backend: torch.compile mode (default: none)")
     p.add_argument("--cuda-graphs", action="store_true", help="torch backend: replay a CUDA graph per batch size")
+    p.add_argument("--kernels", default="torch", choices=("torch", "triton"),
+                   help="torch backend on CUDA: triton runs NASNet's separable branches as fused Triton kernels "
+                        "(BatchNorm folded; default: torch)")
 
 
 def _report_flags(p) -> None:
@@ -231,6 +234,7 @@ def cmd_eval(args) -> int:
                             device=args.device, workers=args.workers, batch_size=args.batch_size,
                             shard_size=args.shard_size, num_outputs=args.num_outputs, precision=args.precision,
                             compile=None if args.compile == "none" else args.compile, cuda_graphs=args.cuda_graphs,
+                            kernels=args.kernels,
                             broker=args.broker, queue=args.queue, output_dir=args.output, outfmt=args.outfmt,
                             progress=not args.no_progress, timeout=args.timeout, log=_log,
                             allow_bad_labels=args.allow_bad_labels, rerun=shlex.join(["nasq", *sys.argv[1:]]),
@@ -374,7 +378,8 @@ def cmd_bench(args) -> int:
 
     _out_file("--json", args.json)
     res = bench(backend=args.backend, device=args.device, precision=args.precision, compile=args.compile,
-                cuda_graphs=args.cuda_graphs, device_decode=args.device_decode, batch_sizes=args.batch_sizes,
+                cuda_graphs=args.cuda_graphs, kernels=args.kernels, device_decode=args.device_decode,
+                batch_sizes=args.batch_sizes,
                 mode=args.mode, weights=args.weights, data=args.data, arch=args.arch, baseline=not args.no_baseline,
                 min_time_s=args.min_time, log=_log)
     print(res.table)

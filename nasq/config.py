@@ -165,6 +165,9 @@ class BackendOptions:
     compile: str = "none"
     #: torch: replay a CUDA graph per batch size
     cuda_graphs: bool = False
+    #: torch: "torch" (its own kernels) or "triton" (NASNet's separable branches as fused Triton
+    #: kernels, nasq/model/triton_sep.py; BatchNorm folded first)
+    kernels: str = "torch"
     #: torch: decode JPEGs on the device
     device_decode: bool = False
     #: torch: fold BatchNorm / channels-last (None: on for the CUDA fp16/bf16 fast path)
@@ -195,6 +198,7 @@ class WorkerConfig:
     precision: str = "fp32"
     compile: str = "none"
     cuda_graphs: bool = False
+    kernels: str = "torch"
     device_decode: bool = False
     #: threads decoding the next batch while the device runs the current one
     decode_threads: int = 1
@@ -220,7 +224,8 @@ class WorkerConfig:
     def backend_options(self, precision: str | None = None) -> BackendOptions:
         """The options a run gets on this worker: the run's precision if it set one."""
         return BackendOptions(precision=precision or self.precision, threads=self.threads, compile=self.compile,
-                              cuda_graphs=self.cuda_graphs, device_decode=self.device_decode, sim=self.sim,
+                              cuda_graphs=self.cuda_graphs, kernels=self.kernels, device_decode=self.device_decode,
+                              sim=self.sim,
                               cache_dir=os.path.join(self.settings.artifact_dir, "inductor-cache"))
 
     def describe(self) -> dict:

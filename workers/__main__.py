@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", default="none", choices=backends.compile_modes(),
                    help="torch backend: torch.compile mode (compiled once per process; cache in the artifact dir)")
     p.add_argument("--cuda-graphs", action="store_true", help="torch backend: replay a CUDA graph per batch size")
+    p.add_argument("--kernels", default="torch", choices=("torch", "triton"),
+                   help="torch backend on CUDA: triton runs NASNet's separable branches as fused Triton kernels "
+                        "(default: torch)")
     p.add_argument("--device-decode", action="store_true",
                    help="torch backend: decode JPEGs on the device (nvjpeg on CUDA; within 1/255 of Pillow per pixel)")
     p.add_argument("--decode-threads", type=int_in(1, 64), default=None,
@@ -114,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         queues.append(worker_queue(name))  # sweeps send a point to this one device
     config = WorkerConfig(settings=settings, device=args.device, local_device=local_device, backend=args.backend,
                           precision=args.precision, compile=args.compile, cuda_graphs=args.cuda_graphs,
+                          kernels=args.kernels,
                           device_decode=args.device_decode,
                           decode_threads=args.decode_threads or (1 if args.device == "cpu" else 4),
                           threads=args.threads, queues=tuple(queues), name=name, sim=args.sim,

@@ -117,6 +117,20 @@ def normalize_soc(soc: str | None) -> str | None:
     return soc if soc.startswith("Ascend") else f"Ascend{soc}"
 
 
+def check_om_options(soc_version: str | None, gears: list[int] | None) -> None:
+    """The chip name and the gears as ATC takes them.
+
+    Raises:
+        NasqError: a chip name that is not AscendXXX, or gears ATC refuses.
+    """
+    if soc_version and not re.fullmatch(r"Ascend[A-Za-z0-9]{1,26}", normalize_soc(soc_version)):
+        raise NasqError(f"--soc-version {soc_version!r} is not a chip name such as Ascend310P3 (see `npu-smi info`)")
+    if gears and (not 2 <= len(gears) <= 100 or len(set(gears)) != len(gears)
+                  or not all(1 <= g <= 2048 for g in gears)):
+        raise NasqError(f"--gears {','.join(map(str, gears))}: ATC takes 2 to 100 different gears, each 1 to 2048 "
+                        "(for one batch size, build a static .om with -b instead)")
+
+
 def make_spec(*, weights: str, target: str, cache_dir: str, num_outputs: int | None = None,
               opset: int | None = None, batch_size: int | None = None, gears: list[int] | None = None,
               soc_version: str | None = None, tolerance: float = 1e-4, accept_tolerance: bool = False) -> BuildSpec:
@@ -131,6 +145,7 @@ def make_spec(*, weights: str, target: str, cache_dir: str, num_outputs: int | N
         raise NasqError("--target om needs --soc-version (e.g. Ascend310P3; `npu-smi info` shows the chip name)")
     if gears and target != "om":
         raise NasqError("dynamic batch gears are an ATC (--target om) option")
+    check_om_options(soc_version, gears)
     if opset is None:
         opset = ATC_OPSET if target == "om" else DEFAULT_OPSET
     if target == "om" and not gears and batch_size is None:

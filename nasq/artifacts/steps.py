@@ -181,7 +181,9 @@ def atc(spec: BuildSpec, onnx_path: str, workdir: str, rows: list[dict]) -> dict
     if not files:
         raise BuildError(f"atc reported success but wrote no .om in {workdir}")
     return {"name": "atc", "seconds": round(time.perf_counter() - t, 2), "files": {"om": files},
-            "command": "\n".join(shlex.join(c) for c in cmds), "verification": None, "unverified": ATC_UNVERIFIED}
+            "command": "\n".join(shlex.join(c) for c in cmds), "verification": None, "unverified": ATC_UNVERIFIED,
+            # the seed's command sets no --precision_mode: the .om computes as ATC's default says
+            "precision_mode": "force_fp16 (ATC's default; the command sets no --precision_mode)"}
 
 
 def trt(spec: BuildSpec, onnx_path: str, workdir: str, rows: list[dict]) -> dict:

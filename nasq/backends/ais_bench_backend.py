@@ -23,13 +23,24 @@ on, and how it uses it:
   float32 NCHW array: aclruntime compares only byte sizes, so a wrong dtype of the same size would
   pass there silently. The result is a list of host numpy arrays, one per output (``[0]``: logits).
 * ``summary().exec_time_list``: one entry per model execution, ``(start_ms, end_ms)`` since the
-  session started in 0.0.2, a duration in ms in earlier versions (``sumary()``, ``reset_sumaryinfo``);
-  ``reset_summaryinfo()`` clears it. nasq reads it after every batch, so the compute time, latency
-  percentiles and per-device throughput of a report are the NPU's execution time, the figure
-  ``python3 -m ais_bench`` reports (``NPU_compute_time``), not host time around the call.
-* ``free_resource()`` (0.0.2) releases the model and the context; versions before it had only
-  ``finalize()``. There is no ``free_device()`` in any version. ``InferSession.finalize()`` (a class
-  method that ends the process's ACL use) is left to the process's exit.
+  session started (0.0.2; earlier versions listed durations in ms under ``sumary()``);
+  ``reset_summaryinfo()`` clears it. nasq reads it after every batch, so the compute time and
+  latency percentiles of a report are the NPU's execution time as ``python3 -m ais_bench``
+  measures it (``NPU_compute_time``), not host time around the call. Like the tool, nasq runs one
+  warm-up execution (per gear) at load and clears the list. The times are float32 ms since the
+  session started, so their resolution decays in a long-lived worker (about 2 ms after 5 hours):
+  a batch whose device time exceeds its host time falls back to host time.
+* ``InferSession`` raises ``ValueError``/``TypeError`` as well as ``RuntimeError``: 0.0.2 refuses
+  an .om that is a symlink, writable by group or others, owned by neither the user nor a group of
+  theirs, or whose path has characters outside ``[A-Za-z0-9_./-]``.
+* ``free_resource()`` releases the model and the context. There is no ``free_device()`` in any
+  version; ``finalize()`` ends ACL for the whole process (a worker could not load another model
+  after it), so nasq never calls it. Versions before 0.0.2 (no ``free_resource``, no
+  ``out_array``, ``dymbatch`` ignored) are refused at load.
+
+An .om computes in the precision ATC compiled it for: the seed's command sets no
+``--precision_mode``, so ATC's default (``force_fp16``) applies; the report's model block says so
+(``compute_precision``).
 
 Gears come from the artifact's ``meta.json`` when the .om was built by ``nasq build --target om``
 (``--gears``); for any other .om the batch size must be one of its gears (checked at load).
@@ -37,8 +48,10 @@ Gears come from the artifact's ``meta.json`` when the .om was built by ``nasq bu
 from __future__ import annotations
 
 import glob
+import inspect
 import json
 import os
+import time
 
 import numpy as np
 
@@ -50,7 +63,7 @@ from .base import Backend
 
 def device_ms(exec_time_list) -> float:
     """Total execution time in ms of ``summary().exec_time_list``: (start, end) pairs in ms
-    (ais_bench 0.0.2) or durations in ms (earlier versions)."""
+    (ais_bench 0.0.2; durations in ms, as earlier versions listed them, are summed too)."""
     total = 0.0
     for entry in exec_time_list or []:
         if isinstance(entry, (tuple, list)):
@@ -79,13 +92,16 @@ def find_om(path: str) -> tuple[str, dict]:
                            "--soc-version Ascend310P3` on a CANN host (or give `nasq eval` --soc-version)")
     if not os.path.isfile(path):
         raise BackendError(f"ais_bench model {path!r} does not exist")
-    spec = {}
+    meta = {}
     try:
         with open(os.path.join(folder, "meta.json")) as f:
-            spec = json.load(f).get("spec") or {}
+            meta = json.load(f)
     except (OSError, ValueError):
         pass
-    return path, {"gears": [int(g) for g in spec.get("gears") or []] or None, "soc_version": spec.get("soc_version")}
+    spec = meta.get("spec") or {}
+    atc = next((s for s in meta.get("steps") or [] if s.get("name") == "atc"), {})
+    return path, {"gears": [int(g) for g in spec.get("gears") or []] or None, "soc_version": spec.get("soc_version"),
+                  "precision_mode": atc.get("precision_mode")}
 
 
 class AisBenchBackend(Backend):
@@ -93,6 +109,8 @@ class AisBenchBackend(Backend):
     artifact_suffixes = (".om",)
     #: a checkpoint is built to an .om first (ATC on the build queue, needs --soc-version)
     build_target = "om"
+    #: -b is checked against the .om's static batch or gears at load
+    load_per_batch_size = True
 
     def load(self, model: ModelRef, *, batch_size: int, options: BackendOptions = BackendOptions()) -> None:
         self.check_options(options)
@@ -108,9 +126,17 @@ class AisBenchBackend(Backend):
                                "/usr/local/Ascend/ascend-toolkit/set_env.sh`)") from None
         try:
             self._sess = InferSession(int(index or 0), path)
-        except RuntimeError as e:
+        except (RuntimeError, ValueError, TypeError) as e:
             raise BackendError(f"ais_bench could not load {path} on {self.device} "
-                               f"(ASCEND_RT_VISIBLE_DEVICES={os.environ.get('ASCEND_RT_VISIBLE_DEVICES')}): {e}") from None
+                               f"(ASCEND_RT_VISIBLE_DEVICES={os.environ.get('ASCEND_RT_VISIBLE_DEVICES')}): {e}. "
+                               "ais_bench 0.0.2 loads only a regular file (no symlink) that is not writable by group "
+                               "or others, owned by you or your group, its path made of A-Z a-z 0-9 _ . / -") from None
+        missing = [a for a in ("free_resource", "summary", "reset_summaryinfo") if not hasattr(self._sess, a)]
+        if missing or "out_array" not in inspect.signature(self._sess.infer).parameters:
+            self._sess = None
+            raise BackendError("ais_bench: this ais_bench is older than 0.0.2 (no "
+                               f"{', '.join(missing) or 'infer(..., out_array)'}); nasq needs 0.0.2's interface "
+                               "(dymbatch mode, free_resource, summary): install the current ais_bench wheels")
         desc = self._sess.get_inputs()[0]
         dtype = getattr(desc.datatype, "name", str(desc.datatype)).rsplit(".", 1)[-1]
         shape = [int(d) for d in desc.shape]
@@ -118,6 +144,7 @@ class AisBenchBackend(Backend):
             raise BackendError(f"ais_bench: {path} takes {dtype} {shape} (format {desc.format}); nasq feeds "
                                f"float32 NCHW [N, {', '.join(map(str, PREPROCESS.chw))}] as the seed's ATC command compiles")
         self._soc = built["soc_version"]
+        self._host_ms = 0.0
         if shape[0] > 0:  # static: one batch size, short batches padded by the caller
             if batch_size != shape[0]:
                 raise BackendError(f"ais_bench: {os.path.basename(path)} was compiled for batch {shape[0]}; run it "
@@ -134,11 +161,22 @@ class AisBenchBackend(Backend):
             elif batch_size not in gears:
                 raise BackendError(f"ais_bench: batch size {batch_size} is not one of {os.path.basename(path)}'s gears "
                                    f"({', '.join(map(str, gears))}); run with -b one of them")
-            self.fixed_batch, self._gears, self._mode = None, sorted(g for g in gears if g <= batch_size), "dymbatch"
+            self.fixed_batch, self._gears, self._mode = None, sorted(gears), "dymbatch"
+        # one warm-up execution per compiled shape, as the ais_bench tool does, then a clean summary
+        for n in self._gears or [self.fixed_batch]:
+            self._infer(np.zeros((n, *PREPROCESS.chw), np.float32))
         self._pending_ms: float | None = None
         self._reset_summary()
         self.model_info = {"artifact": os.path.abspath(path), "gears": self._gears,
+                           "compute_precision": built["precision_mode"] or
+                           "as ATC compiled it (its default --precision_mode is force_fp16)",
                            **(model.options.get("provenance") or {})}
+
+    def _infer(self, x: np.ndarray) -> np.ndarray:
+        try:
+            return self._sess.infer([x], mode=self._mode)[0]
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise BackendError(f"ais_bench infer ({self._mode}, batch {len(x)}) failed: {e}") from None
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         n = len(batch)
@@ -149,30 +187,19 @@ class AisBenchBackend(Backend):
                 raise BackendError(f"ais_bench: a batch of {n} is larger than every gear ({self._gears})")
             if gear > n:
                 x = np.ascontiguousarray(np.concatenate([x, np.repeat(x[:1], gear - n, axis=0)]))
-        try:
-            out = self._sess.infer([x], mode=self._mode)[0]
-        except RuntimeError as e:
-            raise BackendError(f"ais_bench infer ({self._mode}, batch {len(x)}) failed: {e}") from None
+        t = time.perf_counter()
+        out = self._infer(x)
+        host_ms = (time.perf_counter() - t) * 1e3
         out = np.asarray(out, dtype=np.float32).reshape(len(x), -1)[:n]
         self.num_outputs = out.shape[1]
-        ms = self._read_summary()
-        if ms is not None:
-            self._pending_ms = (self._pending_ms or 0.0) + ms
+        ms = device_ms(self._sess.summary().exec_time_list)
+        self._reset_summary()
+        # the list's float32 timestamps coarsen as the session ages: never more than the host saw
+        self._pending_ms = (self._pending_ms or 0.0) + (ms if 0 < ms <= host_ms else host_ms)
         return out
 
-    def _read_summary(self) -> float | None:
-        """The NPU time of the executions since the last read (None: this ais_bench has no summary)."""
-        read = getattr(self._sess, "summary", None) or getattr(self._sess, "sumary", None)
-        if read is None:
-            return None
-        ms = device_ms(read().exec_time_list)
-        self._reset_summary()
-        return ms
-
     def _reset_summary(self) -> None:
-        reset = getattr(self._sess, "reset_summaryinfo", None) or getattr(self._sess, "reset_sumaryinfo", None)
-        if reset is not None:
-            reset()
+        self._sess.reset_summaryinfo()
 
     def take_device_ms(self) -> float | None:
         ms, self._pending_ms = self._pending_ms, None
@@ -198,6 +225,4 @@ class AisBenchBackend(Backend):
     def close(self) -> None:
         sess, self._sess = getattr(self, "_sess", None), None
         if sess is not None:
-            free = getattr(sess, "free_resource", None) or getattr(sess, "finalize", None)
-            if free is not None:
-                free()
+            sess.free_resource()  # never finalize(): it would end ACL for this whole worker process

@@ -29,6 +29,9 @@ class Backend(ABC):
     #: the build target (``nasq build --target``) a checkpoint is built to before this backend
     #: runs it, or None when it runs checkpoints (or only prebuilt models) itself
     build_target: ClassVar[str | None] = None
+    #: the batch size is part of what ``load`` checks (a compiled shape), so a worker loads the
+    #: model again when a run asks for another one
+    load_per_batch_size: ClassVar[bool] = False
 
     def __init__(self, device: str):
         self.device = device

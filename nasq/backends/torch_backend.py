@@ -41,7 +41,18 @@ class TorchBackend(Backend):
         if precision != "fp32" and not cuda:
             raise BackendError(f"torch backend: {precision} runs on CUDA only; use fp32 on the CPU")
         fast = cuda and precision != "fp32"
-        opts = dataclasses.replace(options, fold_bn=fast if options.fold_bn is None else options.fold_bn,
+        if options.kernels not in ("torch", "triton"):
+            raise BackendError(f"torch backend: kernels must be torch or triton, not {options.kernels!r}")
+        if options.kernels == "triton":
+            from ..model import triton_sep
+
+            why = triton_sep.available()
+            if why:
+                raise BackendError(f"torch backend: --kernels triton: {why}")
+            if options.fold_bn is False:
+                raise BackendError("torch backend: --kernels triton needs BatchNorm folded (fold_bn)")
+        opts = dataclasses.replace(options, fold_bn=fast or options.kernels == "triton" if options.fold_bn is None
+                                   else options.fold_bn,
                                    channels_last=fast if options.channels_last is None else options.channels_last)
         self.options, self.precision = opts, precision
         net, info = load_model(model.weights, model.num_outputs)
@@ -49,6 +60,8 @@ class TorchBackend(Backend):
             from ..model.fold import fold_batchnorm
 
             fold_batchnorm(net)
+        if opts.kernels == "triton":
+            self.fused_branches = triton_sep.fuse_separables(net)  # 2 kernels per branch
         self._dev = torch.device(self.device)
         self._dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
         self._fmt = torch.channels_last if opts.channels_last else torch.contiguous_format
@@ -67,6 +80,8 @@ class TorchBackend(Backend):
         self._pinned: dict[int, object] = {}
         self.num_outputs = info.num_outputs
         self.model_info = {**info.to_dict(), "precision": precision, "options": opts.describe()}
+        if opts.kernels == "triton":
+            self.model_info["fused_separable_branches"] = self.fused_branches
         shape = (1, 3, 1, 1)
         self._mean = torch.tensor(PREPROCESS.mean, dtype=torch.float32, device=self._dev).view(shape)
         self._std = torch.tensor(PREPROCESS.std, dtype=torch.float32, device=self._dev).view(shape)

@@ -32,7 +32,8 @@ class DeviceResources:
 
     def backend_for(self, name: str, model: ModelRef, batch_size: int, options: BackendOptions) -> backends.Backend:
         # the mtime: a checkpoint rewritten in place is loaded again
-        key = (name, model.weights, os.path.getmtime(model.weights), model.num_outputs, options)
+        key = (name, model.weights, os.path.getmtime(model.weights), model.num_outputs, options,
+               batch_size if backends.backend_class(name).load_per_batch_size else None)
         self.last_load_s = 0.0
         if self._backend_key != key:
             self.drop_backend()  # stays empty if the load below fails

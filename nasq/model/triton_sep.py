@@ -24,6 +24,8 @@ IEEE fp32 (no TF32), so fp32 results match torch's to rounding.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -34,13 +36,16 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
 
 
+#: Triton's CPU interpreter (TRITON_INTERPRET=1 when this module was imported: the kernel below
+#: is interpreted then, run on CPU tensors with numpy)
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def available() -> str | None:
     """None if the fused kernels can run here, else why not."""
-    import os
-
     if triton is None:
         return "Triton is not installed (it comes with CUDA builds of torch)"
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    if not torch.cuda.is_available() and not INTERPRET:
         return "Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1, the slow CPU interpreter used by the tests)"
     return None
 
@@ -92,11 +97,17 @@ if triton is not None:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=co_ok[:, None] & p_ok[None, :])
 
 
+def _pow2(n: int, low: int, high: int) -> int:
+    return max(low, min(high, 1 << max(0, (n - 1).bit_length())))
+
+
 def _blocks(co: int, pixels: int) -> tuple[int, int, int]:
-    """(BLOCK_P, BLOCK_CO, BLOCK_CI): tl.dot needs >= 16 in every dimension."""
-    block_co = 64 if co >= 64 else 32 if co > 16 else 16
-    block_p = 64 if pixels >= 64 else 32 if pixels > 16 else 16
-    return block_p, block_co, 32
+    """(BLOCK_P, BLOCK_CO, BLOCK_CI): tl.dot needs >= 16 in every dimension. Under the CPU
+    interpreter, large tiles (numpy does the work per tile; fewer programs run faster); the
+    tiles change the speed only, not the sums' order within an input-channel chunk."""
+    if INTERPRET:
+        return _pow2(pixels, 16, 4096), _pow2(co, 16, 256), 32
+    return _pow2(pixels, 16, 64), _pow2(co, 16, 64), 32
 
 
 def out_size(size: int, k: int, stride: int, offset: int, crop: bool) -> int:
@@ -112,12 +123,10 @@ def _separable_impl(x: torch.Tensor, w_dw: torch.Tensor, w_pw: torch.Tensor, bia
                     stride: int, offset: int, out_h: int, out_w: int, relu: bool) -> torch.Tensor:
     n, c, h, w = x.shape
     co = w_pw.shape[0]
-    k = w_dw.shape[-1]
+    k = int(round(w_dw.shape[1] ** 0.5))
     y = torch.empty((n, co, out_h, out_w), dtype=x.dtype, device=x.device,
                     memory_format=torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
                     and not x.is_contiguous() else torch.contiguous_format)
-    w_dw = w_dw.reshape(c, k * k).contiguous()
-    w_pw = w_pw.reshape(co, c).contiguous()
     block_p, block_co, block_ci = _blocks(co, out_h * out_w)
     grid = (triton.cdiv(out_h * out_w, block_p), triton.cdiv(co, block_co), n)
     _launch(grid, x, w_dw, w_pw, bias if bias is not None else w_pw, y, c, h, w, co, out_h, out_w,
@@ -140,8 +149,8 @@ _OP = None
 
 def separable(x: torch.Tensor, w_dw: torch.Tensor, w_pw: torch.Tensor, bias: torch.Tensor | None, *, stride: int,
               offset: int, out_h: int, out_w: int, relu: bool = True) -> torch.Tensor:
-    """``pointwise(depthwise(relu(x))) + bias`` in one kernel; ``w_dw`` (C, 1, k, k), ``w_pw``
-    (CO, C, 1, 1), ``bias`` (CO,) or None."""
+    """``pointwise(depthwise(relu(x))) + bias`` in one kernel; ``w_dw`` (C, k*k), ``w_pw``
+    (CO, C), both contiguous; ``bias`` (CO,) or None."""
     global _OP
     if _OP is None:
         _OP = _register()
@@ -176,8 +185,9 @@ class FusedSeparable(nn.Module):
         self.k, self.stride, pad = dw.kernel_size[0], dw.stride[0], dw.padding[0]
         self.crop = crop
         self.offset = pad + 1 - self.stride if crop else pad
-        self.w_dw = nn.Parameter(dw.weight.detach().clone(), requires_grad=False)
-        self.w_pw = nn.Parameter(pw.weight.detach().clone(), requires_grad=False)
+        # kept 2-D, so a model moved to channels-last leaves them as the kernel reads them
+        self.w_dw = nn.Parameter(dw.weight.detach().reshape(dw.weight.shape[0], -1).clone(), requires_grad=False)
+        self.w_pw = nn.Parameter(pw.weight.detach().reshape(pw.weight.shape[0], -1).clone(), requires_grad=False)
         self.bias = None if pw.bias is None else nn.Parameter(pw.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ class WorkerSpec:
     threads: int | None = None
     compile: str | None = None
     cuda_graphs: bool = False
+    kernels: str = "torch"
     sim: str | None = None
 
     @property
@@ -47,7 +48,7 @@ class WorkerSpec:
         if self.queues:
             cmd += ["--queues", ",".join(self.queues)]
         for flag, value in (("--precision", self.precision), ("--threads", self.threads), ("--compile", self.compile),
-                            ("--sim", self.sim)):
+                            ("--sim", self.sim), ("--kernels", self.kernels if self.kernels != "torch" else None)):
             if value:
                 cmd += [flag, str(value)]
         return cmd + (["--cuda-graphs"] if self.cuda_graphs else [])

@@ -103,7 +103,8 @@ def merge(manifest: dict, results: list) -> tuple[dict, dict]:
                                      "last_finish": t["finished_at"], "model_load_s": 0.0, "_lat": [], "_batches": 0})
         d["shards"] += 1
         # "device": the runtime's own execution time (ais_bench's exec_time_list); "host": time around the call
-        d["compute_clock"] = t.get("compute_clock", "host")
+        if d.get("compute_clock") != "device":  # a shard without images reports "host"
+            d["compute_clock"] = t.get("compute_clock", "host")
         d["model_load_s"] = max(d["model_load_s"], r.get("load_s") or 0.0)
         d["_lat"] += r.get("latency_ms") or []
         d["images"] += len(r["indices"])

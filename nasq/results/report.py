@@ -126,7 +126,9 @@ def _facts(report: dict) -> list[list]:
     facts = [["model", f"{m.get('arch', '?')}, {report.get('num_outputs')} outputs, "
                        f"sha256 {str(m.get('sha256', m.get('artifact_key', '?')))[:16]}"],
              ["backend", f"{report['backend']['name']} ({versions_text(report['backend'].get('versions'))})"],
-             ["batch size / precision", f"{report['batch_size']} / {report.get('precision')}"],
+             ["batch size / precision", f"{report['batch_size']} / {report.get('precision')}"
+                                        + (f" (computes in {m['compute_precision']})" if m.get("compute_precision")
+                                           else "")],
              ["dataset", f"{report['dataset']['root']} ({report['dataset']['kind']}, {report['images_total']} images, "
                          f"fingerprint {report['dataset']['fingerprint']})"],
              ["images evaluated", f"{report['images']} ({report['error_count']} excluded)"]]

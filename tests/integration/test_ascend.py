@@ -152,6 +152,20 @@ def test_the_double_enforces_the_documented_contract(ascend):
         InferSession(2, om)  # ASCEND_DOUBLE_NPUS=2
 
 
+def test_the_adapter_explains_an_om_that_ais_bench_refuses_to_open(ascend, tmp_path):
+    """0.0.2 refuses a group-writable .om or a symlink with ValueError: one line that says why."""
+    om = tmp_path / "shared.om"
+    shutil.copy(os.path.join(ascend["gears"].path, "nasnetlarge_dyn.om"), om)
+    om.chmod(0o664)
+    with pytest.raises(BackendError, match="writable by group or others.*not writable by group"):
+        AisBenchBackend("npu:0").load(ModelRef(str(om)), batch_size=4)
+    om.chmod(0o644)
+    link = tmp_path / "link.om"
+    link.symlink_to(om)
+    with pytest.raises(BackendError, match="soft link"):
+        AisBenchBackend("npu:0").load(ModelRef(str(link)), batch_size=4)
+
+
 # ------------------------------------------------------------------------------ the adapter
 
 def test_adapter_static_om_pads_short_batches_and_reports_npu_time(ascend, assets):
@@ -159,7 +173,10 @@ def test_adapter_static_om_pads_short_batches_and_reports_npu_time(ascend, asset
     b = AisBenchBackend("npu:0")
     with pytest.raises(BackendError, match="compiled for batch 6; run it with -b 6"):
         b.load(ModelRef(ascend["static"].path), batch_size=4)
+    n = len(_events(ascend["ais_log"]))
     b.load(ModelRef(ascend["static"].path), batch_size=6)
+    warm = [e["batch"] for e in _events(ascend["ais_log"], n) if e["event"] == "infer"]
+    assert warm == [6] and b.model_info["compute_precision"].startswith("force_fp16")
     n = len(_events(ascend["ais_log"]))
     lat: list[float] = []
     out = evaluate_range(source, b, 0, len(source), batch_size=6, labels=labels, latencies=lat)
@@ -175,10 +192,13 @@ def test_adapter_gears_pick_the_smallest_gear_that_holds_a_batch(ascend, assets)
     b = AisBenchBackend("npu:0")
     with pytest.raises(BackendError, match=r"batch size 3 is not one of .*gears \(1, 4, 6\)"):
         b.load(ModelRef(ascend["gears"].path), batch_size=3)
-    b.load(ModelRef(ascend["gears"].path), batch_size=6)
+    n = len(_events(ascend["ais_log"]))
+    b.load(ModelRef(ascend["gears"].path), batch_size=4)
+    assert [e["batch"] for e in _events(ascend["ais_log"], n) if e["event"] == "infer"] == [1, 4, 6]  # warm-ups
+    assert b.take_device_ms() is None  # the warm-ups are not a batch's time
     x = np.random.default_rng(0).standard_normal((6, 3, 331, 331)).astype(np.float32)
     n = len(_events(ascend["ais_log"]))
-    outs = {k: b.predict(x[:k]) for k in (6, 5, 4, 2, 1)}
+    outs = {k: b.predict(x[:k]) for k in (6, 5, 4, 2, 1)}  # 6 and 5: what a reused worker sees after -b 6
     assert [e["batch"] for e in _events(ascend["ais_log"], n)] == [6, 6, 4, 4, 1]
     full = outs[6]
     for k, out in outs.items():
@@ -202,13 +222,28 @@ def test_adapter_with_an_om_not_built_by_nasq(ascend, tmp_path):
         AisBenchBackend("npu:0").load(ModelRef(str(tmp_path / "model.onnx")), batch_size=4)
 
 
-def test_adapter_honours_an_inherited_visible_devices_variable(ascend, monkeypatch):
+@pytest.fixture
+def double_reloaded():
+    """``reload()`` re-imports the ais_bench double (it reads ASCEND_RT_VISIBLE_DEVICES at import,
+    as the runtime reads it once); the original is restored afterwards."""
+    import importlib
+
+    import ais_bench.infer.interface as interface
+
+    yield lambda: importlib.reload(interface)
+    importlib.reload(interface)
+
+
+def test_adapter_honours_an_inherited_visible_devices_variable(ascend, monkeypatch, double_reloaded):
     from workers.pinning import pinning_env
 
     monkeypatch.setenv("ASCEND_RT_VISIBLE_DEVICES", "1")  # a scheduler gave this process NPU 1 only
     assert pinning_env("npu:0")[0] == {"ASCEND_RT_VISIBLE_DEVICES": "1"}
     with pytest.raises(ValueError, match="may see only 1 device"):
         pinning_env("npu:1")
+    with pytest.raises(BackendError, match="changed after ais_bench was imported"):
+        AisBenchBackend("npu:0").load(ModelRef(ascend["gears"].path), batch_size=4)
+    double_reloaded()
     n = len(_events(ascend["ais_log"]))
     b = AisBenchBackend("npu:0")
     b.load(ModelRef(ascend["gears"].path), batch_size=4, options=BackendOptions())
@@ -216,6 +251,7 @@ def test_adapter_honours_an_inherited_visible_devices_variable(ascend, monkeypat
     b.close()
     with pytest.raises(BackendError, match="could not load"):
         AisBenchBackend("npu:1").load(ModelRef(ascend["gears"].path), batch_size=4)
+    monkeypatch.delenv("ASCEND_RT_VISIBLE_DEVICES")
 
 
 def test_device_time_of_both_summary_formats():
@@ -245,10 +281,12 @@ def test_eval_on_two_pinned_npus_equals_the_ort_reference(ascend, assets, nasq_c
     ev = _events(ascend["ais_log"], n)
     sessions = [e for e in ev if e["event"] == "session"]
     assert sorted(e["physical"] for e in sessions) == ["0", "1"] and len({e["pid"] for e in sessions}) == 2
-    assert all(e["visible"] == e["physical"] and e["device_id"] == 0 for e in sessions)  # pinned before import
+    assert all(e["visible_at_import"] == e["physical"] and e["device_id"] == 0 for e in sessions)  # pinned before import
     batches = sorted(e["batch"] for e in ev if e["event"] == "infer")
-    assert batches == [4, 6, 6, 6]  # 6+6+6 images, then the last 2 on gear 4
+    assert batches == [1, 1, 4, 4, 4, 6, 6, 6, 6, 6]  # a warm-up per gear per worker; 6+6+6 images, then 2 on gear 4
     devices = {d["device"]: d for d in report["per_device"]}
     assert set(devices) == {"npu:0", "npu:1"}
     assert all(d["compute_clock"] == "device" and d["img_s_ais_bench"] for d in devices.values())
     assert "Ascend310P3 NPU" in devices["npu:0"]["device_name"]
+    assert report["model"]["compute_precision"].startswith("force_fp16")
+    assert "computes in force_fp16" in open(report["files"]["markdown"]).read()

@@ -140,6 +140,13 @@ CASES = [
                                            "-b", "3", "--device", "npu:0"], "-b 3 is not one of the gears 1,4"),
     ("gears 0", EVAL + ["--backend", "ais_bench", "--gears", "0,4"], "argument --gears: must be 1 to 1024, not 0"),
     ("soc-version on torch", EVAL + ["--soc-version", "Ascend310P3"], "do not apply to --backend torch"),
+    ("one gear", EVAL + ["--backend", "ais_bench", "--soc-version", "310P3", "--gears", "8", "-b", "8", "--device",
+                         "npu:0"], "ATC takes 2 to 100 different gears"),
+    ("repeated gears", EVAL + ["--backend", "ais_bench", "--soc-version", "310P3", "--gears", "4,4,8", "-b", "4",
+                               "--device", "npu:0"], "ATC takes 2 to 100 different gears"),
+    ("bad chip", EVAL + ["--backend", "ais_bench", "--soc-version", "bad chip;x", "--device", "npu:0"],
+     "is not a chip name such as Ascend310P3"),
+    ("build bad chip", ["build", "--weights", W, "--target", "om", "--soc-version", "310P3;rm"], "is not a chip name"),
 ]
 
 

@@ -7,9 +7,12 @@ the ATC double, ``tests/doubles/bin/atc``). It holds a caller to the contract mo
 real session, so an adapter that passes here does not rely on anything the NPU would refuse:
 
 * ``InferSession(device_id, model_path, acl_json_path=None, debug=False, loop=1)``: ``device_id``
-  an int naming one of the NPUs this process may see (``ASCEND_RT_VISIBLE_DEVICES``, counted as the
-  runtime counts it, else ``ASCEND_DOUBLE_NPUS`` devices, default 8); ``model_path`` an existing
-  ``.om``; ``loop`` executions per ``infer`` (1..100000).
+  an int naming one of the NPUs this process may see (``ASCEND_RT_VISIBLE_DEVICES`` as it was when
+  this module was imported, counted as the runtime counts it, else ``ASCEND_DOUBLE_NPUS`` devices,
+  default 8; a variable changed after the import is refused: the runtime reads it once);
+  ``model_path`` an existing regular ``.om`` that is not a symlink, not writable by group or
+  others, owned by the user or one of their groups, its path of ``[A-Za-z0-9_./-]`` (``ValueError``
+  otherwise, as 0.0.2's path check raises); ``loop`` executions per ``infer`` (1..100000).
 * ``get_inputs()`` / ``get_outputs()``: ``tensor_desc`` objects (``name``, ``datatype``, ``format``
   0 = NCHW, ``shape``, ``size``, ``realsize``). A dynamic-batch model shows -1 as its batch and
   ``size`` in bytes at the largest gear; the hidden gear-index input is not listed.
@@ -19,7 +22,8 @@ real session, so an adapter that passes here does not rely on anything the NPU w
   batch must be one of its gears (aclruntime does not pad or pick a gear: "the dymBatch parameter
   is not correct"). Returns a list, one host numpy array per model output, its batch the gear's.
   Errors are ``RuntimeError``, as aclruntime raises them. ``out_array=False`` (device tensors) is
-  not doubled.
+  not doubled. Stricter than 0.0.2 on one point: a non-contiguous array is refused (0.0.2 copies
+  it), so an adapter that passes here never pays for a hidden copy.
 * ``summary().exec_time_list``: one ``(start_ms, end_ms)`` pair per model execution, measured from
   the session's creation (the 0.0.2 format; older versions listed durations in ms);
   ``reset_summaryinfo()`` clears it.
@@ -43,6 +47,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import om_format  # noqa: E402  (tests/doubles/om_format.py)
 
 _MODES = ("static", "dymbatch", "dymhw", "dymdims", "dymshape")
+#: the runtime reads the visibility variable once, when it starts
+_VISIBLE_AT_IMPORT = os.environ.get("ASCEND_RT_VISIBLE_DEVICES")
 
 
 class dtype(enum.Enum):  # noqa: N801  (aclruntime's name)
@@ -71,10 +77,31 @@ def _log(event: dict) -> None:
 
 
 def _visible() -> list[str]:
-    v = os.environ.get("ASCEND_RT_VISIBLE_DEVICES")
+    v = _VISIBLE_AT_IMPORT
+    if os.environ.get("ASCEND_RT_VISIBLE_DEVICES") != v:
+        raise RuntimeError(f"ASCEND_RT_VISIBLE_DEVICES changed after ais_bench was imported ({v!r} -> "
+                           f"{os.environ.get('ASCEND_RT_VISIBLE_DEVICES')!r}); pin the process before importing it")
     if v is None:
         return [str(i) for i in range(int(os.environ.get("ASCEND_DOUBLE_NPUS", "8")))]
     return [x.strip() for x in v.split(",") if x.strip()]
+
+
+def _check_path(path) -> None:
+    """0.0.2's model path check (``check_model_path_legality``): ValueError, as it raises."""
+    import re
+    import stat
+
+    if not isinstance(path, str) or not re.fullmatch(r"[A-Za-z0-9_./-]+", path):
+        raise ValueError(f"The path:{path!r} is illegal. Please check the error log")
+    if os.path.islink(path):
+        raise ValueError(f"The path:{path} is a soft link")
+    if not path.endswith(".om") or not os.path.isfile(path):
+        raise ValueError(f"The path:{path} is not an existing .om file")
+    st = os.stat(path)
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ValueError(f"The path:{path} is writable by group or others")
+    if st.st_uid != os.geteuid() and st.st_gid not in os.getgroups() and st.st_gid != os.getegid():
+        raise ValueError(f"The path:{path} is owned by neither the user nor a group of the user")
 
 
 class InferSession:
@@ -88,8 +115,7 @@ class InferSession:
         if device_id >= len(visible):
             raise RuntimeError(f"aclrtSetDevice failed: device {device_id} does not exist "
                                f"({len(visible)} visible: ASCEND_RT_VISIBLE_DEVICES={os.environ.get('ASCEND_RT_VISIBLE_DEVICES')})")
-        if not isinstance(model_path, str) or not model_path.endswith(".om") or not os.path.isfile(model_path):
-            raise RuntimeError(f"model path {model_path!r} is not an existing .om file")
+        _check_path(model_path)
         if not isinstance(loop, int) or not 1 <= loop <= 100000:
             raise RuntimeError(f"loop {loop!r} must be in [1, 100000]")
         try:
@@ -107,7 +133,8 @@ class InferSession:
         self._freed = False
         self._ort_out = self._ort.get_outputs()
         _log({"event": "session", "device_id": device_id, "physical": self._physical,
-              "visible": os.environ.get("ASCEND_RT_VISIBLE_DEVICES"), "model": model_path,
+              "visible": os.environ.get("ASCEND_RT_VISIBLE_DEVICES"), "visible_at_import": _VISIBLE_AT_IMPORT,
+              "model": model_path,
               "shape": self._header["shape"], "gears": self._header.get("gears")})
 
     # -- what the model was compiled for
@@ -206,6 +233,7 @@ class InferSession:
         return _Summary(self._times)
 
     def reset_summaryinfo(self) -> None:
+        self._alive()
         self._times.clear()
 
     def free_resource(self) -> None:
