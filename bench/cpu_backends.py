@@ -133,7 +133,8 @@ def main() -> int:
                  "fp32_logit_scale": round(float(np.abs(logits["fp32"]).max()), 3)}
     log(f"bf16 vs fp32 top-1: {agreement['top1_agree']}/{agreement['images']} agree; fp32 margins "
         f"{agreement['fp32_margin_all']}; where they differ {agreement['fp32_margin_where_bf16_differs']}")
-    result = {"env": {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "host": os.uname().nodename, "cpu": rows[0]["device_name"],
+    model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    result = {"env": {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "host": os.uname().nodename, "cpu": model,
                       "threads": args.threads, "arch": args.arch, "min_time_s": args.min_time,
                       "rounds": args.rounds,
                       "note": "compute only, one process per configuration, the processes taking turns round after "

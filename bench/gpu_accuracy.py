@@ -42,6 +42,9 @@ def main() -> None:
         b.close()
         return out
 
+    import torch
+
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # a true fp32 reference
     ref = logits(BackendOptions(precision="fp32", fold_bn=False, channels_last=False))
     r5 = np.argsort(-ref, 1)[:, :5]
     # Labels = the fp32 reference's top-1, for `nasq eval --precision fp16` on the same images.

@@ -10,6 +10,12 @@ import uuid
 
 import pytest
 
+# Triton kernels (nasq/model/triton_sep.py) run in Triton's CPU interpreter where there is no NVIDIA
+# GPU. Triton reads this when a kernel is decorated, and its own standard-library kernels are
+# decorated when Triton is first imported (torchvision imports it): so it is set here, before any
+# test module imports anything. Worker processes the tests start inherit it (harmless on a CPU).
+if not __import__("glob").glob("/dev/nvidia[0-9]*"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

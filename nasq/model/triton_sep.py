@@ -12,10 +12,12 @@ The reduction branches' ``ZeroPad2d((1, 0, 1, 0))`` before the first depthwise c
 the crop ``[:, :, 1:, 1:]`` after it fold into the kernel's window offset: output pixel
 ``(oh, ow)`` reads input rows ``oh * s + kh - (p + 1 - s)``, zero outside the image.
 
-The kernel is a ``torch.library.triton_op`` (``nasq::separable``), so torch.compile traces
-through it (no graph break) and CUDA graphs capture it. Exactness is checked on the CPU with
+The kernel is the custom op ``nasq::separable`` (with a shape-only fake implementation), so
+torch.compile traces a model through it without a graph break and CUDA graphs capture it. Exactness is checked on the CPU with
 Triton's interpreter (``TRITON_INTERPRET=1``) against torch's own convolutions
-(``tests/unit/test_triton_sep.py``); speed only means something on a GPU (``bench/gpu_checks.sh``).
+(``tests/unit/test_triton_sep.py``); speed only means something on a GPU (``bench/triton_checks.sh``).
+On a GPU the tile shape is autotuned per layer shape on first use (before a CUDA graph is captured);
+use it with ``--cuda-graphs``: eagerly, 220 Python-level launches per forward dominate small batches.
 
 Precision: the depthwise sum and the pointwise accumulation are fp32; for fp16/bf16 the
 depthwise result is rounded to the input dtype before the pointwise product (tensor cores), as
@@ -36,9 +38,16 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
 
 
-#: Triton's CPU interpreter (TRITON_INTERPRET=1 when this module was imported: the kernel below
-#: is interpreted then, run on CPU tensors with numpy)
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+def _interpreting() -> bool:
+    knobs = getattr(triton, "knobs", None) if triton is not None else None
+    if knobs is not None and hasattr(knobs, "runtime"):
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+#: Triton's CPU interpreter (TRITON_INTERPRET set when this module was imported: the kernel below
+#: is decorated as an interpreted function then, and runs on CPU tensors with numpy)
+INTERPRET = _interpreting()
 
 
 def available() -> str | None:
@@ -97,6 +106,16 @@ if triton is not None:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=co_ok[:, None] & p_ok[None, :])
 
 
+if triton is not None and not INTERPRET:
+    # tile shapes to try per layer shape on the GPU (BLOCK_CO large: the depthwise result of a
+    # pixel tile is recomputed for each output-channel tile)
+    _CONFIGS = [triton.Config({"BLOCK_P": p, "BLOCK_CO": co, "BLOCK_CI": ci}, num_warps=w)
+                for p, co, ci, w in ((32, 64, 32, 4), (32, 128, 32, 4), (16, 128, 32, 4), (64, 64, 32, 4),
+                                     (32, 256, 32, 8), (64, 128, 32, 8), (16, 256, 16, 8), (128, 32, 32, 4))]
+    _separable_tuned = triton.autotune(configs=_CONFIGS, key=["C", "CO", "OH", "OW", "STRIDE", "K", "FP32"])(
+        _separable_kernel)
+
+
 def _pow2(n: int, low: int, high: int) -> int:
     return max(low, min(high, 1 << max(0, (n - 1).bit_length())))
 
@@ -107,7 +126,7 @@ def _blocks(co: int, pixels: int) -> tuple[int, int, int]:
     tiles change the speed only, not the sums' order within an input-channel chunk."""
     if INTERPRET:
         return _pow2(pixels, 16, 4096), _pow2(co, 16, 256), 32
-    return _pow2(pixels, 16, 64), _pow2(co, 16, 64), 32
+    return _pow2(pixels, 16, 32), _pow2(co, 16, 128), 32
 
 
 def out_size(size: int, k: int, stride: int, offset: int, crop: bool) -> int:
@@ -121,55 +140,55 @@ def out_size(size: int, k: int, stride: int, offset: int, crop: bool) -> int:
 
 def _separable_impl(x: torch.Tensor, w_dw: torch.Tensor, w_pw: torch.Tensor, bias: torch.Tensor | None,
                     stride: int, offset: int, out_h: int, out_w: int, relu: bool) -> torch.Tensor:
+    if not all(t is None or t.is_contiguous() for t in (w_dw, w_pw, bias)) or w_pw.shape[1] != x.shape[1]:
+        raise ValueError("nasq::separable: w_dw (C, k*k), w_pw (CO, C) and bias (CO,) must be contiguous, C = x's")
     n, c, h, w = x.shape
     co = w_pw.shape[0]
     k = int(round(w_dw.shape[1] ** 0.5))
-    y = torch.empty((n, co, out_h, out_w), dtype=x.dtype, device=x.device,
-                    memory_format=torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
-                    and not x.is_contiguous() else torch.contiguous_format)
-    block_p, block_co, block_ci = _blocks(co, out_h * out_w)
-    grid = (triton.cdiv(out_h * out_w, block_p), triton.cdiv(co, block_co), n)
-    _launch(grid, x, w_dw, w_pw, bias if bias is not None else w_pw, y, c, h, w, co, out_h, out_w,
-            *x.stride(), *y.stride(), STRIDE=stride, OFFSET=offset, K=k, RELU=relu, HAS_BIAS=bias is not None,
-            FP32=x.dtype == torch.float32, BLOCK_P=block_p, BLOCK_CO=block_co, BLOCK_CI=block_ci)
+    y = _out_like(x, co, out_h, out_w)
+    args = (x, w_dw, w_pw, bias if bias is not None else w_pw, y, c, h, w, co, out_h, out_w, *x.stride(), *y.stride())
+    meta = dict(STRIDE=stride, OFFSET=offset, K=k, RELU=relu, HAS_BIAS=bias is not None, FP32=x.dtype == torch.float32)
+    if INTERPRET or _FIXED_BLOCKS is not None:
+        block_p, block_co, block_ci = _FIXED_BLOCKS or _blocks(co, out_h * out_w)
+        grid = (triton.cdiv(out_h * out_w, block_p), triton.cdiv(co, block_co), n)
+        _separable_kernel[grid](*args, **meta, BLOCK_P=block_p, BLOCK_CO=block_co, BLOCK_CI=block_ci)
+        return y
+    with torch.cuda.device(x.device):  # Triton launches on the current device
+        _separable_tuned[lambda m: (triton.cdiv(out_h * out_w, m["BLOCK_P"]), triton.cdiv(co, m["BLOCK_CO"]), n)](
+            *args, **meta)
     return y
 
 
-def _launch(grid, *args, **meta) -> None:
-    try:
-        from torch.library import wrap_triton
-    except ImportError:  # pragma: no cover - older torch
-        _separable_kernel[grid](*args, **meta)
-        return
-    wrap_triton(_separable_kernel)[grid](*args, **meta)
+#: tests: force one tile shape (BLOCK_P, BLOCK_CO, BLOCK_CI) instead of the defaults/autotuning
+_FIXED_BLOCKS: tuple[int, int, int] | None = None
 
 
-_OP = None
+def _out_like(x: torch.Tensor, co: int, out_h: int, out_w: int) -> torch.Tensor:
+    """The output tensor: NCHW, or channels-last for a channels-last input."""
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.empty((x.shape[0], co, out_h, out_w), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
+# ``nasq::separable``: an opaque custom op with a fake (shape-only) implementation, so
+# torch.compile traces a model through it without a graph break and CUDA graphs capture the
+# launch (Triton launches on torch's current stream).
+@torch.library.custom_op("nasq::separable", mutates_args=())
+def _separable_op(x: torch.Tensor, w_dw: torch.Tensor, w_pw: torch.Tensor, bias: torch.Tensor | None, stride: int,
+                  offset: int, out_h: int, out_w: int, relu: bool) -> torch.Tensor:
+    return _separable_impl(x, w_dw, w_pw, bias, stride, offset, out_h, out_w, relu)
+
+
+@_separable_op.register_fake
+def _(x, w_dw, w_pw, bias, stride, offset, out_h, out_w, relu):
+    return _out_like(x, w_pw.shape[0], out_h, out_w)
 
 
 def separable(x: torch.Tensor, w_dw: torch.Tensor, w_pw: torch.Tensor, bias: torch.Tensor | None, *, stride: int,
               offset: int, out_h: int, out_w: int, relu: bool = True) -> torch.Tensor:
     """``pointwise(depthwise(relu(x))) + bias`` in one kernel; ``w_dw`` (C, k*k), ``w_pw``
     (CO, C), both contiguous; ``bias`` (CO,) or None."""
-    global _OP
-    if _OP is None:
-        _OP = _register()
-    return _OP(x, w_dw, w_pw, bias, stride, offset, out_h, out_w, relu)
-
-
-def _register():
-    """``nasq::separable`` as a triton_op (traceable by torch.compile), else the plain function."""
-    try:
-        from torch.library import triton_op
-    except ImportError:  # pragma: no cover
-        return _separable_impl
-
-    @triton_op("nasq::separable", mutates_args=())
-    def op(x: torch.Tensor, w_dw: torch.Tensor, w_pw: torch.Tensor, bias: torch.Tensor | None, stride: int,
-           offset: int, out_h: int, out_w: int, relu: bool) -> torch.Tensor:
-        return _separable_impl(x, w_dw, w_pw, bias, stride, offset, out_h, out_w, relu)
-
-    return op
+    return _separable_op(x, w_dw, w_pw, bias, stride, offset, out_h, out_w, relu)
 
 
 class FusedSeparable(nn.Module):
@@ -180,6 +199,9 @@ class FusedSeparable(nn.Module):
         dw, pw = sep.depthwise_conv2d, sep.pointwise_conv2d
         if dw.bias is not None:
             raise ValueError("FusedSeparable: a depthwise bias is not supported (NASNet-A has none)")
+        if dw.groups != dw.in_channels or dw.out_channels != dw.in_channels or tuple(dw.dilation) != (1, 1) \
+                or dw.kernel_size[0] != dw.kernel_size[1] or pw.kernel_size != (1, 1) or pw.groups != 1:
+            raise ValueError("FusedSeparable: expected a depthwise kxk (no dilation) then a pointwise 1x1 convolution")
         if not isinstance(dw.padding, tuple) or len(set(dw.padding)) != 1 or len(set(dw.stride)) != 1:
             raise ValueError(f"FusedSeparable: square stride and padding expected, got {dw.stride} {dw.padding}")
         self.k, self.stride, pad = dw.kernel_size[0], dw.stride[0], dw.padding[0]
@@ -207,7 +229,10 @@ class FusedBranch(nn.Module):
         for bn in (branch.bn_sep_1, branch.bn_sep_2):
             if not isinstance(bn, nn.Identity):
                 raise ValueError("FusedBranch: fold BatchNorm first (nasq.model.fold.fold_batchnorm)")
-        self.first = FusedSeparable(branch.separable_1, crop=isinstance(branch, N.BranchSeparablesReduction))
+        crop = isinstance(branch, N.BranchSeparablesReduction)
+        if crop and tuple(branch.padding.padding) != (1, 0, 1, 0):
+            raise ValueError(f"FusedBranch: the reduction pad must be (1, 0, 1, 0), not {branch.padding.padding}")
+        self.first = FusedSeparable(branch.separable_1, crop=crop)
         self.second = FusedSeparable(branch.separable_2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
