@@ -182,7 +182,7 @@ def cached_build(*, weights: str, target: str, num_outputs: int | None = None, s
 
 
 def build_options_for(backend: str, weights: str, *, batch_size: int, soc_version: str | None = None,
-                  gears: list[int] | None = None) -> dict:
+                      gears: list[int] | None = None) -> dict:
     """What the backend's build target needs besides the checkpoint: for ais_bench (an ATC
     build), the chip and either the batch gears or the one batch size, as the seed builds one
     .om per batch size.

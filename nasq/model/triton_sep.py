@@ -120,13 +120,11 @@ def _pow2(n: int, low: int, high: int) -> int:
     return max(low, min(high, 1 << max(0, (n - 1).bit_length())))
 
 
-def _blocks(co: int, pixels: int) -> tuple[int, int, int]:
-    """(BLOCK_P, BLOCK_CO, BLOCK_CI): tl.dot needs >= 16 in every dimension. Under the CPU
-    interpreter, large tiles (numpy does the work per tile; fewer programs run faster); the
-    tiles change the speed only, not the sums' order within an input-channel chunk."""
-    if INTERPRET:
-        return _pow2(pixels, 16, 4096), _pow2(co, 16, 256), 32
-    return _pow2(pixels, 16, 32), _pow2(co, 16, 128), 32
+def _interpreter_blocks(co: int, pixels: int) -> tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_CO, BLOCK_CI) under the CPU interpreter: large tiles (numpy does the work
+    per tile; fewer programs run faster). ``tl.dot`` needs >= 16 in every dimension. The GPU
+    autotunes instead (``_CONFIGS``)."""
+    return _pow2(pixels, 16, 4096), _pow2(co, 16, 256), 32
 
 
 def out_size(size: int, k: int, stride: int, offset: int, crop: bool) -> int:
@@ -149,7 +147,7 @@ def _separable_impl(x: torch.Tensor, w_dw: torch.Tensor, w_pw: torch.Tensor, bia
     args = (x, w_dw, w_pw, bias if bias is not None else w_pw, y, c, h, w, co, out_h, out_w, *x.stride(), *y.stride())
     meta = dict(STRIDE=stride, OFFSET=offset, K=k, RELU=relu, HAS_BIAS=bias is not None, FP32=x.dtype == torch.float32)
     if INTERPRET or _FIXED_BLOCKS is not None:
-        block_p, block_co, block_ci = _FIXED_BLOCKS or _blocks(co, out_h * out_w)
+        block_p, block_co, block_ci = _FIXED_BLOCKS or _interpreter_blocks(co, out_h * out_w)
         grid = (triton.cdiv(out_h * out_w, block_p), triton.cdiv(co, block_co), n)
         _separable_kernel[grid](*args, **meta, BLOCK_P=block_p, BLOCK_CO=block_co, BLOCK_CI=block_ci)
         return y
