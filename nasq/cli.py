@@ -741,7 +741,9 @@ COMMANDS = [
 
 
 EXAMPLES = {
-    "eval": "nasq eval --weights nasnetalarge-a1897284.pth --data /data/imagenet/val -b 8 --json r.json",
+    "eval": "nasq eval --weights nasnetalarge-a1897284.pth --data /data/imagenet/val -b 8 --json r.json\n  "
+            "nasq eval --backend ais_bench --weights nasnetalarge-a1897284.pth --soc-version Ascend310P3 "
+            "--gears 1,4,8 -b 8 --device npu:0,npu:1 --data /data/imagenet/val",
     "demo": "nasq demo --images 64 --workers 2",
     "preprocess": "nasq preprocess /data/imagenet/val /data/val-u8 --format u8",
     "build": "nasq build --weights nasnetalarge-a1897284.pth --target om --soc-version Ascend310P3 -b 1,8",
@@ -768,7 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, help_, description, add_args, run in COMMANDS:
         add_args(sub.add_parser(name, help=help_, description=description or help_,
-                                epilog="example:\n  " + EXAMPLES[name], formatter_class=argparse.RawDescriptionHelpFormatter))
+                                epilog=("examples:" if "\n" in EXAMPLES[name] else "example:") + "\n  " + EXAMPLES[name], formatter_class=argparse.RawDescriptionHelpFormatter))
         sub.choices[name].set_defaults(func=run)
     sub.add_parser("worker", add_help=False, help="start a Celery worker pinned to one device (see `nasq worker --help`)")
     return p
