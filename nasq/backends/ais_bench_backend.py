@@ -75,7 +75,8 @@ def device_ms(exec_time_list) -> float:
 
 
 def find_om(path: str) -> tuple[str, dict]:
-    """(the .om to load, what nasq's build recorded about it: gears, chip; {} if not built by nasq).
+    """(the .om to load, what nasq's build recorded about it: gears, chip, ATC precision mode;
+    each None for an .om nasq did not build).
 
     Raises:
         BackendError: no .om there, or several in one folder.
@@ -144,7 +145,6 @@ class AisBenchBackend(Backend):
             raise BackendError(f"ais_bench: {path} takes {dtype} {shape} (format {desc.format}); nasq feeds "
                                f"float32 NCHW [N, {', '.join(map(str, PREPROCESS.chw))}] as the seed's ATC command compiles")
         self._soc = built["soc_version"]
-        self._host_ms = 0.0
         if shape[0] > 0:  # static: one batch size, short batches padded by the caller
             if batch_size != shape[0]:
                 raise BackendError(f"ais_bench: {os.path.basename(path)} was compiled for batch {shape[0]}; run it "
@@ -166,7 +166,7 @@ class AisBenchBackend(Backend):
         for n in self._gears or [self.fixed_batch]:
             self._infer(np.zeros((n, *PREPROCESS.chw), np.float32))
         self._pending_ms: float | None = None
-        self._reset_summary()
+        self._sess.reset_summaryinfo()
         self.model_info = {"artifact": os.path.abspath(path), "gears": self._gears,
                            "compute_precision": built["precision_mode"] or
                            "as ATC compiled it (its default --precision_mode is force_fp16)",
@@ -186,20 +186,17 @@ class AisBenchBackend(Backend):
             if gear is None:
                 raise BackendError(f"ais_bench: a batch of {n} is larger than every gear ({self._gears})")
             if gear > n:
-                x = np.ascontiguousarray(np.concatenate([x, np.repeat(x[:1], gear - n, axis=0)]))
+                x = np.concatenate([x, np.repeat(x[:1], gear - n, axis=0)])  # a new, contiguous array
         t = time.perf_counter()
         out = self._infer(x)
         host_ms = (time.perf_counter() - t) * 1e3
         out = np.asarray(out, dtype=np.float32).reshape(len(x), -1)[:n]
         self.num_outputs = out.shape[1]
         ms = device_ms(self._sess.summary().exec_time_list)
-        self._reset_summary()
+        self._sess.reset_summaryinfo()
         # the list's float32 timestamps coarsen as the session ages: never more than the host saw
         self._pending_ms = (self._pending_ms or 0.0) + (ms if 0 < ms <= host_ms else host_ms)
         return out
-
-    def _reset_summary(self) -> None:
-        self._sess.reset_summaryinfo()
 
     def take_device_ms(self) -> float | None:
         ms, self._pending_ms = self._pending_ms, None
