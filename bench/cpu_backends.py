@@ -2,7 +2,9 @@
 NASNet-A Large (the demo's calibrated random-weight checkpoint, the same one for all), compute
 only, each configuration in a process of its own (as on a worker), the worker's thread count,
 the processes taking turns over several rounds (a shared VM's slow minutes fall on all alike);
-then bf16's top-1 agreement with fp32 on the demo images, and the time of a repeat build.
+beside them this CPU's bound at fp32 and bf16 (the model's multiply-adds at the rate of OpenVINO's
+best large matrix product: see GemmBound); then bf16's top-1 agreement with fp32 on the
+demo images, and the time of a repeat build.
 
     python bench/cpu_backends.py --out bench/results/cpu_backends.json
 
@@ -28,8 +30,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nasq import backends  # noqa: E402
 from nasq.config import BackendOptions, Settings  # noqa: E402
 from nasq.data.sources import open_source  # noqa: E402
-from nasq.model.spec import ModelRef  # noqa: E402
+from nasq.model.spec import PREPROCESS, ModelRef  # noqa: E402
 from nasq.perf.timing import measure, summarize  # noqa: E402
+
+BOUND = "gemm-bound"
 
 
 def main() -> int:
@@ -68,8 +72,13 @@ def main() -> int:
     configs = [("torch eager fp32", "torch", demo["weights"], "fp32"),
                ("onnxruntime fp32", "onnxruntime", built["ort"].path, "fp32"),
                ("openvino fp32", "openvino", built["ov"].path, "fp32"),
-               ("openvino bf16", "openvino", built["ov"].path, "bf16")]
-    # Each configuration lives in a process of its own (as on a worker), loaded once; the processes
+               ("openvino bf16", "openvino", built["ov"].path, "bf16"),
+               ("fp32 bound (GEMM peak)", BOUND, built["ov"].path, "fp32"),
+               ("bf16 bound (GEMM peak)", BOUND, built["ov"].path, "bf16")]
+    precision_of = {c[0]: c[3] for c in configs}
+    bound_of = {c[3]: c[0] for c in configs if c[1] == BOUND}
+    # The last two configurations are no runtime of nasq's: this CPU's bound at fp32 and bf16
+    # (GemmBound), what no runtime of that precision can beat here. Each configuration lives in a process of its own (as on a worker), loaded once; the processes
     # take turns, round after round (the order rotated each round), so a slow minute of a shared
     # VM falls on every configuration alike. A ratio is the median over rounds of the same round's
     # ratio; a figure is the median over rounds.
@@ -95,13 +104,17 @@ def main() -> int:
             proc.wait(timeout=60)
     rows = []
     for (name, bs), runs in per_round.items():
-        eager = per_round[(configs[0][0], bs)]
+        eager, bound = per_round[(configs[0][0], bs)], per_round[(bound_of[precision_of[name]], bs)]
         ratios = [a["img_s"] / b["img_s"] for a, b in zip(runs, eager)]
+        of_bound = [a["img_s"] / b["img_s"] for a, b in zip(runs, bound)]
         rows.append({**runs[0], "img_s": round(float(np.median([x["img_s"] for x in runs])), 3),
                      "median_ms": round(float(np.median([x["median_ms"] for x in runs])), 2),
                      "iters": sum(x["iters"] for x in runs), "rounds": [round(x["img_s"], 3) for x in runs],
                      "x_torch_eager": round(float(np.median(ratios)), 2),
-                     "x_torch_eager_rounds": [round(x, 2) for x in ratios]})
+                     "x_torch_eager_rounds": [round(x, 2) for x in ratios],
+                     "precision": precision_of[name], "of_bound": round(float(np.median(of_bound)), 3),
+                     **({"g_fma_s": round(float(np.median([x["g_fma_s"] for x in runs])), 1)}
+                        if "g_fma_s" in runs[0] else {})})
     loaded = {}
     for precision in ("fp32", "bf16"):
         b = backends.create("openvino", "cpu")
@@ -133,8 +146,7 @@ def main() -> int:
                  "fp32_logit_scale": round(float(np.abs(logits["fp32"]).max()), 3)}
     log(f"bf16 vs fp32 top-1: {agreement['top1_agree']}/{agreement['images']} agree; fp32 margins "
         f"{agreement['fp32_margin_all']}; where they differ {agreement['fp32_margin_where_bf16_differs']}")
-    model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    result = {"env": {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "host": os.uname().nodename, "cpu": model,
+    result = {"env": {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "host": os.uname().nodename, **_cpu(),
                       "threads": args.threads, "arch": args.arch, "min_time_s": args.min_time,
                       "rounds": args.rounds,
                       "note": "compute only, one process per configuration, the processes taking turns round after "
@@ -146,6 +158,7 @@ def main() -> int:
         json.dump(result, f, indent=1)
     for r in rows:
         print(f"{r['config']:<18} bs={r['batch_size']:<3} {r['img_s']:8.2f} img/s  x{r['x_torch_eager']:.2f} eager "
+              f"{100 * r['of_bound']:4.0f} % of the {r['precision']} bound "
               f"(rounds: {', '.join(f'x{x:.2f}' for x in r['x_torch_eager_rounds'])})")
     return 0
 
@@ -166,17 +179,112 @@ def one(spec: dict) -> None:
     (a batch size and a time) with a measured row on stdout, until stdin closes."""
     source = open_source(spec["data"])
     crops = np.stack([source.load(i) for i in range(min(len(source), 16))])
-    b = backends.create(spec["backend"], "cpu")
-    b.load(ModelRef(spec["model"]), batch_size=max(spec["sizes"]),
-           options=BackendOptions(precision=spec["precision"], threads=spec["threads"]))
+    if spec["backend"] == BOUND:
+        b = GemmBound(spec["model"], spec["precision"], spec["threads"])
+    else:
+        b = backends.create(spec["backend"], "cpu")
+        b.load(ModelRef(spec["model"]), batch_size=max(spec["sizes"]),
+               options=BackendOptions(precision=spec["precision"], threads=spec["threads"]))
     print(json.dumps({"loaded": spec["name"]}), flush=True)
     for line in sys.stdin:
         req = json.loads(line)
         bs = req["batch_size"]
         batch = crops[np.arange(bs) % len(crops)]
-        lat = measure(b.compute_fn(batch), warmup=1, min_iters=4, min_time_s=req["min_time"])
-        print(json.dumps({"config": spec["name"], "batch_size": bs, **summarize(lat, bs),
+        if spec["backend"] == BOUND:  # the same for every batch size: the model's work at the peak rate
+            rate, iters = b.rate(req["min_time"])
+            img_s = rate / b.macs_per_image
+            stats = {"iters": iters, "median_ms": round(bs * 1e3 / img_s, 3), "img_s": round(img_s, 2),
+                     "g_fma_s": round(rate / 1e9, 1)}
+        else:
+            stats = summarize(measure(b.compute_fn(batch), warmup=1, min_iters=4, min_time_s=req["min_time"]), bs)
+        print(json.dumps({"config": spec["name"], "batch_size": bs, **stats,
                           "device_name": b.describe_device(), "versions": b.versions()}), flush=True)
+
+
+class GemmBound:
+    """An upper bound of this CPU for NASNet-A Large at one precision: OpenVINO's rate on large
+    square matrix products (n = 1024 and 2048, the best of the two; the shapes a CPU multiplies
+    fastest), divided into the model's multiply-adds (every Convolution, GroupConvolution and
+    MatMul of the IR, 23.81 G per image). As if every multiply-add of the model, depthwise ones
+    included, ran at that rate and nothing else took time: no runtime that multiplies no faster
+    reaches more img/s, and its ratio to torch eager bounds the ratio reachable on this machine at
+    that precision. ``g_fma_s`` in its row: the multiply-adds per second measured.
+
+    (A graph of the model's own 1x1 convolutions alone was tried first: in bf16 the model beat it,
+    its fp32 inputs being converted for each convolution, so it bounds nothing.)"""
+
+    SIZES = (1024, 2048)
+
+    def __init__(self, ir_path: str, precision: str, threads: int):
+        import openvino as ov
+        import openvino.opset13 as ops
+
+        ir = ir_path if ir_path.endswith(".xml") else os.path.join(ir_path, "model.xml")
+        core = ov.Core()
+        self.macs_per_image = model_macs(core.read_model(ir))
+        config = {"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision],
+                  "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": str(threads)}
+        rng = np.random.default_rng(0)
+        self._requests = {}
+        for n in self.SIZES:
+            a = ops.parameter([n, n], ov.Type.f32)
+            w = ops.constant(rng.standard_normal((n, n)).astype(np.float32))
+            compiled = core.compile_model(ov.Model([ops.matmul(a, w, False, False)], [a]), "CPU", config)
+            request = compiled.create_infer_request()
+            request.set_input_tensor(0, ov.Tensor(rng.standard_normal((n, n)).astype(np.float32)))
+            self._requests[n] = request
+        self._ov, self.precision, self._threads = ov, precision, threads
+
+    def rate(self, min_time: float) -> tuple[float, int]:
+        """The best multiply-adds per second over the sizes, each timed for ``min_time`` / 2 s,
+        and how many products were timed."""
+        best, iters = 0.0, 0
+        for n, request in self._requests.items():
+            def run(request=request):
+                request.start_async()
+                request.wait()
+            lat = measure(run, warmup=2, min_iters=4, min_time_s=min_time / 2)
+            best, iters = max(best, n ** 3 / (np.median(lat) / 1e3)), iters + len(lat)
+        return best, iters
+
+    def describe_device(self) -> str:
+        return (f"best of {'/'.join(map(str, self.SIZES))}-square MatMul, model {self.macs_per_image / 1e9:.2f} G "
+                f"multiply-adds per image, {self._threads} threads, OpenVINO {self.precision}")
+
+    def versions(self) -> dict[str, str]:
+        return {"openvino": self._ov.__version__}
+
+
+def model_macs(net) -> int:
+    """Multiply-adds per image of an OpenVINO model (batch 1): Convolution, GroupConvolution, MatMul."""
+    net.reshape([1, *PREPROCESS.chw])
+    total = 0
+    for op in net.get_ordered_ops():
+        kind = op.get_type_name()
+        if kind not in ("Convolution", "GroupConvolution", "MatMul"):
+            continue
+        out = [d.get_length() for d in op.get_output_partial_shape(0)]
+        w = [d.get_length() for d in op.get_input_partial_shape(1)]
+        if kind == "Convolution":  # weights [cout, cin, kh, kw]
+            total += int(np.prod(out)) * int(np.prod(w[1:]))
+        elif kind == "GroupConvolution":  # weights [groups, cout/g, cin/g, kh, kw]
+            total += int(np.prod(out)) * int(np.prod(w[2:]))
+        else:  # [.., m, k] x [k, n] (or transposed): out elements x k
+            a = [d.get_length() for d in op.get_input_partial_shape(0)]
+            total += int(np.prod(out)) * (a[-2] if op.get_attributes()["transpose_a"] else a[-1])
+    return total
+
+
+def _cpu() -> dict:
+    """What /proc/cpuinfo says of the CPU: the model name alone ("AMD EPYC") hides which one."""
+    info = {}
+    for ln in open("/proc/cpuinfo"):
+        key, _, value = ln.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    flags = set(info.get("flags", "").split())
+    return {"cpu": info.get("model name", "?"), "cpu_family": info.get("cpu family"), "cpu_model": info.get("model"),
+            "cpu_stepping": info.get("stepping"), "cpu_mhz": info.get("cpu MHz"),
+            "cpu_flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16"})}
 
 
 def _quantiles(values: list[float]) -> dict:

@@ -177,6 +177,21 @@ def test_openvino_build_verified_then_cache_hit_and_eval_equals_the_reference(as
     again = build(weights=assets["weights"], target="ov", settings=s, log=lambda *_: None)
     assert again.cached and again.path == res.path
 
+    # a batch of 5 split over the THROUGHPUT hint's streams (parts of 3, the last padded) gives what
+    # one image at a time gives, image for image
+    from nasq import backends
+    from nasq.config import BackendOptions
+    from nasq.data.sources import open_source
+    from nasq.model.spec import ModelRef
+
+    source = open_source(assets["data"])
+    crops = np.stack([source.load(i) for i in range(5)])
+    one, five = backends.create("openvino", "cpu"), backends.create("openvino", "cpu")
+    one.load(ModelRef(res.path), batch_size=1, options=BackendOptions(threads=2))
+    five.load(ModelRef(res.path), batch_size=5, options=BackendOptions(threads=2))
+    assert "1 stream(s)" in one.describe_device() and "2 stream(s)" in five.describe_device()
+    assert np.array_equal(five.predict_u8(crops), np.concatenate([one.predict_u8(c[None]) for c in crops]))
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("NASQ_")}
     env.update(NASQ_WORK_DIR=str(tmp_path / "runs"), NASQ_ARTIFACT_DIR=str(tmp_path / "art"),
                NASQ_REPORT_DIR=str(tmp_path / "rep"))
