@@ -3,12 +3,12 @@
 Precision is always explicit: OpenVINO's own default on a CPU with bf16 units is bf16, which
 moves NASNet's logits far from PyTorch's; ``fp32`` (the default here) sets
 ``INFERENCE_PRECISION_HINT=f32`` and matches PyTorch to ~1e-3; ``bf16`` is opt-in and its
-agreement is measured (docs/PERFORMANCE.md). Threads: the worker's count. A batch of one runs
-with the LATENCY hint (one stream, every thread on the image); a larger batch with the THROUGHPUT
-hint told the batch size as its number of requests, so OpenVINO picks the streams for the
-worker's cores (2 on 2 cores), and the batch is split into one part per stream, run at once
-(on 2 cores: +7 % bf16, +2 % fp32 at batch 4, docs/PERFORMANCE.md). A part is a static shape;
-the last part is padded with copies of its last image and their outputs dropped.
+agreement is measured (docs/PERFORMANCE.md). Threads: the worker's count. Streams: as many
+as OpenVINO's THROUGHPUT hint picks for the worker's cores (2 on 2 cores), or the largest divisor
+of the batch size below that; the batch is split into equal parts, one per stream, run at once
+(on 2 cores, batch 4: +1 to +7 % bf16, +2 % fp32 in two A/Bs, docs/PERFORMANCE.md). One stream
+(a batch of one, or a prime batch above the cap) runs with the LATENCY hint, every thread on the
+batch.
 """
 from __future__ import annotations
 
@@ -46,6 +46,8 @@ class OpenVinoBackend(Backend):
         if options.threads:
             self._config["INFERENCE_NUM_THREADS"] = str(options.threads)
         self._plans: dict[int, tuple] = {}
+        self._streams_cap: int | None = None
+        self._last_batch: int | None = None
         self.fixed_batch = batch_size  # evaluation pads its last, short batch: one compiled shape per run
         compiled, _, _ = self._plan_for(batch_size)
         self.num_outputs = int(compiled.output(0).get_partial_shape()[1].get_length())
@@ -58,39 +60,51 @@ class OpenVinoBackend(Backend):
 
     def _plan_for(self, n: int):
         """How a batch of ``n`` runs: (compiled model, one infer request per stream, images per
-        request), kept for the last few sizes used."""
+        request), kept for the last few sizes used. The streams: the largest divisor of ``n`` not
+        above what OpenVINO's THROUGHPUT hint picks, so every part is full (a padded part would
+        make an odd batch slower than one stream: 3 images on 2 streams cost 4)."""
         if n not in self._plans:
             while len(self._plans) >= 4:
                 self._plans.pop(next(iter(self._plans)))
-            if n == 1:
-                compiled = self._compile(1, {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"})
-                streams = 1
+            streams = max((d for d in range(1, min(n, self._max_streams()) + 1) if n % d == 0), default=1)
+            if streams == 1:
+                compiled = self._compile(n, {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"})
             else:
-                hint = {"PERFORMANCE_HINT": "THROUGHPUT", "PERFORMANCE_HINT_NUM_REQUESTS": str(n)}
-                streams = min(n, self._streams(hint))
-                compiled = self._compile(-(-n // streams), {**hint, "NUM_STREAMS": str(streams)})
-            self._plans[n] = (compiled, [compiled.create_infer_request() for _ in range(streams)], -(-n // streams))
+                compiled = self._compile(n // streams, {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": str(streams)})
+            self._plans[n] = (compiled, [compiled.create_infer_request() for _ in range(streams)], n // streams)
         return self._plans[n]
 
-    def _streams(self, hint: dict) -> int:
-        """The streams OpenVINO's THROUGHPUT hint picks for this CPU and thread count (a one-image
-        model is compiled to ask: the choice does not depend on the shape)."""
-        return int(self._compile(1, hint).get_property("NUM_STREAMS"))
+    def _max_streams(self) -> int:
+        """The streams OpenVINO's THROUGHPUT hint picks for this CPU and thread count, asked once
+        (by compiling a one-image model; its memory-pressure estimate may differ a little from a
+        larger batch's, which only matters as a cap here)."""
+        if self._streams_cap is None:
+            self._streams_cap = int(self._compile(1, {"PERFORMANCE_HINT": "THROUGHPUT"}).get_property("NUM_STREAMS"))
+        return self._streams_cap
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
+        if not len(batch):
+            return np.zeros((0, self.num_outputs), dtype=np.float32)
+        self._last_batch = len(batch)
         _, requests, part = self._plan_for(len(batch))
         x = np.ascontiguousarray(batch, dtype=np.float32)
         if len(requests) == 1:
             return np.array(next(iter(requests[0].infer({0: x}).values())), dtype=np.float32)
-        short = part * len(requests) - len(x)
-        if short:
-            x = np.concatenate([x, np.repeat(x[-1:], short, axis=0)])
-        for i, request in enumerate(requests):
-            request.start_async({0: x[i * part:(i + 1) * part]}, share_inputs=False)
-        for request in requests:
-            request.wait()
-        out = np.concatenate([np.asarray(r.get_output_tensor(0).data) for r in requests])
-        return np.array(out[:len(batch)], dtype=np.float32)
+        started = []
+        try:
+            for i, request in enumerate(requests):
+                request.start_async({0: x[i * part:(i + 1) * part]}, share_inputs=False)
+                started.append(request)
+        finally:  # never leave a request running (a busy request fails the next call)
+            errors = []
+            for request in started:
+                try:
+                    request.wait()
+                except Exception as e:  # noqa: BLE001 - the first one is raised below
+                    errors.append(e)
+        if errors:
+            raise errors[0]
+        return np.concatenate([np.array(r.get_output_tensor(0).data, dtype=np.float32) for r in requests])
 
     def versions(self) -> dict[str, str]:
         import openvino as ov
@@ -99,7 +113,7 @@ class OpenVinoBackend(Backend):
 
     def describe_device(self) -> str:
         name = self._core.get_property("CPU", "FULL_DEVICE_NAME")
-        compiled, requests, _ = self._plan_for(self.fixed_batch or 1)
+        compiled, requests, _ = self._plan_for(self._last_batch or self.fixed_batch or 1)  # the batch last run
         threads = compiled.get_property("INFERENCE_NUM_THREADS")
         return f"{name}, {threads} threads, {len(requests)} stream(s), OpenVINO {self.precision}"
 

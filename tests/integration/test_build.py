@@ -177,20 +177,38 @@ def test_openvino_build_verified_then_cache_hit_and_eval_equals_the_reference(as
     again = build(weights=assets["weights"], target="ov", settings=s, log=lambda *_: None)
     assert again.cached and again.path == res.path
 
-    # a batch of 5 split over the THROUGHPUT hint's streams (parts of 3, the last padded) gives what
-    # one image at a time gives, image for image
+    # a batch split over streams (the cap forced: OpenVINO's own pick depends on the CPU) gives what
+    # one image at a time gives, image for image: equal parts, the largest divisor under the cap
     from nasq import backends
     from nasq.config import BackendOptions
     from nasq.data.sources import open_source
     from nasq.model.spec import ModelRef
 
     source = open_source(assets["data"])
-    crops = np.stack([source.load(i) for i in range(5)])
-    one, five = backends.create("openvino", "cpu"), backends.create("openvino", "cpu")
+    crops = np.stack([source.load(i) for i in range(6)])
+    one = backends.create("openvino", "cpu")
     one.load(ModelRef(res.path), batch_size=1, options=BackendOptions(threads=2))
-    five.load(ModelRef(res.path), batch_size=5, options=BackendOptions(threads=2))
-    assert "1 stream(s)" in one.describe_device() and "2 stream(s)" in five.describe_device()
-    assert np.array_equal(five.predict_u8(crops), np.concatenate([one.predict_u8(c[None]) for c in crops]))
+    assert "1 stream(s)" in one.describe_device()
+    singles = np.concatenate([one.predict_u8(c[None]) for c in crops])
+    for n, cap, streams in ((4, 2, 2), (6, 4, 3), (5, 2, 1), (2, 8, 2)):
+        b = backends.create("openvino", "cpu")
+        b._max_streams = lambda cap=cap: cap
+        b.load(ModelRef(res.path), batch_size=n, options=BackendOptions(threads=2))
+        out = b.predict_u8(crops[:n])
+        assert f"{streams} stream(s)" in b.describe_device() and len(b._plans[n][1]) == streams
+        assert out.shape == (n, singles.shape[1]) and (out.argmax(1) == singles[:n].argmax(1)).all()
+        assert np.abs(out - singles[:n]).max() <= 1e-5 * np.abs(singles).max()
+    # a request failing to start leaves none running: the next batch runs
+    real = b._plans[2][1][1]
+
+    class Failing:
+        def start_async(self, *a, **k):
+            raise RuntimeError("injected")
+    b._plans[2][1][1] = Failing()
+    with pytest.raises(RuntimeError, match="injected"):
+        b.predict_u8(crops[:2])
+    b._plans[2][1][1] = real
+    assert np.abs(b.predict_u8(crops[:2]) - singles[:2]).max() <= 1e-5 * np.abs(singles).max()
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("NASQ_")}
     env.update(NASQ_WORK_DIR=str(tmp_path / "runs"), NASQ_ARTIFACT_DIR=str(tmp_path / "art"),
