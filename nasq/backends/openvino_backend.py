@@ -30,6 +30,9 @@ class OpenVinoBackend(Backend):
     precisions = ("fp32", "bf16")
     #: the build target whose artifact this backend runs (a checkpoint is built to it first)
     build_target = "ov"
+    #: the short last batch is padded to the run's batch size (one compiled shape per run), so a
+    #: worker loads again for another batch size rather than pad every batch of a smaller run
+    load_per_batch_size = True
 
     def load(self, model: ModelRef, *, batch_size: int, options: BackendOptions = BackendOptions()) -> None:
         import openvino as ov

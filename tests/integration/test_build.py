@@ -198,6 +198,12 @@ def test_openvino_build_verified_then_cache_hit_and_eval_equals_the_reference(as
         assert f"{streams} stream(s)" in b.describe_device() and len(b._plans[n][1]) == streams
         assert out.shape == (n, singles.shape[1]) and (out.argmax(1) == singles[:n].argmax(1)).all()
         assert np.abs(out - singles[:n]).max() <= 1e-5 * np.abs(singles).max()
+    # a worker that ran -b 8 loads again for a -b 4 run (it would otherwise pad every batch of 4 to 8)
+    from nasq.inference.resources import DeviceResources
+
+    res8 = DeviceResources("cpu")
+    assert res8.backend_for("openvino", ModelRef(res.path), 8, BackendOptions(threads=2)).fixed_batch == 8
+    assert res8.backend_for("openvino", ModelRef(res.path), 4, BackendOptions(threads=2)).fixed_batch == 4
     # a request failing to start leaves none running: the next batch runs
     real = b._plans[2][1][1]
 
