@@ -114,8 +114,8 @@ def main() -> int:
                      "x_torch_eager": round(float(np.median(ratios)), 2),
                      "x_torch_eager_rounds": [round(x, 2) for x in ratios],
                      "precision": precision_of[name], "of_bound": round(float(np.median(of_bound)), 3),
-                     **({"g_fma_s": round(float(np.median([x["g_fma_s"] for x in runs])), 1)}
-                        if "g_fma_s" in runs[0] else {})})
+                     **({"g_fma_s": round(float(np.median([x["g_fma_s"] for x in runs])), 1),
+                         "best_of": [x["best_of"] for x in runs]} if "g_fma_s" in runs[0] else {})})
     loaded = {}
     for precision in ("fp32", "bf16"):
         b = backends.create("openvino", "cpu")
