@@ -17,6 +17,8 @@ import socket
 import time
 from dataclasses import dataclass, replace
 
+import redis
+
 from . import backends
 from .artifacts.spec import check_om_options, make_spec
 from .artifacts.store import ArtifactStore, BuildResult
@@ -29,10 +31,14 @@ from .model.spec import ModelRef
 from .perf.bench import BenchResult
 from .perf.sweep import sweep_folder, point_file, read_rows, sweep_id
 from .queue.app import BUILD_QUEUE, eval_queue
-from .queue.healing import heal
+from .queue.healing import Healer
 from .queue.local import WorkerSpec, cpu_threads, local_devices, worker_name
-from .queue.messages import MAX_BATCH_SIZE, DatasetRef, EvalJob, OutputSpec, SweepPoint, make_manifest
+from .queue.messages import (MAX_BATCH_SIZE, DatasetRef, EvalJob, OutputSpec, SweepPoint, make_manifest,
+                             merge_task_id, shard_task_id)
 from .queue.session import BROKER_ERRORS, Progress, Session
+from .queue.broker import probe
+from .queue.store import BrokerFull
+from .runstate import RunState, is_ended
 from .results.report import render
 from .results.sweeps import render_markdown, write_report
 
@@ -231,6 +237,11 @@ class EvalResult:
     run_id: str
     report: dict
     predictions: dict | None
+    #: what the merging worker could not do once the report was final (the run history not
+    #: updated, files not moved into place), by what
+    notes: dict | None = None
+    #: the run's Redis was the command's own (an embedded run): it is gone once the command ends
+    embedded: bool = False
 
     @property
     def table(self) -> str:
@@ -254,7 +265,8 @@ class RunHandle:
         is waited for (until ``timeout``)."""
         store, run_id, total = self.session.store, self.run_id, self.manifest["dataset"]["images"]
         every = max(1.0, self.session.settings.lease_s / 3)
-        last_heal = [time.time()]
+        last_heal, full = [time.time()], [None]
+        healer = Healer.for_settings(self.session.app, store, self.session.settings)
 
         def poll() -> Progress:
             if not store.has_run(run_id):
@@ -262,19 +274,30 @@ class RunHandle:
                                        f"records expired); rerun it with: {self.rerun}")
             if time.time() - last_heal[0] >= every:
                 last_heal[0] = time.time()
-                for sid in heal(self.session.app, store, run_id, lease_s=self.session.settings.lease_s):
-                    log(f"run {run_id}: {sid} lost its worker; dispatched again")
+                full[0] = None
+                try:
+                    for sid in healer.heal(run_id):
+                        log(f"run {run_id}: {sid} dispatched again (its worker or its message was lost)")
+                except (BrokerFull, redis.exceptions.OutOfMemoryError):
+                    full[0] = store.full_message()
             st = store.state(run_id) or {}
-            failed = st.get("error", f"run {run_id} {st['state']}") if st.get("state") in ("failed", "cancelled") \
-                else None
-            return Progress(done=min(total, store.images_done(run_id)), failed=failed)
+            failed = st.get("error", f"run {run_id} {st['state']}") \
+                if st.get("state") in (RunState.FAILED, RunState.CANCELLED) else None
+            return Progress(done=min(total, store.images_done(run_id)), failed=failed, status=full[0])
 
         try:
             report = self.session.wait(_RunRecord(store, run_id), label=f"run {run_id}", poll=poll, total=total,
                                        timeout=timeout, progress=progress, log=log)
         finally:
-            self.session.app.backend.remove_pending_result(self.result)
-        return EvalResult(run_id, report, store.predictions(run_id))
+            if self.result is not None:
+                self.session.app.backend.remove_pending_result(self.result)
+        # the merging worker moves the files into place and records the run after the state says
+        # done: wait for that (renames and one row), so that every path printed exists
+        deadline = time.time() + 60
+        while not store.published(run_id) and time.time() < deadline:
+            time.sleep(0.1)
+        return EvalResult(run_id, report, store.predictions(run_id), store.notes(run_id),
+                          embedded=self.session.cluster is not None)
 
     def close(self) -> None:
         """Drop the connections of a handle from ``submit_evaluation`` (the run goes on)."""
@@ -289,11 +312,11 @@ class _RunRecord:
         self.store, self.run_id = store, run_id
 
     def ready(self) -> bool:
-        return (self.store.state(self.run_id) or {}).get("state") in ("done", "failed", "cancelled")
+        return is_ended((self.store.state(self.run_id) or {}).get("state"))
 
     def get(self, **_) -> dict:
         st = self.store.state(self.run_id) or {}
-        if st.get("state") != "done":
+        if st.get("state") != RunState.DONE:
             raise RunError(st.get("error", f"run {self.run_id} failed"))
         return self.store.report(self.run_id)
 
@@ -330,22 +353,42 @@ def _plan(*, weights, data, labels, backend, batch_size, precision, num_outputs,
 
 def _submit(session: Session, plan: _Plan, *, queue: str, shard_size: int | None, workers: int | None,
             rerun: str | None, log) -> RunHandle:
+    from .files import cached_sha256, file_digest
+    from .queue.transport import BrokerView
+    from .queue.trust import ManifestTrust
+
     model = prepare_model(weights=plan.weights, backend=plan.backend, num_outputs=plan.num_outputs,
                           settings=session.settings, session=session, build_options=plan.build, log=log)
+    if os.path.isfile(model.weights):  # every shard checks that the workers load this file
+        model = replace(model, sha256=cached_sha256(model.weights, os.path.join(session.settings.artifact_dir,
+                                                                                ".digests.json")))
     job = EvalJob(dataset=DatasetRef(**plan.source.describe()), labels=plan.labels, model=model, backend=plan.backend,
-                  batch_size=plan.batch_size, precision=plan.precision, output=plan.output)
+                  batch_size=plan.batch_size, precision=plan.precision, output=plan.output,
+                  labels_sha256=file_digest(plan.labels) if plan.labels else None)
     if session.cluster is None:  # a deployment: warn first, and plan for the workers serving the queue now
         live = _warn_if_unserved(session, queue, log)
         _check_worker_roots(session, queue, job)
         for warning in session.store.broker_warnings():
             log(f"warning: {warning}")
         workers = workers or len(live) or None
-    manifest = make_manifest(job, queue=queue, shard_size=shard_size, workers=workers)
-    run_id = manifest["run_id"]
+    if session.store.is_full():
+        raise BrokerFull(f"nothing was queued: {session.store.full_message()}")
+    broker = BrokerView.for_app(session.app, session.settings)
     try:
-        session.store.save_manifest(manifest)
+        broker_id = broker.server_id()
+    finally:
+        broker.close()
+    manifest = make_manifest(job, queue=queue, shard_size=shard_size, workers=workers, broker_id=broker_id)
+    run_id = manifest["run_id"]
+    sealed = ManifestTrust(session.app).seal(manifest)
+    try:
+        session.store.save_manifest(manifest, sealed)
+        session.store.add_merge_id(run_id, merge_task_id(run_id))
         result = session.submit_run(manifest)
-        session.store.set_state(run_id, "running", shards=len(manifest["shards"]))
+        session.store.transition(run_id, "start", shards=len(manifest["shards"]))
+    except (BrokerFull, redis.exceptions.OutOfMemoryError):
+        raise BrokerFull(f"run {run_id} could not be submitted whole: {session.store.full_message()}. Once memory is "
+                         f"freed, finish it with `nasq resume {run_id}`") from None
     except BROKER_ERRORS as e:
         raise RunError(f"the broker went away while run {run_id} was being submitted ({e}); when it is back, "
                        f"rerun it with: {rerun or 'the same command'}") from None
@@ -378,6 +421,8 @@ def submit_evaluation(*, weights: str, data: str, labels: str | None = None, bac
     settings = settings or load_settings(broker_url=broker)
     if not settings.broker_url:
         raise NasqError("no broker: pass --broker redis://HOST:6379/0 or set NASQ_BROKER_URL")
+    check_precision(backend, precision)
+    probe(settings)  # the broker first: a wrong password or a silent broker is one line before the heavy checks
     plan = _plan(weights=weights, data=data, labels=labels, backend=backend, batch_size=batch_size,
                  precision=precision, num_outputs=num_outputs, output_dir=output_dir, outfmt=outfmt,
                  allow_bad_labels=allow_bad_labels, soc_version=soc_version, gears=gears)
@@ -424,16 +469,20 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
     """
     settings = settings or load_settings(broker_url=broker)
     check_precision(backend, precision, compile)
+    if settings.broker_url:
+        probe(settings)  # the broker first: a wrong password or a silent broker is one line before the heavy checks
     plan = _plan(weights=weights, data=data, labels=labels, backend=backend, batch_size=batch_size,
                  precision=precision, num_outputs=num_outputs, output_dir=output_dir, outfmt=outfmt,
                  allow_bad_labels=allow_bad_labels, soc_version=soc_version, gears=gears)
     queue = queue or eval_queue(backend)
     local = None
     if not settings.broker_url:
+        devices = local_devices(backend, device, workers)
+        for d in dict.fromkeys(devices):  # a device that is not there: one line before anything starts
+            backends.backend_class(backend).check_device(d)
         settings = _with_roots(settings, read=[plan.source.root, os.path.dirname(plan.weights),
                                                plan.labels and os.path.dirname(plan.labels)],
                                write=[plan.output.dir if plan.output else None])
-        devices = local_devices(backend, device, workers)
         threads = cpu_threads(devices)
         local = [WorkerSpec(device=d, backend=backend, queues=(queue,), precision=precision,
                             threads=threads if d == "cpu" else None, compile=compile, cuda_graphs=cuda_graphs,
@@ -451,41 +500,82 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
 
 def resume(run_id: str, *, broker: str | None = None, settings: Settings | None = None, progress: bool = True,
            timeout: float | None = None, log=print) -> EvalResult:
-    """Finish a failed or interrupted run: only its failed or missing shards run again (on the
-    run's queue, with the same task ids), then the merge combines them with the results the
-    run already has.
+    """Finish a failed or interrupted run: only its failed or lost shards run again (on the run's
+    queue, with the same task ids), then the merge combines them with the results the run
+    already has. A shard that is queued, delivered or running on a live worker is left alone: on
+    a healthy run, resume sends nothing and follows the run to its report.
 
     Raises:
-        NasqError: no broker, or no such run (records expire after ``result_expires``).
+        NasqError: no broker, no such run (records expire after ``result_expires``), a run that
+            is done or cancelled, or (with message signing on) a run record that is not signed.
     """
     settings = settings or load_settings(broker_url=broker)
     if not settings.broker_url:
         raise NasqError("resume needs the broker the run was submitted to (--broker or NASQ_BROKER_URL); an embedded "
                         "run's private Redis is gone with it")
     session = Session(settings)
-    store = session.store
-    manifest = store.manifest(run_id)
-    if manifest is None:
+    try:
+        store = session.store
+        healer = Healer.for_settings(session.app, store, settings)
+        manifest = healer.trust.manifest(store, run_id)
+        if manifest is None:
+            raise NasqError(f"no run {run_id!r} in this Redis (runs expire after result_expires)")
+        state = store.state_name(run_id)
+        if state in (RunState.DONE, RunState.CANCELLED):
+            raise NasqError(f"run {run_id} is {state}; there is nothing to resume (`nasq status {run_id}` shows it)")
+        plan = shards_to_redo(store, healer.broker, manifest, lease_s=settings.lease_s)
+        # each shard sent again is claimed first: a concurrent resume, or healing, sends it once
+        redo = [sid for sid, why in plan.items() if why in ("failed", "lost", "missing")
+                and (store.claim_lost(run_id, sid) if why == "lost" else store.claim_stranded(run_id, sid))]
+        busy = sum(1 for why in plan.values() if why in ("queued", "running"))
+        if not redo and state == RunState.RUNNING and busy:
+            log(f"run {run_id}: nothing to resubmit ({busy} shard(s) queued or running on live workers); following it")
+            result = None
+        else:
+            n = store.next_resume(run_id)
+            ok, now = store.transition(run_id, "resume", merge_id=merge_task_id(run_id, n), forget=tuple(redo),
+                                       shards=len(manifest["shards"]), resumed=len(redo))
+            if not ok:
+                raise NasqError(f"run {run_id} is {now}; not resumed")
+            result = session.submit_run(manifest, [s for s in manifest["shards"] if s["shard_id"] in redo],
+                                        merge_id=merge_task_id(run_id, n))
+            log(f"run {run_id}: {len(redo)} of {len(manifest['shards'])} shards resubmitted"
+                + (f" ({', '.join(redo[:5])}{' ...' if len(redo) > 5 else ''})" if redo
+                   else "; merging the stored results")
+                + (f"; {busy} queued or running left alone" if busy else ""))
+        _warn_if_unserved(session, manifest["queue"], log)
+    except BaseException:
         session.close()
-        raise NasqError(f"no run {run_id!r} in this Redis (runs expire after result_expires)")
-    # not those running on a live worker (their lease is held); a lost one only if no one else
-    # re-dispatched it meanwhile
-    lost = set(store.lost_shards(run_id))
-    busy = set(store.running(run_id)) - lost
-    stored = store.shard_results(run_id)
-    redo = [s for s in manifest["shards"] if s["shard_id"] not in busy
-            and stored.get(s["shard_id"], {}).get("status") != "ok"
-            and (s["shard_id"] not in lost or store.claim_lost(run_id, s["shard_id"]))]
-    store.reset_shards(run_id, [s["shard_id"] for s in redo])
-    n = store.next_resume(run_id)
-    store.set_state(run_id, "running", shards=len(manifest["shards"]), resumed=len(redo))
-    result = session.submit_run(manifest, redo, merge_id=f"{run_id}:merge-r{n}")
-    ids = [s["shard_id"] for s in redo]
-    log(f"run {run_id}: {len(redo)} of {len(manifest['shards'])} shards resubmitted"
-        + (f" ({', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''})" if ids else "; merging the stored results"))
-    _warn_if_unserved(session, manifest["queue"], log)
+        raise
     with session:
         return RunHandle(run_id, manifest, result, session).wait(progress=progress, timeout=timeout, log=log)
+
+
+def shards_to_redo(store, broker, manifest: dict, *, lease_s: float) -> dict[str, str]:
+    """What each unfinished shard of a run is doing, as ``nasq resume`` sees it: "failed" (its
+    last copy failed), "lost" (recorded as running, its lease expired), "running" (on a live
+    worker), "queued" (its message waits in the queue, was delivered less than a lease ago, or
+    was just sent again by healing) or "missing" (its message is nowhere: lost with a broker, or
+    discarded). Shards that have their result are not listed."""
+    run_id = manifest["run_id"]
+    results, finished, running = store.result_ids(run_id), store.finished(run_id), store.running(run_id)
+    lost = set(store.lost_shards(run_id))
+    queued, unacked = broker.queued_task_ids(manifest["queue"]), broker.unacked_ages()
+    recent = {sid for sid, t in store.redispatched_at(run_id).items() if time.time() - t < lease_s}
+    out = {}
+    for s in manifest["shards"]:
+        sid, tid = s["shard_id"], shard_task_id(run_id, s["shard_id"])
+        if sid in results:
+            continue
+        if sid in running:
+            out[sid] = "lost" if sid in lost else "running"
+        elif tid in queued or unacked.get(tid, lease_s + 1) <= lease_s or sid in recent:
+            out[sid] = "queued"
+        elif finished.get(sid, {}).get("status") == "error":
+            out[sid] = "failed"
+        else:
+            out[sid] = "missing"
+    return out
 
 
 def evaluate_local(*, weights: str, data: str, labels: str | None = None, backend: str = "torch",
@@ -583,13 +673,15 @@ def compare_runs(run_a: str, run_b: str, *, broker: str | None = None, settings:
 
 
 def cancel(run_id: str, *, broker: str | None = None, settings: Settings | None = None, log=print) -> dict | None:
-    """Cancel a run: revoke its queued and running shards (a running one is stopped), mark it
-    cancelled and keep what finished as a partial report. Returns that report (None if no shard
-    had finished).
+    """Cancel a run: mark it cancelled (its running shards stop at their next progress, shards that
+    start later skip themselves, a late result or merge changes nothing), revoke its queued and
+    running shards and its merges (a running shard is stopped at once), and keep what finished as
+    a partial report. Returns that report (None if no shard had finished).
 
     Raises:
         NasqError: no broker, no such run, or a run that already ended.
     """
+    from .queue.trust import ManifestTrust
     from .results.run import cancel_run
 
     settings = settings or load_settings(broker_url=broker)
@@ -597,18 +689,19 @@ def cancel(run_id: str, *, broker: str | None = None, settings: Settings | None 
         raise NasqError("cancel needs the broker the run was submitted to (--broker or NASQ_BROKER_URL)")
     with Session(settings) as session:
         store = session.store
-        manifest = store.manifest(run_id)
+        manifest = ManifestTrust(session.app).manifest(store, run_id)
         if manifest is None:
             raise NasqError(f"no run {run_id!r} in this Redis (runs expire after result_expires)")
-        state = (store.state(run_id) or {}).get("state")
-        if state in ("done", "failed", "cancelled"):
-            raise NasqError(f"run {run_id} already ended ({state}); nothing to cancel")
-        finished = store.finished(run_id)
-        ids = [s["task_id"] for s in manifest["shards"] if finished.get(s["shard_id"], {}).get("status") != "ok"]
-        partial = cancel_run(store, run_id, settings.report_dir)  # first: shards that start now skip themselves
-        session.app.control.revoke(ids + [f"{run_id}:merge"], terminate=True, signal="SIGTERM")
-        log(f"run {run_id}: cancelled; {len(ids)} shard(s) revoked"
-            + (f", partial report of {partial['images']} images kept" if partial else ", no shard had finished"))
+        kept = store.result_ids(run_id)
+        ids = [shard_task_id(run_id, s["shard_id"]) for s in manifest["shards"] if s["shard_id"] not in kept]
+
+        def revoke() -> None:
+            session.app.control.revoke(ids + store.merge_ids(run_id), terminate=True, signal="SIGTERM")
+            log(f"run {run_id}: cancelled; {len(ids)} shard(s) and its merge revoked")
+
+        partial = cancel_run(store, run_id, settings.report_dir, manifest=manifest, after_cancel=revoke)
+        log(f"run {run_id}: " + (f"partial report of {partial['images']} images kept" if partial
+                                 else "no shard had finished"))
         return partial
 
 

@@ -165,16 +165,33 @@ def _finish(result, args) -> int:
     from .files import atomic_write, write_json
 
     print(result.table)
-    for kind, path in (result.report.get("files") or {}).items():
+    report = result.report
+    for kind, path in (report.get("files") or {}).items():
         _log(f"run report ({kind}): {path}")
-    kept = (f"the report is kept in {', '.join((result.report.get('files') or {}).values()) or 'the report dir'} and "
-            f"in Redis (`nasq status {result.run_id}`)")
+    missing = report.get("files_not_written") or {}
+    if missing:
+        folder = os.path.dirname(next(iter((report.get("files") or {}).values()), "")) or "the report dir"
+        _log(f"not written by the merging worker: {', '.join(missing)} ({next(iter(missing.values()))})"
+             + (f"; the rest are in {folder}" if report.get("files") else ""))
+    for text in (result.notes or {}).values():
+        _log(f"note: {text}")
+    on_disk = (report.get("files") or {}).get("json")
+    if result.embedded:  # the private Redis ends with this command
+        kept = f"the report is in {on_disk}" if on_disk else "the report is the one printed above (no copy was kept)"
+    else:
+        kept = (f"the report is in {on_disk} and " if on_disk else "the report is ") + \
+            f"in Redis (`nasq status {result.run_id} --json`, until it expires)"
+    if missing or result.notes:
+        _log(kept)
+    writing = None
     try:
         if args.json:
-            write_json(result.report, args.json)
+            writing = args.json
+            write_json(report, args.json)
             _log(f"report written to {args.json}")
         pred = result.predictions
         if getattr(args, "predictions", None) and pred is not None:
+            writing = args.predictions
             if args.predictions.endswith(".json"):
                 write_json(pred, args.predictions, indent=None)
             else:
@@ -186,9 +203,9 @@ def _finish(result, args) -> int:
                 atomic_write(args.predictions, out.getvalue())
             _log(f"per-image predictions written to {args.predictions}")
     except OSError as e:
-        raise NasqError(f"could not write {e.filename or 'an output file'}: {e.strerror}; {kept}") from None
-    if not result.report.get("images"):
-        raise NasqError(f"no image could be evaluated ({result.report.get('error_count', 0)} unusable, listed above); "
+        raise NasqError(f"could not write {writing}: {e.strerror or e}; {kept}") from None
+    if not report.get("images"):
+        raise NasqError(f"no image could be evaluated ({report.get('error_count', 0)} unusable, listed above); "
                         "check the data folder")
     return 0
 
@@ -404,6 +421,7 @@ def cmd_status(args) -> int:
 
     from .results.report import render
     from .results.status import render_status, run_status, watch
+    from .runstate import RunState
 
     store = _store(args)
     run_id = args.run_id or next(iter(store.run_ids(1)), None)
@@ -413,22 +431,24 @@ def cmd_status(args) -> int:
         st = watch(store, run_id, interval=args.interval, out=open(os.devnull, "w")) if args.watch \
             else run_status(store, run_id)
         print(json.dumps({**st, "report": store.report(run_id)}, indent=2))
-        return 0 if st["state"] not in ("failed", "cancelled") else 1
+        return 0 if st["state"] not in (RunState.FAILED, RunState.CANCELLED) else 1
     st = watch(store, run_id, interval=args.interval) if args.watch else run_status(store, run_id)
     if not args.watch or not sys.stdout.isatty():
         print(render_status(st))
     report = store.report(run_id)
-    if st["state"] == "done" and report:
+    if st["state"] == RunState.DONE and report:
         print()
         print(render(report))
         if report.get("files"):
             print(f"\nreport files: {', '.join(report['files'].values())}")
-    return 0 if st["state"] != "failed" else 1
+    return 0 if st["state"] != RunState.FAILED else 1
 
 
 def _runs_args(p) -> None:
     p.add_argument("--limit", type=int_in(1, 100_000), default=20, help="how many (default: 20)")
-    p.add_argument("--state", choices=("submitted", "running", "done", "failed", "cancelled"), help="only these")
+    from .runstate import ALL
+
+    p.add_argument("--state", choices=ALL, help="only these")
     p.add_argument("--backend", help="only runs of this backend")
     p.add_argument("--since", type=seconds(), metavar="DAYS", help="only runs created in the last DAYS days")
     out = p.add_mutually_exclusive_group()

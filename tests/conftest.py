@@ -161,3 +161,32 @@ def eval_through(assets, start_workers, tmp_path):
             w.stop()
 
     return run
+
+
+@pytest.fixture(scope="session")
+def keypair():
+    """``keypair(folder, name)``: an RSA key and a self-signed certificate (PEM files), as message
+    signing takes them; returns (key path, certificate path)."""
+    return _keypair
+
+
+def _keypair(folder, name: str):
+    """An RSA key and a self-signed certificate, as PEM files."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    kp, cp = folder / f"{name}.key", folder / f"{name}.pem"
+    kp.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                     serialization.NoEncryption()))
+    cp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return str(kp), str(cp)

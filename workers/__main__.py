@@ -74,13 +74,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, celery_extra = parser.parse_known_args(argv)
     _check_celery_options(parser, celery_extra)
+    from nasq import backends
+    from nasq.errors import NasqError
+
+    try:  # the device is there (before pinning: indices count what this process may see)
+        backends.backend_class(args.backend).check_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
+    except NasqError as e:
+        parser.exit(2, f"nasq worker: error: {e}\n")
     try:
         local_device, physical = pinning.apply(args.device, args.threads)
     except ValueError as e:
         parser.error(str(e))
-    from nasq import backends
     from nasq.config import WorkerConfig, load_settings
-    from nasq.errors import NasqError
     from nasq.queue.app import BUILD_QUEUE, eval_queue, worker_queue
 
     if args.precision not in backends.precisions(args.backend):

@@ -21,8 +21,8 @@ from nasq.config import WorkerConfig
 from nasq.inference.resources import DeviceResources
 from nasq.queue.app import configure as configure_app
 from nasq.queue.app import make_app
-from nasq.queue.healing import heal_active
-from nasq.queue.store import RunStore
+from nasq.queue.healing import Healer
+from nasq.queue.store import BrokerFull, RunStore
 
 log = logging.getLogger("nasq.worker")
 
@@ -34,6 +34,7 @@ class WorkerTask(Task):
 
     config: ClassVar[WorkerConfig | None] = None
     _store: ClassVar[RunStore | None] = None
+    _healer: ClassVar[Healer | None] = None
     _resources: ClassVar[DeviceResources | None] = None
 
     @property
@@ -48,14 +49,25 @@ class WorkerTask(Task):
 
     @staticmethod
     def run_store() -> RunStore:
+        """The run store of tasks: it rides out a broker restart and waits while the broker is full."""
         if WorkerTask._store is None:
             s = WorkerTask.configured().settings
             WorkerTask._store = RunStore.for_settings(s, ride_out=True)
         return WorkerTask._store
 
+    @staticmethod
+    def run_healer() -> Healer:
+        if WorkerTask._healer is None:
+            WorkerTask._healer = Healer.for_settings(app, WorkerTask.run_store(), WorkerTask.configured().settings)
+        return WorkerTask._healer
+
     @property
     def store(self) -> RunStore:
         return WorkerTask.run_store()
+
+    @property
+    def healer(self) -> Healer:
+        return WorkerTask.run_healer()
 
     @property
     def resources(self) -> DeviceResources:
@@ -78,29 +90,38 @@ def configure(config: WorkerConfig) -> None:
 
 
 @worker_ready.connect
-def _register(sender=None, **_):
+def _register(sender=None, store: RunStore | None = None, **_):
     c = WorkerTask.configured()
-    WorkerTask.run_store().register_worker(c.name, {**c.describe(), "host": socket.gethostname(),
-                                                    "pid": os.getpid(), "started": _STARTED, "current": None})
+    (store or WorkerTask.run_store()).register_worker(c.name, {**c.describe(), "host": socket.gethostname(),
+                                                               "pid": os.getpid(), "started": _STARTED})
 
 
 _STARTED = time.time()
 _last_heal = [0.0]
+#: the heartbeat's own store and healer: they run in the worker's main process, which must never
+#: wait (on a full broker they give up until the next beat)
+_beat: dict = {}
 
 
 @heartbeat_sent.connect
 def _heartbeat(sender=None, **_):
     """Every heartbeat (about 2 s): stay in the registry (again, after a broker that lost its
     data), and now and then look for shards whose worker is gone (``nasq.queue.healing``)."""
-    c, store = WorkerTask.configured(), WorkerTask.run_store()
+    c = WorkerTask.configured()
+    if not _beat:
+        _beat["store"] = store = RunStore.for_settings(c.settings, wait_when_full=False)
+        _beat["healer"] = Healer.for_settings(app, store, c.settings)
+    store = _beat["store"]
     try:
         if not store.touch_worker(c.name):
-            _register()
+            _register(store=store)
         every = max(1.0, c.settings.lease_s / 3)
         if time.time() - _last_heal[0] >= every:
             _last_heal[0] = time.time()
             if store.heal_turn(every):  # one worker per interval, not the whole fleet
-                heal_active(app, store, lease_s=c.settings.lease_s)
+                _beat["healer"].heal_active()
+    except BrokerFull:
+        pass  # said once a minute by the transport and the tasks; nothing to do until memory is freed
     except Exception:  # noqa: BLE001 - a broker blip must not stop the heartbeat
         log.warning("heartbeat bookkeeping failed", exc_info=True)
 

@@ -11,22 +11,10 @@ from __future__ import annotations
 
 import os
 
+from nasq.backends.devices import VISIBLE, physical_id
 from nasq.config import parse_device
 
-VISIBLE = {"cuda": "CUDA_VISIBLE_DEVICES", "npu": "ASCEND_RT_VISIBLE_DEVICES"}
-
-
-def physical_id(kind: str, index: int, environ=os.environ) -> str:
-    """The id to pin device ``index`` of ``kind`` to: the index-th entry of the visibility
-    variable already set, else the index itself."""
-    visible = environ.get(VISIBLE[kind])
-    if visible is None or not visible.strip():
-        return str(index)
-    ids = [v.strip() for v in visible.split(",") if v.strip()]
-    if index >= len(ids) or ids == ["-1"]:
-        raise ValueError(f"{kind}:{index}: this process may see only {len(ids)} device(s) "
-                         f"({VISIBLE[kind]}={visible}); device indices count those")
-    return ids[index]
+__all__ = ["VISIBLE", "apply", "physical_id", "pinning_env"]
 
 
 def pinning_env(device: str, threads: int | None = None, environ=os.environ) -> tuple[dict[str, str], str]:

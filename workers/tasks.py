@@ -3,7 +3,8 @@ library function, return a small JSON dict.
 
 A shard that fails ends in FAILURE (so Flower and its metrics show it): it is recorded in the
 run store first, and the chord's errback (``run_failed``) keeps the partial report that
-``nasq resume`` completes.
+``nasq resume`` completes. A copy of a shard that was skipped or stopped (its run ended, or
+another copy took over) ends in SUCCESS with that status: it is not a failure of the run.
 """
 from __future__ import annotations
 
@@ -15,9 +16,8 @@ from nasq.roots import check_name
 from nasq.inference.shard import run_shard
 from nasq.perf.sweep import measure_point
 from nasq.queue.app import TASK_EVAL_SHARD, TASK_MERGE, TASK_RUN_FAILED, TASK_SWEEP_POINT
-from nasq.queue.healing import heal, merge_if_stranded, redispatch
 from nasq.queue.messages import MessageError, ShardTask, SweepPoint
-from nasq.results.run import MergeLater, fail_run
+from nasq.results.run import MergeLater, RunEnded, fail_run
 from nasq.results.run import merge_run as finish_run
 from workers.app import WorkerTask, app
 
@@ -33,13 +33,15 @@ def eval_shard(self, run_id, shard_id, start, stop, job) -> dict:
         log.warning("refused a shard message: %s", e)
         raise ShardFailed(f"bad shard message: {e}") from None
     out = run_shard(task, ledger=self.store, resources=self.resources, worker=self.worker)
-    merge_if_stranded(self.app, self.store, task.run_id)
+    if out.get("kept"):
+        self.healer.merge_if_stranded(task.run_id)
     if out["status"] == "error":
         raise ShardFailed(f"{task.shard_id} on {self.worker.name}: {out['error']}")
     # A summary: the full result (top-5 of every image) is in the run store, where the merge reads
     # it; the chord and Flower carry this much only.
-    return {k: out[k] for k in ("run_id", "shard_id", "status", "worker", "device", "start", "stop") if k in out} | {
-        "images": len(out.get("indices", [])), "errors": len(out.get("errors", [])), "timing": out.get("timing")}
+    return {k: out[k] for k in ("run_id", "shard_id", "status", "reason", "kept", "worker", "device", "start", "stop")
+            if k in out} | {"images": len(out.get("indices", [])), "errors": len(out.get("errors", [])),
+                            "timing": out.get("timing")}
 
 
 @app.task(name=TASK_MERGE, bind=True, base=WorkerTask, max_retries=None)
@@ -48,12 +50,19 @@ def merge_run(self, results: list, run_id: str, _first_try: float | None = None)
     check_name(run_id, "run_id")
     now = time.time()  # the first try's time travels in the message: only a plausible one is used
     first_try = _first_try if isinstance(_first_try, (int, float)) and now - 86400 < _first_try <= now else now
+    manifest = self.healer.manifest(run_id)  # with signing on: only a signed record
+    if manifest is None:
+        log.warning("run %s: no record to merge (gone, or refused)", run_id)
+        return {"run_id": run_id, "merged": False}
     try:
         report = finish_run(run_id, results, store=self.store, report_dir=self.worker.settings.report_dir,
-                            merge_wait_s=self.worker.settings.merge_wait_s, first_try=first_try)
+                            merge_wait_s=self.worker.settings.merge_wait_s, first_try=first_try, manifest=manifest)
     except MergeLater:
-        heal(self.app, self.store, run_id, lease_s=self.worker.settings.lease_s)  # a lost shard runs again
+        self.healer.heal(run_id)  # a lost shard runs again
         raise self.retry(countdown=5, kwargs={"run_id": run_id, "_first_try": first_try}) from None
+    except RunEnded as e:  # a second merge (the chord fired after a healing merge), or a cancelled run
+        log.info("run %s: not merged again: it is %s and stays so", run_id, e.state)
+        return {"run_id": run_id, "merged": False, "state": e.state}
     # The report is in the run store and the report dir; the chord, Flower and the log get its headline.
     headline = {k: report.get(k) for k in ("run_id", "images", "error_count", "top1", "top5", "throughput_img_s")}
     log.info("run %s merged: %s images (%s unusable), top-1 %s%%, %s img/s", run_id, headline["images"],
@@ -67,9 +76,12 @@ def run_failed(request, exc, traceback, run_id: str | None = None) -> None:
     errbacks): a shard failed or the merge did. Keep what finished as a partial report and mark
     the run failed, so waiting clients stop and ``nasq resume`` can finish it."""
     if run_id and check_name(run_id, "run_id"):
-        store = WorkerTask.run_store()
-        fail_run(run_id, exc, store=store, report_dir=WorkerTask.configured().settings.report_dir,
-                 redispatch=lambda manifest, ids: redispatch(app, manifest, ids, why="revoked in flight"))
+        healer = WorkerTask.run_healer()
+        manifest = healer.manifest(run_id)
+        if manifest is not None:
+            fail_run(run_id, exc, store=healer.store, report_dir=WorkerTask.configured().settings.report_dir,
+                     manifest=manifest, lease_s=healer.lease_s,
+                     redispatch=lambda m, ids: healer.redispatch(m, ids, why="revoked in flight (a broker restart)"))
 
 
 @app.task(name=TASK_SWEEP_POINT, bind=True, base=WorkerTask)

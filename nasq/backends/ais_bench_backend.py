@@ -108,6 +108,17 @@ def find_om(path: str) -> tuple[str, dict]:
 class AisBenchBackend(Backend):
     name = "ais_bench"
     artifact_suffixes = (".om",)
+    device_kinds = ("npu",)
+
+    @classmethod
+    def check_device(cls, device: str) -> None:
+        import importlib.util
+
+        if importlib.util.find_spec("ais_bench") is None:
+            raise BackendError("the ais_bench backend needs ais_bench, which is not installed: install the ais_bench "
+                               "and aclruntime wheels (Ascend's tools repository, ais-bench_workload) on this CANN "
+                               "host")
+        super().check_device(device)
     #: a checkpoint is built to an .om first (ATC on the build queue, needs --soc-version)
     build_target = "om"
     #: -b is checked against the .om's static batch or gears at load

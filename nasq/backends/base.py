@@ -32,6 +32,28 @@ class Backend(ABC):
     #: the batch size is part of what ``load`` checks (a compiled shape), so a worker loads the
     #: model again when a run asks for another one
     load_per_batch_size: ClassVar[bool] = False
+    #: the kinds of device it runs on (cpu, cuda, npu)
+    device_kinds: ClassVar[tuple[str, ...]] = ("cpu",)
+
+    @classmethod
+    def check_device(cls, device: str) -> None:
+        """Refuse, in one line, a device this backend does not run on or this machine does not
+        have (a worker calls it before it starts; nothing is initialized on the device).
+
+        Raises:
+            BackendError: naming the device and what is missing.
+        """
+        from ..config import parse_device
+        from .devices import check_present
+
+        try:
+            kind, _ = parse_device(device)
+        except ValueError as e:
+            raise BackendError(str(e)) from None
+        if kind not in cls.device_kinds:
+            shown = " or ".join(k if k == "cpu" else f"{k}:N" for k in cls.device_kinds)
+            raise BackendError(f"the {cls.name} backend runs on {shown}, not {device}")
+        check_present(device)
 
     def __init__(self, device: str):
         self.device = device

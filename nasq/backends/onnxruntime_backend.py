@@ -30,6 +30,15 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     artifact_suffixes = (".onnx", ".ort")
     build_target = "ort"
+    device_kinds = ("cpu", "cuda", "npu")
+
+    @classmethod
+    def check_device(cls, device: str) -> None:
+        super().check_device(device)
+        if not device.startswith("cpu"):
+            import onnxruntime as ort
+
+            _providers(device, ort.get_available_providers())  # this build has the device's provider
 
     def load(self, model: ModelRef, *, batch_size: int, options: BackendOptions = BackendOptions()) -> None:
         import onnxruntime as ort

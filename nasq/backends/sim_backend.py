@@ -47,6 +47,17 @@ def parse_sim(spec: str | None) -> dict:
 class SimBackend(Backend):
     name = "sim"
     artifact_suffixes = (".pth", ".pt", ".sim")
+    device_kinds = ("cpu", "cuda", "npu")
+
+    @classmethod
+    def check_device(cls, device: str) -> None:
+        """A SIMULATED device is always there (that is the point: a fleet on two cores)."""
+        from ..config import parse_device
+
+        try:
+            parse_device(device)
+        except ValueError as e:
+            raise BackendError(str(e)) from None
 
     def load(self, model: ModelRef, *, batch_size: int, options: BackendOptions = BackendOptions()) -> None:
         self.check_options(options)

@@ -22,6 +22,7 @@ from .base import Backend
 class TorchBackend(Backend):
     name = "torch"
     artifact_suffixes = (".pth", ".pt")
+    device_kinds = ("cpu", "cuda")
     precisions = ("fp32", "fp16", "bf16")
     compile_modes = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 

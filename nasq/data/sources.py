@@ -41,9 +41,35 @@ class Source:
     fingerprint: str
     dtype: str  # what load() returns: "uint8" (HWC crop) or "float32" (normalized CHW)
     known_errors: dict[int, str] = field(default_factory=dict)
+    #: file -> size when the folder was listed (what the fingerprint covers)
+    sizes: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def _files_of(self, start: int, stop: int) -> list[str]:
+        return [self.names[i] for i in range(start, stop) if i not in self.known_errors]
+
+    def check_unchanged(self, start: int, stop: int) -> None:
+        """The files of images ``[start, stop)`` have the sizes they had when the folder was
+        listed (a file rewritten in place leaves the folder's listing as it was).
+
+        Raises:
+            DatasetError: naming the first file that changed.
+        """
+        if not self.sizes:
+            return
+        for name in dict.fromkeys(self._files_of(start, stop)):
+            if name not in self.sizes:
+                continue
+            try:
+                size = os.path.getsize(os.path.join(self.root, name))
+            except OSError:
+                size = -1
+            if size != self.sizes[name]:
+                raise DatasetError(f"{os.path.join(self.root, name)} changed since the dataset was listed "
+                                   f"({self.sizes[name]} bytes then, {size if size >= 0 else 'gone'} now); rerun "
+                                   "with the files as they are now")
 
     def describe(self) -> dict:
         return {"kind": self.kind, "root": self.root, "images": len(self.names), "fingerprint": self.fingerprint}
@@ -81,6 +107,12 @@ class U8Shards(Source):
         self.shards = shards
         self._starts = [s["start"] for s in shards]
         self._maps: dict[int, np.ndarray] = {}
+
+    def _files_of(self, start: int, stop: int) -> list[str]:
+        import bisect
+
+        first, last = bisect.bisect_right(self._starts, start) - 1, bisect.bisect_right(self._starts, stop - 1) - 1
+        return [self.shards[k]["file"] for k in range(max(0, first), last + 1)]
 
     def _load(self, i):
         import bisect
@@ -156,8 +188,14 @@ def open_source(path: str | os.PathLike) -> Source:
             if any(os.path.basename(str(s["file"])) != s["file"] or s["file"] in ("", ".", "..")
                    for s in meta["shards"]):
                 raise ValueError("a shard file outside the folder")
+            sizes = {}
+            for sh in meta["shards"]:
+                try:
+                    sizes[sh["file"]] = os.path.getsize(os.path.join(root, sh["file"]))
+                except OSError:
+                    pass
             return U8Shards("u8", root, [str(n) for n in meta["names"]], hashlib.sha256(raw).hexdigest()[:16],
-                            "uint8", errors, shards=meta["shards"])
+                            "uint8", errors, sizes, shards=meta["shards"])
         except (ValueError, TypeError, KeyError, AttributeError):
             raise DatasetError(f"{index} is not a readable nasq u8 index; rerun `nasq preprocess SRC {root} "
                                "--format u8`") from None
@@ -181,14 +219,16 @@ def open_source(path: str | os.PathLike) -> Source:
         listing = sorted(bins + [(n, -1) for n in failed if stem(n) not in have])
         names = [n for n, _ in listing]
         known = {i: f"preprocessing failed: {failed[n]}" for i, n in enumerate(names) if n in failed}
-        return BinFolder("bin", root, names, _listing_fingerprint("bin", listing), "float32", known)
+        return BinFolder("bin", root, names, _listing_fingerprint("bin", listing), "float32", known,
+                         {n: size for n, size in listing if size >= 0})
     if os.path.isfile(os.path.join(root, "shard-00000.npy")):
         raise DatasetError(f"{root} holds u8 shards but no {U8_INDEX}: preprocessing did not finish. "
                            f"Rerun `nasq preprocess SRC {root} --format u8`; it resumes where it stopped.")
     if not entries:
         raise DatasetError(f"no images in {root}: expected JPEG (or PNG) files, .bin files, or u8 shards")
     entries.sort()
-    return JpegFolder("jpeg", root, [n for n, _ in entries], _listing_fingerprint("jpeg", entries), "uint8")
+    return JpegFolder("jpeg", root, [n for n, _ in entries], _listing_fingerprint("jpeg", entries), "uint8",
+                      sizes=dict(entries))
 
 
 def check_usable(source: Source) -> None:

@@ -1,4 +1,10 @@
-"""What a worker process keeps between tasks: the loaded model, dataset listings, labels."""
+"""What a worker process keeps between tasks: the loaded model, dataset listings, labels.
+
+Each is checked, per shard, against the fingerprint the run was submitted with (the weights'
+and the label file's sha256, the dataset's listing fingerprint): an input that changed under a
+run fails its shards with one line instead of being scored against other data. The checks cost
+a ``stat`` per shard; a file is hashed again only when its size or mtime changed.
+"""
 from __future__ import annotations
 
 import logging
@@ -9,8 +15,9 @@ import time
 from .. import backends
 from ..config import BackendOptions
 from ..data.labels import read_labels
-from ..data.sources import Source, open_source
+from ..data.sources import U8_INDEX, Source, open_source
 from ..errors import RunError
+from ..files import file_digest
 from ..model.spec import ModelRef
 
 log = logging.getLogger("nasq.worker")
@@ -25,24 +32,35 @@ class DeviceResources:
         self.device = device
         self.backend: backends.Backend | None = None
         self._backend_key: tuple | None = None
-        self._sources: dict[str, Source] = {}
-        self._labels: tuple[tuple, dict] | None = None
+        self._sources: dict[str, tuple[tuple, Source]] = {}
+        self._labels: tuple[tuple, str, dict] | None = None
+        self._weights_sha256: str | None = None
         #: seconds the last ``backend_for`` spent loading (0 when the model was already loaded)
         self.last_load_s = 0.0
 
     def backend_for(self, name: str, model: ModelRef, batch_size: int, options: BackendOptions) -> backends.Backend:
-        # the mtime: a checkpoint rewritten in place is loaded again
-        key = (name, model.weights, os.path.getmtime(model.weights), model.num_outputs, options,
+        """The loaded model for a run (loaded again when the run asks for another one, or the
+        file changed).
+
+        Raises:
+            RunError: the weights file is not the one the run was submitted with (``model.sha256``).
+        """
+        st = os.stat(model.weights)
+        key = (name, model.weights, st.st_mtime_ns, st.st_size, model.num_outputs, options,
                batch_size if backends.backend_class(name).load_per_batch_size else None)
         self.last_load_s = 0.0
         if self._backend_key != key:
             self.drop_backend()  # stays empty if the load below fails
+            digest = file_digest(model.weights) if model.sha256 and os.path.isfile(model.weights) else None
+            _same("weights file", model.weights, model.sha256, digest)
             t = time.perf_counter()
             b = backends.create(name, self.device)
             b.load(model, batch_size=batch_size, options=options)
             self.last_load_s = time.perf_counter() - t
             log.info("loaded %s on %s in %.1f s", model.weights, self.device, self.last_load_s)
-            self.backend, self._backend_key = b, key
+            self.backend, self._backend_key, self._weights_sha256 = b, key, digest
+        elif model.sha256 and self._weights_sha256:
+            _same("weights file", model.weights, model.sha256, self._weights_sha256)
         return self.backend
 
     def drop_backend(self) -> None:
@@ -52,20 +70,51 @@ class DeviceResources:
         self.backend, self._backend_key = None, None
 
     def source_for(self, root: str, fingerprint: str) -> Source:
-        src = self._sources.get(root)
-        if src is None or src.fingerprint != fingerprint:
+        """The dataset's listing, checked against the run's fingerprint (listed again when the
+        folder, or its u8 index, changed since the last shard)."""
+        stamp = _stamp(root)
+        cached = self._sources.get(root)
+        if cached is None or cached[0] != stamp or cached[1].fingerprint != fingerprint:
             src = open_source(root)
             if src.fingerprint != fingerprint:
                 raise RunError(f"the dataset at {root} on {socket.gethostname()} differs from the one the run was "
-                               f"submitted with (fingerprint {src.fingerprint} vs {fingerprint}); every worker must "
-                               "see the same files")
-            self._sources[root] = src
-        return src
+                               f"submitted with (fingerprint {src.fingerprint} vs {fingerprint}): its files changed "
+                               "since, or this worker sees other files; every worker must see the same files")
+            self._sources[root] = cached = (stamp, src)
+        return cached[1]
 
-    def labels_for(self, path: str | None) -> dict[str, int] | None:
+    def labels_for(self, path: str | None, sha256: str | None = None) -> dict[str, int] | None:
+        """The label file's table, checked against the run's ``sha256`` of it.
+
+        Raises:
+            RunError: the file changed since the run was submitted.
+        """
         if path is None:
             return None
-        key = (path, os.path.getmtime(path))
+        st = os.stat(path)
+        key = (path, st.st_mtime_ns, st.st_size)
         if self._labels is None or self._labels[0] != key:
-            self._labels = (key, read_labels(path))
-        return self._labels[1]
+            self._labels = (key, file_digest(path), read_labels(path))
+        _same("label file", path, sha256, self._labels[1])
+        return self._labels[2]
+
+
+def _same(what: str, path: str, expected: str | None, actual: str | None) -> None:
+    if expected and actual and expected != actual:
+        raise RunError(f"the {what} {path} changed since the run was submitted (sha256 {expected[:12]}... then, "
+                       f"{actual[:12]}... now); rerun with the file as it is now, or restore it")
+
+
+def _stamp(root: str) -> tuple:
+    """What changes when a dataset folder's listing does: the folder's mtime (a file added,
+    removed or renamed) and that of its u8 index."""
+    if root.startswith("index:"):
+        return (root,)
+    out = []
+    for path in (root, os.path.join(root, U8_INDEX)):
+        try:
+            st = os.stat(path)
+            out.append((st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append(None)
+    return tuple(out)

@@ -1,13 +1,21 @@
 """One shard of a run on this worker: the library function behind the ``nasq.eval_shard`` task.
 
-A shard reports its failure in its result (``status: "error"``) instead of raising, because
-a failed header task makes the chord drop every result. A worker *process* that dies
-mid-shard is a requeue (late acks + reject on worker lost); the attempt counter in the run's
-ledger stops a shard that always kills its worker from looping forever.
+A copy of a shard has three round trips with the run's ledger: ``claim_shard`` (the run may
+still start shards; counts the attempt, takes the lease, records it as running),
+``shard_tick`` about once a second while it runs (progress; it also says when to stop: the run
+was cancelled or merged, or the shard was dispatched again elsewhere and another copy holds the
+lease or has kept its result) and ``commit_shard`` (the ledger keeps the shard's first ok
+result and drops, counting it, any later copy). A worker *process* that dies mid-shard is a
+requeue (late acks + reject on worker lost); the attempt counter stops a shard that always
+kills its worker from looping forever.
+
+A shard that cannot be evaluated returns ``status: "error"`` after recording it; the task then
+raises ``ShardFailed`` so that Flower shows a FAILURE.
 """
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Protocol
@@ -24,20 +32,33 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nasq.worker")
 
+#: a running shard reports its progress (and learns whether to stop) at most this often
+TICK_S = 1.0
+
 
 class ShardLedger(Protocol):
     """Where a run's shard bookkeeping goes (the Redis run store; a dict in unit tests)."""
 
-    def state(self, run_id: str) -> dict | None: ...
-    def take_lease(self, run_id: str, shard_id: str, holder: str, ttl_s: float) -> None: ...
+    def claim_shard(self, run_id: str, shard_id: str, *, holder: str, lease_s: float, info: dict,
+                    max_attempts: int) -> tuple[str, object]: ...
+    def shard_tick(self, run_id: str, shard_id: str, *, holder: str, done: int,
+                   lease_s: float) -> tuple[str, str | None]: ...
+    def commit_shard(self, run_id: str, shard_id: str, *, holder: str, status: str, summary: dict,
+                     result: dict | None = None, images: int = 0) -> tuple[str, object]: ...
     def renew_lease(self, run_id: str, shard_id: str, holder: str, ttl_s: float) -> bool: ...
-    def drop_lease(self, run_id: str, shard_id: str, holder: str) -> None: ...
-    def next_attempt(self, run_id: str, shard_id: str) -> int: ...
-    def shard_started(self, run_id: str, shard_id: str, info: dict) -> None: ...
-    def shard_progress(self, run_id: str, shard_id: str, done: int) -> None: ...
-    def shard_finished(self, run_id: str, shard_id: str, summary: dict) -> None: ...
-    def save_shard_result(self, run_id: str, shard_id: str, result: dict) -> None: ...
-    def touch_worker(self, name: str, **fields) -> None: ...
+
+
+class ShardStopped(Exception):
+    """This copy of the shard stops: ``why`` is the run's state or "superseded"."""
+
+    def __init__(self, why: str):
+        super().__init__(why)
+        self.why = why
+
+
+_STOP_TEXT = {"cancelled": "the run was cancelled", "done": "the run was already merged",
+              "superseded": "the shard was dispatched again and another worker holds it",
+              "done-elsewhere": "another copy of the shard finished first", "gone": "the run's record is gone"}
 
 
 def run_shard(task: ShardTask, *, ledger: ShardLedger, resources: DeviceResources, worker: WorkerConfig) -> dict:
@@ -45,57 +66,66 @@ def run_shard(task: ShardTask, *, ledger: ShardLedger, resources: DeviceResource
     the shard's lease.
 
     Returns:
-        A JSON-ready dict: the shard's identity, ``status`` ("ok"; "error" with ``error``;
-        "skipped" for a late redelivery of a run already merged), and for "ok" the per-image
-        top-5 of ``evaluate_range`` with timings and provenance.
+        A JSON-ready dict: the shard's identity and ``status``: "ok" (with the per-image top-5
+        of ``evaluate_range``, timings and provenance, and ``kept``: whether this copy's result
+        is the shard's), "error" (with ``error``), "skipped" (the run may not start shards, or the
+        shard has its result) or "stopped" (this copy gave up: see ``reason``).
     """
     job = task.job
     options = worker.backend_options(job.precision)
+    holder = f"{worker.name}#{secrets.token_hex(3)}"
     base = {"run_id": task.run_id, "shard_id": task.shard_id, "start": task.start, "stop": task.stop,
             "worker": worker.name, "device": worker.device, "backend": worker.backend,
             "precision": options.precision}
 
     def failed(msg: str) -> dict:
-        ledger.shard_finished(task.run_id, task.shard_id, {"status": "error", "error": msg, "worker": worker.name})
-        ledger.touch_worker(worker.name, current=None)
+        ledger.commit_shard(task.run_id, task.shard_id, holder=holder, status="error",
+                            summary={"status": "error", "error": msg, "worker": worker.name, "device": worker.device,
+                                     "finished_at": time.time()})
         return {**base, "status": "error", "error": msg}
 
-    try:  # every path in the message, resolved and checked against this worker's roots, first
+    try:  # the message itself, first: every path resolved and checked against this worker's roots,
+        # the backend it asks for, the range against the folder
         job = job.within(worker.roots)
+        if worker.backend != job.backend:
+            raise NasqError(f"this worker runs backend {worker.backend!r} but the run asked for "
+                            f"{job.backend!r}; start a worker with --backend {job.backend} on the run's queue")
+        source = resources.source_for(job.dataset.root, job.dataset.fingerprint)
+        if task.stop > len(source):
+            raise NasqError(f"images [{task.start}, {task.stop}) are past the {len(source)} images of "
+                            f"{job.dataset.root}")
+        source.check_unchanged(task.start, task.stop)
     except NasqError as e:
         log.warning("shard %s of run %s refused: %s", task.shard_id, task.run_id, e)
         return failed(str(e))
-    run_state = (ledger.state(task.run_id) or {}).get("state")
-    if run_state in ("done", "cancelled"):
-        log.info("shard %s of run %s: the run is %s; skipped", task.shard_id, task.run_id,
-                 "already merged" if run_state == "done" else "cancelled")
-        return {**base, "status": "skipped"}
-    attempt = ledger.next_attempt(task.run_id, task.shard_id)
-    if attempt > worker.settings.max_attempts:
-        return failed(f"started {attempt - 1} times without finishing (its worker died each time); "
-                      f"giving up after max_attempts={worker.settings.max_attempts}")
     n = task.stop - task.start
-    with _lease(ledger, task, f"{worker.name}#{attempt}", worker.settings.lease_s):
-        ledger.shard_started(task.run_id, task.shard_id, {"worker": worker.name, "device": worker.device, "images": n})
-        ledger.touch_worker(worker.name, current={"run_id": task.run_id, "shard_id": task.shard_id, "images": n,
-                                                  "since": time.time()})
+    claim, value = ledger.claim_shard(task.run_id, task.shard_id, holder=holder, lease_s=worker.settings.lease_s,
+                                      info={"worker": worker.name, "device": worker.device, "images": n},
+                                      max_attempts=worker.settings.max_attempts)
+    if claim == "exhausted":
+        return failed(f"started {int(value) - 1} times without finishing (its worker died each time); "
+                      f"giving up after max_attempts={worker.settings.max_attempts}")
+    if claim != "ok":  # a late delivery: nothing was evaluated, so nothing is dropped either
+        why = {"ended": f"the run is {value}", "has-result": "the shard already has its result",
+               "gone": "the run's record is gone"}[claim]
+        log.info("shard %s of run %s skipped: %s", task.shard_id, task.run_id, why)
+        return {**base, "status": "skipped", "reason": why}
+    with _lease(ledger, task, holder, worker.settings.lease_s) as lease:
+        ticker = _Ticker(ledger, task, holder, worker.settings.lease_s, lease)
         try:
-            if worker.backend != job.backend:
-                raise NasqError(f"this worker runs backend {worker.backend!r} but the run asked for "
-                                f"{job.backend!r}; start a worker with --backend {job.backend} on the run's queue")
-            source = resources.source_for(job.dataset.root, job.dataset.fingerprint)
-            if task.stop > len(source):
-                raise NasqError(f"images [{task.start}, {task.stop}) are past the {len(source)} images of "
-                                f"{job.dataset.root}")
-            labels = resources.labels_for(job.labels)
+            labels = resources.labels_for(job.labels, job.labels_sha256)
             backend = resources.backend_for(worker.backend, job.model, job.batch_size, options)
             load_s = resources.last_load_s  # 0 when the model was already loaded
             writer = OutputWriter(job.output.dir, job.output.fmt) if job.output else None
             latencies: list[float] = []
             result = evaluate_range(source, backend, task.start, task.stop, batch_size=job.batch_size,
                                     labels=labels, writer=writer, loader_threads=worker.decode_threads,
-                                    latencies=latencies,
-                                    on_batch=lambda done: ledger.shard_progress(task.run_id, task.shard_id, done))
+                                    latencies=latencies, on_batch=ticker)
+        except ShardStopped as e:
+            ledger.commit_shard(task.run_id, task.shard_id, holder=holder, status="stopped", summary={})
+            log.warning("shard %s of run %s stopped on %s: %s", task.shard_id, task.run_id, worker.name,
+                        _STOP_TEXT.get(e.why, e.why))
+            return {**base, "status": "stopped", "reason": _STOP_TEXT.get(e.why, e.why)}
         except Exception as e:  # noqa: BLE001 - recorded, then reported by the task
             log.exception("shard %s of run %s failed", task.shard_id, task.run_id)
             return failed(f"{type(e).__name__}: {e}")
@@ -106,23 +136,49 @@ def run_shard(task: ShardTask, *, ledger: ShardLedger, resources: DeviceResource
         summary = {"status": "ok", "worker": worker.name, "device": worker.device, "images": len(result["indices"]),
                    "errors": len(result["errors"]), **result["timing"], "labelled": len(labelled),
                    "top1_correct": sum(1 for lab, ids in labelled if ids[:1] == [lab])}
-        ledger.save_shard_result(task.run_id, task.shard_id, out)
-        ledger.shard_finished(task.run_id, task.shard_id, summary)
+        outcome, why = ledger.commit_shard(task.run_id, task.shard_id, holder=holder, status="ok", summary=summary,
+                                           result=out, images=len(result["indices"]) + len(result["errors"]))
+    out["kept"] = outcome == "accepted"
     wall = summary["wall_s"]
-    log.info("%s of run %s: %d images (%d unusable) in %.1f s, %.1f img/s on %s", task.shard_id, task.run_id,
-             summary["images"], summary["errors"], wall, summary["images"] / wall if wall else 0.0, worker.device)
-    ledger.touch_worker(worker.name, current=None, last_rate_img_s=summary["images"] / wall if wall else None)
+    if out["kept"]:
+        log.info("%s of run %s: %d images (%d unusable) in %.1f s, %.1f img/s on %s", task.shard_id, task.run_id,
+                 summary["images"], summary["errors"], wall, summary["images"] / wall if wall else 0.0, worker.device)
+    else:
+        log.warning("%s of run %s: this copy's result was dropped (%s): the shard's result was already kept, or the "
+                    "run had ended; counted in duplicate_shard_results_dropped", task.shard_id, task.run_id, why)
     return out
+
+
+class _Ticker:
+    """``evaluate_range``'s ``on_batch``: progress to the ledger at most every ``TICK_S`` (and at
+    once when the lease keeper saw the lease taken), raising ``ShardStopped`` when told to stop."""
+
+    def __init__(self, ledger: ShardLedger, task: ShardTask, holder: str, lease_s: float, lease: dict):
+        self.ledger, self.task, self.holder, self.lease_s, self.lease = ledger, task, holder, lease_s, lease
+        self.last = time.monotonic()
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if now - self.last < TICK_S and not self.lease["lost"]:
+            return
+        self.last = now
+        verdict, why = self.ledger.shard_tick(self.task.run_id, self.task.shard_id, holder=self.holder, done=done,
+                                              lease_s=self.lease_s)
+        if verdict == "stop":
+            raise ShardStopped(why or "superseded")
 
 
 @contextmanager
 def _lease(ledger: ShardLedger, task: ShardTask, holder: str, ttl_s: float):
-    """Hold the shard's lease while the body runs, renewed every ttl_s / 3 by a thread (the
-    device work keeps the main thread busy). A worker that dies stops renewing it."""
-    ledger.take_lease(task.run_id, task.shard_id, holder, ttl_s)
-    try:
-        with every(ttl_s / 3, lambda: ledger.renew_lease(task.run_id, task.shard_id, holder, ttl_s),
-                   what=f"the lease of {task.shard_id}"):
-            yield
-    finally:
-        ledger.drop_lease(task.run_id, task.shard_id, holder)
+    """Keep the shard's lease (taken by ``claim_shard``) while the body runs, renewed every
+    ttl_s / 3 by a thread (the device work keeps the main thread busy). A worker that dies stops
+    renewing it; a renewal that finds the lease taken marks it lost, and the body's next
+    progress tick stops the copy. ``commit_shard`` drops it."""
+    state = {"lost": False}
+
+    def renew():
+        if not ledger.renew_lease(task.run_id, task.shard_id, holder, ttl_s):
+            state["lost"] = True
+
+    with every(ttl_s / 3, renew, what=f"the lease of {task.shard_id}"):
+        yield state

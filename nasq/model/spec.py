@@ -66,10 +66,14 @@ class ModelRef:
     weights: str
     num_outputs: int | None = None  # None: what the checkpoint has; 1000 drops background
     options: dict = field(default_factory=dict)
+    #: the weights file's sha256 when the run was submitted (a worker refuses another file)
+    sha256: str | None = None
 
     def to_dict(self) -> dict:
-        return {"weights": self.weights, "num_outputs": self.num_outputs, "options": dict(self.options)}
+        return {"weights": self.weights, "num_outputs": self.num_outputs, "options": dict(self.options),
+                "sha256": self.sha256}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelRef":
-        return cls(weights=d["weights"], num_outputs=d.get("num_outputs"), options=dict(d.get("options") or {}))
+        return cls(weights=d["weights"], num_outputs=d.get("num_outputs"), options=dict(d.get("options") or {}),
+                   sha256=d.get("sha256"))

@@ -11,6 +11,7 @@ from celery import Celery
 
 from ..config import Settings
 from ..errors import NasqError
+from .transport import TRANSPORT, result_backend_url
 
 TASK_EVAL_SHARD = "nasq.eval_shard"
 TASK_MERGE = "nasq.merge_run"
@@ -45,7 +46,9 @@ def celery_config(settings: Settings) -> dict:
           "health_check_interval": settings.broker_health_check_s}
     return {**dict(
         broker_url=settings.broker_url,
-        result_backend=settings.backend_url,
+        # kombu's Redis transport, made to survive a broker at maxmemory (transport.py)
+        broker_transport=TRANSPORT,
+        result_backend=result_backend_url(settings.backend_url),
         # JSON only, on both sides: pickle would let anyone who can write to Redis run code.
         task_serializer="json",
         result_serializer="json",

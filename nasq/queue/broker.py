@@ -21,16 +21,22 @@ class BrokerAuthError(BrokerError):
     """The broker refused the password (or wants one): retrying cannot help."""
 
 
+#: a PING is answered at once by any Redis that is up: a longer silence is a broker that is not
+PING_TIMEOUT_S = 5.0
+
+
 def probe(settings: Settings, url: str | None = None) -> None:
-    """PING the broker (or ``url``) once, within the settings' timeouts.
+    """PING the broker (or ``url``) once, within the connect timeout and at most ``PING_TIMEOUT_S``
+    (or the socket timeout, if shorter) for the answer.
 
     Raises:
         BrokerAuthError: a wrong or missing password (fatal: fix the URL).
         BrokerError: the broker is unreachable or did not answer in time.
     """
     url = url or settings.broker_url
+    wait = min(PING_TIMEOUT_S, settings.broker_socket_timeout_s or PING_TIMEOUT_S)
     r = redis.Redis.from_url(url, socket_connect_timeout=settings.broker_connect_timeout_s,
-                             socket_timeout=settings.broker_socket_timeout_s, retry=None)
+                             socket_timeout=wait, retry=None)
     try:
         r.ping()
     except (redis.exceptions.AuthenticationError, redis.exceptions.ResponseError) as e:
@@ -44,8 +50,7 @@ def probe(settings: Settings, url: str | None = None) -> None:
                               "user and password (redis://[USER]:PASSWORD@HOST:6379/0)") from None
     except redis.exceptions.TimeoutError:
         raise BrokerError(f"the broker {redact(url)} accepted the connection but did not answer within "
-                          f"{settings.broker_socket_timeout_s:g} s (broker_socket_timeout_s): is it a Redis "
-                          "server, and is it overloaded?") from None
+                          f"{wait:g} s (a PING): is it a Redis server, and is it overloaded?") from None
     except redis.exceptions.ConnectionError as e:
         raise BrokerError(f"cannot reach the broker {redact(url)}: {_first_line(e)}") from None
     finally:

@@ -1,90 +1,163 @@
 """Runs heal themselves: a shard whose lease expired (its machine is gone) is dispatched again
-under the same task id, and a run whose chord can no longer fire (one of its original messages
-died with its worker) is merged anyway.
+under the same task id, a shard whose message is nowhere is sent again (naming why it is
+missing), and a run whose chord can no longer fire (a re-dispatched shard is not part of it, or
+a full broker refused its bookkeeping) is merged anyway.
 
 No daemon does this: whichever healthy component looks first does it, and the run store makes
-sure only one of them does (``claim_lost``, ``claim_merge``): the waiting client (every poll),
-every live worker (on its heartbeat) and the worker that finishes a shard.
+sure only one of them does (``claim_lost``, ``claim_stranded``, ``claim_merge``): the waiting
+client (every poll), every live worker (on its heartbeat, taking turns) and the worker that
+finishes a shard. With message signing on, only runs whose manifest is signed are touched
+(``trust.py``).
 """
 from __future__ import annotations
 
 import logging
 import time
 
-from .app import TASK_EVAL_SHARD, TASK_MERGE
-from .messages import shard_tasks
-from .store import ENDED, RunStore
+from ..runstate import ENDED, RunState
+from .app import TASK_EVAL_SHARD, TASK_MERGE, TASK_RUN_FAILED
+from .messages import merge_task_id, shard_task_id, shard_tasks
+from .store import BrokerFull, RunStore
+from .transport import BrokerView
+from .trust import ManifestTrust, UntrustedRecord
 
 log = logging.getLogger("nasq.heal")
 
 
-def heal(app, store: RunStore, run_id: str, *, lease_s: float) -> list[str]:
-    """Dispatch again the shards of ``run_id`` whose lease expired; returns their ids. Cheap when
-    nothing is lost (no manifest is read): every live worker calls it on its heartbeat."""
-    if (store.state(run_id) or {}).get("state") in (None, *ENDED):
-        return []
-    lost = [sid for sid in store.lost_shards(run_id) if store.claim_lost(run_id, sid)]
-    manifest = None
-    if lost or store.redispatched(run_id):
-        manifest = store.manifest(run_id)
-        if manifest is not None:
-            redispatch(app, manifest, lost, why="lease expired")
-            merge_if_stranded(app, store, run_id, manifest)
-    return lost + _stranded(app, store, run_id, manifest, lease_s)
+class Healer:
+    """Healing for one process: its Celery app (to send), the run store, a view of the broker's
+    queues and the trust rule. ``lease_s``: a shard silent this long is lost; ``max_attempts``:
+    how often a shard's message may go missing before the shard fails."""
 
+    def __init__(self, app, store: RunStore, broker: BrokerView, *, lease_s: float, max_attempts: int,
+                 trust: ManifestTrust | None = None):
+        self.app, self.store, self.broker = app, store, broker
+        self.lease_s, self.max_attempts = lease_s, max_attempts
+        self.trust = trust or ManifestTrust(app)
 
-def _stranded(app, store: RunStore, run_id: str, manifest: dict | None, lease_s: float) -> list[str]:
-    """Shards neither finished nor running whose message is nowhere to be taken: the queue is
-    empty, and the message is missing (lost with the broker) or was delivered to a worker that
-    never started it (its connection broke) more than a lease ago. Checked only once the
-    queue has drained, so it costs nothing while the fleet is busy."""
-    n = (store.state(run_id) or {}).get("shards")
-    if not n or sum(store.shard_counts(run_id)) >= n:
-        return []
-    manifest = manifest or store.manifest(run_id)
-    if manifest is None or store.queued(manifest["queue"]):
-        return []
-    finished, running, unacked = store.finished(run_id), store.running(run_id), store.unacked_ages()
-    recent = {sid for sid, t in store.redispatched_at(run_id).items() if time.time() - t < lease_s}
-    busy = set(finished) | set(running) | recent
-    stuck = [s["shard_id"] for s in manifest["shards"] if s["shard_id"] not in busy
-             and unacked.get(s["task_id"], lease_s + 1) > lease_s]
-    stuck = [sid for sid in stuck if store.claim_stranded(run_id, sid)]
-    redispatch(app, manifest, stuck, why="message stranded (broker restart)")
-    return stuck
+    @classmethod
+    def for_settings(cls, app, store: RunStore, settings) -> Healer:
+        return cls(app, store, BrokerView.for_app(app, settings), lease_s=settings.lease_s,
+                   max_attempts=settings.max_attempts)
 
+    def manifest(self, run_id: str) -> dict | None:
+        """The run's manifest if it may be acted on (None: no such run, or refused)."""
+        try:
+            return self.trust.manifest(self.store, run_id)
+        except UntrustedRecord:
+            return None
 
-def redispatch(app, manifest: dict, shard_ids: list[str], *, why: str) -> None:
-    """Send the shards again, under their own task ids (claimed first by the caller)."""
-    if not shard_ids:
-        return
-    tasks = {t.shard_id: t for t in shard_tasks(manifest)}
-    for sid in shard_ids:
-        t = tasks[sid]
-        app.signature(TASK_EVAL_SHARD, args=t.args(), queue=manifest["queue"], task_id=f"{manifest['run_id']}:{sid}",
-                      argsrepr=f"{t.argsrepr} (dispatched again: {why})").apply_async()
-    log.warning("run %s: %d shard(s) dispatched again (%s): %s", manifest["run_id"], len(shard_ids), why,
-                ", ".join(shard_ids))
+    def heal(self, run_id: str) -> list[str]:
+        """Dispatch again the shards of ``run_id`` that are lost; returns their ids. Cheap when
+        nothing is lost (no manifest is read): every live worker calls it on its heartbeat.
 
+        Raises:
+            BrokerFull: the broker is at maxmemory: nothing can be sent (or judged lost) now.
+        """
+        self._not_full()
+        return self._heal(run_id)
 
-def merge_if_stranded(app, store: RunStore, run_id: str, manifest: dict | None = None) -> bool:
-    """Send the merge of a run whose every shard finished while the chord cannot fire (a
-    re-dispatched shard is not part of it). The merge keeps the chord body's task id; a merge
-    that runs twice gives the same report."""
-    if not store.redispatched(run_id):
-        return False
-    manifest = manifest or store.manifest(run_id)
-    if manifest is None or store.shard_counts(run_id)[0] < len(manifest["shards"]):
-        return False
-    if not store.claim_merge(run_id):
-        return False
-    app.signature(TASK_MERGE, args=([],), kwargs={"run_id": run_id}, queue=manifest["queue"],
-                  task_id=f"{run_id}:merge", argsrepr=f"run={run_id} (after re-dispatched shards)").apply_async()
-    log.info("run %s: every shard finished after a re-dispatch; merge sent", run_id)
-    return True
+    def _not_full(self) -> None:
+        if self.store.is_full():
+            raise BrokerFull(self.store.full_message())
 
+    def _heal(self, run_id: str) -> list[str]:
+        st = self.store.state(run_id) or {}
+        if st.get("state") in (None, *ENDED):
+            return []
+        lost = self.store.lost_shards(run_id)
+        manifest = None
+        if lost or self.store.redispatched(run_id):
+            manifest = self.manifest(run_id)
+            if manifest is None:
+                return []
+            lost = [sid for sid in lost if self.store.claim_lost(run_id, sid)]
+            self.redispatch(manifest, lost, why="lease expired: its worker stopped renewing it")
+        out = lost + self._stranded(run_id, st, manifest)
+        self.merge_if_stranded(run_id, manifest)
+        return out
 
-def heal_active(app, store: RunStore, *, lease_s: float) -> None:
-    """``heal`` every active run (a worker's heartbeat)."""
-    for run_id in store.active_runs():
-        heal(app, store, run_id, lease_s=lease_s)
+    def _stranded(self, run_id: str, st: dict, manifest: dict | None) -> list[str]:
+        """Shards neither finished nor running whose message is nowhere to be taken: the queue is
+        empty, and the message is missing (lost with the broker, or discarded by a worker) or was
+        delivered to a worker that never started it more than a lease ago. Checked only once the
+        queue has drained, so it costs nothing while the fleet is busy."""
+        n = st.get("shards")
+        if not n or sum(self.store.shard_counts(run_id)) >= n:
+            return []
+        manifest = manifest or self.manifest(run_id)
+        if manifest is None or self.broker.queued(manifest["queue"]):
+            return []
+        finished, running, unacked = self.store.finished(run_id), self.store.running(run_id), self.broker.unacked_ages()
+        recent = {sid for sid, t in self.store.redispatched_at(run_id).items() if time.time() - t < self.lease_s}
+        busy = set(finished) | set(running) | recent
+        stuck = [s["shard_id"] for s in manifest["shards"] if s["shard_id"] not in busy
+                 and unacked.get(shard_task_id(run_id, s["shard_id"]), self.lease_s + 1) > self.lease_s]
+        if not stuck:
+            return []
+        restarted = manifest.get("broker_id") and self.broker.server_id() not in (None, manifest["broker_id"])
+        why = ("the broker restarted since the run was submitted and lost its message" if restarted else
+               "its message is in no queue although the broker did not restart: a worker discarded it (its log says "
+               "why: e.g. an unsigned or malformed message) or a full broker could not keep it")
+        counts = self.store.redispatched(run_id)
+        given_up = [sid for sid in stuck if counts.get(sid, 0) >= self.max_attempts]
+        if given_up:
+            self._give_up(run_id, given_up, why)
+        stuck = [sid for sid in stuck if sid not in given_up and self.store.claim_stranded(run_id, sid)]
+        self.redispatch(manifest, stuck, why=why)
+        return stuck
+
+    def _give_up(self, run_id: str, shard_ids: list[str], why: str) -> None:
+        """Shards whose message went missing ``max_attempts`` times fail (a worker keeps
+        discarding them), so the run fails naming them instead of sending them forever."""
+        for sid in shard_ids:
+            self.store.commit_shard(run_id, sid, holder="healing", status="error", summary={
+                "status": "error", "worker": "healing",
+                "error": f"its message went missing {self.max_attempts} times ({why})"})
+        log.warning("run %s: %s failed: %s, %d times", run_id, ", ".join(shard_ids), why, self.max_attempts)
+        self.app.signature(TASK_RUN_FAILED, args=(None, None, None), kwargs={"run_id": run_id},
+                           queue=(self.manifest(run_id) or {}).get("queue")).apply_async()
+
+    def redispatch(self, manifest: dict, shard_ids: list[str], *, why: str) -> None:
+        """Send the shards again, under their own task ids (claimed first by the caller)."""
+        if not shard_ids:
+            return
+        tasks = {t.shard_id: t for t in shard_tasks(manifest)}
+        for sid in shard_ids:
+            t = tasks[sid]
+            self.app.signature(TASK_EVAL_SHARD, args=t.args(), queue=manifest["queue"],
+                               task_id=shard_task_id(manifest["run_id"], sid),
+                               argsrepr=f"{t.argsrepr} (dispatched again: {why})").apply_async()
+        log.warning("run %s: %d shard(s) dispatched again (%s): %s", manifest["run_id"], len(shard_ids), why,
+                    ", ".join(shard_ids))
+
+    def merge_if_stranded(self, run_id: str, manifest: dict | None = None) -> bool:
+        """Send the merge of a run whose every shard has its result while its chord cannot fire:
+        a re-dispatched shard is not part of the chord, and a full broker may have refused the
+        chord's own count (then a lease after the last result). The merge keeps the chord body's
+        task id; a merge that runs twice changes nothing (the run is done after the first)."""
+        st = self.store.state(run_id) or {}
+        if st.get("state") not in (RunState.RUNNING, RunState.SUBMITTED):
+            return False
+        shards = st.get("shards") or (len(manifest["shards"]) if manifest else None)
+        if not shards or self.store.results_count(run_id) < shards:
+            return False  # cheap: the manifest is read (and its signature checked) only when all is in
+        manifest = manifest or self.manifest(run_id)
+        if manifest is None or self.store.results_count(run_id) < len(manifest["shards"]):
+            return False
+        last = self.store.last_accepted_at(run_id) or time.time()
+        if not self.store.redispatched(run_id) and time.time() - last < self.lease_s:
+            return False  # the chord fires by itself
+        if not self.store.claim_merge(run_id):
+            return False
+        self.app.signature(TASK_MERGE, args=([],), kwargs={"run_id": run_id}, queue=manifest["queue"],
+                           task_id=merge_task_id(run_id, self.store.resumes(run_id)),
+                           argsrepr=f"run={run_id} (every shard has its result; its chord cannot fire)").apply_async()
+        log.info("run %s: every shard has its result but the chord cannot fire; merge sent", run_id)
+        return True
+
+    def heal_active(self) -> None:
+        """``heal`` every active run (a worker's heartbeat)."""
+        self._not_full()
+        for run_id in self.store.active_runs():
+            self._heal(run_id)

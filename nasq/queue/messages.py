@@ -21,7 +21,8 @@ from ..config import MAX_BATCH_SIZE, MAX_IMAGES, MAX_SHARD_IMAGES
 from ..roots import Roots, check_name
 
 __all__ = ["MAX_BATCH_SIZE", "MAX_IMAGES", "MAX_SHARD_IMAGES", "DatasetRef", "EvalJob", "MessageError", "OutputSpec",
-           "ShardTask", "SweepPoint", "job_of", "make_manifest", "plan_even", "plan_shards", "shard_tasks"]
+           "ShardTask", "SweepPoint", "job_of", "make_manifest", "merge_task_id", "plan_even", "plan_shards",
+           "shard_task_id", "shard_tasks"]
 _MAX_TEXT = 4096
 
 
@@ -57,6 +58,14 @@ def _name(d: dict, name: str) -> str:
         raise MessageError(str(e)) from None
 
 
+def _sha256(d: dict, name: str) -> str | None:
+    """An optional sha256 in hex."""
+    v = d.get(name)
+    _need(v is None or isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v),
+          f"{name} must be a sha256 in hex or null, not {v!r}"[:200])
+    return v
+
+
 def _dict(d, name: str) -> dict:
     _need(isinstance(d, dict), f"{name} must be an object, not {type(d).__name__}")
     return d
@@ -69,10 +78,14 @@ class DatasetRef:
     images: int
     fingerprint: str
 
+    KINDS = ("jpeg", "bin", "u8", "index")
+
     @classmethod
     def from_payload(cls, d) -> DatasetRef:
         d = _dict(d, "dataset")
-        return cls(root=_str(d, "root"), kind=_str(d, "kind"), images=_int(d, "images", low=1),
+        kind = _str(d, "kind")
+        _need(kind in cls.KINDS, f"dataset.kind must be one of {', '.join(cls.KINDS)}, not {kind!r}"[:200])
+        return cls(root=_str(d, "root"), kind=kind, images=_int(d, "images", low=1),
                    fingerprint=_str(d, "fingerprint"))
 
     @property
@@ -109,7 +122,9 @@ class OutputSpec:
 
 @dataclass(frozen=True)
 class EvalJob:
-    """What every shard of a run shares: data, labels, model, backend, batch size, precision."""
+    """What every shard of a run shares: data, labels, model, backend, batch size, precision,
+    and the fingerprints of its inputs (the dataset's, the label file's and the weights' sha256),
+    which every shard checks."""
 
     dataset: DatasetRef
     labels: str | None
@@ -118,6 +133,7 @@ class EvalJob:
     batch_size: int
     precision: str | None = None
     output: OutputSpec | None = None
+    labels_sha256: str | None = None
 
     def to_payload(self) -> dict:
         d = asdict(self)
@@ -138,10 +154,14 @@ class EvalJob:
         n = model.get("num_outputs")
         _need(n in (None, 1000, 1001), f"model.num_outputs must be 1000, 1001 or null, not {n!r}")
         _need(isinstance(model.get("options") or {}, dict), "model.options must be an object")
-        return cls(dataset=DatasetRef.from_payload(d.get("dataset")), labels=_str(d, "labels", optional=True),
+        _sha256(model, "sha256")
+        labels = _str(d, "labels", optional=True)
+        labels_sha256 = _sha256(d, "labels_sha256")
+        _need(labels is not None or labels_sha256 is None, "labels_sha256 without labels")
+        return cls(dataset=DatasetRef.from_payload(d.get("dataset")), labels=labels,
                    model=ModelRef.from_dict(model), backend=backend,
                    batch_size=_int(d, "batch_size", low=1, high=MAX_BATCH_SIZE),
-                   precision=precision, output=OutputSpec.from_payload(d.get("output")))
+                   precision=precision, output=OutputSpec.from_payload(d.get("output")), labels_sha256=labels_sha256)
 
     def within(self, roots: Roots) -> EvalJob:
         """This job with every path resolved and checked against the worker's roots.
@@ -272,27 +292,40 @@ def plan_even(n_images: int, workers: int | None, batch_size: int, *, per_worker
     return [{"shard_id": f"shard-{j:05d}", "start": a, "stop": b} for j, (a, b) in enumerate(zip(bounds, bounds[1:]))]
 
 
+def shard_task_id(run_id: str, shard_id: str) -> str:
+    """A shard's task id: the same for every copy of it (a re-dispatch, a resume)."""
+    return f"{run_id}:{shard_id}"
+
+
+def merge_task_id(run_id: str, resume: int = 0) -> str:
+    """The task id of a run's merge: the chord's, or that of its ``resume``-th resume."""
+    return f"{run_id}:merge" if not resume else f"{run_id}:merge-r{resume}"
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
 
 def make_manifest(job: EvalJob, *, queue: str, shard_size: int | None = None, workers: int | None = None,
-                  run_id: str | None = None) -> dict:
+                  run_id: str | None = None, broker_id: str | None = None) -> dict:
     """The run's record: the job, its queue and its shards (``shard_size`` images each, or the
-    even default plan for ``workers``), with task ids ``<run_id>:<shard_id>``."""
+    even default plan for ``workers``), with their task ids; ``broker_id``: the broker server's
+    run id at submission (healing tells a broker restart from a discarded message by it)."""
     job = EvalJob.from_payload(job.to_payload())  # refused here, before anything is recorded
     run_id = run_id or new_run_id()
     n = job.dataset.images
     shards = plan_shards(n, shard_size, job.batch_size) if shard_size else plan_even(n, workers, job.batch_size)
     for s in shards:
-        s["task_id"] = f"{run_id}:{s['shard_id']}"
+        s["task_id"] = shard_task_id(run_id, s["shard_id"])
     return {"run_id": run_id, "created": time.time(), "nasq_version": __version__, "queue": queue,
-            "submitted_from": os.uname().nodename, **job.to_payload(), "shards": shards}
+            "submitted_from": os.uname().nodename, "broker_id": broker_id, **job.to_payload(), "shards": shards}
+
+
+_JOB_FIELDS = ("dataset", "labels", "model", "backend", "batch_size", "precision", "output", "labels_sha256")
 
 
 def job_of(manifest: dict) -> EvalJob:
-    return EvalJob.from_payload({k: manifest.get(k) for k in
-                                 ("dataset", "labels", "model", "backend", "batch_size", "precision", "output")})
+    return EvalJob.from_payload({k: manifest.get(k) for k in _JOB_FIELDS})
 
 
 def shard_tasks(manifest: dict, shards: list[dict] | None = None) -> list[ShardTask]:

@@ -22,7 +22,7 @@ from .app import (BUILD_QUEUE, TASK_BUILD_COMMIT, TASK_BUILD_DEVICE, TASK_BUILD_
                   worker_queue)
 from .broker import probe
 from .local import LocalCluster, WorkerSpec
-from .messages import SweepPoint, shard_tasks
+from .messages import SweepPoint, merge_task_id, shard_task_id, shard_tasks
 from .store import RunStore
 
 
@@ -103,13 +103,13 @@ class Session:
         run_id, queue = manifest["run_id"], manifest["queue"]
         tasks = shard_tasks(manifest, shards)
         body = self.app.signature(TASK_MERGE, kwargs={"run_id": run_id}, queue=queue,
-                                  task_id=merge_id or f"{run_id}:merge",
+                                  task_id=merge_id or merge_task_id(run_id),
                                   argsrepr=f"run={run_id} shards={len(manifest['shards'])}")
         body.link_error(self.app.signature(TASK_RUN_FAILED, kwargs={"run_id": run_id}, queue=queue))
         if not tasks:  # nothing to redo: the merge fetches every shard's stored result itself
             return body.clone(args=([],)).apply_async()
         header = group(self.app.signature(TASK_EVAL_SHARD, args=t.args(), queue=queue, argsrepr=t.argsrepr,
-                                          task_id=f"{run_id}:{t.shard_id}") for t in tasks)
+                                          task_id=shard_task_id(run_id, t.shard_id)) for t in tasks)
         return chord(header, app=self.app)(body)
 
     def submit_build(self, spec) -> object:

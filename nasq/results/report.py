@@ -249,28 +249,64 @@ def _escape(text: str) -> str:
     return html.escape(text)
 
 
-def write_run_files(report: dict, shards: list[dict], folder: str, predictions: dict | None = None) -> dict:
+RUN_FILES = (("json", "report.json"), ("markdown", "report.md"), ("html", "report.html"), ("csv", "results.csv"),
+             ("ais_bench", "ais_bench.txt"), ("plot", "throughput.png"), ("devices", "devices.png"),
+             ("predictions", "predictions.json"))
+
+
+def write_run_files(report: dict, shards: list[dict], folder: str, predictions: dict | None = None, *,
+                    final_folder: str | None = None) -> None:
     """report.json, report.md, report.html, results.csv (timm's columns), ais_bench.txt,
-    throughput.png, devices.png and predictions.json for one run; returns their paths."""
-    os.makedirs(folder, exist_ok=True)
-    files = {k: os.path.join(folder, name) for k, name in (
-        ("json", "report.json"), ("markdown", "report.md"), ("html", "report.html"), ("csv", "results.csv"),
-        ("ais_bench", "ais_bench.txt"), ("plot", "throughput.png"), ("devices", "devices.png"),
-        ("predictions", "predictions.json"))}
-    if shards:
-        plot_throughput_over_time(report, shards, files["plot"])
-    if report["per_device"]:
-        plot_devices(report, files["devices"])
-    out = io.StringIO()
-    w = csv.DictWriter(out, fieldnames=TIMM_FIELDS)
-    w.writeheader()
-    w.writerow(timm_row(report))
-    atomic_write(files["csv"], out.getvalue())
-    atomic_write(files["ais_bench"], ais_bench_summary(report) + "\n")
-    if predictions is not None:
-        atomic_write(files["predictions"], json.dumps(predictions, separators=(",", ":")))
-    files = {k: v for k, v in files.items() if os.path.isfile(v) or k in ("json", "markdown", "html")}
-    atomic_write(files["markdown"], render_markdown(report))
-    atomic_write(files["html"], render_html(report, [files.get("plot", ""), files.get("devices", "")]))
-    write_json({**report, "files": files}, files["json"])
-    return files
+    throughput.png, devices.png and predictions.json for one run, written into ``folder`` and
+    named as they will be in ``final_folder`` (where the caller moves them; default ``folder``).
+
+    A file that cannot be written (a full disk, a read-only folder) is skipped and named with
+    its reason: sets ``report["files"]`` (kind -> final path of each file written) and
+    ``report["files_not_written"]`` (file name -> reason) before report.json, written last, so
+    that report.json holds exactly the report the caller keeps."""
+    final_folder = final_folder or folder
+    written, failed = {}, {}
+
+    def attempt(kind: str, name: str, write) -> None:
+        try:
+            write(os.path.join(folder, name))
+            written[kind] = os.path.join(final_folder, name)
+        except (OSError, ValueError) as e:  # ValueError: matplotlib on a file it could not finish
+            failed[name] = f"{type(e).__name__}: {getattr(e, 'strerror', None) or e}"
+
+    names = dict(RUN_FILES)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        failed.update({name: f"{type(e).__name__}: {e.strerror or e}" for _, name in RUN_FILES})
+    else:
+        if shards:
+            attempt("plot", names["plot"], lambda p: plot_throughput_over_time(report, shards, p))
+        if report["per_device"]:
+            attempt("devices", names["devices"], lambda p: plot_devices(report, p))
+
+        def csv_row(path: str) -> None:
+            out = io.StringIO()
+            w = csv.DictWriter(out, fieldnames=TIMM_FIELDS)
+            w.writeheader()
+            w.writerow(timm_row(report))
+            atomic_write(path, out.getvalue())
+
+        attempt("csv", names["csv"], csv_row)
+        attempt("ais_bench", names["ais_bench"], lambda p: atomic_write(p, ais_bench_summary(report) + "\n"))
+        if predictions is not None:
+            attempt("predictions", names["predictions"],
+                    lambda p: atomic_write(p, json.dumps(predictions, separators=(",", ":"))))
+        attempt("markdown", names["markdown"], lambda p: atomic_write(p, render_markdown(report)))
+        plots = [os.path.join(folder, names[k]) for k in ("plot", "devices") if k in written]
+        attempt("html", names["html"], lambda p: atomic_write(p, render_html(report, plots)))
+    report["files"] = {**written, "json": os.path.join(final_folder, names["json"])}
+    report["files_not_written"] = failed
+    if failed.keys() == {n for _, n in RUN_FILES}:  # nothing could be written: not even report.json will be
+        del report["files"]["json"]
+        return
+    try:
+        write_json(report, os.path.join(folder, names["json"]))
+    except OSError as e:
+        del report["files"]["json"]
+        failed[names["json"]] = f"{type(e).__name__}: {e.strerror or e}"

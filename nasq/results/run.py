@@ -1,17 +1,28 @@
-"""The end of a run: the library function behind the chord callback ``nasq.merge_run``."""
+"""The end of a run: the library functions behind the chord callback ``nasq.merge_run``, its
+errback ``nasq.run_failed`` and ``nasq cancel``.
+
+Each ends the run through one transition of the run store (``store.transition``: merge, fail,
+cancel), which checks the run's state atomically, so that a run is merged once, a cancelled
+run stays cancelled and a failed one is changed again only by ``nasq resume``. The report
+files are written first, in a staging folder beside the run's, and moved into place only by
+the caller whose transition took effect: the report a client gets, the one in Redis and the
+files on disk are the same report.
+"""
 from __future__ import annotations
 
 import logging
 import os
+import secrets
+import shutil
 import sqlite3
 import time
-from collections import Counter
 from typing import Callable
 
 from ..errors import NasqError, RunError
 from ..roots import check_name
-from .merge import MissingShards, merge, merge_partial
+from ..runstate import RunState
 from .history import record, row_of
+from .merge import MissingShards, merge, merge_partial
 from .report import write_run_files
 
 log = logging.getLogger("nasq.worker")
@@ -21,83 +32,107 @@ class MergeLater(Exception):
     """A shard the merge needs is still running somewhere (a redelivered one): try again soon."""
 
 
-def merge_run(run_id: str, results: list, *, store, report_dir: str, merge_wait_s: float, first_try: float) -> dict:
+class RunEnded(NasqError):
+    """The run ended before this merge or failure could change it (``state``): left as it is."""
+
+    def __init__(self, run_id: str, state: str | None):
+        super().__init__(f"run {run_id} is {state or 'gone'}; left as it is")
+        self.state = state
+
+
+def merge_run(run_id: str, results: list, *, store, report_dir: str, merge_wait_s: float, first_try: float,
+              manifest: dict | None = None) -> dict:
     """Validate the shard results of ``run_id``, write and record its report.
 
     Args:
-        results: what the chord handed over: each shard's summary (its full result is in the
-            run store, where every shard saves it, however it was delivered) or, from a caller
-            that has them, full results. A shard id that comes twice is counted in
-            ``duplicate_shard_results_dropped``.
-        store: the run store (manifest, results, running shards, report, state). Merging twice
-            (the chord and a healing merge can both fire) gives the same report.
+        results: what the chord handed over: summaries (each shard's kept result is in the run
+            store, however it was delivered) or, from a caller that has them, full results, used
+            for shards the store has none of.
+        store: the run store. Copies of a shard dropped by the store (late, duplicate) are in the
+            report's ``duplicate_shard_results_dropped``.
         first_try: when the first attempt at this merge ran; a merge that still misses a
             running shard raises ``MergeLater`` until ``merge_wait_s`` have passed.
+        manifest: the run's manifest, as the caller trusts it (default: the store's).
 
     Raises:
         MergeLater: retry in a few seconds.
+        RunEnded: the run is already done, failed or cancelled: nothing was changed.
         RunError: missing or failed shards (the run is marked failed, with a partial report).
     """
-    manifest = store.manifest(run_id)
+    manifest = manifest or store.manifest(run_id)
     if manifest is None:
         raise RunError(f"run {run_id}: its manifest is gone from Redis (expired or flushed)")
     if manifest.get("run_id") != run_id:
         raise RunError(f"run {run_id}: its manifest names another run")
-    if (store.state(run_id) or {}).get("state") == "cancelled":  # a merge that slipped past the revoke
-        return store.report(run_id) or {"run_id": run_id}
-    handed = [r for r in results or [] if isinstance(r, dict) and r.get("run_id") == run_id and "shard_id" in r]
-    counts = Counter(r["shard_id"] for r in handed)
-    full = {r["shard_id"]: r for r in handed if r.get("status") == "ok" and "indices" in r}
-    if any(s["shard_id"] not in full for s in manifest["shards"]):  # read the store only when needed
-        for sid, r in store.shard_results(run_id).items():
-            full.setdefault(sid, r)
+    state = (store.state(run_id) or {}).get("state")
+    if state not in (RunState.SUBMITTED, RunState.RUNNING):
+        raise RunEnded(run_id, state)
+    full = dict(store.shard_results(run_id))
+    for r in results or []:
+        if isinstance(r, dict) and r.get("run_id") == run_id and r.get("status") == "ok" and "indices" in r:
+            full.setdefault(r["shard_id"], r)
     results = list(full.values())
     try:
         report, predictions = merge(manifest, results)
     except MissingShards as e:
-        running = set(store.running(run_id))
-        if any(sid in running for sid in e.missing) and time.time() - first_try < merge_wait_s:
+        # a missing shard that did not fail is on its way (running, queued, or being healed): wait
+        # for it, up to merge_wait_s
+        finished = store.finished(run_id)
+        if any(finished.get(sid, {}).get("status") != "error" for sid in e.missing) \
+                and time.time() - first_try < merge_wait_s:
             raise MergeLater(str(e)) from None
         mark_failed(store, manifest, results, e, report_dir)
         raise
     except NasqError as e:
         mark_failed(store, manifest, results, e, report_dir)
         raise
-    report["duplicate_shard_results_dropped"] = sorted(sid for sid, n in counts.items() for _ in range(n - 1))
+    report["duplicate_shard_results_dropped"] = sorted(sid for sid, n in store.dropped(run_id).items()
+                                                       for _ in range(n))
     report["redispatched_shards"] = store.redispatched(run_id)
-    _save(store, manifest, results, report, predictions, report_dir)
-    store.set_state(run_id, "done", images=report["images"], top1=report["top1"], top5=report["top5"],
-                    throughput_img_s=report["throughput_img_s"])
+    if not _end(store, "merge", manifest, results, report, predictions, report_dir, images=report["images"],
+                top1=report["top1"], top5=report["top5"], throughput_img_s=report["throughput_img_s"]):
+        raise RunEnded(run_id, (store.state(run_id) or {}).get("state"))
     return report
 
 
-def fail_run(run_id: str, error: BaseException, *, store, report_dir: str,
-             redispatch: Callable[[dict, list[str]], None]) -> None:
+def fail_run(run_id: str, error: BaseException | None, *, store, report_dir: str,
+             redispatch: Callable[[dict, list[str]], None], manifest: dict | None = None,
+             lease_s: float = 30.0) -> None:
     """The chord's errback: a shard failed, or was revoked in flight (a broker that went away).
 
     Shards that failed for real: keep what finished as a partial report and mark the run failed,
-    naming them. Shards only lost in flight (no result, no recorded failure) are not a failure
-    of the run: they go to ``redispatch(manifest, shard_ids)`` and the run heals (it is merged
-    once they finish). A run merged meanwhile stays done.
+    naming them. Shards only lost in flight (no result, no recorded failure, not running, not
+    sent again within a lease) are not a failure of the run: they go to ``redispatch(manifest,
+    shard_ids)`` and the run heals (it is merged once they finish). A run that ended meanwhile
+    is left as it is.
     """
-    manifest = store.manifest(run_id)
-    if manifest is None or (store.state(run_id) or {}).get("state") in ("done", "cancelled"):
+    manifest = manifest or store.manifest(run_id)
+    if manifest is None or (store.state(run_id) or {}).get("state") not in (RunState.SUBMITTED, RunState.RUNNING):
         return
-    finished, stored = store.finished(run_id), store.shard_results(run_id)
-    results, in_flight = [], []
+    finished, stored, running = store.finished(run_id), store.shard_results(run_id), store.running(run_id)
+    recent = {sid for sid, t in store.redispatched_at(run_id).items() if time.time() - t < lease_s}
+    results, in_flight, busy = [], [], False
     for s in manifest["shards"]:
         sid = s["shard_id"]
         if sid in stored:
             results.append(stored[sid])
         elif finished.get(sid, {}).get("status") == "error":
             results.append({"run_id": run_id, "shard_id": sid, **finished[sid]})
+        elif sid in running or sid in recent:
+            busy = True  # under way (a resume or healing sent it): its result is still to come
         else:
             in_flight.append(sid)
+    if busy and all(r.get("status") == "ok" for r in results):
+        return  # nothing failed: the run goes on
     if all(r.get("status") == "ok" for r in results):
         if in_flight:  # not a failure of the run: it heals, and is merged once they finish
             redispatch(manifest, [sid for sid in in_flight if store.claim_lost(run_id, sid, running=False)])
         else:  # every shard finished after all (re-dispatched ones too): the run is done
-            merge_run(run_id, [], store=store, report_dir=report_dir, merge_wait_s=0, first_try=time.time())
+            try:
+                merge_run(run_id, [], store=store, report_dir=report_dir, merge_wait_s=0, first_try=time.time(),
+                          manifest=manifest)
+            except RunEnded:
+                pass
         return
     try:
         merge(manifest, results)
@@ -107,59 +142,129 @@ def fail_run(run_id: str, error: BaseException, *, store, report_dir: str,
     mark_failed(store, manifest, results, reason, report_dir)
 
 
-def mark_failed(store, manifest: dict, results: list, error: Exception, report_dir: str) -> None:
+def mark_failed(store, manifest: dict, results: list, error: Exception, report_dir: str) -> bool:
     """Mark the run failed, keeping what it finished: a partial report (and files), so that
-    ``nasq resume`` reruns only the rest."""
+    ``nasq resume`` reruns only the rest. False if the run had ended meanwhile."""
     run_id = manifest["run_id"]
-    if (store.state(run_id) or {}).get("state") == "cancelled":  # cancelled stays cancelled
-        return
+    text = f"{error} -- `nasq resume {run_id}` reruns only the failed or missing shards"
     partial = merge_partial(manifest, results, str(error))
     if partial is not None:
-        _save(store, manifest, results, *partial, report_dir, state="failed", error=str(error))
-    else:
-        _history(report_dir, row_of(manifest, "failed", error=str(error)))
-    store.set_state(run_id, "failed", partial=partial is not None,
-                    error=f"{error} -- `nasq resume {run_id}` reruns only the failed or missing shards")
+        return _end(store, "fail", manifest, results, *partial, report_dir, partial=True, error=text)
+    ok, _ = store.transition(run_id, "fail", partial=False, error=text)
+    if ok:
+        _history(store, report_dir, row_of(manifest, str(RunState.FAILED), error=str(error)))
+        store.mark_published(run_id)
+    return ok
 
 
-def cancel_run(store, run_id: str, report_dir: str) -> dict | None:
-    """Mark a run cancelled and keep what finished as a partial report (files and Redis).
-    Returns the partial report, or None when no shard had finished."""
-    manifest = store.manifest(run_id)
+def cancel_run(store, run_id: str, report_dir: str, *, manifest: dict | None = None,
+               after_cancel: Callable[[], None] = lambda: None) -> dict | None:
+    """Cancel a run: the transition first (running shards stop on their next progress, late
+    results are dropped, no merge changes it afterwards), then ``after_cancel()`` (revoke its
+    tasks), then what finished is kept as a partial report (files and Redis). Returns the
+    partial report, or None when no shard had finished.
+
+    Raises:
+        RunError: no such run, or a run that already ended.
+    """
+    manifest = manifest or store.manifest(run_id)
     if manifest is None:
         raise RunError(f"no run {run_id!r} in this Redis (runs expire after result_expires)")
-    if (store.state(run_id) or {}).get("state") in ("done", "failed", "cancelled"):
-        raise RunError(f"run {run_id} already ended ({store.state(run_id)['state']}); nothing to cancel")
+    ok, state = store.transition(run_id, "cancel", clear_running=True, error=f"run {run_id} was cancelled")
+    if not ok:
+        raise RunError(f"run {run_id} already ended ({state}); nothing to cancel")
+    after_cancel()
     stored = store.shard_results(run_id)
     results = [stored[s["shard_id"]] for s in manifest["shards"] if s["shard_id"] in stored]
-    store.set_state(run_id, "cancelled", error=f"run {run_id} was cancelled")
     partial = merge_partial(manifest, results, "cancelled")
-    if partial is not None:
-        _save(store, manifest, results, *partial, report_dir, state="cancelled")
-        return partial[0]
-    _history(report_dir, row_of(manifest, "cancelled"))
-    return None
-
-
-def _save(store, manifest: dict, results: list, report: dict, predictions: dict, report_dir: str, *,
-          state: str = "done", error: str | None = None) -> None:
-    """Report files on disk and the run's row in the history index (a failure to write them is
-    logged: the report still reaches Redis)."""
-    run_id = check_name(manifest["run_id"], "run_id")  # the folder's name: never a path
+    if partial is None:
+        _history(store, report_dir, row_of(manifest, str(RunState.CANCELLED)))
+        return None
+    report, predictions = partial
+    staging = _write(manifest, results, report, predictions, report_dir)
     try:
-        report["files"] = write_run_files(report, _shard_timings(manifest, results), os.path.join(report_dir, run_id),
-                                          predictions=predictions)
+        store.save_report_of_ended(run_id, report, predictions)
+    except BaseException:
+        _discard(staging)
+        raise
+    _publish(store, run_id, staging, report_dir)
+    _history(store, report_dir, row_of(manifest, str(RunState.CANCELLED), report))
+    return report
+
+
+def _end(store, transition: str, manifest: dict, results: list, report: dict, predictions: dict, report_dir: str,
+         **fields) -> bool:
+    """Write the report's files into a staging folder, end the run through ``transition`` with
+    the report, then move the files into place and record the run in the history: all of it
+    only if the transition took effect (False otherwise, and nothing is left on disk)."""
+    run_id = manifest["run_id"]
+    staging = _write(manifest, results, report, predictions, report_dir)
+    try:
+        ok, _ = store.transition(run_id, transition, report=report, predictions=predictions, **fields)
+    except BaseException:
+        _discard(staging)
+        raise
+    if not ok:
+        _discard(staging)
+        return False
+    _publish(store, run_id, staging, report_dir)
+    _history(store, report_dir, row_of(manifest, str(RunState.DONE if transition == "merge" else RunState.FAILED),
+                                       report, fields.get("error")))
+    store.mark_published(run_id)
+    return True
+
+
+def _write(manifest: dict, results: list, report: dict, predictions: dict, report_dir: str) -> str:
+    """The report files in a staging folder (named as they will be once moved); returns it. A
+    file that could not be written is in ``report["files_not_written"]``."""
+    run_id = check_name(manifest["run_id"], "run_id")  # the folder's name: never a path
+    staging = os.path.join(report_dir, ".staging", f"{run_id}.{secrets.token_hex(4)}")
+    write_run_files(report, _shard_timings(manifest, results), staging, predictions,
+                    final_folder=os.path.join(report_dir, run_id))
+    if report["files_not_written"]:
+        log.warning("run %s: could not write %s in %s: %s", run_id, ", ".join(report["files_not_written"]),
+                    os.path.join(report_dir, run_id), next(iter(report["files_not_written"].values())))
+    return staging
+
+
+def _publish(store, run_id: str, staging: str, report_dir: str) -> None:
+    """Move the staging folder to ``report_dir/<run id>`` (replacing an earlier partial report's)."""
+    if not os.path.isdir(staging):
+        return
+    final = os.path.join(report_dir, run_id)
+    old = f"{staging}.old"
+    try:
+        if os.path.isdir(final):
+            os.replace(final, old)
+        try:
+            os.replace(staging, final)
+        except OSError:
+            if os.path.isdir(old):  # put the earlier report back
+                os.replace(old, final)
+            raise
     except OSError as e:
-        log.warning("run %s: could not write the report files: %s", run_id, e)
-    _history(report_dir, row_of(manifest, state, report, error))
-    store.save_report(run_id, report, predictions)
+        log.warning("run %s: could not move its report files into %s: %s", run_id, final, e)
+        store.add_note(run_id, "files", f"the report files could not be moved into {final}: {e}")
+    shutil.rmtree(old, ignore_errors=True)
+    _discard(staging)
 
 
-def _history(report_dir: str, row: dict) -> None:
+def _discard(staging: str) -> None:
+    """Remove a staging folder, and the staging area if it is empty."""
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        os.rmdir(os.path.dirname(staging))
+    except OSError:  # not empty (another run's staging), or gone
+        pass
+
+
+def _history(store, report_dir: str, row: dict) -> None:
     try:
         record(report_dir, row)
     except (OSError, sqlite3.Error) as e:  # the report is in Redis and its folder all the same
         log.warning("run %s: could not update the run history in %s: %s", row["run_id"], report_dir, e)
+        store.add_note(row["run_id"], "history",
+                       f"the run history {os.path.join(report_dir, 'runs.sqlite')} was not updated: {e}")
 
 
 def _shard_timings(manifest: dict, results: list) -> list[dict]:
@@ -170,4 +275,3 @@ def _shard_timings(manifest: dict, results: list) -> list[dict]:
             seen.add(r["shard_id"])
             out.append({"worker": r["worker"], "device": r["device"], "images": len(r["indices"]), **r["timing"]})
     return out
-

@@ -5,6 +5,7 @@ import sys
 import time
 
 from ..errors import NasqError
+from ..runstate import is_ended
 from ..tables import table
 
 
@@ -33,14 +34,15 @@ def run_status(store, run_id: str) -> dict:
     starts = [s["started_at"] for s in finished.values() if "started_at" in s]
     starts += [r["at"] for r in running.values()]
     t0 = min(starts) if starts else None
-    ended = state.get("state") in ("done", "failed", "cancelled")
+    ended = is_ended(state.get("state"))
     ends = [s["finished_at"] for s in finished.values() if "finished_at" in s]
     # an ended run's rate is over the shards' span, as in its report (throughput_img_s)
     t_end = max(ends) if ended and ends else time.time()
     lost = set() if ended else set(store.lost_shards(run_id))
     registry = store.workers()
+    full = None if ended or not store.is_full() else store.full_message()
     rate = done / (t_end - t0) if t0 and done and t_end > t0 else None
-    eta = (total_images - done) / rate if rate and not ended and not lost else None
+    eta = (total_images - done) / rate if rate and not ended and not lost and not full else None
     per_worker: dict[str, dict] = {}
     for s in finished.values():
         w = per_worker.setdefault(s.get("worker", "?"), {"device": s.get("device"), "shards": 0, "images": 0, "wall_s": 0.0})
@@ -60,7 +62,9 @@ def run_status(store, run_id: str) -> dict:
             "image_errors": sum(s.get("errors", 0) for s in finished.values()),
             "rate_img_s": round(rate, 2) if rate else None, "eta_s": round(eta, 1) if eta is not None else None,
             "backend": manifest.get("backend"), "batch_size": manifest.get("batch_size"), "workers": per_worker,
-            "lost_shards": sorted(lost), "redispatched": store.redispatched(run_id)}
+            "lost_shards": sorted(lost), "redispatched": store.redispatched(run_id),
+            "duplicate_shard_results_dropped": sorted(sid for sid, n in store.dropped(run_id).items() for _ in range(n)),
+            "broker_full": full}
 
 
 def render_status(st: dict) -> str:
@@ -75,13 +79,17 @@ def render_status(st: dict) -> str:
         elif cur:
             doing = f"{cur['shard_id']} ({cur['images']} img, {time.time() - cur['since']:.0f} s)"
         else:
-            doing = "idle" if w.get("alive", True) or st["state"] in ("done", "failed", "cancelled") \
+            doing = "idle" if w.get("alive", True) or is_ended(st["state"]) \
                 else "gone (no heartbeat)"
         lines.append(f"  {name:<30} {str(w.get('device')):<8} {doing:<28} done {w['shards']} shards, "
                      f"{w['images']} img, {w['rate_img_s'] or 0:.2f} img/s")
     if st.get("redispatched"):
         lines.append("  dispatched again after their worker was lost: "
                      + ", ".join(f"{sid} (x{n})" for sid, n in sorted(st["redispatched"].items())))
+    if st.get("duplicate_shard_results_dropped"):
+        lines.append("  copies of shards dropped (late or duplicate): " + ", ".join(st["duplicate_shard_results_dropped"]))
+    if st.get("broker_full"):
+        lines.append(f"  BROKER FULL: {st['broker_full']}")
     if st.get("error"):
         lines.append(f"  error: {st['error']}")
     return "\n".join(lines)
@@ -100,7 +108,7 @@ def watch(store, run_id: str, *, interval: float = 1.0, out=sys.stdout) -> dict:
             out.write(text.splitlines()[0] + "\n")
         last = text.splitlines()[0]
         out.flush()
-        if st["state"] in ("done", "failed", "cancelled"):
+        if is_ended(st["state"]):
             return st
         time.sleep(interval)
 
@@ -124,7 +132,7 @@ def runs_rows(store, report_dir: str, *, state: str | None = None, backend: str 
                 continue
             st = (store.state(rid) or {}).get("state", "?")
             row = row_of(m, st, store.report(rid))
-            if st not in ("done", "failed", "cancelled"):
+            if not is_ended(st):
                 row.update(finished=None, images=store.images_done(rid))
             if (state and st != state) or (backend and m.get("backend") != backend) or \
                     (since and (m.get("created") or 0) < since):

@@ -279,3 +279,39 @@ def test_worker_exits_promptly_against_a_silent_broker_and_at_once_on_a_wrong_pa
     assert p.returncode != 0 and time.time() - t < 10
     assert p.stderr.strip().splitlines() == [p.stderr.strip()] and "refused the credentials" in p.stderr
     assert "wrong" not in p.stderr  # the password is not printed
+
+
+def test_a_worker_refuses_a_device_this_machine_does_not_have(assets, nasq_cli, repo, tmp_path):
+    """A GPU or NPU that is not there: one line, exit 2, before the worker waits for its broker (the
+    broker here is a closed port, so a worker that did not refuse at once would wait for it
+    forever), and an embedded run starts nothing."""
+    import shutil
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NASQ_")}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    no_broker = ["--broker", "redis://127.0.0.1:1/0"]
+    cases = [(["--device", "npu:0", "--backend", "ais_bench"], "needs ais_bench, which is not installed"),
+             (["--device", "cuda:7", "--backend", "onnxruntime"], "cuda:7")]
+    if not shutil.which("nvidia-smi"):
+        cases.insert(0, (["--device", "cuda:0"], "no NVIDIA GPU on this machine"))
+    for argv, expected in cases:
+        t = time.time()
+        p = subprocess.run(nasq_cli + ["worker", *argv, *no_broker], capture_output=True, text=True, cwd=repo, env=env,
+                           timeout=120)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and expected in lines[0], p.stderr
+        print(f"{' '.join(argv)}: {lines[0]} ({time.time() - t:.1f} s)")
+    # an NPU the machine does not have, with ais_bench and CANN's runtime there (their test doubles): 2 NPUs
+    doubles = os.path.join(repo, "tests", "doubles")
+    p = subprocess.run(nasq_cli + ["worker", "--device", "npu:5", "--backend", "ais_bench", *no_broker],
+                       capture_output=True, text=True, cwd=repo, timeout=120,
+                       env=dict(env, PYTHONPATH=doubles, ASCEND_DOUBLE_NPUS="2"))
+    assert p.returncode == 2 and "no NPU 5 visible to CANN" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    if not shutil.which("nvidia-smi"):  # an embedded run on a GPU that is not there: nothing started
+        work = tmp_path / "runs"
+        p = subprocess.run(nasq_cli + ["eval", "--weights", assets["weights"], "--data", assets["data"], "--device",
+                                       "cuda:0"], capture_output=True, text=True, cwd=repo, timeout=120,
+                           env=dict(env, NASQ_WORK_DIR=str(work)))
+        assert p.returncode == 2 and "no NVIDIA GPU on this machine" in p.stderr, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1 and not work.exists()

@@ -1,4 +1,5 @@
 """Real Redis, real worker processes: the distributed result equals the single-process one."""
+import json
 import os
 import time
 import uuid
@@ -69,48 +70,78 @@ def _shard_results(app, manifest):
     return [app.AsyncResult(s["task_id"]).get(timeout=30) for s in manifest["shards"]]
 
 
-def test_duplicate_shard_result_ignored_and_missing_shard_named(assets, workers, settings):
+def test_duplicate_shard_result_ignored_and_missing_shard_named(assets, workers, settings, start_workers,
+                                                                redis_url):
+    from nasq.api import submit_evaluation
+    from nasq.queue.messages import shard_tasks
+
     res = evaluate(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4,
                    shard_size=8, queue=workers.queue, settings=settings, progress=False, log=lambda *_: None)
     app = make_app(settings)
     store = RunStore(settings.broker_url)
     manifest = store.manifest(res.run_id)
     results = _shard_results(app, manifest)
-    # A redelivered shard: same shard id, different timing and worker.
+    # A redelivered shard (the same message again, after the run was merged) is skipped; a second
+    # result of a shard (a copy that ran: the hung worker that came back) is dropped and counted;
+    # the report the client has is the report kept, in Redis and on disk.
+    again = shard_tasks(manifest)[1]
+    out = app.signature(TASK_EVAL_SHARD, args=again.args(), queue=workers.queue).apply_async().get(timeout=60)
+    assert out["status"] == "skipped" and "done" in out["reason"] and store.dropped(res.run_id) == {}
+    second = dict(store.shard_results(res.run_id)[again.shard_id], worker="elsewhere@host")
+    assert store.commit_shard(res.run_id, again.shard_id, holder="elsewhere@host#1", status="ok", result=second,
+                              summary={"status": "ok", "worker": "elsewhere@host"}) == ("dropped", "late")
+    assert store.dropped(res.run_id) == {again.shard_id: 1}
+    # The chord firing again with the duplicate (same shard id, different timing and worker) merges nothing.
     dup = dict(results[1], worker="elsewhere@host", timing=dict(results[1]["timing"], wall_s=99.0))
     headline = app.signature(TASK_MERGE, args=(results + [dup],), kwargs={"run_id": res.run_id},
                              queue=workers.queue).apply_async().get(timeout=60)
-    merged = store.report(res.run_id)  # the merge task returns the headline; the report is in the run store
-    assert headline["images"] == merged["images"] and headline["run_id"] == res.run_id
-    assert merged["duplicate_shard_results_dropped"] == [results[1]["shard_id"]]
+    merged = store.report(res.run_id)  # the report is in the run store
+    assert headline["merged"] is False and headline["run_id"] == res.run_id
+    assert merged == res.report  # a merged run is left alone
     assert merged["images"] == res.report["images"] and merged["top1"] == res.report["top1"]
     assert "elsewhere@host" not in {d["worker"] for d in merged["per_device"]}
+    with open(res.report["files"]["json"]) as f:
+        assert json.load(f) == res.report
     # A shard whose result never arrived (and is not running anywhere): the run fails, naming it.
-    gone = manifest["shards"][2]
-    app.AsyncResult(gone["task_id"]).forget()
-    store.reset_shards(res.run_id, [gone["shard_id"]])  # and the run store lost it too
-    rest = [r for r in results if r["shard_id"] != gone["shard_id"]]
+    # Run B has no worker on its queue; the run store holds the results of its first two shards
+    # (run A's, the same images) and lost the third, whose message is gone too.
+    quiet = f"eval.quiet-{uuid.uuid4().hex[:6]}"
+    b = submit_evaluation(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4,
+                          shard_size=8, queue=quiet, settings=settings, log=lambda *_: None)
+    store.r.delete(quiet)  # the messages are lost
+    kept = store.shard_results(res.run_id)
+    gone = b.manifest["shards"][2]
+    for s in b.manifest["shards"][:2]:
+        r = {**kept[s["shard_id"]], "run_id": b.run_id}
+        assert store.commit_shard(b.run_id, s["shard_id"], holder="planted", status="ok", result=r,
+                                  summary={"status": "ok", "worker": r["worker"], "images": len(r["indices"])},
+                                  images=len(r["indices"]))[0] == "accepted"
     with pytest.raises(Exception, match=gone["shard_id"]):
-        app.signature(TASK_MERGE, args=(rest,), kwargs={"run_id": res.run_id},
+        app.signature(TASK_MERGE, args=([],), kwargs={"run_id": b.run_id},
                       queue=workers.queue).apply_async().get(timeout=60)
-    st = store.state(res.run_id)
+    st = store.state(b.run_id)
     assert st["state"] == "failed" and gone["shard_id"] in st["error"] and "nasq resume" in st["error"]
     # nothing lost: what finished is kept as a partial report ...
-    partial = store.report(res.run_id)
+    partial = store.report(b.run_id)
     assert partial["partial"] is True and partial["shards_not_ok"] == [gone["shard_id"]]
     gone_images = next(r for r in results if r["shard_id"] == gone["shard_id"])["images"]  # a shard task returns a summary
     assert partial["images"] == res.report["images"] - gone_images
     assert os.path.isfile(partial["files"]["json"])
-    # ... and `resume` reruns only the missing shard, then merges everything
+    # ... and `resume` (a worker on the run's queue now) reruns only the missing shard, then merges everything
     from nasq.api import resume
 
-    t_resume = time.time()
-    done = resume(res.run_id, settings=settings, progress=False, log=lambda *_: None)
+    w = start_workers(redis_url, quiet)
+    try:
+        t_resume = time.time()
+        done = resume(b.run_id, settings=settings, progress=False, log=lambda *_: None)
+    finally:
+        w.stop()
+        b.close()
     assert not done.report.get("partial") and done.report["images"] == res.report["images"]
     assert done.predictions["top5"] == res.predictions["top5"]
-    rerun = {sid for sid, f in store.finished(res.run_id).items() if f["finished_at"] > t_resume}
+    rerun = {sid for sid, f in store.finished(b.run_id).items() if f.get("finished_at", 0) > t_resume}
     assert rerun == {gone["shard_id"]}  # only that shard ran again
-    assert store.state(res.run_id)["state"] == "done"
+    assert store.state(b.run_id)["state"] == "done"
 
 
 class _Planted:

@@ -142,37 +142,16 @@ def test_the_client_refuses_a_run_no_live_worker_may_read(fenced, redis_url, sta
                           settings=Settings(broker_url=redis_url), log=lambda *_: None)
 
 
-def _keypair(folder, name: str):
-    """An RSA key and a self-signed certificate, as PEM files."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.x509.oid import NameOID
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
-    kp, cp = folder / f"{name}.key", folder / f"{name}.pem"
-    kp.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                                     serialization.NoEncryption()))
-    cp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return str(kp), str(cp)
-
-
-def test_signed_messages_run_and_unsigned_or_foreign_ones_are_refused(assets, redis_url, start_workers, tmp_path):
+def test_signed_messages_run_and_unsigned_or_foreign_ones_are_refused(assets, redis_url, start_workers, tmp_path,
+                                                                      keypair):
     from nasq.api import evaluate, evaluate_local
 
     store, keys = tmp_path / "trusted", tmp_path / "keys"
     store.mkdir()
     keys.mkdir()
-    wkey, wcert = _keypair(keys, "worker")
-    ckey, ccert = _keypair(keys, "client")
-    xkey, xcert = _keypair(keys, "intruder")  # a valid key pair whose certificate is not trusted
+    wkey, wcert = keypair(keys, "worker")
+    ckey, ccert = keypair(keys, "client")
+    xkey, xcert = keypair(keys, "intruder")  # a valid key pair whose certificate is not trusted
     for c in (wcert, ccert):
         shutil.copy(c, store)
     signed = dict(signing_cert_store=str(store))

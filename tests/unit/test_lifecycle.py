@@ -16,50 +16,60 @@ from nasq.results.run import MergeLater, merge_run
 
 
 class MemoryLedger:
-    """What the run store records for shards, in dicts."""
+    """What the run store records for shards, in dicts, with the rules of its scripts (the first
+    ok result of a shard is kept; a copy stops or is dropped once the run ended)."""
 
     def __init__(self):
-        self.attempts, self.started, self.progress, self.finished, self.workers = {}, {}, {}, {}, {}
+        self.attempts, self.running, self.progress, self.finished, self.dropped = {}, {}, {}, {}, {}
         self.leases, self.run_state, self.results = {}, None, {}
 
-    def state(self, run_id):
-        return self.run_state
+    def _state(self):
+        return (self.run_state or {}).get("state", "running")
 
-    def take_lease(self, run_id, shard_id, holder, ttl_s):
-        self.leases[shard_id] = holder
+    def claim_shard(self, run_id, shard_id, *, holder, lease_s, info, max_attempts):
+        if self._state() not in ("submitted", "running"):
+            return "ended", self._state()
+        if shard_id in self.results:
+            return "has-result", None
+        self.attempts[shard_id] = n = self.attempts.get(shard_id, 0) + 1
+        if n > max_attempts:
+            return "exhausted", n
+        self.leases[shard_id], self.running[shard_id], self.progress[shard_id] = holder, info, 0
+        return "ok", n
+
+    def shard_tick(self, run_id, shard_id, *, holder, done, lease_s):
+        if self._state() in ("done", "cancelled"):
+            return "stop", self._state()
+        if self.leases.get(shard_id, holder) != holder:
+            return "stop", "superseded"
+        self.progress[shard_id] = done
+        return "ok", None
+
+    def commit_shard(self, run_id, shard_id, *, holder, status, summary, result=None, images=0):
+        if self.leases.get(shard_id) == holder:
+            del self.leases[shard_id]
+        if status == "stopped" or self._state() in ("done", "cancelled") or shard_id in self.results:
+            self.dropped[shard_id] = self.dropped.get(shard_id, 0) + 1
+            return "dropped", "late"
+        self.finished[shard_id] = summary
+        self.running.pop(shard_id, None)
+        if status == "error":
+            return "failed", None
+        self.results[shard_id], self.progress[shard_id] = result, images
+        return "accepted", len(self.results)
 
     def renew_lease(self, run_id, shard_id, holder, ttl_s):
         return self.leases.get(shard_id) == holder
 
-    def drop_lease(self, run_id, shard_id, holder):
-        if self.leases.get(shard_id) == holder:
-            del self.leases[shard_id]
-
-    def next_attempt(self, run_id, shard_id):
-        self.attempts[shard_id] = self.attempts.get(shard_id, 0) + 1
-        return self.attempts[shard_id]
-
-    def shard_started(self, run_id, shard_id, info):
-        self.started[shard_id] = info
-
-    def shard_progress(self, run_id, shard_id, done):
-        self.progress[shard_id] = done
-
-    def shard_finished(self, run_id, shard_id, summary):
-        self.finished[shard_id] = summary
-
-    def save_shard_result(self, run_id, shard_id, result):
-        self.results[shard_id] = result
-
-    def touch_worker(self, name, **fields):
-        self.workers.setdefault(name, {}).update(fields)
-
 
 class MemoryStore:
-    """What the merge reads and writes in the run store, in dicts."""
+    """What the merge reads and writes in the run store, in dicts; ``states`` lists the
+    transitions that took effect (the run starts running)."""
 
     def __init__(self, manifest, running=(), stored=()):
-        self._manifest, self._running = manifest, {sid: {} for sid in running}
+        from nasq.runstate import TRANSITIONS
+
+        self._manifest, self._running, self._transitions = manifest, {sid: {} for sid in running}, TRANSITIONS
         self.states, self.reports, self.stored = [], {}, {r["shard_id"]: r for r in stored}
 
     def shard_results(self, run_id):
@@ -69,7 +79,7 @@ class MemoryStore:
         return self._manifest
 
     def state(self, run_id):
-        return self.states[-1] if self.states else None
+        return self.states[-1] if self.states else {"state": "running"}
 
     def report(self, run_id):
         return self.reports.get(run_id, (None,))[0]
@@ -77,14 +87,33 @@ class MemoryStore:
     def redispatched(self, run_id):
         return {}
 
+    def dropped(self, run_id):
+        return {}
+
     def running(self, run_id):
         return self._running
 
-    def set_state(self, run_id, state, **fields):
-        self.states.append({"state": state, **fields})
+    def transition(self, run_id, name, *, report=None, predictions=None, clear_running=False, merge_id=None,
+                   forget=(), **fields):
+        sources, target = self._transitions[name]
+        if self.state(run_id)["state"] not in sources:
+            return False, self.state(run_id)["state"]
+        self.states.append({"state": str(target), **fields})
+        if report is not None:
+            self.reports[run_id] = (report, predictions)
+        return True, str(target)
 
-    def save_report(self, run_id, report, predictions=None):
-        self.reports[run_id] = (report, predictions)
+    def add_note(self, run_id, what, text):
+        raise AssertionError(f"unexpected note: {text}")
+
+    def finished(self, run_id):
+        return {}
+
+    def redispatched_at(self, run_id):
+        return {}
+
+    def mark_published(self, run_id):
+        self.published = True
 
 
 def _job(assets, **over) -> dict:
@@ -114,7 +143,7 @@ def test_run_shard_evaluates_its_range_and_records_it(assets, tmp_path):
     assert out["top5"] == [ref["top5"][k] for k in mine]
     assert len(out["indices"]) + len(out["errors"]) == 8
     assert ledger.attempts == {"shard-00001": 1} and ledger.progress["shard-00001"] == 8
-    assert ledger.finished["shard-00001"]["status"] == "ok" and ledger.workers["w0@test"]["current"] is None
+    assert ledger.finished["shard-00001"]["status"] == "ok" and ledger.running == {}  # not shown as running
     assert ledger.leases == {}  # held while it ran, dropped when it finished
     # the loaded model is kept for the next shard of the same run
     first = resources.backend

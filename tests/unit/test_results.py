@@ -119,9 +119,12 @@ def test_history_index_round_trip(tmp_path):
 
 def test_a_cancelled_run_stays_cancelled(tmp_path):
     """A merge or a failure that slips past the revoke leaves a cancelled run alone."""
-    from nasq.results.run import mark_failed, merge_run
+    from nasq.results.run import RunEnded, mark_failed, merge_run
+    from nasq.runstate import TRANSITIONS
 
     class Store:
+        """A cancelled run's record; a transition takes effect only from the states it starts from."""
+
         def __init__(self):
             self.writes = []
 
@@ -134,13 +137,13 @@ def test_a_cancelled_run_stays_cancelled(tmp_path):
         def report(self, run_id):
             return {"run_id": run_id, "partial": True}
 
-        def set_state(self, *a, **kw):
-            self.writes.append(("state", a))
-
-        def save_report(self, *a):
-            self.writes.append(("report", a))
+        def transition(self, run_id, name, **kw):
+            if "cancelled" in TRANSITIONS[name][0]:
+                self.writes.append((name, kw))
+            return False, "cancelled"
 
     store = Store()
-    assert merge_run("r1", [], store=store, report_dir=str(tmp_path), merge_wait_s=1, first_try=0)["partial"]
-    mark_failed(store, store.manifest("r1"), [], RuntimeError("x"), str(tmp_path))
+    with pytest.raises(RunEnded, match="cancelled"):
+        merge_run("r1", [], store=store, report_dir=str(tmp_path), merge_wait_s=1, first_try=0)
+    assert not mark_failed(store, store.manifest("r1"), [], RuntimeError("x"), str(tmp_path))
     assert store.writes == [] and list(tmp_path.iterdir()) == []

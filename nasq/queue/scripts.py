@@ -1,0 +1,136 @@
+"""The Redis scripts that change a run: each runs atomically, checks the run's state (and the
+shard's lease or result) and then writes, so that the run's state machine (``nasq.runstate``)
+holds however workers, clients and healing race. ``RunStore`` (``store.py``) calls them; the
+state sets they check come from ``nasq.runstate`` as arguments, never spelled here.
+
+Conventions: the run's state record is JSON with a ``state`` field; sets of states are passed
+as comma-separated lists; every hash a script writes is given the run's expiry if it has none.
+"""
+
+_COMMON = """
+local function state_of(key)
+  local raw = redis.call('GET', key)
+  if not raw then return nil end
+  return cjson.decode(raw)['state']
+end
+local function among(value, list)
+  if not value then return false end
+  for item in string.gmatch(list, '[^,]+') do
+    if item == value then return true end
+  end
+  return false
+end
+local function keep(key, ttl)
+  if redis.call('TTL', key) < 0 then redis.call('EXPIRE', key, ttl) end
+end
+"""
+
+#: A worker starts a shard. KEYS: state attempts running lease results shard_done.
+#: ARGV: shard holder lease_ms running_json max_attempts expires may_start.
+#: -> {"ok", attempt} | {"ended", state} | {"gone"} | {"has-result"} | {"exhausted", attempt}
+CLAIM = _COMMON + """
+local st = state_of(KEYS[1])
+if not st then return {'gone'} end
+if not among(st, ARGV[7]) then return {'ended', st} end
+if redis.call('HEXISTS', KEYS[5], ARGV[1]) == 1 then return {'has-result'} end
+local n = redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+keep(KEYS[2], ARGV[6])
+redis.call('SET', KEYS[4], ARGV[2], 'PX', ARGV[3])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
+keep(KEYS[3], ARGV[6])
+redis.call('HSET', KEYS[6], ARGV[1], 0)
+keep(KEYS[6], ARGV[6])
+if n > tonumber(ARGV[5]) then return {'exhausted', n} end  -- the caller holds the lease to record the failure
+return {'ok', n}
+"""
+
+#: A running shard's progress (at most about once a second). KEYS: state lease shard_done results.
+#: ARGV: shard holder done lease_ms may_go_on.
+#: -> {"ok"} | {"stop", why}: why is the run's state, "superseded" (another worker holds the
+#: lease: the shard was dispatched again) or "done-elsewhere" (another copy's result was kept).
+TICK = _COMMON + """
+local st = state_of(KEYS[1])
+if not st then return {'stop', 'gone'} end
+if not among(st, ARGV[5]) then return {'stop', st} end
+if redis.call('HEXISTS', KEYS[4], ARGV[1]) == 1 then return {'stop', 'done-elsewhere'} end
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[2] then return {'stop', 'superseded'} end
+if not holder then redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[4]) end
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+return {'ok'}
+"""
+
+#: A shard's copy ends. KEYS: state results finished running dropped lease shard_done last_ok.
+#: ARGV: shard holder status result_json summary_json images expires accepts now uncounted ended.
+#: status "ok" (result_json: the full result), "error" (a failure: summary only) or "stopped"
+#: (the copy gave up: superseded, or its run ended). The first ok result of a shard is kept;
+#: a later copy, or any copy once the run is done or cancelled, is dropped and counted.
+#: -> {"accepted", results kept} | {"failed"} | {"dropped", why}
+COMMIT = _COMMON + """
+local mine = redis.call('GET', KEYS[6]) == ARGV[2]
+if mine then redis.call('DEL', KEYS[6]) end
+local st = state_of(KEYS[1])
+local function drop(why)
+  redis.call('HINCRBY', KEYS[5], ARGV[1], 1)
+  keep(KEYS[5], ARGV[7])
+  return {'dropped', why}
+end
+if ARGV[3] == 'stopped' then
+  if st == nil or among(st, ARGV[10]) then return {'dropped', st or 'gone'} end
+  return drop(among(st, ARGV[11]) and 'late' or 'superseded')
+end
+if not among(st, ARGV[8]) then return drop('late') end
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return drop('duplicate') end
+if ARGV[3] == 'error' then
+  if not mine and redis.call('HEXISTS', KEYS[4], ARGV[1]) == 1 then return drop('superseded') end
+  redis.call('HSET', KEYS[3], ARGV[1], ARGV[5])
+  keep(KEYS[3], ARGV[7])
+  redis.call('HDEL', KEYS[4], ARGV[1])
+  return {'failed'}
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[5])
+redis.call('HSET', KEYS[7], ARGV[1], ARGV[6])
+redis.call('HDEL', KEYS[4], ARGV[1])
+redis.call('SET', KEYS[8], ARGV[9], 'EX', ARGV[7])
+for i = 2, 3 do keep(KEYS[i], ARGV[7]) end
+keep(KEYS[7], ARGV[7])
+return {'accepted', redis.call('HLEN', KEYS[2])}
+"""
+
+#: The run moves to another state if it is in one the transition starts from; a cancel also
+#: clears the running shards (they stop on their next progress) and a resume forgets the
+#: attempts, progress and failures of the shards it sends again and records its merge's task id.
+#: KEYS: state active report predictions running attempts shard_done finished merges.
+#: ARGV: from state_json new_state run_id expires report_json predictions_json clear_running
+#:       merge_id ended shard...
+#: -> {"ok"} | {"state", current state} | {"gone"}
+TRANSITION = _COMMON + """
+local st = state_of(KEYS[1])
+if not st then return {'gone'} end
+if not among(st, ARGV[1]) then return {'state', st} end
+if ARGV[6] ~= '' then redis.call('SET', KEYS[3], ARGV[6], 'EX', ARGV[5]) end
+if ARGV[7] ~= '' then redis.call('SET', KEYS[4], ARGV[7], 'EX', ARGV[5]) end
+if ARGV[8] == '1' then redis.call('DEL', KEYS[5]) end
+for i = 11, #ARGV do
+  redis.call('HDEL', KEYS[6], ARGV[i])
+  redis.call('HDEL', KEYS[7], ARGV[i])
+  redis.call('HDEL', KEYS[8], ARGV[i])
+end
+if ARGV[9] ~= '' then
+  redis.call('SADD', KEYS[9], ARGV[9])
+  keep(KEYS[9], ARGV[5])
+end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[5])
+if among(ARGV[3], ARGV[10]) then
+  redis.call('SREM', KEYS[2], ARGV[4])
+else
+  redis.call('SADD', KEYS[2], ARGV[4])
+end
+return {'ok'}
+"""
+
+#: A lease is extended only by the worker that holds it. KEYS: lease. ARGV: holder lease_ms.
+RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
+#: A key dropped only by its holder. KEYS: the key. ARGV: holder.
+DROP = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"

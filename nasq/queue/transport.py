@@ -1,0 +1,199 @@
+"""kombu's Redis transport, as nasq relies on it: what is queued and what was delivered but not
+acknowledged (``BrokerView``, read with kombu's own key names), and a transport that survives a
+broker at ``maxmemory`` (``Transport``).
+
+This is the only module that knows how kombu lays messages out in Redis: one list per queue and
+priority step (``<queue><sep><step>``, the step-0 list being the queue's own name), and the
+``unacked`` hash and ``unacked_index`` sorted set of delivered messages, all under the
+transport's ``global_keyprefix``. ``tests/integration/test_transport.py`` fails if a kombu
+release changes that layout.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import redis
+from celery.backends.redis import RedisBackend
+from kombu.transport import redis as kombu_redis
+from kombu.transport.virtual import base as virtual
+
+log = logging.getLogger("nasq.broker")
+
+
+class BrokerView:
+    """Read-only questions about the broker's queues, asked over the broker's own connection
+    (never the result backend's: with ``result_backend`` on another Redis the queues are not
+    there)."""
+
+    def __init__(self, url: str, transport_options: dict | None = None, *, connect_timeout_s: float = 5.0,
+                 socket_timeout_s: float | None = 30.0):
+        opts = dict(transport_options or {})
+        channel = kombu_redis.Channel
+        self.prefix = opts.get("global_keyprefix", channel.global_keyprefix) or ""
+        self.sep = channel.sep
+        self.steps = list(opts.get("priority_steps", channel.priority_steps))
+        self.unacked_key = self.prefix + opts.get("unacked_key", channel.unacked_key)
+        self.unacked_index_key = self.prefix + opts.get("unacked_index_key", channel.unacked_index_key)
+        self.r = redis.Redis.from_url(url, socket_connect_timeout=connect_timeout_s, socket_timeout=socket_timeout_s)
+
+    @classmethod
+    def for_app(cls, app, settings) -> BrokerView:
+        return cls(app.conf.broker_url, app.conf.broker_transport_options,
+                   connect_timeout_s=settings.broker_connect_timeout_s,
+                   socket_timeout_s=settings.broker_socket_timeout_s)
+
+    def _lists(self, queue: str) -> list[str]:
+        """kombu's lists of ``queue``, one per priority step (``Channel._q_for_pri``)."""
+        return [self.prefix + (f"{queue}{self.sep}{step}" if step else queue) for step in self.steps]
+
+    def queued(self, queue: str) -> int:
+        """Messages waiting in ``queue``."""
+        with self.r.pipeline(transaction=False) as p:
+            for name in self._lists(queue):
+                p.llen(name)
+            return sum(p.execute())
+
+    def queued_task_ids(self, queue: str) -> set[str]:
+        """The task ids of the messages waiting in ``queue`` (read whole: for ``nasq resume``)."""
+        with self.r.pipeline(transaction=False) as p:
+            for name in self._lists(queue):
+                p.lrange(name, 0, -1)
+            lists = p.execute()
+        return {tid for items in lists for tid in map(_task_id, items) if tid}
+
+    def unacked_ages(self) -> dict[str, float]:
+        """Task id -> seconds since its latest delivery, for messages delivered to a worker and not
+        acknowledged (a lost worker's message stays there until the visibility timeout)."""
+        now, out = time.time(), {}
+        since = {k.decode(): t for k, t in self.r.zrange(self.unacked_index_key, 0, -1, withscores=True)}
+        for tag, raw in self.r.hgetall(self.unacked_key).items():
+            try:
+                task_id = _task_id(json.loads(raw)[0])
+            except (ValueError, IndexError, TypeError):
+                continue
+            if task_id:
+                age = now - since.get(tag.decode(), now)
+                out[task_id] = min(age, out.get(task_id, age))  # a re-dispatched shard shares its task id
+        return out
+
+    def server_id(self) -> str | None:
+        """The broker server's run id: it changes when Redis restarts."""
+        try:
+            return self.r.info("server").get("run_id")
+        except redis.exceptions.ResponseError:  # INFO refused (a managed Redis)
+            return None
+
+    def close(self) -> None:
+        self.r.close()
+
+
+def _task_id(envelope) -> str | None:
+    """The task id in a kombu message envelope (its headers are JSON, signed or not)."""
+    try:
+        if isinstance(envelope, (bytes, str)):
+            envelope = json.loads(envelope)
+        return envelope["headers"]["id"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+# ------------------------------------------------------------------------------ a full broker
+
+_said = [0.0]
+
+
+def _say_full(what: str) -> None:
+    """One log line a minute at most: the broker is full."""
+    if time.time() - _said[0] >= 60:
+        _said[0] = time.time()
+        log.warning("the broker is full (Redis reached maxmemory with maxmemory-policy noeviction): %s; free memory "
+                    "or raise maxmemory and the run goes on", what)
+
+
+class QoS(kombu_redis.QoS):
+    """kombu's QoS, minus the crash at ``maxmemory``: Redis refuses every command of a MULTI
+    block while it is out of memory, even the ones that free memory, and kombu's bookkeeping of
+    deliveries and acks is such a block; the worker then exits ("Unrecoverable error").
+
+    Here a delivery that cannot be recorded in ``unacked`` runs all the same (if its worker dies,
+    the shard's lease recovers it), and an ack falls back to the two commands without MULTI
+    (ZREM and HDEL are allowed while Redis is full)."""
+
+    def append(self, message, delivery_tag):
+        try:
+            super().append(message, delivery_tag)
+        except redis.exceptions.OutOfMemoryError:
+            _say_full(f"delivery {delivery_tag} could not be recorded as unacknowledged; it runs anyway")
+            virtual.QoS.append(self, message, delivery_tag)
+
+    def ack(self, delivery_tag):
+        self._unindex(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
+
+    def reject(self, delivery_tag, requeue=False):
+        if requeue:
+            self.restore_by_tag(delivery_tag, leftmost=True)
+        else:
+            self._unindex(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
+
+    def restore_by_tag(self, tag, client=None, leftmost=False):
+        try:
+            super().restore_by_tag(tag, client=client, leftmost=leftmost)
+        except redis.exceptions.OutOfMemoryError:
+            _say_full(f"delivery {tag} could not be put back on its queue (the run's healing sends it again)")
+            self._unindex(tag)
+
+    def _unindex(self, delivery_tag) -> None:
+        try:
+            self._remove_from_indices(delivery_tag).execute()
+        except redis.exceptions.OutOfMemoryError:
+            with self.channel.conn_or_acquire() as client:
+                with client.pipeline(transaction=False) as p:
+                    p.zrem(self.unacked_index_key, delivery_tag).hdel(self.unacked_key, delivery_tag).execute()
+
+
+class Channel(kombu_redis.Channel):
+    QoS = QoS
+
+
+class Transport(kombu_redis.Transport):
+    """kombu's Redis transport with ``QoS`` above (``broker_transport`` of every nasq app)."""
+
+    Channel = Channel
+
+
+#: what ``broker_transport`` names
+TRANSPORT = f"{__name__}:Transport"
+
+
+class ResultBackend(RedisBackend):
+    """Celery's Redis result backend, waiting out a full broker where it writes (a task's state,
+    a chord's count) instead of failing: otherwise a task whose STARTED state cannot be stored
+    fails before its body runs and its message is consumed, so that a worker at maxmemory eats
+    its queue. A worker waits where it stands, holding its one message, saying so once a minute."""
+
+    def _set(self, key, value, expires=None):
+        return _wait_while_full(lambda: super(ResultBackend, self)._set(key, value, expires), "store a task's state")
+
+    def on_chord_part_return(self, request, state, result, propagate=None, **kwargs):
+        return _wait_while_full(lambda: super(ResultBackend, self).on_chord_part_return(
+            request, state, result, propagate=propagate, **kwargs), "count a chord's part")
+
+
+def _wait_while_full(call, what: str):
+    pause = 0.5
+    while True:
+        try:
+            return call()
+        except redis.exceptions.OutOfMemoryError:
+            _say_full(f"waiting to {what}")
+            time.sleep(pause)
+            pause = min(5.0, pause * 2)
+
+
+def result_backend_url(url: str | None) -> str | None:
+    """The ``result_backend`` setting that selects ``ResultBackend`` for a redis(s):// URL."""
+    return f"{__name__}:ResultBackend+{url}" if url and url.startswith(("redis://", "rediss://")) else url

@@ -1,0 +1,397 @@
+"""The promises of "When things fail", each kept with the fault done for real: a worker hung past
+its lease that comes back, a cancel with shards running, a resume of a live run and of a run
+with a failed shard, a broker at maxmemory, a report dir on a full disk, inputs rewritten under
+a run, and (with message signing on) runs the workers must not act on. Real Redis, real worker
+processes; the SIMULATED backend where only the queue matters (it sleeps instead of computing)."""
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+import uuid
+
+import pytest
+
+from nasq.api import evaluate_local, submit_evaluation
+from nasq.config import Settings
+from nasq.errors import RunError
+from nasq.queue.redis_server import free_port, redis_binary, wait_for_redis
+from nasq.queue.store import RunStore
+from nasq.results.status import run_status
+
+pytestmark = pytest.mark.slow
+
+
+def _until(condition, timeout: float, what: str, every: float = 0.05):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"not within {timeout:.0f} s: {what}")
+
+
+class _Waiter(threading.Thread):
+    """A client waiting on a run in a thread: its result, its error and what it said."""
+
+    def __init__(self, handle, timeout: float = 240):
+        super().__init__(daemon=True)
+        self.handle, self.timeout, self.said, self.result, self.error = handle, timeout, [], None, None
+        self.start()
+
+    def run(self):
+        try:
+            self.result = self.handle.wait(progress=False, timeout=self.timeout, log=self.said.append)
+        except Exception as e:  # noqa: BLE001 - the test reads it
+            self.error = e
+
+
+def _sim_weights(tmp_path) -> str:
+    path = tmp_path / "fleet.sim"
+    path.write_bytes(os.urandom(64))
+    return str(path)
+
+
+# ------------------------------------------------------------------------------ a hung worker comes back
+
+def test_a_worker_hung_past_its_lease_that_comes_back_changes_nothing(assets, redis_url, start_workers, tmp_path):
+    """SIGSTOP a worker (main process and pool child) while it runs a shard, past its lease: the
+    shard runs again elsewhere and the client gets its report. SIGCONT: the hung copy stops or is
+    dropped, and counted; the report the client got, the one in Redis and the files are the same."""
+    rep = tmp_path / "rep"
+    fast = Settings(broker_url=redis_url, lease_s=3, merge_wait_s=30, report_dir=str(rep))
+    w = start_workers(redis_url, f"eval.hung-{uuid.uuid4().hex[:6]}", n=2, settings=fast)
+    victim_name, victim = w.names[0], w.procs[0][1]
+    store = RunStore(redis_url)
+    h = submit_evaluation(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4,
+                          shard_size=4, queue=w.queue, settings=fast, log=lambda *_: None)
+    client = _Waiter(h, timeout=180)
+    held = _until(lambda: [sid for sid, r in store.running(h.run_id).items() if r["worker"] == victim_name],
+                  60, "the victim takes a shard", every=0.01)[0]
+    os.killpg(victim.pid, signal.SIGSTOP)
+    try:
+        client.join(180)
+        assert client.error is None, client.error
+        report = client.result.report
+        assert store.redispatched(h.run_id).get(held) == 1  # it ran again elsewhere
+    finally:
+        os.killpg(victim.pid, signal.SIGCONT)  # the machine comes back
+    _until(lambda: store.dropped(h.run_id), 60, "the hung copy is dropped and counted")
+    time.sleep(1)  # a chord that fires now (the hung copy's task returned) must change nothing
+    assert store.dropped(h.run_id) == {held: 1}
+    assert store.report(h.run_id) == report  # Redis keeps the report the client got ...
+    with open(report["files"]["json"]) as f:
+        assert json.load(f) == report  # ... and so do the files
+    assert report["images"] == 20 and report["top1"] == 100.0 and report["redispatched_shards"] == {held: 1}
+    assert run_status(store, h.run_id)["duplicate_shard_results_dropped"] == [held]
+    assert victim.poll() is None  # the worker lives on
+    log = w.log_text()
+    assert re.search(rf"{held} of run {h.run_id} (stopped on {re.escape(victim_name)}|: this copy's result was dropped)",
+                     log), log[-3000:]
+    assert len(re.findall(rf"run {h.run_id} merged", log)) == 1, "merged more than once"
+    h.close()
+
+
+def test_a_shard_longer_than_its_lease_stays_with_its_live_worker(redis_url, start_workers, tmp_path):
+    """A shard of 8 s with batches of 2 s under a 2 s lease: its worker renews the lease while it
+    runs, so nothing takes the shard from it."""
+    settings = Settings(broker_url=redis_url, report_dir=str(tmp_path / "rep"), lease_s=2)
+    w = start_workers(redis_url, n=2, backend="sim", sim="rate=2", settings=settings)
+    store = RunStore(redis_url)
+    h = submit_evaluation(weights=_sim_weights(tmp_path), data="index:32", backend="sim", batch_size=4,
+                          shard_size=16, queue=w.queue, settings=settings, log=lambda *_: None)
+    res = h.wait(progress=False, timeout=120, log=lambda *_: None)
+    assert res.report["images"] == 32 and res.report["redispatched_shards"] == {}
+    assert store.attempts(h.run_id) == {"shard-00000": 1, "shard-00001": 1} and store.dropped(h.run_id) == {}
+    assert "could not renew" not in w.log_text()
+    h.close()
+
+
+# ------------------------------------------------------------------------------ cancel
+
+def test_cancel_stops_running_shards_and_nothing_merges_after(redis_url, start_workers, tmp_path, nasq_cli, repo):
+    rep = tmp_path / "rep"
+    settings = Settings(broker_url=redis_url, report_dir=str(rep), lease_s=5)
+    w = start_workers(redis_url, n=2, backend="sim", sim="rate=4", settings=settings)  # 8 s per shard of 32
+    store = RunStore(redis_url)
+    h = submit_evaluation(weights=_sim_weights(tmp_path), data="index:384", backend="sim", batch_size=4,
+                          shard_size=32, queue=w.queue, settings=settings, log=lambda *_: None)
+    client = _Waiter(h)
+    _until(lambda: len(store.running(h.run_id)) == 2, 60, "both workers run a shard")
+    _until(lambda: store.images_done(h.run_id) >= 8, 60, "the shards are under way")
+    running = set(store.running(h.run_id))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NASQ_")}
+    t0 = time.time()
+    p = subprocess.run(nasq_cli + ["cancel", h.run_id, "--broker", redis_url], capture_output=True, text=True,
+                       cwd=repo, env=dict(env, NASQ_REPORT_DIR=str(rep)), timeout=120)
+    took = time.time() - t0
+    assert p.returncode == 0, p.stderr
+    st = run_status(store, h.run_id)  # at once: nothing of the run shows as running
+    assert st["state"] == "cancelled" and not any(w_.get("current") for w_ in st["workers"].values()), st
+    client.join(30)
+    assert isinstance(client.error, RunError) and "cancelled" in str(client.error)
+    # the running shards stop within seconds, saying so (revoked and terminated, or stopped at their next batch)
+    log = _until(lambda: w.log_text() if all(
+        re.search(rf"(Terminating {h.run_id}:{sid}|{sid} of run {h.run_id} stopped on .*: the run was cancelled)",
+                  w.log_text()) for sid in running) else None, 30, "both running shards stop")
+    kept = store.shard_results(h.run_id)
+    time.sleep(3)  # long enough for a shard to finish had it gone on, and for a merge to fire
+    assert store.shard_results(h.run_id) == kept  # nothing accepted after the cancel
+    assert store.state(h.run_id)["state"] == "cancelled"
+    assert f"run {h.run_id} merged" not in w.log_text()
+    assert all(proc.poll() is None for _, proc, _ in w.procs)
+    print(f"cancel returned in {took:.1f} s; workers said:",
+          [line for line in log.splitlines() if h.run_id in line and ("stopped" in line or "Terminating" in line)])
+    h.close()
+
+
+# ------------------------------------------------------------------------------ resume
+
+def test_resume_of_a_live_run_resubmits_nothing(redis_url, start_workers, tmp_path):
+    settings = Settings(broker_url=redis_url, report_dir=str(tmp_path / "rep"), lease_s=5)
+    w = start_workers(redis_url, n=1, backend="sim", sim="rate=40", settings=settings)
+    store = RunStore(redis_url)
+    weights = _sim_weights(tmp_path)
+    h = submit_evaluation(weights=weights, data="index:480", backend="sim", batch_size=4, shard_size=40,
+                          queue=w.queue, settings=settings, log=lambda *_: None)
+    _until(lambda: store.running(h.run_id), 60, "a shard runs")
+    from nasq.api import resume
+
+    said = []
+    done = resume(h.run_id, settings=settings, progress=False, timeout=120, log=said.append)
+    assert any("nothing to resubmit" in s for s in said), said
+    assert done.report["images"] == 480 and done.report["shards"] == 12
+    assert set(store.attempts(h.run_id).values()) == {1}  # every shard ran once
+    assert store.dropped(h.run_id) == {} and store.redispatched(h.run_id) == {}
+    ref = evaluate_local(weights=weights, data="index:480", backend="sim", batch_size=4)
+    assert done.predictions["top5"] == ref["top5"]
+    h.close()
+
+
+def test_resume_of_a_run_with_failed_shards_reruns_exactly_those(assets, redis_url, start_workers, tmp_path):
+    """Two workers on the run's queue, one of which may not read the data: every shard it takes
+    fails (naming its roots) and the run fails. With it gone, resume reruns exactly the failed
+    shards; the rest are kept."""
+    queue = f"eval.resume-{uuid.uuid4().hex[:6]}"
+    settings = Settings(broker_url=redis_url, report_dir=str(tmp_path / "rep"), merge_wait_s=20)
+    good = start_workers(redis_url, queue, settings=settings)
+    bad = start_workers(redis_url, queue, settings=Settings(read_roots=str(tmp_path / "nothing-here"),
+                                                             write_roots=str(tmp_path), merge_wait_s=20))
+    store = RunStore(redis_url)
+    h = submit_evaluation(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4,
+                          shard_size=4, queue=queue, settings=settings, log=lambda *_: None)
+    with pytest.raises(RunError, match="outside"):
+        h.wait(progress=False, timeout=120, log=lambda *_: None)
+    bad.stop()
+    failed = {sid for sid, f in store.finished(h.run_id).items() if f["status"] == "error"}
+    kept = set(store.shard_results(h.run_id))
+    assert failed and failed | kept == {s["shard_id"] for s in h.manifest["shards"]}, (failed, kept)
+    from nasq.api import resume
+
+    t = time.time()
+    said = []
+    done = resume(h.run_id, settings=settings, progress=False, timeout=120, log=said.append)
+    rerun = {sid for sid, f in store.finished(h.run_id).items() if f.get("finished_at", 0) > t}
+    assert rerun == failed, (rerun, failed, said)
+    assert done.report["images"] == 20 and done.report["top1"] == 100.0 and not done.report.get("partial")
+    ref = evaluate_local(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4)
+    assert done.predictions["top5"] == ref["top5"]
+    h.close()
+    good.stop()
+
+
+# ------------------------------------------------------------------------------ a full broker
+
+def test_a_broker_at_maxmemory_stops_no_worker_and_the_run_completes(start_workers, tmp_path, nasq_cli, repo):
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    proc = subprocess.Popen([redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--maxmemory-policy", "noeviction", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert wait_for_redis(url, proc)
+    try:
+        settings = Settings(broker_url=url, report_dir=str(tmp_path / "rep"), lease_s=4, merge_wait_s=60)
+        w = start_workers(url, n=2, backend="sim", sim="rate=40", settings=settings)
+        store = RunStore(url)
+        weights = _sim_weights(tmp_path)
+        h = submit_evaluation(weights=weights, data="index:1200", backend="sim", batch_size=4, shard_size=40,
+                              queue=w.queue, settings=settings, log=lambda *_: None)
+        client = _Waiter(h)
+        _until(lambda: store.images_done(h.run_id) >= 200, 60, "the run is under way")
+        store.r.config_set("maxmemory", store.r.info("memory")["used_memory"] - 65536)  # full, now
+        _until(lambda: any("the broker is full" in s for s in client.said), 30, "the client says the broker is full")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NASQ_")}
+        p = subprocess.run(nasq_cli + ["status", h.run_id, "--broker", url, "--debug"], capture_output=True, text=True,
+                           cwd=repo, env=env, timeout=60)
+        assert "BROKER FULL" in p.stdout and "maxmemory" in p.stdout, p.stdout + p.stderr
+        stuck = store.images_done(h.run_id)
+        time.sleep(2 * settings.lease_s)  # full for longer than a lease: workers hit it, leases come due
+        assert all(proc_.poll() is None for _, proc_, _ in w.procs), w.log_text()[-3000:]
+        assert client.result is None and client.error is None  # the client waits
+        store.r.config_set("maxmemory", 0)  # memory freed
+        client.join(180)
+        assert client.error is None, client.error
+        report = client.result.report
+        assert report["images"] == 1200 and stuck < 1200
+        ref = evaluate_local(weights=weights, data="index:1200", backend="sim", batch_size=4)
+        assert client.result.predictions["top5"] == ref["top5"]
+        assert all(proc_.poll() is None for _, proc_, _ in w.procs)
+        assert "the broker is full" in w.log_text() and "Unrecoverable error" not in w.log_text()
+        h.close()
+        w.stop()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+# ------------------------------------------------------------------------------ a full report dir
+
+def test_a_report_dir_on_a_full_disk_is_named_and_every_sentence_is_true(assets, redis_url, start_workers, tmp_path,
+                                                                        nasq_cli, repo):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.fail(f"a 64 KiB tmpfs is the full disk of this test; mount needs root: {mounted.stderr.decode()}")
+    try:
+        w = start_workers(redis_url, settings=Settings(report_dir=str(disk / "reports"), merge_wait_s=20))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NASQ_")}
+        p = subprocess.run(nasq_cli + ["eval", "--broker", redis_url, "--queue", w.queue, "--weights",
+                                       assets["weights"], "--data", assets["data"], "--labels", assets["labels"], "-b",
+                                       "4", "--no-progress"], capture_output=True, text=True, cwd=repo, env=env,
+                           timeout=300)
+        assert p.returncode == 0, p.stderr  # the numbers are complete
+        run_id = re.search(r"run (\S+): 23 images", p.stderr).group(1)
+        written = re.findall(r"run report \((\w+)\): (\S+)", p.stderr)
+        for _, path in written:
+            assert os.path.isfile(path), path
+        missing = re.search(r"not written by the merging worker: (.+) \(", p.stderr)
+        assert missing, p.stderr  # 64 KiB do not hold the plots and the page
+        folder = disk / "reports" / run_id
+        for name in missing.group(1).split(", "):
+            assert not (folder / name).exists(), name
+        store = RunStore(redis_url)
+        kept = store.report(run_id)
+        assert kept["images"] == 20 and kept["files_not_written"]
+        assert "in Redis" in p.stderr and "no space left on device" in p.stderr.lower()
+        if (folder / "report.json").exists():  # the report on disk is the one in Redis
+            assert json.loads((folder / "report.json").read_text()) == kept
+            assert f"the report is in {folder / 'report.json'}" in p.stderr
+        # --json onto the full disk: one line that says where the report is, and is true
+        p = subprocess.run(nasq_cli + ["eval", "--broker", redis_url, "--queue", w.queue, "--weights",
+                                       assets["weights"], "--data", assets["data"], "--labels", assets["labels"], "-b",
+                                       "4", "--no-progress", "--json", str(disk / "r.json")],
+                           capture_output=True, text=True, cwd=repo, env=env, timeout=300)
+        assert p.returncode == 2 and "No space left on device" in p.stderr.splitlines()[-1], p.stderr
+        assert "report dir" not in p.stderr.splitlines()[-1]
+        w.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])
+
+
+# ------------------------------------------------------------------------------ inputs changed under a run
+
+def test_labels_rewritten_mid_run_fail_the_shards_that_would_mix_them(assets, redis_url, start_workers, tmp_path):
+    labels = tmp_path / "val_label.txt"
+    labels.write_text(open(assets["labels"]).read())
+    w = start_workers(redis_url, backend="sim", sim="rate=8")  # the simulated device reads the real images
+    store = RunStore(redis_url)
+    settings = Settings(broker_url=redis_url, report_dir=str(tmp_path / "rep"))
+    h = submit_evaluation(weights=assets["weights"], data=assets["data"], labels=str(labels), backend="sim",
+                          batch_size=4, shard_size=4, queue=w.queue, settings=settings, log=lambda *_: None)
+    _until(lambda: store.shard_counts(h.run_id)[0] >= 1, 60, "a shard finishes")
+    lines = labels.read_text().splitlines()
+    labels.write_text("".join(f"{line.split()[0]} {(int(line.split()[1]) + 1) % 1000}\n" for line in lines))
+    with pytest.raises(RunError, match="label file .* changed since the run was submitted"):
+        h.wait(progress=False, timeout=120, log=lambda *_: None)
+    st = store.state(h.run_id)
+    assert st["state"] == "failed" and "changed since the run was submitted" in st["error"]
+    # a shard reads the labels once, when it starts: each one started before the rewrite (old labels
+    # throughout) or failed
+    for sid, f in store.finished(h.run_id).items():
+        assert f["status"] == "error" or f["started_at"] < os.path.getmtime(labels), sid
+    h.close()
+
+
+# ------------------------------------------------------------------------------ signing: what workers act on
+
+def test_with_signing_on_unsigned_and_forged_runs_are_never_executed(assets, start_workers, tmp_path, keypair):
+    """A deployment with signing on (its own Redis): workers heal only runs whose record is signed."""
+    from nasq.queue.redis_server import RedisServer
+
+    with RedisServer(str(tmp_path / "redis")) as redis_url:
+        _unsigned_and_forged_runs(assets, redis_url, start_workers, tmp_path, keypair)
+
+
+def _unsigned_and_forged_runs(assets, redis_url, start_workers, tmp_path, keypair):
+    trusted, keys = tmp_path / "trusted", tmp_path / "keys"
+    trusted.mkdir()
+    keys.mkdir()
+    wkey, wcert = keypair(keys, "worker")
+    import shutil
+
+    shutil.copy(wcert, trusted)
+    out = tmp_path / "out"
+    out.mkdir()
+    signed = Settings(signing_key=wkey, signing_cert=wcert, signing_cert_store=str(trusted), lease_s=2,
+                      merge_wait_s=20, write_roots=str(tmp_path))
+    w = start_workers(redis_url, n=2, settings=signed)
+    store = RunStore(redis_url)
+    # a client without the signing key: its messages are refused, and its record is not healed into execution
+    h = submit_evaluation(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4,
+                          shard_size=8, queue=w.queue, settings=Settings(broker_url=redis_url, lease_s=2),
+                          output_dir=str(out), log=lambda *_: None)
+    # a run record written into Redis by hand (no message at all), naming a folder in the workers' write roots
+    forged = dict(h.manifest, run_id="forged-" + uuid.uuid4().hex[:6])
+    forged["output"] = {"dir": str(out / "forged"), "fmt": "NPY"}
+    store.r.set(f"nasq:run:{forged['run_id']}:manifest", json.dumps(forged))
+    store.r.set(f"nasq:run:{forged['run_id']}:state", json.dumps({"state": "running", "at": time.time(),
+                                                                 "shards": len(forged["shards"])}))
+    store.r.sadd("nasq:runs:active", forged["run_id"])
+    for run_id in (h.run_id, forged["run_id"]):
+        _until(lambda: f"run {run_id}: refused to act on its record" in w.log_text(), 60,
+               f"a worker refuses {run_id}'s record")
+    time.sleep(4 * signed.lease_s)  # several rounds of healing
+    for run_id in (h.run_id, forged["run_id"]):
+        assert store.attempts(run_id) == {} and store.shard_results(run_id) == {}, run_id
+        assert store.redispatched(run_id) == {}, run_id
+    assert list(out.rglob("*")) == []  # nothing written
+    assert "Refusing to deserialize untrusted content" in w.log_text()
+    h.close()
+    w.stop()
+
+
+# ------------------------------------------------------------------------------ the broker first
+
+def test_a_wrong_password_or_a_silent_broker_is_one_line_before_the_inputs_are_read(nasq_cli, repo, tmp_path):
+    """The client talks to the broker before it reads the (here missing, in real life 340 MB)
+    weights: the error is about the broker."""
+    import socket
+
+    port = free_port()
+    proc = subprocess.Popen([redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                             "no", "--requirepass", "right", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        assert wait_for_redis(f"redis://:right@127.0.0.1:{port}/0", proc)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NASQ_")}
+        for broker, expected in ((f"redis://:wrong@127.0.0.1:{port}/0", "refused the credentials"),
+                                 (f"redis://127.0.0.1:{silent.getsockname()[1]}/0", "did not answer within 5 s")):
+            t = time.time()
+            p = subprocess.run(nasq_cli + ["eval", "--broker", broker, "--weights", str(tmp_path / "none.pth"),
+                                           "--data", str(tmp_path)], capture_output=True, text=True, cwd=repo,
+                               env=env, timeout=120)
+            lines = p.stderr.strip().splitlines()
+            assert p.returncode == 2 and len(lines) == 1 and expected in lines[0], p.stderr
+            assert "wrong" not in p.stderr
+            print(f"{expected}: {time.time() - t:.1f} s")
+    finally:
+        silent.close()
+        proc.terminate()
+        proc.wait(10)
