@@ -16,7 +16,7 @@ import tempfile
 import time
 
 from nasq.api import submit_evaluation
-from nasq.config import Settings
+from nasq.config import BackendOptions, Settings
 from nasq.queue.local import LocalCluster, WorkerSpec
 from nasq.queue.redis_server import free_port, redis_binary, wait_for_redis
 from nasq.queue.store import RunStore
@@ -44,8 +44,8 @@ def main() -> None:
         f.write(os.urandom(256))
     settings = Settings(broker_url=url, report_dir=os.path.join(work, "rep"), artifact_dir=os.path.join(work, "art"),
                         work_dir=os.path.join(work, "runs"), read_roots=work)
-    cluster = LocalCluster([WorkerSpec(backend="sim", queues=("eval.mem",), name=f"sim{i}@mem", threads=1,
-                                       sim=f"rate={args.rate}") for i in range(args.workers)],
+    cluster = LocalCluster([WorkerSpec(backend="sim", queues=("eval.mem",), name=f"sim{i}@mem",
+                                       options=BackendOptions(threads=1, sim=f"rate={args.rate}")) for i in range(args.workers)],
                            workdir=os.path.join(work, "workers"), broker_url=url, settings=settings, log=lambda *_: None)
     cluster.start()
     store = RunStore(url)

@@ -23,7 +23,7 @@ import threading
 import time
 
 from nasq.api import submit_evaluation
-from nasq.config import Settings
+from nasq.config import BackendOptions, Settings
 from nasq.queue.local import LocalCluster, WorkerSpec
 from nasq.queue.redis_server import free_port, redis_binary, wait_for_redis
 from nasq.queue.store import RunStore
@@ -71,7 +71,8 @@ def main() -> None:
     queue = "eval.fleet"
 
     def workers(names):
-        return LocalCluster([WorkerSpec(backend="sim", queues=(queue,), name=n, threads=1, sim=f"rate={args.rate}")
+        return LocalCluster([WorkerSpec(backend="sim", queues=(queue,), name=n,
+                                       options=BackendOptions(threads=1, sim=f"rate={args.rate}"))
                              for n in names], workdir=os.path.join(work, "workers", names[0]), broker_url=redis.url,
                             settings=settings, ready_timeout=900, log=lambda *_: None)
 
@@ -103,7 +104,7 @@ def main() -> None:
         sizes = sorted(len(json.dumps(r)) for r in store.shard_results(h.run_id).values())
         info = store.r.info("memory")
         manifest = store.manifest(h.run_id)
-        from nasq.queue.messages import shard_tasks
+        from nasq.wire import shard_tasks
 
         msg = len(json.dumps(shard_tasks(manifest)[0].args()))
         row = {"run": label, "run_id": h.run_id, "wall_s": round(wall, 2), "images": rep["images"],

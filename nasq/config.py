@@ -15,7 +15,7 @@ import dataclasses
 import os
 import re
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from .errors import NasqError
 from .roots import Roots, split_paths
@@ -143,6 +143,29 @@ def load_settings(**overrides) -> Settings:
     return Settings(**{k: _coerce(k, v) for k, v in values.items()})
 
 
+def settings_to_file(settings: Settings, path: str) -> None:
+    """The resolved settings, for the workers an embedded run starts (``settings_from_file``)."""
+    from .files import write_json
+
+    write_json(dataclasses.asdict(settings), path)
+    os.chmod(path, 0o600)  # it may name signing keys and a broker password
+
+
+def settings_from_file(path: str, **overrides) -> Settings:
+    """Settings written by ``settings_to_file``; keyword arguments that are not None win."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+    except (OSError, ValueError) as e:
+        raise NasqError(f"settings file {path}: {e}") from None
+    names = {f.name for f in fields(Settings)}
+    if not isinstance(values, dict) or set(values) - names:
+        raise NasqError(f"settings file {path}: not a nasq settings file")
+    return Settings(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
+
+
 def redact(url: str | None) -> str | None:
     """A broker URL without its password, for logs."""
     if not url or "@" not in url:
@@ -151,32 +174,46 @@ def redact(url: str | None) -> str | None:
     return f"{scheme}://***@{rest.split('@', 1)[1]}"
 
 
+def _flag(help: str, **how) -> dict:
+    """Metadata making a ``BackendOptions`` field a flag of ``nasq worker`` (``nasq.options``
+    builds the flags, a local worker's argv and the parsing back from these)."""
+    return {"help": help, **how}
+
+
 @dataclass(frozen=True)
 class BackendOptions:
-    """How a backend loads and runs the model; ``None`` leaves the backend's default.
+    """How a worker runs the model on its device: the one declaration of a worker's options.
 
-    The precision always comes with it, so nothing reaches a backend by a side channel.
+    Every field with flag metadata is a flag of ``nasq worker`` (``--cuda-graphs`` for
+    ``cuda_graphs``), is passed to a local worker in its argv, and reaches the backend in this
+    object; ``nasq eval``/``nasq bench`` take the ones they name. The precision always comes
+    with it, so nothing reaches a backend by a side channel. ``None`` leaves the backend's default.
     """
 
-    precision: str = "fp32"
-    #: CPU threads for the runtime (None: its own choice)
-    threads: int | None = None
-    #: torch: torch.compile mode ("none" for eager)
-    compile: str = "none"
-    #: torch: replay a CUDA graph per batch size
-    cuda_graphs: bool = False
-    #: torch: "torch" (its own kernels) or "triton" (NASNet's separable branches as fused Triton
-    #: kernels, nasq/model/triton_sep.py; BatchNorm folded first)
-    kernels: str = "torch"
-    #: torch: decode JPEGs on the device
-    device_decode: bool = False
+    precision: str = field(default="fp32", metadata=_flag(
+        "precision when a run does not set one; fp16/bf16 take the CUDA fast path", choices="precisions"))
+    threads: int | None = field(default=None, metadata=_flag(
+        "CPU threads for the runtime (default: the runtime's choice)", low=1, high=1024))
+    compile: str = field(default="none", metadata=_flag(
+        "torch backend: torch.compile mode (compiled once per process; cache in the artifact dir)",
+        choices="compile_modes"))
+    cuda_graphs: bool = field(default=False, metadata=_flag("torch backend: replay a CUDA graph per batch size"))
+    kernels: str = field(default="torch", metadata=_flag(
+        "torch backend on CUDA: triton runs NASNet's separable branches as fused Triton kernels (BatchNorm "
+        "folded first; nasq/model/triton_sep.py)", choices=("torch", "triton")))
+    device_decode: bool = field(default=False, metadata=_flag(
+        "torch backend: decode JPEGs on the device (nvjpeg on CUDA; within 1/255 of Pillow per pixel)"))
+    decode_threads: int | None = field(default=None, metadata=_flag(
+        "threads decoding JPEGs ahead of the device (the input pipeline; default: 1 on cpu, 4 on cuda/npu)",
+        low=1, high=64))
+    sim: str | None = field(default=None, metadata=_flag(
+        "--backend sim only: a SIMULATED device for fleet-scale queue tests, never a measurement: "
+        "rate=310p3|N,slow=X,crash_after=N,hang_after=N (default: rate=310p3)", metavar="OPTIONS"))
     #: torch: fold BatchNorm / channels-last (None: on for the CUDA fp16/bf16 fast path)
     fold_bn: bool | None = None
     channels_last: bool | None = None
     #: where compiled kernels are cached (torch.compile), so a restarted worker reuses them
     cache_dir: str | None = None
-    #: the SIMULATED backend's options ("rate=310p3,crash_after=100", see backends/sim_backend.py)
-    sim: str | None = None
 
     def describe(self) -> dict:
         """The options that differ from the defaults, for reports and row names."""
@@ -194,17 +231,8 @@ class WorkerConfig:
     device: str = "cpu"
     local_device: str = "cpu"
     backend: str = "torch"
-    #: precision of runs that do not set one
-    precision: str = "fp32"
-    compile: str = "none"
-    cuda_graphs: bool = False
-    kernels: str = "torch"
-    device_decode: bool = False
-    #: threads decoding the next batch while the device runs the current one
-    decode_threads: int = 1
-    #: the SIMULATED backend's options (``--sim``)
-    sim: str | None = None
-    threads: int | None = None
+    #: how it runs the model (its precision is that of runs that do not set one)
+    options: BackendOptions = BackendOptions()
     queues: tuple[str, ...] = ()
     #: the Celery node name, unique in the deployment
     name: str = ""
@@ -221,12 +249,18 @@ class WorkerConfig:
         return Roots.of(read=[*split_paths(s.read_roots), s.artifact_dir],
                         write=[*split_paths(s.write_roots), s.report_dir])
 
+    @property
+    def precision(self) -> str:
+        return self.options.precision
+
+    @property
+    def decode_threads(self) -> int:
+        return self.options.decode_threads or (1 if self.device == "cpu" else 4)
+
     def backend_options(self, precision: str | None = None) -> BackendOptions:
         """The options a run gets on this worker: the run's precision if it set one."""
-        return BackendOptions(precision=precision or self.precision, threads=self.threads, compile=self.compile,
-                              cuda_graphs=self.cuda_graphs, kernels=self.kernels, device_decode=self.device_decode,
-                              sim=self.sim,
-                              cache_dir=os.path.join(self.settings.artifact_dir, "inductor-cache"))
+        return dataclasses.replace(self.options, precision=precision or self.options.precision,
+                                   cache_dir=os.path.join(self.settings.artifact_dir, "inductor-cache"))
 
     def describe(self) -> dict:
         """What the worker registry shows (``nasq status``)."""

@@ -48,6 +48,15 @@ def write_json(obj, path: str | os.PathLike, *, indent: int | None = 2) -> None:
     atomic_write(path, json.dumps(obj, indent=indent))
 
 
+def read_json(path: str | os.PathLike, default=None):
+    """The JSON in ``path``, or ``default`` if it is missing or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return default
+
+
 def file_digest(path: str | os.PathLike, algo: str = "sha256") -> str:
     st = os.stat(path)
     return _digest(os.path.abspath(path), st.st_size, st.st_mtime_ns, algo)
@@ -68,11 +77,7 @@ def cached_sha256(path: str | os.PathLike, cache_file: str) -> str:
     path = os.path.abspath(path)
     st = os.stat(path)
     stamp = f"{st.st_size}:{st.st_mtime_ns}"
-    try:
-        with open(cache_file, encoding="utf-8") as f:
-            cache = json.load(f)
-    except (OSError, ValueError):
-        cache = {}
+    cache = read_json(cache_file, {})
     hit = cache.get(path)
     if hit and hit.get("stamp") == stamp:
         return hit["sha256"]

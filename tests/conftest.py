@@ -71,7 +71,7 @@ def start_workers(tmp_path_factory):
     """Start real worker processes (``python -m workers``) on a broker, each CPU worker on one
     thread, through the library's own ``LocalCluster``: ``start_workers(url, n=2, backend=...)``.
     Every cluster started is stopped at the end of the session (tests may stop theirs sooner)."""
-    from nasq.config import Settings
+    from nasq.config import BackendOptions, Settings
     from nasq.queue.local import LocalCluster, WorkerSpec
 
     started = []
@@ -80,7 +80,7 @@ def start_workers(tmp_path_factory):
               env: dict | None = None, sim: str | None = None) -> LocalCluster:
         queue = queue or f"eval.test-{uuid.uuid4().hex[:8]}"
         tag = uuid.uuid4().hex[:4]
-        specs = [WorkerSpec(device="cpu", backend=backend, queues=(queue,), threads=1, sim=sim,
+        specs = [WorkerSpec(device="cpu", backend=backend, queues=(queue,), options=BackendOptions(threads=1, sim=sim),
                             name=f"test{i}-{queue}-{tag}@localhost") for i in range(n)]
         # the test workers may read and write the session's temporary folders (assets, outputs)
         base = str(tmp_path_factory.getbasetemp())

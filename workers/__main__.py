@@ -18,16 +18,11 @@ from dataclasses import replace
 from workers import pinning
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage block
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     from nasq import backends
-    from nasq.cli import int_in
+    from nasq.options import Parser, add_option_flags, broker_flag, int_in
 
-    p = _Parser(
+    p = Parser(
         prog="nasq worker", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Start a Celery worker pinned to one device. It loads the model once, on its "
                     "first task, and reuses it for every shard.",
@@ -36,33 +31,19 @@ def build_parser() -> argparse.ArgumentParser:
                "always one process, so -c/--concurrency other than 1 is refused.")
     p.add_argument("--device", default="cpu", help="cpu, cuda:N or npu:N (default: cpu)")
     p.add_argument("--backend", default="torch", choices=backends.names(), help="inference runtime (default: torch)")
-    p.add_argument("--precision", default="fp32", choices=backends.precisions(),
-                   help="precision when a run does not set one; fp16/bf16 take the CUDA fast path (default: fp32)")
+    add_option_flags(p)
     p.add_argument("-Q", "--queues", default=None,
                    help="comma-separated queues to consume (default: eval.<backend>; 'build' makes a build-only worker)")
     p.add_argument("-n", "--name", "--hostname", dest="name", default=None,
                    help="Celery node name (default: <device>-<pid>@<host>)")
-    p.add_argument("--compile", default="none", choices=backends.compile_modes(),
-                   help="torch backend: torch.compile mode (compiled once per process; cache in the artifact dir)")
-    p.add_argument("--cuda-graphs", action="store_true", help="torch backend: replay a CUDA graph per batch size")
-    p.add_argument("--kernels", default="torch", choices=("torch", "triton"),
-                   help="torch backend on CUDA: triton runs NASNet's separable branches as fused Triton kernels "
-                        "(default: torch)")
-    p.add_argument("--device-decode", action="store_true",
-                   help="torch backend: decode JPEGs on the device (nvjpeg on CUDA; within 1/255 of Pillow per pixel)")
-    p.add_argument("--decode-threads", type=int_in(1, 64), default=None,
-                   help="threads decoding JPEGs ahead of the device (default: 1 on cpu, 4 on cuda/npu)")
-    p.add_argument("--threads", type=int_in(1, 1024), default=None, help="CPU threads for the runtime (default: the runtime's choice)")
-    p.add_argument("--sim", default=None, metavar="OPTIONS",
-                   help="--backend sim only: a SIMULATED device for fleet-scale queue tests, never a measurement: "
-                        "rate=310p3|N,slow=X,crash_after=N,hang_after=N (default: rate=310p3)")
     p.add_argument("--read-root", action="append", default=[], metavar="DIR",
                    help="a folder this worker may read (data, weights, labels); repeatable; added to the read_roots "
                         "setting. Its artifact and report directories are always allowed")
     p.add_argument("--write-root", action="append", default=[], metavar="DIR",
                    help="a folder this worker may write (--output of runs, sweeps); repeatable; added to the "
                         "write_roots setting")
-    p.add_argument("--broker", default=None, help="Redis URL of the broker (default: $NASQ_BROKER_URL or the config file)")
+    broker_flag(p)
+    p.add_argument("--settings", metavar="FILE", help="every setting from this file (an embedded run's own), not NASQ_*")
     p.add_argument("-l", "--loglevel", default="INFO", help="log level (default: INFO)")
     p.add_argument("-c", "--concurrency", type=int_in(1, 1), default=1,
                    help="always 1: one process per device (a second would load a second model on it)")
@@ -87,12 +68,15 @@ def main(argv: list[str] | None = None) -> int:
         local_device, physical = pinning.apply(args.device, args.threads)
     except ValueError as e:
         parser.error(str(e))
-    from nasq.config import WorkerConfig, load_settings
-    from nasq.queue.app import BUILD_QUEUE, eval_queue, worker_queue
+    from nasq.config import WorkerConfig, load_settings, settings_from_file
+    from nasq.options import options_from
+    from nasq.wire import BUILD_QUEUE, eval_queue, worker_queue
 
-    if args.precision not in backends.precisions(args.backend):
-        parser.error(f"backend {args.backend} runs precision {', '.join(backends.precisions(args.backend))}, "
-                     f"not {args.precision}")
+    options = options_from(args)
+    try:
+        backends.check_options(args.backend, options.precision, options.compile)
+    except NasqError as e:
+        parser.error(str(e))
     if args.sim is not None and args.backend != "sim":
         parser.error("--sim goes with --backend sim (a simulated device)")
     if args.backend == "sim":
@@ -104,11 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(e))
         print(f"nasq worker: SIMULATED device ({args.sim or 'rate=310p3'}): for queue tests, not a measurement",
               file=sys.stderr)
-    modes = backends.backend_class(args.backend).compile_modes
-    if args.compile not in modes:
-        parser.error(f"backend {args.backend} compiles with {', '.join(modes)}, not {args.compile}")
     try:
-        settings = load_settings(broker_url=args.broker)
+        settings = settings_from_file(args.settings, broker_url=args.broker) if args.settings \
+            else load_settings(broker_url=args.broker)
     except NasqError as e:
         parser.error(str(e))
     if not settings.broker_url:
@@ -123,12 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if BUILD_QUEUE not in queues:
         queues.append(worker_queue(name))  # sweeps send a point to this one device
     config = WorkerConfig(settings=settings, device=args.device, local_device=local_device, backend=args.backend,
-                          precision=args.precision, compile=args.compile, cuda_graphs=args.cuda_graphs,
-                          kernels=args.kernels,
-                          device_decode=args.device_decode,
-                          decode_threads=args.decode_threads or (1 if args.device == "cpu" else 4),
-                          threads=args.threads, queues=tuple(queues), name=name, sim=args.sim,
-                          physical_device=physical)
+                          options=options, queues=tuple(queues), name=name, physical_device=physical)
     from workers.app import app, configure
 
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from nasq.artifacts import pipeline, steps
 from nasq.artifacts.spec import BuildSpec
 from nasq.artifacts.store import ArtifactStore
-from nasq.queue.app import (TASK_BUILD_COMMIT, TASK_BUILD_DEVICE, TASK_BUILD_EXPORT, TASK_BUILD_FAILED,
+from nasq.wire import (TASK_BUILD_COMMIT, TASK_BUILD_DEVICE, TASK_BUILD_EXPORT, TASK_BUILD_FAILED,
                             TASK_BUILD_SIMPLIFY)
 from workers.app import WorkerTask, app
 

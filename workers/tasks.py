@@ -15,8 +15,7 @@ from nasq.errors import ShardFailed
 from nasq.roots import check_name
 from nasq.inference.shard import run_shard
 from nasq.perf.sweep import measure_point
-from nasq.queue.app import TASK_EVAL_SHARD, TASK_MERGE, TASK_RUN_FAILED, TASK_SWEEP_POINT
-from nasq.queue.messages import MessageError, ShardTask, SweepPoint
+from nasq.wire import TASK_EVAL_SHARD, TASK_MERGE, TASK_RUN_FAILED, TASK_SWEEP_POINT, MessageError, ShardTask, SweepPoint
 from nasq.results.run import MergeLater, RunEnded, fail_run
 from nasq.results.run import merge_run as finish_run
 from workers.app import WorkerTask, app

@@ -50,10 +50,7 @@ def begin(spec: BuildSpec, *, store, artifacts: ArtifactStore) -> dict:
 
 
 def begin_export(spec: BuildSpec, *, store, artifacts: ArtifactStore) -> dict:
-    state = begin(spec, store=store, artifacts=artifacts)
-    if not state["cached"]:
-        store.count_export(spec.key)
-    return step(state, "export", steps.export, store=store, artifacts=artifacts)
+    return step(begin(spec, store=store, artifacts=artifacts), "export", steps.export, store=store, artifacts=artifacts)
 
 
 def begin_device(spec: BuildSpec, *, store, artifacts: ArtifactStore) -> dict:
@@ -79,15 +76,21 @@ def _staging(state: dict, spec: BuildSpec, artifacts: ArtifactStore) -> str:
     return path
 
 
-def step(state: dict, name: str, fn, *args, store, artifacts: ArtifactStore) -> dict:
-    """Run one build step in the staging directory, the lock kept alive meanwhile."""
-    if state["cached"]:
-        return state
+def _held(state: dict, *, store, artifacts: ArtifactStore):
+    """(spec, staging folder, lock) of a build in progress whose lock this request still holds."""
     spec = BuildSpec.from_dict(state["spec"])
     staging = _staging(state, spec, artifacts)
     lock = store.build_lock(spec.key, spec.token)
     if not lock.renew():
         raise NasqError(f"build {spec.key}: lost its lock (expired?); another request may be building it")
+    return spec, staging, lock
+
+
+def step(state: dict, name: str, fn, *args, store, artifacts: ArtifactStore) -> dict:
+    """Run one build step in the staging directory, the lock kept alive meanwhile."""
+    if state["cached"]:
+        return state
+    spec, staging, lock = _held(state, store=store, artifacts=artifacts)
     store.set_build_status(spec.key, f"{name} on {socket.gethostname()}")
     log.info("build %s: %s", spec.key, name)
     with lock.kept():
@@ -100,10 +103,7 @@ def commit(state: dict, *, store, artifacts: ArtifactStore) -> dict:
     """Write meta.json and publish the staging directory as the artifact."""
     if state["cached"]:
         return state
-    spec = BuildSpec.from_dict(state["spec"])
-    staging = _staging(state, spec, artifacts)
-    if not store.build_lock(spec.key, spec.token).renew():
-        raise NasqError(f"build {spec.key}: lost its lock (expired?); another request may be building it")
+    spec, staging, _ = _held(state, store=store, artifacts=artifacts)
     files = sorted(f for f in os.listdir(staging) if not f.startswith(".") and f != steps.REFERENCE)
     meta = {"key": spec.key, "target": spec.target, "created": time.time(), "built_on": state["host"],
             "build_s": round(time.time() - state["started"], 2), "spec": state["spec"],

@@ -12,9 +12,9 @@ import os
 import re
 import secrets
 from dataclasses import asdict, dataclass, field, fields, replace
-from importlib.metadata import PackageNotFoundError, version
 
 from ..errors import NasqError
+from ..versions import package_versions
 
 TARGETS = ("onnx", "ort", "ov", "om", "trt")
 DEFAULT_OPSET = 17
@@ -29,13 +29,7 @@ def tool_versions(target: str) -> dict[str, str]:
         names.append("tensorrt")
     if target == "ov":
         names.append("openvino")
-    out = {}
-    for n in names:
-        try:
-            out[n] = version(n)
-        except PackageNotFoundError:
-            out[n] = "absent"
-    return out
+    return package_versions(names)
 
 
 @dataclass(frozen=True)

@@ -48,8 +48,22 @@ def precisions(name: str | None = None) -> list[str]:
     return sorted({p for n in chosen for p in backend_class(n).precisions})
 
 
+def check_options(name: str, precision: str | None = None, compile: str | None = None) -> None:
+    """The one rule for a backend's options: a precision (or compile mode) it has; applied where
+    they are given (flags, API arguments, a message, a load).
+
+    Raises:
+        BackendError: naming the valid ones (also for an unknown backend).
+    """
+    cls = backend_class(name)
+    if precision is not None and precision not in cls.precisions:
+        raise BackendError(f"backend {name} runs precision {', '.join(cls.precisions)}, not {precision!r}")
+    if compile not in (None, "none") and compile not in cls.compile_modes:
+        raise BackendError(f"backend {name}: compile mode {compile!r} is not one of {', '.join(cls.compile_modes)}")
+
+
 def compile_modes() -> list[str]:
     return sorted({m for n in names() for m in backend_class(n).compile_modes}, key=lambda m: (m != "none", m))
 
 
-__all__ = ["Backend", "backend_class", "compile_modes", "create", "names", "precisions"]
+__all__ = ["Backend", "backend_class", "check_options", "compile_modes", "create", "names", "precisions"]

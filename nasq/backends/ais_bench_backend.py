@@ -214,15 +214,9 @@ class AisBenchBackend(Backend):
         return ms
 
     def versions(self) -> dict[str, str]:
-        from importlib.metadata import PackageNotFoundError, version
+        from ..versions import package_versions
 
-        out = {}
-        for pkg in ("ais_bench", "aclruntime"):
-            try:
-                out[pkg] = version(pkg)
-            except PackageNotFoundError:
-                out[pkg] = "unknown"
-        return out
+        return package_versions(("ais_bench", "aclruntime"), missing="unknown")
 
     def describe_device(self) -> str:
         visible = os.environ.get("ASCEND_RT_VISIBLE_DEVICES")

@@ -92,12 +92,9 @@ class Backend(ABC):
 
     def check_options(self, options: BackendOptions) -> None:
         """Refuse a precision or compile mode this backend does not have, naming the valid ones."""
-        if options.precision not in self.precisions:
-            raise BackendError(f"{self.name} backend: precision {options.precision!r} is not supported; "
-                               f"use one of {', '.join(self.precisions)}")
-        if options.compile not in self.compile_modes:
-            raise BackendError(f"{self.name} backend: compile mode {options.compile!r} is not one of "
-                               f"{', '.join(self.compile_modes)}")
+        from . import check_options
+
+        check_options(self.name, options.precision, options.compile)
 
     @abstractmethod
     def predict(self, batch: np.ndarray) -> np.ndarray:

@@ -18,17 +18,15 @@ import logging
 import secrets
 import time
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from ..config import WorkerConfig
 from ..data.outputs import OutputWriter
 from ..errors import NasqError
 from ..keepalive import every
+from ..wire import ShardTask
 from .evaluate import evaluate_range
 from .resources import DeviceResources
-
-if TYPE_CHECKING:
-    from ..queue.messages import ShardTask
 
 log = logging.getLogger("nasq.worker")
 

@@ -114,10 +114,7 @@ def check_state_dict(state: dict, weights: str, num_outputs: int | None = None) 
     import torch
 
     arch = infer_arch(state)
-    outputs = int(state["last_linear.weight"].shape[0])
-    if outputs not in (BACKGROUND_OUTPUTS, IMAGENET_CLASSES):
-        raise CheckpointError(f"{weights}: the head has {outputs} outputs; nasq evaluates ImageNet heads with "
-                              "1001 (background at 0) or 1000 outputs")
+    outputs = head_outputs(state, weights)
     if num_outputs not in (None, outputs) and not (num_outputs == IMAGENET_CLASSES and outputs == BACKGROUND_OUTPUTS):
         raise CheckpointError(f"{weights}: cannot make {num_outputs} outputs from a {outputs}-way head")
     with torch.device("meta"):
@@ -133,6 +130,15 @@ def check_state_dict(state: dict, weights: str, num_outputs: int | None = None) 
         raise CheckpointError(f"{weights}: not a NASNet-A ({arch.name}) state dict in Cadene's layout: "
                               + ", ".join(p for p in parts if p))
     return arch
+
+
+def head_outputs(state: dict, weights) -> int:
+    """The classifier's outputs: 1001 (background at 0) or 1000 (CheckpointError otherwise)."""
+    outputs = int(state["last_linear.weight"].shape[0])
+    if outputs not in (BACKGROUND_OUTPUTS, IMAGENET_CLASSES):
+        raise CheckpointError(f"{weights}: the head has {outputs} outputs; nasq evaluates ImageNet heads with "
+                              "1001 (background at 0) or 1000 outputs")
+    return outputs
 
 
 def load_model(weights: str | os.PathLike, num_outputs: int | None = None):
@@ -151,10 +157,7 @@ def load_model(weights: str | os.PathLike, num_outputs: int | None = None):
     """
     state = read_checkpoint(weights)
     arch = infer_arch(state)
-    ckpt_outputs = int(state["last_linear.weight"].shape[0])
-    if ckpt_outputs not in (BACKGROUND_OUTPUTS, IMAGENET_CLASSES):
-        raise CheckpointError(f"{weights}: the head has {ckpt_outputs} outputs; nasq evaluates "
-                              "ImageNet heads with 1001 (background at 0) or 1000 outputs")
+    ckpt_outputs = head_outputs(state, weights)
     want = ckpt_outputs if num_outputs is None else int(num_outputs)
     if want == IMAGENET_CLASSES and ckpt_outputs == BACKGROUND_OUTPUTS:
         state = dict(state)

@@ -26,7 +26,7 @@ from ..results.merge import accuracy
 from .timing import is_oom, measure_stable, summarize
 
 if TYPE_CHECKING:
-    from ..queue.messages import SweepPoint
+    from ..wire import SweepPoint
 
 
 def point_file(folder: str, point_id: str) -> str:

@@ -1,8 +1,5 @@
-"""The Celery application: settings for long accelerator tasks, JSON only.
-
-Tasks are implemented in ``workers/`` and addressed here by name, so clients send them
-without importing worker code.
-"""
+"""The Celery application: settings for long accelerator tasks, JSON only (task and queue
+names are in ``nasq.wire``)."""
 from __future__ import annotations
 
 import os
@@ -11,30 +8,8 @@ from celery import Celery
 
 from ..config import Settings
 from ..errors import NasqError
+from ..wire import BUILD_QUEUE
 from .transport import TRANSPORT, result_backend_url
-
-TASK_EVAL_SHARD = "nasq.eval_shard"
-TASK_MERGE = "nasq.merge_run"
-TASK_RUN_FAILED = "nasq.run_failed"
-TASK_BUILD_EXPORT = "nasq.build.export"
-TASK_BUILD_SIMPLIFY = "nasq.build.simplify"
-TASK_BUILD_DEVICE = "nasq.build.device"
-TASK_BUILD_COMMIT = "nasq.build.commit"
-TASK_BUILD_FAILED = "nasq.build.failed"
-
-TASK_SWEEP_POINT = "nasq.sweep_point"
-
-BUILD_QUEUE = "build"
-
-
-def worker_queue(node_name: str) -> str:
-    """The queue only one worker consumes: sweeps address a device through it."""
-    return f"w.{node_name}"
-
-
-def eval_queue(backend: str) -> str:
-    """Default evaluation queue of a backend: workers of that runtime consume it."""
-    return f"eval.{backend}"
 
 
 def celery_config(settings: Settings) -> dict:
@@ -63,7 +38,6 @@ def celery_config(settings: Settings) -> dict:
         worker_cancel_long_running_tasks_on_connection_loss=True,
         broker_transport_options=vt,
         result_backend_transport_options=vt,
-        visibility_timeout=settings.visibility_timeout,
         result_expires=settings.result_expires,
         # Chords: the merge must see every shard result; keys must not be evicted.
         result_extended=True,

@@ -15,8 +15,7 @@ import logging
 import time
 
 from ..runstate import ENDED, RunState
-from .app import TASK_EVAL_SHARD, TASK_MERGE, TASK_RUN_FAILED
-from .messages import merge_task_id, shard_task_id, shard_tasks
+from ..wire import TASK_EVAL_SHARD, TASK_MERGE, TASK_RUN_FAILED, merge_task_id, shard_task_id, shard_tasks
 from .store import BrokerFull, RunStore
 from .transport import BrokerView
 from .trust import ManifestTrust, UntrustedRecord
@@ -155,6 +154,32 @@ class Healer:
                            argsrepr=f"run={run_id} (every shard has its result; its chord cannot fire)").apply_async()
         log.info("run %s: every shard has its result but the chord cannot fire; merge sent", run_id)
         return True
+
+    def resumable(self, manifest: dict) -> dict[str, str]:
+        """What each unfinished shard of a run is doing, as ``nasq resume`` sees it: "failed" (its
+        last copy failed), "lost" (recorded as running, its lease expired), "running" (on a live
+        worker), "queued" (its message waits in the queue, was delivered less than a lease ago, or
+        was just sent again by healing) or "missing" (its message is nowhere: lost with a broker, or
+        discarded). Shards that have their result are not listed."""
+        run_id = manifest["run_id"]
+        results, finished, running = self.store.result_ids(run_id), self.store.finished(run_id), self.store.running(run_id)
+        lost = set(self.store.lost_shards(run_id))
+        queued, unacked = self.broker.queued_task_ids(manifest["queue"]), self.broker.unacked_ages()
+        recent = {sid for sid, t in self.store.redispatched_at(run_id).items() if time.time() - t < self.lease_s}
+        out = {}
+        for s in manifest["shards"]:
+            sid, tid = s["shard_id"], shard_task_id(run_id, s["shard_id"])
+            if sid in results:
+                continue
+            if sid in running:
+                out[sid] = "lost" if sid in lost else "running"
+            elif tid in queued or unacked.get(tid, self.lease_s + 1) <= self.lease_s or sid in recent:
+                out[sid] = "queued"
+            elif finished.get(sid, {}).get("status") == "error":
+                out[sid] = "failed"
+            else:
+                out[sid] = "missing"
+        return out
 
     def heal_active(self) -> None:
         """``heal`` every active run (a worker's heartbeat)."""

@@ -10,11 +10,13 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
-from ..config import Settings
+from ..config import BackendOptions, Settings, settings_to_file
+from ..options import option_argv
 from ..errors import NasqError, RunError
-from .app import BUILD_QUEUE, make_app
+from ..wire import BUILD_QUEUE
+from .app import make_app
 from .redis_server import RedisServer
 
 
@@ -25,33 +27,26 @@ def worker_name(kind: str, index: int, host: str | None = None) -> str:
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """One local worker process: the flags of ``nasq worker``."""
+    """One local worker process: its device, backend, queues and name, and its device options
+    (``BackendOptions``, given to it as the flags generated from their declaration)."""
 
     device: str = "cpu"
     backend: str = "torch"
     queues: tuple[str, ...] = ()
     name: str | None = None
-    precision: str | None = None
-    threads: int | None = None
-    compile: str | None = None
-    cuda_graphs: bool = False
-    kernels: str = "torch"
-    sim: str | None = None
+    options: BackendOptions = BackendOptions()
 
     @property
     def kind(self) -> str:
         return "build" if self.queues == (BUILD_QUEUE,) else self.device.replace(":", "")
 
-    def argv(self, name: str, broker: str) -> list[str]:
-        cmd = [sys.executable, "-m", "workers", "--device", self.device, "--backend", self.backend, "--name", name,
-               "--broker", broker]
+    def argv(self, name: str, broker: str, settings_file: str | None = None) -> list[str]:
+        # -P: the worker package is nasq's, never a `workers/` folder in the current directory
+        cmd = [sys.executable, "-P", "-m", "workers", "--device", self.device, "--backend", self.backend,
+               "--name", name, "--broker", broker, *option_argv(self.options)]
         if self.queues:
             cmd += ["--queues", ",".join(self.queues)]
-        for flag, value in (("--precision", self.precision), ("--threads", self.threads), ("--compile", self.compile),
-                            ("--sim", self.sim), ("--kernels", self.kernels if self.kernels != "torch" else None)):
-            if value:
-                cmd += [flag, str(value)]
-        return cmd + (["--cuda-graphs"] if self.cuda_graphs else [])
+        return cmd + (["--settings", settings_file] if settings_file else [])
 
 
 def _tail(path: str, n: int = 25) -> str:
@@ -66,8 +61,8 @@ def _tail(path: str, n: int = 25) -> str:
 class LocalCluster:
     """``with LocalCluster(workers, workdir=...) as url:`` starts a private Redis (unless
     ``broker_url`` is given) and the workers, waits until every worker answers a ping, and on
-    exit stops everything it started. The workers see ``settings`` (broker aside) through
-    their environment, and ``env`` on top."""
+    exit stops everything it started. The workers take ``settings`` (broker aside) whole, from a
+    file in ``workdir`` their command line names; ``env`` is added to their environment."""
 
     def __init__(self, workers: list[WorkerSpec], *, workdir: str, broker_url: str | None = None,
                  settings: Settings | None = None, env: dict | None = None, ready_timeout: float = 180, log=print):
@@ -91,20 +86,19 @@ class LocalCluster:
         if self.redis is not None:
             self.url = self.redis.start()
         host = socket.gethostname()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env.pop("NASQ_RESULT_BACKEND", None)  # the workers' results go to the broker they are given
-        if self.settings is not None:  # the workers see the settings this process resolved
-            for f in fields(Settings):
-                value = getattr(self.settings, f.name)
-                if f.name not in ("broker_url", "result_backend") and value is not None:
-                    env[f"NASQ_{f.name.upper()}"] = str(value)
-        env.update(self.extra_env)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env)
+        settings_file = None
+        if self.settings is not None:  # the workers take the settings this process resolved, whole
+            settings_file = os.path.join(self.workdir, "settings.json")
+            # a private Redis is broker and result backend at once; a given broker keeps the settings' backend
+            backend = None if self.redis is not None else self.settings.result_backend
+            settings_to_file(replace(self.settings, broker_url=self.url, result_backend=backend), settings_file)
         for i, spec in enumerate(self.specs):
             name = spec.name or worker_name(spec.kind, i, host)
             logpath = os.path.join(self.workdir, f"worker-{i}-{spec.kind}.log")
             with open(logpath, "wb") as logf:
-                proc = subprocess.Popen(spec.argv(name, self.url), stdout=logf, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)
+                proc = subprocess.Popen(spec.argv(name, self.url, settings_file), stdout=logf,
+                                        stderr=subprocess.STDOUT, env=env, start_new_session=True)
             self.procs.append((name, proc, logpath))
         builds = sum(1 for s in self.specs if s.kind == "build")
         devices = [s.device for s in self.specs if s.kind != "build"]

@@ -67,3 +67,13 @@ def serve(store: RunStore, *, port: int, address: str = "127.0.0.1", recent: int
     registry.register(RunCollector(store, recent=recent))
     server, _thread = start_http_server(port, addr=address, registry=registry)
     return server
+
+
+def serve_forever(store: RunStore, *, port: int, address: str = "127.0.0.1", recent: int = 20, log=print) -> None:
+    """``nasq metrics``: serve /metrics until interrupted."""
+    import time
+
+    serve(store, port=port, address=address, recent=recent)
+    log(f"run metrics on http://{address}:{port}/metrics (Ctrl-C stops)")
+    while True:
+        time.sleep(3600)

@@ -17,12 +17,12 @@ from kombu.exceptions import OperationalError
 
 from ..config import Settings
 from ..errors import NasqError, RunError
-from .app import (BUILD_QUEUE, TASK_BUILD_COMMIT, TASK_BUILD_DEVICE, TASK_BUILD_EXPORT, TASK_BUILD_FAILED,
-                  TASK_BUILD_SIMPLIFY, TASK_EVAL_SHARD, TASK_MERGE, TASK_RUN_FAILED, TASK_SWEEP_POINT, make_app,
-                  worker_queue)
+from ..wire import (BUILD_QUEUE, TASK_BUILD_COMMIT, TASK_BUILD_DEVICE, TASK_BUILD_EXPORT, TASK_BUILD_FAILED,
+                    TASK_BUILD_SIMPLIFY, TASK_EVAL_SHARD, TASK_MERGE, TASK_RUN_FAILED, TASK_SWEEP_POINT, SweepPoint,
+                    merge_task_id, shard_task_id, shard_tasks, worker_queue)
+from .app import make_app
 from .broker import probe
 from .local import LocalCluster, WorkerSpec
-from .messages import SweepPoint, merge_task_id, shard_task_id, shard_tasks
 from .store import RunStore
 
 
@@ -59,8 +59,8 @@ class Session:
             raise NasqError("no broker: pass --broker redis://HOST:6379/0 or set NASQ_BROKER_URL")
         workdir = os.path.join(settings.work_dir, time.strftime("%Y%m%d-%H%M%S-") + str(os.getpid()))
         cluster = LocalCluster(workers, workdir=workdir, settings=settings, log=log)
-        url = cluster.__enter__()
         try:
+            url = cluster.start()
             return cls(dataclasses.replace(settings, broker_url=url, result_backend=None), cluster=cluster)
         except BaseException:
             cluster.stop()

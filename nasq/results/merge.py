@@ -165,14 +165,21 @@ def merge(manifest: dict, results: list) -> tuple[dict, dict]:
     return report, pred
 
 
-def merge_partial(manifest: dict, results: list, reason: str) -> tuple[dict, dict] | None:
-    """What a failed run did finish: the report over its ok shards, marked partial."""
+def ok_results(manifest: dict, results: list) -> list[dict]:
+    """The ok results of the run's shards, one per shard id (the first)."""
     ok, seen = [], set()
     for r in results:
         if isinstance(r, dict) and r.get("run_id") == manifest["run_id"] and r.get("status") == "ok" \
                 and r["shard_id"] not in seen:
             seen.add(r["shard_id"])
             ok.append(r)
+    return ok
+
+
+def merge_partial(manifest: dict, results: list, reason: str) -> tuple[dict, dict] | None:
+    """What a failed run did finish: the report over its ok shards, marked partial."""
+    ok = ok_results(manifest, results)
+    seen = {r["shard_id"] for r in ok}
     if not ok:
         return None
     sub = {**manifest, "shards": [s for s in manifest["shards"] if s["shard_id"] in seen]}

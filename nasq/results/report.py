@@ -104,12 +104,11 @@ def render(report: dict) -> str:
 
 def _speed(report: dict) -> str:
     t = report.get("throughput") or {}
-    parts = [f"{report['throughput_img_s']} img/s over the shards' span ({report['wall_s']} s)"]
-    if t.get("end_to_end_img_s"):
-        parts.append(f"{t['end_to_end_img_s']} img/s end to end ({t['end_to_end_s']} s from submission)")
-    if t.get("compute_img_s"):
-        parts.append(f"{t['compute_img_s']} img/s compute only")
-    return "; ".join(parts)
+    parts = [(True, f"{report['throughput_img_s']} img/s over the shards' span ({report['wall_s']} s)"),
+             (t.get("end_to_end_img_s"), f"{t.get('end_to_end_img_s')} img/s end to end ({t.get('end_to_end_s')} s "
+                                         "from submission)"),
+             (t.get("compute_img_s"), f"{t.get('compute_img_s')} img/s compute only")]
+    return "; ".join(text for shown, text in parts if shown)
 
 
 def _lat_cells(d: dict) -> list:

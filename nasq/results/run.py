@@ -22,7 +22,7 @@ from ..errors import NasqError, RunError
 from ..roots import check_name
 from ..runstate import RunState
 from .history import record, row_of
-from .merge import MissingShards, merge, merge_partial
+from .merge import MissingShards, merge, merge_partial, ok_results
 from .report import write_run_files
 
 log = logging.getLogger("nasq.worker")
@@ -268,10 +268,5 @@ def _history(store, report_dir: str, row: dict) -> None:
 
 
 def _shard_timings(manifest: dict, results: list) -> list[dict]:
-    seen, out = set(), []
-    for r in results:
-        if isinstance(r, dict) and r.get("run_id") == manifest["run_id"] and r.get("status") == "ok" \
-                and r["shard_id"] not in seen:
-            seen.add(r["shard_id"])
-            out.append({"worker": r["worker"], "device": r["device"], "images": len(r["indices"]), **r["timing"]})
-    return out
+    return [{"worker": r["worker"], "device": r["device"], "images": len(r["indices"]), **r["timing"]}
+            for r in ok_results(manifest, results)]

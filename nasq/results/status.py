@@ -64,7 +64,7 @@ def run_status(store, run_id: str) -> dict:
             "backend": manifest.get("backend"), "batch_size": manifest.get("batch_size"), "workers": per_worker,
             "lost_shards": sorted(lost), "redispatched": store.redispatched(run_id),
             "duplicate_shard_results_dropped": sorted(sid for sid, n in store.dropped(run_id).items() for _ in range(n)),
-            "broker_full": full}
+            "broker_full": full, "attempts": store.attempts(run_id)}
 
 
 def render_status(st: dict) -> str:
@@ -83,16 +83,15 @@ def render_status(st: dict) -> str:
                 else "gone (no heartbeat)"
         lines.append(f"  {name:<30} {str(w.get('device')):<8} {doing:<28} done {w['shards']} shards, "
                      f"{w['images']} img, {w['rate_img_s'] or 0:.2f} img/s")
-    if st.get("redispatched"):
-        lines.append("  dispatched again after their worker was lost: "
-                     + ", ".join(f"{sid} (x{n})" for sid, n in sorted(st["redispatched"].items())))
-    if st.get("duplicate_shard_results_dropped"):
-        lines.append("  copies of shards dropped (late or duplicate): " + ", ".join(st["duplicate_shard_results_dropped"]))
-    if st.get("broker_full"):
-        lines.append(f"  BROKER FULL: {st['broker_full']}")
-    if st.get("error"):
-        lines.append(f"  error: {st['error']}")
-    return "\n".join(lines)
+    def counts(d: dict) -> str:
+        return ", ".join(f"{sid} (x{n})" for sid, n in sorted(d.items()))
+
+    notes = [("dispatched again after their worker was lost", counts(st.get("redispatched") or {})),
+             ("started more than once (a worker died, or a copy was sent again)",
+              counts({sid: n for sid, n in (st.get("attempts") or {}).items() if n > 1})),
+             ("copies of shards dropped (late or duplicate)", ", ".join(st.get("duplicate_shard_results_dropped") or [])),
+             ("BROKER FULL", st.get("broker_full")), ("error", st.get("error"))]
+    return "\n".join(lines + [f"  {label}: {text}" for label, text in notes if text])
 
 
 def watch(store, run_id: str, *, interval: float = 1.0, out=sys.stdout) -> dict:
@@ -113,8 +112,6 @@ def watch(store, run_id: str, *, interval: float = 1.0, out=sys.stdout) -> dict:
         time.sleep(interval)
 
 
-RUN_COLUMNS = ("run_id", "created", "state", "model", "backend", "precision", "devices", "batch_size", "images",
-               "top1", "top5", "throughput_img_s")
 
 
 def runs_rows(store, report_dir: str, *, state: str | None = None, backend: str | None = None,
@@ -151,3 +148,17 @@ def runs_table(rows: list[dict]) -> str:
                    else "-", pct(r.get("top1")), pct(r.get("top5")), pct(r.get("throughput_img_s"))] for r in rows],
                  ["run", "created", "state", "model", "backend", "precision", "devices", "bs", "images", "top-1",
                   "top-5", "img/s"])
+
+
+def runs_csv(rows: list[dict]) -> str:
+    """The runs as CSV, with the history's columns."""
+    import csv
+    import io
+
+    from .history import COLUMNS
+
+    out = io.StringIO()
+    w = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return out.getvalue()

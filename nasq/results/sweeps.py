@@ -123,3 +123,13 @@ def write_report(rows: list[dict], folder: str) -> dict:
     sid = rows[0].get("sweep_id", os.path.basename(folder)) if rows else os.path.basename(folder)
     atomic_write(files["html"], render_html(rows, [files["throughput"], files["latency"]], sid))
     return files
+
+
+def sweeps_table(sweeps: list[dict]) -> str:
+    """The recorded sweeps (``api.list_sweeps``) as a table."""
+    import time
+
+    return table([[s["sweep_id"], time.strftime("%Y-%m-%d %H:%M", time.localtime(s["created"])), s["state"],
+                   f"{s['done']}/{s['points']}", s["errors"], s["mode"], f"{s['backend']} {s['precision']}",
+                   ",".join(map(str, s["batch_sizes"] or [])), ", ".join(s["devices"] or [])] for s in sweeps],
+                 ["sweep", "created", "state", "points", "errors", "mode", "backend", "batch sizes", "devices"])

@@ -112,6 +112,10 @@ CASES = [
     ("missing data", ["eval", "--weights", W, "--data", "{bad}/nowhere"], "does not exist"),
     ("index data on torch", ["eval", "--weights", W, "--data", "index:0"], "index:N with 1 <="),
     ("wrong password", EVAL + ["--broker", "redis://:wrong@127.0.0.1:{pw_port}/0"], "refused the credentials"),
+    ("compile with a broker", EVAL + ["--broker", "redis://:right@127.0.0.1:{pw_port}/0", "--compile", "default"],
+     "--compile set how the workers of an embedded run load the model"),
+    ("cuda graphs with a broker", EVAL + ["--broker", "redis://127.0.0.1:1/0", "--cuda-graphs", "--kernels", "triton"],
+     "--cuda-graphs, --kernels set how the workers of an embedded run load the model"),
     ("no password", EVAL + ["--broker", "redis://127.0.0.1:{pw_port}/0"], "wants a password"),
     ("unreachable broker", EVAL + ["--broker", "redis://127.0.0.1:1/0"], "cannot reach the broker redis://127.0.0.1:1/0"),
     ("silent broker", ["status", "--broker", "redis://127.0.0.1:{silent}/0"], "did not answer within 1 s"),
@@ -200,7 +204,7 @@ def test_output_folders_are_made_first_and_a_full_disk_is_one_line(assets, tmp_p
     import json
 
     from nasq.api import EvalResult
-    from nasq.cli import _finish
+    from nasq.cli import finish
     from nasq.errors import NasqError
 
     monkeypatch.delenv("NASQ_BROKER_URL", raising=False)
@@ -235,7 +239,7 @@ def test_output_folders_are_made_first_and_a_full_disk_is_one_line(assets, tmp_p
         report["padding"] = "x" * 200_000  # more than the disk holds
         args = type("Args", (), {"json": str(disk / "r.json"), "predictions": None})()
         with pytest.raises(NasqError) as e:
-            _finish(EvalResult(report["run_id"], report, None), args)
+            finish(EvalResult(report["run_id"], report, None), args)
         assert "No space left on device" in str(e.value) and report["files"]["json"] in str(e.value)
         assert f"nasq status {report['run_id']}" in str(e.value) and "\n" not in str(e.value)
         assert [f for f in os.listdir(disk) if f != "filler"] == []

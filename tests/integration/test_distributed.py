@@ -9,7 +9,8 @@ import pytest
 
 from nasq.api import evaluate, evaluate_local
 from nasq.data.preprocess import preprocess
-from nasq.queue.app import TASK_EVAL_SHARD, TASK_MERGE, make_app
+from nasq.queue.app import make_app
+from nasq.wire import TASK_EVAL_SHARD, TASK_MERGE
 from nasq.queue.store import RunStore
 
 pytestmark = pytest.mark.slow
@@ -73,7 +74,7 @@ def _shard_results(app, manifest):
 def test_duplicate_shard_result_ignored_and_missing_shard_named(assets, workers, settings, start_workers,
                                                                 redis_url):
     from nasq.api import submit_evaluation
-    from nasq.queue.messages import shard_tasks
+    from nasq.wire import shard_tasks
 
     res = evaluate(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4,
                    shard_size=8, queue=workers.queue, settings=settings, progress=False, log=lambda *_: None)

@@ -9,7 +9,8 @@ import pytest
 import redis
 
 from nasq.config import Settings
-from nasq.queue.app import TASK_EVAL_SHARD, TASK_SWEEP_POINT, make_app, worker_queue
+from nasq.queue.app import make_app
+from nasq.wire import TASK_EVAL_SHARD, TASK_SWEEP_POINT, worker_queue
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +39,7 @@ def fenced(assets, tmp_path):
 def _job(fenced, **change):
     from nasq.data.sources import open_source
     from nasq.model.spec import ModelRef
-    from nasq.queue.messages import DatasetRef, EvalJob
+    from nasq.wire import DatasetRef, EvalJob
 
     src = open_source(str(fenced["data"] / "val"))
     job = EvalJob(dataset=DatasetRef(**src.describe()), labels=str(fenced["data"] / "val_label.txt"),

@@ -76,3 +76,43 @@ def test_redact_hides_passwords():
     assert redact("redis://:pw@head:6379/0") == "redis://***@head:6379/0"
     assert redact("rediss://user:pw@head:6380/1") == "rediss://***@head:6380/1"
     assert redact("redis://head:6379/0") == "redis://head:6379/0"
+
+
+def test_every_worker_option_has_one_home(tmp_path):
+    """Each option declared in ``BackendOptions`` (with flag metadata) is a flag of `nasq worker`,
+    travels in a local worker's argv, and comes back from that argv into the worker's
+    configuration and the options its backend gets: one declaration, no copy to keep in step."""
+    import dataclasses
+
+    from nasq.config import BackendOptions, Settings, WorkerConfig
+    from nasq.options import OPTION_FIELDS, flag_of, options_from
+    from nasq.queue.local import WorkerSpec
+    from workers.__main__ import build_parser
+
+    parser = build_parser()
+    text = parser.format_help()
+    samples = {"precision": "bf16", "threads": 3, "compile": "default", "cuda_graphs": True, "kernels": "triton",
+               "device_decode": True, "decode_threads": 5, "sim": "rate=7"}
+    assert {f.name for f in OPTION_FIELDS} == set(samples), "a new option needs a sample value here"
+    for f in OPTION_FIELDS:
+        assert flag_of(f.name) in text, f.name
+        options = dataclasses.replace(BackendOptions(), **{f.name: samples[f.name]})
+        argv = WorkerSpec(device="cpu", options=options).argv("w@h", "redis://x/0")
+        assert flag_of(f.name) in argv, f.name
+        args, _ = parser.parse_known_args(argv[argv.index("workers") + 1:])
+        config = WorkerConfig(settings=Settings(artifact_dir=str(tmp_path)), options=options_from(args))
+        assert getattr(config.backend_options(), f.name) == samples[f.name], f.name
+
+
+def test_no_module_is_a_catch_all():
+    """No file of nasq/, workers/ or producer/ over 450 lines: each holds one job."""
+    long = []
+    for top in ("nasq", "workers", "producer"):
+        for folder, _, files in os.walk(os.path.join(REPO, top)):
+            for f in files:
+                if f.endswith(".py"):
+                    with open(os.path.join(folder, f)) as fh:
+                        n = sum(1 for _ in fh)
+                    if n > 450:
+                        long.append(f"{os.path.relpath(os.path.join(folder, f), REPO)}: {n}")
+    assert long == []

@@ -6,12 +6,12 @@ import sys
 
 import pytest
 
-from nasq.config import Settings, WorkerConfig
+from nasq.config import BackendOptions, Settings, WorkerConfig
 from nasq.errors import RunError
 from nasq.inference.resources import DeviceResources
 from nasq.inference.shard import run_shard
 from nasq.perf.sweep import measure_point, point_file, read_rows
-from nasq.queue.messages import MessageError, ShardTask, SweepPoint, job_of, make_manifest
+from nasq.wire import MessageError, ShardTask, SweepPoint, job_of, make_manifest
 from nasq.results.run import MergeLater, merge_run
 
 
@@ -125,10 +125,11 @@ def _job(assets, **over) -> dict:
     return job | over
 
 
-def _worker(tmp_path, **over) -> WorkerConfig:
+def _worker(tmp_path, precision: str = "fp32", **over) -> WorkerConfig:
     settings = Settings(artifact_dir=str(tmp_path / "art"), report_dir=str(tmp_path / "rep"), max_attempts=2,
                         read_roots=str(tmp_path.parent.parent))  # the session's temporary folders: the assets
-    return WorkerConfig(**({"settings": settings, "name": "w0@test", "threads": 1} | over))
+    options = BackendOptions(threads=1, precision=precision)
+    return WorkerConfig(**({"settings": settings, "name": "w0@test", "options": options} | over))
 
 
 def test_run_shard_evaluates_its_range_and_records_it(assets, tmp_path):

@@ -2,7 +2,7 @@
 import pytest
 
 from nasq.errors import RunError
-from nasq.queue.messages import plan_even, plan_shards
+from nasq.wire import plan_even, plan_shards
 from nasq.results.merge import MissingShards, accuracy, collect, merge
 from nasq.results.report import render
 

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from nasq.errors import CheckpointError, DatasetError, NasqError
-from nasq.queue.messages import MAX_BATCH_SIZE, MessageError, ShardTask, SweepPoint
+from nasq.wire import MAX_BATCH_SIZE, MessageError, ShardTask, SweepPoint
 from nasq.roots import RootError, Roots
 
 

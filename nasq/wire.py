@@ -1,9 +1,14 @@
-"""Message types: what travels through the broker, and the one place payloads are checked.
+"""The wire contract: everything the client, the workers and the run store agree on by name
+and shape. Task names, queue names and task ids; the payload types (``ShardTask``,
+``SweepPoint``, the ``EvalJob`` every shard of a run shares) and the run's manifest with its
+shard plan. The one place payloads are checked.
 
 A task decodes its payload with ``from_payload`` before doing anything; a payload of the
 wrong type or range is refused there with a ``MessageError`` that says which field is wrong.
 Payloads carry paths and index ranges, never image bytes; ``within(roots)`` then resolves every
 path against the worker's read and write roots (``nasq.roots``) before any of it is used.
+Tasks are implemented in ``workers/`` and addressed by name, so clients send them without
+importing worker code.
 """
 from __future__ import annotations
 
@@ -13,17 +18,48 @@ import secrets
 import time
 from dataclasses import asdict, dataclass
 
-from .. import __version__, backends
-from ..data.outputs import FORMATS
-from ..errors import NasqError
-from ..model.spec import ModelRef
-from ..config import MAX_BATCH_SIZE, MAX_IMAGES, MAX_SHARD_IMAGES
-from ..roots import Roots, check_name
+from . import __version__, backends
+from .config import MAX_BATCH_SIZE, MAX_IMAGES, MAX_SHARD_IMAGES
+from .data.outputs import FORMATS
+from .errors import NasqError
+from .model.spec import ModelRef
+from .roots import Roots, check_name
 
-__all__ = ["MAX_BATCH_SIZE", "MAX_IMAGES", "MAX_SHARD_IMAGES", "DatasetRef", "EvalJob", "MessageError", "OutputSpec",
-           "ShardTask", "SweepPoint", "job_of", "make_manifest", "merge_task_id", "plan_even", "plan_shards",
-           "shard_task_id", "shard_tasks"]
 _MAX_TEXT = 4096
+
+# ------------------------------------------------------------------------------ names
+
+TASK_EVAL_SHARD = "nasq.eval_shard"
+TASK_MERGE = "nasq.merge_run"
+TASK_RUN_FAILED = "nasq.run_failed"
+TASK_SWEEP_POINT = "nasq.sweep_point"
+TASK_BUILD_EXPORT = "nasq.build.export"
+TASK_BUILD_SIMPLIFY = "nasq.build.simplify"
+TASK_BUILD_DEVICE = "nasq.build.device"
+TASK_BUILD_COMMIT = "nasq.build.commit"
+TASK_BUILD_FAILED = "nasq.build.failed"
+#: every build task runs on this queue, which evaluation workers never consume
+BUILD_QUEUE = "build"
+
+
+def eval_queue(backend: str) -> str:
+    """Default evaluation queue of a backend: workers of that runtime consume it."""
+    return f"eval.{backend}"
+
+
+def worker_queue(node_name: str) -> str:
+    """The queue only one worker consumes: sweeps address a device through it."""
+    return f"w.{node_name}"
+
+
+def shard_task_id(run_id: str, shard_id: str) -> str:
+    """A shard's task id: the same for every copy of it (a re-dispatch, a resume)."""
+    return f"{run_id}:{shard_id}"
+
+
+def merge_task_id(run_id: str, resume: int = 0) -> str:
+    """The task id of a run's merge: the chord's, or that of its ``resume``-th resume."""
+    return f"{run_id}:merge" if not resume else f"{run_id}:merge-r{resume}"
 
 
 class MessageError(NasqError):
@@ -64,6 +100,18 @@ def _sha256(d: dict, name: str) -> str | None:
     _need(v is None or isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v),
           f"{name} must be a sha256 in hex or null, not {v!r}"[:200])
     return v
+
+
+def _runtime(d: dict, *, precision_optional: bool) -> tuple[str, str | None]:
+    """A message's backend (a known one) and precision (one it has)."""
+    backend = _str(d, "backend")
+    _need(backend in backends.names(), f"backend must be one of {', '.join(backends.names())}, not {backend!r}")
+    precision = _str(d, "precision", optional=precision_optional)
+    try:
+        backends.check_options(backend, precision)
+    except NasqError as e:
+        raise MessageError(str(e)) from None
+    return backend, precision
 
 
 def _dict(d, name: str) -> dict:
@@ -143,12 +191,7 @@ class EvalJob:
     @classmethod
     def from_payload(cls, d) -> EvalJob:
         d = _dict(d, "job")
-        backend = _str(d, "backend")
-        _need(backend in backends.names(), f"backend must be one of {', '.join(backends.names())}, not {backend!r}")
-        precision = _str(d, "precision", optional=True)
-        valid = backends.precisions(backend)
-        _need(precision is None or precision in valid,
-              f"precision must be one of {', '.join(valid)} for backend {backend}, not {precision!r}")
+        backend, precision = _runtime(d, precision_optional=True)
         model = _dict(d.get("model"), "model")
         _str(model, "weights")
         n = model.get("num_outputs")
@@ -236,11 +279,9 @@ class SweepPoint:
     @classmethod
     def from_payload(cls, d) -> SweepPoint:
         d = _dict(d, "point")
-        mode, backend = _str(d, "mode"), _str(d, "backend")
+        mode = _str(d, "mode")
         _need(mode in cls.MODES, f"mode must be one of {', '.join(cls.MODES)}, not {mode!r}")
-        _need(backend in backends.names(), f"backend must be one of {', '.join(backends.names())}, not {backend!r}")
-        precision = _str(d, "precision")
-        _need(precision in backends.precisions(backend), f"precision {precision!r} is not one of backend {backend}'s")
+        backend, precision = _runtime(d, precision_optional=False)
         images = None if d.get("images") is None else _int(d, "images", low=1, high=MAX_SHARD_IMAGES)
         t = d.get("min_time_s", 2.0)
         _need(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t <= 3600,
@@ -290,16 +331,6 @@ def plan_even(n_images: int, workers: int | None, batch_size: int, *, per_worker
     k = min(max(k, math.ceil(n_images / cap)), max(1, math.ceil(n_images / batch_size)))
     bounds = sorted({min(n_images, round(i * n_images / k / batch_size) * batch_size) for i in range(k)} | {n_images})
     return [{"shard_id": f"shard-{j:05d}", "start": a, "stop": b} for j, (a, b) in enumerate(zip(bounds, bounds[1:]))]
-
-
-def shard_task_id(run_id: str, shard_id: str) -> str:
-    """A shard's task id: the same for every copy of it (a re-dispatch, a resume)."""
-    return f"{run_id}:{shard_id}"
-
-
-def merge_task_id(run_id: str, resume: int = 0) -> str:
-    """The task id of a run's merge: the chord's, or that of its ``resume``-th resume."""
-    return f"{run_id}:merge" if not resume else f"{run_id}:merge-r{resume}"
 
 
 def new_run_id() -> str:

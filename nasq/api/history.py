@@ -1,0 +1,104 @@
+"""Runs people look back at: listed (``list_runs``), loaded (``load_run``), compared
+(``compare_runs``), and cancelled (``cancel``)."""
+from __future__ import annotations
+
+import os
+import time
+
+from ..config import Settings, load_settings
+from ..errors import NasqError
+from ..queue.session import Session
+from ..wire import shard_task_id
+
+
+def store_or_none(settings: Settings):
+    """The run store of the configured broker (checked), or None without one."""
+    from ..queue.broker import probe
+    from ..queue.store import RunStore
+
+    if not settings.broker_url:
+        return None
+    probe(settings)
+    return RunStore.for_settings(settings)
+
+
+def list_runs(*, state: str | None = None, backend: str | None = None, since_days: float | None = None,
+              limit: int = 20, broker: str | None = None, settings: Settings | None = None) -> list[dict]:
+    """Recent runs, newest first: from the broker (when one is configured) and from the run
+    history in the report dir, which outlives Redis. Each row: run_id, created, state, model,
+    backend, precision, devices, batch_size, images, top1, top5, throughput_img_s, ..."""
+    from ..results.status import runs_rows
+
+    settings = settings or load_settings(broker_url=broker)
+    since = time.time() - since_days * 86400 if since_days else None
+    return runs_rows(store_or_none(settings), settings.report_dir, state=state, backend=backend, since=since,
+                     limit=limit)
+
+
+def load_run(run_id: str, *, settings: Settings) -> tuple[dict, dict | None]:
+    """A run's report and per-image predictions: from the broker while it holds them, else from
+    the report folder the history index names.
+
+    Raises:
+        NasqError: no such run in either place, or it has no report (it did not finish a shard).
+    """
+    from ..files import read_json
+    from ..results.history import get
+
+    store = store_or_none(settings)
+    if store is not None and store.report(run_id):
+        return store.report(run_id), store.predictions(run_id)
+    row = get(settings.report_dir, run_id)
+    path = (row or {}).get("report") or os.path.join(settings.report_dir, run_id, "report.json")
+    report = read_json(path)
+    if not isinstance(report, dict):
+        raise NasqError(f"no report of run {run_id!r} in the broker or in {settings.report_dir} (runs table: "
+                        "`nasq runs`)")
+    return report, read_json(os.path.join(os.path.dirname(path), "predictions.json"))
+
+
+def compare_runs(run_a: str, run_b: str, *, broker: str | None = None, settings: Settings | None = None) -> dict:
+    """``nasq compare``: accuracy on the images both runs saw (difference with a 95 % interval,
+    McNemar's exact test), images whose top-1 changed, throughput per device, configuration
+    differences. See ``nasq.results.compare``."""
+    from ..results.compare import compare
+
+    settings = settings or load_settings(broker_url=broker)
+    (a, pa), (b, pb) = load_run(run_a, settings=settings), load_run(run_b, settings=settings)
+    if pa is None or pb is None:
+        raise NasqError(f"run {run_a if pa is None else run_b} has no per-image predictions to compare")
+    return compare(a, pa, b, pb)
+
+
+def cancel(run_id: str, *, broker: str | None = None, settings: Settings | None = None, log=print) -> dict | None:
+    """Cancel a run: mark it cancelled (its running shards stop at their next progress, shards that
+    start later skip themselves, a late result or merge changes nothing), revoke its queued and
+    running shards and its merges (a running shard is stopped at once), and keep what finished as
+    a partial report. Returns that report (None if no shard had finished).
+
+    Raises:
+        NasqError: no broker, no such run, or a run that already ended.
+    """
+    from ..queue.trust import ManifestTrust
+    from ..results.run import cancel_run
+
+    settings = settings or load_settings(broker_url=broker)
+    if not settings.broker_url:
+        raise NasqError("cancel needs the broker the run was submitted to (--broker or NASQ_BROKER_URL)")
+    with Session(settings) as session:
+        store = session.store
+        manifest = ManifestTrust(session.app).manifest(store, run_id)
+        if manifest is None:
+            raise NasqError(f"no run {run_id!r} in this Redis (runs expire after result_expires)")
+        kept = store.result_ids(run_id)
+        ids = [shard_task_id(run_id, s["shard_id"]) for s in manifest["shards"] if s["shard_id"] not in kept]
+
+        def revoke() -> None:
+            session.app.control.revoke(ids + store.merge_ids(run_id), terminate=True, signal="SIGTERM")
+            log(f"run {run_id}: cancelled; {len(ids)} shard(s) and its merge revoked")
+
+        partial = cancel_run(store, run_id, settings.report_dir, manifest=manifest, after_cancel=revoke)
+        log(f"run {run_id}: " + (f"partial report of {partial['images']} images kept" if partial
+                                 else "no shard had finished"))
+        return partial
+

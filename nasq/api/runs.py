@@ -1,0 +1,352 @@
+"""Evaluations: submitted (``submit_evaluation``), run and waited for (``evaluate``), finished
+(``resume``), or run in this process for reference (``evaluate_local``). The run's state is
+changed only through the run store's transitions (``nasq.runstate``)."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, replace
+
+import redis
+
+from .. import backends
+from ..config import BackendOptions, Settings, load_settings
+from ..data.labels import read_labels
+from ..errors import NasqError, RunError
+from ..options import flag_of
+from ..queue.broker import probe
+from ..queue.healing import Healer
+from ..queue.local import WorkerSpec, cpu_threads, local_devices
+from ..queue.session import BROKER_ERRORS, Progress, Session
+from ..queue.store import BrokerFull
+from ..results.report import render
+from ..runstate import RunState, is_ended
+from ..wire import BUILD_QUEUE, DatasetRef, EvalJob, eval_queue, make_manifest, merge_task_id
+from .builds import cached_build, prepare_model
+from .checks import Plan, check_worker_roots, needs_build, plan_run, with_roots
+
+
+@dataclass
+class EvalResult:
+    run_id: str
+    report: dict
+    predictions: dict | None
+    #: what the merging worker could not do once the report was final (the run history not
+    #: updated, files not moved into place), by what
+    notes: dict | None = None
+    #: the run's Redis was the command's own (an embedded run): it is gone once the command ends
+    embedded: bool = False
+
+    @property
+    def table(self) -> str:
+        return render(self.report)
+
+
+@dataclass
+class RunHandle:
+    """A submitted evaluation: ``wait()`` follows it to its report."""
+
+    run_id: str
+    manifest: dict
+    result: object
+    session: Session
+    #: the command that submits the same run again (said when a broker lost the run)
+    rerun: str = "submit the evaluation again"
+
+    def wait(self, *, progress: bool = True, timeout: float | None = None, log=print) -> EvalResult:
+        """Follow the run's record to its report. While waiting, shards whose worker is gone
+        (lease expired) are dispatched again (``nasq.queue.healing``); a broker that goes away
+        is waited for (until ``timeout``)."""
+        store, run_id, total = self.session.store, self.run_id, self.manifest["dataset"]["images"]
+        every = max(1.0, self.session.settings.lease_s / 3)
+        last_heal, full = [time.time()], [None]
+        healer = Healer.for_settings(self.session.app, store, self.session.settings)
+
+        def poll() -> Progress:
+            if not store.has_run(run_id):
+                return Progress(failed=f"the broker lost run {run_id} (it restarted without persistence, or the "
+                                       f"records expired); rerun it with: {self.rerun}")
+            if time.time() - last_heal[0] >= every:
+                last_heal[0] = time.time()
+                full[0] = None
+                try:
+                    for sid in healer.heal(run_id):
+                        log(f"run {run_id}: {sid} dispatched again (its worker or its message was lost)")
+                except (BrokerFull, redis.exceptions.OutOfMemoryError):
+                    full[0] = store.full_message()
+            st = store.state(run_id) or {}
+            failed = st.get("error", f"run {run_id} {st['state']}") \
+                if st.get("state") in (RunState.FAILED, RunState.CANCELLED) else None
+            return Progress(done=min(total, store.images_done(run_id)), failed=failed, status=full[0])
+
+        try:
+            report = self.session.wait(_RunRecord(store, run_id), label=f"run {run_id}", poll=poll, total=total,
+                                       timeout=timeout, progress=progress, log=log)
+        finally:
+            if self.result is not None:
+                self.session.app.backend.remove_pending_result(self.result)
+        # the merging worker moves the files into place and records the run after the state says
+        # done: wait for that (renames and one row), so that every path printed exists
+        deadline = time.time() + 60
+        while not store.published(run_id) and time.time() < deadline:
+            time.sleep(0.1)
+        return EvalResult(run_id, report, store.predictions(run_id), store.notes(run_id),
+                          embedded=self.session.cluster is not None)
+
+    def close(self) -> None:
+        """Drop the connections of a handle from ``submit_evaluation`` (the run goes on)."""
+        self.session.close()
+
+
+class _RunRecord:
+    """A run's record as something to wait on: ready once the run is done (its report) or failed.
+    The chord's own result is not enough: a run that heals is merged outside the chord."""
+
+    def __init__(self, store, run_id: str):
+        self.store, self.run_id = store, run_id
+
+    def ready(self) -> bool:
+        return is_ended((self.store.state(self.run_id) or {}).get("state"))
+
+    def get(self, **_) -> dict:
+        st = self.store.state(self.run_id) or {}
+        if st.get("state") != RunState.DONE:
+            raise RunError(st.get("error", f"run {self.run_id} failed"))
+        return self.store.report(self.run_id)
+
+
+def _submit(session: Session, plan: Plan, *, queue: str, shard_size: int | None, workers: int | None,
+            rerun: str | None, log) -> RunHandle:
+    from ..files import cached_sha256, file_digest
+    from ..queue.transport import BrokerView
+    from ..queue.trust import ManifestTrust
+
+    model = prepare_model(weights=plan.weights, backend=plan.backend, num_outputs=plan.num_outputs,
+                          settings=session.settings, session=session, build_options=plan.build, log=log)
+    if os.path.isfile(model.weights):  # every shard checks that the workers load this file
+        model = replace(model, sha256=cached_sha256(model.weights, os.path.join(session.settings.artifact_dir,
+                                                                                ".digests.json")))
+    job = EvalJob(dataset=DatasetRef(**plan.source.describe()), labels=plan.labels, model=model, backend=plan.backend,
+                  batch_size=plan.batch_size, precision=plan.precision, output=plan.output,
+                  labels_sha256=file_digest(plan.labels) if plan.labels else None)
+    if session.cluster is None:  # a deployment: warn first, and plan for the workers serving the queue now
+        live = warn_if_unserved(session, queue, log)
+        check_worker_roots(session, queue, job)
+        for warning in session.store.broker_warnings():
+            log(f"warning: {warning}")
+        workers = workers or len(live) or None
+    if session.store.is_full():
+        raise BrokerFull(f"nothing was queued: {session.store.full_message()}")
+    broker = BrokerView.for_app(session.app, session.settings)
+    try:
+        broker_id = broker.server_id()
+    finally:
+        broker.close()
+    manifest = make_manifest(job, queue=queue, shard_size=shard_size, workers=workers, broker_id=broker_id)
+    run_id = manifest["run_id"]
+    sealed = ManifestTrust(session.app).seal(manifest)
+    try:
+        session.store.save_manifest(manifest, sealed)
+        session.store.add_merge_id(run_id, merge_task_id(run_id))
+        result = session.submit_run(manifest)
+        session.store.transition(run_id, "start", shards=len(manifest["shards"]))
+    except (BrokerFull, redis.exceptions.OutOfMemoryError):
+        raise BrokerFull(f"run {run_id} could not be submitted whole: {session.store.full_message()}. Once memory is "
+                         f"freed, finish it with `nasq resume {run_id}`") from None
+    except BROKER_ERRORS as e:
+        raise RunError(f"the broker went away while run {run_id} was being submitted ({e}); when it is back, "
+                       f"rerun it with: {rerun or 'the same command'}") from None
+    log(f"run {run_id}: {len(plan.source)} images in {len(manifest['shards'])} shards "
+        f"of <= {max((s['stop'] - s['start'] for s in manifest['shards']), default=0)} on queue {queue}")
+    return RunHandle(run_id, manifest, result, session, rerun=rerun or "submit the evaluation again")
+
+
+def warn_if_unserved(session: Session, queue: str, log) -> list[str]:
+    """The live workers of ``queue``; a warning when there are none."""
+    live = session.live_workers(queue)
+    if not live:
+        log(f"warning: no live nasq worker consumes queue {queue!r}; the run waits until one starts "
+            f"(e.g. `nasq worker --backend {queue.split('.', 1)[-1]}` with the same broker)")
+    return live
+
+
+_PLAN_ARGS = ("weights", "data", "labels", "backend", "batch_size", "precision", "num_outputs", "output_dir", "outfmt",
+              "allow_bad_labels", "soc_version", "gears")
+
+
+def _broker_then_plan(settings, args: dict) -> Plan:
+    """The broker first, when there is one (a wrong password or a silent broker is one line before
+    the heavy checks), then the user's input (``args``: the caller's arguments)."""
+    if settings.broker_url:
+        probe(settings)
+    return plan_run(**{k: args[k] for k in _PLAN_ARGS})
+
+
+def submit_evaluation(*, weights: str, data: str, labels: str | None = None, backend: str = "torch",
+                      batch_size: int = 8, shard_size: int | None = None, num_outputs: int | None = None,
+                      precision: str | None = None, queue: str | None = None, output_dir: str | None = None,
+                      outfmt: str = "NPY", broker: str | None = None, settings: Settings | None = None,
+                      allow_bad_labels: bool = False, rerun: str | None = None, soc_version: str | None = None,
+                      gears: list[int] | None = None, log=print) -> RunHandle:
+    """Queue an evaluation on a running deployment and return at once (what ``python -m producer``
+    does). ``RunHandle.wait()`` follows it; ``nasq status RUN_ID`` too, from any machine.
+
+    Raises:
+        NasqError: no broker configured, or bad weights, data, labels or precision.
+    """
+    settings = settings or load_settings(broker_url=broker)
+    if not settings.broker_url:
+        raise NasqError("no broker: pass --broker redis://HOST:6379/0 or set NASQ_BROKER_URL")
+    backends.check_options(backend, precision)
+    plan = _broker_then_plan(settings, locals())
+    session = Session(settings)
+    try:
+        return _submit(session, plan, queue=queue or eval_queue(backend), shard_size=shard_size, workers=None,
+                       rerun=rerun, log=log)
+    except BaseException:
+        session.close()
+        raise
+
+
+def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str = "torch",
+             device: str = "auto", workers: int | None = None, batch_size: int = 8,
+             shard_size: int | None = None, num_outputs: int | None = None, precision: str | None = None,
+             compile: str | None = None, cuda_graphs: bool = False, kernels: str = "torch", broker: str | None = None,
+             queue: str | None = None, output_dir: str | None = None, outfmt: str = "NPY", progress: bool = True,
+             timeout: float | None = None, settings: Settings | None = None, allow_bad_labels: bool = False,
+             rerun: str | None = None, soc_version: str | None = None, gears: list[int] | None = None,
+             log=print) -> EvalResult:
+    """Evaluate a checkpoint (or built model) on a dataset folder across workers.
+
+    With no broker configured, starts a private Redis and one local worker per device
+    (``workers`` CPU workers when there is no GPU), runs, and stops them. With a broker,
+    only submits and waits; workers run wherever they were started.
+
+    Args:
+        weights: Cadene-format checkpoint (.pth), or a built model for its backend.
+        data: JPEG folder, .bin folder or u8 shard folder.
+        labels: val_label.txt (default: one beside or inside ``data``; none: no accuracy).
+        num_outputs: None keeps the checkpoint's head; 1000 drops the background class.
+        compile, cuda_graphs, kernels: embedded runs: options of the local workers.
+        rerun: the command that submits this run again, said if a broker loses the run.
+        output_dir, outfmt: also write full logits per image in ais_bench's layout.
+        soc_version, gears: ais_bench with a checkpoint: the chip the .om is built for (ATC on the
+            build queue) and its dynamic batch gears (default: a static .om of ``batch_size``).
+
+    Returns:
+        EvalResult with the report (see README, "The report") and per-image predictions.
+
+    Raises:
+        NasqError: bad weights, data, labels or precision (before anything starts); RunError if
+            the run fails (missing or failed shards, lost local workers).
+    """
+    settings = settings or load_settings(broker_url=broker)
+    backends.check_options(backend, precision, compile)
+    if settings.broker_url:
+        given = [flag_of(n) for n, v in (("compile", compile), ("cuda_graphs", cuda_graphs), ("kernels", kernels))
+                 if v not in (None, False, "none", "torch")]
+        if given:
+            raise NasqError(f"{', '.join(given)} set how the workers of an embedded run load the model; with a broker "
+                            "the workers run already: give it to `nasq worker` instead")
+    plan = _broker_then_plan(settings, locals())
+    queue = queue or eval_queue(backend)
+    local = None
+    if not settings.broker_url:
+        devices = local_devices(backend, device, workers)
+        for d in dict.fromkeys(devices):  # a device that is not there: one line before anything starts
+            backends.backend_class(backend).check_device(d)
+        settings = with_roots(settings, read=[plan.source.root, os.path.dirname(plan.weights),
+                                               plan.labels and os.path.dirname(plan.labels)],
+                               write=[plan.output.dir if plan.output else None])
+        threads = cpu_threads(devices)
+        local = [WorkerSpec(device=d, backend=backend, queues=(queue,), options=BackendOptions(
+                     precision=precision or "fp32", threads=threads if d == "cpu" else None, compile=compile or "none",
+                     cuda_graphs=cuda_graphs, kernels=kernels)) for d in devices]
+        if needs_build(plan.weights, backend) and not cached_build(
+                weights=plan.weights, target=backends.backend_class(backend).build_target, num_outputs=num_outputs,
+                settings=settings, build_options=plan.build):
+            local.append(WorkerSpec(queues=(BUILD_QUEUE,)))
+        workers = len(devices)
+    with Session.open(settings, workers=local, log=log) as session:
+        handle = _submit(session, plan, queue=queue, shard_size=shard_size, workers=workers, rerun=rerun, log=log)
+        return handle.wait(progress=progress, timeout=timeout, log=log)
+
+
+def resume(run_id: str, *, broker: str | None = None, settings: Settings | None = None, progress: bool = True,
+           timeout: float | None = None, log=print) -> EvalResult:
+    """Finish a failed or interrupted run: only its failed or lost shards run again (on the run's
+    queue, with the same task ids), then the merge combines them with the results the run
+    already has. A shard that is queued, delivered or running on a live worker is left alone: on
+    a healthy run, resume sends nothing and follows the run to its report.
+
+    Raises:
+        NasqError: no broker, no such run (records expire after ``result_expires``), a run that
+            is done or cancelled, or (with message signing on) a run record that is not signed.
+    """
+    settings = settings or load_settings(broker_url=broker)
+    if not settings.broker_url:
+        raise NasqError("resume needs the broker the run was submitted to (--broker or NASQ_BROKER_URL); an embedded "
+                        "run's private Redis is gone with it")
+    session = Session(settings)
+    try:
+        store = session.store
+        healer = Healer.for_settings(session.app, store, settings)
+        manifest = healer.trust.manifest(store, run_id)
+        if manifest is None:
+            raise NasqError(f"no run {run_id!r} in this Redis (runs expire after result_expires)")
+        state = store.state_name(run_id)
+        if state in (RunState.DONE, RunState.CANCELLED):
+            raise NasqError(f"run {run_id} is {state}; there is nothing to resume (`nasq status {run_id}` shows it)")
+        plan = healer.resumable(manifest)
+        # each shard sent again is claimed first: a concurrent resume, or healing, sends it once
+        redo = [sid for sid, why in plan.items() if why in ("failed", "lost", "missing")
+                and (store.claim_lost(run_id, sid) if why == "lost" else store.claim_stranded(run_id, sid))]
+        busy = sum(1 for why in plan.values() if why in ("queued", "running"))
+        if not redo and state == RunState.RUNNING and busy:
+            log(f"run {run_id}: nothing to resubmit ({busy} shard(s) queued or running on live workers); following it")
+            result = None
+        else:
+            n = store.next_resume(run_id)
+            ok, now = store.transition(run_id, "resume", merge_id=merge_task_id(run_id, n), forget=tuple(redo),
+                                       shards=len(manifest["shards"]), resumed=len(redo))
+            if not ok:
+                raise NasqError(f"run {run_id} is {now}; not resumed")
+            result = session.submit_run(manifest, [s for s in manifest["shards"] if s["shard_id"] in redo],
+                                        merge_id=merge_task_id(run_id, n))
+            log(f"run {run_id}: {len(redo)} of {len(manifest['shards'])} shards resubmitted"
+                + (f" ({', '.join(redo[:5])}{' ...' if len(redo) > 5 else ''})" if redo
+                   else "; merging the stored results")
+                + (f"; {busy} queued or running left alone" if busy else ""))
+        warn_if_unserved(session, manifest["queue"], log)
+    except BaseException:
+        session.close()
+        raise
+    with session:
+        return RunHandle(run_id, manifest, result, session).wait(progress=progress, timeout=timeout, log=log)
+
+
+def evaluate_local(*, weights: str, data: str, labels: str | None = None, backend: str = "torch",
+                   device: str = "cpu", batch_size: int = 8, num_outputs: int | None = None,
+                   precision: str = "fp32", settings: Settings | None = None, soc_version: str | None = None,
+                   gears: list[int] | None = None) -> dict:
+    """Single-process reference: the same evaluation in this process, no queue.
+
+    Returns the per-image predictions in the same form as ``EvalResult.predictions``.
+    """
+    from ..inference.evaluate import evaluate_range
+
+    settings = settings or load_settings()
+    plan = plan_run(weights=weights, data=data, labels=labels, backend=backend, batch_size=batch_size,
+                 precision=precision, num_outputs=num_outputs, output_dir=None, outfmt="NPY",
+                 soc_version=soc_version, gears=gears)
+    model = prepare_model(weights=plan.weights, backend=backend, num_outputs=num_outputs, settings=settings,
+                          build_options=plan.build, log=lambda *_: None)
+    b = backends.create(backend, device)
+    b.load(model, batch_size=batch_size, options=BackendOptions(precision=precision))
+    try:
+        out = evaluate_range(plan.source, b, 0, len(plan.source), batch_size=batch_size,
+                             labels=read_labels(plan.labels) if plan.labels else None)
+    finally:
+        b.close()
+    return {k: out[k] for k in ("names", "indices", "labels", "top5", "scores")} | {"errors": out["errors"]}
+

@@ -1,0 +1,188 @@
+"""What the commands share: the report, output-path and shared flags, the settings and the
+run store of a command, and ``finish``, which prints a run's report and writes what was asked."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..config import MAX_BATCH_SIZE
+from ..errors import NasqError
+from ..options import EMBEDDED_ONLY, add_option_flags, broker_flag, int_in, int_list, wait_flags
+
+EMBEDDED_NOTE = " (for the workers an embedded run starts; refused with --broker: give it to `nasq worker`)"
+
+
+def backend_flags(p, options: tuple[str, ...] = (), *, precision_default: str | None = "fp32") -> None:
+    """--backend, --precision (default: ``precision_default``; None: the worker's) and the device
+    ``options`` named, as declared once in ``config.BackendOptions``."""
+    from .. import backends
+
+    p.add_argument("--backend", default="torch", choices=backends.names(), help="inference runtime (default: torch)")
+    add_option_flags(p, ["precision", *options], defaults={"precision": precision_default})
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def devices(text: str) -> str:
+    from ..config import parse_device
+
+    if text in ("auto", "cpu", "cuda"):
+        return text
+    for d in (x.strip() for x in text.split(",")):
+        try:
+            parse_device(d)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or a list such as cuda:0,cuda:1, not {d!r}") \
+                from None
+    return text
+
+
+def one_device(text: str) -> str:
+    from ..config import parse_device
+
+    try:
+        parse_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def ready(what: str, folder: str) -> None:
+    """``folder`` exists (made if need be) and is writable, else one line naming ``what``."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise NasqError(f"{what}: cannot create {folder} ({e.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise NasqError(f"{what}: {folder} is not writable")
+
+
+def out_file(flag: str, path: str | None) -> None:
+    """Make sure ``path`` can be written before a long run: its folder is ready and it is not a
+    folder itself."""
+    if path:
+        if os.path.isdir(path):
+            raise NasqError(f"{flag} {path} is a folder; give a file name")
+        ready(f"{flag} {path}", os.path.dirname(os.path.abspath(path)))
+
+
+def out_dir(flag: str, path: str | None) -> None:
+    if path:
+        ready(f"{flag} {path}", path)
+
+
+def settings_of(args):
+    from ..config import load_settings
+
+    return load_settings(broker_url=getattr(args, "broker", None))
+
+
+def store_of(args):
+    from ..queue.broker import probe
+    from ..queue.store import RunStore
+
+    settings = settings_of(args)
+    if not settings.broker_url:
+        raise NasqError("no broker: pass --broker redis://HOST:6379/0 or set NASQ_BROKER_URL (the runs of an embedded "
+                        "`nasq eval` live in its private Redis and end with it)")
+    probe(settings)
+    return RunStore.for_settings(settings)
+
+
+def report_flags(p) -> None:
+    p.add_argument("--json", metavar="PATH", help="also write the report as JSON here")
+    p.add_argument("--predictions", metavar="PATH", help="write per-image top-5 here (.csv or .json)")
+    wait_flags(p)
+
+
+def check_report_paths(args) -> None:
+    out_file("--json", args.json)
+    out_file("--predictions", getattr(args, "predictions", None))
+
+
+def finish(result, args) -> int:
+    from ..files import write_json
+    from ..results.predictions import write_predictions
+
+    print(result.table)
+    report = result.report
+    for kind, path in (report.get("files") or {}).items():
+        log(f"run report ({kind}): {path}")
+    missing = report.get("files_not_written") or {}
+    if missing:
+        folder = os.path.dirname(next(iter((report.get("files") or {}).values()), "")) or "the report dir"
+        log(f"not written by the merging worker: {', '.join(missing)} ({next(iter(missing.values()))})"
+             + (f"; the rest are in {folder}" if report.get("files") else ""))
+    for text in (result.notes or {}).values():
+        log(f"note: {text}")
+    on_disk = (report.get("files") or {}).get("json")
+    if result.embedded:  # the private Redis ends with this command
+        kept = f"the report is in {on_disk}" if on_disk else "the report is the one printed above (no copy was kept)"
+    else:
+        kept = (f"the report is in {on_disk} and " if on_disk else "the report is ") + \
+            f"in Redis (`nasq status {result.run_id} --json`, until it expires)"
+    if missing or result.notes:
+        log(kept)
+    writing = None
+    try:
+        if args.json:
+            writing = args.json
+            write_json(report, args.json)
+            log(f"report written to {args.json}")
+        pred = result.predictions
+        if getattr(args, "predictions", None) and pred is not None:
+            writing = args.predictions
+            write_predictions(pred, args.predictions)
+            log(f"per-image predictions written to {args.predictions}")
+    except OSError as e:
+        raise NasqError(f"could not write {writing}: {e.strerror or e}; {kept}") from None
+    if not report.get("images"):
+        raise NasqError(f"no image could be evaluated ({report.get('error_count', 0)} unusable, listed above); "
+                        "check the data folder")
+    return 0
+
+
+def submission_args(p) -> None:
+    """The flags of a submission: ``nasq eval`` and ``python -m producer`` share them."""
+    p.add_argument("--weights", required=True, help="Cadene-format checkpoint (.pth) or a built model for the backend")
+    p.add_argument("--data", required=True, help="folder of JPEGs, of .bin files, or of u8 shards (the same path on "
+                                                  "every worker)")
+    p.add_argument("--labels", help="val_label.txt (default: one in or beside --data; none: no accuracy)")
+    backend_flags(p, precision_default=None)
+    p.add_argument("-b", "--batch-size", type=int_in(1, MAX_BATCH_SIZE), default=8,
+                   help="images per forward pass (default: 8)")
+    p.add_argument("--shard-size", type=int_in(1, 100_000),
+                   help="images per shard task (default: a few shards per worker, <= 1000)")
+    p.add_argument("--allow-bad-labels", action="store_true",
+                   help="go on when some labels are not ImageNet classes 0-999 (they count as misses)")
+    p.add_argument("--num-outputs", type=int, choices=(1001, 1000),
+                   help="1001 keeps the background class (as the seed's ONNX), 1000 drops it (default: the checkpoint's)")
+    p.add_argument("--queue", help="evaluation queue (default: eval.<backend>)")
+    p.add_argument("--soc-version", help="ais_bench with a checkpoint: the chip to build the .om for, e.g. Ascend310P3 "
+                                         "(ATC on the build queue; see `npu-smi info`)")
+    p.add_argument("--gears", type=int_list(1, MAX_BATCH_SIZE),
+                   help="ais_bench with a checkpoint: dynamic batch gears of the .om, e.g. 1,4,8 (-b must be one; "
+                        "default: a static .om of -b)")
+
+
+def submission_kwargs(args) -> dict:
+    """``submission_args``' values as keyword arguments of ``api.evaluate`` / ``submit_evaluation``."""
+    return {k: getattr(args, k) for k in ("weights", "data", "labels", "backend", "precision", "batch_size",
+                                          "shard_size", "allow_bad_labels", "num_outputs", "queue", "soc_version",
+                                          "gears")}
+
+
+def eval_args(p) -> None:
+    submission_args(p)
+    p.add_argument("--device", default="auto", type=devices,
+                   help="embedded runs: auto, cpu, cuda or a list like cuda:0,cuda:1; indices count the GPUs "
+                        "CUDA_VISIBLE_DEVICES leaves visible (default: auto)")
+    p.add_argument("--workers", type=int_in(1, 256), help="embedded runs: number of local workers (default: one per device)")
+    add_option_flags(p, EMBEDDED_ONLY, help_suffix=EMBEDDED_NOTE)
+    broker_flag(p, "an embedded run: a private Redis and local workers for this command")
+    p.add_argument("--output", metavar="DIR", help="also write every image's logits in ais_bench's layout (shared storage)")
+    p.add_argument("--outfmt", default="NPY", choices=("NPY", "TXT", "BIN"), help="format for --output (default: NPY)")
+    report_flags(p)

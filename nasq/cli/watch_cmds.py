@@ -1,0 +1,202 @@
+"""The commands that watch and report: status, runs, compare, sweep, sweeps, metrics, flower."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from ..config import MAX_BATCH_SIZE
+from ..errors import NasqError
+from ..options import broker_flag, int_in, int_list, seconds
+from .common import backend_flags, log, out_dir, settings_of, store_of
+
+
+def _status_args(p) -> None:
+    p.add_argument("run_id", nargs="?", help="the run (default: the most recent one)")
+    p.add_argument("--watch", action="store_true", help="refresh until the run ends, then print its report")
+    p.add_argument("--interval", type=seconds(3600), default=1.0, help="seconds between refreshes (default: 1)")
+    p.add_argument("--json", action="store_true", help="print the status (and the report, once done) as JSON")
+    broker_flag(p)
+
+
+def cmd_status(args) -> int:
+    from ..results.report import render
+    from ..results.status import render_status, run_status, watch
+    from ..runstate import RunState
+
+    store = store_of(args)
+    run_id = args.run_id or next(iter(store.run_ids(1)), None)
+    if run_id is None:
+        raise NasqError("no runs recorded in this Redis yet")
+    if args.json:
+        st = watch(store, run_id, interval=args.interval, out=open(os.devnull, "w")) if args.watch \
+            else run_status(store, run_id)
+        print(json.dumps({**st, "report": store.report(run_id)}, indent=2))
+        return 0 if st["state"] not in (RunState.FAILED, RunState.CANCELLED) else 1
+    st = watch(store, run_id, interval=args.interval) if args.watch else run_status(store, run_id)
+    if not args.watch or not sys.stdout.isatty():
+        print(render_status(st))
+    report = store.report(run_id)
+    if st["state"] == RunState.DONE and report:
+        print()
+        print(render(report))
+        if report.get("files"):
+            print(f"\nreport files: {', '.join(report['files'].values())}")
+    return 0 if st["state"] != RunState.FAILED else 1
+
+
+def _runs_args(p) -> None:
+    p.add_argument("--limit", type=int_in(1, 100_000), default=20, help="how many (default: 20)")
+    from ..runstate import ALL
+
+    p.add_argument("--state", choices=ALL, help="only these")
+    p.add_argument("--backend", help="only runs of this backend")
+    p.add_argument("--since", type=seconds(), metavar="DAYS", help="only runs created in the last DAYS days")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print the rows as JSON")
+    out.add_argument("--csv", action="store_true", help="print the rows as CSV")
+    broker_flag(p, "the run history only")
+
+
+def cmd_runs(args) -> int:
+    from ..api import list_runs
+    from ..results.status import runs_csv, runs_table
+
+    rows = list_runs(state=args.state, backend=args.backend, since_days=args.since, limit=args.limit,
+                     settings=settings_of(args))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif args.csv:
+        sys.stdout.write(runs_csv(rows))
+    else:
+        print(runs_table(rows) if rows else "no runs recorded yet")
+    return 0
+
+
+def _compare_args(p) -> None:
+    p.add_argument("run_a", help="the baseline run")
+    p.add_argument("run_b", help="the run compared with it")
+    p.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    broker_flag(p, "the report dir")
+
+
+def cmd_compare(args) -> int:
+    from ..api import compare_runs
+    from ..results.compare import render
+
+    c = compare_runs(args.run_a, args.run_b, settings=settings_of(args))
+    print(json.dumps(c, indent=2) if args.json else render(c))
+    return 0
+
+
+def _sweep_args(p) -> None:
+    p.add_argument("--weights", required=True, help="checkpoint (or built model for the backend)")
+    p.add_argument("--data", required=True, help="dataset folder (images for bench mode, the dataset for eval mode)")
+    p.add_argument("-b", "--batch-sizes", type=int_list(1, MAX_BATCH_SIZE), required=True,
+                   help="comma-separated, e.g. 1,4,8,16,32,64")
+    backend_flags(p)
+    p.add_argument("--devices", type=lambda t: [x for x in t.split(",") if x],
+                   help="worker names (with a broker; default: every live worker of the backend) or local devices "
+                        "such as cpu,cuda:0 (without one)")
+    p.add_argument("--workers", type=int_in(1, 64), help="without a broker: local CPU workers (default: 2)")
+    p.add_argument("--mode", default="bench", choices=("bench", "eval"), help="default: bench")
+    p.add_argument("--labels", help="eval mode: val_label.txt (default: beside the data)")
+    p.add_argument("--images", type=int_in(1, 10_000_000), help="eval mode: only the first N images")
+    p.add_argument("--min-time", type=seconds(3600), default=2.0, help="bench mode: timed seconds per point (default: 2)")
+    broker_flag(p, "private local workers")
+    p.add_argument("--out", help="write the report files here (default: the sweep's folder)")
+    p.add_argument("--no-wait", action="store_true", help="with a broker: print the sweep id and return")
+
+
+def _finish_sweep(handle, args) -> int:
+    if args.no_wait:
+        if handle.cluster is not None:
+            handle.close()
+            raise NasqError("--no-wait needs a broker: without one the sweep's private workers stop with this command")
+        print(handle.sweep_id)
+        return 0
+    try:
+        handle.wait(progress=True, log=log)
+    finally:
+        handle.close()
+    rep = handle.report(args.out)
+    print(rep.markdown)
+    for kind, path in rep.files.items():
+        print(f"{kind:<10} {path}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from ..api import submit_sweep
+
+    out_dir("--out", args.out)
+    handle = submit_sweep(batch_sizes=args.batch_sizes, weights=args.weights, data=args.data, backend=args.backend,
+                          precision=args.precision, devices=args.devices, workers=args.workers, mode=args.mode,
+                          labels=args.labels, images=args.images, min_time_s=args.min_time, broker=args.broker,
+                          log=log)
+    return _finish_sweep(handle, args)
+
+
+def _sweeps_args(p) -> None:
+    broker_flag(p, "private local workers")
+    p.add_argument("--resume", metavar="SWEEP_ID", help="run the points a recorded sweep has not measured yet (the "
+                                                        "measured ones are reused), then report it")
+    p.add_argument("--workers", type=int_in(1, 64), help="--resume without a broker: local CPU workers (default: 2)")
+    p.add_argument("--json", action="store_true", help="list as JSON")
+    p.add_argument("--out", help="--resume: write the report files here (default: the sweep's folder)")
+    p.add_argument("--no-wait", action="store_true", help="--resume with a broker: print the sweep id and return")
+
+
+def cmd_sweeps(args) -> int:
+    from ..api import list_sweeps, resume_sweep
+    from ..results.sweeps import sweeps_table
+
+    settings = settings_of(args)
+    if args.resume:
+        out_dir("--out", args.out)
+        return _finish_sweep(resume_sweep(args.resume, settings=settings, workers=args.workers, log=log), args)
+    sweeps = list_sweeps(settings=settings)
+    if args.json:
+        print(json.dumps([{k: v for k, v in s.items() if k != "spec"} for s in sweeps], indent=2))
+        return 0
+    if not sweeps:
+        print(f"no sweeps in {os.path.join(settings.report_dir, 'sweeps')}")
+        return 0
+    print(sweeps_table(sweeps))
+    return 0
+
+
+def _flower_args(p) -> None:
+    p.add_argument("--port", type=int_in(1, 65535), default=5555, help="default: 5555")
+    p.add_argument("--address", default="127.0.0.1", help="listen address (default: 127.0.0.1)")
+    p.add_argument("--basic-auth-file", metavar="FILE",
+                   help="a file holding user:password (several: one per line); it reaches Flower through its "
+                        "environment, never its command line")
+    p.add_argument("--basic-auth", help="user:password (prefer --basic-auth-file or $NASQ_FLOWER_BASIC_AUTH: a "
+                                        "password on a command line is seen by every local user while it runs)")
+    p.add_argument("--no-auth", action="store_true", help="start without authentication (anyone can revoke tasks)")
+    p.add_argument("--max-tasks", type=int_in(1, 10_000_000), default=100000,
+                   help="tasks Flower keeps in memory (default: 100000)")
+    broker_flag(p)
+
+
+def cmd_flower(args) -> int:
+    from ..queue.flower import launch, read_auth_file
+
+    auth = args.basic_auth or read_auth_file(args.basic_auth_file) or os.environ.get("NASQ_FLOWER_BASIC_AUTH") \
+        or os.environ.get("FLOWER_BASIC_AUTH")
+    launch(settings_of(args), address=args.address, port=args.port, auth=auth, open_=args.no_auth,
+           max_tasks=args.max_tasks, log=log)
+
+
+def _metrics_args(p) -> None:
+    p.add_argument("--port", type=int_in(1, 65535), default=9808, help="default: 9808")
+    p.add_argument("--address", default="127.0.0.1", help="listen address (default: 127.0.0.1)")
+    p.add_argument("--recent", type=int_in(1, 1000), default=20, help="ended runs to keep exporting (default: 20)")
+    broker_flag(p)
+
+
+def cmd_metrics(args) -> int:
+    from ..queue.metrics import serve_forever
+
+    serve_forever(store_of(args), port=args.port, address=args.address, recent=args.recent, log=log)

@@ -1,0 +1,142 @@
+"""Flags: the argument types every command shares, the one-line error parser, and a worker's
+device options as flags, generated from their one declaration (``config.BackendOptions``).
+
+From that declaration come the flags of ``nasq worker`` (and those ``nasq eval``/``nasq bench``
+take), a local worker's argv (``option_argv``, used by ``queue/local.py``) and the parsing back
+(``options_from``); each value is checked once, when it is parsed: ranges by the flag's type,
+the backend's precisions and compile modes by ``backends.check_options``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import fields
+
+from .config import BackendOptions
+
+
+class Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line, without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+# ------------------------------------------------------------------------------ flag types
+# Each checks its value when the flags are parsed, so a bad one is one line naming the flag
+# (argparse adds "argument --batch-size:") before anything starts.
+
+def _number(kind, text: str, what: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, not {text!r}") from None
+
+
+def int_in(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high]."""
+    def parse(text: str) -> int:
+        v = _number(int, text, "an integer")
+        if v < low or (high is not None and v > high):
+            raise argparse.ArgumentTypeError(f"must be {'at least ' + str(low) if high is None else f'{low} to {high}'}"
+                                             f", not {v}")
+        return v
+    return parse
+
+
+def seconds(high: float | None = None):
+    """An argparse type: a number of seconds above 0 (at most ``high``)."""
+    def parse(text: str) -> float:
+        v = _number(float, text, "a number of seconds")
+        if not v > 0 or (high is not None and v > high) or v != v:
+            raise argparse.ArgumentTypeError(f"must be above 0{f' and at most {high:g}' if high else ''}, not {text}")
+        return v
+    return parse
+
+
+def int_list(low: int = 1, high: int | None = None):
+    """An argparse type: comma-separated integers, each in [low, high]."""
+    one = int_in(low, high)
+
+    def parse(text: str) -> list[int]:
+        values = [one(x.strip()) for x in text.split(",") if x.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, not {text!r}")
+        return values
+    return parse
+
+
+def broker_flag(p, without: str | None = None) -> None:
+    """--broker: the Redis URL of the deployment; ``without`` says what happens without one."""
+    p.add_argument("--broker", help="Redis URL of the nasq deployment (default: $NASQ_BROKER_URL or the config file"
+                                    + (f"; without one: {without})" if without else ")"))
+
+
+def wait_flags(p) -> None:
+    """--timeout and --no-progress, for a command that waits."""
+    p.add_argument("--timeout", type=seconds(), help="give up waiting after this many seconds")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+# ------------------------------------------------------------------------------ device options
+
+#: the options that are flags, in declaration order
+OPTION_FIELDS = [f for f in fields(BackendOptions) if "help" in f.metadata]
+
+
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _choices(spec):
+    from . import backends
+
+    if isinstance(spec, str):  # a registry: the union over backends (each backend's own set is checked later)
+        return getattr(backends, spec)()
+    return spec
+
+
+def add_option_flags(parser, names: list[str] | None = None, *, defaults: dict | None = None,
+                     help_suffix: str = "") -> None:
+    """Add the flags of the device options ``names`` (all by default) to ``parser``; ``defaults``
+    overrides a default (``{"precision": None}``: the worker's)."""
+    defaults = defaults or {}
+    for f in OPTION_FIELDS:
+        if names is not None and f.name not in names:
+            continue
+        meta, default = f.metadata, defaults.get(f.name, f.default)
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag_of(f.name), dest=f.name, action="store_true", help=meta["help"] + help_suffix)
+            continue
+        kw: dict = {"default": default, "dest": f.name}
+        if meta.get("metavar"):
+            kw["metavar"] = meta["metavar"]
+        if "choices" in meta:
+            kw["choices"] = _choices(meta["choices"])
+        if "low" in meta:
+            kw["type"] = int_in(meta["low"], meta.get("high"))
+        shown = "" if "(default:" in meta["help"] else \
+            f" (default: {default})" if default is not None else " (default: the worker's)" if "choices" in meta else ""
+        parser.add_argument(flag_of(f.name), help=meta["help"] + shown + help_suffix, **kw)
+
+
+def options_from(args, base: BackendOptions = BackendOptions()) -> BackendOptions:
+    """The options in a parsed namespace (fields it does not have keep ``base``'s)."""
+    given = {f.name: getattr(args, f.name) for f in OPTION_FIELDS if hasattr(args, f.name)}
+    return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+
+
+def option_argv(options: BackendOptions) -> list[str]:
+    """The flags that give a worker ``options`` (those that differ from the defaults)."""
+    argv = []
+    for f in OPTION_FIELDS:
+        value = getattr(options, f.name)
+        if value == f.default:
+            continue
+        argv += [flag_of(f.name)] if isinstance(value, bool) else [flag_of(f.name), str(value)]
+    return argv
+
+
+#: the options an embedded run gives the workers it starts (with --broker, the workers were
+#: started already: these belong to `nasq worker`)
+EMBEDDED_ONLY = ("compile", "cuda_graphs", "kernels")

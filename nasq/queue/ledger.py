@@ -1,0 +1,151 @@
+"""The shard ledger in Redis: each copy of a shard claims, reports progress and commits through
+one atomic script (``scripts.py``), under a lease its worker renews; lost shards are claimed by
+one re-dispatcher; the kept results, failures, drops and progress of every shard."""
+from __future__ import annotations
+
+import json
+import time
+
+import redis
+
+from ..runstate import ACCEPTS_RESULTS, ENDED, MAY_START, RunState
+from .redis_store import RedisStore, _rides_out_full, _states
+
+
+class ShardLedger(RedisStore):
+    """``nasq:run:<id>:{attempts,running,lease:<shard>,results,finished,shard_done,dropped,
+    redispatched,redispatched_at,claim:<shard>:<n>,merge_sent:<n>,last_ok}``."""
+
+    @_rides_out_full
+    def claim_shard(self, run_id: str, shard_id: str, *, holder: str, lease_s: float, info: dict,
+                    max_attempts: int) -> tuple[str, object]:
+        """A worker starts a shard (one round trip): counts the attempt, takes the lease, records
+        it as running. Returns ("ok", attempt), ("ended", state), ("has-result", None),
+        ("exhausted", attempts) or ("gone", None)."""
+        out = self._run("CLAIM", [self._k(run_id, p) for p in ("state", "attempts", "running", f"lease:{shard_id}",
+                                                               "results", "shard_done")],
+                        [shard_id, holder, max(1, int(lease_s * 1000)), {**info, "holder": holder, "at": time.time()},
+                         max_attempts, self.expires, _states(MAY_START)])
+        return out[0], (out[1] if len(out) > 1 else None)
+
+    def shard_tick(self, run_id: str, shard_id: str, *, holder: str, done: int, lease_s: float) -> tuple[str, str | None]:
+        """Progress of a running shard, and whether it should stop: ("ok", None) or ("stop",
+        why). Progress is advisory: on a full broker it is skipped, not waited for."""
+        try:
+            out = self._run("TICK", [self._k(run_id, p) for p in ("state", f"lease:{shard_id}", "shard_done", "results")],
+                            [shard_id, holder, done, max(1, int(lease_s * 1000)), _states(ACCEPTS_RESULTS)])
+        except redis.exceptions.OutOfMemoryError:
+            return "ok", None
+        return out[0], (out[1] if len(out) > 1 else None)
+
+    @_rides_out_full
+    def commit_shard(self, run_id: str, shard_id: str, *, holder: str, status: str, summary: dict,
+                     result: dict | None = None, images: int = 0) -> tuple[str, object]:
+        """A copy of a shard ends (one round trip): "ok" (``result`` kept if it is the shard's
+        first), "error" (a failure) or "stopped" (given up). Returns ("accepted", results kept),
+        ("failed", None) or ("dropped", why)."""
+        out = self._run("COMMIT", [self._k(run_id, p) for p in ("state", "results", "finished", "running", "dropped",
+                                                                f"lease:{shard_id}", "shard_done", "last_ok")],
+                        [shard_id, holder, status, json.dumps(result) if result is not None else "", summary,
+                         images, self.expires, _states(ACCEPTS_RESULTS), time.time(),
+                         str(RunState.CANCELLED), _states(ENDED)])
+        return out[0], (out[1] if len(out) > 1 else None)
+
+    def renew_lease(self, run_id: str, shard_id: str, holder: str, ttl_s: float) -> bool:
+        """Extend the lease if ``holder`` still has it (allowed while the broker is full)."""
+        return bool(self._run("RENEW", [self._k(run_id, f"lease:{shard_id}")], [holder, max(1, int(ttl_s * 1000))]))
+
+    def lost_shards(self, run_id: str) -> list[str]:
+        """Shards recorded as running whose lease expired: their worker is gone."""
+        running = list(self.running(run_id))
+        if not running:
+            return []
+        with self.r.pipeline(transaction=False) as p:  # reads: no MULTI (refused while Redis is full)
+            for sid in running:
+                p.exists(self._k(run_id, f"lease:{sid}"))
+            alive = p.execute()
+        return [sid for sid, a in zip(running, alive) if not a]
+
+    @_rides_out_full
+    def claim_lost(self, run_id: str, shard_id: str, *, running: bool = True) -> bool:
+        """Take a lost shard off the running list; True for the one caller that gets to re-dispatch
+        it. ``running=False``: a shard lost before it was recorded as running (revoked in the queue)."""
+        if not self.r.hdel(self._k(run_id, "running"), shard_id) and running:
+            return False
+        count, at = self._k(run_id, "redispatched"), self._k(run_id, "redispatched_at")
+        with self.r.pipeline() as p:
+            p.hincrby(count, shard_id, 1)
+            p.hset(at, shard_id, time.time())
+            p.hset(self._k(run_id, "shard_done"), shard_id, 0)  # the lost copy's images do not count
+            p.expire(count, self.expires)
+            p.expire(at, self.expires)
+            p.execute()
+        return True
+
+    def redispatched_at(self, run_id: str) -> dict[str, float]:
+        """When each re-dispatched shard was last sent again."""
+        return {k.decode(): float(v) for k, v in self.r.hgetall(self._k(run_id, "redispatched_at")).items()}
+
+    @_rides_out_full
+    def claim_stranded(self, run_id: str, shard_id: str) -> bool:
+        """True for the one caller that re-dispatches a shard whose message is stranded (not
+        queued, not running, not finished): one claim per generation of the shard."""
+        gen = int(self.r.hget(self._k(run_id, "redispatched"), shard_id) or 0)
+        if not self.r.set(self._k(run_id, f"claim:{shard_id}:{gen}"), 1, nx=True, ex=self.expires):
+            return False
+        return self.claim_lost(run_id, shard_id, running=False)
+
+    def redispatched(self, run_id: str) -> dict[str, int]:
+        return {k.decode(): int(v) for k, v in self.r.hgetall(self._k(run_id, "redispatched")).items()}
+
+    @_rides_out_full
+    def claim_merge(self, run_id: str) -> bool:
+        """True once per run and resume: for the component that sends the merge of a run whose
+        chord cannot fire."""
+        return bool(self.r.set(self._k(run_id, f"merge_sent:{self.resumes(run_id)}"), 1, nx=True, ex=self.expires))
+
+    def shard_results(self, run_id: str) -> dict[str, dict]:
+        """The kept result of each finished shard (the first copy's)."""
+        return self._hash(run_id, "results")
+
+    def result_ids(self, run_id: str) -> set[str]:
+        """The shards that have their result (without reading the results)."""
+        return {k.decode() for k in self.r.hkeys(self._k(run_id, "results"))}
+
+    def running(self, run_id: str) -> dict[str, dict]:
+        return self._hash(run_id, "running")
+
+    def finished(self, run_id: str) -> dict[str, dict]:
+        return self._hash(run_id, "finished")
+
+    def dropped(self, run_id: str) -> dict[str, int]:
+        """Shard id -> copies dropped: late or duplicate results, and copies that gave up because
+        another copy took over."""
+        return {k.decode(): int(v) for k, v in self.r.hgetall(self._k(run_id, "dropped")).items()}
+
+    def last_accepted_at(self, run_id: str) -> float | None:
+        v = self.r.get(self._k(run_id, "last_ok"))
+        return float(v) if v else None
+
+    def shard_counts(self, run_id: str) -> tuple[int, int]:
+        """(finished, running) shard counts, without reading the records."""
+        with self.r.pipeline(transaction=False) as p:  # reads: no MULTI (refused while Redis is full)
+            p.hlen(self._k(run_id, "finished"))
+            p.hlen(self._k(run_id, "running"))
+            finished, running = p.execute()
+        return int(finished), int(running)
+
+    def results_count(self, run_id: str) -> int:
+        return int(self.r.hlen(self._k(run_id, "results")))
+
+    @_rides_out_full
+    def heal_turn(self, every_s: float) -> bool:
+        """True for one caller per ``every_s`` across the deployment: the live workers take
+        turns at healing instead of all of them doing it on every heartbeat."""
+        return bool(self.r.set("nasq:heal:turn", 1, nx=True, px=max(1, int(every_s * 1000))))
+
+    def images_done(self, run_id: str) -> int:
+        return sum(int(v) for v in self.r.hvals(self._k(run_id, "shard_done")))
+
+    def attempts(self, run_id: str) -> dict[str, int]:
+        return {k.decode(): int(v) for k, v in self.r.hgetall(self._k(run_id, "attempts")).items()}

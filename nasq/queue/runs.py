@@ -1,0 +1,147 @@
+"""Run records in Redis: a run's manifest (and its signed copy), its state and the transitions
+of ``nasq.runstate`` (one atomic script each), its merges, report and notes."""
+from __future__ import annotations
+
+import json
+import time
+
+import redis
+
+from ..runstate import ENDED, TRANSITIONS, RunState
+from .redis_store import ACTIVE, RUNS, RedisStore, _rides_out_full, _states, log
+
+
+class RunRecords(RedisStore):
+    """``nasq:run:<id>:{manifest,sealed,state,merges,resumes,report,predictions,notes,published}``
+    and the run indexes (``nasq:runs``, ``nasq:runs:active``)."""
+
+    @_rides_out_full
+    def save_manifest(self, manifest: dict, sealed: str | None = None) -> None:
+        """A new run: its manifest (and, with message signing on, the manifest signed by the
+        submitting client), state ``submitted``."""
+        run_id = manifest["run_id"]
+        with self.r.pipeline() as p:
+            p.set(self._k(run_id), json.dumps(manifest), ex=self.expires)
+            if sealed is not None:
+                p.set(self._k(run_id, "sealed"), sealed, ex=self.expires)
+            p.zadd(RUNS, {run_id: manifest.get("created", time.time())})
+            p.set(self._k(run_id, "state"), json.dumps({"state": str(RunState.SUBMITTED), "at": time.time(),
+                                                        "shards": len(manifest["shards"])}), ex=self.expires)
+            p.sadd(ACTIVE, run_id)
+            p.execute()
+
+    def manifest(self, run_id: str) -> dict | None:
+        """The manifest as stored (see ``nasq.queue.trust`` for one that must be signed)."""
+        return self._get(self._k(run_id))
+
+    def sealed_manifest(self, run_id: str) -> str | None:
+        v = self.r.get(self._k(run_id, "sealed"))
+        return v.decode() if v else None
+
+    def has_run(self, run_id: str) -> bool:
+        return bool(self.r.exists(self._k(run_id)))
+
+    def broker_warnings(self) -> list[str]:
+        """What this Redis lacks for runs to survive it (read with CONFIG GET; managed Redis
+        services that forbid it are not second-guessed)."""
+        try:
+            conf = {k: v for part in ("appendonly", "appendfsync", "maxmemory-policy")
+                    for k, v in self.r.config_get(part).items()}
+        except redis.exceptions.ResponseError:
+            return []
+        out = []
+        if conf.get("appendonly") != "yes":
+            out.append("the broker runs without appendonly: a Redis restart loses queued shards and run records "
+                       "(redis-server --appendonly yes --appendfsync always)")
+        elif conf.get("appendfsync") not in (None, "always"):
+            out.append(f"the broker's appendfsync is {conf['appendfsync']}: a Redis crash can lose the last writes "
+                       "(a finished shard, a queued message); such a run then needs `nasq resume` "
+                       "(appendfsync always keeps them)")
+        if conf.get("maxmemory-policy") not in (None, "noeviction"):
+            out.append(f"the broker's maxmemory-policy is {conf['maxmemory-policy']}: Redis may evict run records "
+                       "and results (set it to noeviction)")
+        return out
+
+    def state(self, run_id: str) -> dict | None:
+        return self._get(self._k(run_id, "state"))
+
+    def state_name(self, run_id: str) -> str | None:
+        return (self.state(run_id) or {}).get("state")
+
+    def active_runs(self) -> list[str]:
+        """Runs submitted or running: the ones whose shards a healthy component watches."""
+        return sorted(x.decode() for x in self.r.smembers(ACTIVE))
+
+    def run_ids(self, limit: int = 50) -> list[str]:
+        return [x.decode() for x in self.r.zrevrange(RUNS, 0, limit - 1)]
+
+    @_rides_out_full
+    def transition(self, run_id: str, name: str, *, report: dict | None = None, predictions: dict | None = None,
+                   clear_running: bool = False, merge_id: str | None = None, forget: tuple[str, ...] = (),
+                   **fields) -> tuple[bool, str | None]:
+        """Move the run along ``nasq.runstate.TRANSITIONS[name]`` if its state allows it, writing
+        ``report``/``predictions`` with it; returns (done, the state the run was in)."""
+        sources, target = TRANSITIONS[name]
+        record = {"state": str(target), "at": time.time(), **fields}
+        out = self._run("TRANSITION",
+                        [self._k(run_id, p) for p in ("state",)] + [ACTIVE] +
+                        [self._k(run_id, p) for p in ("report", "predictions", "running", "attempts", "shard_done",
+                                                      "finished", "merges")],
+                        [_states(sources), record, str(target), run_id, self.expires,
+                         json.dumps(report) if report is not None else "",
+                         json.dumps(predictions) if predictions is not None else "",
+                         "1" if clear_running else "0", merge_id or "", _states(ENDED), *forget])
+        return out[0] == "ok", (str(target) if out[0] == "ok" else out[1] if len(out) > 1 else None)
+
+    @_rides_out_full
+    def next_resume(self, run_id: str) -> int:
+        key = self._k(run_id, "resumes")
+        n = int(self.r.incr(key))
+        self.r.expire(key, self.expires)
+        return n
+
+    def resumes(self, run_id: str) -> int:
+        return int(self.r.get(self._k(run_id, "resumes")) or 0)
+
+    def merge_ids(self, run_id: str) -> list[str]:
+        """The task ids of the run's merges: the chord's and one per resume."""
+        return sorted(x.decode() for x in self.r.smembers(self._k(run_id, "merges")))
+
+    @_rides_out_full
+    def add_merge_id(self, run_id: str, task_id: str) -> None:
+        self.r.sadd(self._k(run_id, "merges"), task_id)
+        self.r.expire(self._k(run_id, "merges"), self.expires)
+
+    def report(self, run_id: str) -> dict | None:
+        return self._get(self._k(run_id, "report"))
+
+    def predictions(self, run_id: str) -> dict | None:
+        return self._get(self._k(run_id, "predictions"))
+
+    @_rides_out_full
+    def save_report_of_ended(self, run_id: str, report: dict, predictions: dict | None) -> None:
+        """The partial report of a run that already ended (a cancelled one, written after the
+        cancel took effect)."""
+        self._set(self._k(run_id, "report"), report)
+        if predictions is not None:
+            self._set(self._k(run_id, "predictions"), predictions)
+
+    def mark_published(self, run_id: str) -> None:
+        """The ended run's report files are in place and its history row written (or noted as not)."""
+        try:
+            self.r.set(self._k(run_id, "published"), 1, ex=self.expires)
+        except redis.exceptions.OutOfMemoryError:
+            log.warning("run %s: could not mark its report as published (the broker is full)", run_id)
+
+    def published(self, run_id: str) -> bool:
+        return bool(self.r.exists(self._k(run_id, "published")))
+
+    def add_note(self, run_id: str, what: str, text: str) -> None:
+        try:
+            self.r.hset(self._k(run_id, "notes"), what, text)
+            self.r.expire(self._k(run_id, "notes"), self.expires)
+        except redis.exceptions.OutOfMemoryError:
+            log.warning("run %s: %s (could not record it: the broker is full)", run_id, text)
+
+    def notes(self, run_id: str) -> dict[str, str]:
+        return {k.decode(): v.decode() for k, v in self.r.hgetall(self._k(run_id, "notes")).items()}
