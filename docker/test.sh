@@ -97,16 +97,43 @@ host_eval p2 >/dev/null 2>&1
 same "$NASQ_SHARED/p2.json" "from the host"
 
 W1=nasqtest_worker_1
-chaos() {  # $1: name; $2: the fault (a shell command), run once the run is under way
+victim_busy() {  # until a worker of container $1 runs a shard of the run its client ($2: log) submitted
+  "$PY" - "$HOST_URL" "$(docker inspect -f '{{.Config.Hostname}}' "$1")" "$2" <<'PYEOF'
+import re, sys, time
+from nasq.queue.store import RunStore
+url, host, log = sys.argv[1:]
+store, deadline = RunStore(url), time.time() + 300
+while time.time() < deadline:
+    found = re.search(r"run (\S+): \d+ images in", open(log).read())
+    if found and any(r["worker"].endswith("@" + host) for r in store.running(found.group(1)).values()):
+        print(found.group(1))
+        sys.exit(0)
+    time.sleep(0.2)
+sys.exit("the victim never took a shard")
+PYEOF
+}
+felt() {  # the fault was felt: a shard sent again, started twice, or the client rode out an outage
+  "$PY" - "$HOST_URL" "$1" "$2" <<'PYEOF'
+import json, sys
+from nasq.queue.store import RunStore
+url, run_id, log = sys.argv[1:]
+store = RunStore(url)
+again, twice = store.redispatched(run_id), {s: n for s, n in store.attempts(run_id).items() if n > 1}
+outage = [line.strip() for line in open(log) if "lost the broker" in line or "dispatched again" in line]
+print(f"    felt: dispatched again {again or 'none'}, started twice {twice or 'none'}, client: {outage[:2] or 'none'}")
+sys.exit(0 if again or twice or outage else "the fault was not felt: it proved nothing")
+PYEOF
+}
+chaos() {  # $1: name; $2: the fault (a shell command), run once the victim is running a shard of the run
   local name=$1 fault=$2
   host_eval "c-$name" --shard-size 16 --json "$NASQ_SHARED/c-$name.report.json" >"$WORK/$name.log" 2>&1 &
-  local pid=$!
-  sleep 4
-  say "chaos: $name"
+  local pid=$! run_id
+  run_id=$(victim_busy "$W1" "$WORK/$name.log") || { cat "$WORK/$name.log"; say "FAILED: $name"; exit 1; }
+  say "chaos: $name (run $run_id, $W1 busy)"
   eval "$fault"
   wait "$pid" || { cat "$WORK/$name.log"; say "FAILED: $name"; exit 1; }
   same "$NASQ_SHARED/c-$name.json" "chaos $name"
-  grep -E "lost its worker|lost the broker|broker is back" "$WORK/$name.log" | sed 's/^/    client: /' | head -5 || true
+  felt "$run_id" "$WORK/$name.log" || { say "FAILED: $name"; exit 1; }
   "$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); print('    report:', r['images'], 'images,', \
     r['wall_s'], 's over the shards, dispatched again:', r.get('redispatched_shards') or 'none')" \
     "$NASQ_SHARED/c-$name.report.json"

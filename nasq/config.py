@@ -147,8 +147,7 @@ def settings_to_file(settings: Settings, path: str) -> None:
     """The resolved settings, for the workers an embedded run starts (``settings_from_file``)."""
     from .files import write_json
 
-    write_json(dataclasses.asdict(settings), path)
-    os.chmod(path, 0o600)  # it may name signing keys and a broker password
+    write_json(dataclasses.asdict(settings), path, mode=0o600)  # it may name signing keys and a broker password
 
 
 def settings_from_file(path: str, **overrides) -> Settings:
@@ -195,12 +194,12 @@ class BackendOptions:
     threads: int | None = field(default=None, metadata=_flag(
         "CPU threads for the runtime (default: the runtime's choice)", low=1, high=1024))
     compile: str = field(default="none", metadata=_flag(
-        "torch backend: torch.compile mode (compiled once per process; cache in the artifact dir)",
+        "torch backend: torch.compile mode, compiled once per process, its cache in the artifact dir",
         choices="compile_modes"))
     cuda_graphs: bool = field(default=False, metadata=_flag("torch backend: replay a CUDA graph per batch size"))
     kernels: str = field(default="torch", metadata=_flag(
-        "torch backend on CUDA: triton runs NASNet's separable branches as fused Triton kernels (BatchNorm "
-        "folded first; nasq/model/triton_sep.py)", choices=("torch", "triton")))
+        "torch backend on CUDA: triton runs NASNet's separable branches as fused Triton kernels, BatchNorm "
+        "folded first", choices=("torch", "triton")))
     device_decode: bool = field(default=False, metadata=_flag(
         "torch backend: decode JPEGs on the device (nvjpeg on CUDA; within 1/255 of Pillow per pixel)"))
     decode_threads: int | None = field(default=None, metadata=_flag(
@@ -218,7 +217,7 @@ class BackendOptions:
     def describe(self) -> dict:
         """The options that differ from the defaults, for reports and row names."""
         return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name not in ("precision", "cache_dir") and getattr(self, f.name) != f.default}
+                if f.name not in ("precision", "cache_dir", "decode_threads") and getattr(self, f.name) != f.default}
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ def _file_mode() -> int:
 _MODE = _file_mode()  # what open() would give a new file (mkstemp's files are 0600)
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], None]) -> None:
+def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], None], *,
+                 mode: int | None = None) -> None:
     """Write ``path`` so that readers see the old file or the whole new one, never a part.
 
     ``data`` is bytes, text (UTF-8), or a function that writes to the open binary file. The
@@ -34,7 +35,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
                 data(f)
             else:
                 f.write(data.encode() if isinstance(data, str) else data)
-        os.chmod(tmp, _MODE)
+        os.chmod(tmp, _MODE if mode is None else mode)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -44,8 +45,8 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
         raise
 
 
-def write_json(obj, path: str | os.PathLike, *, indent: int | None = 2) -> None:
-    atomic_write(path, json.dumps(obj, indent=indent))
+def write_json(obj, path: str | os.PathLike, *, indent: int | None = 2, mode: int | None = None) -> None:
+    atomic_write(path, json.dumps(obj, indent=indent), mode=mode)
 
 
 def read_json(path: str | os.PathLike, default=None):

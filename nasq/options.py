@@ -97,16 +97,18 @@ def _choices(spec):
 
 
 def add_option_flags(parser, names: list[str] | None = None, *, defaults: dict | None = None,
-                     help_suffix: str = "") -> None:
+                     helps: dict | None = None, help_suffix: str = "") -> None:
     """Add the flags of the device options ``names`` (all by default) to ``parser``; ``defaults``
-    overrides a default (``{"precision": None}``: the worker's)."""
-    defaults = defaults or {}
+    overrides a default (``{"precision": None}``: the worker's), ``helps`` a help text (what the
+    option means to this command)."""
+    defaults, helps = defaults or {}, helps or {}
     for f in OPTION_FIELDS:
         if names is not None and f.name not in names:
             continue
         meta, default = f.metadata, defaults.get(f.name, f.default)
+        text = helps.get(f.name, meta["help"]) + help_suffix
         if f.type in (bool, "bool"):
-            parser.add_argument(flag_of(f.name), dest=f.name, action="store_true", help=meta["help"] + help_suffix)
+            parser.add_argument(flag_of(f.name), dest=f.name, action="store_true", help=text)
             continue
         kw: dict = {"default": default, "dest": f.name}
         if meta.get("metavar"):
@@ -115,9 +117,9 @@ def add_option_flags(parser, names: list[str] | None = None, *, defaults: dict |
             kw["choices"] = _choices(meta["choices"])
         if "low" in meta:
             kw["type"] = int_in(meta["low"], meta.get("high"))
-        shown = "" if "(default:" in meta["help"] else \
+        shown = "" if "default:" in text else \
             f" (default: {default})" if default is not None else " (default: the worker's)" if "choices" in meta else ""
-        parser.add_argument(flag_of(f.name), help=meta["help"] + shown + help_suffix, **kw)
+        parser.add_argument(flag_of(f.name), help=text + shown, **kw)
 
 
 def options_from(args, base: BackendOptions = BackendOptions()) -> BackendOptions:

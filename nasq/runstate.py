@@ -32,8 +32,9 @@ class RunState(str, Enum):
 ENDED = frozenset({RunState.DONE, RunState.FAILED, RunState.CANCELLED})
 #: the states in which a finished shard's result is kept
 ACCEPTS_RESULTS = frozenset({RunState.SUBMITTED, RunState.RUNNING, RunState.FAILED})
-#: the states in which a shard may start
-MAY_START = frozenset({RunState.SUBMITTED, RunState.RUNNING})
+#: the states in which a shard may start: a failed run's queued shards still run, so that
+#: `nasq resume` has only the failed ones left to do (`nasq cancel` stops them)
+MAY_START = ACCEPTS_RESULTS
 
 #: transition -> (the states it may start from, the state it ends in)
 TRANSITIONS: dict[str, tuple[frozenset, RunState]] = {

@@ -40,6 +40,8 @@ TASK_BUILD_COMMIT = "nasq.build.commit"
 TASK_BUILD_FAILED = "nasq.build.failed"
 #: every build task runs on this queue, which evaluation workers never consume
 BUILD_QUEUE = "build"
+#: the names of the build tasks, as Celery's task routes match them
+BUILD_TASKS = "nasq.build.*"
 
 
 def eval_queue(backend: str) -> str:
@@ -331,6 +333,11 @@ def plan_even(n_images: int, workers: int | None, batch_size: int, *, per_worker
     k = min(max(k, math.ceil(n_images / cap)), max(1, math.ceil(n_images / batch_size)))
     bounds = sorted({min(n_images, round(i * n_images / k / batch_size) * batch_size) for i in range(k)} | {n_images})
     return [{"shard_id": f"shard-{j:05d}", "start": a, "stop": b} for j, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+
+
+def sweep_point_task_id(sweep_id: str, point_id: str) -> str:
+    """A sweep point's task id: a point measured again (a resumed sweep) has the same one."""
+    return f"{sweep_id}:{point_id}"
 
 
 def new_run_id() -> str:

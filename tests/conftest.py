@@ -16,6 +16,20 @@ import pytest
 # test module imports anything. Worker processes the tests start inherit it (harmless on a CPU).
 if not __import__("glob").glob("/dev/nvidia[0-9]*"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Test processes share the cores (pytest-xdist, the workers they start): one compute thread each,
+# set before torch starts, instead of thread pools spinning against each other.
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tiers: ``integration`` for what needs a real Redis, worker processes or a model (every test
+    under tests/integration, and those under tests/unit that use the generated images and
+    checkpoint); ``slow`` is set by the modules that need minutes. The rest is the unit tier:
+    ``pytest -m "not integration and not slow"``."""
+    for item in items:
+        if "integration" in item.path.parts or "assets" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")
@@ -26,33 +40,96 @@ def repo() -> str:
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory):
-    """NASQ_TEST_REDIS, else the local Redis on 6379 (db 15), else a private one."""
+    """NASQ_TEST_REDIS, else (one test process) the local Redis on 6379, db 15, else a Redis of this
+    test process's own: under pytest-xdist each process has its own server, so that queues, the
+    worker registry and healing turns of one never meet another's."""
+    import subprocess
+
     import redis
 
-    url = os.environ.get("NASQ_TEST_REDIS", "redis://127.0.0.1:6379/15")
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+    from nasq.queue.redis_server import free_port, redis_binary, wait_for_redis
+
+    url = os.environ.get("NASQ_TEST_REDIS")
+    if url is None and "PYTEST_XDIST_WORKER" not in os.environ:
+        try:
+            redis.Redis.from_url("redis://127.0.0.1:6379/15", socket_connect_timeout=1).ping()
+            url = "redis://127.0.0.1:6379/15"
+        except redis.exceptions.ConnectionError:
+            pass
+    if url is not None:
         yield url
         return
-    except redis.exceptions.ConnectionError:
-        pass
-    from nasq.queue.redis_server import RedisServer
+    port = free_port()
+    folder = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen([redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                             "no", "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/15"
+    assert wait_for_redis(url, proc), "the test Redis did not start"
+    yield url
+    proc.terminate()
+    proc.wait(10)
 
-    with RedisServer(str(tmp_path_factory.mktemp("redis"))) as private:
-        yield private
+
+def _recipe_key(*parts) -> str:
+    """What generated test assets depend on: the code that makes them and the arguments."""
+    import hashlib
+
+    import nasq
+
+    h = hashlib.sha256(repr(parts).encode())
+    pkg = os.path.dirname(nasq.__file__)
+    for rel in ("demo.py", "model/checkpoint.py", "model/spec.py", "data/transforms.py", "data/preprocess.py",
+                "backends/torch_backend.py"):
+        with open(os.path.join(pkg, rel), "rb") as f:
+            h.update(f.read())
+    h.update(__import__("torch").__version__.encode())
+    return h.hexdigest()[:16]
+
+
+def _cached(name: str, key: str, make) -> str:
+    """A folder made once by ``make(folder)`` and kept in ~/.cache/nasq/test-assets/<name>-<key>
+    (under NASQ_TEST_CACHE if set) for later test sessions; built aside, then renamed into place."""
+    import shutil
+    import tempfile
+
+    base = os.environ.get("NASQ_TEST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nasq", "test-assets")
+    final = os.path.join(base, f"{name}-{key}")
+    if not os.path.isdir(final):
+        os.makedirs(base, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=base)
+        try:
+            make(tmp)
+            os.replace(tmp, final)
+        except OSError:  # another test process made it meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
 
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):
     """20 generated JPEGs (+ a truncated one, a text file named .JPEG and an empty one), a tiny
-    Cadene-format checkpoint calibrated on them, and val_label.txt from the fp32 reference."""
+    Cadene-format checkpoint calibrated on them, and val_label.txt from the fp32 reference; made
+    once per recipe (``_cached``) and copied into this session's temporary folder."""
+    import json
+    import shutil
+
     from nasq.demo import make_checkpoint, make_images
 
+    def make(folder: str) -> None:
+        names = make_images(os.path.join(folder, "val"), 20, seed=3)
+        top1 = make_checkpoint(os.path.join(folder, "tiny.pth"), os.path.join(folder, "val"), names, arch="tiny",
+                               seed=3, batch_size=4, log=lambda *_: None)
+        with open(os.path.join(folder, "made.json"), "w") as f:
+            json.dump({"names": names, "top1": [int(c) for c in top1]}, f)
+
     root = tmp_path_factory.mktemp("assets")
-    val = root / "val"
-    names = make_images(str(val), 20, seed=3)
-    ckpt = root / "tiny.pth"
-    top1 = make_checkpoint(str(ckpt), str(val), names, arch="tiny", seed=3, batch_size=4, log=lambda *_: None)
+    shutil.copytree(_cached("tiny-20", _recipe_key("tiny", 20, 3, 4), make), root, dirs_exist_ok=True)
+    made = json.loads((root / "made.json").read_text())
+    names, top1 = made["names"], made["top1"]
+    val, ckpt = root / "val", root / "tiny.pth"
     good = (val / names[5]).read_bytes()
     (val / "ILSVRC2012_val_00000021.JPEG").write_bytes(good[: len(good) // 2])  # truncated
     (val / "ILSVRC2012_val_00000022.JPEG").write_text("this is not an image\n")
@@ -67,7 +144,7 @@ def assets(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def start_workers(tmp_path_factory):
+def start_workers(tmp_path_factory, redis_url):  # redis_url: stopped after the workers
     """Start real worker processes (``python -m workers``) on a broker, each CPU worker on one
     thread, through the library's own ``LocalCluster``: ``start_workers(url, n=2, backend=...)``.
     Every cluster started is stopped at the end of the session (tests may stop theirs sooner)."""
@@ -95,8 +172,13 @@ def start_workers(tmp_path_factory):
         return cluster
 
     yield start
+    import time
+
+    for cluster in started:  # all at once, with one grace period: each may be finishing a task
+        cluster.terminate()
+    deadline = time.time() + 20
     for cluster in started:
-        cluster.stop()
+        cluster.stop(deadline)
 
 
 @pytest.fixture(scope="session")

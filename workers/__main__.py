@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a folder this worker may write (--output of runs, sweeps); repeatable; added to the "
                         "write_roots setting")
     broker_flag(p)
-    p.add_argument("--settings", metavar="FILE", help="every setting from this file (an embedded run's own), not NASQ_*")
+    p.add_argument("--settings", metavar="FILE", help=argparse.SUPPRESS)  # an embedded run's own settings file
     p.add_argument("-l", "--loglevel", default="INFO", help="log level (default: INFO)")
     p.add_argument("-c", "--concurrency", type=int_in(1, 1), default=1,
                    help="always 1: one process per device (a second would load a second model on it)")

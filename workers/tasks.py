@@ -25,7 +25,8 @@ log = logging.getLogger("nasq.worker")
 
 @app.task(name=TASK_EVAL_SHARD, bind=True, base=WorkerTask)
 def eval_shard(self, run_id, shard_id, start, stop, job) -> dict:
-    """Evaluate images [start, stop) of the run's dataset; returns top-5 per image."""
+    """Evaluate images [start, stop) of the run's dataset; returns a summary (the per-image
+    results are kept in the run store)."""
     try:
         task = ShardTask.from_payload(run_id, shard_id, start, stop, job)
     except MessageError as e:

@@ -17,9 +17,9 @@ from .builds import build, cached_build, prepare_model
 from .checks import check_weights, needs_build
 from .history import cancel, compare_runs, list_runs, load_run
 from .runs import EvalResult, RunHandle, evaluate, evaluate_local, resume, submit_evaluation
-from .sweeps import SweepHandle, SweepReport, _number, bench, list_sweeps, resume_sweep, submit_sweep
+from .sweeps import SweepHandle, SweepReport, bench, list_sweeps, resume_sweep, submit_sweep
 
 __all__ = ["BenchResult", "BuildResult", "EvalResult", "RunHandle", "SweepHandle", "SweepReport", "bench", "build",
            "cached_build", "cancel", "check_weights", "compare_runs", "evaluate", "evaluate_local", "list_runs",
            "list_sweeps", "load_run", "needs_build", "prepare_model", "resume", "resume_sweep", "submit_evaluation",
-           "submit_sweep", "_number"]
+           "submit_sweep"]

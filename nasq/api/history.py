@@ -52,8 +52,8 @@ def load_run(run_id: str, *, settings: Settings) -> tuple[dict, dict | None]:
     path = (row or {}).get("report") or os.path.join(settings.report_dir, run_id, "report.json")
     report = read_json(path)
     if not isinstance(report, dict):
-        raise NasqError(f"no report of run {run_id!r} in the broker or in {settings.report_dir} (runs table: "
-                        "`nasq runs`)")
+        raise NasqError(f"no readable report of run {run_id!r} in the broker or in {settings.report_dir} (runs "
+                        "table: `nasq runs`)")
     return report, read_json(os.path.join(os.path.dirname(path), "predictions.json"))
 
 

@@ -247,7 +247,8 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
                  if v not in (None, False, "none", "torch")]
         if given:
             raise NasqError(f"{', '.join(given)} set how the workers of an embedded run load the model; with a broker "
-                            "the workers run already: give it to `nasq worker` instead")
+                            "(--broker, NASQ_BROKER_URL or the config file) the workers run already: give it to "
+                            "`nasq worker` instead")
     plan = _broker_then_plan(settings, locals())
     queue = queue or eval_queue(backend)
     local = None
@@ -298,9 +299,7 @@ def resume(run_id: str, *, broker: str | None = None, settings: Settings | None 
         if state in (RunState.DONE, RunState.CANCELLED):
             raise NasqError(f"run {run_id} is {state}; there is nothing to resume (`nasq status {run_id}` shows it)")
         plan = healer.resumable(manifest)
-        # each shard sent again is claimed first: a concurrent resume, or healing, sends it once
-        redo = [sid for sid, why in plan.items() if why in ("failed", "lost", "missing")
-                and (store.claim_lost(run_id, sid) if why == "lost" else store.claim_stranded(run_id, sid))]
+        redo = healer.claim_for_resume(run_id, plan)
         busy = sum(1 for why in plan.values() if why in ("queued", "running"))
         if not redo and state == RunState.RUNNING and busy:
             log(f"run {run_id}: nothing to resubmit ({busy} shard(s) queued or running on live workers); following it")
@@ -336,9 +335,10 @@ def evaluate_local(*, weights: str, data: str, labels: str | None = None, backen
     from ..inference.evaluate import evaluate_range
 
     settings = settings or load_settings()
+    backends.check_options(backend, precision)
     plan = plan_run(weights=weights, data=data, labels=labels, backend=backend, batch_size=batch_size,
-                 precision=precision, num_outputs=num_outputs, output_dir=None, outfmt="NPY",
-                 soc_version=soc_version, gears=gears)
+                    precision=precision, num_outputs=num_outputs, output_dir=None, outfmt="NPY",
+                    soc_version=soc_version, gears=gears)
     model = prepare_model(weights=plan.weights, backend=backend, num_outputs=num_outputs, settings=settings,
                           build_options=plan.build, log=lambda *_: None)
     b = backends.create(backend, device)

@@ -6,7 +6,7 @@ holding a worker, so concurrent requests for one key build once). Each ``step`` 
 staging directory with the lock kept alive; ``commit`` publishes the directory with one
 rename; ``abort`` (the errback) removes the staging directory and frees the lock, so a
 failed build leaves nothing that looks complete. The build state travels from task to task
-as a JSON dict. ``store`` is the run store: lock, status line and export counter.
+as a JSON dict. ``store`` is the run store (its build lock and the status line a waiting client shows).
 """
 from __future__ import annotations
 

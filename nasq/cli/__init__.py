@@ -1,6 +1,6 @@
 """The ``nasq`` command: a thin adapter from flags to ``nasq.api``.
 
-Each subcommand is a pair: ``_<name>_args(parser)`` declares its flags (choices come from the
+Each subcommand is a pair: ``_<name>_args(parser)`` (``eval_args`` for eval) declares its flags (choices come from the
 registries: backends, precisions, compile modes, build targets; a worker's options from their
 one declaration, ``config.BackendOptions``) and ``cmd_<name>(args)`` maps them onto one API call
 and prints the result. Bad flags end in one line and exit status 2.

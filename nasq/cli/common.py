@@ -10,16 +10,19 @@ from ..config import MAX_BATCH_SIZE
 from ..errors import NasqError
 from ..options import EMBEDDED_ONLY, add_option_flags, broker_flag, int_in, int_list, wait_flags
 
-EMBEDDED_NOTE = " (for the workers an embedded run starts; refused with --broker: give it to `nasq worker`)"
+EMBEDDED_NOTE = "; for the workers of an embedded run (with a broker, it is `nasq worker`'s and refused here)"
 
 
-def backend_flags(p, options: tuple[str, ...] = (), *, precision_default: str | None = "fp32") -> None:
+def backend_flags(p, options: tuple[str, ...] = (), *, precision_default: str | None = "fp32",
+                  helps: dict | None = None) -> None:
     """--backend, --precision (default: ``precision_default``; None: the worker's) and the device
     ``options`` named, as declared once in ``config.BackendOptions``."""
     from .. import backends
 
     p.add_argument("--backend", default="torch", choices=backends.names(), help="inference runtime (default: torch)")
-    add_option_flags(p, ["precision", *options], defaults={"precision": precision_default})
+    what = "the run's precision" if precision_default is None else "the precision measured"
+    add_option_flags(p, ["precision", *options], defaults={"precision": precision_default},
+                     helps={"precision": f"{what}; fp16/bf16 take the CUDA fast path", **(helps or {})})
 
 
 def log(msg: str) -> None:

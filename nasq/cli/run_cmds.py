@@ -127,7 +127,8 @@ def cmd_build(args) -> int:
 
 
 def _bench_args(p) -> None:
-    backend_flags(p, ("compile", "cuda_graphs", "kernels", "device_decode"))
+    backend_flags(p, ("compile", "cuda_graphs", "kernels", "device_decode"), helps={
+        "device_decode": "torch backend, e2e mode: decode JPEGs on the device (nvjpeg on CUDA)"})
     p.add_argument("--device", default="cpu", type=one_device, help="cpu or cuda:N (default: cpu)")
     p.add_argument("-b", "--batch-sizes", type=int_list(1, MAX_BATCH_SIZE), default=[1, 4, 8],
                    help="comma-separated (default: 1,4,8)")

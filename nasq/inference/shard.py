@@ -24,6 +24,7 @@ from ..config import WorkerConfig
 from ..data.outputs import OutputWriter
 from ..errors import NasqError
 from ..keepalive import every
+from ..runstate import RunState
 from ..wire import ShardTask
 from .evaluate import evaluate_range
 from .resources import DeviceResources
@@ -54,7 +55,7 @@ class ShardStopped(Exception):
         self.why = why
 
 
-_STOP_TEXT = {"cancelled": "the run was cancelled", "done": "the run was already merged",
+_STOP_TEXT = {RunState.CANCELLED.value: "the run was cancelled", RunState.DONE.value: "the run was already merged",
               "superseded": "the shard was dispatched again and another worker holds it",
               "done-elsewhere": "another copy of the shard finished first", "gone": "the run's record is gone"}
 

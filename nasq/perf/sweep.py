@@ -85,7 +85,7 @@ def measure_point(point: SweepPoint, *, resources: DeviceResources, worker: Work
             out = evaluate_range(source, b, 0, n, batch_size=bs, labels=resources.labels_for(point.labels),
                                  latencies=lat)
             row.update(summarize(lat, bs))
-            row["img_s"] = round(len(out["indices"]) / out["timing"]["compute_s"], 3)
+            row["img_s"] = len(out["indices"]) / out["timing"]["compute_s"]
             row.update({k: v for k, v in accuracy(out["labels"], out["top5"]).items() if k != "correct"},
                        images=len(out["indices"]), errors=len(out["errors"]))
         peak = b.peak_memory_bytes()

@@ -25,14 +25,14 @@ def measure_stable(fn, *, min_time_s: float = 2.0, stability_pct: float = 5.0, m
                    warmup: int = 3, min_window: int = 8) -> tuple[list[float], dict]:
     """Latencies in ms, measured in windows until the median of the last window is within
     ``stability_pct`` % of the one before (perf_analyzer's stability check), after at least
-    ``min_time_s``; at most ``max_time_s`` (default 5 x ``min_time_s``, at least 10 s).
+    ``min_time_s``; at most ``max_time_s`` (default 5 x ``min_time_s``, at least 2 s).
 
     Returns:
         (latencies, {"stable": bool, "windows": n, "last_change_pct": x})
     """
     for _ in range(warmup):
         fn()
-    max_time_s = max_time_s or max(10.0, 5 * min_time_s)
+    max_time_s = max_time_s or max(2.0, 5 * min_time_s)
     window_s = max(0.2, min_time_s / 4)
     lat: list[float] = []
     medians: list[float] = []
@@ -61,11 +61,11 @@ def summarize(lat_ms: list[float], bs: int) -> dict:
     from fewer than 100 samples is flagged (``p99_samples_ok``: False): it is about the max."""
     arr = np.asarray(lat_ms)
     mean = float(arr.mean())
-    p90, p95, p99 = (round(float(x), 3) for x in np.percentile(arr, [90, 95, 99]))
-    return {"iters": len(arr), "min_ms": round(float(arr.min()), 3), "mean_ms": round(mean, 3),
-            "median_ms": round(float(np.median(arr)), 3), "p90_ms": p90, "p95_ms": p95, "p99_ms": p99,
-            "max_ms": round(float(arr.max()), 3), "p99_samples_ok": len(arr) >= 100,
-            "img_s": round(bs * 1000.0 / mean, 2)}
+    p90, p95, p99 = (float(x) for x in np.percentile(arr, [90, 95, 99]))
+    # full precision: numbers are rounded where they are shown, never in the data
+    return {"iters": len(arr), "min_ms": float(arr.min()), "mean_ms": mean, "median_ms": float(np.median(arr)),
+            "p90_ms": p90, "p95_ms": p95, "p99_ms": p99, "max_ms": float(arr.max()), "p99_samples_ok": len(arr) >= 100,
+            "img_s": bs * 1000.0 / mean}
 
 
 def is_oom(e: BaseException) -> bool:

@@ -8,7 +8,7 @@ from celery import Celery
 
 from ..config import Settings
 from ..errors import NasqError
-from ..wire import BUILD_QUEUE
+from ..wire import BUILD_QUEUE, BUILD_TASKS
 from .transport import TRANSPORT, result_backend_url
 
 
@@ -45,7 +45,7 @@ def celery_config(settings: Settings) -> dict:
         task_send_sent_event=True,
         worker_send_task_events=True,
         # Every build task runs on the build queue, which evaluation workers never consume.
-        task_routes={"nasq.build.*": {"queue": BUILD_QUEUE}},
+        task_routes={BUILD_TASKS: {"queue": BUILD_QUEUE}},
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=settings.broker_connect_timeout_s,
         redis_socket_connect_timeout=settings.broker_connect_timeout_s,

@@ -65,4 +65,5 @@ def launch(settings, *, address: str, port: int, auth: str | None, open_: bool, 
         env["FLOWER_UNAUTHENTICATED_API"] = "true"  # --no-auth: the REST API is open too, as asked
     log(f"Flower on http://{address}:{port} for {redact(settings.broker_url)} "
         f"({'basic auth' if auth else 'NO AUTHENTICATION'})")
+    os.chdir("/")  # Celery puts the current folder first on sys.path for -A: a `nasq/` there must not shadow nasq
     os.execve(sys.executable, cmd, env)

@@ -147,10 +147,11 @@ class Healer:
         last = self.store.last_accepted_at(run_id) or time.time()
         if not self.store.redispatched(run_id) and time.time() - last < self.lease_s:
             return False  # the chord fires by itself
-        if not self.store.claim_merge(run_id):
+        generation = self.store.resumes(run_id)  # one merge per resume of the run
+        if not self.store.claim_merge(run_id, generation):
             return False
         self.app.signature(TASK_MERGE, args=([],), kwargs={"run_id": run_id}, queue=manifest["queue"],
-                           task_id=merge_task_id(run_id, self.store.resumes(run_id)),
+                           task_id=merge_task_id(run_id, generation),
                            argsrepr=f"run={run_id} (every shard has its result; its chord cannot fire)").apply_async()
         log.info("run %s: every shard has its result but the chord cannot fire; merge sent", run_id)
         return True
@@ -180,6 +181,12 @@ class Healer:
             else:
                 out[sid] = "missing"
         return out
+
+    def claim_for_resume(self, run_id: str, plan: dict[str, str]) -> list[str]:
+        """The shards of ``plan`` (``resumable``) that ``nasq resume`` sends again: the failed, lost
+        and missing ones, each claimed first so that a concurrent resume, or healing, sends it once."""
+        return [sid for sid, why in plan.items() if why in ("failed", "lost", "missing")
+                and (self.store.claim_lost(run_id, sid) if why == "lost" else self.store.claim_stranded(run_id, sid))]
 
     def heal_active(self) -> None:
         """``heal`` every active run (a worker's heartbeat)."""

@@ -99,10 +99,10 @@ class ShardLedger(RedisStore):
         return {k.decode(): int(v) for k, v in self.r.hgetall(self._k(run_id, "redispatched")).items()}
 
     @_rides_out_full
-    def claim_merge(self, run_id: str) -> bool:
+    def claim_merge(self, run_id: str, generation: int) -> bool:
         """True once per run and resume: for the component that sends the merge of a run whose
         chord cannot fire."""
-        return bool(self.r.set(self._k(run_id, f"merge_sent:{self.resumes(run_id)}"), 1, nx=True, ex=self.expires))
+        return bool(self.r.set(self._k(run_id, f"merge_sent:{generation}"), 1, nx=True, ex=self.expires))
 
     def shard_results(self, run_id: str) -> dict[str, dict]:
         """The kept result of each finished shard (the first copy's)."""

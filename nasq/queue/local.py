@@ -61,8 +61,9 @@ def _tail(path: str, n: int = 25) -> str:
 class LocalCluster:
     """``with LocalCluster(workers, workdir=...) as url:`` starts a private Redis (unless
     ``broker_url`` is given) and the workers, waits until every worker answers a ping, and on
-    exit stops everything it started. The workers take ``settings`` (broker aside) whole, from a
-    file in ``workdir`` their command line names; ``env`` is added to their environment."""
+    exit stops everything it started. The workers take ``settings`` whole, from a file in
+    ``workdir`` their command line names, with the broker (and, for a private Redis, the result
+    backend) this cluster gives them; ``env`` is added to their environment."""
 
     def __init__(self, workers: list[WorkerSpec], *, workdir: str, broker_url: str | None = None,
                  settings: Settings | None = None, env: dict | None = None, ready_timeout: float = 180, log=print):
@@ -86,7 +87,9 @@ class LocalCluster:
         if self.redis is not None:
             self.url = self.redis.start()
         host = socket.gethostname()
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.pop("NASQ_RESULT_BACKEND", None)  # without settings, the workers' results go to the broker they are given
+        env.update(self.extra_env)
         settings_file = None
         if self.settings is not None:  # the workers take the settings this process resolved, whole
             settings_file = os.path.join(self.workdir, "settings.json")
@@ -133,14 +136,20 @@ class LocalCluster:
                 text.append(f.read())
         return "".join(text)
 
-    def stop(self) -> None:
+    def terminate(self) -> None:
+        """Ask every worker to stop (SIGTERM: a warm shutdown, a running task finishes first)."""
         for _, proc, _ in self.procs:
             if proc.poll() is None:
                 try:
                     os.killpg(proc.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
-        deadline = time.time() + 20
+
+    def stop(self, deadline: float | None = None) -> None:
+        """Stop the workers (SIGKILL for one still up after 20 s, or at ``deadline``) and a private
+        Redis."""
+        self.terminate()
+        deadline = deadline or time.time() + 20
         for _, proc, _ in self.procs:
             try:
                 proc.wait(max(0.1, deadline - time.time()))
@@ -150,6 +159,10 @@ class LocalCluster:
         self.procs = []
         if self.redis is not None:
             self.redis.stop()
+        try:
+            os.unlink(os.path.join(self.workdir, "settings.json"))  # it may hold a password: not kept after
+        except OSError:
+            pass
 
     def __enter__(self) -> str:
         try:

@@ -19,7 +19,7 @@ from ..config import Settings
 from ..errors import NasqError, RunError
 from ..wire import (BUILD_QUEUE, TASK_BUILD_COMMIT, TASK_BUILD_DEVICE, TASK_BUILD_EXPORT, TASK_BUILD_FAILED,
                     TASK_BUILD_SIMPLIFY, TASK_EVAL_SHARD, TASK_MERGE, TASK_RUN_FAILED, TASK_SWEEP_POINT, SweepPoint,
-                    merge_task_id, shard_task_id, shard_tasks, worker_queue)
+                    merge_task_id, shard_task_id, shard_tasks, sweep_point_task_id, worker_queue)
 from .app import make_app
 from .broker import probe
 from .local import LocalCluster, WorkerSpec
@@ -126,7 +126,8 @@ class Session:
     def submit_sweep(self, points: list[SweepPoint]):
         """The group of a sweep: each point on the queue of the one worker it measures."""
         return group(self.app.signature(TASK_SWEEP_POINT, args=(p.to_payload(),), queue=worker_queue(p.worker),
-                                        argsrepr=p.argsrepr) for p in points).apply_async()
+                                        task_id=sweep_point_task_id(p.sweep_id, p.point_id), argsrepr=p.argsrepr)
+                     for p in points).apply_async()
 
     # ------------------------------------------------------------------ the wait loop
     def wait(self, result, *, label: str, poll: Callable[[], Progress], total: int | None = None,

@@ -112,8 +112,6 @@ def watch(store, run_id: str, *, interval: float = 1.0, out=sys.stdout) -> dict:
         time.sleep(interval)
 
 
-
-
 def runs_rows(store, report_dir: str, *, state: str | None = None, backend: str | None = None,
               since: float | None = None, limit: int = 20) -> list[dict]:
     """Recent runs, newest first: the broker's records (``store``, None without a broker) for

@@ -23,7 +23,7 @@ from nasq.errors import BackendError
 from nasq.inference.evaluate import evaluate_range
 from nasq.model.spec import ModelRef
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # model builds / a broker restarted: minutes
 
 DOUBLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "doubles")
 SOC = "Ascend310P3"

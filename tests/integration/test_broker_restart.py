@@ -15,7 +15,7 @@ from nasq.config import Settings
 from nasq.queue.redis_server import free_port, redis_binary, wait_for_redis
 from nasq.queue.store import RunStore
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # model builds / a broker restarted: minutes
 
 
 class Broker:

@@ -14,7 +14,7 @@ from nasq.config import Settings
 from nasq.queue.store import RunStore
 from nasq.errors import NasqError
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # model builds / a broker restarted: minutes
 
 
 def _settings(build_env):

@@ -7,9 +7,6 @@ import uuid
 
 import pytest
 
-pytestmark = pytest.mark.slow
-
-
 @pytest.fixture
 def run(nasq_cli, repo):
     """``run(args, env=...)``: the nasq command in a separate process, without a configured broker."""

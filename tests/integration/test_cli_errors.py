@@ -11,9 +11,6 @@ import pytest
 from nasq.cli import main
 from nasq.queue.redis_server import free_port, redis_binary, wait_for_redis
 
-pytestmark = pytest.mark.slow
-
-
 @pytest.fixture(scope="module")
 def password_redis(tmp_path_factory):
     port = free_port()
@@ -43,9 +40,14 @@ def silent_broker():
             except OSError:
                 pass
 
+    class Port(int):
+        """The port, and the connections the server accepted (``.held``)."""
+
+    port = Port(srv.getsockname()[1])
+    port.held = held
     t = threading.Thread(target=accept, daemon=True)
     t.start()
-    yield srv.getsockname()[1]
+    yield port
     stop.set()
     t.join(2)
     for c in held:
@@ -255,11 +257,14 @@ def test_worker_exits_promptly_against_a_silent_broker_and_at_once_on_a_wrong_pa
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("NASQ_")}
     log = tmp_path / "silent.log"
+    before = len(silent_broker.held)
     with open(log, "wb") as f:
         proc = subprocess.Popen([sys.executable, "-m", "workers", "--broker", f"redis://127.0.0.1:{silent_broker}/0"],
                                 cwd=repo, env=env, stdout=f, stderr=subprocess.STDOUT)
-    time.sleep(4)  # started and blocked, waiting for an answer that never comes
-    assert proc.poll() is None
+    deadline = time.time() + 60
+    while time.time() < deadline and len(silent_broker.held) == before:
+        time.sleep(0.05)  # until it has connected, and is blocked waiting for an answer that never comes
+    assert len(silent_broker.held) > before and proc.poll() is None
     t = time.time()
     proc.send_signal(signal.SIGTERM)
     proc.wait(10)

@@ -8,13 +8,11 @@ import numpy as np
 import pytest
 
 from nasq.api import evaluate, evaluate_local
+from nasq.config import Settings
 from nasq.data.preprocess import preprocess
 from nasq.queue.app import make_app
 from nasq.wire import TASK_EVAL_SHARD, TASK_MERGE
 from nasq.queue.store import RunStore
-
-pytestmark = pytest.mark.slow
-
 
 def _same_predictions(dist: dict, ref: dict):
     assert dist["names"] == ref["names"]
@@ -117,9 +115,12 @@ def test_duplicate_shard_result_ignored_and_missing_shard_named(assets, workers,
         assert store.commit_shard(b.run_id, s["shard_id"], holder="planted", status="ok", result=r,
                                   summary={"status": "ok", "worker": r["worker"], "images": len(r["indices"])},
                                   images=len(r["indices"]))[0] == "accepted"
+    # (the merge waits merge_wait_s for a shard that may still come: a merging worker that waits 3 s)
+    merger = start_workers(redis_url, f"merge-{uuid.uuid4().hex[:6]}", settings=Settings(merge_wait_s=3))
     with pytest.raises(Exception, match=gone["shard_id"]):
         app.signature(TASK_MERGE, args=([],), kwargs={"run_id": b.run_id},
-                      queue=workers.queue).apply_async().get(timeout=60)
+                      queue=merger.queue).apply_async().get(timeout=60)
+    merger.stop()
     st = store.state(b.run_id)
     assert st["state"] == "failed" and gone["shard_id"] in st["error"] and "nasq resume" in st["error"]
     # nothing lost: what finished is kept as a partial report ...

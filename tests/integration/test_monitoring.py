@@ -11,9 +11,6 @@ import requests
 from nasq.api import evaluate, submit_evaluation, submit_sweep
 from nasq.queue.store import RunStore
 
-pytestmark = pytest.mark.slow
-
-
 def test_six_point_sweep_with_local_workers_then_rerun_reuses(assets, tmp_path):
     from nasq.config import Settings
 
@@ -74,12 +71,13 @@ def test_status_watch_follows_a_run_to_its_report(assets, start_workers, setting
     watcher = subprocess.Popen(nasq_cli + ["status", manifest["run_id"], "--watch", "--interval", "0.2",
                                            "--broker", settings.broker_url], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, cwd=repo)
-    time.sleep(3)
+    first = watcher.stdout.readline()  # the watcher runs and has seen the run (running, no worker yet)
     w = start_workers(settings.broker_url, queue, n=2)
     try:
         out, err = watcher.communicate(timeout=120)
     finally:
         w.stop()
+    out = first + out
     p = subprocess.CompletedProcess(watcher.args, watcher.returncode, out, err)
     assert p.returncode == 0, p.stderr
     lines = [l for l in p.stdout.splitlines() if l.startswith(f"run {manifest['run_id']}")]

@@ -6,9 +6,6 @@ import redis
 
 from nasq.queue.redis_server import free_port, redis_binary, wait_for_redis
 
-pytestmark = pytest.mark.slow
-
-
 def test_eval_through_a_password_protected_redis(eval_through, tmp_path):
     port = free_port()
     proc = subprocess.Popen([redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",

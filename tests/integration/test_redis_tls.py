@@ -6,9 +6,6 @@ import pytest
 
 from nasq.queue.redis_server import free_port, redis_binary, wait_for_redis
 
-pytestmark = pytest.mark.slow
-
-
 @pytest.fixture
 def tls_redis(tmp_path):
     if not shutil.which("openssl"):

@@ -5,14 +5,10 @@ import time
 import uuid
 
 import numpy as np
-import pytest
 
 from nasq.api import evaluate_local, submit_evaluation
 from nasq.queue.app import make_app
 from nasq.queue.store import RunStore
-
-pytestmark = pytest.mark.slow
-
 
 def test_killed_worker_child_requeues_its_shard(assets, redis_url, settings, start_workers):
     w = start_workers(redis_url, f"eval.loss-{uuid.uuid4().hex[:6]}")

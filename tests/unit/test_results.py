@@ -76,7 +76,7 @@ def test_stability_rule_stops_once_the_median_settles():
 
 
 def test_sweep_slots_survive_a_renamed_worker():
-    from nasq.api import _number
+    from nasq.api.sweeps import _number
 
     before = _number([("h1", "cuda:0", "cuda0-111@h1"), ("h1", "cuda:1", "cuda1-112@h1"), ("h1", "cpu", "a@h1"),
                       ("h1", "cpu", "b@h1")])

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 pytest.importorskip("triton", reason="Triton comes with the CUDA builds of torch that nasq installs")
+pytestmark = pytest.mark.slow  # Triton's interpreter runs each kernel element by element in Python: minutes in all
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +121,6 @@ def test_a_branch_needs_batchnorm_folded_first(ts):
         ts.FusedBranch(_branch("normal", 16, 16, 3, 1, seed=0))
 
 
-@pytest.mark.slow
 def test_whole_tiny_nasnet_through_the_torch_backend(ts, assets):
     """`kernels="triton"`: BatchNorm folded, all 110 separable branches fused (220 kernels),
     logits equal to the plain fp32 module's within 1e-5 of their scale, same top-1."""
