@@ -207,7 +207,7 @@ class BackendOptions:
         low=1, high=64))
     sim: str | None = field(default=None, metadata=_flag(
         "--backend sim only: a SIMULATED device for fleet-scale queue tests, never a measurement: "
-        "rate=310p3|N,slow=X,crash_after=N,hang_after=N (default: rate=310p3)", metavar="OPTIONS"))
+        "rate=310p3|N,slow=X,crash_after=N,hang_after=N,fail_after=N (default: rate=310p3)", metavar="OPTIONS"))
     #: torch: fold BatchNorm / channels-last (None: on for the CUDA fp16/bf16 fast path)
     fold_bn: bool | None = None
     channels_last: bool | None = None

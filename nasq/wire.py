@@ -272,6 +272,8 @@ class SweepPoint:
     labels: str | None = None
     images: int | None = None
     min_time_s: float = 2.0
+    #: bench mode: the median of the last timing window within this % of the one before
+    stability_pct: float = 5.0
 
     MODES = ("bench", "eval")
 
@@ -288,12 +290,15 @@ class SweepPoint:
         t = d.get("min_time_s", 2.0)
         _need(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t <= 3600,
               f"min_time_s must be a number of seconds in (0, 3600], not {t!r}")
+        stab = d.get("stability_pct", 5.0)
+        _need(isinstance(stab, (int, float)) and not isinstance(stab, bool) and 0 < stab <= 100,
+              f"stability_pct must be a percentage in (0, 100], not {stab!r}")
         return cls(sweep_id=_name(d, "sweep_id"), point_id=_str(d, "point_id"), folder=_str(d, "folder"),
                    worker=_str(d, "worker"), batch_size=_int(d, "batch_size", low=1, high=MAX_BATCH_SIZE), mode=mode,
                    backend=backend,
                    precision=precision, weights=_str(d, "weights"), data=_str(d, "data"),
                    dataset_fingerprint=_str(d, "dataset_fingerprint"), labels=_str(d, "labels", optional=True),
-                   images=images, min_time_s=float(t))
+                   images=images, min_time_s=float(t), stability_pct=float(stab))
 
     @property
     def argsrepr(self) -> str:
@@ -345,10 +350,11 @@ def new_run_id() -> str:
 
 
 def make_manifest(job: EvalJob, *, queue: str, shard_size: int | None = None, workers: int | None = None,
-                  run_id: str | None = None, broker_id: str | None = None) -> dict:
+                  run_id: str | None = None, broker_id: str | None = None, command: list[str] | None = None) -> dict:
     """The run's record: the job, its queue and its shards (``shard_size`` images each, or the
     even default plan for ``workers``), with their task ids; ``broker_id``: the broker server's
-    run id at submission (healing tells a broker restart from a discarded message by it)."""
+    run id at submission (healing tells a broker restart from a discarded message by it);
+    ``command``: the command line that runs it again (for its report)."""
     job = EvalJob.from_payload(job.to_payload())  # refused here, before anything is recorded
     run_id = run_id or new_run_id()
     n = job.dataset.images
@@ -356,7 +362,8 @@ def make_manifest(job: EvalJob, *, queue: str, shard_size: int | None = None, wo
     for s in shards:
         s["task_id"] = shard_task_id(run_id, s["shard_id"])
     return {"run_id": run_id, "created": time.time(), "nasq_version": __version__, "queue": queue,
-            "submitted_from": os.uname().nodename, "broker_id": broker_id, **job.to_payload(), "shards": shards}
+            "submitted_from": os.uname().nodename, "broker_id": broker_id, "command": command, **job.to_payload(),
+            "shards": shards}
 
 
 _JOB_FIELDS = ("dataset", "labels", "model", "backend", "batch_size", "precision", "output", "labels_sha256")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import subprocess
 import sys
 import uuid
 
@@ -146,7 +147,8 @@ def assets(tmp_path_factory):
 @pytest.fixture(scope="session")
 def start_workers(tmp_path_factory, redis_url):  # redis_url: stopped after the workers
     """Start real worker processes (``python -m workers``) on a broker, each CPU worker on one
-    thread, through the library's own ``LocalCluster``: ``start_workers(url, n=2, backend=...)``.
+    thread, through the library's own ``LocalCluster``: ``start_workers(url, n=2, backend=...)``
+    (``devices=["npu:0", ...]``: one worker per device, for the sim backend).
     Every cluster started is stopped at the end of the session (tests may stop theirs sooner)."""
     from nasq.config import BackendOptions, Settings
     from nasq.queue.local import LocalCluster, WorkerSpec
@@ -154,11 +156,12 @@ def start_workers(tmp_path_factory, redis_url):  # redis_url: stopped after the 
     started = []
 
     def start(url: str, queue: str | None = None, *, n: int = 1, backend: str = "torch", settings=None,
-              env: dict | None = None, sim: str | None = None) -> LocalCluster:
+              env: dict | None = None, sim: str | None = None, devices: list[str] | None = None) -> LocalCluster:
         queue = queue or f"eval.test-{uuid.uuid4().hex[:8]}"
         tag = uuid.uuid4().hex[:4]
-        specs = [WorkerSpec(device="cpu", backend=backend, queues=(queue,), options=BackendOptions(threads=1, sim=sim),
-                            name=f"test{i}-{queue}-{tag}@localhost") for i in range(n)]
+        devices = devices or ["cpu"] * n
+        specs = [WorkerSpec(device=d, backend=backend, queues=(queue,), options=BackendOptions(threads=1, sim=sim),
+                            name=f"test{i}-{queue}-{tag}@localhost") for i, d in enumerate(devices)]
         # the test workers may read and write the session's temporary folders (assets, outputs)
         base = str(tmp_path_factory.getbasetemp())
         settings = settings or Settings(merge_wait_s=20)
@@ -224,6 +227,20 @@ def nasq_cli() -> list[str]:
     """The ``nasq`` command as a user runs it (the installed script)."""
     exe = shutil.which("nasq", path=os.path.dirname(sys.executable))
     return [exe] if exe else [sys.executable, "-m", "nasq.cli"]
+
+
+@pytest.fixture
+def cli(nasq_cli, repo):
+    """``cli(args, broker=..., report_dir=...)``: the nasq command in a subprocess, with only the
+    settings given (no NASQ_ variable of the test process)."""
+    def run(args, *, broker=None, report_dir=None, timeout=180):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NASQ_")}
+        if broker:
+            env["NASQ_BROKER_URL"] = broker
+        if report_dir:
+            env["NASQ_REPORT_DIR"] = str(report_dir)
+        return subprocess.run(nasq_cli + args, capture_output=True, text=True, cwd=repo, env=env, timeout=timeout)
+    return run
 
 
 @pytest.fixture

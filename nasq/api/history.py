@@ -70,11 +70,11 @@ def compare_runs(run_a: str, run_b: str, *, broker: str | None = None, settings:
     return compare(a, pa, b, pb)
 
 
-def cancel(run_id: str, *, broker: str | None = None, settings: Settings | None = None, log=print) -> dict | None:
+def cancel(run_id: str, *, broker: str | None = None, settings: Settings | None = None, log=print) -> dict:
     """Cancel a run: mark it cancelled (its running shards stop at their next progress, shards that
     start later skip themselves, a late result or merge changes nothing), revoke its queued and
     running shards and its merges (a running shard is stopped at once), and keep what finished as
-    a partial report. Returns that report (None if no shard had finished).
+    a partial report that names the shards that did not finish. Returns that report.
 
     Raises:
         NasqError: no broker, no such run, or a run that already ended.
@@ -98,7 +98,6 @@ def cancel(run_id: str, *, broker: str | None = None, settings: Settings | None 
             log(f"run {run_id}: cancelled; {len(ids)} shard(s) and its merge revoked")
 
         partial = cancel_run(store, run_id, settings.report_dir, manifest=manifest, after_cancel=revoke)
-        log(f"run {run_id}: " + (f"partial report of {partial['images']} images kept" if partial
-                                 else "no shard had finished"))
+        log(f"run {run_id}: partial report of {partial['images']} of {partial['images_planned']} images kept")
         return partial
 

@@ -115,8 +115,41 @@ class _RunRecord:
         return self.store.report(self.run_id)
 
 
+def rerun_command(plan: Plan, *, queue: str, shard_size: int | None, broker_url: str | None,
+                  devices: list[str] | None = None, options: BackendOptions | None = None) -> list[str]:
+    """The ``nasq eval`` command line that runs this evaluation again (the report's "rerun
+    with"): absolute paths, every choice explicit. A broker URL with a password is left out (the
+    command then takes the broker from NASQ_BROKER_URL or the config file, as deployments do)."""
+    cmd = ["nasq", "eval", "--weights", plan.weights, "--data", plan.source.root, "--backend", plan.backend,
+           "-b", str(plan.batch_size)]
+    cmd += ["--labels", plan.labels] if plan.labels else []
+    cmd += ["--precision", plan.precision] if plan.precision else []
+    cmd += ["--num-outputs", str(plan.num_outputs)] if plan.num_outputs else []
+    cmd += ["--shard-size", str(shard_size)] if shard_size else []
+    if plan.output:
+        cmd += ["--output", plan.output.dir, "--outfmt", plan.output.fmt]
+    for key, flag in (("soc_version", "--soc-version"), ("gears", "--gears")):
+        value = plan.build.get(key) if isinstance(plan.build, dict) else None
+        if value:
+            cmd += [flag, ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
+    if broker_url:
+        from urllib.parse import urlsplit
+
+        cmd += ["--queue", queue] if queue != eval_queue(plan.backend) else []
+        cmd += [] if urlsplit(broker_url).password else ["--broker", broker_url]
+        return cmd
+    cmd += ["--device", ",".join(devices)] if devices and devices[0] != "cpu" else []
+    cmd += ["--workers", str(len(devices))] if devices else []
+    if options is not None:
+        cmd += [x for flag, on in (("--compile", options.compile != "none"), ("--cuda-graphs", options.cuda_graphs),
+                                   ("--kernels", options.kernels != "torch")) if on
+                for x in ([flag] if flag == "--cuda-graphs" else
+                          [flag, options.compile if flag == "--compile" else options.kernels])]
+    return cmd
+
+
 def _submit(session: Session, plan: Plan, *, queue: str, shard_size: int | None, workers: int | None,
-            rerun: str | None, log) -> RunHandle:
+            rerun: str | None, log, command: list[str] | None = None) -> RunHandle:
     from ..files import cached_sha256, file_digest
     from ..queue.transport import BrokerView
     from ..queue.trust import ManifestTrust
@@ -142,7 +175,8 @@ def _submit(session: Session, plan: Plan, *, queue: str, shard_size: int | None,
         broker_id = broker.server_id()
     finally:
         broker.close()
-    manifest = make_manifest(job, queue=queue, shard_size=shard_size, workers=workers, broker_id=broker_id)
+    manifest = make_manifest(job, queue=queue, shard_size=shard_size, workers=workers, broker_id=broker_id,
+                             command=command)
     run_id = manifest["run_id"]
     sealed = ManifestTrust(session.app).seal(manifest)
     try:
@@ -201,8 +235,10 @@ def submit_evaluation(*, weights: str, data: str, labels: str | None = None, bac
     plan = _broker_then_plan(settings, locals())
     session = Session(settings)
     try:
-        return _submit(session, plan, queue=queue or eval_queue(backend), shard_size=shard_size, workers=None,
-                       rerun=rerun, log=log)
+        queue = queue or eval_queue(backend)
+        return _submit(session, plan, queue=queue, shard_size=shard_size, workers=None, rerun=rerun, log=log,
+                       command=rerun_command(plan, queue=queue, shard_size=shard_size,
+                                             broker_url=settings.broker_url))
     except BaseException:
         session.close()
         raise
@@ -251,7 +287,7 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
                             "`nasq worker` instead")
     plan = _broker_then_plan(settings, locals())
     queue = queue or eval_queue(backend)
-    local = None
+    local, devices = None, None
     if not settings.broker_url:
         devices = local_devices(backend, device, workers)
         for d in dict.fromkeys(devices):  # a device that is not there: one line before anything starts
@@ -269,7 +305,11 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
             local.append(WorkerSpec(queues=(BUILD_QUEUE,)))
         workers = len(devices)
     with Session.open(settings, workers=local, log=log) as session:
-        handle = _submit(session, plan, queue=queue, shard_size=shard_size, workers=workers, rerun=rerun, log=log)
+        command = rerun_command(plan, queue=queue, shard_size=shard_size, broker_url=settings.broker_url,
+                                devices=devices, options=BackendOptions(compile=compile or "none",
+                                                                        cuda_graphs=cuda_graphs, kernels=kernels))
+        handle = _submit(session, plan, queue=queue, shard_size=shard_size, workers=workers, rerun=rerun, log=log,
+                         command=command)
         return handle.wait(progress=progress, timeout=timeout, log=log)
 
 

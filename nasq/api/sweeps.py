@@ -16,7 +16,7 @@ from ..perf.bench import BenchResult
 from ..perf.sweep import point_file, read_rows, sweep_folder, sweep_id
 from ..queue.local import WorkerSpec, cpu_threads, worker_name
 from ..queue.session import Progress, Session
-from ..results.sweeps import render_markdown, write_report
+from ..results.sweeps import PERCENTILES, render_markdown, write_report
 from ..wire import SweepPoint, eval_queue
 from .builds import prepare_model
 from .checks import check_weights, with_roots
@@ -53,11 +53,13 @@ def bench(*, backend: str = "torch", device: str = "cpu", precision: str = "fp32
 
 @dataclass(frozen=True)
 class SweepReport:
-    """A sweep's rows, the report files written (JSON, CSV, Markdown, plots), the Markdown table."""
+    """A sweep's rows, the report files written (JSON, CSV, Markdown, HTML, plots), the Markdown
+    text and the decision: per device the best batch size, and the best within a latency budget."""
 
     rows: list[dict]
     files: dict
     markdown: str
+    decision: list[dict]
 
 
 class SweepHandle:
@@ -91,10 +93,20 @@ class SweepHandle:
                     self.close()
         return self.status()
 
-    def report(self, out_dir: str | None = None) -> SweepReport:
-        """Rows of the finished points, written as JSON, CSV, Markdown and two PNG plots."""
+    def report(self, out_dir: str | None = None, *, latency_budget_ms: float | None = None,
+               percentile: int = 99) -> SweepReport:
+        """Rows of the finished points and what they decide (per device the batch size of the
+        highest throughput; with ``latency_budget_ms``, the highest throughput whose latency at
+        ``percentile`` (50, 90, 95 or 99) is within it), written as JSON, CSV, Markdown, HTML
+        and three PNG plots."""
+        if percentile not in PERCENTILES:
+            raise NasqError(f"percentile must be one of {', '.join(map(str, PERCENTILES))}, not {percentile!r}")
+        if latency_budget_ms is not None and not latency_budget_ms > 0:
+            raise NasqError(f"latency_budget_ms must be a positive number of ms, not {latency_budget_ms!r}")
         rows = read_rows(self.folder, [p.point_id for p in self.points])
-        return SweepReport(rows, write_report(rows, out_dir or self.folder), render_markdown(rows))
+        files, decision = write_report(rows, out_dir or self.folder, latency_budget_ms=latency_budget_ms,
+                                       percentile=percentile)
+        return SweepReport(rows, files, render_markdown(rows, decision), decision)
 
     def close(self) -> None:
         if self.session is not None:
@@ -104,7 +116,8 @@ class SweepHandle:
 def submit_sweep(*, batch_sizes: list[int], weights: str, data: str, backend: str = "torch", precision: str = "fp32",
                  devices: list[str] | None = None, workers: int | None = None, mode: str = "bench",
                  labels: str | None = None, images: int | None = None, min_time_s: float = 2.0,
-                 broker: str | None = None, settings: Settings | None = None, log=print) -> SweepHandle:
+                 stability_pct: float = 5.0, broker: str | None = None, settings: Settings | None = None,
+                 log=print) -> SweepHandle:
     """Queue a batch-size sweep and return at once.
 
     Args:
@@ -113,6 +126,9 @@ def submit_sweep(*, batch_sizes: list[int], weights: str, data: str, backend: st
             broker: local devices ("cpu", "cuda:0", ...); ``workers`` CPU workers by default 2.
         mode: "bench" (compute latency/throughput, ``min_time_s`` per point) or "eval" (the
             dataset, or its first ``images``, evaluated: throughput plus top-1/top-5).
+        stability_pct: bench mode: a point is timed until the median of its last window is
+            within this % of the one before (perf_analyzer's --stability-percentage), up to
+            5 x ``min_time_s``; a point that never settles is marked not stable.
 
     Returns:
         SweepHandle. Points already measured by an identical sweep are reused, not rerun; a
@@ -124,6 +140,8 @@ def submit_sweep(*, batch_sizes: list[int], weights: str, data: str, backend: st
         raise NasqError(f"mode must be one of {', '.join(SweepPoint.MODES)}, not {mode!r}")
     if not batch_sizes or any(b < 1 for b in batch_sizes):
         raise NasqError("batch_sizes must be positive integers")
+    if not 0 < stability_pct <= 100:
+        raise NasqError(f"stability_pct must be a percentage in (0, 100], not {stability_pct!r}")
     backends.check_options(backend, precision)
     settings = settings or load_settings(broker_url=broker)
     source = open_source(data)
@@ -151,6 +169,7 @@ def submit_sweep(*, batch_sizes: list[int], weights: str, data: str, backend: st
     definition = {"mode": mode, "backend": backend, "precision": precision, "batch_sizes": sorted(set(batch_sizes)),
                   "devices": sorted(slot for slot, _ in slots), "dataset": source.fingerprint, "images": images,
                   "labels": labels, "min_time_s": min_time_s,
+                  **({"stability_pct": stability_pct} if stability_pct != 5.0 else {}),  # the same id as before it
                   "weights": cached_sha256(weights, os.path.join(settings.artifact_dir, ".digests.json"))}
     sid = sweep_id(definition)
     folder = sweep_folder(settings.report_dir, sid)
@@ -163,7 +182,8 @@ def submit_sweep(*, batch_sizes: list[int], weights: str, data: str, backend: st
     points = [SweepPoint.from_payload({  # checked here, as the worker will
         "sweep_id": sid, "point_id": f"{slot}|bs{bs}", "folder": folder, "worker": name, "batch_size": bs,
         "mode": mode, "backend": backend, "precision": precision, "weights": model_path, "data": source.root,
-        "dataset_fingerprint": source.fingerprint, "labels": labels, "images": images, "min_time_s": min_time_s})
+        "dataset_fingerprint": source.fingerprint, "labels": labels, "images": images, "min_time_s": min_time_s,
+        "stability_pct": stability_pct})
         for slot, name in slots for bs in definition["batch_sizes"]]
     todo = [p for p in points if not os.path.isfile(point_file(folder, p.point_id))]
     reused = len(points) - len(todo)
@@ -251,6 +271,7 @@ def resume_sweep(sweep: str, *, settings: Settings | None = None, broker: str | 
     handle = submit_sweep(batch_sizes=spec["batch_sizes"], weights=spec["weights_path"], data=spec["data"],
                           backend=spec["backend"], precision=spec["precision"], mode=spec["mode"],
                           labels=spec.get("labels"), images=spec.get("images"), min_time_s=spec.get("min_time_s", 2.0),
+                          stability_pct=spec.get("stability_pct", 5.0),
                           devices=devices, settings=settings, workers=workers, log=log)
     if handle.sweep_id != sweep:
         handle.close()

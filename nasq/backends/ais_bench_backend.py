@@ -219,12 +219,31 @@ class AisBenchBackend(Backend):
         return package_versions(("ais_bench", "aclruntime"), missing="unknown")
 
     def describe_device(self) -> str:
-        visible = os.environ.get("ASCEND_RT_VISIBLE_DEVICES")
-        where = f"NPU {visible}" if visible and "," not in visible else self.device
-        return f"{self._soc or 'Ascend'} {where}, ais_bench {self._mode}" + \
+        return f"{self._soc or 'Ascend'}, ais_bench {self._mode}" + \
             (f" (gears {','.join(map(str, self._gears))})" if self._gears else "")
+
+    def environment(self) -> dict:
+        """The chip, the NPU the worker is pinned to and the CANN toolkit's version (from the
+        toolkit's own version file, as ``npu-smi``-less hosts have it)."""
+        return {"accelerator": self._soc or "Ascend", "visible_npu": os.environ.get("ASCEND_RT_VISIBLE_DEVICES"),
+                "cann": _cann_version()}
 
     def close(self) -> None:
         sess, self._sess = getattr(self, "_sess", None), None
         if sess is not None:
             sess.free_resource()  # never finalize(): it would end ACL for this whole worker process
+
+
+def _cann_version() -> str | None:
+    """The CANN toolkit's version from ``$ASCEND_TOOLKIT_HOME`` (set by CANN's set_env.sh)."""
+    home = os.environ.get("ASCEND_TOOLKIT_HOME") or os.environ.get("ASCEND_HOME_PATH")
+    for path in ([os.path.join(home, "version.cfg"), os.path.join(home, "..", "version.cfg")] if home else []):
+        try:
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    key, _, value = line.strip().partition("=")
+                    if key.strip() in ("version", "toolkit_version", "Version"):
+                        return value.strip().strip('"[]')
+        except OSError:
+            continue
+    return None

@@ -127,8 +127,15 @@ class Backend(ABC):
         """Runtime name -> version, for provenance."""
 
     def describe_device(self) -> str:
-        """A human name for the device (e.g. the GPU model)."""
-        return self.device
+        """The hardware and how it is used, without the device's index (the worker names that:
+        every report cell is ``host/device`` and then this), e.g. "NVIDIA H200"."""
+        return self.device.split(":", 1)[0]
+
+    def environment(self) -> dict:
+        """What a reader needs to trust or repeat a number on this device: the accelerator's
+        name, driver and runtime (the report's environment block). Runtime package versions are
+        in ``versions()``."""
+        return {}
 
     def close(self) -> None:
         """Release the device."""

@@ -78,5 +78,10 @@ class OnnxRuntimeBackend(Backend):
 
         return {"onnxruntime": ort.__version__, "providers": ",".join(self._sess.get_providers())}
 
+    def describe_device(self) -> str:
+        provider = self._sess.get_providers()[0].replace("ExecutionProvider", "")
+        threads = self._sess.get_session_options().intra_op_num_threads
+        return f"ONNX Runtime {provider}" + (f", {threads} threads" if provider == "CPU" and threads else "")
+
     def close(self) -> None:
         self._sess = None

@@ -115,10 +115,12 @@ class OpenVinoBackend(Backend):
         return {"openvino": ov.__version__}
 
     def describe_device(self) -> str:
-        name = self._core.get_property("CPU", "FULL_DEVICE_NAME")
         compiled, requests, _ = self._plan_for(self._last_batch or self.fixed_batch or 1)  # the batch last run
         threads = compiled.get_property("INFERENCE_NUM_THREADS")
-        return f"{name}, {threads} threads, {len(requests)} stream(s), OpenVINO {self.precision}"
+        return f"OpenVINO {self.precision}, {threads} threads, {len(requests)} stream(s)"
+
+    def environment(self) -> dict:
+        return {"cpu": self._core.get_property("CPU", "FULL_DEVICE_NAME")}
 
     def close(self) -> None:
         self._plans = {}

@@ -8,7 +8,9 @@ rate from a table per batch size, and can fail on purpose. Options (``--sim``, c
 * ``rate=310p3`` (the seed's Ascend 310P3 table, the default) or ``rate=N`` (img/s at every size);
 * ``slow=X``: X times slower;
 * ``crash_after=N``: the worker process dies (SIGKILL) once it has done N images;
-* ``hang_after=N``: it stops answering after N images.
+* ``hang_after=N``: it stops answering after N images;
+* ``fail_after=N``: every batch after the first N images raises an error (a device that fails
+  mid-shard: the shard fails with that reason, after reporting its progress).
 """
 from __future__ import annotations
 
@@ -31,11 +33,12 @@ SEED_310P3 = {1: 153.3, 4: 175.7, 8: 162.6, 16: 146.5, 32: 135.8, 64: 113.5}
 
 def parse_sim(spec: str | None) -> dict:
     """``"rate=20,crash_after=100"`` -> {"rate": 20.0, "crash_after": 100}; refuses unknown keys."""
-    out: dict = {"rate": "310p3", "slow": 1.0, "crash_after": None, "hang_after": None}
+    out: dict = {"rate": "310p3", "slow": 1.0, "crash_after": None, "hang_after": None, "fail_after": None}
     for part in filter(None, (p.strip() for p in (spec or "").split(","))):
         key, _, value = part.partition("=")
         if key not in out or not value:
-            raise BackendError(f"sim option {part!r}: expected rate=310p3|N, slow=X, crash_after=N or hang_after=N")
+            raise BackendError(f"sim option {part!r}: expected rate=310p3|N, slow=X, crash_after=N, hang_after=N or "
+                               "fail_after=N")
         try:
             out[key] = value if (key, value) == ("rate", "310p3") else (float(value) if key in ("rate", "slow")
                                                                           else int(value))
@@ -82,6 +85,8 @@ class SimBackend(Backend):
             keys = [int(i) for i in batch[:, 0]]  # an index: dataset
         else:
             keys = [zlib.crc32(np.ascontiguousarray(x).tobytes()) for x in batch]
+        if self.spec["fail_after"] is not None and self._done >= self.spec["fail_after"]:
+            raise BackendError(f"simulated device failure after {self._done} images (sim option fail_after)")
         time.sleep(self.seconds_for(len(batch)))
         self._done += len(batch)
         if self.spec["crash_after"] is not None and self._done >= self.spec["crash_after"]:
@@ -99,4 +104,4 @@ class SimBackend(Backend):
         return {"sim": "nasq simulator (not a measurement)"}
 
     def describe_device(self) -> str:
-        return f"SIMULATED {self.device} (rate {self.spec['rate']}, not a measurement)"
+        return f"SIMULATED (rate {self.spec['rate']}, not a measurement)"

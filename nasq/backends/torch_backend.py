@@ -215,7 +215,17 @@ class TorchBackend(Backend):
         if self.device.startswith("cuda"):
             return torch.cuda.get_device_name(self._dev)
         n = torch.get_num_threads()
-        return f"cpu, {n} thread{'s' if n != 1 else ''}"
+        return f"PyTorch CPU, {n} thread{'s' if n != 1 else ''}"
+
+    def environment(self) -> dict:
+        import torch
+
+        if not self.device.startswith("cuda"):
+            return {"threads": torch.get_num_threads()}
+        props = torch.cuda.get_device_properties(self._dev)
+        return {"accelerator": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
+                "compute_capability": f"{props.major}.{props.minor}", "cuda_runtime": str(torch.version.cuda),
+                "driver": _nvidia_driver()}
 
     def peak_memory_bytes(self) -> int | None:
         import torch
@@ -243,3 +253,13 @@ def _bounded(cache: dict, keep: int = 4) -> None:
     size and the last, shorter batch; a worker serving many runs must not grow without end."""
     while len(cache) >= keep:
         cache.pop(next(iter(cache)))
+
+
+def _nvidia_driver() -> str | None:
+    """The NVIDIA kernel driver's version, as the kernel module states it."""
+    try:
+        with open("/proc/driver/nvidia/version", encoding="utf-8") as f:
+            words = f.readline().split()
+    except OSError:
+        return None
+    return next((w for w in words if w[:1].isdigit() and "." in w), None)

@@ -59,8 +59,10 @@ COMMANDS = [
      "Recent runs, newest first, from the broker and from the run history in the report dir (which outlives "
      "Redis); filter by state, backend or age; --json or --csv to export.", _runs_args, cmd_runs),
     ("compare", "compare two runs: accuracy on the images both saw, with a significance test",
-     "Top-1 of both runs on the images both saw, the difference with a 95%% confidence interval and McNemar's "
-     "exact test, images whose top-1 class changed, throughput per device, and the configuration differences.",
+     "Top-1 of both runs on the images both saw, the difference with a 95 % confidence interval for paired "
+     "proportions (Newcombe) and McNemar's exact test, images whose top-1 class changed, throughput per device, and "
+     "the configuration differences. Exits 6 with a warning when the runs share no labelled image or were run on "
+     "other datasets or labels.",
      _compare_args, cmd_compare),
     ("cancel", "cancel a running run (its partial report is kept)",
      "Revoke the run's queued and running shards (a running one is stopped), mark it cancelled and keep what "

@@ -1,6 +1,7 @@
 """The commands that watch and report: status, runs, compare, sweep, sweeps, metrics, flower."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -60,12 +61,12 @@ def _runs_args(p) -> None:
 
 def cmd_runs(args) -> int:
     from ..api import list_runs
-    from ..results.status import runs_csv, runs_table
+    from ..results.status import iso_times, runs_csv, runs_table
 
     rows = list_runs(state=args.state, backend=args.backend, since_days=args.since, limit=args.limit,
                      settings=settings_of(args))
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(iso_times(rows), indent=2))
     elif args.csv:
         sys.stdout.write(runs_csv(rows))
     else:
@@ -84,9 +85,14 @@ def cmd_compare(args) -> int:
     from ..api import compare_runs
     from ..results.compare import render
 
+    from .exits import NOT_COMPARABLE, OK
+
     c = compare_runs(args.run_a, args.run_b, settings=settings_of(args))
     print(json.dumps(c, indent=2) if args.json else render(c))
-    return 0
+    if not c["comparable"]:
+        print(f"nasq compare: warning: {c['warnings'][0]} (exit {NOT_COMPARABLE})", file=sys.stderr)
+        return NOT_COMPARABLE
+    return OK
 
 
 def _sweep_args(p) -> None:
@@ -103,9 +109,41 @@ def _sweep_args(p) -> None:
     p.add_argument("--labels", help="eval mode: val_label.txt (default: beside the data)")
     p.add_argument("--images", type=int_in(1, 10_000_000), help="eval mode: only the first N images")
     p.add_argument("--min-time", type=seconds(3600), default=2.0, help="bench mode: timed seconds per point (default: 2)")
+    p.add_argument("--stability", type=percent, default=5.0, metavar="PCT",
+                   help="bench mode: time a point until the median of its last window is within PCT %% of the one "
+                        "before, up to 5 x --min-time (default: 5)")
     broker_flag(p, "private local workers")
-    p.add_argument("--out", help="write the report files here (default: the sweep's folder)")
+    _decision_flags(p)
     p.add_argument("--no-wait", action="store_true", help="with a broker: print the sweep id and return")
+
+
+def percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 100:
+        raise argparse.ArgumentTypeError(f"expected a percentage in (0, 100], got {text!r}")
+    return value
+
+
+def _decision_flags(p) -> None:
+    p.add_argument("--latency-budget", type=_ms, metavar="MS",
+                   help="also name per device the batch size of the highest throughput whose latency at "
+                        "--percentile is at most MS milliseconds")
+    p.add_argument("--percentile", type=int, choices=(50, 90, 95, 99), default=99,
+                   help="the latency percentile --latency-budget is judged at (default: 99)")
+    p.add_argument("--out", help="write the report files here (default: the sweep's folder)")
+
+
+def _ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of milliseconds, got {text!r}")
+    return value
 
 
 def _finish_sweep(handle, args) -> int:
@@ -119,7 +157,7 @@ def _finish_sweep(handle, args) -> int:
         handle.wait(progress=True, log=log)
     finally:
         handle.close()
-    rep = handle.report(args.out)
+    rep = handle.report(args.out, latency_budget_ms=args.latency_budget, percentile=args.percentile)
     print(rep.markdown)
     for kind, path in rep.files.items():
         print(f"{kind:<10} {path}")
@@ -132,8 +170,8 @@ def cmd_sweep(args) -> int:
     out_dir("--out", args.out)
     handle = submit_sweep(batch_sizes=args.batch_sizes, weights=args.weights, data=args.data, backend=args.backend,
                           precision=args.precision, devices=args.devices, workers=args.workers, mode=args.mode,
-                          labels=args.labels, images=args.images, min_time_s=args.min_time, broker=args.broker,
-                          log=log)
+                          labels=args.labels, images=args.images, min_time_s=args.min_time,
+                          stability_pct=args.stability, broker=args.broker, log=log)
     return _finish_sweep(handle, args)
 
 
@@ -143,7 +181,7 @@ def _sweeps_args(p) -> None:
                                                         "measured ones are reused), then report it")
     p.add_argument("--workers", type=int_in(1, 64), help="--resume without a broker: local CPU workers (default: 2)")
     p.add_argument("--json", action="store_true", help="list as JSON")
-    p.add_argument("--out", help="--resume: write the report files here (default: the sweep's folder)")
+    _decision_flags(p)
     p.add_argument("--no-wait", action="store_true", help="--resume with a broker: print the sweep id and return")
 
 

@@ -22,6 +22,7 @@ from typing import Protocol
 
 from ..config import WorkerConfig
 from ..data.outputs import OutputWriter
+from ..envinfo import host_environment
 from ..errors import NasqError
 from ..keepalive import every
 from ..runstate import RunState
@@ -73,14 +74,15 @@ def run_shard(task: ShardTask, *, ledger: ShardLedger, resources: DeviceResource
     job = task.job
     options = worker.backend_options(job.precision)
     holder = f"{worker.name}#{secrets.token_hex(3)}"
+    host = host_environment()["host"]
     base = {"run_id": task.run_id, "shard_id": task.shard_id, "start": task.start, "stop": task.stop,
-            "worker": worker.name, "device": worker.device, "backend": worker.backend,
+            "worker": worker.name, "host": host, "device": worker.device, "backend": worker.backend,
             "precision": options.precision}
 
     def failed(msg: str) -> dict:
         ledger.commit_shard(task.run_id, task.shard_id, holder=holder, status="error",
-                            summary={"status": "error", "error": msg, "worker": worker.name, "device": worker.device,
-                                     "finished_at": time.time()})
+                            summary={"status": "error", "error": msg, "worker": worker.name, "host": host,
+                                     "device": worker.device, "images": 0, "finished_at": time.time()})
         return {**base, "status": "error", "error": msg}
 
     try:  # the message itself, first: every path resolved and checked against this worker's roots,
@@ -99,7 +101,7 @@ def run_shard(task: ShardTask, *, ledger: ShardLedger, resources: DeviceResource
         return failed(str(e))
     n = task.stop - task.start
     claim, value = ledger.claim_shard(task.run_id, task.shard_id, holder=holder, lease_s=worker.settings.lease_s,
-                                      info={"worker": worker.name, "device": worker.device, "images": n},
+                                      info={"worker": worker.name, "host": host, "device": worker.device, "images": n},
                                       max_attempts=worker.settings.max_attempts)
     if claim == "exhausted":
         return failed(f"started {int(value) - 1} times without finishing (its worker died each time); "
@@ -129,10 +131,11 @@ def run_shard(task: ShardTask, *, ledger: ShardLedger, resources: DeviceResource
             log.exception("shard %s of run %s failed", task.shard_id, task.run_id)
             return failed(f"{type(e).__name__}: {e}")
         out = {**base, "status": "ok", **result, "versions": backend.versions(), "model_info": backend.model_info,
-               "device_name": backend.describe_device(), "latency_ms": [round(x, 3) for x in latencies],
-               "load_s": round(load_s, 3)}
+               "device_name": backend.describe_device(), "latency_ms": latencies, "load_s": load_s,
+               "environment": host_environment(), "accelerator": backend.environment()}
         labelled = [(lab, ids) for lab, ids in zip(result["labels"], result["top5"]) if lab is not None]
-        summary = {"status": "ok", "worker": worker.name, "device": worker.device, "images": len(result["indices"]),
+        summary = {"status": "ok", "worker": worker.name, "host": host, "device": worker.device,
+                   "images": len(result["indices"]),
                    "errors": len(result["errors"]), **result["timing"], "labelled": len(labelled),
                    "top1_correct": sum(1 for lab, ids in labelled if ids[:1] == [lab])}
         outcome, why = ledger.commit_shard(task.run_id, task.shard_id, holder=holder, status="ok", summary=summary,

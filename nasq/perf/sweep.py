@@ -11,13 +11,13 @@ import hashlib
 import json
 import os
 import re
-import socket
 import time
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..config import MAX_SHARD_IMAGES, WorkerConfig
+from ..envinfo import host_environment
 from ..files import write_json
 from ..inference.evaluate import evaluate_range
 from ..inference.resources import DeviceResources
@@ -66,7 +66,7 @@ def measure_point(point: SweepPoint, *, resources: DeviceResources, worker: Work
     point = point.within(worker.roots)  # RootError (the task fails) before anything is read or written
     bs = point.batch_size
     row = {"sweep_id": point.sweep_id, "point_id": point.point_id, "worker": worker.name, "device": worker.device,
-           "host": socket.gethostname(), "batch_size": bs, "mode": point.mode, "backend": point.backend,
+           "host": host_environment()["host"], "batch_size": bs, "stability_pct": point.stability_pct, "mode": point.mode, "backend": point.backend,
            "precision": point.precision, "dataset": point.data, "dataset_fingerprint": point.dataset_fingerprint,
            "finished_at": None}
     b = None
@@ -78,7 +78,8 @@ def measure_point(point: SweepPoint, *, resources: DeviceResources, worker: Work
         if point.mode == "bench":
             crops = np.stack([source.load(i) for i in range(min(n, bs, 64))])
             batch = crops[np.arange(bs) % len(crops)]
-            lat, stability = measure_stable(b.compute_fn(batch), min_time_s=point.min_time_s)
+            lat, stability = measure_stable(b.compute_fn(batch), min_time_s=point.min_time_s,
+                                            stability_pct=point.stability_pct)
             row.update(summarize(lat, bs), **stability)
         else:
             lat: list[float] = []
@@ -95,7 +96,8 @@ def measure_point(point: SweepPoint, *, resources: DeviceResources, worker: Work
         if is_oom(e):
             resources.drop_backend()
     if b is not None:
-        row.update(versions=b.versions(), device_name=b.describe_device(), model=b.model_info.get("arch"),
+        row.update(versions=b.versions(), device_name=b.describe_device(), environment=host_environment(),
+                   accelerator=b.environment(), model=b.model_info.get("arch"),
                    model_sha256=b.model_info.get("sha256") or b.model_info.get("artifact_key"))
     row["finished_at"] = time.time()
     row["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(row["finished_at"]))

@@ -50,10 +50,9 @@ def measure_stable(fn, *, min_time_s: float = 2.0, stability_pct: float = 5.0, m
             change = abs(medians[-1] - medians[-2]) / medians[-2] * 100
         elapsed = time.perf_counter() - t0
         if elapsed >= min_time_s and change is not None and change < stability_pct:
-            return lat, {"stable": True, "windows": len(medians), "last_change_pct": round(change, 2)}
+            return lat, {"stable": True, "windows": len(medians), "last_change_pct": change}
         if elapsed >= max_time_s:
-            return lat, {"stable": False, "windows": len(medians),
-                         "last_change_pct": None if change is None else round(change, 2)}
+            return lat, {"stable": False, "windows": len(medians), "last_change_pct": change}
 
 
 def summarize(lat_ms: list[float], bs: int) -> dict:

@@ -144,8 +144,16 @@ class ShardLedger(RedisStore):
         turns at healing instead of all of them doing it on every heartbeat."""
         return bool(self.r.set("nasq:heal:turn", 1, nx=True, px=max(1, int(every_s * 1000))))
 
-    def images_done(self, run_id: str) -> int:
-        return sum(int(v) for v in self.r.hvals(self._k(run_id, "shard_done")))
+    def images_done(self, run_id: str, *, accepted_only: bool = False) -> int:
+        """Images of the shards whose result was kept, plus (unless ``accepted_only``) the
+        progress of the copies running now; never a failed or lost copy's progress."""
+        with self.r.pipeline(transaction=False) as p:  # reads: no MULTI (refused while Redis is full)
+            p.hgetall(self._k(run_id, "shard_done"))
+            p.hkeys(self._k(run_id, "results"))
+            p.hkeys(self._k(run_id, "running"))
+            done, kept, running = p.execute()
+        counted = set(kept) if accepted_only else set(kept) | set(running)
+        return sum(int(v) for k, v in done.items() if k in counted)
 
     def attempts(self, run_id: str) -> dict[str, int]:
         return {k.decode(): int(v) for k, v in self.r.hgetall(self._k(run_id, "attempts")).items()}

@@ -2,11 +2,14 @@
 and not runs. Each scrape reads the run store: the active runs and the most recent ended ones.
 
     nasq_run_images_total{run_id,backend,queue}      images in the run's dataset
-    nasq_run_images_done{run_id,backend,queue}       images evaluated so far
+    nasq_run_images_done{run_id,backend,queue}       images of accepted results so far (and of running copies)
+    nasq_run_shards_done{run_id,backend,queue}       shards whose result was kept
+    nasq_run_shards_failed{run_id,backend,queue}     shards that failed (until `nasq resume` sends them again)
     nasq_run_info{run_id,backend,queue,state}        1, with the run's state as a label
     nasq_run_throughput_img_s{run_id,...}            images / s over the shards' span so far
     nasq_run_top1_so_far_percent{run_id,...}         top-1 over the finished shards' labelled images
-    nasq_run_device_throughput_img_s{run_id,worker,device}  per worker, over its shards' time
+    nasq_run_device_throughput_img_s{run_id,worker,device}  per worker (device: host/device), over its kept
+                                                     shards' time
     nasq_workers_alive                               workers with a recent heartbeat
 """
 from __future__ import annotations
@@ -27,7 +30,9 @@ class RunCollector:
         labels = ["run_id", "backend", "queue"]
         g = {name: GaugeMetricFamily(f"nasq_run_{name}", doc, labels=labels) for name, doc in (
             ("images_total", "Images in the run's dataset"),
-            ("images_done", "Images evaluated so far"),
+            ("images_done", "Images of accepted shard results so far, plus the progress of running copies"),
+            ("shards_done", "Shards whose result was kept"),
+            ("shards_failed", "Shards that failed (until nasq resume sends them again)"),
             ("throughput_img_s", "Images per second over the shards' span so far"),
             ("top1_so_far_percent", "Top-1 accuracy over the labelled images of the finished shards"))}
         info = GaugeMetricFamily("nasq_run_info", "1 per run, its state as a label", labels=[*labels, "state"])
@@ -42,15 +47,18 @@ class RunCollector:
             values = [run_id, str(manifest.get("backend") or ""), str(manifest.get("queue") or "")]
             g["images_total"].add_metric(values, st["images_total"])
             g["images_done"].add_metric(values, st["images_done"])
+            g["shards_done"].add_metric(values, st["shards_done"])
+            g["shards_failed"].add_metric(values, st["shards_failed"])
             g["throughput_img_s"].add_metric(values, st["rate_img_s"] or 0.0)
-            finished = self.store.finished(run_id).values()
+            finished = [s for s in self.store.finished(run_id).values() if s.get("status") == "ok"]
             labelled = sum(s.get("labelled", 0) for s in finished)
             if labelled:
                 g["top1_so_far_percent"].add_metric(values, 100.0 * sum(s.get("top1_correct", 0) for s in finished)
                                                     / labelled)
             info.add_metric([*values, st["state"]], 1)
             for worker, w in st["workers"].items():
-                dev.add_metric([run_id, worker, str(w.get("device"))], w.get("rate_img_s") or 0.0)
+                where = f"{w['host']}/{w.get('device')}" if w.get("host") else str(w.get("device"))
+                dev.add_metric([run_id, worker, where], w.get("rate_img_s") or 0.0)
         yield from g.values()
         yield info
         yield dev

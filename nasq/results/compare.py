@@ -7,19 +7,9 @@ side, and every configuration field that differs.
 """
 from __future__ import annotations
 
-import math
-
-from ..tables import table
+from ..tables import num, table
 from .report import device_cell, versions_text
-
-
-def _binom_two_sided(k: int, n: int) -> float:
-    """Exact two-sided p-value of k successes in n fair coin flips (McNemar's exact test)."""
-    if n == 0:
-        return 1.0
-    k = min(k, n - k)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
+from .stats import mcnemar_exact, paired_difference
 
 
 def compare(a: dict, pa: dict, b: dict, pb: dict) -> dict:
@@ -27,8 +17,10 @@ def compare(a: dict, pa: dict, b: dict, pb: dict) -> dict:
 
     Returns:
         A JSON-ready dict: images both saw with a label, top-1 of each there, the difference
-        (b - a) in points with its 95 % interval, McNemar's counts and p-value, images whose
-        top-1 class changed, per-device throughput and the configuration differences.
+        (b - a) in points with Newcombe's 95 % interval for paired proportions, McNemar's counts
+        and exact p-value, images whose top-1 class changed, per-device throughput, the
+        configuration differences and ``warnings`` (no shared images, other datasets or labels):
+        with warnings, the two runs are not comparable as they stand.
     """
     ia = {n: (lab, ids) for n, lab, ids in zip(pa["names"], pa["labels"], pa["top5"])}
     ib = {n: (lab, ids) for n, lab, ids in zip(pb["names"], pb["labels"], pb["top5"])}
@@ -39,49 +31,67 @@ def compare(a: dict, pa: dict, b: dict, pb: dict) -> dict:
     rb = [ib[n][1][:1] == [ib[n][0]] for n in lab]
     only_a = sum(1 for x, y in zip(ra, rb) if x and not y)
     only_b = sum(1 for x, y in zip(ra, rb) if y and not x)
+    both_right = sum(1 for x, y in zip(ra, rb) if x and y)
     n = len(lab)
     acc = {}
     if n:
-        pa1, pb1 = sum(ra) / n, sum(rb) / n
-        diff = (only_b - only_a) / n
-        # paired proportions: var(d) = (p01 + p10 - d^2) / n
-        se = math.sqrt(max(0.0, (only_a + only_b) / n - diff ** 2) / n)
-        acc = {"top1_a": round(100 * pa1, 4), "top1_b": round(100 * pb1, 4), "delta_points": round(100 * diff, 4),
-               "ci95_points": [round(100 * (diff - 1.96 * se), 4), round(100 * (diff + 1.96 * se), 4)],
+        d, low, high = paired_difference(both_right, only_a, only_b, n - both_right - only_a - only_b)
+        acc = {"top1_a": 100 * sum(ra) / n, "top1_b": 100 * sum(rb) / n, "delta_points": 100 * d,
+               "ci95_points": [100 * low, 100 * high], "ci_method": "Newcombe square-and-add (paired)",
                "mcnemar": {"a_right_b_wrong": only_a, "b_right_a_wrong": only_b,
-                           "p_value": float(f"{_binom_two_sided(only_b, only_a + only_b):.6g}")}}
+                           "p_value": mcnemar_exact(only_a, only_b)}}
     keys = ("backend", "precision", "batch_size", "num_outputs")
     config = {k: [a.get(k) if k != "backend" else a["backend"]["name"], b.get(k) if k != "backend" else b["backend"]["name"]]
               for k in keys}
     config["model"] = [(a.get("model") or {}).get("sha256", (a.get("model") or {}).get("artifact_key")),
                        (b.get("model") or {}).get("sha256", (b.get("model") or {}).get("artifact_key"))]
     config["dataset"] = [a["dataset"].get("fingerprint"), b["dataset"].get("fingerprint")]
+    config["labels"] = [a.get("labels_sha256"), b.get("labels_sha256")]
     config["versions"] = [versions_text(a["backend"].get("versions")), versions_text(b["backend"].get("versions"))]
     config["devices"] = [", ".join(sorted({device_cell(d) for d in a["per_device"]})),
                          ", ".join(sorted({device_cell(d) for d in b["per_device"]}))]
+    warnings = []
+    if not both:
+        warnings.append("the runs share no image (by name): there is nothing to compare")
+    elif not n:
+        warnings.append("no image both runs saw has the same label in both: accuracy cannot be compared")
+    if config["dataset"][0] != config["dataset"][1]:
+        warnings.append(f"different datasets (fingerprints {config['dataset'][0]} and {config['dataset'][1]}): "
+                        "images of the same name may not be the same images")
+    if None not in config["labels"] and config["labels"][0] != config["labels"][1]:
+        warnings.append("different label files: the accuracies are against different answers")
+    for name, r in (("A", a), ("B", b)):
+        if not r.get("complete", not r.get("partial")):
+            warnings.append(f"run {name} is {r.get('state') or 'partial'}: it covers {r['images']} of "
+                            f"{r.get('images_planned', r.get('images_total'))} images")
     return {"run_a": a["run_id"], "run_b": b["run_id"], "images_both": len(both), "images_labelled_both": n,
             "top1_changed": changed, **acc,
             "throughput": {"a": a.get("throughput_img_s"), "b": b.get("throughput_img_s")},
-            "per_device": {"a": [[d["worker"], device_cell(d), d.get("img_s_compute"), d.get("img_s_wall")]
+            "per_device": {"a": [[device_cell(d), d["worker"], d.get("img_s_compute"), d.get("img_s_wall")]
                                  for d in a["per_device"]],
-                           "b": [[d["worker"], device_cell(d), d.get("img_s_compute"), d.get("img_s_wall")]
+                           "b": [[device_cell(d), d["worker"], d.get("img_s_compute"), d.get("img_s_wall")]
                                  for d in b["per_device"]]},
-            "differences": {k: v for k, v in config.items() if v[0] != v[1]}}
+            "differences": {k: v for k, v in config.items() if v[0] != v[1]},
+            "warnings": warnings,
+            "comparable": bool(n) and config["dataset"][0] == config["dataset"][1]
+            and (None in config["labels"] or config["labels"][0] == config["labels"][1])}
 
 
 def render(c: dict) -> str:
     lines = [f"compare {c['run_a']} (A) with {c['run_b']} (B): {c['images_both']} images in both, "
              f"{c['images_labelled_both']} with the same label; top-1 class changed on {c['top1_changed']}"]
+    lines += [f"  WARNING: {w}" for w in c.get("warnings") or []]
     if "delta_points" in c:
         m = c["mcnemar"]
         lines += [f"  top-1  A {c['top1_a']:.2f} %  B {c['top1_b']:.2f} %  B - A {c['delta_points']:+.2f} points "
-                  f"(95 % CI {c['ci95_points'][0]:+.2f} to {c['ci95_points'][1]:+.2f})",
+                  f"(95 % CI {c['ci95_points'][0]:+.2f} to {c['ci95_points'][1]:+.2f}, Newcombe, paired)",
                   f"  McNemar: A right and B wrong on {m['a_right_b_wrong']}, B right and A wrong on "
                   f"{m['b_right_a_wrong']}; exact p = {m['p_value']:.4g}"
                   + ("  (no evidence of a difference)" if m["p_value"] >= 0.05 else "  (a real difference at 5 %)")]
-    lines.append(f"  throughput (shards' span): A {c['throughput']['a']} img/s, B {c['throughput']['b']} img/s")
+    lines.append(f"  throughput (shards' span): A {num(c['throughput']['a'])} img/s, "
+                 f"B {num(c['throughput']['b'])} img/s")
     rows = [["A", *r] for r in c["per_device"]["a"]] + [["B", *r] for r in c["per_device"]["b"]]
-    lines += ["", table(rows, ["run", "worker", "device", "compute img/s", "wall img/s"], indent="  ")]
+    lines += ["", table(rows, ["run", "device", "worker", "compute img/s", "wall img/s"], indent="  ")]
     if c["differences"]:
         lines += ["", table([[k, str(v[0]), str(v[1])] for k, v in c["differences"].items()],
                             ["differs", "A", "B"], indent="  ")]

@@ -13,33 +13,47 @@ import time
 INDEX = "runs.sqlite"
 COLUMNS = ("run_id", "created", "finished", "state", "model", "model_sha256", "backend", "precision", "batch_size",
            "devices", "dataset", "dataset_fingerprint", "images", "images_total", "top1", "top5", "throughput_img_s",
-           "end_to_end_img_s", "report", "error")
+           "end_to_end_img_s", "report", "error", "images_planned", "top1_ci95_low", "top1_ci95_high", "top5_ci95_low",
+           "top5_ci95_high", "device_list", "shards_failed", "simulated")
 
 
 def _connect(report_dir: str) -> sqlite3.Connection:
     os.makedirs(report_dir, exist_ok=True)
     db = sqlite3.connect(os.path.join(report_dir, INDEX), timeout=30)
     db.execute(f"CREATE TABLE IF NOT EXISTS runs ({', '.join(c + (' PRIMARY KEY' if c == 'run_id' else '') for c in COLUMNS)})")
+    have = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
+    for c in COLUMNS:  # an index written by an earlier nasq: its rows keep None there
+        if c not in have:
+            db.execute(f"ALTER TABLE runs ADD COLUMN {c}")
     return db
 
 
 def row_of(manifest: dict, state: str, report: dict | None = None, error: str | None = None) -> dict:
     """The index row of a run: its manifest, its end state and its report's headline."""
+    from .report import device_cell, devices_summary
+
     report = report or {}
     model = report.get("model") or {}
-    devices = sorted({d.get("device_name") or d["device"] for d in report.get("per_device", [])})
+    per_device = report.get("per_device") or []
+    ci1, ci5 = report.get("top1_ci95") or [None, None], report.get("top5_ci95") or [None, None]
     return {"run_id": manifest["run_id"], "created": manifest.get("created"),
             "finished": report.get("finished") or time.time(), "state": state,
             "model": model.get("arch") or os.path.basename(manifest.get("model", {}).get("weights", "")),
             "model_sha256": (model.get("sha256") or model.get("artifact_key") or "")[:16] or None,
             "backend": manifest.get("backend"), "precision": report.get("precision") or manifest.get("precision"),
-            "batch_size": manifest.get("batch_size"), "devices": ", ".join(devices) or None,
+            "batch_size": manifest.get("batch_size"), "devices": devices_summary(per_device) or None,
             "dataset": manifest.get("dataset", {}).get("root"),
             "dataset_fingerprint": manifest.get("dataset", {}).get("fingerprint"), "images": report.get("images"),
             "images_total": manifest.get("dataset", {}).get("images"), "top1": report.get("top1"),
             "top5": report.get("top5"), "throughput_img_s": report.get("throughput_img_s"),
             "end_to_end_img_s": (report.get("throughput") or {}).get("end_to_end_img_s"),
-            "report": (report.get("files") or {}).get("json"), "error": error}
+            "report": (report.get("files") or {}).get("json"), "error": error or report.get("error"),
+            "images_planned": report.get("images_planned") or sum(s["stop"] - s["start"]
+                                                                  for s in manifest.get("shards") or []) or None,
+            "top1_ci95_low": ci1[0], "top1_ci95_high": ci1[1], "top5_ci95_low": ci5[0], "top5_ci95_high": ci5[1],
+            "device_list": [device_cell(d) for d in per_device] or None,
+            "shards_failed": [f["shard_id"] for f in report.get("shards_failed") or []] or None,
+            "simulated": any(d.get("backend") == "sim" for d in per_device) or manifest.get("backend") == "sim"}
 
 
 def record(report_dir: str, row: dict) -> None:
@@ -68,9 +82,19 @@ def query(report_dir: str, *, state: str | None = None, backend: str | None = No
         " ORDER BY created DESC LIMIT ?"
     db = _connect(report_dir)
     try:
-        return [dict(zip(COLUMNS, r)) for r in db.execute(sql, [*args, limit])]
+        return [_row(r) for r in db.execute(sql, [*args, limit])]
     finally:
         db.close()
+
+
+def _row(values) -> dict:
+    row = dict(zip(COLUMNS, values))
+    for c in ("device_list", "shards_failed"):
+        if isinstance(row.get(c), str):
+            row[c] = json.loads(row[c])
+    if row.get("simulated") is not None:
+        row["simulated"] = bool(row["simulated"])
+    return row
 
 
 def get(report_dir: str, run_id: str) -> dict | None:
@@ -79,6 +103,6 @@ def get(report_dir: str, run_id: str) -> dict | None:
     db = _connect(report_dir)
     try:
         r = db.execute(f"SELECT {', '.join(COLUMNS)} FROM runs WHERE run_id = ?", [run_id]).fetchone()
-        return dict(zip(COLUMNS, r)) if r else None
+        return _row(r) if r else None
     finally:
         db.close()

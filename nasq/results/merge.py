@@ -7,11 +7,15 @@ shard id of the manifest, every shard present and ``ok``, every image accounted 
 """
 from __future__ import annotations
 
+import os
 import time
 
 from ..errors import RunError
+from .stats import wilson
 
 TOPK = 5
+#: a p99 from fewer batches than this is close to the maximum, not a tail estimate
+P99_MIN_SAMPLES = 100
 
 
 class MissingShards(RunError):
@@ -57,27 +61,34 @@ def collect(manifest: dict, results: list) -> tuple[dict[str, dict], list[str]]:
 
 
 def accuracy(labels: list, top5: list[list[int]]) -> dict:
-    """Top-1..top-5 accuracy in percent over images that have a label (None without labels)."""
+    """Top-1..top-5 accuracy in percent over images that have a label (None without labels),
+    each with its Wilson 95 % interval (``top1_ci95``: [low, high] in percent), the counts
+    behind them and ``labelled``, at full precision."""
     pairs = [(lab, ids) for lab, ids in zip(labels, top5) if lab is not None]
+    ks = range(1, TOPK + 1)
     if not pairs:
-        return {f"top{k}": None for k in range(1, TOPK + 1)} | {"correct": None}
-    correct = {k: sum(lab in ids[:k] for lab, ids in pairs) for k in range(1, TOPK + 1)}
-    out = {f"top{k}": round(100.0 * correct[k] / len(pairs), 4) for k in correct}
-    out["correct"] = {f"top{k}": correct[k] for k in correct}
+        return {f"top{k}": None for k in ks} | {f"top{k}_ci95": None for k in ks} | {"correct": None, "labelled": 0}
+    correct = {k: sum(lab in ids[:k] for lab, ids in pairs) for k in ks}
+    out: dict = {f"top{k}": 100.0 * correct[k] / len(pairs) for k in ks}
+    out |= {f"top{k}_ci95": [100.0 * x for x in wilson(correct[k], len(pairs))] for k in ks}
+    out["correct"] = {f"top{k}": correct[k] for k in ks}
+    out["labelled"] = len(pairs)
     return out
 
 
 def latency_summary(lat_ms: list[float]) -> dict:
-    """min/mean/p50/p90/p95/p99/max of per-batch compute times (ms), and how many there were."""
+    """min/mean/p50/p90/p95/p99/max of per-batch compute times (ms), how many there were, and
+    ``p99_samples_ok``: whether there were enough for the p99 to be a tail estimate."""
     import numpy as np
 
     if not lat_ms:
-        return {"count": 0, **{k: None for k in ("min", "mean", "p50", "p90", "p95", "p99", "max")}}
+        return {"count": 0, **{k: None for k in ("min", "mean", "p50", "p90", "p95", "p99", "max")},
+                "p99_samples_ok": False}
     a = np.asarray(lat_ms, dtype=float)
     q = np.percentile(a, [50, 90, 95, 99])
-    return {"count": int(a.size), "min": round(float(a.min()), 3), "mean": round(float(a.mean()), 3),
-            "p50": round(float(q[0]), 3), "p90": round(float(q[1]), 3), "p95": round(float(q[2]), 3),
-            "p99": round(float(q[3]), 3), "max": round(float(a.max()), 3)}
+    return {"count": int(a.size), "min": float(a.min()), "mean": float(a.mean()), "p50": float(q[0]),
+            "p90": float(q[1]), "p95": float(q[2]), "p99": float(q[3]), "max": float(a.max()),
+            "p99_samples_ok": bool(a.size >= P99_MIN_SAMPLES)}
 
 
 def merge(manifest: dict, results: list) -> tuple[dict, dict]:
@@ -91,16 +102,22 @@ def merge(manifest: dict, results: list) -> tuple[dict, dict]:
     pred = {"names": [], "indices": [], "labels": [], "top5": [], "scores": []}
     errors = []
     devices: dict[tuple, dict] = {}
+    hosts: dict[str, dict] = {}
     for sid, r in shards.items():
         for key in pred:
             pred[key] += r[key]
         errors += r["errors"]
         t = r["timing"]
+        host = r.get("host") or (r.get("environment") or {}).get("host")
+        if r.get("environment"):
+            hosts.setdefault(host, r["environment"])
         key = (r["worker"], r["device"])
-        d = devices.setdefault(key, {"worker": r["worker"], "device": r["device"], "device_name": r.get("device_name"),
-                                     "backend": r["backend"], "shards": 0, "images": 0, "compute_s": 0.0,
-                                     "data_s": 0.0, "wall_s": 0.0, "first_start": t["started_at"],
-                                     "last_finish": t["finished_at"], "model_load_s": 0.0, "_lat": [], "_batches": 0})
+        d = devices.setdefault(key, {"worker": r["worker"], "host": host, "device": r["device"],
+                                     "device_name": r.get("device_name"), "accelerator": r.get("accelerator") or {},
+                                     "versions": r.get("versions") or {}, "backend": r["backend"], "shards": 0,
+                                     "images": 0, "compute_s": 0.0, "data_s": 0.0, "wall_s": 0.0,
+                                     "first_start": t["started_at"], "last_finish": t["finished_at"],
+                                     "model_load_s": 0.0, "_lat": []})
         d["shards"] += 1
         # "device": the runtime's own execution time (ais_bench's exec_time_list); "host": time around the call
         if d.get("compute_clock") != "device":  # a shard without images reports "host"
@@ -116,37 +133,38 @@ def merge(manifest: dict, results: list) -> tuple[dict, dict]:
     per_device = []
     for d in devices.values():
         lat = d.pop("_lat")
-        d.pop("_batches")
-        d["img_s_compute"] = round(d["images"] / d["compute_s"], 3) if d["compute_s"] else None
-        d["img_s_wall"] = round(d["images"] / d["wall_s"], 3) if d["wall_s"] else None
+        d["img_s_compute"] = d["images"] / d["compute_s"] if d["compute_s"] else None
+        d["img_s_wall"] = d["images"] / d["wall_s"] if d["wall_s"] else None
         d["latency_ms"] = latency_summary(lat)
         # ais_bench's throughput: 1000 * mean batch size / mean compute time per batch (ms)
-        d["img_s_ais_bench"] = round(1000.0 * (d["images"] / len(lat)) / d["latency_ms"]["mean"], 3) \
+        d["img_s_ais_bench"] = 1000.0 * (d["images"] / len(lat)) / d["latency_ms"]["mean"] \
             if lat and d["latency_ms"]["mean"] else None
-        for k in ("compute_s", "data_s", "wall_s"):
-            d[k] = round(d[k], 3)
         per_device.append(d)
-    per_device.sort(key=lambda d: (d["worker"], d["device"]))
-    start = min(r["timing"]["started_at"] for r in shards.values())
-    end = max(r["timing"]["finished_at"] for r in shards.values())
+    per_device.sort(key=lambda d: (d["host"] or "", d["device"], d["worker"]))
+    start = min((r["timing"]["started_at"] for r in shards.values()), default=0.0)
+    end = max((r["timing"]["finished_at"] for r in shards.values()), default=0.0)
     n = len(pred["indices"])
-    first = next(iter(shards.values()))
+    first = next(iter(shards.values()), None) or {"backend": manifest.get("backend"),
+                                                  "precision": manifest.get("precision")}
     finished = time.time()
     created = manifest.get("created")
+    planned = sum(s["stop"] - s["start"] for s in manifest["shards"])
     report = {
         "run_id": manifest["run_id"],
+        "state": "done", "error": None, "complete": True,
         "created": manifest.get("created"),
         "finished": finished,
         "images": n,
+        "images_planned": planned,
         "images_total": manifest["dataset"]["images"],
         **accuracy(pred["labels"], pred["top5"]),
-        "throughput_img_s": round(n / (end - start), 3) if end > start else None,
-        "wall_s": round(end - start, 3),
+        "throughput_img_s": n / (end - start) if end > start else None,
+        "wall_s": end - start,
         "throughput": {  # every throughput, named by what it divides by (see README, "The report")
-            "shard_span_img_s": round(n / (end - start), 3) if end > start else None,
-            "end_to_end_img_s": round(n / (finished - created), 3) if created and finished > created else None,
-            "end_to_end_s": round(finished - created, 3) if created else None,
-            "compute_img_s": round(sum(d["img_s_ais_bench"] or 0 for d in per_device), 3) or None,
+            "shard_span_img_s": n / (end - start) if end > start else None,
+            "end_to_end_img_s": n / (finished - created) if created and finished > created else None,
+            "end_to_end_s": finished - created if created else None,
+            "compute_img_s": sum(d["img_s_ais_bench"] or 0 for d in per_device) or None,
         },
         "model_load_s": max((d["model_load_s"] for d in per_device), default=0.0),
         "error_count": len(errors),
@@ -159,10 +177,40 @@ def merge(manifest: dict, results: list) -> tuple[dict, dict]:
         "precision": first.get("precision"),
         "dataset": manifest["dataset"],
         "labels_file": manifest.get("labels"),
+        "labels_sha256": manifest.get("labels_sha256"),
         "shards": len(shards),
+        "shards_ok": len(shards),
+        "shards_failed": [],
         "duplicate_shard_results_dropped": dropped,
+        "environment": {"hosts": hosts, "submitted_from": manifest.get("submitted_from"),
+                        "client_nasq": manifest.get("nasq_version"), "command": manifest.get("command")},
     }
+    report["warnings"] = warnings_of(report)
     return report, pred
+
+
+def warnings_of(report: dict) -> list[str]:
+    """What a reader must know before trusting the numbers: simulated devices, weights that are
+    not the published checkpoint, an incomplete run, a p99 from few batches."""
+    from ..model.spec import SEED_CHECKPOINT_SHA256_PREFIX
+
+    out = []
+    if any(d.get("backend") == "sim" for d in report["per_device"]):
+        out.append("SIMULATED devices: their timings are a simulator's, not measurements")
+    sha = (report.get("model") or {}).get("sha256")
+    if sha and not sha.startswith(SEED_CHECKPOINT_SHA256_PREFIX):
+        out.append(f"weights are not the published NASNet-Large checkpoint (sha256 {sha[:12]}..., the published one "
+                   f"starts {SEED_CHECKPOINT_SHA256_PREFIX}): the accuracy is these weights' own"
+                   + (" (RANDOM weights from nasq demo)" if "random" in os.path.basename(
+                       (report.get("model") or {}).get("weights") or "") else ""))
+    if not report.get("complete", True):
+        out.append(f"{report['state'].upper()} run: {report['images']} of {report['images_planned']} images "
+                   "evaluated; every number covers only those")
+    few = [d for d in report["per_device"] if d["latency_ms"]["count"] and not d["latency_ms"]["p99_samples_ok"]]
+    if few:
+        out.append(f"p99 latency from fewer than {P99_MIN_SAMPLES} batches on {len(few)} device(s): close to the "
+                   "maximum, not a tail estimate")
+    return out
 
 
 def ok_results(manifest: dict, results: list) -> list[dict]:
@@ -176,14 +224,31 @@ def ok_results(manifest: dict, results: list) -> list[dict]:
     return ok
 
 
-def merge_partial(manifest: dict, results: list, reason: str) -> tuple[dict, dict] | None:
-    """What a failed run did finish: the report over its ok shards, marked partial."""
+def merge_partial(manifest: dict, results: list, reason: str, *, state: str = "failed",
+                  failures: dict[str, dict] | None = None) -> tuple[dict, dict]:
+    """What a failed or cancelled run did finish: the report over its ok shards, marked
+    incomplete, naming every shard it lacks with why (``failures``: shard id -> {reason,
+    worker, attempts}; a shard not named there never finished). A run without any finished
+    shard gets a report of 0 images all the same: it says what failed."""
     ok = ok_results(manifest, results)
     seen = {r["shard_id"] for r in ok}
-    if not ok:
-        return None
     sub = {**manifest, "shards": [s for s in manifest["shards"] if s["shard_id"] in seen]}
     report, pred = merge(sub, ok)
-    report.update(partial=True, failure=reason, shards=len(manifest["shards"]),
-                  shards_ok=len(ok), shards_not_ok=[s["shard_id"] for s in manifest["shards"] if s["shard_id"] not in seen])
+    report.update(partial=True, complete=False, state=state, error=reason, failure=reason,
+                  images_planned=sum(s["stop"] - s["start"] for s in manifest["shards"]),
+                  shards=len(manifest["shards"]), shards_ok=len(ok),
+                  shards_failed=missing_shards(manifest, seen, failures or {}, state),
+                  shards_not_ok=[s["shard_id"] for s in manifest["shards"] if s["shard_id"] not in seen])
+    report["warnings"] = warnings_of(report)
     return report, pred
+
+
+def missing_shards(manifest: dict, ok: set[str], failures: dict[str, dict], state: str) -> list[dict]:
+    """The shards without a kept result: id, images, why, the worker of its last attempt and
+    how many attempts it had."""
+    default = "cancelled before it finished" if state == "cancelled" else "no result (lost, or never ran)"
+    return [{"shard_id": s["shard_id"], "images": s["stop"] - s["start"],
+             "reason": (failures.get(s["shard_id"]) or {}).get("reason") or default,
+             "worker": (failures.get(s["shard_id"]) or {}).get("worker"),
+             "attempts": (failures.get(s["shard_id"]) or {}).get("attempts", 0)}
+            for s in manifest["shards"] if s["shard_id"] not in ok]

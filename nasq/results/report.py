@@ -6,16 +6,91 @@ import csv
 import io
 import json
 import os
+import textwrap
 
 from ..files import atomic_write, write_json
-from ..tables import table
+from ..tables import num, pct, table
 from .html import page, png_tag
 
 
+def device_id(d: dict) -> str:
+    """Where a device is: ``host/device`` (``vm1/cuda:3``), from the worker's own description."""
+    return f"{d['host']}/{d.get('device', '?')}" if d.get("host") else str(d.get("device", "?"))
+
+
 def device_cell(d: dict) -> str:
-    """How a device reads in a table: the device's own name (``NVIDIA H100 80GB HBM3``,
-    ``cpu, 1 thread``), else the device as asked."""
-    return d.get("device_name") or d["device"]
+    """How a device reads in a table: where it is and what it is (``vm1/cuda:3 NVIDIA H200``,
+    ``vm2/npu:1 Ascend310P3, ais_bench static``, ``vm1/cpu OpenVINO fp32, 16 threads, 2 stream(s)``)."""
+    name = d.get("device_name")
+    return f"{device_id(d)} {name}" if name else device_id(d)
+
+
+def devices_summary(per_device: list[dict], *, listed: int = 4) -> str:
+    """The devices of a run in one cell: each one (``vm1/npu:0, vm1/npu:1 SIMULATED ...``) when
+    a kind of device has at most ``listed``, else counted (``8x cuda (NVIDIA H200) on 2 hosts``)."""
+    groups: dict[str, list[dict]] = {}
+    for d in per_device:
+        groups.setdefault(d.get("device_name") or "", []).append(d)
+    parts = []
+    for name, ds in sorted(groups.items()):
+        if len(ds) <= listed:
+            parts.append(", ".join(device_id(d) for d in ds) + (f" {name}" if name else ""))
+            continue
+        kinds = sorted({str(d.get("device", "?")).split(":")[0] for d in ds})
+        hosts = {d.get("host") for d in ds}
+        parts.append(f"{len(ds)}x {'/'.join(kinds)}" + (f" ({name})" if name else "")
+                     + f" on {len(hosts)} host{'s' if len(hosts) != 1 else ''}")
+    return "; ".join(parts)
+
+
+def state_line(report: dict) -> str | None:
+    """An incomplete run's headline: its state, images evaluated of images planned, shards."""
+    if report.get("complete", not report.get("partial")):
+        return None
+    planned = report.get("images_planned", report.get("images_total"))
+    failed = report.get("shards_failed") or []
+    return (f"{str(report.get('state') or 'partial').upper()}: {report['images']} of {planned} images evaluated "
+            f"({report.get('shards_ok', '?')} of {report.get('shards', '?')} shards); every number covers only "
+            f"those" + (f"; {len(failed)} shard(s) not evaluated (below)" if failed else ""))
+
+
+def missing_rows(report: dict) -> list[list]:
+    return [[f["shard_id"], f["images"], f["reason"], f.get("worker") or "-", f.get("attempts", 0)]
+            for f in report.get("shards_failed") or []]
+
+
+MISSING_HEADERS = ["shard", "images", "why it has no result", "last worker", "attempts"]
+
+
+def interval_text(report: dict, k: int) -> str:
+    ci = report.get(f"top{k}_ci95")
+    return f" (95 % CI {ci[0]:.2f} to {ci[1]:.2f})" if ci else ""
+
+
+def environment_rows(report: dict) -> list[list]:
+    """The environment block: per host its CPU, cores, memory, OS, Python, nasq; per device its
+    accelerator facts and runtime versions; the submitting host and the rerun command."""
+    env = report.get("environment") or {}
+    rows = []
+    for host, e in sorted((env.get("hosts") or {}).items()):
+        rows.append([f"host {host}", f"{e.get('cpu')}, {e.get('cpu_cores')} cores ({e.get('cpus_usable')} usable), "
+                                     f"{e.get('memory_gib')} GiB; {e.get('os')}; Python {e.get('python')}; "
+                                     f"nasq {e.get('nasq')}"])
+    for d in report.get("per_device") or []:
+        acc = ", ".join(f"{k} {v}" for k, v in sorted((d.get("accelerator") or {}).items()) if v is not None)
+        rows.append([f"device {device_id(d)}", "; ".join(filter(None, [d.get("device_name"), acc,
+                                                                     versions_text(d.get("versions"))]))])
+    if env.get("submitted_from"):
+        rows.append(["submitted from", f"{env['submitted_from']} (nasq {env.get('client_nasq')})"])
+    rows.append(["rerun with", rerun_text(report)])
+    return rows
+
+
+def rerun_text(report: dict) -> str:
+    import shlex
+
+    cmd = (report.get("environment") or {}).get("command")
+    return shlex.join(cmd) if cmd else "(not recorded: the run was submitted through the Python API)"
 
 
 def versions_text(versions: dict) -> str:
@@ -32,10 +107,10 @@ def ais_bench_summary(report: dict) -> str:
             continue
         bs = d["images"] / lat["count"]
         out += [f"[INFO] ----------------- Performance Summary: {d['worker']} ({device_cell(d)}) ------------------",
-                f"[INFO] NPU_compute_time (ms): min = {lat['min']}, max = {lat['max']}, mean = {lat['mean']}, "
-                f"median = {lat['p50']}, percentile(99%) = {lat['p99']}",
-                f"[INFO] throughput 1000*batchsize.mean({bs:g})/NPU_compute_time.mean({lat['mean']}): "
-                f"{d.get('img_s_ais_bench')}"]
+                f"[INFO] NPU_compute_time (ms): min = {lat['min']:.3f}, max = {lat['max']:.3f}, "
+                f"mean = {lat['mean']:.3f}, median = {lat['p50']:.3f}, percentile(99%) = {lat['p99']:.3f}",
+                f"[INFO] throughput 1000*batchsize.mean({bs:g})/NPU_compute_time.mean({lat['mean']:.3f}): "
+                f"{d.get('img_s_ais_bench'):.3f}"]
     if out:
         out.append("[INFO] ------------------------------------------------------")
     return "\n".join(out)
@@ -50,7 +125,7 @@ def timm_row(report: dict) -> dict:
     from ..model.spec import PREPROCESS
 
     def err(v):
-        return None if v is None else round(100.0 - v, 3)
+        return None if v is None else 100.0 - v
 
     m = report.get("model") or {}
     params = m.get("param_count")
@@ -66,32 +141,38 @@ def latency_rows(report: dict) -> list[list]:
     rows = []
     for d in report["per_device"]:
         lat = d.get("latency_ms") or {}
-        rows.append([d["worker"], device_cell(d), report.get("batch_size"), lat.get("count"), lat.get("p50"),
-                     lat.get("p90"), lat.get("p95"), lat.get("p99"), lat.get("max"), d.get("img_s_ais_bench"),
+        rows.append([device_cell(d), d["worker"], report.get("batch_size"), lat.get("count"), lat.get("p50"),
+                     lat.get("p90"), lat.get("p95"), p99_cell(lat), lat.get("max"), d.get("img_s_ais_bench"),
                      d.get("model_load_s")])
     return rows
 
 
-LATENCY_HEADERS = ["worker", "device", "batch", "batches", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "max ms",
+LATENCY_HEADERS = ["device", "worker", "batch", "batches", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "max ms",
                    "compute img/s", "model load s"]
 
 
 def render(report: dict) -> str:
     """The report as a readable table."""
-    def pct(v):
-        return "   n/a" if v is None else f"{v:6.2f}%"
-
-    lines = [f"nasq run {report['run_id']}" + ("  PARTIAL: " + report["failure"] if report.get("partial") else ""),
-             f"  model    {report['model'].get('arch', '?')} ({report.get('num_outputs')} outputs)  "
-             f"backend {report['backend']['name']}  batch {report['batch_size']}  precision {report.get('precision')}",
-             f"  dataset  {report['dataset']['root']} ({report['dataset']['kind']}, fingerprint {report['dataset']['fingerprint']})",
-             f"  images   {report['images']} evaluated of {report['images_total']}, {report['error_count']} excluded",
-             "  accuracy " + "  ".join(f"top-{k} {pct(report.get(f'top{k}'))}" for k in (1, 5)),
-             f"  speed    {_speed(report)}, {report['shards']} shards", ""]
-    lines.append(table([[d["worker"], device_cell(d), d["shards"], d["images"], f"{d['img_s_compute'] or 0:.2f}",
-                         f"{d['img_s_wall'] or 0:.2f}"] + _lat_cells(d) for d in report["per_device"]],
-                       ["worker", "device", "shards", "images", "compute img/s", "wall img/s", "p50 ms", "p99 ms"],
-                       indent="  "))
+    lines = [f"nasq run {report['run_id']}"]
+    lines += [f"  ! {w}" for w in report.get("warnings") or []]
+    if report.get("error"):
+        lines.append(f"  error    {report['error']}")
+    lines += [f"  model    {report['model'].get('arch', '?')} ({report.get('num_outputs')} outputs)  "
+              f"backend {report['backend']['name']}  batch {report['batch_size']}  precision {report.get('precision')}",
+              f"  dataset  {report['dataset']['root']} ({report['dataset']['kind']}, fingerprint "
+              f"{report['dataset']['fingerprint']})",
+              f"  images   {report['images']} evaluated of {report.get('images_planned', report['images_total'])}, "
+              f"{report['error_count']} excluded",
+              "  accuracy " + "  ".join(f"top-{k} {_pct(report.get(f'top{k}'))}{interval_text(report, k)}"
+                                        for k in (1, 5)),
+              f"  speed    {_speed(report)}, {report['shards']} shards", ""]
+    if report["per_device"]:
+        lines.append(table([[device_cell(d), d["worker"], d["shards"], d["images"], d["img_s_compute"],
+                             d["img_s_wall"]] + _lat_cells(d) for d in report["per_device"]],
+                           ["device", "worker", "shards", "images", "compute img/s", "wall img/s", "p50 ms",
+                            "p99 ms"], indent="  "))
+    if report.get("shards_failed"):
+        lines += ["", "  shards not evaluated:", table(missing_rows(report), MISSING_HEADERS, indent="    ")]
     if report["errors"]:
         lines += ["", f"  excluded images ({report['error_count']}):"]
         lines += [f"    {e['name']}: {e['reason']}" for e in report["errors"][:20]]
@@ -102,44 +183,58 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _pct(v) -> str:
+    return "   n/a" if v is None else f"{v:6.2f}%"
+
+
 def _speed(report: dict) -> str:
     t = report.get("throughput") or {}
-    parts = [(True, f"{report['throughput_img_s']} img/s over the shards' span ({report['wall_s']} s)"),
-             (t.get("end_to_end_img_s"), f"{t.get('end_to_end_img_s')} img/s end to end ({t.get('end_to_end_s')} s "
-                                         "from submission)"),
-             (t.get("compute_img_s"), f"{t.get('compute_img_s')} img/s compute only")]
+    parts = [(True, f"{num(report['throughput_img_s'])} img/s over the shards' span ({num(report['wall_s'])} s)"),
+             (t.get("end_to_end_img_s"), f"{num(t.get('end_to_end_img_s'))} img/s end to end "
+                                         f"({num(t.get('end_to_end_s'))} s from submission)"),
+             (t.get("compute_img_s"), f"{num(t.get('compute_img_s'))} img/s compute only")]
     return "; ".join(text for shown, text in parts if shown)
 
 
 def _lat_cells(d: dict) -> list:
     lat = d.get("latency_ms") or {}
-    return [lat.get("p50") if lat.get("p50") is not None else "-", lat.get("p99") if lat.get("p99") is not None else "-"]
+    return [num(lat.get("p50")), p99_cell(lat)]
+
+
+def p99_cell(lat: dict) -> str:
+    """The p99, marked * when it comes from fewer than 100 batches (then close to the maximum)."""
+    if lat.get("p99") is None:
+        return "-"
+    return num(lat["p99"]) + ("" if lat.get("p99_samples_ok", True) else "*")
+
+
+P99_NOTE = "\\* p99 from fewer than 100 batches: close to the maximum, not a tail estimate."
 
 
 def _facts(report: dict) -> list[list]:
-    def pct(v):
-        return "n/a" if v is None else f"{v:.2f} %"
-
     m = report.get("model", {})
     t = report.get("throughput") or {}
-    facts = [["model", f"{m.get('arch', '?')}, {report.get('num_outputs')} outputs, "
+    facts = [["state", str(report.get("state") or "done") + (f": {report['error']}" if report.get("error") else "")],
+             ["model", f"{m.get('arch', '?')}, {report.get('num_outputs')} outputs, "
                        f"sha256 {str(m.get('sha256', m.get('artifact_key', '?')))[:16]}"],
              ["backend", f"{report['backend']['name']} ({versions_text(report['backend'].get('versions'))})"],
              ["batch size / precision", f"{report['batch_size']} / {report.get('precision')}"
                                         + (f" (computes in {m['compute_precision']})" if m.get("compute_precision")
                                            else "")],
+             ["devices", devices_summary(report.get("per_device") or [])],
              ["dataset", f"{report['dataset']['root']} ({report['dataset']['kind']}, {report['images_total']} images, "
                          f"fingerprint {report['dataset']['fingerprint']})"],
-             ["images evaluated", f"{report['images']} ({report['error_count']} excluded)"]]
-    facts += [[f"top-{k}", pct(report.get(f"top{k}"))] for k in range(1, 6)]
-    facts += [["throughput, shards' span", f"{report['throughput_img_s']} img/s over {report['wall_s']} s "
+             ["images evaluated", f"{report['images']} of {report.get('images_planned', report['images_total'])} "
+                                  f"planned ({report['error_count']} excluded)"]]
+    facts += [[f"top-{k}", pct(report.get(f"top{k}")) + interval_text(report, k)] for k in range(1, 6)]
+    facts += [["throughput, shards' span", f"{num(report['throughput_img_s'])} img/s over {num(report['wall_s'])} s "
                                            "(first shard start to last shard end)"],
-              ["throughput, end to end", f"{t.get('end_to_end_img_s')} img/s over {t.get('end_to_end_s')} s "
+              ["throughput, end to end", f"{num(t.get('end_to_end_img_s'))} img/s over {num(t.get('end_to_end_s'))} s "
                                          "(submission to report)"],
-              ["throughput, compute only", f"{t.get('compute_img_s')} img/s (sum over devices of ais_bench's "
+              ["throughput, compute only", f"{num(t.get('compute_img_s'))} img/s (sum over devices of ais_bench's "
                                            "1000 * batch / mean compute ms; compute timed by "
                                            f"{_clock(report)})"],
-              ["model load", f"{report.get('model_load_s')} s (slowest device)"]]
+              ["model load", f"{num(report.get('model_load_s'))} s (slowest device)"]]
     return facts
 
 
@@ -150,13 +245,29 @@ def _clock(report: dict) -> str:
     return "the host around each batch" if clocks <= {"host"} else "the device where it reports one, else the host"
 
 
+def _device_rows(report: dict) -> list[list]:
+    return [[device_cell(d), d["worker"], d["shards"], d["images"], d["img_s_compute"], d["img_s_wall"],
+             d.get("img_s_ais_bench")] for d in report["per_device"]]
+
+
+DEVICE_HEADERS = ["device", "worker", "shards", "images", "compute img/s", "wall img/s", "ais_bench img/s"]
+
+
 def render_markdown(report: dict) -> str:
-    """The report as Markdown (headline, per-device table, excluded images)."""
-    lines = [f"# nasq run {report['run_id']}", "", table(_facts(report), ["", ""], markdown=True), "",
-             table([[d["worker"], device_cell(d), d["shards"], d["images"], d["img_s_compute"], d["img_s_wall"]]
-                    for d in report["per_device"]],
-                   ["worker", "device", "shards", "images", "compute img/s", "wall img/s"], markdown=True), "",
-             "## Latency per batch (compute only)", "", table(latency_rows(report), LATENCY_HEADERS, markdown=True)]
+    """The report as Markdown: warnings, headline facts, devices, the shards not evaluated,
+    latency, the environment block and the rerun command, excluded images."""
+    lines = [f"# nasq run {report['run_id']}", ""]
+    lines += [f"> **{w}**" for w in report.get("warnings") or []] + ([""] if report.get("warnings") else [])
+    lines += [table(_facts(report), ["", ""], markdown=True), "",
+              "## Devices", "", table(_device_rows(report), DEVICE_HEADERS, markdown=True)]
+    if report.get("shards_failed"):
+        lines += ["", "## Shards not evaluated", "", state_line(report) or "", "",
+                  table(missing_rows(report), MISSING_HEADERS, markdown=True)]
+    lines += ["", "## Latency per batch (compute only)", "", table(latency_rows(report), LATENCY_HEADERS, markdown=True)]
+    if any(not (d.get("latency_ms") or {}).get("p99_samples_ok", True) for d in report["per_device"]):
+        lines += ["", P99_NOTE]
+    lines += ["", "## Environment", "", table(environment_rows(report), ["", ""], markdown=True), "",
+              "Rerun:", "", "```", rerun_text(report), "```"]
     summary = ais_bench_summary(report)
     if summary:
         lines += ["", "## ais_bench-style summary", "", "```", summary, "```"]
@@ -174,14 +285,14 @@ def plot_throughput_over_time(report: dict, shards: list[dict], path: str) -> No
 
     t0 = min(s["started_at"] for s in shards)
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for key in sorted({(s["worker"], s["device"]) for s in shards}):
+    for key in sorted({(s["worker"], s["device"]) for s in shards}, key=lambda k: (_label(shards, k), k)):
         mine = sorted((s for s in shards if (s["worker"], s["device"]) == key), key=lambda s: s["finished_at"])
         xs, ys, total = [], [], 0
         for s in mine:
             xs += [s["started_at"] - t0, s["finished_at"] - t0]
             ys += [total, total + s["images"]]
             total += s["images"]
-        ax.plot(xs, ys, marker=".", label=f"{key[0]} ({key[1]})")
+        ax.plot(xs, ys, marker=".", label=_label(shards, key))
     ax.set_xlabel("seconds since the first shard started")
     ax.set_ylabel("images done")
     ax.set_title(f"run {report['run_id']}: per-device progress (slope = img/s)")
@@ -193,6 +304,14 @@ def plot_throughput_over_time(report: dict, shards: list[dict], path: str) -> No
     plt.close(fig)
 
 
+def _label(shards: list[dict], key: tuple) -> str:
+    """A device's short name in a legend: ``host/device`` (the worker's name when two workers
+    share a device)."""
+    mine = next(s for s in shards if (s["worker"], s["device"]) == key)
+    same = {s["worker"] for s in shards if s.get("host") == mine.get("host") and s["device"] == mine["device"]}
+    return device_id(mine) + (f" ({key[0]})" if len(same) > 1 else "")
+
+
 def plot_devices(report: dict, path: str) -> None:
     """A bar per device: compute-only and wall img/s side by side."""
     import matplotlib
@@ -202,17 +321,19 @@ def plot_devices(report: dict, path: str) -> None:
     import numpy as np
 
     devs = report["per_device"]
-    fig, ax = plt.subplots(figsize=(8, 0.5 + 0.45 * max(3, len(devs))))
+    fig, ax = plt.subplots(figsize=(8, 1.4 + 0.45 * max(3, len(devs))))
     y = np.arange(len(devs))
     ax.barh(y - 0.2, [d.get("img_s_ais_bench") or d.get("img_s_compute") or 0 for d in devs], 0.4,
             label="compute only (ais_bench)")
     ax.barh(y + 0.2, [d.get("img_s_wall") or 0 for d in devs], 0.4, label="wall (decode + compute)")
-    ax.set_yticks(y, [f"{d['worker']}\n{device_cell(d)}" for d in devs], fontsize=7)
+    ax.set_yticks(y, [f"{device_id(d)}\n{textwrap.shorten(d.get('device_name') or '', 40)}" for d in devs],
+                  fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("images / s")
+    ax.set_xlim(left=0)
     ax.set_title(f"run {report['run_id']}: throughput per device (batch {report['batch_size']}, "
-                 f"{report['backend']['name']}, {report.get('precision')})", fontsize=9)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
+                 f"{report['backend']['name']}, {report.get('precision')})", fontsize=9, pad=22)
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"))
@@ -220,26 +341,34 @@ def plot_devices(report: dict, path: str) -> None:
 
 
 def render_html(report: dict, plots: list[str]) -> str:
-    """The run as one self-contained HTML page (tables, the ais_bench block, plots inlined)."""
+    """The run as one self-contained HTML page: warnings first, then the facts, devices, the
+    shards not evaluated, latency, plots, the environment and rerun command, the ais_bench block."""
     def esc_table(rows, headers):
         return table(rows, headers, fmt="html")
 
     sections = [("Run", esc_table(_facts(report), ["what", "value"])),
-                ("Devices", esc_table([[d["worker"], device_cell(d), d["shards"], d["images"], d["img_s_compute"],
-                                        d["img_s_wall"], d.get("img_s_ais_bench")] for d in report["per_device"]],
-                                      ["worker", "device", "shards", "images", "compute img/s", "wall img/s",
-                                       "ais_bench img/s"])),
-                ("Latency per batch (compute only)", esc_table(latency_rows(report), LATENCY_HEADERS))]
-    sections += [("Plots", "".join(png_tag(p) for p in plots if os.path.isfile(p)))]
+                ("Devices", esc_table(_device_rows(report), DEVICE_HEADERS))]
+    if report.get("shards_failed"):
+        sections.append((f"Shards not evaluated ({len(report['shards_failed'])})",
+                         esc_table(missing_rows(report), MISSING_HEADERS)))
+    latency = esc_table(latency_rows(report), LATENCY_HEADERS)
+    if any(not (d.get("latency_ms") or {}).get("p99_samples_ok", True) for d in report["per_device"]):
+        latency += f"<p>{_escape(P99_NOTE.replace(chr(92), ''))}</p>"
+    sections += [("Latency per batch (compute only)", latency),
+                 ("Plots", "".join(png_tag(p) for p in plots if os.path.isfile(p))),
+                 ("Environment", esc_table(environment_rows(report), ["what", "value"])),
+                 ("Rerun", "<pre>" + _escape(rerun_text(report)) + "</pre>")]
     summary = ais_bench_summary(report)
     if summary:
         sections.append(("ais_bench-style summary", "<pre>" + _escape(summary) + "</pre>"))
-    sections.append(("timm-style results row", esc_table([list(timm_row(report).values())], list(TIMM_FIELDS))))
+    sections.append(("timm-style results row", esc_table(list(map(list, timm_row(report).items())),
+                                                         ["field", "value"])))
     if report["errors"]:
         sections.append((f"Excluded images ({report['error_count']})",
                          esc_table([[e["name"], e["reason"]] for e in report["errors"][:500]], ["image", "reason"])))
-    title = f"nasq run {report['run_id']}" + (" (PARTIAL)" if report.get("partial") else "")
-    return page(title, sections)
+    state = report.get("state") or "done"
+    title = f"nasq run {report['run_id']}" + ("" if state == "done" else f" ({state.upper()})")
+    return page(title, sections, banners=[*filter(None, [state_line(report)]), *(report.get("warnings") or [])])
 
 
 def _escape(text: str) -> str:

@@ -143,26 +143,43 @@ def fail_run(run_id: str, error: BaseException | None, *, store, report_dir: str
 
 
 def mark_failed(store, manifest: dict, results: list, error: Exception, report_dir: str) -> bool:
-    """Mark the run failed, keeping what it finished: a partial report (and files), so that
-    ``nasq resume`` reruns only the rest. False if the run had ended meanwhile."""
+    """Mark the run failed, keeping what it finished: a report over its finished shards (files
+    too) that names the failed ones, so that ``nasq resume`` reruns only the rest. False if the
+    run had ended meanwhile."""
     run_id = manifest["run_id"]
+    if (store.state(run_id) or {}).get("state") not in (RunState.SUBMITTED, RunState.RUNNING):
+        return False  # ended meanwhile (the transition below would refuse too): nothing to write
     text = f"{error} -- `nasq resume {run_id}` reruns only the failed or missing shards"
-    partial = merge_partial(manifest, results, str(error))
-    if partial is not None:
-        return _end(store, "fail", manifest, results, *partial, report_dir, partial=True, error=text)
-    ok, _ = store.transition(run_id, "fail", partial=False, error=text)
-    if ok:
-        _history(store, report_dir, row_of(manifest, str(RunState.FAILED), error=str(error)))
-        store.mark_published(run_id)
-    return ok
+    report, predictions = merge_partial(manifest, results, text, state=str(RunState.FAILED),
+                                        failures=shard_failures(store, run_id))
+    return _end(store, "fail", manifest, results, report, predictions, report_dir, partial=True, error=text)
+
+
+def shard_failures(store, run_id: str) -> dict[str, dict]:
+    """Shard id -> {reason, worker, attempts} of the shards that failed or were started, from
+    the run's ledger (the reasons workers recorded, the attempts the claims counted)."""
+    attempts, finished, running = store.attempts(run_id), store.finished(run_id), store.running(run_id)
+    out = {}
+    for sid in set(attempts) | set(finished) | set(running):
+        rec = finished.get(sid) or {}
+        if rec.get("status") == "ok":
+            continue
+        where = rec or running.get(sid) or {}
+        worker = where.get("worker")
+        host = where.get("host")
+        reason = rec.get("error") or ("running when the run ended" if sid in running else
+                                      "started, but its worker went away before it finished")
+        out[sid] = {"reason": reason, "worker": f"{worker} ({host}/{where.get('device')})" if host else worker,
+                    "attempts": attempts.get(sid, 0)}
+    return out
 
 
 def cancel_run(store, run_id: str, report_dir: str, *, manifest: dict | None = None,
-               after_cancel: Callable[[], None] = lambda: None) -> dict | None:
+               after_cancel: Callable[[], None] = lambda: None) -> dict:
     """Cancel a run: the transition first (running shards stop on their next progress, late
     results are dropped, no merge changes it afterwards), then ``after_cancel()`` (revoke its
-    tasks), then what finished is kept as a partial report (files and Redis). Returns the
-    partial report, or None when no shard had finished.
+    tasks), then what finished is kept as a partial report (files and Redis) naming the shards
+    that did not finish. Returns that report.
 
     Raises:
         RunError: no such run, or a run that already ended.
@@ -170,17 +187,18 @@ def cancel_run(store, run_id: str, report_dir: str, *, manifest: dict | None = N
     manifest = manifest or store.manifest(run_id)
     if manifest is None:
         raise RunError(f"no run {run_id!r} in this Redis (runs expire after result_expires)")
+    failures = shard_failures(store, run_id)  # before the cancel clears the running shards
     ok, state = store.transition(run_id, "cancel", clear_running=True, error=f"run {run_id} was cancelled")
     if not ok:
         raise RunError(f"run {run_id} already ended ({state}); nothing to cancel")
     after_cancel()
     stored = store.shard_results(run_id)
     results = [stored[s["shard_id"]] for s in manifest["shards"] if s["shard_id"] in stored]
-    partial = merge_partial(manifest, results, "cancelled")
-    if partial is None:
-        _history(store, report_dir, row_of(manifest, str(RunState.CANCELLED)))
-        return None
-    report, predictions = partial
+    for f in failures.values():
+        if f["reason"] == "running when the run ended":
+            f["reason"] = "stopped by the cancel"
+    report, predictions = merge_partial(manifest, results, f"run {run_id} was cancelled",
+                                        state=str(RunState.CANCELLED), failures=failures)
     staging = _write(manifest, results, report, predictions, report_dir)
     try:
         store.save_report_of_ended(run_id, report, predictions)
@@ -268,5 +286,6 @@ def _history(store, report_dir: str, row: dict) -> None:
 
 
 def _shard_timings(manifest: dict, results: list) -> list[dict]:
-    return [{"worker": r["worker"], "device": r["device"], "images": len(r["indices"]), **r["timing"]}
+    return [{"worker": r["worker"], "host": r.get("host"), "device": r["device"], "images": len(r["indices"]),
+             **r["timing"]}
             for r in ok_results(manifest, results)]

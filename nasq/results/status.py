@@ -1,12 +1,13 @@
 """``nasq status`` and ``nasq runs``: what is running, from the run records (the run store)."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 
 from ..errors import NasqError
 from ..runstate import is_ended
-from ..tables import table
+from ..tables import num, table
 
 
 def _bar(done: int, total: int, width: int = 30) -> str:
@@ -23,55 +24,76 @@ def _eta(seconds: float | None) -> str:
 
 
 def run_status(store, run_id: str) -> dict:
-    """Progress numbers of one run: shards, images, rate, ETA, errors, per-worker activity."""
+    """Progress numbers of one run: shards, images, rate, ETA, errors, per-worker activity.
+    Images and rates count accepted results only (a kept shard's images, and while the run goes
+    on the progress of the copies running now): never a failed, lost or cancelled copy's."""
     manifest = store.manifest(run_id)
     if manifest is None:
         raise NasqError(f"no run {run_id!r} in this Redis (runs expire after result_expires)")
     state = store.state(run_id) or {}
     finished, running = store.finished(run_id), store.running(run_id)
+    ok = {sid: s for sid, s in finished.items() if s.get("status") == "ok"}
+    failed = {sid: s for sid, s in finished.items() if s.get("status") != "ok"}
     total_images = manifest["dataset"]["images"]
-    done = min(total_images, store.images_done(run_id))
-    starts = [s["started_at"] for s in finished.values() if "started_at" in s]
-    starts += [r["at"] for r in running.values()]
-    t0 = min(starts) if starts else None
     ended = is_ended(state.get("state"))
-    ends = [s["finished_at"] for s in finished.values() if "finished_at" in s]
-    # an ended run's rate is over the shards' span, as in its report (throughput_img_s)
-    t_end = max(ends) if ended and ends else time.time()
+    if ended:
+        running = {}
+    done = min(total_images, store.images_done(run_id, accepted_only=ended))
+    if ended:  # an ended run's rate is over its kept shards' span, as in its report (throughput_img_s)
+        t0 = min((s["started_at"] for s in ok.values() if "started_at" in s), default=None)
+        t_end = max((s["finished_at"] for s in ok.values() if "finished_at" in s), default=None)
+        evaluated = sum(s.get("images", 0) for s in ok.values())
+    else:
+        t0 = min([s["started_at"] for s in finished.values() if "started_at" in s]
+                 + [r["at"] for r in running.values()], default=None)
+        t_end, evaluated = time.time(), done
     lost = set() if ended else set(store.lost_shards(run_id))
     registry = store.workers()
     full = None if ended or not store.is_full() else store.full_message()
-    rate = done / (t_end - t0) if t0 and done and t_end > t0 else None
+    rate = evaluated / (t_end - t0) if t0 and t_end and evaluated and t_end > t0 else None
     eta = (total_images - done) / rate if rate and not ended and not lost and not full else None
     per_worker: dict[str, dict] = {}
-    for s in finished.values():
-        w = per_worker.setdefault(s.get("worker", "?"), {"device": s.get("device"), "shards": 0, "images": 0, "wall_s": 0.0})
+
+    def worker(name: str, rec: dict) -> dict:
+        return per_worker.setdefault(name, {"host": rec.get("host"), "device": rec.get("device"), "shards": 0,
+                                            "images": 0, "wall_s": 0.0, "failed": 0})
+
+    for s in ok.values():
+        w = worker(s.get("worker", "?"), s)
         w["shards"] += 1
         w["images"] += s.get("images", 0)
         w["wall_s"] += s.get("wall_s", 0.0)
+    for s in failed.values():
+        worker(s.get("worker", "?"), s)["failed"] += 1
     for sid, r in running.items():
-        w = per_worker.setdefault(r["worker"], {"device": r.get("device"), "shards": 0, "images": 0, "wall_s": 0.0})
-        w["current"] = {"shard_id": sid, "images": r.get("images"), "since": r["at"], "lost": sid in lost}
+        worker(r["worker"], r)["current"] = {"shard_id": sid, "images": r.get("images"), "since": r["at"],
+                                             "lost": sid in lost}
     for name, w in per_worker.items():
-        w["rate_img_s"] = round(w["images"] / w["wall_s"], 2) if w["wall_s"] else None
+        w["rate_img_s"] = w["images"] / w["wall_s"] if w["wall_s"] else None
         w["alive"] = registry.get(name, {}).get("alive", False)
+    model = manifest.get("model") or {}
     return {"run_id": run_id, "state": state.get("state", "unknown"), "error": state.get("error"),
-            "shards_total": len(manifest["shards"]), "shards_done": len(finished),
-            "shard_errors": sum(1 for s in finished.values() if s.get("status") != "ok"),
+            "shards_total": len(manifest["shards"]), "shards_done": len(ok), "shards_failed": len(failed),
+            "shard_errors": len(failed), "failed_shards": {sid: s.get("error") for sid, s in sorted(failed.items())},
             "images_total": total_images, "images_done": done,
-            "image_errors": sum(s.get("errors", 0) for s in finished.values()),
-            "rate_img_s": round(rate, 2) if rate else None, "eta_s": round(eta, 1) if eta is not None else None,
-            "backend": manifest.get("backend"), "batch_size": manifest.get("batch_size"), "workers": per_worker,
+            "image_errors": sum(s.get("errors", 0) for s in ok.values()),
+            "rate_img_s": rate, "eta_s": eta,
+            "backend": manifest.get("backend"), "batch_size": manifest.get("batch_size"),
+            "precision": manifest.get("precision"), "model": os.path.basename(model.get("weights") or "") or None,
+            "simulated": manifest.get("backend") == "sim", "workers": per_worker,
             "lost_shards": sorted(lost), "redispatched": store.redispatched(run_id),
             "duplicate_shard_results_dropped": sorted(sid for sid, n in store.dropped(run_id).items() for _ in range(n)),
             "broker_full": full, "attempts": store.attempts(run_id)}
 
 
 def render_status(st: dict) -> str:
+    what = (f"  {st.get('model') or '?'}  backend {st.get('backend')}  precision {st.get('precision') or 'worker default'}"
+            f"  batch {st.get('batch_size')}" + ("  SIMULATED (not a measurement)" if st.get("simulated") else ""))
     lines = [f"run {st['run_id']}  {st['state']:<9} {_bar(st['images_done'], st['images_total'])} "
-             f"shards {st['shards_done']}/{st['shards_total']}  images {st['images_done']}/{st['images_total']}  "
-             f"{st['rate_img_s'] or 0:.1f} img/s  ETA {_eta(st['eta_s'])}  errors {st['image_errors']} images"
-             + (f", {st['shard_errors']} shards" if st["shard_errors"] else "")]
+             f"shards {st['shards_done']}/{st['shards_total']}"
+             + (f" ({st['shards_failed']} failed)" if st.get("shards_failed") else "")
+             + f"  images {st['images_done']}/{st['images_total']}  {num(st['rate_img_s'])} img/s  "
+               f"ETA {_eta(st['eta_s'])}  errors {st['image_errors']} images", what]
     for name, w in sorted(st["workers"].items()):
         cur = w.get("current")
         if cur and cur.get("lost"):
@@ -81,12 +103,16 @@ def render_status(st: dict) -> str:
         else:
             doing = "idle" if w.get("alive", True) or is_ended(st["state"]) \
                 else "gone (no heartbeat)"
-        lines.append(f"  {name:<30} {str(w.get('device')):<8} {doing:<28} done {w['shards']} shards, "
-                     f"{w['images']} img, {w['rate_img_s'] or 0:.2f} img/s")
+        where = f"{w['host']}/{w.get('device')}" if w.get("host") else str(w.get("device"))
+        lines.append(f"  {name:<30} {where:<16} {doing:<28} done {w['shards']} shards, "
+                     f"{w['images']} img, {num(w['rate_img_s'])} img/s"
+                     + (f", {w['failed']} failed" if w.get("failed") else ""))
+
     def counts(d: dict) -> str:
         return ", ".join(f"{sid} (x{n})" for sid, n in sorted(d.items()))
 
-    notes = [("dispatched again after their worker was lost", counts(st.get("redispatched") or {})),
+    notes = [("failed shards", "; ".join(f"{sid}: {why}" for sid, why in (st.get("failed_shards") or {}).items())),
+             ("dispatched again after their worker was lost", counts(st.get("redispatched") or {})),
              ("started more than once (a worker died, or a copy was sent again)",
               counts({sid: n for sid, n in (st.get("attempts") or {}).items() if n > 1})),
              ("copies of shards dropped (late or duplicate)", ", ".join(st.get("duplicate_shard_results_dropped") or [])),
@@ -140,23 +166,43 @@ def runs_table(rows: list[dict]) -> str:
     def pct(v):
         return f"{v:.2f}" if isinstance(v, (int, float)) else "-"
 
+    def images(r):
+        if r.get("images") is None:
+            return "-"
+        planned = r.get("images_planned")
+        return f"{r['images']}/{planned}" if planned and r["images"] != planned else str(r["images"])
+
     return table([[r["run_id"], time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])) if r.get("created") else "?",
-                   r.get("state") or "?", r.get("model") or "?", r.get("backend") or "?", r.get("precision") or "-",
-                   r.get("devices") or "-", r.get("batch_size") or "-", r.get("images") if r.get("images") is not None
-                   else "-", pct(r.get("top1")), pct(r.get("top5")), pct(r.get("throughput_img_s"))] for r in rows],
+                   r.get("state") or "?", r.get("model") or "?",
+                   (r.get("backend") or "?") + (" (SIMULATED)" if r.get("simulated") else ""), r.get("precision") or "-",
+                   r.get("devices") or "-", r.get("batch_size") or "-", images(r), pct(r.get("top1")),
+                   pct(r.get("top5")), num(r.get("throughput_img_s"))] for r in rows],
                  ["run", "created", "state", "model", "backend", "precision", "devices", "bs", "images", "top-1",
                   "top-5", "img/s"])
 
 
+def iso_times(rows: list[dict]) -> list[dict]:
+    """The rows with ``created`` and ``finished`` as ISO-8601 times with their UTC offset."""
+    import datetime
+
+    def iso(t):
+        return datetime.datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds") \
+            if isinstance(t, (int, float)) else t
+
+    return [{**r, "created": iso(r.get("created")), "finished": iso(r.get("finished"))} for r in rows]
+
+
 def runs_csv(rows: list[dict]) -> str:
-    """The runs as CSV, with the history's columns."""
+    """The runs as CSV, with the history's columns (times in ISO-8601, lists as JSON)."""
     import csv
     import io
+    import json
 
     from .history import COLUMNS
 
     out = io.StringIO()
     w = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
-    w.writerows(rows)
+    w.writerows({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()}
+                for r in iso_times(rows))
     return out.getvalue()

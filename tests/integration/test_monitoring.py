@@ -31,7 +31,7 @@ def test_six_point_sweep_with_local_workers_then_rerun_reuses(assets, tmp_path):
     for kind in ("json", "csv", "markdown", "throughput", "latency"):
         assert os.path.getsize(rep.files[kind]) > 0, kind
     assert rep.files["throughput"].endswith(".png") and open(rep.files["throughput"], "rb").read(4) == b"\x89PNG"
-    assert re.search(r"\|\s*device\s*\|\s*worker\s*\|\s*batch size\s*\|", open(rep.files["markdown"]).read())
+    assert re.search(r"\|\s*device\s*\|\s*worker\s*\|\s*batch\s*\|", open(rep.files["markdown"]).read())
     t0 = time.time()
     again = submit_sweep(batch_sizes=[1, 2, 3, 4, 5, 6], weights=assets["weights"], data=assets["data"], workers=2,
                          min_time_s=0.1, settings=s, log=lambda *_: None)

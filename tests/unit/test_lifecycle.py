@@ -112,6 +112,9 @@ class MemoryStore:
     def redispatched_at(self, run_id):
         return {}
 
+    def attempts(self, run_id):
+        return {sid: 1 for sid in self._running}
+
     def mark_published(self, run_id):
         self.published = True
 
