@@ -116,13 +116,15 @@ class _RunRecord:
 
 
 def rerun_command(plan: Plan, *, queue: str, shard_size: int | None, broker_url: str | None,
-                  devices: list[str] | None = None, options: BackendOptions | None = None) -> list[str]:
+                  devices: list[str] | None = None, options: BackendOptions | None = None,
+                  allow_bad_labels: bool = False) -> list[str]:
     """The ``nasq eval`` command line that runs this evaluation again (the report's "rerun
-    with"): absolute paths, every choice explicit. A broker URL with a password is left out (the
-    command then takes the broker from NASQ_BROKER_URL or the config file, as deployments do)."""
+    with"): absolute paths, every choice explicit. A broker URL that holds a password is never
+    written: the command then says ``--broker "$NASQ_BROKER_URL"`` (the shell fills it in)."""
     cmd = ["nasq", "eval", "--weights", plan.weights, "--data", plan.source.root, "--backend", plan.backend,
            "-b", str(plan.batch_size)]
     cmd += ["--labels", plan.labels] if plan.labels else []
+    cmd += ["--allow-bad-labels"] if allow_bad_labels else []
     cmd += ["--precision", plan.precision] if plan.precision else []
     cmd += ["--num-outputs", str(plan.num_outputs)] if plan.num_outputs else []
     cmd += ["--shard-size", str(shard_size)] if shard_size else []
@@ -133,13 +135,15 @@ def rerun_command(plan: Plan, *, queue: str, shard_size: int | None, broker_url:
         if value:
             cmd += [flag, ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
     if broker_url:
-        from urllib.parse import urlsplit
+        from urllib.parse import parse_qs, urlsplit
 
         cmd += ["--queue", queue] if queue != eval_queue(plan.backend) else []
-        cmd += [] if urlsplit(broker_url).password else ["--broker", broker_url]
-        return cmd
-    cmd += ["--device", ",".join(devices)] if devices and devices[0] != "cpu" else []
-    cmd += ["--workers", str(len(devices))] if devices else []
+        parts = urlsplit(broker_url)
+        secret = parts.password or "password" in parse_qs(parts.query)
+        return cmd + ["--broker", "$NASQ_BROKER_URL" if secret else broker_url]
+    if devices:
+        cmd += ["--device", ",".join(dict.fromkeys(devices))] if devices[0] != "cpu" else ["--device", "cpu"]
+        cmd += ["--workers", str(len(devices))]
     if options is not None:
         cmd += [x for flag, on in (("--compile", options.compile != "none"), ("--cuda-graphs", options.cuda_graphs),
                                    ("--kernels", options.kernels != "torch")) if on
@@ -237,8 +241,8 @@ def submit_evaluation(*, weights: str, data: str, labels: str | None = None, bac
     try:
         queue = queue or eval_queue(backend)
         return _submit(session, plan, queue=queue, shard_size=shard_size, workers=None, rerun=rerun, log=log,
-                       command=rerun_command(plan, queue=queue, shard_size=shard_size,
-                                             broker_url=settings.broker_url))
+                       command=rerun_command(plan, queue=queue, shard_size=shard_size, broker_url=settings.broker_url,
+                                             allow_bad_labels=allow_bad_labels))
     except BaseException:
         session.close()
         raise
@@ -306,8 +310,9 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
         workers = len(devices)
     with Session.open(settings, workers=local, log=log) as session:
         command = rerun_command(plan, queue=queue, shard_size=shard_size, broker_url=settings.broker_url,
-                                devices=devices, options=BackendOptions(compile=compile or "none",
-                                                                        cuda_graphs=cuda_graphs, kernels=kernels))
+                                devices=devices, allow_bad_labels=allow_bad_labels,
+                                options=BackendOptions(compile=compile or "none", cuda_graphs=cuda_graphs,
+                                                       kernels=kernels))
         handle = _submit(session, plan, queue=queue, shard_size=shard_size, workers=workers, rerun=rerun, log=log,
                          command=command)
         return handle.wait(progress=progress, timeout=timeout, log=log)

@@ -131,6 +131,17 @@ class Backend(ABC):
         every report cell is ``host/device`` and then this), e.g. "NVIDIA H200"."""
         return self.device.split(":", 1)[0]
 
+    def identity(self) -> dict:
+        """``device_name`` and ``accelerator`` (``environment()``) for a result: what a reader
+        needs, never a reason to lose the result (a failure to describe is written down)."""
+        out = {}
+        for key, describe in (("device_name", self.describe_device), ("accelerator", self.environment)):
+            try:
+                out[key] = describe()
+            except Exception as e:  # noqa: BLE001 - a device that cannot say what it is still ran
+                out[key] = f"unknown ({type(e).__name__}: {e})" if key == "device_name" else {"error": str(e)}
+        return out
+
     def environment(self) -> dict:
         """What a reader needs to trust or repeat a number on this device: the accelerator's
         name, driver and runtime (the report's environment block). Runtime package versions are

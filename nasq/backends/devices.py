@@ -36,6 +36,20 @@ def physical_id(kind: str, index: int, environ=os.environ) -> str:
     return ids[index]
 
 
+def gpu_facts(physical: str | None) -> dict:
+    """Name, driver and memory of the GPU the process is pinned to (its id on the machine, as
+    nvidia-smi counts), for reports; {} without nvidia-smi."""
+    if not shutil.which("nvidia-smi") or not physical:
+        return {}
+    try:
+        out = subprocess.run(["nvidia-smi", "-i", physical, "--query-gpu=name,driver_version,memory.total",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    parts = [p.strip() for p in out.strip().split(",")]
+    return dict(zip(("accelerator", "driver", "memory"), parts)) if len(parts) == 3 else {}
+
+
 def nvidia_gpus() -> list[tuple[str, str]] | None:
     """(index, UUID) of every GPU ``nvidia-smi -L`` lists; None without an NVIDIA driver."""
     if not shutil.which("nvidia-smi"):

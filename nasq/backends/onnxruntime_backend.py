@@ -81,7 +81,16 @@ class OnnxRuntimeBackend(Backend):
     def describe_device(self) -> str:
         provider = self._sess.get_providers()[0].replace("ExecutionProvider", "")
         threads = self._sess.get_session_options().intra_op_num_threads
-        return f"ONNX Runtime {provider}" + (f", {threads} threads" if provider == "CPU" and threads else "")
+        gpu = self.environment().get("accelerator") if self.device.startswith("cuda") else None
+        return (f"{gpu}, " if gpu else "") + f"ONNX Runtime {provider}" + \
+            (f", {threads} threads" if provider == "CPU" and threads else "")
+
+    def environment(self) -> dict:
+        if not self.device.startswith("cuda"):
+            return {}
+        from .devices import gpu_facts
+
+        return gpu_facts((os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0])
 
     def close(self) -> None:
         self._sess = None

@@ -71,7 +71,7 @@ class SimBackend(Backend):
         self.num_outputs = model.num_outputs or BACKGROUND_OUTPUTS
         self._done = 0
         self.model_info = {"weights": os.path.abspath(model.weights), "sha256": file_digest(model.weights),
-                           "arch": "SIMULATED", "num_outputs": self.num_outputs}
+                           "arch": "SIMULATED", "num_outputs": self.num_outputs, "published": False}
 
     def seconds_for(self, n: int) -> float:
         """Simulated device time of a batch of ``n``."""

@@ -23,27 +23,30 @@ def _status_args(p) -> None:
 def cmd_status(args) -> int:
     from ..results.report import render
     from ..results.status import render_status, run_status, watch
-    from ..runstate import RunState
+    from ..runstate import RunState, is_ended
 
     store = store_of(args)
     run_id = args.run_id or next(iter(store.run_ids(1)), None)
     if run_id is None:
         raise NasqError("no runs recorded in this Redis yet")
+    from .exits import OK, RUN_CANCELLED, RUN_FAILED
+
+    code = {RunState.FAILED: RUN_FAILED, RunState.CANCELLED: RUN_CANCELLED}
     if args.json:
         st = watch(store, run_id, interval=args.interval, out=open(os.devnull, "w")) if args.watch \
             else run_status(store, run_id)
         print(json.dumps({**st, "report": store.report(run_id)}, indent=2))
-        return 0 if st["state"] not in (RunState.FAILED, RunState.CANCELLED) else 1
+        return code.get(st["state"], OK)
     st = watch(store, run_id, interval=args.interval) if args.watch else run_status(store, run_id)
     if not args.watch or not sys.stdout.isatty():
         print(render_status(st))
     report = store.report(run_id)
-    if st["state"] == RunState.DONE and report:
+    if is_ended(st["state"]) and report:  # a failed or cancelled run's report names what it lacks, and why
         print()
         print(render(report))
         if report.get("files"):
             print(f"\nreport files: {', '.join(report['files'].values())}")
-    return 0 if st["state"] != RunState.FAILED else 1
+    return code.get(st["state"], OK)
 
 
 def _runs_args(p) -> None:
@@ -190,6 +193,9 @@ def cmd_sweeps(args) -> int:
     from ..results.sweeps import sweeps_table
 
     settings = settings_of(args)
+    if not args.resume and (args.latency_budget is not None or args.out or args.percentile != 99):
+        raise NasqError("--latency-budget, --percentile and --out report a sweep: give it with --resume SWEEP_ID "
+                        "(a sweep measured already reports at once, without running anything)")
     if args.resume:
         out_dir("--out", args.out)
         return _finish_sweep(resume_sweep(args.resume, settings=settings, workers=args.workers, log=log), args)

@@ -131,8 +131,7 @@ def run_shard(task: ShardTask, *, ledger: ShardLedger, resources: DeviceResource
             log.exception("shard %s of run %s failed", task.shard_id, task.run_id)
             return failed(f"{type(e).__name__}: {e}")
         out = {**base, "status": "ok", **result, "versions": backend.versions(), "model_info": backend.model_info,
-               "device_name": backend.describe_device(), "latency_ms": latencies, "load_s": load_s,
-               "environment": host_environment(), "accelerator": backend.environment()}
+               **backend.identity(), "latency_ms": latencies, "load_s": load_s, "environment": host_environment()}
         labelled = [(lab, ids) for lab, ids in zip(result["labels"], result["top5"]) if lab is not None]
         summary = {"status": "ok", "worker": worker.name, "host": host, "device": worker.device,
                    "images": len(result["indices"]),

@@ -27,6 +27,8 @@ class ModelInfo:
     checkpoint_outputs: int
     num_outputs: int
     param_count: int | None = None
+    #: the file is the published checkpoint (its md5 is the seed's)
+    published: bool = False
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -173,5 +175,6 @@ def load_model(weights: str | os.PathLike, num_outputs: int | None = None):
             f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
     info = ModelInfo(weights=os.path.abspath(weights), sha256=file_digest(weights), arch=arch.name,
                      param_count=sum(p.numel() for p in model.parameters()),
-                     checkpoint_outputs=ckpt_outputs, num_outputs=want)
+                     checkpoint_outputs=ckpt_outputs, num_outputs=want,
+                     published=file_digest(weights, "md5") == SEED_CHECKPOINT_MD5)
     return model.eval(), info

@@ -10,8 +10,6 @@ from dataclasses import dataclass, field
 
 SEED_CHECKPOINT_NAME = "nasnetalarge-a1897284.pth"
 SEED_CHECKPOINT_MD5 = "78a73e51ee50997294f1f35a34b4de66"
-#: the published checkpoint's sha256 starts with the hash in its file name (torch.hub's convention)
-SEED_CHECKPOINT_SHA256_PREFIX = "a1897284"
 
 
 @dataclass(frozen=True)

@@ -96,8 +96,7 @@ def measure_point(point: SweepPoint, *, resources: DeviceResources, worker: Work
         if is_oom(e):
             resources.drop_backend()
     if b is not None:
-        row.update(versions=b.versions(), device_name=b.describe_device(), environment=host_environment(),
-                   accelerator=b.environment(), model=b.model_info.get("arch"),
+        row.update(versions=b.versions(), **b.identity(), environment=host_environment(), model=b.model_info.get("arch"),
                    model_sha256=b.model_info.get("sha256") or b.model_info.get("artifact_key"))
     row["finished_at"] = time.time()
     row["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(row["finished_at"]))

@@ -60,6 +60,10 @@ def compare(a: dict, pa: dict, b: dict, pb: dict) -> dict:
                         "images of the same name may not be the same images")
     if None not in config["labels"] and config["labels"][0] != config["labels"][1]:
         warnings.append("different label files: the accuracies are against different answers")
+    relabelled = sum(1 for x in both if ia[x][0] is not None and ib[x][0] is not None and ia[x][0] != ib[x][0])
+    if relabelled:
+        warnings.append(f"{relabelled} image(s) both runs saw have different labels in the two runs: left out of "
+                        "the paired comparison")
     for name, r in (("A", a), ("B", b)):
         if not r.get("complete", not r.get("partial")):
             warnings.append(f"run {name} is {r.get('state') or 'partial'}: it covers {r['images']} of "
@@ -73,7 +77,7 @@ def compare(a: dict, pa: dict, b: dict, pb: dict) -> dict:
                                  for d in b["per_device"]]},
             "differences": {k: v for k, v in config.items() if v[0] != v[1]},
             "warnings": warnings,
-            "comparable": bool(n) and config["dataset"][0] == config["dataset"][1]
+            "comparable": bool(n) and not relabelled and config["dataset"][0] == config["dataset"][1]
             and (None in config["labels"] or config["labels"][0] == config["labels"][1])}
 
 

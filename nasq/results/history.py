@@ -17,15 +17,32 @@ COLUMNS = ("run_id", "created", "finished", "state", "model", "model_sha256", "b
            "top5_ci95_high", "device_list", "shards_failed", "simulated")
 
 
-def _connect(report_dir: str) -> sqlite3.Connection:
-    os.makedirs(report_dir, exist_ok=True)
+def _connect(report_dir: str, *, write: bool = True) -> sqlite3.Connection:
+    """The index; for writing, created or given the columns an earlier nasq's index lacks (its
+    rows keep None there). Readers take the index as it is (``_select``)."""
+    if write:
+        os.makedirs(report_dir, exist_ok=True)
     db = sqlite3.connect(os.path.join(report_dir, INDEX), timeout=30)
-    db.execute(f"CREATE TABLE IF NOT EXISTS runs ({', '.join(c + (' PRIMARY KEY' if c == 'run_id' else '') for c in COLUMNS)})")
-    have = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
-    for c in COLUMNS:  # an index written by an earlier nasq: its rows keep None there
-        if c not in have:
-            db.execute(f"ALTER TABLE runs ADD COLUMN {c}")
+    if write:
+        db.execute(f"CREATE TABLE IF NOT EXISTS runs "
+                   f"({', '.join(c + (' PRIMARY KEY' if c == 'run_id' else '') for c in COLUMNS)})")
+        for c in set(COLUMNS) - _columns(db):
+            try:
+                db.execute(f"ALTER TABLE runs ADD COLUMN {c}")
+            except sqlite3.OperationalError:  # another process added it first
+                if c not in _columns(db):
+                    raise
     return db
+
+
+def _columns(db: sqlite3.Connection) -> set[str]:
+    return {r[1] for r in db.execute("PRAGMA table_info(runs)")}
+
+
+def _select(db: sqlite3.Connection) -> str:
+    """The columns to read: those the index has, NULL for those an earlier nasq did not write."""
+    have = _columns(db)
+    return ", ".join(c if c in have else f"NULL AS {c}" for c in COLUMNS)
 
 
 def row_of(manifest: dict, state: str, report: dict | None = None, error: str | None = None) -> dict:
@@ -78,10 +95,10 @@ def query(report_dir: str, *, state: str | None = None, backend: str | None = No
     if since:
         where.append("created >= ?")
         args.append(since)
-    sql = f"SELECT {', '.join(COLUMNS)} FROM runs" + (f" WHERE {' AND '.join(where)}" if where else "") + \
-        " ORDER BY created DESC LIMIT ?"
-    db = _connect(report_dir)
+    db = _connect(report_dir, write=False)
     try:
+        sql = f"SELECT {_select(db)} FROM runs" + (f" WHERE {' AND '.join(where)}" if where else "") + \
+            " ORDER BY created DESC LIMIT ?"
         return [_row(r) for r in db.execute(sql, [*args, limit])]
     finally:
         db.close()
@@ -100,9 +117,9 @@ def _row(values) -> dict:
 def get(report_dir: str, run_id: str) -> dict | None:
     if not os.path.isfile(os.path.join(report_dir, INDEX)):
         return None
-    db = _connect(report_dir)
+    db = _connect(report_dir, write=False)
     try:
-        r = db.execute(f"SELECT {', '.join(COLUMNS)} FROM runs WHERE run_id = ?", [run_id]).fetchone()
+        r = db.execute(f"SELECT {_select(db)} FROM runs WHERE run_id = ?", [run_id]).fetchone()
         return _row(r) if r else None
     finally:
         db.close()

@@ -144,8 +144,9 @@ def merge(manifest: dict, results: list) -> tuple[dict, dict]:
     start = min((r["timing"]["started_at"] for r in shards.values()), default=0.0)
     end = max((r["timing"]["finished_at"] for r in shards.values()), default=0.0)
     n = len(pred["indices"])
-    first = next(iter(shards.values()), None) or {"backend": manifest.get("backend"),
-                                                  "precision": manifest.get("precision")}
+    first = next(iter(shards.values()), None) or {
+        "backend": manifest.get("backend"), "precision": manifest.get("precision"),
+        "model_info": {k: v for k, v in (manifest.get("model") or {}).items() if k in ("weights", "sha256")}}
     finished = time.time()
     created = manifest.get("created")
     planned = sum(s["stop"] - s["start"] for s in manifest["shards"])
@@ -192,17 +193,15 @@ def merge(manifest: dict, results: list) -> tuple[dict, dict]:
 def warnings_of(report: dict) -> list[str]:
     """What a reader must know before trusting the numbers: simulated devices, weights that are
     not the published checkpoint, an incomplete run, a p99 from few batches."""
-    from ..model.spec import SEED_CHECKPOINT_SHA256_PREFIX
-
     out = []
-    if any(d.get("backend") == "sim" for d in report["per_device"]):
+    if report["backend"].get("name") == "sim" or any(d.get("backend") == "sim" for d in report["per_device"]):
         out.append("SIMULATED devices: their timings are a simulator's, not measurements")
-    sha = (report.get("model") or {}).get("sha256")
-    if sha and not sha.startswith(SEED_CHECKPOINT_SHA256_PREFIX):
-        out.append(f"weights are not the published NASNet-Large checkpoint (sha256 {sha[:12]}..., the published one "
-                   f"starts {SEED_CHECKPOINT_SHA256_PREFIX}): the accuracy is these weights' own"
-                   + (" (RANDOM weights from nasq demo)" if "random" in os.path.basename(
-                       (report.get("model") or {}).get("weights") or "") else ""))
+    model = report.get("model") or {}
+    if model.get("published") is False:  # checked by the worker that loaded it (md5); unknown for others
+        out.append(f"weights are not the published NASNet-Large checkpoint (sha256 {str(model.get('sha256'))[:12]}...):"
+                   " the accuracy is these weights' own"
+                   + (" (RANDOM weights from nasq demo)" if "random" in os.path.basename(model.get("weights") or "")
+                      else ""))
     if not report.get("complete", True):
         out.append(f"{report['state'].upper()} run: {report['images']} of {report['images_planned']} images "
                    "evaluated; every number covers only those")

@@ -90,7 +90,10 @@ def rerun_text(report: dict) -> str:
     import shlex
 
     cmd = (report.get("environment") or {}).get("command")
-    return shlex.join(cmd) if cmd else "(not recorded: the run was submitted through the Python API)"
+    if not cmd:
+        return "(not recorded: the run was submitted by a nasq that did not record it)"
+    # "$NASQ_BROKER_URL" stands for a broker URL that holds a password: left for the shell to expand
+    return shlex.join(cmd).replace("'$NASQ_BROKER_URL'", '"$NASQ_BROKER_URL"')
 
 
 def versions_text(versions: dict) -> str:

@@ -105,6 +105,34 @@ def _point_rows(rows: list[dict]) -> tuple[list[list], list[str]]:
 P99_NOTE = "\\* p99 of fewer than 100 batches: close to the maximum, not a tail estimate."
 
 
+def environment_rows(rows: list[dict]) -> list[list]:
+    """Per host its CPU, cores, memory, OS, Python and nasq; per device its hardware,
+    accelerator facts and runtime versions (from the rows the workers wrote); how to report or
+    measure the sweep again."""
+    from .report import versions_text
+
+    out, seen = [], set()
+    for r in rows:
+        e = r.get("environment") or {}
+        if e and r.get("host") not in seen:
+            seen.add(r.get("host"))
+            out.append([f"host {r.get('host')}", f"{e.get('cpu')}, {e.get('cpu_cores')} cores, {e.get('memory_gib')} "
+                                                 f"GiB; {e.get('os')}; Python {e.get('python')}; nasq {e.get('nasq')}"])
+    devices = {}
+    for r in rows:
+        if not r.get("error"):
+            devices.setdefault(_label(r, rows), r)
+    for label, r in sorted(devices.items()):
+        acc = ", ".join(f"{k} {v}" for k, v in sorted((r.get("accelerator") or {}).items()) if v is not None)
+        out.append([f"device {label}", "; ".join(filter(None, [r.get("device_name"), acc,
+                                                              versions_text(r.get("versions"))]))])
+    if rows:
+        sid = rows[0].get("sweep_id")
+        out.append(["again", f"`nasq sweeps --resume {sid}` reports it again (measured points are reused; remove "
+                             "its points/ folder to measure them again)"])
+    return out
+
+
 def render_markdown(rows: list[dict], decision: list[dict] | None = None) -> str:
     """The decision per device, then every point."""
     decision = decision if decision is not None else decide(rows)
@@ -118,6 +146,8 @@ def render_markdown(rows: list[dict], decision: list[dict] | None = None) -> str
     out += [table(prows, pheads, markdown=True)]
     if any(not r.get("p99_samples_ok", True) for r in rows if not r.get("error")):
         out += ["", P99_NOTE]
+    if rows:
+        out += ["", "Environment:", "", table(environment_rows(rows), ["", ""], markdown=True)]
     return "\n".join(out) + "\n"
 
 
@@ -222,7 +252,8 @@ def render_html(rows: list[dict], plots: list[str], sweep_id: str, decision: lis
     banners = ["SIMULATED devices: their timings are a simulator's, not measurements"] \
         if any(r.get("backend") == "sim" for r in rows) else []
     body = [("Best batch size per device", summary), ("Plots", "".join(png_tag(p) for p in plots)),
-            (f"Points ({len(rows)})", points)]
+            (f"Points ({len(rows)})", points), ("Environment", table(environment_rows(rows), ["what", "value"],
+                                                                      fmt="html"))]
     return page(f"nasq sweep {sweep_id}: {_title('batch-size sweep', rows) if rows else ''}", body, banners=banners)
 
 

@@ -138,7 +138,7 @@ def test_cancel_a_running_run(redis_url, start_workers, tmp_path, cli):
     partial = store.report(h.run_id)
     assert partial["partial"] is True and 80 <= partial["images"] < 800 and os.path.isfile(partial["files"]["json"])
     p = cli(["status", h.run_id, "--json"], broker=redis_url)
-    assert json.loads(p.stdout)["state"] == "cancelled" and p.returncode == 1
+    assert json.loads(p.stdout)["state"] == "cancelled" and p.returncode == 4  # cancelled (nasq.cli.exits)
     p = cli(["cancel", h.run_id], broker=redis_url, report_dir=rep)
     assert p.returncode == 2 and "already ended (cancelled)" in p.stderr
     p = cli(["runs", "--state", "cancelled", "--json"], report_dir=rep)

@@ -121,12 +121,17 @@ def test_a_failed_run_explains_itself_and_counts_only_accepted_images(redis_url,
     for text in (md, html):
         assert "8 of 24 images" in text and "shard-00001" in text and "simulated device failure" in text
     # status: only the kept shard's 8 images (the failed one had reported 4), at a rate the device can do
+    from nasq.cli.exits import RUN_FAILED
+
     p = cli(["status", h.run_id, "--json"], broker=redis_url)
     st = json.loads(p.stdout)
-    assert st["images_done"] == 8 and st["shards_done"] == 1 and st["shards_failed"] == 2
+    assert p.returncode == RUN_FAILED and st["images_done"] == 8 and st["shards_done"] == 1
+    assert st["shards_failed"] == 2
     assert 0 < st["rate_img_s"] <= 4.0 and st["workers"][w.names[0]]["images"] == 8
     assert st["workers"][w.names[0]]["failed"] == 2
-    assert "(2 failed)" in cli(["status", h.run_id], broker=redis_url).stdout
+    text = cli(["status", h.run_id], broker=redis_url)
+    assert text.returncode == RUN_FAILED and "(2 failed)" in text.stdout and "shards not evaluated" in text.stdout
+    assert "8 evaluated of 24" in text.stdout and "simulated device failure" in text.stdout
     metrics = {m.name: m for m in RunCollector(store).collect()}
     assert [s.value for s in metrics["nasq_run_shards_failed"].samples if s.labels["run_id"] == h.run_id] == [2]
     assert [s.value for s in metrics["nasq_run_images_done"].samples if s.labels["run_id"] == h.run_id] == [8]
@@ -150,8 +155,12 @@ def test_a_cancelled_run_counts_only_what_was_kept(redis_url, start_workers, tmp
         assert p.returncode == 0, p.stderr
     finally:
         h.close()
+    from nasq.cli.exits import RUN_CANCELLED
+
     r = store.report(h.run_id)
-    st = json.loads(cli(["status", h.run_id, "--json"], broker=redis_url).stdout)
+    p = cli(["status", h.run_id, "--json"], broker=redis_url)
+    st = json.loads(p.stdout)
+    assert p.returncode == RUN_CANCELLED
     assert st["state"] == "cancelled" and r["state"] == "cancelled"
     kept = 8 * store.results_count(h.run_id)
     assert st["images_done"] == r["images"] == kept == sum(w_["images"] for w_ in st["workers"].values())

@@ -62,7 +62,8 @@ def _shard(sid, start, stop, worker, host, device, lat):
             "names": [f"n{i}" for i in range(start, stop)], "indices": list(range(start, stop)),
             "labels": [1] * n, "top5": [[1, 2, 3, 4, 5]] * n, "scores": [[0.0] * 5] * n, "errors": [],
             "timing": {"started_at": 100.0, "finished_at": 104.0, "compute_s": 3.0, "data_s": 0.5, "wall_s": 4.0},
-            "latency_ms": lat, "model_info": {"sha256": "0" * 64, "weights": "/w/nasnetalarge-random-tiny.pth"},
+            "latency_ms": lat, "model_info": {"sha256": "0" * 64, "weights": "/w/nasnetalarge-random-tiny.pth",
+                                                 "published": False},
             "environment": {"host": host, "cpu": "X"}, "accelerator": {}}
 
 
@@ -141,3 +142,60 @@ def test_display_rounds_but_keeps_significant_figures():
     assert [num(x) for x in (0.24061234, 6.158123, 175.73, 2214.37, 1.0, None)] == \
         ["0.2406", "6.158", "175.7", "2214", "1", "-"]
     assert "0.2406" in table([[0.24061234, True]], ["img/s", "stable"]) and "yes" in table([[1.0, True]], ["a", "b"])
+
+
+def test_the_rerun_command_never_writes_a_broker_password():
+    from types import SimpleNamespace
+
+    from nasq.api.runs import rerun_command
+
+    plan = SimpleNamespace(weights="/w/my weights.pth", source=SimpleNamespace(root="/d/val"), backend="torch",
+                           batch_size=8, labels="/d/val_label.txt", precision=None, num_outputs=None, output=None,
+                           build={})
+    for url in ("redis://:s3cret@head:6379/0", "redis://head:6379/0?password=s3cret", "rediss://u:s3cret@h/1"):
+        cmd = rerun_command(plan, queue="eval.torch", shard_size=None, broker_url=url)
+        assert "s3cret" not in " ".join(cmd) and cmd[-2:] == ["--broker", "$NASQ_BROKER_URL"]
+    cmd = rerun_command(plan, queue="eval.mine", shard_size=64, broker_url="redis://head:6379/0")
+    assert cmd[-4:] == ["--queue", "eval.mine", "--broker", "redis://head:6379/0"] and "--shard-size" in cmd
+    cmd = rerun_command(plan, queue="eval.torch", shard_size=None, broker_url=None, devices=["cpu", "cpu"],
+                        allow_bad_labels=True)
+    assert cmd[-4:] == ["--device", "cpu", "--workers", "2"] and "--allow-bad-labels" in cmd
+    from nasq.results.report import rerun_text
+
+    line = rerun_text({"environment": {"command": rerun_command(plan, queue="eval.torch", shard_size=None,
+                                                                 broker_url="redis://:x@h/0")}})
+    assert "'/w/my weights.pth'" in line and line.endswith('--broker "$NASQ_BROKER_URL"')
+
+
+def test_an_index_written_by_an_earlier_nasq_is_read_as_it_is_and_extended_on_write(tmp_path):
+    import sqlite3
+
+    from nasq.results.history import INDEX, get, query, record, row_of
+
+    old = ("run_id", "created", "finished", "state", "model", "model_sha256", "backend", "precision", "batch_size",
+           "devices", "dataset", "dataset_fingerprint", "images", "images_total", "top1", "top5", "throughput_img_s",
+           "end_to_end_img_s", "report", "error")
+    db = sqlite3.connect(str(tmp_path / INDEX))
+    db.execute(f"CREATE TABLE runs ({', '.join(old)})")
+    db.execute(f"INSERT INTO runs ({', '.join(old)}) VALUES ({', '.join('?' * len(old))})",
+               ["old", 1.0, 2.0, "done", "large", None, "torch", "fp32", 8, "cpu, 1 thread", "/d", "f", 10, 10,
+                90.0, 99.0, 5.0, 4.0, None, None])
+    db.commit()
+    db.close()
+    (row,) = query(str(tmp_path))
+    assert row["run_id"] == "old" and row["images_planned"] is None and row["device_list"] is None
+    assert len({r[1] for r in sqlite3.connect(str(tmp_path / INDEX)).execute("PRAGMA table_info(runs)")}) == len(old)
+    manifest = {"run_id": "new", "created": 3.0, "backend": "torch", "batch_size": 8,
+                "dataset": {"root": "/d", "fingerprint": "f", "images": 10}, "model": {"weights": "/w.pth"},
+                "shards": [{"shard_id": "s0", "start": 0, "stop": 10}]}
+    record(str(tmp_path), row_of(manifest, "failed", error="boom"))
+    assert get(str(tmp_path), "new")["images_planned"] == 10 and get(str(tmp_path), "old")["top1"] == 90.0
+
+
+def test_compare_warns_when_shared_images_have_other_labels():
+    from nasq.results.compare import compare
+
+    a = _pred(["x", "y", "z"], [1, 2, 3], [1, 2, 3])
+    b = _pred(["x", "y", "z"], [1, 2, 4], [1, 2, 4])
+    c = compare(_report("A"), a, _report("B"), b)
+    assert not c["comparable"] and any("different labels" in w for w in c["warnings"])
