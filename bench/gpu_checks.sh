@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU check of issue 4 in one device call. Each step has a timeout; together at most
-# 540 s, so run(..., timeout_s=600) always returns the files.
-# Run it on the device machine from the repo root, carrying .whl (see docs/PERFORMANCE.md):
+# Every GPU check of the fast path, in one go on an NVIDIA GPU machine. Each step has a timeout; together at most
+# 540 s, so a 10-minute job limit always returns the files.
+# Run it on the GPU machine from the repo root, with .whl copied beside it (see docs/PERFORMANCE.md):
 #   bash bench/gpu_checks.sh
 # Prints the comparison table last; full JSON goes to $OUT. Rehearse on a CPU with DRY=1
 # (tiny model, CPU, minutes of work cut to seconds).
@@ -19,7 +19,7 @@ else DEV=cuda:0; PREC=fp16; ARCH=large; SIZES=1,8,64,128,256; IMAGES=2000; BUDGE
 nvidia-smi -L 2>/dev/null; $PY -c "import torch; print('torch', torch.__version__, torch.cuda.is_available())"
 
 step() { echo; echo "=== $1 ($(date +%T))"; }
-step "baseline (shared/bench/gpu_baseline.py, same card, same call)"
+step "baseline (bench/gpu_baseline.py, same card, same run)"
 PROBE_BUDGET_S=$BUDGET timeout 130 $PY bench/gpu_baseline.py > "$OUT/baseline.log" 2>&1; tail -20 "$OUT/baseline.log"
 step "nasq bench: $PREC, CUDA graphs, compute"
 timeout 80 $PY -m nasq.cli bench --device $DEV --precision $PREC --arch $ARCH --batch-sizes $SIZES \

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Issue 15's device checks (fused separable convolutions in Triton) in one device call. Each step
-# has a timeout, together at most 520 s plus the wheel install, so run(..., timeout_s=600) returns
-# the files; every step's output is also kept in $OUT. Baselines are measured in the same call
+# The GPU checks of the fused separable convolutions (Triton), in one go on an NVIDIA GPU machine. Each step
+# has a timeout, together at most 520 s plus the wheel install, so a 10-minute job limit returns
+# the files; every step's output is also kept in $OUT. Baselines are measured in the same run
 # (torch's kernels, eager and compiled), so every figure is a ratio on one card.
-# Run it on the device machine from the repo root, carrying .whl (see docs/PERFORMANCE.md):
+# Run it on the GPU machine from the repo root, with .whl copied beside it (see docs/PERFORMANCE.md):
 #   bash bench/triton_checks.sh
 # Rehearse on a CPU with DRY=1 (tiny model, Triton's interpreter, batch 1; about 10 minutes, as
 # the interpreter runs the tiny model in ~25 s a pass; its numbers mean nothing).

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
                                    log=lambda m: print(m, file=sys.stderr, flush=True))
     except NasqError as e:
         print(f"producer: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code  # 2 bad input, 5 the broker (nasq --help lists the codes)
     print(handle.run_id)
     handle.close()
     return 0

@@ -12,7 +12,7 @@ import redis
 from .. import backends
 from ..config import BackendOptions, Settings, load_settings
 from ..data.labels import read_labels
-from ..errors import NasqError, RunError
+from ..errors import BrokerTrouble, NasqError, RunCancelled, RunError, RunLost
 from ..options import flag_of
 from ..queue.broker import probe
 from ..queue.healing import Healer
@@ -64,8 +64,8 @@ class RunHandle:
 
         def poll() -> Progress:
             if not store.has_run(run_id):
-                return Progress(failed=f"the broker lost run {run_id} (it restarted without persistence, or the "
-                                       f"records expired); rerun it with: {self.rerun}")
+                return Progress(failed=RunLost(f"the broker lost run {run_id} (it restarted without persistence, or "
+                                               f"the records expired); rerun it with: {self.rerun}"))
             if time.time() - last_heal[0] >= every:
                 last_heal[0] = time.time()
                 full[0] = None
@@ -75,8 +75,8 @@ class RunHandle:
                 except (BrokerFull, redis.exceptions.OutOfMemoryError):
                     full[0] = store.full_message()
             st = store.state(run_id) or {}
-            failed = st.get("error", f"run {run_id} {st['state']}") \
-                if st.get("state") in (RunState.FAILED, RunState.CANCELLED) else None
+            failed = _ended_error(store, run_id, st) if st.get("state") in (RunState.FAILED, RunState.CANCELLED) \
+                else None
             return Progress(done=min(total, store.images_done(run_id)), failed=failed, status=full[0])
 
         try:
@@ -111,8 +111,20 @@ class _RunRecord:
     def get(self, **_) -> dict:
         st = self.store.state(self.run_id) or {}
         if st.get("state") != RunState.DONE:
-            raise RunError(st.get("error", f"run {self.run_id} failed"))
+            raise _ended_error(self.store, self.run_id, st)
         return self.store.report(self.run_id)
+
+
+def _ended_error(store, run_id: str, st: dict) -> RunError:
+    """The error a client ends with for a failed or cancelled run: its reason, and where its
+    report (what it finished, the shards it lacks and why) is."""
+    report = store.report(run_id) or {}
+    where = (report.get("files") or {}).get("json")
+    done = f"{report.get('images', 0)} of {report.get('images_planned', '?')} images evaluated" if report else ""
+    text = st.get("error") or f"run {run_id} {st.get('state', 'failed')}"
+    more = "; ".join(filter(None, [done, f"report: {where}" if where else f"`nasq status {run_id}` shows it"]))
+    cls = RunCancelled if st.get("state") == RunState.CANCELLED else RunError
+    return cls(f"{text} ({more})")
 
 
 def rerun_command(plan: Plan, *, queue: str, shard_size: int | None, broker_url: str | None,
@@ -192,7 +204,7 @@ def _submit(session: Session, plan: Plan, *, queue: str, shard_size: int | None,
         raise BrokerFull(f"run {run_id} could not be submitted whole: {session.store.full_message()}. Once memory is "
                          f"freed, finish it with `nasq resume {run_id}`") from None
     except BROKER_ERRORS as e:
-        raise RunError(f"the broker went away while run {run_id} was being submitted ({e}); when it is back, "
+        raise BrokerTrouble(f"the broker went away while run {run_id} was being submitted ({e}); when it is back, "
                        f"rerun it with: {rerun or 'the same command'}") from None
     log(f"run {run_id}: {len(plan.source)} images in {len(manifest['shards'])} shards "
         f"of <= {max((s['stop'] - s['start'] for s in manifest['shards']), default=0)} on queue {queue}")

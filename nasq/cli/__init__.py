@@ -13,6 +13,7 @@ import sys
 
 from ..errors import NasqError
 from ..options import Parser
+from . import exits
 from .common import eval_args, finish
 from .run_cmds import (_bench_args, _build_args, _cancel_args, _demo_args, _preprocess_args, _resume_args, cmd_bench,
                        cmd_build, cmd_cancel, cmd_demo, cmd_eval, cmd_preprocess, cmd_resume)
@@ -37,9 +38,10 @@ COMMANDS = [
     ("demo", "generate images and a random-weight checkpoint, then run a full local evaluation",
      "Self-contained demo: generated natural-looking JPEGs, a Cadene-format checkpoint with random (calibrated) "
      "weights, labels from the fp32 reference model, and a full embedded distributed evaluation. A correct pipeline "
-     "scores ~100%% top-1.", _demo_args, cmd_demo),
-    ("preprocess", "JPEG folder -> .bin files (seed layout) or uint8 shards",
-     "Preprocess images exactly as the seed (resize 378, crop 331). Parallel, resumable.",
+     "scores ~100% top-1.", _demo_args, cmd_demo),
+    ("preprocess", "JPEG folder -> .bin files (ais_bench's input layout) or uint8 shards",
+     "Preprocess images exactly as the reference model does (Cadene's TransformImage: resize 378 bilinear, center "
+     "crop 331, mean = std = 0.5). Parallel, resumable.",
      _preprocess_args, cmd_preprocess),
     ("build", "build (or reuse) a verified model artifact on the build queue",
      "Checkpoint -> ONNX (export, simplify, graph check) -> device artifact, each step verified against PyTorch "
@@ -109,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
     p = Parser(prog="nasq", description="Distributed NASNet-Large evaluation on device-pinned Celery workers.",
-                epilog="Errors are one line; --debug (anywhere on the line) shows the traceback too.")
+                epilog="Errors are one line; --debug (anywhere on the line) shows the traceback too.\n\nexit codes:\n"
+                       + "\n".join(f"  {code}  {text}" for code, text in exits.TABLE),
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"nasq {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
@@ -134,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from ..queue.session import BROKER_ERRORS
 
-    def fail(message: str, code: int = 2) -> int:
+    def fail(message: str, code: int = exits.USAGE) -> int:
         if debug:
             import traceback
 
@@ -143,17 +147,33 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, so that a reader that closed the pipe is met below
+        return code
+    except BrokenPipeError:  # `nasq runs --json | head`: the reader has what it wanted
+        _quiet_stdout()
+        return exits.OK
     except NasqError as e:
-        return fail(str(e))
+        return fail(str(e), e.exit_code)
     except BROKER_ERRORS as e:
         return fail(f"lost the broker ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
-                    "check --broker / NASQ_BROKER_URL and that Redis is up")
+                    "check --broker / NASQ_BROKER_URL and that Redis is up", exits.BROKER)
     except OSError as e:
         return fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback with --debug
-        return fail(f"internal error ({type(e).__name__}: {e}); rerun with --debug for the traceback and report it", 1)
+        return fail(f"internal error ({type(e).__name__}: {e}); rerun with --debug for the traceback and report it",
+                    exits.INTERNAL)
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not complain about the
+    pipe the reader closed."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 

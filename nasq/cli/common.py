@@ -162,7 +162,8 @@ def submission_args(p) -> None:
     p.add_argument("--allow-bad-labels", action="store_true",
                    help="go on when some labels are not ImageNet classes 0-999 (they count as misses)")
     p.add_argument("--num-outputs", type=int, choices=(1001, 1000),
-                   help="1001 keeps the background class (as the seed's ONNX), 1000 drops it (default: the checkpoint's)")
+                   help="1001 keeps the background class (as the published checkpoint and the Ascend recipe's ONNX), "
+                        "1000 drops it (default: the checkpoint's)")
     p.add_argument("--queue", help="evaluation queue (default: eval.<backend>)")
     p.add_argument("--soc-version", help="ais_bench with a checkpoint: the chip to build the .om for, e.g. Ascend310P3 "
                                          "(ATC on the build queue; see `npu-smi info`)")

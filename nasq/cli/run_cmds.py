@@ -97,7 +97,7 @@ def _build_args(p) -> None:
     p.add_argument("--gears", type=int_list(1, MAX_BATCH_SIZE),
                    help="om: dynamic batch gears for ATC's --dynamic_batch_size, e.g. 1,4,8,16")
     p.add_argument("--opset", type=int_in(11, 21),
-                   help="ONNX opset (default: 17; 11 for --target om, as ATC accepted in the seed)")
+                   help="ONNX opset (default: 17; 11 for --target om, the opset the Ascend recipe gives ATC)")
     p.add_argument("--soc-version", help="om: the chip, e.g. Ascend310P3 (see `npu-smi info`)")
     p.add_argument("--num-outputs", type=int, choices=(1001, 1000),
                    help="1000 drops the background class (default: the checkpoint's)")

@@ -65,6 +65,26 @@ def infer_arch(state_dict: dict) -> ArchSpec:
     return ArchSpec("custom", stem_filters=stem, penultimate_filters=penultimate)
 
 
+def check_file(path: str | os.PathLike) -> str:
+    """What can be checked of a checkpoint without torch: that it is a file, and the md5 of the
+    published checkpoint's file name. Returns the path.
+
+    Raises:
+        CheckpointError: no such file, or the published name with another md5.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    if os.path.basename(path) == SEED_CHECKPOINT_NAME:
+        md5 = file_digest(path, "md5")
+        if md5 != SEED_CHECKPOINT_MD5:
+            raise CheckpointError(
+                f"{path}: md5 is {md5}, but the published checkpoint {SEED_CHECKPOINT_NAME} has "
+                f"{SEED_CHECKPOINT_MD5}. The file is corrupt or truncated, or a different checkpoint "
+                "was saved under this name: download it again, or rename your own checkpoint.")
+    return path
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """Read a state dict from disk, refusing the seed checkpoint if its md5 is wrong.
 
@@ -74,16 +94,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     """
     import torch
 
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist")
-    if os.path.basename(path) == SEED_CHECKPOINT_NAME:
-        md5 = file_digest(path, "md5")
-        if md5 != SEED_CHECKPOINT_MD5:
-            raise CheckpointError(
-                f"{path}: md5 is {md5}, but the seed checkpoint {SEED_CHECKPOINT_NAME} has "
-                f"{SEED_CHECKPOINT_MD5}. The file is corrupt or truncated, or a different checkpoint "
-                "was saved under this name: download it again, or rename your own checkpoint.")
+    path = check_file(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a bad file

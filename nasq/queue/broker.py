@@ -10,10 +10,10 @@ from __future__ import annotations
 import redis
 
 from ..config import Settings, redact
-from ..errors import NasqError
+from ..errors import BrokerTrouble
 
 
-class BrokerError(NasqError):
+class BrokerError(BrokerTrouble):
     """The broker cannot be used: unreachable, silent, or refusing our credentials."""
 
 

@@ -52,6 +52,14 @@ def launch(settings, *, address: str, port: int, auth: str | None, open_: bool, 
                         "--no-auth starts it open, on purpose")
     if auth and not all(":" in pair for pair in auth.split(",")):
         raise NasqError("--basic-auth takes user:password (several: user1:pw1,user2:pw2)")
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("flower") is not None
+    except ImportError:
+        found = False
+    if not found:
+        raise NasqError("Flower is not installed in this environment: pip install 'nasq[flower]'")
     probe(settings)
     env = dict(os.environ, NASQ_BROKER_URL=settings.broker_url)
     if settings.result_backend:

@@ -16,7 +16,7 @@ import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
-from ..errors import NasqError
+from ..errors import BrokerTrouble
 from ..runstate import names
 from . import scripts
 
@@ -30,7 +30,7 @@ BUILD = "nasq:build:"
 BUILD_LOCK_TTL_S = 300
 
 
-class BrokerFull(NasqError):
+class BrokerFull(BrokerTrouble):
     """The broker refused a write: Redis reached ``maxmemory`` (policy ``noeviction``)."""
 
 

@@ -35,7 +35,8 @@ class Progress:
     """What the wait loop shows: units done, a failure recorded by the workers, a status line."""
 
     done: int = 0
-    failed: str | None = None
+    #: what ended the work: a message (a RunError), or the error itself (its class says how)
+    failed: str | Exception | None = None
     status: str | None = None
 
 
@@ -171,7 +172,7 @@ class Session:
                     log(f"{label}: the broker is back after {time.time() - away:.0f} s")
                     away = None
                 if p.failed:
-                    raise RunError(p.failed)
+                    raise p.failed if isinstance(p.failed, Exception) else RunError(p.failed)
                 if p.status and p.status != last_status:
                     log(f"{label}: {p.status}")
                     last_status = p.status

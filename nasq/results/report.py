@@ -404,6 +404,8 @@ def write_run_files(report: dict, shards: list[dict], folder: str, predictions: 
             written[kind] = os.path.join(final_folder, name)
         except (OSError, ValueError) as e:  # ValueError: matplotlib on a file it could not finish
             failed[name] = f"{type(e).__name__}: {getattr(e, 'strerror', None) or e}"
+        except ImportError:  # a worker installed without nasq[worker]
+            failed[name] = "matplotlib is not installed on the merging worker: pip install 'nasq[worker]'"
 
     names = dict(RUN_FILES)
     try:

@@ -186,11 +186,11 @@ def cancel_run(store, run_id: str, report_dir: str, *, manifest: dict | None = N
     """
     manifest = manifest or store.manifest(run_id)
     if manifest is None:
-        raise RunError(f"no run {run_id!r} in this Redis (runs expire after result_expires)")
+        raise NasqError(f"no run {run_id!r} in this Redis (runs expire after result_expires)")
     failures = shard_failures(store, run_id)  # before the cancel clears the running shards
     ok, state = store.transition(run_id, "cancel", clear_running=True, error=f"run {run_id} was cancelled")
     if not ok:
-        raise RunError(f"run {run_id} already ended ({state}); nothing to cancel")
+        raise NasqError(f"run {run_id} already ended ({state}); nothing to cancel")
     after_cancel()
     stored = store.shard_results(run_id)
     results = [stored[s["shard_id"]] for s in manifest["shards"] if s["shard_id"] in stored]

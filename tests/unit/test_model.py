@@ -65,7 +65,7 @@ def test_topk_label_mapping():
 def test_seed_name_md5_mismatch_refused(tmp_path, assets):
     bad = tmp_path / SEED_CHECKPOINT_NAME
     bad.write_bytes(open(assets["weights"], "rb").read())
-    with pytest.raises(CheckpointError, match="md5 is .* but the seed checkpoint"):
+    with pytest.raises(CheckpointError, match="md5 is .* but the published checkpoint"):
         load_model(bad)
 
 
