@@ -32,8 +32,10 @@ if [ ! -x .venv/bin/nasq ]; then  # the host's client (and pip, for the wheelhou
 fi
 PY=.venv/bin/python
 docker/base.sh nasq-base:bookworm
+EXTRAS=torch,build,onnxruntime,openvino,flower   # what the CPU image runs (docker/Dockerfile.cpu)
 if ! ls docker/wheelhouse/torch-*.whl >/dev/null 2>&1; then
-  say "wheelhouse: pip wheel -w docker/wheelhouse . (dependencies)"; "$PY" -m pip wheel -q -w docker/wheelhouse . 2>/dev/null
+  say "wheelhouse: pip wheel -w docker/wheelhouse '.[$EXTRAS]' (dependencies)"
+  "$PY" -m pip wheel -q -w docker/wheelhouse ".[$EXTRAS]" 2>/dev/null
 fi
 rm -f docker/wheelhouse/nasq-*.whl
 "$PY" -m pip wheel -q --no-deps -w docker/wheelhouse . 2>/dev/null   # this checkout's nasq

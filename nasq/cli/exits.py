@@ -17,5 +17,5 @@ NOT_COMPARABLE = 6
 
 TABLE = ((OK, "ok"), (INTERNAL, "internal error (a bug: rerun with --debug and report it)"),
          (USAGE, "usage or bad input (a flag, a file, no such run)"), (RUN_FAILED, "the run failed"),
-         (RUN_CANCELLED, "the run was cancelled"), (BROKER, "the broker is unreachable or lost the run"),
+         (RUN_CANCELLED, "the run was cancelled"), (BROKER, "the broker is unreachable, full, or lost the run"),
          (NOT_COMPARABLE, "compare: the runs are not comparable (no shared images, other dataset or labels)"))
