@@ -10,7 +10,7 @@ MIRROR=${NASQ_DEBIAN_MIRROR:-$( (grep -h -m1 -o 'https\?://[^ ]*debian/\?$' /etc
 if docker image inspect "$IMAGE" >/dev/null 2>&1; then echo "base $IMAGE exists"; exit 0; fi
 ROOTFS=$(mktemp -d /tmp/nasq-rootfs.XXXXXX)
 trap 'rm -rf "$ROOTFS"' EXIT
-echo "debootstrap bookworm from ${MIRROR:-debootstrap's default mirror} ..."
+echo "debootstrap bookworm from ${MIRROR:-the default mirror of debootstrap} ..."
 debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates,redis-server,redis-tools,procps \
   bookworm "$ROOTFS" ${MIRROR:+"$MIRROR"} >/dev/null
 rm -rf "$ROOTFS"/var/cache/apt/archives/*.deb "$ROOTFS"/var/lib/apt/lists/*
