@@ -44,10 +44,10 @@ def int_in(low: int, high: int | None = None):
     return parse
 
 
-def seconds(high: float | None = None):
-    """An argparse type: a number of seconds above 0 (at most ``high``)."""
+def seconds(high: float | None = None, what: str = "a number of seconds"):
+    """An argparse type: a number above 0 (at most ``high``): seconds, or ``what`` it counts."""
     def parse(text: str) -> float:
-        v = _number(float, text, "a number of seconds")
+        v = _number(float, text, what)
         if not v > 0 or (high is not None and v > high) or v != v:
             raise argparse.ArgumentTypeError(f"must be above 0{f' and at most {high:g}' if high else ''}, not {text}")
         return v

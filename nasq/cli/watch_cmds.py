@@ -1,7 +1,6 @@
 """The commands that watch and report: status, runs, compare, sweep, sweeps, metrics, flower."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -112,7 +111,7 @@ def _sweep_args(p) -> None:
     p.add_argument("--labels", help="eval mode: val_label.txt (default: beside the data)")
     p.add_argument("--images", type=int_in(1, 10_000_000), help="eval mode: only the first N images")
     p.add_argument("--min-time", type=seconds(3600), default=2.0, help="bench mode: timed seconds per point (default: 2)")
-    p.add_argument("--stability", type=percent, default=5.0, metavar="PCT",
+    p.add_argument("--stability", type=seconds(100, "a percentage"), default=5.0, metavar="PCT",
                    help="bench mode: time a point until the median of its last window is within PCT %% of the one "
                         "before, up to 5 x --min-time (default: 5)")
     broker_flag(p, "private local workers")
@@ -120,33 +119,14 @@ def _sweep_args(p) -> None:
     p.add_argument("--no-wait", action="store_true", help="with a broker: print the sweep id and return")
 
 
-def percent(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= 100:
-        raise argparse.ArgumentTypeError(f"expected a percentage in (0, 100], got {text!r}")
-    return value
-
-
 def _decision_flags(p) -> None:
-    p.add_argument("--latency-budget", type=_ms, metavar="MS",
+    p.add_argument("--latency-budget", type=seconds(what="a number of milliseconds"), metavar="MS",
                    help="also name per device the batch size of the highest throughput whose latency at "
                         "--percentile is at most MS milliseconds")
     p.add_argument("--percentile", type=int, choices=(50, 90, 95, 99), default=99,
                    help="the latency percentile --latency-budget is judged at (default: 99)")
     p.add_argument("--out", help="write the report files here (default: the sweep's folder)")
 
-
-def _ms(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of milliseconds, got {text!r}")
-    return value
 
 
 def _finish_sweep(handle, args) -> int:
