@@ -34,6 +34,8 @@ class Backend(ABC):
     load_per_batch_size: ClassVar[bool] = False
     #: the kinds of device it runs on (cpu, cuda, npu)
     device_kinds: ClassVar[tuple[str, ...]] = ("cpu",)
+    #: the runtime's package, and nasq's extra that installs it (a worker refuses to start without it)
+    runtime: ClassVar[tuple[str, str] | None] = None
 
     @classmethod
     def check_device(cls, device: str) -> None:
@@ -53,6 +55,17 @@ class Backend(ABC):
         if kind not in cls.device_kinds:
             shown = " or ".join(k if k == "cpu" else f"{k}:N" for k in cls.device_kinds)
             raise BackendError(f"the {cls.name} backend runs on {shown}, not {device}")
+        if cls.runtime is not None:
+            import importlib.util
+
+            module, extra = cls.runtime
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except ImportError:
+                found = False
+            if not found:
+                raise BackendError(f"the {cls.name} backend needs {module}, which is not installed here: "
+                                   f"pip install 'nasq[{extra}]'")
         check_present(device)
 
     def __init__(self, device: str):

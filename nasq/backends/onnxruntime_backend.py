@@ -28,6 +28,7 @@ def _providers(device: str, available: list[str]) -> list:
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
+    runtime = ("onnxruntime", "onnxruntime")
     artifact_suffixes = (".onnx", ".ort")
     build_target = "ort"
     device_kinds = ("cpu", "cuda", "npu")

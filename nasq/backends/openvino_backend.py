@@ -26,6 +26,7 @@ _HINT = {"fp32": "f32", "bf16": "bf16"}
 
 class OpenVinoBackend(Backend):
     name = "openvino"
+    runtime = ("openvino", "openvino")
     artifact_suffixes = (".xml",)
     precisions = ("fp32", "bf16")
     #: the build target whose artifact this backend runs (a checkpoint is built to it first)

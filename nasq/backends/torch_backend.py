@@ -21,6 +21,7 @@ from .base import Backend
 
 class TorchBackend(Backend):
     name = "torch"
+    runtime = ("torch", "torch")
     artifact_suffixes = (".pth", ".pt")
     device_kinds = ("cpu", "cuda")
     precisions = ("fp32", "fp16", "bf16")

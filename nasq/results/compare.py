@@ -53,6 +53,8 @@ def compare(a: dict, pa: dict, b: dict, pb: dict) -> dict:
     warnings = []
     if not both:
         warnings.append("the runs share no image (by name): there is nothing to compare")
+    elif not any(ia[x][0] is not None or ib[x][0] is not None for x in both):
+        warnings.append("neither run has labels: accuracy cannot be compared (top-1 changes and throughput are shown)")
     elif not n:
         warnings.append("no image both runs saw has the same label in both: accuracy cannot be compared")
     if config["dataset"][0] != config["dataset"][1]:

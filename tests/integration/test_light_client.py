@@ -57,3 +57,6 @@ def test_the_client_commands_run_without_torch_or_any_runtime(assets, redis_url,
     assert bad.returncode == 2 and "do not exist" in bad.stderr
     flower = client("flower", "--no-auth")
     assert flower.returncode == 2 and "pip install 'nasq[flower]'" in flower.stderr
+    for backend in ("torch", "onnxruntime", "openvino"):  # a worker says which extra it needs, before the broker
+        worker = client("worker", "--backend", backend, "--broker", "redis://127.0.0.1:1/0")
+        assert worker.returncode == 2 and f"pip install 'nasq[{backend}]'" in worker.stderr, worker.stderr
