@@ -9,7 +9,7 @@
 #   sudo docker/test.sh            # about 10-15 minutes the first time (image build), 5 after
 #
 # Needs root (dockerd, debootstrap); installs docker.io, docker-compose and debootstrap with apt
-# when missing, and the host's client in .venv (the README's install) when there is none. Not
+# when missing, and the host's client in .venv (the client install) when there is none. Not
 # part of the default test command.
 set -euo pipefail
 cd "$(dirname "$0")/.."

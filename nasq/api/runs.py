@@ -286,7 +286,7 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
             build queue) and its dynamic batch gears (default: a static .om of ``batch_size``).
 
     Returns:
-        EvalResult with the report (see README, "The report") and per-image predictions.
+        EvalResult with the report (see docs/REPORT.md) and per-image predictions.
 
     Raises:
         NasqError: bad weights, data, labels or precision (before anything starts); RunError if

@@ -3,7 +3,7 @@
 No Ascend NPU or CANN toolkit exists where nasq is developed, so this adapter is held to ais_bench's
 documented interface instead: ais_bench 0.0.2 with its ``aclruntime`` 0.0.2 backend (the wheels built
 from ``ais-bench_workload/tool/ais_bench`` in Ascend's tools repository; its API_GUIDE.md), through
-the test double in ``tests/doubles`` that enforces that contract (README, "Ascend"). What nasq relies
+the test double in ``tests/doubles`` that enforces that contract (docs/ASCEND.md). What nasq relies
 on, and how it uses it:
 
 * ``InferSession(device_id, model_path, acl_json_path=None, debug=False, loop=1)`` loads the .om on

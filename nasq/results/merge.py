@@ -161,7 +161,7 @@ def merge(manifest: dict, results: list) -> tuple[dict, dict]:
         **accuracy(pred["labels"], pred["top5"]),
         "throughput_img_s": n / (end - start) if end > start else None,
         "wall_s": end - start,
-        "throughput": {  # every throughput, named by what it divides by (see README, "The report")
+        "throughput": {  # every throughput, named by what it divides by (see docs/REPORT.md)
             "shard_span_img_s": n / (end - start) if end > start else None,
             "end_to_end_img_s": n / (finished - created) if created and finished > created else None,
             "end_to_end_s": finished - created if created else None,
