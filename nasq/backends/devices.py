@@ -8,6 +8,7 @@ pinned as the worker will be.
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -36,9 +37,11 @@ def physical_id(kind: str, index: int, environ=os.environ) -> str:
     return ids[index]
 
 
+@functools.lru_cache(maxsize=8)
 def gpu_facts(physical: str | None) -> dict:
     """Name, driver and memory of the GPU the process is pinned to (its id on the machine, as
-    nvidia-smi counts), for reports; {} without nvidia-smi."""
+    nvidia-smi counts), for reports; {} without nvidia-smi. Asked once per process and GPU: every
+    shard's result carries it (the caller must not change the dict)."""
     if not shutil.which("nvidia-smi") or not physical:
         return {}
     try:
