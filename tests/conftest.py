@@ -44,11 +44,9 @@ def redis_url(tmp_path_factory):
     """NASQ_TEST_REDIS, else (one test process) the local Redis on 6379, db 15, else a Redis of this
     test process's own: under pytest-xdist each process has its own server, so that queues, the
     worker registry and healing turns of one never meet another's."""
-    import subprocess
-
     import redis
 
-    from nasq.queue.redis_server import free_port, redis_binary, wait_for_redis
+    from nasq.queue.redis_server import spawn_redis, stop_process
 
     url = os.environ.get("NASQ_TEST_REDIS")
     if url is None and "PYTEST_XDIST_WORKER" not in os.environ:
@@ -60,15 +58,10 @@ def redis_url(tmp_path_factory):
     if url is not None:
         yield url
         return
-    port = free_port()
-    folder = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen([redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                             "no", "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/15"
-    assert wait_for_redis(url, proc), "the test Redis did not start"
+    proc, url = spawn_redis(["--save", "", "--appendonly", "no", "--dir", str(tmp_path_factory.mktemp("redis"))],
+                            db=15)
     yield url
-    proc.terminate()
-    proc.wait(10)
+    stop_process(proc)
 
 
 def _recipe_key(*parts) -> str:

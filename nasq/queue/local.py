@@ -112,15 +112,26 @@ class LocalCluster:
         return self.url
 
     def _wait_ready(self) -> None:
-        app = make_app(replace(self.settings or Settings(), broker_url=self.url, result_backend=None))
-        names = set(self.names)
+        from kombu.exceptions import OperationalError
+        from redis.exceptions import ConnectionError as RedisConnectionError
+
+        settings = replace(self.settings or Settings(), broker_url=self.url, result_backend=None)
+        app, names, trouble = make_app(settings), set(self.names), ""
         deadline = time.time() + self.ready_timeout
         while time.time() < deadline:
             self.check()
-            replies = app.control.ping(destination=sorted(names), timeout=1.0) or []
+            try:
+                replies = app.control.ping(destination=sorted(names), timeout=1.0) or []
+            except (OperationalError, RedisConnectionError, OSError) as e:  # a dropped connection: a new one
+                trouble = f" (the broker: {type(e).__name__}: {e})"
+                app.close()
+                app = make_app(settings)
+                time.sleep(0.2)
+                continue
             if names <= {k for r in replies for k in r}:
+                app.close()
                 return
-        raise NasqError(f"workers did not come up within {self.ready_timeout:.0f} s; logs in {self.workdir}")
+        raise NasqError(f"workers did not come up within {self.ready_timeout:.0f} s{trouble}; logs in {self.workdir}")
 
     def check(self) -> None:
         """Raise if a worker process has exited, with the end of its log."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -25,14 +26,35 @@ def redis_binary() -> str:
                     "wheel, or point nasq at a broker with --broker / NASQ_BROKER_URL")
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now. It is drawn below the kernel's ephemeral range where
+    there is room, so an outgoing connection of another process cannot take it before a server binds it."""
+    low = _ephemeral_low()
+    draw = random.SystemRandom()
+    for _ in range(50 if low > 12000 else 0):
+        port = draw.randrange(10000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def wait_for_redis(url: str, proc: subprocess.Popen | None = None, timeout: float = 15.0) -> bool:
-    """Ping ``url`` until it answers (True) or ``timeout`` passes or ``proc`` exits (False)."""
+    """Ping ``url`` until it answers (True) or ``timeout`` passes or ``proc`` exits (False). With
+    ``proc``, only that process's answer counts: another server that holds the port is not it."""
     import redis
 
     deadline = time.time() + timeout
@@ -40,11 +62,47 @@ def wait_for_redis(url: str, proc: subprocess.Popen | None = None, timeout: floa
         if proc is not None and proc.poll() is not None:
             return False
         try:
-            if redis.Redis.from_url(url, socket_connect_timeout=0.5).ping():
+            client = redis.Redis.from_url(url, socket_connect_timeout=0.5)
+            if proc is None:
+                if client.ping():
+                    return True
+            elif int(client.info("server")["process_id"]) == proc.pid:
                 return True
+            else:
+                time.sleep(0.1)  # someone else's server: ours exits when it cannot bind
         except redis.exceptions.ConnectionError:
             time.sleep(0.1)
     return False
+
+
+def spawn_redis(args: list[str], *, password: str | None = None, db: int = 0, tries: int = 5,
+                **popen) -> tuple[subprocess.Popen, str]:
+    """Start ``redis-server --port P --bind 127.0.0.1 *args`` on a free port P and return the process
+    and its URL once that process answers; a port another process took in between is drawn again."""
+    from urllib.parse import quote
+
+    auth = f":{quote(password, safe='')}@" if password is not None else ""
+    popen.setdefault("stdout", subprocess.DEVNULL)
+    popen.setdefault("stderr", subprocess.DEVNULL)
+    for _ in range(tries):
+        port = free_port()
+        proc = subprocess.Popen([redis_binary(), "--port", str(port), "--bind", "127.0.0.1", *args], **popen)
+        url = f"redis://{auth}127.0.0.1:{port}/{db}"
+        if wait_for_redis(url, proc):
+            return proc, url
+        stop_process(proc)
+    raise NasqError(f"redis-server did not start on a free port in {tries} tries ({' '.join(args)})")
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 class RedisServer:
@@ -58,29 +116,19 @@ class RedisServer:
 
     def start(self) -> str:
         os.makedirs(self.workdir, exist_ok=True)
-        port = free_port()
-        log = open(os.path.join(self.workdir, "redis.log"), "ab")
-        self.proc = subprocess.Popen(
-            [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-             "--appendfsync", "everysec", "--maxmemory-policy", "noeviction", "--dir", self.workdir,
-             "--protected-mode", "yes"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        url = f"redis://127.0.0.1:{port}/0"
-        if wait_for_redis(url, self.proc):
-            self.url = url
-            return url
-        exited = self.proc.poll() is not None
-        self.stop()
-        raise NasqError(f"the private redis-server {'exited at start' if exited else 'did not answer within 15 s'}; "
-                        f"see {self.workdir}/redis.log")
+        with open(os.path.join(self.workdir, "redis.log"), "ab") as log:
+            try:
+                self.proc, self.url = spawn_redis(
+                    ["--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy",
+                     "noeviction", "--dir", self.workdir, "--protected-mode", "yes"],
+                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            except NasqError:
+                raise NasqError(f"the private redis-server did not start; see {self.workdir}/redis.log") from None
+        return self.url
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        if self.proc:
+            stop_process(self.proc)
         self.proc = None
 
     def __enter__(self) -> str:

@@ -5,22 +5,19 @@ import socket
 import subprocess
 import sys
 import threading
+from urllib.parse import urlsplit
 
 import pytest
 
 from nasq.cli import main
-from nasq.queue.redis_server import free_port, redis_binary, wait_for_redis
+from nasq.queue.redis_server import spawn_redis, stop_process
 
 @pytest.fixture(scope="module")
 def password_redis(tmp_path_factory):
-    port = free_port()
-    proc = subprocess.Popen([redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                             "no", "--requirepass", "right", "--dir", str(tmp_path_factory.mktemp("pwredis"))],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert wait_for_redis(f"redis://:right@127.0.0.1:{port}/0", proc)
-    yield port
-    proc.terminate()
-    proc.wait(10)
+    proc, url = spawn_redis(["--save", "", "--appendonly", "no", "--requirepass", "right", "--dir",
+                             str(tmp_path_factory.mktemp("pwredis"))], password="right")
+    yield urlsplit(url).port
+    stop_process(proc)
 
 
 @pytest.fixture(scope="module")

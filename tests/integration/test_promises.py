@@ -11,13 +11,14 @@ import subprocess
 import threading
 import time
 import uuid
+from urllib.parse import urlsplit
 
 import pytest
 
 from nasq.api import evaluate_local, submit_evaluation
 from nasq.config import Settings
 from nasq.errors import RunError
-from nasq.queue.redis_server import free_port, redis_binary, wait_for_redis
+from nasq.queue.redis_server import spawn_redis, stop_process
 from nasq.queue.store import RunStore
 from nasq.queue.transport import BrokerView
 from nasq.results.status import run_status
@@ -208,12 +209,8 @@ def test_resume_of_a_run_with_failed_shards_reruns_exactly_those(assets, redis_u
 
 @pytest.mark.slow
 def test_a_broker_at_maxmemory_stops_no_worker_and_the_run_completes(start_workers, tmp_path, nasq_cli, repo):
-    port = free_port()
-    url = f"redis://127.0.0.1:{port}/0"
-    proc = subprocess.Popen([redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--maxmemory-policy", "noeviction", "--dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert wait_for_redis(url, proc)
+    proc, url = spawn_redis(["--save", "", "--appendonly", "no", "--maxmemory-policy", "noeviction", "--dir",
+                             str(tmp_path)])
     try:
         settings = Settings(broker_url=url, report_dir=str(tmp_path / "rep"), lease_s=4, merge_wait_s=60)
         w = start_workers(url, n=2, backend="sim", sim="rate=40", settings=settings)
@@ -245,8 +242,7 @@ def test_a_broker_at_maxmemory_stops_no_worker_and_the_run_completes(start_worke
         h.close()
         w.stop()
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop_process(proc)
 
 
 # ------------------------------------------------------------------------------ a full report dir
@@ -373,15 +369,13 @@ def test_a_wrong_password_or_a_silent_broker_is_one_line_before_the_inputs_are_r
     weights: the error is about the broker."""
     import socket
 
-    port = free_port()
-    proc = subprocess.Popen([redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                             "no", "--requirepass", "right", "--dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, url = spawn_redis(["--save", "", "--appendonly", "no", "--requirepass", "right", "--dir", str(tmp_path)],
+                            password="right")
+    port = urlsplit(url).port
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)
     try:
-        assert wait_for_redis(f"redis://:right@127.0.0.1:{port}/0", proc)
         env = {k: v for k, v in os.environ.items() if not k.startswith("NASQ_")}
         for broker, expected in ((f"redis://:wrong@127.0.0.1:{port}/0", "refused the credentials"),
                                  (f"redis://127.0.0.1:{silent.getsockname()[1]}/0", "did not answer within 5 s")):
@@ -395,5 +389,4 @@ def test_a_wrong_password_or_a_silent_broker_is_one_line_before_the_inputs_are_r
             print(f"{expected}: {time.time() - t:.1f} s")
     finally:
         silent.close()
-        proc.terminate()
-        proc.wait(10)
+        stop_process(proc)
