@@ -5,10 +5,15 @@ Three runs, each timed from submission to the client holding the report:
   2. KILL workers SIGKILLed (main process and pool child: machines dying) when 30 % is done;
   3. Redis SIGKILLed and restarted (appendonly) when 30 % is done, the killed workers replaced.
 It prints ideal time (images / sum of device rates), wall time, efficiency, queue overhead, merge
-time, Redis memory and message sizes, checks that runs 2 and 3 equal run 1 image for image, and
-writes everything to --out. The devices are simulated: this measures the queue, not a model.
+time, Redis memory and message sizes, and the queue's own costs: submission time, the gap a
+worker leaves between one shard's last batch and the next shard's first (ack, receive, claim),
+Redis commands per shard and per idle worker-second, connections per worker and Redis CPU time.
+It checks that runs 2 and 3 equal run 1 image for image and writes everything to --out. The
+devices are simulated: this measures the queue, not a model. ``--rate 310p3`` is an Ascend
+310P3's rate at its best batch (176 img/s, docs/PERFORMANCE.md); ``--rate 2000`` a GPU's.
 
     .venv/bin/python bench/fleet.py --workers 64 --images 50000 --rate 10
+    .venv/bin/python bench/fleet.py --workers 16 --images 50000 --rate 310p3 --faults none
 """
 from __future__ import annotations
 
@@ -27,6 +32,46 @@ from nasq.config import BackendOptions, Settings
 from nasq.queue.local import LocalCluster, WorkerSpec
 from nasq.queue.redis_server import free_port, redis_binary, wait_for_redis
 from nasq.queue.store import RunStore
+
+RATES = {"310p3": 176.0}  # img/s of one device at its best batch
+
+
+def rate(text: str) -> float:
+    return RATES.get(text.lower()) or float(text)
+
+
+class RedisLoad:
+    """What Redis did between two readings: commands by name, CPU seconds, clients now."""
+
+    def __init__(self, r):
+        self.r = r
+        self.r.config_resetstat()
+        self.cpu = self._cpu()
+
+    def _cpu(self) -> float:
+        info = self.r.info("cpu")
+        return info["used_cpu_sys"] + info["used_cpu_user"]
+
+    def read(self) -> dict:
+        stats = {k.removeprefix("cmdstat_"): v["calls"] for k, v in self.r.info("commandstats").items()}
+        stats.pop("info", None), stats.pop("config|resetstat", None), stats.pop("config", None)
+        return {"commands": sum(stats.values()), "cpu_s": self._cpu() - self.cpu,
+                "clients": self.r.info("clients")["connected_clients"],
+                "top": dict(sorted(stats.items(), key=lambda kv: -kv[1])[:10])}
+
+
+def shard_gaps(results: dict) -> list[float]:
+    """Per worker, from one shard's last batch to its next shard's first batch (seconds)."""
+    by_worker: dict[str, list] = {}
+    for r in results.values():
+        t = r.get("timing") or r
+        if "started_at" in t:
+            by_worker.setdefault(r.get("worker"), []).append((t["started_at"], t["finished_at"]))
+    gaps = []
+    for spans in by_worker.values():
+        spans.sort()
+        gaps += [b[0] - a[1] for a, b in zip(spans, spans[1:])]
+    return sorted(gaps)
 
 
 class Redis:
@@ -50,11 +95,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=64)
     ap.add_argument("--images", type=int, default=50_000)
-    ap.add_argument("--rate", type=float, default=10.0, help="simulated img/s per device (default: 10)")
+    ap.add_argument("--rate", type=rate, default=10.0,
+                    help="simulated img/s per device, or 310p3 (176) (default: 10)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--shard-size", type=int, default=None, help="default: nasq's own (a few shards per worker)")
     ap.add_argument("--lease", type=float, default=5.0, help="lease_s (default: 5)")
     ap.add_argument("--kill", type=int, default=8, help="workers killed in run 2 (default: 8)")
+    ap.add_argument("--faults", choices=("all", "none"), default="all",
+                    help="none: the undisturbed run only (default: all three)")
+    ap.add_argument("--idle-s", type=float, default=10.0, help="seconds of the idle fleet measured (default: 10)")
     ap.add_argument("--out", default="bench/results/fleet.json")
     args = ap.parse_args()
 
@@ -81,14 +130,26 @@ def main() -> None:
     fleet.start()
     print(f"{args.workers} simulated workers up in {time.time() - t:.0f} s", flush=True)
     results, reference = {}, None
+    import redis as redis_py
+
+    time.sleep(3)  # the workers' start-up traffic settles
+    idle = RedisLoad(redis_py.Redis.from_url(redis.url))
+    time.sleep(args.idle_s)
+    quiet = idle.read()
+    idle_row = {"seconds": args.idle_s, "commands_per_worker_s": quiet["commands"] / (args.workers * args.idle_s),
+                "connections": quiet["clients"] - 1, "connections_per_worker": (quiet["clients"] - 1) / args.workers,
+                "redis_cpu_s": quiet["cpu_s"], "top": quiet["top"]}
+    print(json.dumps({"idle": idle_row}), flush=True)
 
     def one(label, fault=None):
         store = RunStore(redis.url, outage_s=120)
         said = []
+        load = RedisLoad(store.r)
         t0 = time.time()
         h = submit_evaluation(weights=weights, data=f"index:{args.images}", backend="sim",
                               batch_size=args.batch_size, shard_size=args.shard_size, queue=queue, settings=settings,
                               log=said.append)
+        submit_s = time.time() - t0
         hit = {}
         if fault:
             def trigger():
@@ -99,9 +160,12 @@ def main() -> None:
             threading.Thread(target=trigger, daemon=True).start()
         res = h.wait(progress=False, timeout=3600, log=said.append)
         wall = time.time() - t0
+        used = load.read() if not fault else None  # a restarted Redis starts its counts again
         rep = res.report
         shards_end = max(d["last_finish"] for d in rep["per_device"])
-        sizes = sorted(len(json.dumps(r)) for r in store.shard_results(h.run_id).values())
+        kept = store.shard_results(h.run_id)
+        sizes = sorted(len(json.dumps(r)) for r in kept.values())
+        gaps = shard_gaps(kept)
         info = store.r.info("memory")
         manifest = store.manifest(h.run_id)
         from nasq.wire import shard_tasks
@@ -112,13 +176,23 @@ def main() -> None:
                "merge_s": round(rep["finished"] - shards_end, 2), "report_to_client_s": round(t0 + wall - rep["finished"], 2),
                "redispatched": rep.get("redispatched_shards"), "redis_used_memory_peak": info["used_memory_peak_human"],
                "shard_message_bytes": msg, "shard_result_bytes_median": sizes[len(sizes) // 2],
-               "workers_reporting": len(rep["per_device"]), "client_said": [m for m in said if "run " in m][-3:]}
+               "workers_reporting": len(rep["per_device"]), "client_said": [m for m in said if "run " in m][-3:],
+               "submit_s": round(submit_s, 3),
+               "gap_between_shards_s": {"median": gaps[len(gaps) // 2] if gaps else None,
+                                        "p90": gaps[int(len(gaps) * 0.9)] if gaps else None, "n": len(gaps)}}
+        if used:
+            row.update(redis_commands=used["commands"], redis_commands_per_shard=used["commands"] / rep["shards"],
+                       redis_cpu_s=round(used["cpu_s"], 2), redis_top_commands=used["top"])
         results[label] = row
         print(json.dumps(row), flush=True)
         h.close()
         return res.predictions
 
     reference = one("undisturbed")
+    if args.faults == "none":
+        fleet.stop()
+        redis.kill()
+        return summarize(args, results, idle_row)
 
     def kill_some():
         for _, proc, _ in fleet.procs[:args.kill]:
@@ -138,7 +212,10 @@ def main() -> None:
     spare.stop()
     fleet.stop()
     redis.kill()
+    summarize(args, results, idle_row)
 
+
+def summarize(args, results: dict, idle_row: dict) -> None:
     ideal = args.images / (args.workers * args.rate)
     ideal_killed = args.images / ((args.workers - args.kill) * args.rate)
     shard_s = max(r["shard_images"] for r in results.values()) / args.rate
@@ -149,8 +226,9 @@ def main() -> None:
         "ideal_s": round(ideal, 2), "efficiency": round(ideal / results["undisturbed"]["wall_s"], 4),
         "queue_overhead_s": round(results["undisturbed"]["wall_s"] - ideal, 2),
         "kill_bound_s": round(ideal_killed + args.lease + shard_s, 2),
-        "restart_added_s": round(results["broker-restart"]["wall_s"] - results["undisturbed"]["wall_s"], 2),
-        "runs": results, "exact": True}
+        "restart_added_s": (round(results["broker-restart"]["wall_s"] - results["undisturbed"]["wall_s"], 2)
+                            if "broker-restart" in results else None),
+        "idle": idle_row, "runs": results, "exact": True}
     print(json.dumps(summary, indent=1))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

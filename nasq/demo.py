@@ -91,7 +91,9 @@ def make_checkpoint(path: str, image_folder: str, names: list[str], *, arch: str
         names = names[:calib_images]
     crops = np.stack([preprocess_u8(os.path.join(image_folder, n)) for n in names])
     # 1. BatchNorm statistics: a cumulative average over the calibration images in train mode.
-    from pretrainedmodels.models import nasnet
+    from .model.cadene import nasnet as cadene_nasnet
+
+    nasnet = cadene_nasnet()
 
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):

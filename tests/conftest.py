@@ -170,9 +170,9 @@ def start_workers(tmp_path_factory, redis_url):  # redis_url: stopped after the 
     yield start
     import time
 
-    for cluster in started:  # all at once, with one grace period: each may be finishing a task
-        cluster.terminate()
-    deadline = time.time() + 20
+    for cluster in started:  # all at once, with one short grace period: the tests are over, so a
+        cluster.terminate()  # task still running (a test's long shard) is not waited for
+    deadline = time.time() + 3
     for cluster in started:
         cluster.stop(deadline)
 

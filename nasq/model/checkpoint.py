@@ -41,7 +41,9 @@ def build_model(arch: ArchSpec | str = "large", num_outputs: int = BACKGROUND_OU
         arch: "large", "tiny" or an ``ArchSpec``.
         num_outputs: 1001 (background at 0) or 1000.
     """
-    from pretrainedmodels.models.nasnet import NASNetALarge
+    from .cadene import nasnet
+
+    NASNetALarge = nasnet().NASNetALarge
 
     spec = ARCHS[arch] if isinstance(arch, str) else arch
     model = NASNetALarge(num_classes=num_outputs, stem_filters=spec.stem_filters,

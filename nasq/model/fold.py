@@ -25,7 +25,9 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, channels: slice | None = None) ->
 @torch.no_grad()
 def fold_batchnorm(model: nn.Module) -> int:
     """Fold every BatchNorm of a NASNet-A (eval mode) into its convolution; returns how many."""
-    from pretrainedmodels.models import nasnet as N
+    from .cadene import nasnet
+
+    N = nasnet()
 
     folded = 0
     for m in list(model.modules()):

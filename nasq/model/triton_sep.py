@@ -222,7 +222,9 @@ class FusedBranch(nn.Module):
 
     def __init__(self, branch: nn.Module):
         super().__init__()
-        from pretrainedmodels.models import nasnet as N
+        from .cadene import nasnet
+
+        N = nasnet()
 
         for bn in (branch.bn_sep_1, branch.bn_sep_2):
             if not isinstance(bn, nn.Identity):
@@ -243,7 +245,9 @@ def fuse_separables(model: nn.Module) -> int:
     Raises:
         ValueError: BatchNorm not folded, or a branch of an unexpected shape.
     """
-    from pretrainedmodels.models import nasnet as N
+    from .cadene import nasnet
+
+    N = nasnet()
 
     kinds = (N.BranchSeparables, N.BranchSeparablesStem, N.BranchSeparablesReduction)
     replaced = 0

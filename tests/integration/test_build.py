@@ -164,8 +164,9 @@ def test_raw_export_has_consecutive_slices_and_simplify_removes_them(assets, tmp
 
 def test_openvino_build_verified_then_cache_hit_and_eval_equals_the_reference(assets, build_env, nasq_cli, repo,
                                                                                tmp_path):
-    """`nasq eval --backend openvino` (embedded: a private build worker makes the IR, a worker runs
-    it) in fp32 gives the single-process reference's predictions image for image."""
+    """The IR built and verified, then found in the cache; `nasq eval --backend openvino` (embedded:
+    a private Redis and worker, the IR taken from the same artifact cache) in fp32 gives the
+    single-process reference's predictions image for image."""
     import json
     import subprocess
 
@@ -217,7 +218,7 @@ def test_openvino_build_verified_then_cache_hit_and_eval_equals_the_reference(as
     assert np.abs(b.predict_u8(crops[:2]) - singles[:2]).max() <= 1e-5 * np.abs(singles).max()
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("NASQ_")}
-    env.update(NASQ_WORK_DIR=str(tmp_path / "runs"), NASQ_ARTIFACT_DIR=str(tmp_path / "art"),
+    env.update(NASQ_WORK_DIR=str(tmp_path / "runs"), NASQ_ARTIFACT_DIR=s.artifact_dir,
                NASQ_REPORT_DIR=str(tmp_path / "rep"))
     p = subprocess.run(nasq_cli + ["eval", "--backend", "openvino", "--weights", assets["weights"], "--data",
                                    assets["data"], "--labels", assets["labels"], "-b", "4", "--workers", "1",
@@ -228,7 +229,7 @@ def test_openvino_build_verified_then_cache_hit_and_eval_equals_the_reference(as
     assert report["backend"]["name"] == "openvino" and report["precision"] in (None, "fp32")
     assert report["images"] == 20 and report["top1"] == 100.0
     ov_ref = evaluate_local(weights=assets["weights"], data=assets["data"], labels=assets["labels"],
-                            backend="openvino", batch_size=4, settings=Settings(artifact_dir=str(tmp_path / "art")))
+                            backend="openvino", batch_size=4, settings=Settings(artifact_dir=s.artifact_dir))
     assert pred["names"] == ov_ref["names"] and pred["top5"] == ov_ref["top5"]
     torch_ref = evaluate_local(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4)
     assert [t[0] for t in pred["top5"]] == [t[0] for t in torch_ref["top5"]]  # fp32: PyTorch's top-1, image for image
