@@ -82,6 +82,13 @@ class Settings:
     broker_socket_timeout_s: float = 30.0
     #: idle broker connections are checked (PING) this often, in seconds
     broker_health_check_s: float = 10.0
+    #: a worker's heartbeat (Celery's event, which Flower follows; nasq's worker registry; a
+    #: turn at healing other workers' lost shards), in seconds: each beat costs the broker a few
+    #: commands per worker, so a fleet of 1,000 at 2 s would send ~2,000 a second doing nothing
+    worker_heartbeat_s: float = 10.0
+    #: how long a worker's wait for a message (BRPOP) lasts on the broker before it asks again,
+    #: in seconds; a message that arrives is delivered at once whatever this is
+    worker_poll_s: float = 5.0
     #: folders workers may read besides their artifact and report directories (data, weights,
     #: labels), separated by ``os.pathsep`` (":") as in PATH; see nasq/roots.py
     read_roots: str = ""

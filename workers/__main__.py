@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"a worker named {name} is already running on this broker; give this one another --name")
     worker_argv = ["worker", "--pool", "prefork", "--concurrency", "1", "--queues", ",".join(queues),
                    "--hostname", name, "--task-events", "--prefetch-multiplier", "1",
-                   "--loglevel", args.loglevel, "--without-gossip", "--without-mingle", "-O", "fair"]
+                   "--loglevel", args.loglevel, "--without-gossip", "--without-mingle", "-O", "fair",
+                   "--heartbeat-interval", f"{settings.worker_heartbeat_s:g}"]
     if args.logfile:
         worker_argv += ["--logfile", args.logfile]
     worker_argv += celery_extra  # other Celery worker options, as given

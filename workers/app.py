@@ -83,6 +83,9 @@ class WorkerTask(Task):
 def configure(config: WorkerConfig) -> None:
     """Bind the app to the configuration's broker and hand the configuration to the tasks."""
     configure_app(app, config.settings)
+    # a worker waits for messages in one BRPOP of worker_poll_s (kombu's default asks every second)
+    app.conf.broker_transport_options = {**app.conf.broker_transport_options,
+                                         "polling_interval": config.settings.worker_poll_s}
     # visible in Flower (a worker's Config tab, /api/workers "conf") and `celery inspect conf`
     app.conf.update(nasq_device=config.device, nasq_physical_device=config.physical_device,
                     nasq_backend=config.backend, nasq_precision=config.precision)
@@ -93,7 +96,8 @@ def configure(config: WorkerConfig) -> None:
 def _register(sender=None, store: RunStore | None = None, **_):
     c = WorkerTask.configured()
     (store or WorkerTask.run_store()).register_worker(c.name, {**c.describe(), "host": socket.gethostname(),
-                                                               "pid": os.getpid(), "started": _STARTED})
+                                                               "pid": os.getpid(), "started": _STARTED,
+                                                               "heartbeat_s": c.settings.worker_heartbeat_s})
 
 
 _STARTED = time.time()
@@ -105,7 +109,7 @@ _beat: dict = {}
 
 @heartbeat_sent.connect
 def _heartbeat(sender=None, **_):
-    """Every heartbeat (about 2 s): stay in the registry (again, after a broker that lost its
+    """Every heartbeat (worker_heartbeat_s): stay in the registry (again, after a broker that lost its
     data), and now and then look for shards whose worker is gone (``nasq.queue.healing``)."""
     c = WorkerTask.configured()
     if not _beat:

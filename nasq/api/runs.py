@@ -59,10 +59,16 @@ class RunHandle:
         is waited for (until ``timeout``)."""
         store, run_id, total = self.session.store, self.run_id, self.manifest["dataset"]["images"]
         every = max(1.0, self.session.settings.lease_s / 3)
-        last_heal, full = [time.time()], [None]
+        last_heal, full, last = [time.time()], [None], [0.0, None]
         healer = Healer.for_settings(self.session.app, store, self.session.settings)
 
-        def poll() -> Progress:
+        def poll() -> Progress:  # the record's progress, read at most once a second
+            if time.time() - last[0] < 1.0 and last[1] is not None:
+                return last[1]
+            last[0], last[1] = time.time(), read()
+            return last[1]
+
+        def read() -> Progress:
             if not store.has_run(run_id):
                 return Progress(failed=RunLost(f"the broker lost run {run_id} (it restarted without persistence, or "
                                                f"the records expired); rerun it with: {self.rerun}"))

@@ -165,6 +165,8 @@ class _Ticker:
         self.last = now
         verdict, why = self.ledger.shard_tick(self.task.run_id, self.task.shard_id, holder=self.holder, done=done,
                                               lease_s=self.lease_s)
+        if verdict == "ok":
+            self.lease["renewed"] = time.monotonic()  # the tick extended the lease
         if verdict == "stop":
             raise ShardStopped(why or "superseded")
 
@@ -174,10 +176,14 @@ def _lease(ledger: ShardLedger, task: ShardTask, holder: str, ttl_s: float):
     """Keep the shard's lease (taken by ``claim_shard``) while the body runs, renewed every
     ttl_s / 3 by a thread (the device work keeps the main thread busy). A worker that dies stops
     renewing it; a renewal that finds the lease taken marks it lost, and the body's next
-    progress tick stops the copy. ``commit_shard`` drops it."""
-    state = {"lost": False}
+    progress tick stops the copy. ``commit_shard`` drops it. A progress tick extends the lease
+    too, so the thread asks only when no tick came for ttl_s / 3 (a long batch)."""
+    state = {"lost": False, "renewed": time.monotonic()}
 
     def renew():
+        if time.monotonic() - state["renewed"] < ttl_s / 3 * 0.9:
+            return
+        state["renewed"] = time.monotonic()
         if not ledger.renew_lease(task.run_id, task.shard_id, holder, ttl_s):
             state["lost"] = True
 

@@ -41,7 +41,9 @@ def celery_config(settings: Settings) -> dict:
         result_expires=settings.result_expires,
         # Chords: the merge must see every shard result; keys must not be evicted.
         result_extended=True,
-        task_track_started=True,
+        # no STARTED state in the result backend (two writes per shard): the run's ledger says
+        # which shard runs where, and Flower has the task-started event
+        task_track_started=False,
         task_send_sent_event=True,
         worker_send_task_events=True,
         # Every build task runs on the build queue, which evaluation workers never consume.

@@ -23,6 +23,11 @@ from .trust import ManifestTrust, UntrustedRecord
 log = logging.getLogger("nasq.heal")
 
 
+#: how long a run whose client has not said "all shards sent" (state submitted) is left to its
+#: client before its missing messages count as lost (a client killed mid-submission)
+SUBMIT_GRACE_S = 60.0
+
+
 class Healer:
     """Healing for one process: its Celery app (to send), the run store, a view of the broker's
     queues and the trust rule. ``lease_s``: a shard silent this long is lost; ``max_attempts``:
@@ -84,6 +89,8 @@ class Healer:
         n = st.get("shards")
         if not n or sum(self.store.shard_counts(run_id)) >= n:
             return []
+        if st.get("state") == RunState.SUBMITTED and time.time() - st.get("at", 0) < max(SUBMIT_GRACE_S, self.lease_s):
+            return []  # its client may still be sending the shards: one not sent yet is not lost
         manifest = manifest or self.manifest(run_id)
         if manifest is None or self.broker.queued(manifest["queue"]):
             return []
@@ -102,7 +109,8 @@ class Healer:
         given_up = [sid for sid in stuck if counts.get(sid, 0) >= self.max_attempts]
         if given_up:
             self._give_up(run_id, given_up, why)
-        stuck = [sid for sid in stuck if sid not in given_up and self.store.claim_stranded(run_id, sid)]
+        stuck = [sid for sid in stuck
+                 if sid not in given_up and self.store.claim_stranded(run_id, sid, counts.get(sid, 0))]
         self.redispatch(manifest, stuck, why=why)
         return stuck
 

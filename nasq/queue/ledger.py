@@ -14,7 +14,7 @@ from .redis_store import RedisStore, _rides_out_full, _states
 
 class ShardLedger(RedisStore):
     """``nasq:run:<id>:{attempts,running,lease:<shard>,results,finished,shard_done,dropped,
-    redispatched,redispatched_at,claim:<shard>:<n>,merge_sent:<n>,last_ok}``."""
+    redispatched,redispatched_at,merge_sent:<n>,last_ok}``."""
 
     @_rides_out_full
     def claim_shard(self, run_id: str, shard_id: str, *, holder: str, lease_s: float, info: dict,
@@ -29,13 +29,14 @@ class ShardLedger(RedisStore):
         return out[0], (out[1] if len(out) > 1 else None)
 
     def shard_tick(self, run_id: str, shard_id: str, *, holder: str, done: int, lease_s: float) -> tuple[str, str | None]:
-        """Progress of a running shard, and whether it should stop: ("ok", None) or ("stop",
-        why). Progress is advisory: on a full broker it is skipped, not waited for."""
+        """Progress of a running shard (which extends the holder's lease), and whether it should
+        stop: ("ok", None) or ("stop", why). Progress is advisory: on a full broker it is skipped,
+        not waited for, and ("full", None) says that the lease was not extended either."""
         try:
             out = self._run("TICK", [self._k(run_id, p) for p in ("state", f"lease:{shard_id}", "shard_done", "results")],
                             [shard_id, holder, done, max(1, int(lease_s * 1000)), _states(ACCEPTS_RESULTS)])
         except redis.exceptions.OutOfMemoryError:
-            return "ok", None
+            return "full", None
         return out[0], (out[1] if len(out) > 1 else None)
 
     @_rides_out_full
@@ -57,43 +58,36 @@ class ShardLedger(RedisStore):
 
     def lost_shards(self, run_id: str) -> list[str]:
         """Shards recorded as running whose lease expired: their worker is gone."""
-        running = list(self.running(run_id))
+        running = [k.decode() for k in self.r.hkeys(self._k(run_id, "running"))]
         if not running:
             return []
-        with self.r.pipeline(transaction=False) as p:  # reads: no MULTI (refused while Redis is full)
-            for sid in running:
-                p.exists(self._k(run_id, f"lease:{sid}"))
-            alive = p.execute()
-        return [sid for sid, a in zip(running, alive) if not a]
+        holders = self.r.mget([self._k(run_id, f"lease:{sid}") for sid in running])  # one command
+        return [sid for sid, h in zip(running, holders) if h is None]
 
     @_rides_out_full
     def claim_lost(self, run_id: str, shard_id: str, *, running: bool = True) -> bool:
         """Take a lost shard off the running list; True for the one caller that gets to re-dispatch
-        it. ``running=False``: a shard lost before it was recorded as running (revoked in the queue)."""
-        if not self.r.hdel(self._k(run_id, "running"), shard_id) and running:
-            return False
-        count, at = self._k(run_id, "redispatched"), self._k(run_id, "redispatched_at")
-        with self.r.pipeline() as p:
-            p.hincrby(count, shard_id, 1)
-            p.hset(at, shard_id, time.time())
-            p.hset(self._k(run_id, "shard_done"), shard_id, 0)  # the lost copy's images do not count
-            p.expire(count, self.expires)
-            p.expire(at, self.expires)
-            p.execute()
-        return True
+        it. ``running=False``: a shard lost before it was recorded as running (revoked in the queue):
+        always True. The dispatch is counted in the same atomic step."""
+        return self._redispatch(run_id, shard_id, "lost" if running else "revoked")
+
+    def _redispatch(self, run_id: str, shard_id: str, how: str, seen: int = 0) -> bool:
+        return bool(self._run("REDISPATCH", [self._k(run_id, p) for p in ("running", "redispatched", "redispatched_at",
+                                                                          "shard_done")],
+                              [shard_id, how, time.time(), self.expires, seen]))
 
     def redispatched_at(self, run_id: str) -> dict[str, float]:
         """When each re-dispatched shard was last sent again."""
         return {k.decode(): float(v) for k, v in self.r.hgetall(self._k(run_id, "redispatched_at")).items()}
 
     @_rides_out_full
-    def claim_stranded(self, run_id: str, shard_id: str) -> bool:
+    def claim_stranded(self, run_id: str, shard_id: str, seen: int | None = None) -> bool:
         """True for the one caller that re-dispatches a shard whose message is stranded (not
-        queued, not running, not finished): one claim per generation of the shard."""
-        gen = int(self.r.hget(self._k(run_id, "redispatched"), shard_id) or 0)
-        if not self.r.set(self._k(run_id, f"claim:{shard_id}:{gen}"), 1, nx=True, ex=self.expires):
-            return False
-        return self.claim_lost(run_id, shard_id, running=False)
+        queued, not running, not finished): the one whose ``seen`` dispatch count of the shard
+        (read now when None) is still the count; the count goes up in the same step."""
+        if seen is None:
+            seen = int(self.r.hget(self._k(run_id, "redispatched"), shard_id) or 0)
+        return self._redispatch(run_id, shard_id, "stranded", seen)
 
     def redispatched(self, run_id: str) -> dict[str, int]:
         return {k.decode(): int(v) for k, v in self.r.hgetall(self._k(run_id, "redispatched")).items()}

@@ -27,11 +27,14 @@ class WorkerRegistry(RedisStore):
         self.r.hdel(WORKERS, name)
 
     def workers(self, *, alive_within: float = 30.0) -> dict[str, dict]:
-        """Registered workers; ``alive`` is False when no heartbeat came for ``alive_within`` s."""
+        """Registered workers; ``alive`` is False when no heartbeat came for ``alive_within`` s
+        (or three of the worker's own heartbeat intervals, if longer)."""
         now = time.time()
         out = {}
         for k, v in self.r.hgetall(WORKERS).items():
             info = json.loads(v)
-            info["alive"] = now - info.get("last_seen", 0) < alive_within
+            beat = info.get("heartbeat_s")
+            within = max(alive_within, 3 * beat) if isinstance(beat, (int, float)) else alive_within
+            info["alive"] = now - info.get("last_seen", 0) < within
             out[k.decode()] = info
         return out

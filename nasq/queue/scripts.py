@@ -4,7 +4,8 @@ holds however workers, clients and healing race. ``RunStore`` (``store.py``) cal
 state sets they check come from ``nasq.runstate`` as arguments, never spelled here.
 
 Conventions: the run's state record is JSON with a ``state`` field; sets of states are passed
-as comma-separated lists; every hash a script writes is given the run's expiry if it has none.
+as comma-separated lists; every hash a script writes is given the run's expiry again (one
+command: the records of a run expire ``result_expires`` after its last write).
 """
 
 _COMMON = """
@@ -21,7 +22,7 @@ local function among(value, list)
   return false
 end
 local function keep(key, ttl)
-  if redis.call('TTL', key) < 0 then redis.call('EXPIRE', key, ttl) end
+  redis.call('EXPIRE', key, ttl)
 end
 """
 
@@ -44,7 +45,8 @@ if n > tonumber(ARGV[5]) then return {'exhausted', n} end  -- the caller holds t
 return {'ok', n}
 """
 
-#: A running shard's progress (at most about once a second). KEYS: state lease shard_done results.
+#: A running shard's progress (at most about once a second); it also extends the holder's lease.
+#: KEYS: state lease shard_done results.
 #: ARGV: shard holder done lease_ms may_go_on.
 #: -> {"ok"} | {"stop", why}: why is the run's state, "superseded" (another worker holds the
 #: lease: the shard was dispatched again) or "done-elsewhere" (another copy's result was kept).
@@ -55,7 +57,7 @@ if not among(st, ARGV[5]) then return {'stop', st} end
 if redis.call('HEXISTS', KEYS[4], ARGV[1]) == 1 then return {'stop', 'done-elsewhere'} end
 local holder = redis.call('GET', KEYS[2])
 if holder and holder ~= ARGV[2] then return {'stop', 'superseded'} end
-if not holder then redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[4]) end
+if holder then redis.call('PEXPIRE', KEYS[2], ARGV[4]) else redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[4]) end
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
 return {'ok'}
 """
@@ -128,6 +130,30 @@ else
   redis.call('SADD', KEYS[2], ARGV[4])
 end
 return {'ok'}
+"""
+
+#: A shard is taken for dispatching again, by one caller only, and counted in the same step (a
+#: broker that dies between the two can leave neither a claim without its count nor the reverse).
+#: "lost": the shard was running and its lease expired: the caller that removes it from the
+#: running list takes it. "stranded": its message is nowhere; the caller that saw the shard's
+#: dispatch count at ARGV[5] takes it (compare and set). "revoked": always (a failed run's
+#: in-flight shards, sent again by the one failing it).
+#: KEYS: running redispatched redispatched_at shard_done. ARGV: shard how now expires seen.
+#: -> 1 (taken) | 0
+REDISPATCH = _COMMON + """
+if ARGV[2] == 'lost' then
+  if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+else
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  if ARGV[2] == 'stranded' and tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0') ~= tonumber(ARGV[5]) then
+    return 0
+  end
+end
+redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[4], ARGV[1], 0)
+for i = 2, 4 do keep(KEYS[i], ARGV[4]) end
+return 1
 """
 
 #: A lease is extended only by the worker that holds it. KEYS: lease. ARGV: holder lease_ms.

@@ -7,6 +7,7 @@ import dataclasses
 import os
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -38,6 +39,17 @@ class Progress:
     #: what ended the work: a message (a RunError), or the error itself (its class says how)
     failed: str | Exception | None = None
     status: str | None = None
+
+
+@contextmanager
+def _every_send_through(app, producer):
+    """Every message ``app`` sends in this block goes through ``producer`` (and so into its
+    publish batch): a chord does not hand the producer it is given on to its header's group."""
+    app.producer_or_acquire = lambda producer_=None: nullcontext(producer_ or producer)
+    try:
+        yield
+    finally:
+        del app.producer_or_acquire  # the class's method again
 
 
 class Session:
@@ -111,7 +123,18 @@ class Session:
             return body.clone(args=([],)).apply_async()
         header = group(self.app.signature(TASK_EVAL_SHARD, args=t.args(), queue=queue, argsrepr=t.argsrepr,
                                           task_id=shard_task_id(run_id, t.shard_id)) for t in tasks)
-        return chord(header, app=self.app)(body)
+        # one pipelined write for every shard and its task-sent event, and no subscription to the
+        # result of each: the client follows the run's record, not these results
+        backend = self.app.backend
+        subscribing = getattr(backend, "subscribe_on_send", None)
+        if subscribing is not None:
+            backend.subscribe_on_send = False
+        try:
+            with self.app.producer_or_acquire() as producer, producer.batch(), _every_send_through(self.app, producer):
+                return chord(header, app=self.app)(body)
+        finally:
+            if subscribing is not None:
+                backend.subscribe_on_send = subscribing
 
     def submit_build(self, spec) -> object:
         """The chain of a build on the build queue: export -> simplify -> commit for ONNX,

@@ -175,6 +175,19 @@ class ResultBackend(RedisBackend):
     fails before its body runs and its message is consumed, so that a worker at maxmemory eats
     its queue. A worker waits where it stands, holding its one message, saying so once a minute."""
 
+    #: False while a client sends tasks it never waits on by their results (a run's shards and
+    #: merge: it follows the run's record): Celery would subscribe to each one's result channel
+    subscribe_on_send = True
+
+    def on_task_call(self, producer, task_id):
+        if self.subscribe_on_send:
+            super().on_task_call(producer, task_id)
+
+    def add_pending_result(self, result, weak=False, start_drainer=True):
+        if not self.subscribe_on_send:  # a group's results, followed by its promise: not waited on
+            return result
+        return super().add_pending_result(result, weak=weak, start_drainer=start_drainer)
+
     def _set(self, key, value, expires=None):
         return _wait_while_full(lambda: super(ResultBackend, self)._set(key, value, expires), "store a task's state")
 

@@ -82,3 +82,28 @@ def test_a_machine_lost_mid_shard_costs_a_lease_not_the_visibility_timeout(asset
         assert store.state(handle.run_id)["state"] == "done"
     finally:
         w.stop()
+
+
+def test_a_shard_is_taken_for_dispatching_again_once_and_counted_in_the_same_step(redis_url):
+    """Healers racing for a stranded or lost shard: one takes it, and its dispatch count goes up
+    in the same atomic step (a claim without its count once left a shard unsendable forever
+    after a broker restart fell between the two)."""
+    import threading
+
+    store = RunStore(redis_url)
+    run = f"race-{uuid.uuid4().hex[:8]}"
+    won = []
+    threads = [threading.Thread(target=lambda: won.append(store.claim_stranded(run, "shard-00001", 0)))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert won.count(True) == 1 and store.redispatched(run) == {"shard-00001": 1}
+    assert store.claim_stranded(run, "shard-00001", 0) is False  # a healer that saw the old count
+    assert store.claim_stranded(run, "shard-00001") is True  # reads the count now
+    assert store.redispatched(run) == {"shard-00001": 2} and "shard-00001" in store.redispatched_at(run)
+    store.r.hset(f"nasq:run:{run}:running", "shard-00002", "{}")  # running, lease gone
+    assert store.claim_lost(run, "shard-00002") is True and store.claim_lost(run, "shard-00002") is False
+    assert store.redispatched(run)["shard-00002"] == 1 and not store.running(run)
+    assert store.r.ttl(f"nasq:run:{run}:redispatched") > 0
