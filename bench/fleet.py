@@ -10,7 +10,8 @@ worker leaves between one shard's last batch and the next shard's first (ack, re
 Redis commands per shard and per idle worker-second, connections per worker and Redis CPU time.
 It checks that runs 2 and 3 equal run 1 image for image and writes everything to --out. The
 devices are simulated: this measures the queue, not a model. ``--rate 310p3`` is an Ascend
-310P3's rate at its best batch (176 img/s, docs/PERFORMANCE.md); ``--rate 2000`` a GPU's.
+310P3's rate at its best batch (176 img/s: 175.7 at batch 4 in the vendor recipe's table,
+``SEED_310P3`` in nasq/backends/sim_backend.py), flat at every batch; ``--rate 2000`` a GPU's.
 
     .venv/bin/python bench/fleet.py --workers 64 --images 50000 --rate 10
     .venv/bin/python bench/fleet.py --workers 16 --images 50000 --rate 310p3 --faults none
