@@ -85,7 +85,7 @@ def configure(config: WorkerConfig) -> None:
     configure_app(app, config.settings)
     # a worker waits for messages in one BRPOP of worker_poll_s (kombu's default asks every second)
     app.conf.broker_transport_options = {**app.conf.broker_transport_options,
-                                         "polling_interval": config.settings.worker_poll_s}
+                                         "polling_interval": max(0.5, config.settings.worker_poll_s)}
     # visible in Flower (a worker's Config tab, /api/workers "conf") and `celery inspect conf`
     app.conf.update(nasq_device=config.device, nasq_physical_device=config.physical_device,
                     nasq_backend=config.backend, nasq_precision=config.precision)

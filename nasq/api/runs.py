@@ -210,8 +210,13 @@ def _submit(session: Session, plan: Plan, *, queue: str, shard_size: int | None,
         raise BrokerFull(f"run {run_id} could not be submitted whole: {session.store.full_message()}. Once memory is "
                          f"freed, finish it with `nasq resume {run_id}`") from None
     except BROKER_ERRORS as e:
+        if session.store.is_full() or "maxmemory" in str(e):  # kombu reports a refused write as a connection
+            # error; a big pipelined write can fill the broker for a moment by itself: say what it was
+            raise BrokerFull(f"run {run_id} could not be submitted whole: {session.store.full_message()}. Once "
+                             f"memory is freed, finish it with `nasq resume {run_id}`") from None
         raise BrokerTrouble(f"the broker went away while run {run_id} was being submitted ({e}); when it is back, "
-                       f"rerun it with: {rerun or 'the same command'}") from None
+                            f"`nasq resume {run_id}` finishes it if the broker kept its record, else rerun it with: "
+                            f"{rerun or 'the same command'}") from None
     log(f"run {run_id}: {len(plan.source)} images in {len(manifest['shards'])} shards "
         f"of <= {max((s['stop'] - s['start'] for s in manifest['shards']), default=0)} on queue {queue}")
     return RunHandle(run_id, manifest, result, session, rerun=rerun or "submit the evaluation again")

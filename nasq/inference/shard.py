@@ -173,7 +173,7 @@ class _Ticker:
 
 @contextmanager
 def _lease(ledger: ShardLedger, task: ShardTask, holder: str, ttl_s: float):
-    """Keep the shard's lease (taken by ``claim_shard``) while the body runs, renewed every
+    """Keep the shard's lease (taken by ``claim_shard``) while the body runs, renewed about every
     ttl_s / 3 by a thread (the device work keeps the main thread busy). A worker that dies stops
     renewing it; a renewal that finds the lease taken marks it lost, and the body's next
     progress tick stops the copy. ``commit_shard`` drops it. A progress tick extends the lease
@@ -187,5 +187,5 @@ def _lease(ledger: ShardLedger, task: ShardTask, holder: str, ttl_s: float):
         if not ledger.renew_lease(task.run_id, task.shard_id, holder, ttl_s):
             state["lost"] = True
 
-    with every(ttl_s / 3, renew, what=f"the lease of {task.shard_id}"):
+    with every(ttl_s / 6, renew, what=f"the lease of {task.shard_id}"):  # a renewal at most ttl/2 apart
         yield state

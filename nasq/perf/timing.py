@@ -22,10 +22,12 @@ def measure(fn, *, warmup: int = 3, min_iters: int = 10, min_time_s: float = 2.0
 
 
 def measure_stable(fn, *, min_time_s: float = 2.0, stability_pct: float = 5.0, max_time_s: float | None = None,
-                   warmup: int = 3, min_window: int = 8) -> tuple[list[float], dict]:
+                   warmup: int = 3, min_window: int = 8, clock=time.perf_counter) -> tuple[list[float], dict]:
     """Latencies in ms, measured in windows until the median of the last window is within
     ``stability_pct`` % of the one before (perf_analyzer's stability check), after at least
     ``min_time_s``; at most ``max_time_s`` (default 5 x ``min_time_s``, at least 2 s).
+
+    ``clock``: seconds, monotonic (a test gives its own, so that the rule is checked exactly).
 
     Returns:
         (latencies, {"stable": bool, "windows": n, "last_change_pct": x})
@@ -36,19 +38,19 @@ def measure_stable(fn, *, min_time_s: float = 2.0, stability_pct: float = 5.0, m
     window_s = max(0.2, min_time_s / 4)
     lat: list[float] = []
     medians: list[float] = []
-    t0 = time.perf_counter()
+    t0 = clock()
     change = None
     while True:
-        w, t_end = [], time.perf_counter() + window_s
-        while len(w) < min_window or time.perf_counter() < t_end:
-            t = time.perf_counter()
+        w, t_end = [], clock() + window_s
+        while len(w) < min_window or clock() < t_end:
+            t = clock()
             fn()
-            w.append((time.perf_counter() - t) * 1e3)
+            w.append((clock() - t) * 1e3)
         lat += w
         medians.append(float(np.median(w)))
         if len(medians) >= 2:
             change = abs(medians[-1] - medians[-2]) / medians[-2] * 100
-        elapsed = time.perf_counter() - t0
+        elapsed = clock() - t0
         if elapsed >= min_time_s and change is not None and change < stability_pct:
             return lat, {"stable": True, "windows": len(medians), "last_change_pct": change}
         if elapsed >= max_time_s:

@@ -94,6 +94,8 @@ class Healer:
         manifest = manifest or self.manifest(run_id)
         if manifest is None or self.broker.queued(manifest["queue"]):
             return []
+        counts = self.store.redispatched(run_id)  # first: a shard another healer sends after this read is
+        # either in `recent` below or refused by the count's compare-and-set
         finished, running, unacked = self.store.finished(run_id), self.store.running(run_id), self.broker.unacked_ages()
         recent = {sid for sid, t in self.store.redispatched_at(run_id).items() if time.time() - t < self.lease_s}
         busy = set(finished) | set(running) | recent
@@ -105,7 +107,6 @@ class Healer:
         why = ("the broker restarted since the run was submitted and lost its message" if restarted else
                "its message is in no queue although the broker did not restart: a worker discarded it (its log says "
                "why: e.g. an unsigned or malformed message) or a full broker could not keep it")
-        counts = self.store.redispatched(run_id)
         given_up = [sid for sid in stuck if counts.get(sid, 0) >= self.max_attempts]
         if given_up:
             self._give_up(run_id, given_up, why)

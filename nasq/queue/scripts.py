@@ -141,18 +141,16 @@ return {'ok'}
 #: KEYS: running redispatched redispatched_at shard_done. ARGV: shard how now expires seen.
 #: -> 1 (taken) | 0
 REDISPATCH = _COMMON + """
-if ARGV[2] == 'lost' then
-  if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
-else
-  redis.call('HDEL', KEYS[1], ARGV[1])
-  if ARGV[2] == 'stranded' and tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0') ~= tonumber(ARGV[5]) then
-    return 0
-  end
+if ARGV[2] == 'lost' and redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+if ARGV[2] == 'stranded' and tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0') ~= tonumber(ARGV[5]) then
+  return 0
 end
+-- the writes that need memory first: on a full broker the script stops before changing anything
 redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
 redis.call('HSET', KEYS[4], ARGV[1], 0)
 for i = 2, 4 do keep(KEYS[i], ARGV[4]) end
+redis.call('HDEL', KEYS[1], ARGV[1])
 return 1
 """
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import Callable
 import redis
 from celery import chain, chord, group
 from celery.result import AsyncResult
-from kombu.exceptions import OperationalError
+from kombu.exceptions import BatchPublishError, OperationalError
 
 from ..config import Settings
 from ..errors import NasqError, RunError
@@ -39,6 +40,10 @@ class Progress:
     #: what ended the work: a message (a RunError), or the error itself (its class says how)
     failed: str | Exception | None = None
     status: str | None = None
+
+
+#: one submission at a time per process: ``_every_send_through`` patches the app for its block
+_SENDING = threading.Lock()
 
 
 @contextmanager
@@ -130,8 +135,11 @@ class Session:
         if subscribing is not None:
             backend.subscribe_on_send = False
         try:
-            with self.app.producer_or_acquire() as producer, producer.batch(), _every_send_through(self.app, producer):
+            with _SENDING, self.app.producer_or_acquire() as producer, \
+                    producer.batch(max_size=4 * len(tasks) + 1000), _every_send_through(self.app, producer):
                 return chord(header, app=self.app)(body)
+        except BatchPublishError as e:  # the pipelined write failed: say why as the broker said it
+            raise (e.__cause__ if isinstance(e.__cause__, Exception) else OperationalError(str(e))) from None
         finally:
             if subscribing is not None:
                 backend.subscribe_on_send = subscribing

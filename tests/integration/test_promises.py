@@ -245,6 +245,31 @@ def test_a_broker_at_maxmemory_stops_no_worker_and_the_run_completes(start_worke
         stop_process(proc)
 
 
+def test_a_broker_that_fills_during_the_pipelined_submission_says_so_and_names_resume(tmp_path):
+    """A run's shard messages go out in one pipelined write: a broker that reaches maxmemory while
+    they go out (the write's own buffer counts) ends the submission saying the broker is full and
+    naming `nasq resume`, not "the broker went away" or an internal error."""
+    from nasq.queue.store import BrokerFull
+
+    proc, url = spawn_redis(["--save", "", "--appendonly", "no", "--maxmemory-policy", "noeviction", "--dir",
+                             str(tmp_path)])
+    try:
+        store = RunStore(url)
+        settings = Settings(broker_url=url, report_dir=str(tmp_path / "rep"), work_dir=str(tmp_path / "runs"),
+                            artifact_dir=str(tmp_path / "art"), read_roots=str(tmp_path))
+        weights = _sim_weights(tmp_path)
+        # room for the run's record, not for its 600 shard messages (about 1 kB each)
+        store.r.config_set("maxmemory", store.r.info("memory")["used_memory"] + 400_000)
+        with pytest.raises(BrokerFull) as e:
+            submit_evaluation(weights=weights, data="index:4800", backend="sim", batch_size=8, shard_size=8,
+                              queue="eval.nobody", settings=settings, log=lambda *_: None)
+        assert "could not be submitted whole" in str(e.value) and "nasq resume" in str(e.value), e.value
+        assert "went away" not in str(e.value)
+        assert BrokerView(url).queued("eval.nobody") < 600  # not every message was taken
+    finally:
+        stop_process(proc)
+
+
 # ------------------------------------------------------------------------------ a full report dir
 
 def test_a_report_dir_on_a_full_disk_is_named_and_every_sentence_is_true(assets, redis_url, start_workers, tmp_path,

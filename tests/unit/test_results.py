@@ -56,24 +56,25 @@ def test_latency_summary_percentiles():
 
 
 def test_stability_rule_stops_once_the_median_settles():
+    """On a clock of the test's own (each call advances it by a set time), so that the rule is
+    checked exactly, whatever the machine's speed or load."""
     from nasq.perf.timing import measure_stable
 
+    now = [0.0]
+
     def steady():
-        t = __import__("time").perf_counter()
-        while __import__("time").perf_counter() - t < 0.002:
-            pass
-    lat, info = measure_stable(steady, min_time_s=0.2, stability_pct=50, max_time_s=3)
-    assert info["stable"] and info["windows"] >= 2 and len(lat) >= 16
+        now[0] += 0.002
+    lat, info = measure_stable(steady, min_time_s=0.2, stability_pct=1, max_time_s=3, clock=lambda: now[0])
+    assert info["stable"] and info["windows"] == 2 and info["last_change_pct"] == 0.0 and len(lat) >= 16
+    assert lat[0] == pytest.approx(2.0)
 
     calls = [0]
 
-    def drifting():  # each window slower than the last: never stable, stops at max_time_s
+    def drifting():  # every call 2 % slower than the one before: no two windows' medians agree within 1 %
         calls[0] += 1
-        t = __import__("time").perf_counter()
-        while __import__("time").perf_counter() - t < 0.0005 * (1 + calls[0] / 5):
-            pass
-    lat, info = measure_stable(drifting, min_time_s=0.2, stability_pct=1, max_time_s=1.0)
-    assert not info["stable"] and info["windows"] >= 2
+        now[0] += 0.0005 * 1.02 ** calls[0]
+    lat, info = measure_stable(drifting, min_time_s=0.2, stability_pct=1, max_time_s=1.0, clock=lambda: now[0])
+    assert not info["stable"] and info["windows"] >= 2 and info["last_change_pct"] > 1
 
 
 def test_sweep_slots_survive_a_renamed_worker():
