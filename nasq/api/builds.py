@@ -3,6 +3,7 @@ reused (``build``), and what workers load for a run (``prepare_model``)."""
 from __future__ import annotations
 
 import os
+import time
 
 from .. import backends
 from ..artifacts.spec import make_spec
@@ -58,13 +59,26 @@ def _build(session: Session, spec, artifacts: ArtifactStore, *, timeout: float |
                                               "and the artifact directory at the same paths as here)")
 
     def one(s) -> dict:
-        return session.wait(session.submit_build(s), label=f"build {s.key}", timeout=timeout, log=log,
-                            poll=lambda: Progress(status=session.store.build_status(s.key) or "queued"))
+        try:
+            return session.wait(session.submit_build(s), label=f"build {s.key}", timeout=timeout, log=log,
+                                poll=lambda: Progress(status=session.store.build_status(s.key) or "queued"))
+        except NasqError:
+            _until_cleaned_up(session.store, s.key)
+            raise
 
     if spec.target != "onnx" and artifacts.get(spec.onnx_key) is None:
         one(spec.onnx_spec())
     state = one(spec)
     return BuildResult(spec.key, artifacts.path(spec.key), state["meta"], state["cached"])
+
+
+def _until_cleaned_up(store, key: str, wait_s: float = 30.0) -> None:
+    """A failed step is stored (and the client told) before its errback removes the staging
+    directory and frees the lock: wait for that (the lock is freed last), so that a failed build
+    has left nothing when the error reaches the caller."""
+    deadline = time.time() + wait_s
+    while store.build_lock(key, "anyone").holder() is not None and time.time() < deadline:
+        time.sleep(0.1)
 
 
 def cached_build(*, weights: str, target: str, num_outputs: int | None = None, settings: Settings,
