@@ -59,11 +59,13 @@ def _build(session: Session, spec, artifacts: ArtifactStore, *, timeout: float |
                                               "and the artifact directory at the same paths as here)")
 
     def one(s) -> dict:
+        result = session.submit_build(s)
         try:
-            return session.wait(session.submit_build(s), label=f"build {s.key}", timeout=timeout, log=log,
+            return session.wait(result, label=f"build {s.key}", timeout=timeout, log=log,
                                 poll=lambda: Progress(status=session.store.build_status(s.key) or "queued"))
         except NasqError:
-            _until_cleaned_up(session.store, s.key)
+            if result.ready():  # a step failed (not a timeout: that build still runs)
+                _until_cleaned_up(session.store, s.key)
             raise
 
     if spec.target != "onnx" and artifacts.get(spec.onnx_key) is None:
