@@ -366,8 +366,9 @@ def resume(run_id: str, *, broker: str | None = None, settings: Settings | None 
         state = store.state_name(run_id)
         if state in (RunState.DONE, RunState.CANCELLED):
             raise NasqError(f"run {run_id} is {state}; there is nothing to resume (`nasq status {run_id}` shows it)")
-        plan = healer.resumable(manifest)
-        redo = healer.claim_for_resume(run_id, plan)
+        seen: dict[str, int] = {}
+        plan = healer.resumable(manifest, seen)
+        redo = healer.claim_for_resume(run_id, plan, seen)
         busy = sum(1 for why in plan.values() if why in ("queued", "running"))
         if not redo and state == RunState.RUNNING and busy:
             log(f"run {run_id}: nothing to resubmit ({busy} shard(s) queued or running on live workers); following it")

@@ -165,13 +165,17 @@ class Healer:
         log.info("run %s: every shard has its result but the chord cannot fire; merge sent", run_id)
         return True
 
-    def resumable(self, manifest: dict) -> dict[str, str]:
+    def resumable(self, manifest: dict, seen: dict[str, int] | None = None) -> dict[str, str]:
         """What each unfinished shard of a run is doing, as ``nasq resume`` sees it: "failed" (its
         last copy failed), "lost" (recorded as running, its lease expired), "running" (on a live
         worker), "queued" (its message waits in the queue, was delivered less than a lease ago, or
         was just sent again by healing) or "missing" (its message is nowhere: lost with a broker, or
-        discarded). Shards that have their result are not listed."""
+        discarded). Shards that have their result are not listed. ``seen``, when given, receives
+        the shards' dispatch counts as read first (``claim_for_resume`` claims against them)."""
         run_id = manifest["run_id"]
+        counts = self.store.redispatched(run_id)  # first: see _stranded
+        if seen is not None:
+            seen.update(counts)
         results, finished, running = self.store.result_ids(run_id), self.store.finished(run_id), self.store.running(run_id)
         lost = set(self.store.lost_shards(run_id))
         queued, unacked = self.broker.queued_task_ids(manifest["queue"]), self.broker.unacked_ages()
@@ -191,11 +195,16 @@ class Healer:
                 out[sid] = "missing"
         return out
 
-    def claim_for_resume(self, run_id: str, plan: dict[str, str]) -> list[str]:
+    def claim_for_resume(self, run_id: str, plan: dict[str, str], seen: dict[str, int] | None = None) -> list[str]:
         """The shards of ``plan`` (``resumable``) that ``nasq resume`` sends again: the failed, lost
-        and missing ones, each claimed first so that a concurrent resume, or healing, sends it once."""
-        return [sid for sid, why in plan.items() if why in ("failed", "lost", "missing")
-                and (self.store.claim_lost(run_id, sid) if why == "lost" else self.store.claim_stranded(run_id, sid))]
+        and missing ones, each claimed first so that a concurrent resume, or healing, sends it once:
+        against the dispatch counts ``resumable`` read first (``seen``), or read now."""
+        def claim(sid: str, why: str) -> bool:
+            if why == "lost":
+                return self.store.claim_lost(run_id, sid)
+            return self.store.claim_stranded(run_id, sid, None if seen is None else seen.get(sid, 0))
+
+        return [sid for sid, why in plan.items() if why in ("failed", "lost", "missing") and claim(sid, why)]
 
     def heal_active(self) -> None:
         """``heal`` every active run (a worker's heartbeat)."""
