@@ -206,12 +206,10 @@ def _submit(session: Session, plan: Plan, *, queue: str, shard_size: int | None,
         session.store.add_merge_id(run_id, merge_task_id(run_id))
         result = session.submit_run(manifest)
         session.store.transition(run_id, "start", shards=len(manifest["shards"]))
-    except (BrokerFull, redis.exceptions.OutOfMemoryError):
-        raise BrokerFull(f"run {run_id} could not be submitted whole: {session.store.full_message()}. Once memory is "
-                         f"freed, finish it with `nasq resume {run_id}`") from None
-    except BROKER_ERRORS as e:
-        if session.store.is_full() or "maxmemory" in str(e):  # kombu reports a refused write as a connection
-            # error; a big pipelined write can fill the broker for a moment by itself: say what it was
+    except (BrokerFull, redis.exceptions.OutOfMemoryError, *BROKER_ERRORS) as e:
+        # kombu reports a write the broker refused as a connection error, and a big pipelined write
+        # can fill the broker for a moment by itself: either way, say that it was full
+        if not isinstance(e, BROKER_ERRORS) or session.store.is_full() or "maxmemory" in str(e):
             raise BrokerFull(f"run {run_id} could not be submitted whole: {session.store.full_message()}. Once "
                              f"memory is freed, finish it with `nasq resume {run_id}`") from None
         raise BrokerTrouble(f"the broker went away while run {run_id} was being submitted ({e}); when it is back, "

@@ -173,9 +173,8 @@ class Healer:
         discarded). Shards that have their result are not listed. ``seen``, when given, receives
         the shards' dispatch counts as read first (``claim_for_resume`` claims against them)."""
         run_id = manifest["run_id"]
-        counts = self.store.redispatched(run_id)  # first: see _stranded
         if seen is not None:
-            seen.update(counts)
+            seen.update(self.store.redispatched(run_id))  # first: see _stranded
         results, finished, running = self.store.result_ids(run_id), self.store.finished(run_id), self.store.running(run_id)
         lost = set(self.store.lost_shards(run_id))
         queued, unacked = self.broker.queued_task_ids(manifest["queue"]), self.broker.unacked_ages()

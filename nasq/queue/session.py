@@ -42,19 +42,26 @@ class Progress:
     status: str | None = None
 
 
-#: one submission at a time per process: ``_every_send_through`` patches the app for its block
+#: one submission at a time per process: ``_sending_unawaited`` patches the app for its block
 _SENDING = threading.Lock()
 
 
 @contextmanager
-def _every_send_through(app, producer):
+def _sending_unawaited(app, producer):
     """Every message ``app`` sends in this block goes through ``producer`` (and so into its
-    publish batch): a chord does not hand the producer it is given on to its header's group."""
+    publish batch: a chord does not hand the producer it is given on to its header's group), and
+    the result backend subscribes to none of their results (the client follows the run's record)."""
+    backend = app.backend
+    subscribing = getattr(backend, "subscribe_on_send", None)  # nasq's ResultBackend (redis) only
     app.producer_or_acquire = lambda producer_=None: nullcontext(producer_ or producer)
+    if subscribing is not None:
+        backend.subscribe_on_send = False
     try:
         yield
     finally:
         del app.producer_or_acquire  # the class's method again
+        if subscribing is not None:
+            backend.subscribe_on_send = subscribing
 
 
 class Session:
@@ -128,21 +135,13 @@ class Session:
             return body.clone(args=([],)).apply_async()
         header = group(self.app.signature(TASK_EVAL_SHARD, args=t.args(), queue=queue, argsrepr=t.argsrepr,
                                           task_id=shard_task_id(run_id, t.shard_id)) for t in tasks)
-        # one pipelined write for every shard and its task-sent event, and no subscription to the
-        # result of each: the client follows the run's record, not these results
-        backend = self.app.backend
-        subscribing = getattr(backend, "subscribe_on_send", None)
-        if subscribing is not None:
-            backend.subscribe_on_send = False
+        # one pipelined write for every shard and its task-sent event
         try:
             with _SENDING, self.app.producer_or_acquire() as producer, \
-                    producer.batch(max_size=4 * len(tasks) + 1000), _every_send_through(self.app, producer):
+                    producer.batch(max_size=4 * len(tasks) + 1000), _sending_unawaited(self.app, producer):
                 return chord(header, app=self.app)(body)
         except BatchPublishError as e:  # the pipelined write failed: say why as the broker said it
             raise (e.__cause__ if isinstance(e.__cause__, Exception) else OperationalError(str(e))) from None
-        finally:
-            if subscribing is not None:
-                backend.subscribe_on_send = subscribing
 
     def submit_build(self, spec) -> object:
         """The chain of a build on the build queue: export -> simplify -> commit for ONNX,
