@@ -31,6 +31,48 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "integration" in item.path.parts or "assets" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.integration)
+    # pytest-xdist hands out whole modules (--dist loadfile) in this order (--no-loadscope-reorder):
+    # the modules that take minutes first, the unit modules last, so that no process starts a long
+    # module when the others are done
+    rank: dict = {}
+    for item in items:
+        r = 0 if item.get_closest_marker("slow") else 1 if item.get_closest_marker("integration") else 2
+        rank[item.path] = min(rank.get(item.path, 2), r)
+    items.sort(key=lambda item: rank[item.path])  # stable: each module's tests keep their order
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fork_workers(tmp_path_factory):
+    """Worker processes that ``LocalCluster`` starts in a test process are forked from a zygote
+    that has imported torch, Celery and nasq once (``tests/zygote.py``: what each worker is, and
+    which ones are still started with ``Popen``). The zygote starts with the first worker. Set
+    NASQ_TEST_EXEC_WORKERS=1 to start every worker with ``Popen``. ``nasq`` commands that the
+    tests run as subprocesses start theirs as users' do."""
+    if os.environ.get("NASQ_TEST_EXEC_WORKERS"):
+        yield
+        return
+    from nasq.queue.local import LocalCluster
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    try:
+        import zygote
+    finally:
+        sys.path.pop(0)
+    popen, started = LocalCluster.spawn, []
+    env_now = dict(os.environ, PYTHONUNBUFFERED="1")  # the session's, before a test changes it
+
+    def spawn(argv, logpath, env):
+        if not started:
+            started.append(zygote.Zygote(str(tmp_path_factory.mktemp("zygote")), env_now))
+        if started[0].can_fork(argv, env):
+            return started[0].spawn(argv, logpath, env)
+        return popen(argv, logpath, env)
+
+    LocalCluster.spawn = staticmethod(spawn)
+    yield
+    LocalCluster.spawn = staticmethod(popen)
+    for z in started:
+        z.close()
 
 
 @pytest.fixture(scope="session")
@@ -155,11 +197,13 @@ def start_workers(tmp_path_factory, redis_url):  # redis_url: stopped after the 
         devices = devices or ["cpu"] * n
         specs = [WorkerSpec(device=d, backend=backend, queues=(queue,), options=BackendOptions(threads=1, sim=sim),
                             name=f"test{i}-{queue}-{tag}@localhost") for i, d in enumerate(devices)]
-        # the test workers may read and write the session's temporary folders (assets, outputs)
+        # the test workers may read and write the session's temporary folders (assets, outputs);
+        # they poll the broker every 0.5 s, as a private cluster's do (a stop waits for the poll)
         base = str(tmp_path_factory.getbasetemp())
         settings = settings or Settings(merge_wait_s=20)
         settings = dataclasses.replace(settings, read_roots=settings.read_roots or base,
-                                       write_roots=settings.write_roots or base)
+                                       write_roots=settings.write_roots or base,
+                                       worker_poll_s=min(settings.worker_poll_s, 0.5))
         cluster = LocalCluster(specs, workdir=str(tmp_path_factory.mktemp("workers")), broker_url=url,
                                settings=settings, env=env, ready_timeout=120,
                                log=lambda *_: None)

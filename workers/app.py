@@ -33,6 +33,7 @@ class WorkerTask(Task):
     """Base of every nasq task: the worker's configuration, its run store and loaded model."""
 
     config: ClassVar[WorkerConfig | None] = None
+    started: ClassVar[float] = 0.0  # when the worker was configured (not when this module was imported)
     _store: ClassVar[RunStore | None] = None
     _healer: ClassVar[Healer | None] = None
     _resources: ClassVar[DeviceResources | None] = None
@@ -90,17 +91,17 @@ def configure(config: WorkerConfig) -> None:
     app.conf.update(nasq_device=config.device, nasq_physical_device=config.physical_device,
                     nasq_backend=config.backend, nasq_precision=config.precision)
     WorkerTask.config = config
+    WorkerTask.started = time.time()
 
 
 @worker_ready.connect
 def _register(sender=None, store: RunStore | None = None, **_):
     c = WorkerTask.configured()
     (store or WorkerTask.run_store()).register_worker(c.name, {**c.describe(), "host": socket.gethostname(),
-                                                               "pid": os.getpid(), "started": _STARTED,
+                                                               "pid": os.getpid(), "started": WorkerTask.started,
                                                                "heartbeat_s": c.settings.worker_heartbeat_s})
 
 
-_STARTED = time.time()
 _last_heal = [0.0]
 #: the heartbeat's own store and healer: they run in the worker's main process, which must never
 #: wait (on a full broker they give up until the next beat)

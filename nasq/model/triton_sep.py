@@ -120,11 +120,11 @@ def _pow2(n: int, low: int, high: int) -> int:
     return max(low, min(high, 1 << max(0, (n - 1).bit_length())))
 
 
-def _interpreter_blocks(co: int, pixels: int) -> tuple[int, int, int]:
+def _interpreter_blocks(c: int, co: int, pixels: int) -> tuple[int, int, int]:
     """(BLOCK_P, BLOCK_CO, BLOCK_CI) under the CPU interpreter: large tiles (numpy does the work
-    per tile; fewer programs run faster). ``tl.dot`` needs >= 16 in every dimension. The GPU
-    autotunes instead (``_CONFIGS``)."""
-    return _pow2(pixels, 16, 4096), _pow2(co, 16, 256), 32
+    per tile; the interpreter's cost is per operation, so fewer programs and channel chunks run
+    faster). ``tl.dot`` needs >= 16 in every dimension. The GPU autotunes instead (``_CONFIGS``)."""
+    return _pow2(pixels, 16, 32768), _pow2(co, 16, 256), _pow2(c, 16, 256)
 
 
 def out_size(size: int, k: int, stride: int, offset: int, crop: bool) -> int:
@@ -147,7 +147,7 @@ def _separable_impl(x: torch.Tensor, w_dw: torch.Tensor, w_pw: torch.Tensor, bia
     args = (x, w_dw, w_pw, bias if bias is not None else w_pw, y, c, h, w, co, out_h, out_w, *x.stride(), *y.stride())
     meta = dict(STRIDE=stride, OFFSET=offset, K=k, RELU=relu, HAS_BIAS=bias is not None, FP32=x.dtype == torch.float32)
     if INTERPRET or _FIXED_BLOCKS is not None:
-        block_p, block_co, block_ci = _FIXED_BLOCKS or _interpreter_blocks(co, out_h * out_w)
+        block_p, block_co, block_ci = _FIXED_BLOCKS or _interpreter_blocks(c, co, out_h * out_w)
         grid = (triton.cdiv(out_h * out_w, block_p), triton.cdiv(co, block_co), n)
         _separable_kernel[grid](*args, **meta, BLOCK_P=block_p, BLOCK_CO=block_co, BLOCK_CI=block_ci)
         return y

@@ -58,6 +58,10 @@ def _tail(path: str, n: int = 25) -> str:
         return "    (no log)"
 
 
+#: worker_poll_s of a private cluster's workers (the stop of the run waits up to this long)
+PRIVATE_POLL_S = 0.5
+
+
 class LocalCluster:
     """``with LocalCluster(workers, workdir=...) as url:`` starts a private Redis (unless
     ``broker_url`` is given) and the workers, waits until every worker answers a ping, and on
@@ -93,16 +97,18 @@ class LocalCluster:
         settings_file = None
         if self.settings is not None:  # the workers take the settings this process resolved, whole
             settings_file = os.path.join(self.workdir, "settings.json")
-            # a private Redis is broker and result backend at once; a given broker keeps the settings' backend
-            backend = None if self.redis is not None else self.settings.result_backend
-            settings_to_file(replace(self.settings, broker_url=self.url, result_backend=backend), settings_file)
+            worker_settings = replace(self.settings, broker_url=self.url)
+            if self.redis is not None:
+                # a private Redis is broker and result backend at once (a given broker keeps the
+                # settings' backend); its few workers poll it every 0.5 s, because a worker's warm
+                # shutdown waits for the poll in flight (kombu restores what it delivers)
+                worker_settings = replace(worker_settings, result_backend=None,
+                                          worker_poll_s=min(PRIVATE_POLL_S, self.settings.worker_poll_s))
+            settings_to_file(worker_settings, settings_file)
         for i, spec in enumerate(self.specs):
             name = spec.name or worker_name(spec.kind, i, host)
             logpath = os.path.join(self.workdir, f"worker-{i}-{spec.kind}.log")
-            with open(logpath, "wb") as logf:
-                proc = subprocess.Popen(spec.argv(name, self.url, settings_file), stdout=logf,
-                                        stderr=subprocess.STDOUT, env=env, start_new_session=True)
-            self.procs.append((name, proc, logpath))
+            self.procs.append((name, self.spawn(spec.argv(name, self.url, settings_file), logpath, env), logpath))
         builds = sum(1 for s in self.specs if s.kind == "build")
         devices = [s.device for s in self.specs if s.kind != "build"]
         what = [f"{len(devices)} worker(s) on {', '.join(devices)}"] if devices else []
@@ -110,6 +116,13 @@ class LocalCluster:
         self.log(f"started {'a private Redis and ' if self.redis else ''}{' and '.join(what)}; logs in {self.workdir}")
         self._wait_ready()
         return self.url
+
+    @staticmethod
+    def spawn(argv: list[str], logpath: str, env: dict):
+        """One worker process in its own session, its output in ``logpath``: a ``Popen``, or what
+        a test harness gives in its place (``poll``, ``wait``, ``pid``, ``returncode``)."""
+        with open(logpath, "wb") as logf:
+            return subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def _wait_ready(self) -> None:
         from kombu.exceptions import OperationalError
