@@ -42,7 +42,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _fork_workers(tmp_path_factory):
+def _fork_workers():
     """Worker processes that ``LocalCluster`` starts in a test process are forked from a zygote
     that has imported torch, Celery and nasq once (``tests/zygote.py``: what each worker is, and
     which ones are still started with ``Popen``). The zygote starts with the first worker. Set
@@ -58,21 +58,31 @@ def _fork_workers(tmp_path_factory):
         import zygote
     finally:
         sys.path.pop(0)
-    popen, started = LocalCluster.spawn, []
+    popen, started, lock = LocalCluster.spawn, [], __import__("threading").Lock()
     env_now = dict(os.environ, PYTHONUNBUFFERED="1")  # the session's, before a test changes it
 
     def spawn(argv, logpath, env):
-        if not started:
-            started.append(zygote.Zygote(str(tmp_path_factory.mktemp("zygote")), env_now))
-        if started[0].can_fork(argv, env):
-            return started[0].spawn(argv, logpath, env)
+        with lock:
+            if not started:
+                try:
+                    started.append(zygote.Zygote(env_now))
+                except (OSError, RuntimeError) as e:  # every worker of this session starts with Popen
+                    started.append(None)
+                    print(f"conftest: workers start with Popen: {e}", file=sys.stderr)
+        z = started[0]
+        if z is not None and z.can_fork(argv, env):
+            try:
+                return z.spawn(argv, logpath, env)
+            except (OSError, RuntimeError) as e:
+                print(f"conftest: this worker starts with Popen: {e}", file=sys.stderr)
         return popen(argv, logpath, env)
 
     LocalCluster.spawn = staticmethod(spawn)
     yield
     LocalCluster.spawn = staticmethod(popen)
     for z in started:
-        z.close()
+        if z is not None:
+            z.close()
 
 
 @pytest.fixture(scope="session")
