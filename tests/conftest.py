@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import uuid
 
 import pytest
@@ -58,7 +59,7 @@ def _fork_workers():
         import zygote
     finally:
         sys.path.pop(0)
-    popen, started, lock = LocalCluster.spawn, [], __import__("threading").Lock()
+    popen, started, lock = LocalCluster.spawn, [], threading.Lock()
     env_now = dict(os.environ, PYTHONUNBUFFERED="1")  # the session's, before a test changes it
 
     def spawn(argv, logpath, env):
@@ -196,7 +197,7 @@ def start_workers(tmp_path_factory, redis_url):  # redis_url: stopped after the 
     (``devices=["npu:0", ...]``: one worker per device, for the sim backend).
     Every cluster started is stopped at the end of the session (tests may stop theirs sooner)."""
     from nasq.config import BackendOptions, Settings
-    from nasq.queue.local import LocalCluster, WorkerSpec
+    from nasq.queue.local import PRIVATE_POLL_S, LocalCluster, WorkerSpec
 
     started = []
 
@@ -213,7 +214,7 @@ def start_workers(tmp_path_factory, redis_url):  # redis_url: stopped after the 
         settings = settings or Settings(merge_wait_s=20)
         settings = dataclasses.replace(settings, read_roots=settings.read_roots or base,
                                        write_roots=settings.write_roots or base,
-                                       worker_poll_s=min(settings.worker_poll_s, 0.5))
+                                       worker_poll_s=min(settings.worker_poll_s, PRIVATE_POLL_S))
         cluster = LocalCluster(specs, workdir=str(tmp_path_factory.mktemp("workers")), broker_url=url,
                                settings=settings, env=env, ready_timeout=120,
                                log=lambda *_: None)
