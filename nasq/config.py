@@ -89,6 +89,11 @@ class Settings:
     #: how long a worker's wait for a message (BRPOP) lasts on the broker before it asks again,
     #: in seconds; a message that arrives is delivered at once whatever this is
     worker_poll_s: float = 5.0
+    #: Celery task events (task-sent, -received, -started, -succeeded, -failed) from every
+    #: worker and producer from the start: four broker messages a shard. Off, a worker sends
+    #: them once something asks (`nasq flower` and Flower itself do, every 5 s, through
+    #: Celery's enable_events), and keeps sending them until it stops
+    task_events: bool = False
     #: folders workers may read besides their artifact and report directories (data, weights,
     #: labels), separated by ``os.pathsep`` (":") as in PATH; see nasq/roots.py
     read_roots: str = ""
@@ -111,6 +116,13 @@ def _coerce(name: str, value):
         return os.pathsep.join(map(str, value))
     if value is None or not isinstance(value, str):
         return value
+    if ftype in (bool, "bool"):
+        word = value.strip().lower()
+        if word in ("1", "true", "yes", "on"):
+            return True
+        if word in ("0", "false", "no", "off", ""):
+            return False
+        raise NasqError(f"setting {name} must be true or false, got {value!r}")
     for kind, word in ((int, "an integer"), (float, "a number")):
         if ftype in (kind, kind.__name__):
             try:

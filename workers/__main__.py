@@ -5,7 +5,8 @@ Ascend's runtime. Then the flags and the settings become one frozen ``WorkerConf
 to the tasks (``workers.app.configure``). The worker runs the prefork pool with one child
 (the parent stays responsive for heartbeats and Flower; a crashed child turns into a
 requeue), consumes the backend's evaluation queue by default plus its own queue, sends task
-events, and prefetches one task.
+events when asked (the ``task_events`` setting, or Flower's enable_events), and prefetches one
+task.
 """
 from __future__ import annotations
 
@@ -115,9 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     if _answers(settings, name):
         parser.error(f"a worker named {name} is already running on this broker; give this one another --name")
     worker_argv = ["worker", "--pool", "prefork", "--concurrency", "1", "--queues", ",".join(queues),
-                   "--hostname", name, "--task-events", "--prefetch-multiplier", "1",
+                   "--hostname", name, "--prefetch-multiplier", "1",
                    "--loglevel", args.loglevel, "--without-gossip", "--without-mingle", "-O", "fair",
                    "--heartbeat-interval", f"{settings.worker_heartbeat_s:g}"]
+    if settings.task_events:
+        worker_argv.append("--task-events")
     if args.logfile:
         worker_argv += ["--logfile", args.logfile]
     worker_argv += celery_extra  # other Celery worker options, as given

@@ -5,6 +5,8 @@ A shard that fails ends in FAILURE (so Flower and its metrics show it): it is re
 run store first, and the chord's errback (``run_failed``) keeps the partial report that
 ``nasq resume`` completes. A copy of a shard that was skipped or stopped (its run ended, or
 another copy took over) ends in SUCCESS with that status: it is not a failure of the run.
+A run's shards are sent with ``ignore_result`` (their results are in the run's ledger): Celery
+stores a shard's failure only, and still counts every shard in its chord.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from workers.app import WorkerTask, app
 log = logging.getLogger("nasq.worker")
 
 
-@app.task(name=TASK_EVAL_SHARD, bind=True, base=WorkerTask)
+@app.task(name=TASK_EVAL_SHARD, bind=True, base=WorkerTask, store_errors_even_if_ignored=True)
 def eval_shard(self, run_id, shard_id, start, stop, job) -> dict:
     """Evaluate images [start, stop) of the run's dataset; returns a summary (the per-image
     results are kept in the run store)."""
@@ -34,7 +36,7 @@ def eval_shard(self, run_id, shard_id, start, stop, job) -> dict:
         raise ShardFailed(f"bad shard message: {e}") from None
     out = run_shard(task, ledger=self.store, resources=self.resources, worker=self.worker)
     if out.get("kept"):
-        self.healer.merge_if_stranded(task.run_id)
+        self.healer.merge_if_stranded(task.run_id, kept_of=out.get("kept_of"))
     if out["status"] == "error":
         raise ShardFailed(f"{task.shard_id} on {self.worker.name}: {out['error']}")
     # A summary: the full result (top-5 of every image) is in the run store, where the merge reads

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import redis
 
@@ -36,6 +37,8 @@ class EvalResult:
     notes: dict | None = None
     #: the run's Redis was the command's own (an embedded run): it is gone once the command ends
     embedded: bool = False
+    #: file name -> reason, for the files of ``report["files_to_come"]`` that were not rendered
+    not_rendered: dict = field(default_factory=dict)
 
     @property
     def table(self) -> str:
@@ -53,10 +56,16 @@ class RunHandle:
     #: the command that submits the same run again (said when a broker lost the run)
     rerun: str = "submit the evaluation again"
 
-    def wait(self, *, progress: bool = True, timeout: float | None = None, log=print) -> EvalResult:
+    def wait(self, *, progress: bool = True, timeout: float | None = None, log=print, files: bool = True,
+             on_report: Callable[[EvalResult], None] | None = None) -> EvalResult:
         """Follow the run's record to its report. While waiting, shards whose worker is gone
         (lease expired) are dispatched again (``nasq.queue.healing``); a broker that goes away
-        is waited for (until ``timeout``)."""
+        is waited for (until ``timeout``).
+
+        The merging worker stores the numbers first, then renders the plots and the HTML page
+        (the report's ``files_to_come``): ``on_report`` gets the result as soon as the numbers
+        are in; ``files`` (default) waits for the rendering too, so that every file the report
+        names exists (or a note says which did not)."""
         store, run_id, total = self.session.store, self.run_id, self.manifest["dataset"]["images"]
         every = max(1.0, self.session.settings.lease_s / 3)
         last_heal, full, last = [time.time()], [None], [0.0, None]
@@ -83,7 +92,7 @@ class RunHandle:
             st = store.state(run_id) or {}
             failed = _ended_error(store, run_id, st) if st.get("state") in (RunState.FAILED, RunState.CANCELLED) \
                 else None
-            return Progress(done=min(total, store.images_done(run_id)), failed=failed, status=full[0])
+            return Progress(done=min(total, store.images_done(run_id, self.manifest)), failed=failed, status=full[0])
 
         try:
             report = self.session.wait(_RunRecord(store, run_id), label=f"run {run_id}", poll=poll, total=total,
@@ -95,9 +104,14 @@ class RunHandle:
         # done: wait for that (renames and one row), so that every path printed exists
         deadline = time.time() + 60
         while not store.published(run_id) and time.time() < deadline:
-            time.sleep(0.1)
-        return EvalResult(run_id, report, store.predictions(run_id), store.notes(run_id),
-                          embedded=self.session.cluster is not None)
+            time.sleep(0.05)
+        result = EvalResult(run_id, report, store.predictions(run_id), store.notes(run_id),
+                            embedded=self.session.cluster is not None)
+        if on_report is not None:
+            on_report(result)
+        if files:  # then it renders the plots and the HTML page
+            result.not_rendered = store.wait_rendered(run_id, report)
+        return result
 
     def close(self) -> None:
         """Drop the connections of a handle from ``submit_evaluation`` (the run goes on)."""
@@ -276,7 +290,7 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
              queue: str | None = None, output_dir: str | None = None, outfmt: str = "NPY", progress: bool = True,
              timeout: float | None = None, settings: Settings | None = None, allow_bad_labels: bool = False,
              rerun: str | None = None, soc_version: str | None = None, gears: list[int] | None = None,
-             log=print) -> EvalResult:
+             log=print, on_report: Callable[[EvalResult], None] | None = None) -> EvalResult:
     """Evaluate a checkpoint (or built model) on a dataset folder across workers.
 
     With no broker configured, starts a private Redis and one local worker per device
@@ -290,6 +304,8 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
         num_outputs: None keeps the checkpoint's head; 1000 drops the background class.
         compile, cuda_graphs, kernels: embedded runs: options of the local workers.
         rerun: the command that submits this run again, said if a broker loses the run.
+        on_report: called with the result as soon as the numbers are in, before the plots and
+            the HTML page are rendered (``RunHandle.wait``).
         output_dir, outfmt: also write full logits per image in ais_bench's layout.
         soc_version, gears: ais_bench with a checkpoint: the chip the .om is built for (ATC on the
             build queue) and its dynamic batch gears (default: a static .om of ``batch_size``).
@@ -336,15 +352,17 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
                                                        kernels=kernels))
         handle = _submit(session, plan, queue=queue, shard_size=shard_size, workers=workers, rerun=rerun, log=log,
                          command=command)
-        return handle.wait(progress=progress, timeout=timeout, log=log)
+        return handle.wait(progress=progress, timeout=timeout, log=log, on_report=on_report)
 
 
 def resume(run_id: str, *, broker: str | None = None, settings: Settings | None = None, progress: bool = True,
-           timeout: float | None = None, log=print) -> EvalResult:
+           timeout: float | None = None, log=print,
+           on_report: Callable[[EvalResult], None] | None = None) -> EvalResult:
     """Finish a failed or interrupted run: only its failed or lost shards run again (on the run's
     queue, with the same task ids), then the merge combines them with the results the run
     already has. A shard that is queued, delivered or running on a live worker is left alone: on
-    a healthy run, resume sends nothing and follows the run to its report.
+    a healthy run, resume sends nothing and follows the run to its report (``on_report``: as in
+    ``evaluate``).
 
     Raises:
         NasqError: no broker, no such run (records expire after ``result_expires``), a run that
@@ -388,7 +406,8 @@ def resume(run_id: str, *, broker: str | None = None, settings: Settings | None 
         session.close()
         raise
     with session:
-        return RunHandle(run_id, manifest, result, session).wait(progress=progress, timeout=timeout, log=log)
+        return RunHandle(run_id, manifest, result, session).wait(progress=progress, timeout=timeout, log=log,
+                                                                 on_report=on_report)
 
 
 def evaluate_local(*, weights: str, data: str, labels: str | None = None, backend: str = "torch",
@@ -416,4 +435,3 @@ def evaluate_local(*, weights: str, data: str, labels: str | None = None, backen
     finally:
         b.close()
     return {k: out[k] for k in ("names", "indices", "labels", "top5", "scores")} | {"errors": out["errors"]}
-

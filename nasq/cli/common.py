@@ -106,15 +106,24 @@ def check_report_paths(args) -> None:
     out_file("--predictions", getattr(args, "predictions", None))
 
 
-def finish(result, args) -> int:
+def show_numbers(result) -> None:
+    """The run's table, printed as soon as the numbers are in (its plots come after)."""
+    print(result.table, flush=True)
+
+
+def finish(result, args, *, shown: bool = False) -> int:
+    """The end of a command that ran an evaluation: its table (unless ``shown`` already), where
+    its report files are, what could not be written, and --json / --predictions."""
     from ..files import write_json
     from ..results.predictions import write_predictions
 
-    print(result.table)
+    if not shown:
+        print(result.table)
     report = result.report
     for kind, path in (report.get("files") or {}).items():
-        log(f"run report ({kind}): {path}")
-    missing = report.get("files_not_written") or {}
+        if os.path.basename(path) not in result.not_rendered:
+            log(f"run report ({kind}): {path}")
+    missing = {**(report.get("files_not_written") or {}), **result.not_rendered}
     if missing:
         folder = os.path.dirname(next(iter((report.get("files") or {}).values()), "")) or "the report dir"
         log(f"not written by the merging worker: {', '.join(missing)} ({next(iter(missing.values()))})"

@@ -7,7 +7,7 @@ import sys
 from ..config import MAX_BATCH_SIZE
 from ..options import broker_flag, int_in, int_list, seconds
 from .common import (backend_flags, check_report_paths, finish, log, one_device, out_dir, out_file,
-                     report_flags, settings_of, submission_kwargs)
+                     report_flags, settings_of, show_numbers, submission_kwargs)
 
 
 def cmd_eval(args) -> int:
@@ -18,8 +18,8 @@ def cmd_eval(args) -> int:
     return finish(evaluate(**submission_kwargs(args), device=args.device, workers=args.workers,
                            compile=None if args.compile == "none" else args.compile, cuda_graphs=args.cuda_graphs,
                            kernels=args.kernels, broker=args.broker, output_dir=args.output, outfmt=args.outfmt,
-                           progress=not args.no_progress, timeout=args.timeout, log=log,
-                           rerun=shlex.join(["nasq", *sys.argv[1:]])), args)
+                           progress=not args.no_progress, timeout=args.timeout, log=log, on_report=show_numbers,
+                           rerun=shlex.join(["nasq", *sys.argv[1:]])), args, shown=True)
 
 
 def _demo_args(p) -> None:
@@ -53,8 +53,8 @@ def cmd_demo(args) -> int:
              "for a self-contained demo")
     result = evaluate(weights=paths["weights"], data=paths["data"], labels=paths["labels"], backend=args.backend,
                       device="cpu", workers=args.workers, batch_size=args.batch_size,
-                      progress=not args.no_progress, settings=settings, log=log)
-    rc = finish(result, args)
+                      progress=not args.no_progress, settings=settings, log=log, on_report=show_numbers)
+    rc = finish(result, args, shown=True)
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
     else:
@@ -171,7 +171,7 @@ def cmd_resume(args) -> int:
 
     check_report_paths(args)
     return finish(resume(args.run_id, broker=args.broker, progress=not args.no_progress, timeout=args.timeout,
-                          log=log), args)
+                          log=log, on_report=show_numbers), args, shown=True)
 
 
 def _cancel_args(p) -> None:

@@ -43,8 +43,11 @@ def cmd_status(args) -> int:
     if is_ended(st["state"]) and report:  # a failed or cancelled run's report names what it lacks, and why
         print()
         print(render(report))
-        if report.get("files"):
-            print(f"\nreport files: {', '.join(report['files'].values())}")
+        if report.get("files"):  # (--watch: once the plots are rendered too)
+            absent = store.wait_rendered(run_id, report, timeout_s=120.0 if args.watch else 0.0)
+            print(f"\nreport files: {', '.join(p for p in report['files'].values() if os.path.basename(p) not in absent)}")
+            if absent:
+                print(f"not there: {', '.join(absent)} ({next(iter(absent.values()))})")
     return code.get(st["state"], OK)
 
 

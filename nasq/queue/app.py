@@ -44,8 +44,10 @@ def celery_config(settings: Settings) -> dict:
         # no STARTED state in the result backend (two writes per shard): the run's ledger says
         # which shard runs where, and Flower has the task-started event
         task_track_started=False,
-        task_send_sent_event=True,
-        worker_send_task_events=True,
+        # Task events only when asked for (task_events, or Flower's enable_events): four
+        # messages a shard that nothing but a monitor reads. Worker heartbeats go on regardless.
+        task_send_sent_event=settings.task_events,
+        worker_send_task_events=settings.task_events,
         # Every build task runs on the build queue, which evaluation workers never consume.
         task_routes={BUILD_TASKS: {"queue": BUILD_QUEUE}},
         broker_connection_retry_on_startup=True,

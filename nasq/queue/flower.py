@@ -61,6 +61,7 @@ def launch(settings, *, address: str, port: int, auth: str | None, open_: bool, 
     if not found:
         raise NasqError("Flower is not installed in this environment: pip install 'nasq[flower]'")
     probe(settings)
+    _enable_task_events(settings, log)
     env = dict(os.environ, NASQ_BROKER_URL=settings.broker_url)
     if settings.result_backend:
         env["NASQ_RESULT_BACKEND"] = settings.result_backend
@@ -75,3 +76,18 @@ def launch(settings, *, address: str, port: int, auth: str | None, open_: bool, 
         f"({'basic auth' if auth else 'NO AUTHENTICATION'})")
     os.chdir("/")  # Celery puts the current folder first on sys.path for -A: a `nasq/` there must not shadow nasq
     os.execve(sys.executable, cmd, env)
+
+
+def _enable_task_events(settings, log) -> None:
+    """Ask every worker up now to send task events (they send none by default, see the
+    ``task_events`` setting): Flower asks too, but only 5 s after it starts, and a run sent
+    meanwhile would miss from its task list."""
+    from .app import make_app
+
+    app = make_app(settings)
+    try:
+        app.control.enable_events()
+    except Exception as e:  # noqa: BLE001 - Flower asks again itself
+        log(f"could not ask the workers for task events now ({type(e).__name__}: {e}); Flower will")
+    finally:
+        app.close()

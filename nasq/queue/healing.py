@@ -28,6 +28,10 @@ log = logging.getLogger("nasq.heal")
 SUBMIT_GRACE_S = 60.0
 
 
+#: how often one healer gives a running run's records their expiry again (shard scripts do not)
+KEEP_EVERY_S = 60.0
+
+
 class Healer:
     """Healing for one process: its Celery app (to send), the run store, a view of the broker's
     queues and the trust rule. ``lease_s``: a shard silent this long is lost; ``max_attempts``:
@@ -38,6 +42,7 @@ class Healer:
         self.app, self.store, self.broker = app, store, broker
         self.lease_s, self.max_attempts = lease_s, max_attempts
         self.trust = trust or ManifestTrust(app)
+        self._kept: dict[str, float] = {}  # run -> when its records were last given their expiry
 
     @classmethod
     def for_settings(cls, app, store: RunStore, settings) -> Healer:
@@ -79,6 +84,9 @@ class Healer:
             self.redispatch(manifest, lost, why="lease expired: its worker stopped renewing it")
         out = lost + self._stranded(run_id, st, manifest)
         self.merge_if_stranded(run_id, manifest)
+        if time.time() - self._kept.get(run_id, 0.0) >= KEEP_EVERY_S:
+            self._kept[run_id] = time.time()
+            self.store.keep_run(run_id)
         return out
 
     def _stranded(self, run_id: str, st: dict, manifest: dict | None) -> list[str]:
@@ -134,16 +142,21 @@ class Healer:
         for sid in shard_ids:
             t = tasks[sid]
             self.app.signature(TASK_EVAL_SHARD, args=t.args(), queue=manifest["queue"],
-                               task_id=shard_task_id(manifest["run_id"], sid),
+                               task_id=shard_task_id(manifest["run_id"], sid), ignore_result=True,
                                argsrepr=f"{t.argsrepr} (dispatched again: {why})").apply_async()
         log.warning("run %s: %d shard(s) dispatched again (%s): %s", manifest["run_id"], len(shard_ids), why,
                     ", ".join(shard_ids))
 
-    def merge_if_stranded(self, run_id: str, manifest: dict | None = None) -> bool:
+    def merge_if_stranded(self, run_id: str, manifest: dict | None = None, *,
+                          kept_of: tuple[int, int] | None = None) -> bool:
         """Send the merge of a run whose every shard has its result while its chord cannot fire:
         a re-dispatched shard is not part of the chord, and a full broker may have refused the
         chord's own count (then a lease after the last result). The merge keeps the chord body's
-        task id; a merge that runs twice changes nothing (the run is done after the first)."""
+        task id; a merge that runs twice changes nothing (the run is done after the first).
+        ``kept_of``: (results kept, shards) as the commit of a shard just said (nothing is read
+        while results are missing)."""
+        if kept_of and kept_of[0] < kept_of[1]:
+            return False
         st = self.store.state(run_id) or {}
         if st.get("state") not in (RunState.RUNNING, RunState.SUBMITTED):
             return False

@@ -10,11 +10,25 @@ import redis
 
 from ..runstate import ACCEPTS_RESULTS, ENDED, MAY_START, RunState
 from .redis_store import RedisStore, _rides_out_full, _states
+from .scripts import KEPT
+
+
+def lease_progress(value: bytes | None) -> int:
+    """The images a running copy reported in its lease (``holder|done``; 0 before its first tick)."""
+    if not value or value == KEPT.encode():
+        return 0
+    _, sep, done = value.rpartition(b"|")
+    return int(done) if sep and done.isdigit() else 0
 
 
 class ShardLedger(RedisStore):
-    """``nasq:run:<id>:{attempts,running,lease:<shard>,results,finished,shard_done,dropped,
-    redispatched,redispatched_at,merge_sent:<n>,last_ok}``."""
+    """``nasq:run:<id>:{attempts,running,lease:<shard>,results,finished,dropped,redispatched,
+    redispatched_at,merge_sent:<n>}``. A lease's value is its holder, with the images its copy
+    has done once it reported progress (``holder|done``), or ``KEPT`` once the shard's result is
+    kept."""
+
+    #: the shard records a run's transitions and healing give the run's expiry again
+    RECORDS = ("running", "attempts", "finished", "merges", "results", "dropped", "redispatched", "redispatched_at")
 
     @_rides_out_full
     def claim_shard(self, run_id: str, shard_id: str, *, holder: str, lease_s: float, info: dict,
@@ -22,10 +36,9 @@ class ShardLedger(RedisStore):
         """A worker starts a shard (one round trip): counts the attempt, takes the lease, records
         it as running. Returns ("ok", attempt), ("ended", state), ("has-result", None),
         ("exhausted", attempts) or ("gone", None)."""
-        out = self._run("CLAIM", [self._k(run_id, p) for p in ("state", "attempts", "running", f"lease:{shard_id}",
-                                                               "results", "shard_done")],
+        out = self._run("CLAIM", [self._k(run_id, p) for p in ("state", "attempts", "running", f"lease:{shard_id}")],
                         [shard_id, holder, max(1, int(lease_s * 1000)), {**info, "holder": holder, "at": time.time()},
-                         max_attempts, self.expires, _states(MAY_START)])
+                         max_attempts, _states(MAY_START), KEPT])
         return out[0], (out[1] if len(out) > 1 else None)
 
     def shard_tick(self, run_id: str, shard_id: str, *, holder: str, done: int, lease_s: float) -> tuple[str, str | None]:
@@ -33,24 +46,32 @@ class ShardLedger(RedisStore):
         stop: ("ok", None) or ("stop", why). Progress is advisory: on a full broker it is skipped,
         not waited for, and ("full", None) says that the lease was not extended either."""
         try:
-            out = self._run("TICK", [self._k(run_id, p) for p in ("state", f"lease:{shard_id}", "shard_done", "results")],
-                            [shard_id, holder, done, max(1, int(lease_s * 1000)), _states(ACCEPTS_RESULTS)])
+            out = self._run("TICK", [self._k(run_id, p) for p in ("state", f"lease:{shard_id}")],
+                            [holder, int(done), max(1, int(lease_s * 1000)), _states(ACCEPTS_RESULTS), KEPT])
         except redis.exceptions.OutOfMemoryError:
             return "full", None
         return out[0], (out[1] if len(out) > 1 else None)
 
     @_rides_out_full
     def commit_shard(self, run_id: str, shard_id: str, *, holder: str, status: str, summary: dict,
-                     result: dict | None = None, images: int = 0) -> tuple[str, object]:
+                     result: dict | None = None) -> tuple[str, object]:
         """A copy of a shard ends (one round trip): "ok" (``result`` kept if it is the shard's
-        first), "error" (a failure) or "stopped" (given up). Returns ("accepted", results kept),
-        ("failed", None) or ("dropped", why)."""
+        first), "error" (a failure) or "stopped" (given up). Returns ("accepted", (results kept,
+        shards of the run)), ("failed", None) or ("dropped", why)."""
         out = self._run("COMMIT", [self._k(run_id, p) for p in ("state", "results", "finished", "running", "dropped",
-                                                                f"lease:{shard_id}", "shard_done", "last_ok")],
+                                                                f"lease:{shard_id}", "attempts")],
                         [shard_id, holder, status, json.dumps(result) if result is not None else "", summary,
-                         images, self.expires, _states(ACCEPTS_RESULTS), time.time(),
-                         str(RunState.CANCELLED), _states(ENDED)])
+                         self.expires, _states(ACCEPTS_RESULTS), str(RunState.CANCELLED), _states(ENDED), KEPT])
+        if out[0] == "accepted":
+            return "accepted", (int(out[1]), int(out[2]))
         return out[0], (out[1] if len(out) > 1 else None)
+
+    def keep_run(self, run_id: str) -> None:
+        """Give the run's shard records their expiry again (healing does, while the run goes)."""
+        with self.r.pipeline(transaction=False) as p:
+            for part in self.RECORDS:
+                p.expire(self._k(run_id, part), self.expires)
+            p.execute()
 
     def renew_lease(self, run_id: str, shard_id: str, holder: str, ttl_s: float) -> bool:
         """Extend the lease if ``holder`` still has it (allowed while the broker is full)."""
@@ -72,8 +93,7 @@ class ShardLedger(RedisStore):
         return self._redispatch(run_id, shard_id, "lost" if running else "revoked")
 
     def _redispatch(self, run_id: str, shard_id: str, how: str, seen: int = 0) -> bool:
-        return bool(self._run("REDISPATCH", [self._k(run_id, p) for p in ("running", "redispatched", "redispatched_at",
-                                                                          "shard_done")],
+        return bool(self._run("REDISPATCH", [self._k(run_id, p) for p in ("running", "redispatched", "redispatched_at")],
                               [shard_id, how, time.time(), self.expires, seen]))
 
     def redispatched_at(self, run_id: str) -> dict[str, float]:
@@ -118,8 +138,9 @@ class ShardLedger(RedisStore):
         return {k.decode(): int(v) for k, v in self.r.hgetall(self._k(run_id, "dropped")).items()}
 
     def last_accepted_at(self, run_id: str) -> float | None:
-        v = self.r.get(self._k(run_id, "last_ok"))
-        return float(v) if v else None
+        """When the latest kept shard finished (its worker's clock), from the finished records."""
+        return max((s["finished_at"] for s in self.finished(run_id).values()
+                    if s.get("status") == "ok" and isinstance(s.get("finished_at"), (int, float))), default=None)
 
     def shard_counts(self, run_id: str) -> tuple[int, int]:
         """(finished, running) shard counts, without reading the records."""
@@ -138,16 +159,21 @@ class ShardLedger(RedisStore):
         turns at healing instead of all of them doing it on every heartbeat."""
         return bool(self.r.set("nasq:heal:turn", 1, nx=True, px=max(1, int(every_s * 1000))))
 
-    def images_done(self, run_id: str, *, accepted_only: bool = False) -> int:
-        """Images of the shards whose result was kept, plus (unless ``accepted_only``) the
-        progress of the copies running now; never a failed or lost copy's progress."""
+    def images_done(self, run_id: str, manifest: dict | None = None, *, accepted_only: bool = False) -> int:
+        """Images of the shards whose result was kept (their size in the run's manifest, read when
+        not given), plus (unless ``accepted_only``) the progress the copies running now reported
+        in their leases; never a failed or lost copy's."""
+        manifest = manifest or self.manifest(run_id) or {"shards": []}
+        sizes = {s["shard_id"]: s["stop"] - s["start"] for s in manifest["shards"]}
         with self.r.pipeline(transaction=False) as p:  # reads: no MULTI (refused while Redis is full)
-            p.hgetall(self._k(run_id, "shard_done"))
             p.hkeys(self._k(run_id, "results"))
             p.hkeys(self._k(run_id, "running"))
-            done, kept, running = p.execute()
-        counted = set(kept) if accepted_only else set(kept) | set(running)
-        return sum(int(v) for k, v in done.items() if k in counted)
+            kept, running = ({k.decode() for k in keys} for keys in p.execute())
+        total = sum(sizes.get(sid, 0) for sid in kept)
+        running = sorted(running - kept)
+        if accepted_only or not running:
+            return total
+        return total + sum(lease_progress(v) for v in self.r.mget([self._k(run_id, f"lease:{sid}") for sid in running]))
 
     def attempts(self, run_id: str) -> dict[str, int]:
         return {k.decode(): int(v) for k, v in self.r.hgetall(self._k(run_id, "attempts")).items()}

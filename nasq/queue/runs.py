@@ -3,6 +3,7 @@ of ``nasq.runstate`` (one atomic script each), its merges, report and notes."""
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import redis
@@ -12,7 +13,7 @@ from .redis_store import ACTIVE, RUNS, RedisStore, _rides_out_full, _states, log
 
 
 class RunRecords(RedisStore):
-    """``nasq:run:<id>:{manifest,sealed,state,merges,resumes,report,predictions,notes,published}``
+    """``nasq:run:<id>:{manifest,sealed,state,merges,resumes,report,predictions,notes,published,rendered}``
     and the run indexes (``nasq:runs``, ``nasq:runs:active``)."""
 
     @_rides_out_full
@@ -85,8 +86,9 @@ class RunRecords(RedisStore):
         record = {"state": str(target), "at": time.time(), **fields}
         out = self._run("TRANSITION",
                         [self._k(run_id, p) for p in ("state",)] + [ACTIVE] +
-                        [self._k(run_id, p) for p in ("report", "predictions", "running", "attempts", "shard_done",
-                                                      "finished", "merges")],
+                        [self._k(run_id, p) for p in ("report", "predictions", "running", "attempts", "finished",
+                                                      "merges", "results", "dropped", "redispatched",
+                                                      "redispatched_at")],
                         [_states(sources), record, str(target), run_id, self.expires,
                          json.dumps(report) if report is not None else "",
                          json.dumps(predictions) if predictions is not None else "",
@@ -128,13 +130,43 @@ class RunRecords(RedisStore):
 
     def mark_published(self, run_id: str) -> None:
         """The ended run's report files are in place and its history row written (or noted as not)."""
-        try:
-            self.r.set(self._k(run_id, "published"), 1, ex=self.expires)
-        except redis.exceptions.OutOfMemoryError:
-            log.warning("run %s: could not mark its report as published (the broker is full)", run_id)
+        self._mark(run_id, "published", "its report as published")
 
     def published(self, run_id: str) -> bool:
         return bool(self.r.exists(self._k(run_id, "published")))
+
+    def mark_rendered(self, run_id: str, not_written: dict[str, str] | None = None) -> None:
+        """The ended run's plots and HTML page are written too, but for ``not_written`` (file
+        name -> reason)."""
+        self._mark(run_id, "rendered", "its plots as rendered", json.dumps(not_written or {}))
+
+    def rendered(self, run_id: str) -> bool:
+        return bool(self.r.exists(self._k(run_id, "rendered")))
+
+    def not_rendered(self, run_id: str) -> dict[str, str]:
+        """File name -> reason, of the files the merging worker could not render."""
+        return self._get(self._k(run_id, "rendered")) or {}
+
+    def wait_rendered(self, run_id: str, report: dict, *, timeout_s: float = 120.0) -> dict[str, str]:
+        """Wait up to ``timeout_s`` for the merging worker to render the files the report has to
+        come (plots, HTML page); returns file name -> reason for those that are not there."""
+        to_come = [report["files"][k] for k in report.get("files_to_come") or [] if k in report.get("files", {})]
+        if not to_come:
+            return {}
+        deadline = time.time() + timeout_s
+        while not self.rendered(run_id):
+            if time.time() >= deadline:
+                why = "being rendered by the merging worker" if timeout_s <= 0 else \
+                    f"not rendered within {timeout_s:g} s of the numbers (the merging worker went away?)"
+                return {os.path.basename(path): why for path in to_come}
+            time.sleep(0.05)
+        return self.not_rendered(run_id)
+
+    def _mark(self, run_id: str, part: str, what: str, value="1") -> None:
+        try:
+            self.r.set(self._k(run_id, part), value, ex=self.expires)
+        except redis.exceptions.OutOfMemoryError:
+            log.warning("run %s: could not mark %s (the broker is full)", run_id, what)
 
     def add_note(self, run_id: str, what: str, text: str) -> None:
         try:

@@ -4,8 +4,10 @@ holds however workers, clients and healing race. ``RunStore`` (``store.py``) cal
 state sets they check come from ``nasq.runstate`` as arguments, never spelled here.
 
 Conventions: the run's state record is JSON with a ``state`` field; sets of states are passed
-as comma-separated lists; every hash a script writes is given the run's expiry again (one
-command: the records of a run expire ``result_expires`` after its last write).
+as comma-separated lists. The scripts a shard runs (claim, tick, commit: once a shard, or once
+a second) write no expiry: a run's records are given ``result_expires`` by its first kept
+result, by healing while the run goes (``ShardLedger.keep_run``) and by every transition; the
+rarer scripts give it to what they write.
 """
 
 _COMMON = """
@@ -24,86 +26,106 @@ end
 local function keep(key, ttl)
   redis.call('EXPIRE', key, ttl)
 end
+-- a lease's value is its holder, or "holder|images done" once the holder reported progress
+local function holder_of(value)
+  if not value then return nil end
+  return string.match(value, '^(.*)|%d+$') or value
+end
 """
 
-#: A worker starts a shard. KEYS: state attempts running lease results shard_done.
-#: ARGV: shard holder lease_ms running_json max_attempts expires may_start.
+#: The value a shard's lease key takes once its result is kept (for ``result_expires``): a
+#: late copy's claim is skipped and a running copy's tick stops ("done-elsewhere") without
+#: reading the results. No holder is spelled so (``holder_of`` keeps it whole).
+KEPT = "|kept"
+
+#: A worker starts a shard: 5 commands (the run's state and the lease in one read).
+#: KEYS: state attempts running lease. ARGV: shard holder lease_ms running_json max_attempts
+#: may_start kept.
 #: -> {"ok", attempt} | {"ended", state} | {"gone"} | {"has-result"} | {"exhausted", attempt}
 CLAIM = _COMMON + """
-local st = state_of(KEYS[1])
-if not st then return {'gone'} end
-if not among(st, ARGV[7]) then return {'ended', st} end
-if redis.call('HEXISTS', KEYS[5], ARGV[1]) == 1 then return {'has-result'} end
+local got = redis.call('MGET', KEYS[1], KEYS[4])
+if not got[1] then return {'gone'} end
+local st = cjson.decode(got[1])['state']
+if not among(st, ARGV[6]) then return {'ended', st} end
+if got[2] == ARGV[7] then return {'has-result'} end
 local n = redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
-keep(KEYS[2], ARGV[6])
 redis.call('SET', KEYS[4], ARGV[2], 'PX', ARGV[3])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
-keep(KEYS[3], ARGV[6])
-redis.call('HSET', KEYS[6], ARGV[1], 0)
-keep(KEYS[6], ARGV[6])
 if n > tonumber(ARGV[5]) then return {'exhausted', n} end  -- the caller holds the lease to record the failure
 return {'ok', n}
 """
 
-#: A running shard's progress (at most about once a second); it also extends the holder's lease.
-#: KEYS: state lease shard_done results.
-#: ARGV: shard holder done lease_ms may_go_on.
+#: A running shard's progress (at most about once a second), written into its lease, which it
+#: extends: 3 commands. KEYS: state lease. ARGV: holder done lease_ms may_go_on kept.
 #: -> {"ok"} | {"stop", why}: why is the run's state, "superseded" (another worker holds the
 #: lease: the shard was dispatched again) or "done-elsewhere" (another copy's result was kept).
 TICK = _COMMON + """
-local st = state_of(KEYS[1])
-if not st then return {'stop', 'gone'} end
-if not among(st, ARGV[5]) then return {'stop', st} end
-if redis.call('HEXISTS', KEYS[4], ARGV[1]) == 1 then return {'stop', 'done-elsewhere'} end
-local holder = redis.call('GET', KEYS[2])
-if holder and holder ~= ARGV[2] then return {'stop', 'superseded'} end
-if holder then redis.call('PEXPIRE', KEYS[2], ARGV[4]) else redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[4]) end
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+local got = redis.call('MGET', KEYS[1], KEYS[2])
+if not got[1] then return {'stop', 'gone'} end
+local st = cjson.decode(got[1])['state']
+if not among(st, ARGV[4]) then return {'stop', st} end
+if got[2] == ARGV[5] then return {'stop', 'done-elsewhere'} end
+local holder = holder_of(got[2])
+if holder and holder ~= ARGV[1] then return {'stop', 'superseded'} end
+redis.call('SET', KEYS[2], ARGV[1] .. '|' .. ARGV[2], 'PX', ARGV[3])
 return {'ok'}
 """
 
-#: A shard's copy ends. KEYS: state results finished running dropped lease shard_done last_ok.
-#: ARGV: shard holder status result_json summary_json images expires accepts now uncounted ended.
+#: A shard's copy ends. KEYS: state results finished running dropped lease attempts.
+#: ARGV: shard holder status result_json summary_json expires accepts uncounted ended kept.
 #: status "ok" (result_json: the full result), "error" (a failure: summary only) or "stopped"
-#: (the copy gave up: superseded, or its run ended). The first ok result of a shard is kept;
-#: a later copy, or any copy once the run is done or cancelled, is dropped and counted.
-#: -> {"accepted", results kept} | {"failed"} | {"dropped", why}
+#: (the copy gave up: superseded, or its run ended). The first ok result of a shard is kept
+#: (7 commands); a later copy, or any copy once the run is done or cancelled, is dropped and
+#: counted. The run's first kept result gives the run's shard records their expiry; healing
+#: gives it again while the run goes, and the run's end does too (no expiry per write).
+#: -> {"accepted", results kept, shards of the run} | {"failed"} | {"dropped", why}
 COMMIT = _COMMON + """
-local mine = redis.call('GET', KEYS[6]) == ARGV[2]
-if mine then redis.call('DEL', KEYS[6]) end
-local st = state_of(KEYS[1])
+local got = redis.call('MGET', KEYS[1], KEYS[6])
+local mine = holder_of(got[2]) == ARGV[2]
+local record = got[1] and cjson.decode(got[1])
+local st = record and record['state']
 local function drop(why)
   redis.call('HINCRBY', KEYS[5], ARGV[1], 1)
-  keep(KEYS[5], ARGV[7])
+  keep(KEYS[5], ARGV[6])
   return {'dropped', why}
 end
+if ARGV[3] ~= 'ok' and mine then redis.call('DEL', KEYS[6]) end
 if ARGV[3] == 'stopped' then
-  if st == nil or among(st, ARGV[10]) then return {'dropped', st or 'gone'} end
-  return drop(among(st, ARGV[11]) and 'late' or 'superseded')
+  if st == nil or among(st, ARGV[8]) then return {'dropped', st or 'gone'} end
+  return drop(among(st, ARGV[9]) and 'late' or 'superseded')
 end
-if not among(st, ARGV[8]) then return drop('late') end
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return drop('duplicate') end
+if not among(st, ARGV[7]) then
+  if mine then redis.call('DEL', KEYS[6]) end
+  return drop('late')
+end
 if ARGV[3] == 'error' then
+  if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return drop('duplicate') end
   if not mine and redis.call('HEXISTS', KEYS[4], ARGV[1]) == 1 then return drop('superseded') end
   redis.call('HSET', KEYS[3], ARGV[1], ARGV[5])
-  keep(KEYS[3], ARGV[7])
+  keep(KEYS[3], ARGV[6])
   redis.call('HDEL', KEYS[4], ARGV[1])
   return {'failed'}
 end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
+if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[4]) == 0 then
+  if mine then redis.call('SET', KEYS[6], ARGV[10], 'EX', ARGV[6]) end
+  return drop('duplicate')
+end
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[5])
-redis.call('HSET', KEYS[7], ARGV[1], ARGV[6])
 redis.call('HDEL', KEYS[4], ARGV[1])
-redis.call('SET', KEYS[8], ARGV[9], 'EX', ARGV[7])
-for i = 2, 3 do keep(KEYS[i], ARGV[7]) end
-keep(KEYS[7], ARGV[7])
-return {'accepted', redis.call('HLEN', KEYS[2])}
+redis.call('SET', KEYS[6], ARGV[10], 'EX', ARGV[6])
+local kept = redis.call('HLEN', KEYS[2])
+if kept == 1 then
+  for _, i in ipairs({2, 3, 4, 7}) do keep(KEYS[i], ARGV[6]) end
+end
+return {'accepted', kept, record['shards'] or 0}
 """
 
 #: The run moves to another state if it is in one the transition starts from; a cancel also
 #: clears the running shards (they stop on their next progress) and a resume forgets the
 #: attempts, progress and failures of the shards it sends again and records its merge's task id.
-#: KEYS: state active report predictions running attempts shard_done finished merges.
+#: Every shard record of the run is given the run's expiry again (shard scripts do not).
+#: KEYS: state active report predictions running attempts finished merges, then the other
+#: shard records (results dropped redispatched redispatched_at).
 #: ARGV: from state_json new_state run_id expires report_json predictions_json clear_running
 #:       merge_id ended shard...
 #: -> {"ok"} | {"state", current state} | {"gone"}
@@ -117,13 +139,10 @@ if ARGV[8] == '1' then redis.call('DEL', KEYS[5]) end
 for i = 11, #ARGV do
   redis.call('HDEL', KEYS[6], ARGV[i])
   redis.call('HDEL', KEYS[7], ARGV[i])
-  redis.call('HDEL', KEYS[8], ARGV[i])
 end
-if ARGV[9] ~= '' then
-  redis.call('SADD', KEYS[9], ARGV[9])
-  keep(KEYS[9], ARGV[5])
-end
+if ARGV[9] ~= '' then redis.call('SADD', KEYS[8], ARGV[9]) end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[5])
+for i = 5, #KEYS do keep(KEYS[i], ARGV[5]) end
 if among(ARGV[3], ARGV[10]) then
   redis.call('SREM', KEYS[2], ARGV[4])
 else
@@ -138,7 +157,7 @@ return {'ok'}
 #: running list takes it. "stranded": its message is nowhere; the caller that saw the shard's
 #: dispatch count at ARGV[5] takes it (compare and set). "revoked": always (a failed run's
 #: in-flight shards, sent again by the one failing it).
-#: KEYS: running redispatched redispatched_at shard_done. ARGV: shard how now expires seen.
+#: KEYS: running redispatched redispatched_at. ARGV: shard how now expires seen.
 #: -> 1 (taken) | 0
 REDISPATCH = _COMMON + """
 if ARGV[2] == 'lost' and redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
@@ -148,13 +167,13 @@ end
 -- the writes that need memory first: on a full broker the script stops before changing anything
 redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
-redis.call('HSET', KEYS[4], ARGV[1], 0)
-for i = 2, 4 do keep(KEYS[i], ARGV[4]) end
+for i = 2, 3 do keep(KEYS[i], ARGV[4]) end
 redis.call('HDEL', KEYS[1], ARGV[1])
 return 1
 """
 
 #: A lease is extended only by the worker that holds it. KEYS: lease. ARGV: holder lease_ms.
-RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
-#: A key dropped only by its holder. KEYS: the key. ARGV: holder.
-DROP = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+RENEW = _COMMON + """
+if holder_of(redis.call('GET', KEYS[1])) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""

@@ -133,8 +133,11 @@ class Session:
         body.link_error(self.app.signature(TASK_RUN_FAILED, kwargs={"run_id": run_id}, queue=queue))
         if not tasks:  # nothing to redo: the merge fetches every shard's stored result itself
             return body.clone(args=([],)).apply_async()
+        # ignore_result: a shard's result is in the run's ledger and its chord part in the chord's
+        # own set; Celery's copy of it (a read, a write and a publish) would be read by nobody
         header = group(self.app.signature(TASK_EVAL_SHARD, args=t.args(), queue=queue, argsrepr=t.argsrepr,
-                                          task_id=shard_task_id(run_id, t.shard_id)) for t in tasks)
+                                          task_id=shard_task_id(run_id, t.shard_id), ignore_result=True)
+                       for t in tasks)
         # one pipelined write for every shard and its task-sent event
         try:
             with _SENDING, self.app.producer_or_acquire() as producer, \

@@ -13,8 +13,11 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
+from functools import cached_property
 
 import redis
+from celery.backends import redis as celery_redis
 from celery.backends.redis import RedisBackend
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import base as virtual
@@ -113,13 +116,27 @@ def _say_full(what: str) -> None:
 
 
 class QoS(kombu_redis.QoS):
-    """kombu's QoS, minus the crash at ``maxmemory``: Redis refuses every command of a MULTI
-    block while it is out of memory, even the ones that free memory, and kombu's bookkeeping of
-    deliveries and acks is such a block; the worker then exits ("Unrecoverable error").
+    """kombu's QoS, with its bookkeeping of deliveries and acks sent without MULTI, and minus the
+    crash at ``maxmemory``: Redis refuses every command of a MULTI block while it is out of
+    memory, even the ones that free memory, and a worker whose bookkeeping failed exits
+    ("Unrecoverable error").
 
     Here a delivery that cannot be recorded in ``unacked`` runs all the same (if its worker dies,
-    the shard's lease recovers it), and an ack falls back to the two commands without MULTI
-    (ZREM and HDEL are allowed while Redis is full)."""
+    the shard's lease recovers it); an ack's ZREM and HDEL are allowed while Redis is full; a
+    message that cannot be put back on its queue is taken out of ``unacked`` (healing sends it
+    again)."""
+
+    @contextmanager
+    def pipe_or_acquire(self, pipe=None, client=None):
+        """kombu's bookkeeping of a delivery (ZADD and HSET) and of its ack (ZREM and HDEL) as a
+        pipeline without MULTI/EXEC: one round trip as before, two commands fewer each. The
+        index and the hash need no transaction: kombu's restore skips an index entry whose
+        message is not in the hash, and removes both either way."""
+        if pipe is not None:
+            yield pipe
+        else:
+            with self.channel.conn_or_acquire(client) as client:
+                yield client.pipeline(transaction=False)
 
     def append(self, message, delivery_tag):
         try:
@@ -128,31 +145,12 @@ class QoS(kombu_redis.QoS):
             _say_full(f"delivery {delivery_tag} could not be recorded as unacknowledged; it runs anyway")
             virtual.QoS.append(self, message, delivery_tag)
 
-    def ack(self, delivery_tag):
-        self._unindex(delivery_tag)
-        virtual.QoS.ack(self, delivery_tag)
-
-    def reject(self, delivery_tag, requeue=False):
-        if requeue:
-            self.restore_by_tag(delivery_tag, leftmost=True)
-        else:
-            self._unindex(delivery_tag)
-        virtual.QoS.ack(self, delivery_tag)
-
     def restore_by_tag(self, tag, client=None, leftmost=False):
         try:
             super().restore_by_tag(tag, client=client, leftmost=leftmost)
         except redis.exceptions.OutOfMemoryError:
             _say_full(f"delivery {tag} could not be put back on its queue (the run's healing sends it again)")
-            self._unindex(tag)
-
-    def _unindex(self, delivery_tag) -> None:
-        try:
-            self._remove_from_indices(delivery_tag).execute()
-        except redis.exceptions.OutOfMemoryError:
-            with self.channel.conn_or_acquire() as client:
-                with client.pipeline(transaction=False) as p:
-                    p.zrem(self.unacked_index_key, delivery_tag).hdel(self.unacked_key, delivery_tag).execute()
+            self._remove_from_indices(tag).execute()
 
 
 class Channel(kombu_redis.Channel):
@@ -167,6 +165,30 @@ class Transport(kombu_redis.Transport):
 
 #: what ``broker_transport`` names
 TRANSPORT = f"{__name__}:Transport"
+
+
+#: Celery's script that counts a chord's part (``CHORD_PART_RETURN_LUA``), with two changes: the
+#: chord's keys are given their expiry by its first part, not again by every part (five commands
+#: a shard), and the chord's size and its diff are read in one MGET. Its count, its check for a
+#: part counted twice and its claim of the callback are Celery's own. Celery's script as it is
+#: if a release changes the lines this edits (a test fails then).
+_CHORD_EDITS = (("if expires > 0 then\n    for _, key in ipairs({jkey, tkey, skey, dkey}) do",
+                 "if expires > 0 and readycount == 1 then\n    for _, key in ipairs({jkey, tkey, skey, dkey}) do"),
+                ("local totaldiff = redis.call('GET', tkey)\nlocal size = redis.call('GET', skey)\n",
+                 "local pair = redis.call('MGET', tkey, skey)\nlocal totaldiff, size = pair[1], pair[2]\n"))
+
+
+def _edited(script: str, edits) -> str:
+    """``script`` with every edit made, or as it is if any of them does not apply."""
+    out = script
+    for old, new in edits:
+        if out.count(old) != 1:
+            return script
+        out = out.replace(old, new)
+    return out
+
+
+CHORD_PART_RETURN = _edited(celery_redis.CHORD_PART_RETURN_LUA, _CHORD_EDITS)
 
 
 class ResultBackend(RedisBackend):
@@ -190,6 +212,10 @@ class ResultBackend(RedisBackend):
 
     def _set(self, key, value, expires=None):
         return _wait_while_full(lambda: super(ResultBackend, self)._set(key, value, expires), "store a task's state")
+
+    @cached_property
+    def _chord_part_return_script(self):
+        return self.client.register_script(CHORD_PART_RETURN)
 
     def on_chord_part_return(self, request, state, result, propagate=None, **kwargs):
         return _wait_while_full(lambda: super(ResultBackend, self).on_chord_part_return(

@@ -1,14 +1,9 @@
 """Run reports: a table for the terminal; on disk JSON, Markdown, a self-contained HTML page,
-an ais_bench-style summary, a timm-style results row, plots and the per-image predictions."""
+an ais_bench-style summary, a timm-style results row (the files and plots: ``run_files``)."""
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
-import textwrap
 
-from ..files import atomic_write, write_json
 from ..tables import num, pct, table
 from .html import page, png_tag
 
@@ -279,70 +274,6 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_throughput_over_time(report: dict, shards: list[dict], path: str) -> None:
-    """Per-device throughput over the run: images done (cumulative) against seconds since start."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    t0 = min(s["started_at"] for s in shards)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for key in sorted({(s["worker"], s["device"]) for s in shards}, key=lambda k: (_label(shards, k), k)):
-        mine = sorted((s for s in shards if (s["worker"], s["device"]) == key), key=lambda s: s["finished_at"])
-        xs, ys, total = [], [], 0
-        for s in mine:
-            xs += [s["started_at"] - t0, s["finished_at"] - t0]
-            ys += [total, total + s["images"]]
-            total += s["images"]
-        ax.plot(xs, ys, marker=".", label=_label(shards, key))
-    ax.set_xlabel("seconds since the first shard started")
-    ax.set_ylabel("images done")
-    ax.set_title(f"run {report['run_id']}: per-device progress (slope = img/s)")
-    ax.grid(alpha=0.3)
-    if len({(s["worker"], s["device"]) for s in shards}) <= 16:  # a fleet's legend would hide the plot
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"))
-    plt.close(fig)
-
-
-def _label(shards: list[dict], key: tuple) -> str:
-    """A device's short name in a legend: ``host/device`` (the worker's name when two workers
-    share a device)."""
-    mine = next(s for s in shards if (s["worker"], s["device"]) == key)
-    same = {s["worker"] for s in shards if s.get("host") == mine.get("host") and s["device"] == mine["device"]}
-    return device_id(mine) + (f" ({key[0]})" if len(same) > 1 else "")
-
-
-def plot_devices(report: dict, path: str) -> None:
-    """A bar per device: compute-only and wall img/s side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    devs = report["per_device"]
-    fig, ax = plt.subplots(figsize=(8, 1.4 + 0.45 * max(3, len(devs))))
-    y = np.arange(len(devs))
-    ax.barh(y - 0.2, [d.get("img_s_ais_bench") or d.get("img_s_compute") or 0 for d in devs], 0.4,
-            label="compute only (ais_bench)")
-    ax.barh(y + 0.2, [d.get("img_s_wall") or 0 for d in devs], 0.4, label="wall (decode + compute)")
-    ax.set_yticks(y, [f"{device_id(d)}\n{textwrap.shorten(d.get('device_name') or '', 40)}" for d in devs],
-                  fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("images / s")
-    ax.set_xlim(left=0)
-    ax.set_title(f"run {report['run_id']}: throughput per device (batch {report['batch_size']}, "
-                 f"{report['backend']['name']}, {report.get('precision')})", fontsize=9, pad=22)
-    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
-    ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"))
-    plt.close(fig)
-
-
 def render_html(report: dict, plots: list[str]) -> str:
     """The run as one self-contained HTML page: warnings first, then the facts, devices, the
     shards not evaluated, latency, plots, the environment and rerun command, the ais_bench block."""
@@ -378,68 +309,3 @@ def _escape(text: str) -> str:
     import html
 
     return html.escape(text)
-
-
-RUN_FILES = (("json", "report.json"), ("markdown", "report.md"), ("html", "report.html"), ("csv", "results.csv"),
-             ("ais_bench", "ais_bench.txt"), ("plot", "throughput.png"), ("devices", "devices.png"),
-             ("predictions", "predictions.json"))
-
-
-def write_run_files(report: dict, shards: list[dict], folder: str, predictions: dict | None = None, *,
-                    final_folder: str | None = None) -> None:
-    """report.json, report.md, report.html, results.csv (timm's columns), ais_bench.txt,
-    throughput.png, devices.png and predictions.json for one run, written into ``folder`` and
-    named as they will be in ``final_folder`` (where the caller moves them; default ``folder``).
-
-    A file that cannot be written (a full disk, a read-only folder) is skipped and named with
-    its reason: sets ``report["files"]`` (kind -> final path of each file written) and
-    ``report["files_not_written"]`` (file name -> reason) before report.json, written last, so
-    that report.json holds exactly the report the caller keeps."""
-    final_folder = final_folder or folder
-    written, failed = {}, {}
-
-    def attempt(kind: str, name: str, write) -> None:
-        try:
-            write(os.path.join(folder, name))
-            written[kind] = os.path.join(final_folder, name)
-        except (OSError, ValueError) as e:  # ValueError: matplotlib on a file it could not finish
-            failed[name] = f"{type(e).__name__}: {getattr(e, 'strerror', None) or e}"
-        except ImportError:  # a worker installed without nasq[worker]
-            failed[name] = "matplotlib is not installed on the merging worker: pip install 'nasq[worker]'"
-
-    names = dict(RUN_FILES)
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        failed.update({name: f"{type(e).__name__}: {e.strerror or e}" for _, name in RUN_FILES})
-    else:
-        if shards:
-            attempt("plot", names["plot"], lambda p: plot_throughput_over_time(report, shards, p))
-        if report["per_device"]:
-            attempt("devices", names["devices"], lambda p: plot_devices(report, p))
-
-        def csv_row(path: str) -> None:
-            out = io.StringIO()
-            w = csv.DictWriter(out, fieldnames=TIMM_FIELDS)
-            w.writeheader()
-            w.writerow(timm_row(report))
-            atomic_write(path, out.getvalue())
-
-        attempt("csv", names["csv"], csv_row)
-        attempt("ais_bench", names["ais_bench"], lambda p: atomic_write(p, ais_bench_summary(report) + "\n"))
-        if predictions is not None:
-            attempt("predictions", names["predictions"],
-                    lambda p: atomic_write(p, json.dumps(predictions, separators=(",", ":"))))
-        attempt("markdown", names["markdown"], lambda p: atomic_write(p, render_markdown(report)))
-        plots = [os.path.join(folder, names[k]) for k in ("plot", "devices") if k in written]
-        attempt("html", names["html"], lambda p: atomic_write(p, render_html(report, plots)))
-    report["files"] = {**written, "json": os.path.join(final_folder, names["json"])}
-    report["files_not_written"] = failed
-    if failed.keys() == {n for _, n in RUN_FILES}:  # nothing could be written: not even report.json will be
-        del report["files"]["json"]
-        return
-    try:
-        write_json(report, os.path.join(folder, names["json"]))
-    except OSError as e:
-        del report["files"]["json"]
-        failed[names["json"]] = f"{type(e).__name__}: {e.strerror or e}"

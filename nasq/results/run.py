@@ -23,7 +23,7 @@ from ..roots import check_name
 from ..runstate import RunState
 from .history import record, row_of
 from .merge import MissingShards, merge, merge_partial, ok_results
-from .report import write_run_files
+from .run_files import write_later_files, write_run_files
 
 log = logging.getLogger("nasq.worker")
 
@@ -214,9 +214,12 @@ def _end(store, transition: str, manifest: dict, results: list, report: dict, pr
          **fields) -> bool:
     """Write the report's files into a staging folder, end the run through ``transition`` with
     the report, then move the files into place and record the run in the history: all of it
-    only if the transition took effect (False otherwise, and nothing is left on disk)."""
+    only if the transition took effect (False otherwise, and nothing is left on disk). A merge
+    renders the plots and the HTML page last, once the client has the numbers (the report
+    names them already, in ``files_to_come``)."""
     run_id = manifest["run_id"]
-    staging = _write(manifest, results, report, predictions, report_dir)
+    later = transition == "merge"
+    staging = _write(manifest, results, report, predictions, report_dir, later=later)
     try:
         ok, _ = store.transition(run_id, transition, report=report, predictions=predictions, **fields)
     except BaseException:
@@ -229,20 +232,39 @@ def _end(store, transition: str, manifest: dict, results: list, report: dict, pr
     _history(store, report_dir, row_of(manifest, str(RunState.DONE if transition == "merge" else RunState.FAILED),
                                        report, fields.get("error")))
     store.mark_published(run_id)
+    store.mark_rendered(run_id, _render_later(manifest, results, report, report_dir) if later else None)
     return True
 
 
-def _write(manifest: dict, results: list, report: dict, predictions: dict, report_dir: str) -> str:
+def _write(manifest: dict, results: list, report: dict, predictions: dict, report_dir: str, *,
+           later: bool = False) -> str:
     """The report files in a staging folder (named as they will be once moved); returns it. A
-    file that could not be written is in ``report["files_not_written"]``."""
+    file that could not be written is in ``report["files_not_written"]``. ``later``: without the
+    plots and the HTML page (``_render_later``)."""
     run_id = check_name(manifest["run_id"], "run_id")  # the folder's name: never a path
     staging = os.path.join(report_dir, ".staging", f"{run_id}.{secrets.token_hex(4)}")
     write_run_files(report, _shard_timings(manifest, results), staging, predictions,
-                    final_folder=os.path.join(report_dir, run_id))
+                    final_folder=os.path.join(report_dir, run_id), later=later)
     if report["files_not_written"]:
         log.warning("run %s: could not write %s in %s: %s", run_id, ", ".join(report["files_not_written"]),
                     os.path.join(report_dir, run_id), next(iter(report["files_not_written"].values())))
     return staging
+
+
+def _render_later(manifest: dict, results: list, report: dict, report_dir: str) -> dict[str, str]:
+    """The plots and the HTML page of a done run, rendered into its folder after the client got
+    its numbers; returns file name -> reason for those not written (the report, which the
+    client has, is never changed: the run's ``rendered`` record says it)."""
+    run_id = manifest["run_id"]
+    try:
+        failed = write_later_files(report, _shard_timings(manifest, results), os.path.join(report_dir, run_id))
+    except Exception as e:  # noqa: BLE001 - the run is done and its numbers kept: say it, do not fail the merge
+        log.exception("run %s: could not render its plots and HTML page", run_id)
+        failed = {os.path.basename(report["files"][k]): f"{type(e).__name__}: {e}" for k in report["files_to_come"]}
+    if failed:
+        log.warning("run %s: could not write %s in %s: %s", run_id, ", ".join(failed),
+                    os.path.join(report_dir, run_id), next(iter(failed.values())))
+    return failed
 
 
 def _publish(store, run_id: str, staging: str, report_dir: str) -> None:

@@ -38,7 +38,7 @@ def run_status(store, run_id: str) -> dict:
     ended = is_ended(state.get("state"))
     if ended:
         running = {}
-    done = min(total_images, store.images_done(run_id, accepted_only=ended))
+    done = min(total_images, store.images_done(run_id, manifest, accepted_only=ended))
     if ended:  # an ended run's rate is over its kept shards' span, as in its report (throughput_img_s)
         t0 = min((s["started_at"] for s in ok.values() if "started_at" in s), default=None)
         t_end = max((s["finished_at"] for s in ok.values() if "finished_at" in s), default=None)
@@ -154,7 +154,7 @@ def runs_rows(store, report_dir: str, *, state: str | None = None, backend: str 
             st = (store.state(rid) or {}).get("state", "?")
             row = row_of(m, st, store.report(rid))
             if not is_ended(st):
-                row.update(finished=None, images=store.images_done(rid))
+                row.update(finished=None, images=store.images_done(rid, m))
             if (state and st != state) or (backend and m.get("backend") != backend) or \
                     (since and (m.get("created") or 0) < since):
                 continue

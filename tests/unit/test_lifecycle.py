@@ -1,5 +1,6 @@
 """The library functions behind the tasks, without a broker: a shard (``run_shard``), the end
 of a run (``merge_run``), a sweep point (``measure_point``), and the message checks."""
+import json
 import os
 import subprocess
 import sys
@@ -45,7 +46,7 @@ class MemoryLedger:
         self.progress[shard_id] = done
         return "ok", None
 
-    def commit_shard(self, run_id, shard_id, *, holder, status, summary, result=None, images=0):
+    def commit_shard(self, run_id, shard_id, *, holder, status, summary, result=None):
         if self.leases.get(shard_id) == holder:
             del self.leases[shard_id]
         if status == "stopped" or self._state() in ("done", "cancelled") or shard_id in self.results:
@@ -55,8 +56,8 @@ class MemoryLedger:
         self.running.pop(shard_id, None)
         if status == "error":
             return "failed", None
-        self.results[shard_id], self.progress[shard_id] = result, images
-        return "accepted", len(self.results)
+        self.results[shard_id], self.progress[shard_id] = result, summary.get("images", 0) + summary.get("errors", 0)
+        return "accepted", (len(self.results), 0)
 
     def renew_lease(self, run_id, shard_id, holder, ttl_s):
         return self.leases.get(shard_id) == holder
@@ -117,6 +118,9 @@ class MemoryStore:
 
     def mark_published(self, run_id):
         self.published = True
+
+    def mark_rendered(self, run_id, not_written=None):
+        self.rendered = not_written or {}
 
 
 def _job(assets, **over) -> dict:
@@ -205,6 +209,10 @@ def test_merge_run_writes_the_report_and_fetches_late_shards(assets, tmp_path):
     assert report["images"] == 12 and report["top1"] == 100.0 and report["shards"] == 3
     assert store.states[-1]["state"] == "done" and os.path.isfile(report["files"]["json"])
     assert store.reports[manifest["run_id"]][1]["indices"] == list(range(12))
+    # the plots and the page come after the numbers are stored, into the folder the report names
+    assert report["files_to_come"] == ["plot", "devices", "html"] and store.rendered == {}
+    assert all(os.path.getsize(report["files"][k]) > 0 for k in report["files_to_come"])
+    assert json.load(open(report["files"]["json"])) == store.reports[manifest["run_id"]][0] == report
 
 
 def test_merge_run_waits_for_a_running_shard_then_fails_keeping_the_rest(assets, tmp_path):

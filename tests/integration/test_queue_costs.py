@@ -1,0 +1,132 @@
+"""What a shard costs the broker, and what the cuts keep: a shard's claim, progress and commit in
+a few commands each on a Redis of their own (counted by Redis itself), a kept result that stops
+every other copy, progress read from the leases, records that all expire, task events only when
+asked for, and Celery's chord script with nasq's two edits."""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+from nasq.api import evaluate
+from nasq.queue.app import make_app
+from nasq.queue.redis_server import RedisServer
+from nasq.queue.store import RunStore
+
+
+def _commands(r) -> int:
+    """Commands Redis ran since the last call (INFO and CONFIG RESETSTAT themselves not counted)."""
+    stats = r.info("commandstats")
+    r.config_resetstat()
+    return sum(v["calls"] for k, v in stats.items() if k not in ("cmdstat_info", "cmdstat_config|resetstat"))
+
+
+def test_a_shards_ledger_costs_few_commands_and_a_kept_result_stops_every_other_copy(tmp_path):
+    with RedisServer(str(tmp_path / "redis")) as url:
+        store = RunStore(url)
+        run_id = f"costs-{uuid.uuid4().hex[:6]}"
+        shards = [{"shard_id": f"shard-{i:05d}", "start": 8 * i, "stop": 8 * i + 8} for i in range(2)]
+        store.save_manifest({"run_id": run_id, "shards": shards, "dataset": {"images": 16}, "queue": "q"})
+        sid, info = shards[0]["shard_id"], {"worker": "w", "images": 8}
+        for script in ("CLAIM", "TICK", "COMMIT", "RENEW"):  # loaded once per connection: not a shard's cost
+            store._scripts[script].sha = store.r.script_load(store._scripts[script].script)
+        _commands(store.r)
+
+        assert store.claim_shard(run_id, sid, holder="a#1", lease_s=30, info=info, max_attempts=3) == ("ok", 1)
+        claim = _commands(store.r)
+        # the same shard delivered again (a worker that seemed gone): the new copy takes the lease
+        assert store.claim_shard(run_id, sid, holder="b#2", lease_s=30, info=info, max_attempts=3) == ("ok", 2)
+        _commands(store.r)
+        assert store.shard_tick(run_id, sid, holder="b#2", done=3, lease_s=30) == ("ok", None)
+        tick = _commands(store.r)
+        assert store.shard_tick(run_id, sid, holder="a#1", done=5, lease_s=30) == ("stop", "superseded")
+        assert store.images_done(run_id) == 3  # the running copy's progress, from its lease
+        assert store.renew_lease(run_id, sid, "b#2", 30) and not store.renew_lease(run_id, sid, "a#1", 30)
+        _commands(store.r)
+        outcome = store.commit_shard(run_id, sid, holder="b#2", status="ok", result={"shard_id": sid},
+                                     summary={"status": "ok", "images": 8, "finished_at": 5.0})
+        first_commit = _commands(store.r)
+        assert outcome == ("accepted", (1, 2))
+        other = shards[1]["shard_id"]
+        assert store.claim_shard(run_id, other, holder="a#4", lease_s=30, info=info, max_attempts=3) == ("ok", 1)
+        _commands(store.r)
+        assert store.commit_shard(run_id, other, holder="a#4", status="ok", result={"shard_id": other},
+                                  summary={"status": "ok", "images": 8, "finished_at": 4.0}) == ("accepted", (2, 2))
+        commit = _commands(store.r)
+        # EVALSHA and the commands inside each script; the run's first kept result also gives the
+        # run's four shard records their expiry
+        assert (claim, tick, commit, first_commit) == (5, 3, 7, 11)
+        # the kept result stops every other copy, without reading the results
+        assert store.shard_tick(run_id, sid, holder="a#1", done=6, lease_s=30) == ("stop", "done-elsewhere")
+        assert store.claim_shard(run_id, sid, holder="c#3", lease_s=30, info=info, max_attempts=3) == \
+            ("has-result", None)
+        assert store.commit_shard(run_id, sid, holder="a#1", status="ok", result={"shard_id": sid},
+                                  summary={"status": "ok"}) == ("dropped", "duplicate")
+        assert store.images_done(run_id) == 16 == store.images_done(run_id, accepted_only=True)
+        assert store.last_accepted_at(run_id) == 5.0
+        # the run's first kept result gave its records their expiry (no shard script writes one)
+        for part in ("results", "finished", "attempts", "running", "dropped"):
+            key = f"nasq:run:{run_id}:{part}"
+            assert store.r.exists(key) == 0 or store.r.ttl(key) > 0, part
+        store.r.close()
+
+
+def test_a_run_leaves_no_record_without_expiry(assets, workers, settings, redis_url):
+    res = evaluate(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4,
+                   shard_size=8, queue=workers.queue, settings=settings, progress=False, log=lambda *_: None)
+    r = RunStore(redis_url).r
+    keys = list(r.scan_iter(f"*{res.run_id}*", count=1000))
+    assert len(keys) > 8
+    assert {k.decode(): r.ttl(k) for k in keys if r.ttl(k) < 0} == {}
+
+
+def test_task_events_only_when_asked_for_and_heartbeats_always(assets, workers, settings):
+    """Workers send no task events by default (four messages a shard that only a monitor reads);
+    Celery's enable_events, which `nasq flower` and Flower send, turns them on."""
+    app = make_app(settings)
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def listen():
+        with app.connection_for_read() as conn:
+            recv = app.events.Receiver(conn, handlers={"*": lambda e: seen.append(e["type"])})
+            while not stop.is_set():
+                try:
+                    recv.capture(limit=None, timeout=0.5, wakeup=False)
+                except TimeoutError:
+                    pass
+                except OSError:
+                    time.sleep(0.1)
+
+    t = threading.Thread(target=listen, daemon=True)
+    t.start()
+    time.sleep(1.0)  # the receiver's queue is bound
+    try:
+        run = lambda: evaluate(weights=assets["weights"], data=assets["data"], labels=assets["labels"],  # noqa: E731
+                               batch_size=4, shard_size=8, queue=workers.queue, settings=settings, progress=False,
+                               log=lambda *_: None)
+        run()
+        assert not [e for e in seen if e.startswith("task-")], seen
+        app.control.enable_events()
+        run()
+        deadline = time.time() + 20
+        while time.time() < deadline and "task-succeeded" not in seen:
+            time.sleep(0.2)
+        assert {"task-received", "task-started", "task-succeeded"} <= set(seen), seen
+    finally:
+        app.control.disable_events()  # the module's workers go back to the default
+        stop.set()
+        t.join(5)
+        app.close()
+
+
+def test_celerys_chord_script_takes_nasqs_two_edits():
+    """nasq counts a chord's parts with Celery's own script, edited in two places; a Celery
+    release that changes those lines makes the edit a no-op, and this test says so."""
+    from celery.backends.redis import CHORD_PART_RETURN_LUA
+
+    from nasq.queue.transport import CHORD_PART_RETURN
+
+    assert CHORD_PART_RETURN != CHORD_PART_RETURN_LUA, "Celery's chord script changed: update _CHORD_EDITS"
+    assert "if expires > 0 and readycount == 1 then" in CHORD_PART_RETURN
+    assert "redis.call('MGET', tkey, skey)" in CHORD_PART_RETURN and "redis.call('GET', tkey)" not in CHORD_PART_RETURN
