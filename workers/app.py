@@ -94,18 +94,25 @@ def configure(config: WorkerConfig) -> None:
     WorkerTask.started = time.time()
 
 
-@worker_ready.connect
-def _register(sender=None, store: RunStore | None = None, **_):
-    c = WorkerTask.configured()
-    (store or WorkerTask.run_store()).register_worker(c.name, {**c.describe(), "host": socket.gethostname(),
-                                                               "pid": os.getpid(), "started": WorkerTask.started,
-                                                               "heartbeat_s": c.settings.worker_heartbeat_s})
-
-
 _last_heal = [0.0]
-#: the heartbeat's own store and healer: they run in the worker's main process, which must never
+#: the main process's own store and healer (registry, heartbeat, healing turns): it must never
 #: wait (on a full broker they give up until the next beat)
 _beat: dict = {}
+
+
+def _main_store() -> RunStore:
+    if not _beat:
+        c = WorkerTask.configured()
+        _beat["store"] = store = RunStore.for_settings(c.settings, wait_when_full=False)
+        _beat["healer"] = Healer.for_settings(app, store, c.settings)
+    return _beat["store"]
+
+
+@worker_ready.connect
+def _register(sender=None, **_):
+    c = WorkerTask.configured()
+    _main_store().register_worker(c.name, {**c.describe(), "host": socket.gethostname(), "pid": os.getpid(),
+                                           "started": WorkerTask.started, "heartbeat_s": c.settings.worker_heartbeat_s})
 
 
 @heartbeat_sent.connect
@@ -113,13 +120,10 @@ def _heartbeat(sender=None, **_):
     """Every heartbeat (worker_heartbeat_s): stay in the registry (again, after a broker that lost its
     data), and now and then look for shards whose worker is gone (``nasq.queue.healing``)."""
     c = WorkerTask.configured()
-    if not _beat:
-        _beat["store"] = store = RunStore.for_settings(c.settings, wait_when_full=False)
-        _beat["healer"] = Healer.for_settings(app, store, c.settings)
-    store = _beat["store"]
+    store = _main_store()
     try:
         if not store.touch_worker(c.name):
-            _register(store=store)
+            _register()
         every = max(1.0, c.settings.lease_s / 3)
         if time.time() - _last_heal[0] >= every:
             _last_heal[0] = time.time()
@@ -133,4 +137,4 @@ def _heartbeat(sender=None, **_):
 
 @worker_shutdown.connect
 def _unregister(sender=None, **_):
-    WorkerTask.run_store().unregister_worker(WorkerTask.configured().name)
+    _main_store().unregister_worker(WorkerTask.configured().name)

@@ -46,7 +46,7 @@ class Healer:
 
     @classmethod
     def for_settings(cls, app, store: RunStore, settings) -> Healer:
-        return cls(app, store, BrokerView.for_app(app, settings), lease_s=settings.lease_s,
+        return cls(app, store, BrokerView.for_app(app, settings, share=store), lease_s=settings.lease_s,
                    max_attempts=settings.max_attempts)
 
     def manifest(self, run_id: str) -> dict | None:

@@ -31,7 +31,7 @@ class BrokerView:
     there)."""
 
     def __init__(self, url: str, transport_options: dict | None = None, *, connect_timeout_s: float = 5.0,
-                 socket_timeout_s: float | None = 30.0):
+                 socket_timeout_s: float | None = 30.0, client: redis.Redis | None = None):
         opts = dict(transport_options or {})
         channel = kombu_redis.Channel
         self.prefix = opts.get("global_keyprefix", channel.global_keyprefix) or ""
@@ -39,13 +39,19 @@ class BrokerView:
         self.steps = list(opts.get("priority_steps", channel.priority_steps))
         self.unacked_key = self.prefix + opts.get("unacked_key", channel.unacked_key)
         self.unacked_index_key = self.prefix + opts.get("unacked_index_key", channel.unacked_index_key)
-        self.r = redis.Redis.from_url(url, socket_connect_timeout=connect_timeout_s, socket_timeout=socket_timeout_s)
+        #: ``client``: a client of the same Redis to share (one connection less per process)
+        self.owned = client is None
+        self.r = client if client is not None else redis.Redis.from_url(
+            url, socket_connect_timeout=connect_timeout_s, socket_timeout=socket_timeout_s)
 
     @classmethod
-    def for_app(cls, app, settings) -> BrokerView:
+    def for_app(cls, app, settings, *, share=None) -> BrokerView:
+        """The view of ``app``'s broker; ``share``: a run store whose client it uses when the
+        store is on the broker's Redis (no result backend of its own)."""
+        same = share is not None and not settings.result_backend and settings.broker_url == app.conf.broker_url
         return cls(app.conf.broker_url, app.conf.broker_transport_options,
                    connect_timeout_s=settings.broker_connect_timeout_s,
-                   socket_timeout_s=settings.broker_socket_timeout_s)
+                   socket_timeout_s=settings.broker_socket_timeout_s, client=share.r if same else None)
 
     def _lists(self, queue: str) -> list[str]:
         """kombu's lists of ``queue``, one per priority step (``Channel._q_for_pri``)."""
@@ -89,7 +95,8 @@ class BrokerView:
             return None
 
     def close(self) -> None:
-        self.r.close()
+        if self.owned:
+            self.r.close()
 
 
 def _task_id(envelope) -> str | None:
