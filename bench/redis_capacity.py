@@ -1,9 +1,10 @@
 """Redis's capacity on the machine it runs on, with the persistence a nasq broker should run with.
 
 Starts a private redis-server (appendonly yes, appendfsync always, as bench/fleet.py) and
-runs ``redis-benchmark`` against it for the commands a nasq fleet sends most: the shard
-scripts (EVALSHA of a script shaped like nasq's progress tick: a GET, an HEXISTS, a GET, a
-PEXPIRE and an HSET), HSET, GET, LPUSH and PUBLISH, each with 64 clients and no pipelining
+runs ``redis-benchmark`` against it for the commands a nasq fleet sends most: nasq's own
+progress tick (``TICK`` of nasq/queue/scripts.py, run as a worker runs it: an MGET of the run's
+state and the lease, a SET of the lease), a script of five commands (the shape of nasq's
+earlier tick, for scale), HSET, GET, LPUSH and PUBLISH, each with 64 clients and no pipelining
 (as workers send them). Prints requests per second for each and writes them to --out. The
 benchmark client runs on the same cores as the server, so the figures are a floor.
 
@@ -22,8 +23,9 @@ import time
 from urllib.parse import urlsplit
 
 from nasq.queue.redis_server import spawn_redis, stop_process
+from nasq.queue.scripts import KEPT, TICK
 
-#: like nasq's TICK (nasq/queue/scripts.py): state, result check, lease, progress
+#: five commands: the shape of nasq's progress tick before it read the state and the lease in one MGET
 TICK_LIKE = ("local st = redis.call('GET', KEYS[1]) "
              "if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return 0 end "
              "local h = redis.call('GET', KEYS[2]) "
@@ -50,9 +52,16 @@ def main() -> None:
                              "--maxmemory-policy", "noeviction"])
     port = urlsplit(url).port
     try:
-        sha = subprocess.run(["redis-cli", "-p", str(port), "SCRIPT", "LOAD", TICK_LIKE], capture_output=True,
-                             text=True, check=True).stdout.strip()
+        def load(script: str) -> str:
+            return subprocess.run(["redis-cli", "-p", str(port), "SCRIPT", "LOAD", script], capture_output=True,
+                                  text=True, check=True).stdout.strip()
+
+        sha = load(TICK_LIKE)
+        subprocess.run(["redis-cli", "-p", str(port), "SET", "st", json.dumps({"state": "running"})], check=True,
+                       capture_output=True)
         cases = {
+            "evalsha_tick": ["EVALSHA", load(TICK), "2", "st", "lease:__rand_int__", "w#__rand_int__", "8", "30000",
+                             "submitted,running", KEPT],
             "evalsha_tick_like": ["EVALSHA", sha, "4", "st", "lease:__rand_int__", "results", "done", "s__rand_int__",
                                   "8"],
             "hset": ["HSET", "h", "f__rand_int__", "1"],
