@@ -18,7 +18,8 @@ from nasq.roots import check_name
 from nasq.inference.shard import run_shard
 from nasq.perf.sweep import measure_point
 from nasq.wire import TASK_EVAL_SHARD, TASK_MERGE, TASK_RUN_FAILED, TASK_SWEEP_POINT, MessageError, ShardTask, SweepPoint
-from nasq.results.run import MergeLater, RunEnded, fail_run
+from nasq.results.run import MergeLater, RunEnded, fail_run, render_if_missing
+from nasq.runstate import RunState
 from nasq.results.run import merge_run as finish_run
 from workers.app import WorkerTask, app
 
@@ -64,6 +65,9 @@ def merge_run(self, results: list, run_id: str, _first_try: float | None = None)
         raise self.retry(countdown=5, kwargs={"run_id": run_id, "_first_try": first_try}) from None
     except RunEnded as e:  # a second merge (the chord fired after a healing merge), or a cancelled run
         log.info("run %s: not merged again: it is %s and stays so", run_id, e.state)
+        if e.state == RunState.DONE and render_if_missing(self.store, run_id, manifest,
+                                                          self.worker.settings.report_dir):
+            log.info("run %s: its plots and HTML page rendered (its merging worker had gone before)", run_id)
         return {"run_id": run_id, "merged": False, "state": e.state}
     # The report is in the run store and the report dir; the chord, Flower and the log get its headline.
     headline = {k: report.get(k) for k in ("run_id", "images", "error_count", "top1", "top5", "throughput_img_s")}

@@ -22,7 +22,7 @@ from ..queue.session import BROKER_ERRORS, Progress, Session
 from ..queue.store import BrokerFull
 from ..results.report import render
 from ..runstate import RunState, is_ended
-from ..wire import BUILD_QUEUE, DatasetRef, EvalJob, eval_queue, make_manifest, merge_task_id
+from ..wire import BUILD_QUEUE, TASK_MERGE, DatasetRef, EvalJob, eval_queue, make_manifest, merge_task_id
 from .builds import cached_build, prepare_model
 from .checks import Plan, check_worker_roots, needs_build, plan_run, with_roots
 
@@ -110,7 +110,9 @@ class RunHandle:
         if on_report is not None:
             on_report(result)
         if files:  # then it renders the plots and the HTML page
-            result.not_rendered = store.wait_rendered(run_id, report)
+            result.not_rendered = store.wait_rendered(run_id, report, render_again=lambda: self.session.app.signature(
+                TASK_MERGE, args=([],), kwargs={"run_id": run_id}, queue=self.manifest["queue"],
+                argsrepr=f"run={run_id} (its plots and HTML page: its merging worker went away)").apply_async())
         return result
 
     def close(self) -> None:

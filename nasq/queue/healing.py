@@ -73,6 +73,7 @@ class Healer:
     def _heal(self, run_id: str) -> list[str]:
         st = self.store.state(run_id) or {}
         if st.get("state") in (None, *ENDED):
+            self._kept.pop(run_id, None)
             return []
         lost = self.store.lost_shards(run_id)
         manifest = None

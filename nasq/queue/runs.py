@@ -88,7 +88,7 @@ class RunRecords(RedisStore):
                         [self._k(run_id, p) for p in ("state",)] + [ACTIVE] +
                         [self._k(run_id, p) for p in ("report", "predictions", "running", "attempts", "finished",
                                                       "merges", "results", "dropped", "redispatched",
-                                                      "redispatched_at")],
+                                                      "redispatched_at", "published", "rendered", "rendering")],
                         [_states(sources), record, str(target), run_id, self.expires,
                          json.dumps(report) if report is not None else "",
                          json.dumps(predictions) if predictions is not None else "",
@@ -147,18 +147,42 @@ class RunRecords(RedisStore):
         """File name -> reason, of the files the merging worker could not render."""
         return self._get(self._k(run_id, "rendered")) or {}
 
-    def wait_rendered(self, run_id: str, report: dict, *, timeout_s: float = 120.0) -> dict[str, str]:
-        """Wait up to ``timeout_s`` for the merging worker to render the files the report has to
-        come (plots, HTML page); returns file name -> reason for those that are not there."""
+    def claim_render(self, run_id: str, ttl_s: float = 60.0) -> bool:
+        """True for the one worker that renders the run's plots and HTML page now; the claim
+        lapses after ``ttl_s`` (a worker that died rendering leaves it to the next)."""
+        return bool(self.r.set(self._k(run_id, "rendering"), 1, nx=True, ex=max(1, int(ttl_s))))
+
+    def wait_rendered(self, run_id: str, report: dict, *, timeout_s: float = 300.0,
+                      render_again=None) -> dict[str, str]:
+        """Wait for the merging worker to render the files the report has to come (plots, HTML
+        page); returns file name -> reason for those that are not there. While a worker holds
+        the rendering claim this waits, up to ``timeout_s``; when none does and nothing was
+        rendered (the merging worker died after storing the numbers), ``render_again()`` (which
+        sends the run's merge again: a merge of a done run renders what is missing) is called
+        once."""
         to_come = [report["files"][k] for k in report.get("files_to_come") or [] if k in report.get("files", {})]
         if not to_come:
             return {}
-        deadline = time.time() + timeout_s
+        deadline, idle_since, asked = time.time() + timeout_s, None, render_again is None
+
+        def absent(why: str) -> dict[str, str]:
+            return {os.path.basename(path): why for path in to_come}
+
         while not self.rendered(run_id):
+            if timeout_s <= 0:
+                return absent("being rendered by the merging worker")
             if time.time() >= deadline:
-                why = "being rendered by the merging worker" if timeout_s <= 0 else \
-                    f"not rendered within {timeout_s:g} s of the numbers (the merging worker went away?)"
-                return {os.path.basename(path): why for path in to_come}
+                return absent(f"not rendered within {timeout_s:g} s of the numbers")
+            if self.r.exists(self._k(run_id, "rendering")):
+                idle_since = None
+            elif idle_since is None:
+                idle_since = time.time()
+            elif time.time() - idle_since > 3.0:  # no worker renders them
+                if asked:
+                    return absent("its merging worker went away before rendering it")
+                render_again()
+                asked, idle_since = True, None
+                deadline = max(deadline, time.time() + 60.0)
             time.sleep(0.05)
         return self.not_rendered(run_id)
 

@@ -123,9 +123,11 @@ return {'accepted', kept, record['shards'] or 0}
 #: The run moves to another state if it is in one the transition starts from; a cancel also
 #: clears the running shards (they stop on their next progress) and a resume forgets the
 #: attempts, progress and failures of the shards it sends again and records its merge's task id.
-#: Every shard record of the run is given the run's expiry again (shard scripts do not).
+#: Every shard record of the run is given the run's expiry again (shard scripts do not); a run
+#: that starts again (resume) forgets that its earlier report's files were published and rendered.
 #: KEYS: state active report predictions running attempts finished merges, then the other
-#: shard records (results dropped redispatched redispatched_at).
+#: shard records (results dropped redispatched redispatched_at), then published rendered
+#: rendering.
 #: ARGV: from state_json new_state run_id expires report_json predictions_json clear_running
 #:       merge_id ended shard...
 #: -> {"ok"} | {"state", current state} | {"gone"}
@@ -142,11 +144,12 @@ for i = 11, #ARGV do
 end
 if ARGV[9] ~= '' then redis.call('SADD', KEYS[8], ARGV[9]) end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[5])
-for i = 5, #KEYS do keep(KEYS[i], ARGV[5]) end
+for i = 5, #KEYS - 3 do keep(KEYS[i], ARGV[5]) end
 if among(ARGV[3], ARGV[10]) then
   redis.call('SREM', KEYS[2], ARGV[4])
 else
   redis.call('SADD', KEYS[2], ARGV[4])
+  redis.call('DEL', KEYS[#KEYS - 2], KEYS[#KEYS - 1], KEYS[#KEYS])
 end
 return {'ok'}
 """

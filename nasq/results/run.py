@@ -232,8 +232,30 @@ def _end(store, transition: str, manifest: dict, results: list, report: dict, pr
     _history(store, report_dir, row_of(manifest, str(RunState.DONE if transition == "merge" else RunState.FAILED),
                                        report, fields.get("error")))
     store.mark_published(run_id)
-    store.mark_rendered(run_id, _render_later(manifest, results, report, report_dir) if later else None)
+    if later:
+        render_later(store, manifest, results, report, report_dir)
+    else:
+        store.mark_rendered(run_id)
     return True
+
+
+def render_later(store, manifest: dict, results: list, report: dict, report_dir: str) -> bool:
+    """Render a done run's plots and HTML page into its folder, if this worker gets the claim to
+    (``store.claim_render``), and record what could not be written (``mark_rendered``)."""
+    if not store.claim_render(manifest["run_id"]):
+        return False
+    store.mark_rendered(manifest["run_id"], _render_later(manifest, results, report, report_dir))
+    return True
+
+
+def render_if_missing(store, run_id: str, manifest: dict, report_dir: str) -> bool:
+    """A done run whose plots and HTML page were never rendered (its merging worker died after
+    storing the numbers, or was stopped): render them now, from the stored report and results.
+    True if this call rendered them."""
+    report = store.report(run_id)
+    if not report or not report.get("files_to_come") or store.rendered(run_id):
+        return False
+    return render_later(store, manifest, list(store.shard_results(run_id).values()), report, report_dir)
 
 
 def _write(manifest: dict, results: list, report: dict, predictions: dict, report_dir: str, *,

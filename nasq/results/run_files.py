@@ -35,7 +35,7 @@ def write_run_files(report: dict, shards: list[dict], folder: str, predictions: 
 
     ``later``: the plots and the HTML page (``LATER``) are left to ``write_later_files``, once
     the numbers are stored; ``report["files"]`` names them already and ``report["files_to_come"]``
-    lists their kinds (what became of them is the run's note, if anything failed)."""
+    lists their kinds (which could not be written is in the run's ``rendered`` record)."""
     final_folder = final_folder or folder
     attempt = _Attempts(folder, final_folder)
     written, failed = attempt.written, attempt.failed

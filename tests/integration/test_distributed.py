@@ -142,6 +142,8 @@ def test_duplicate_shard_result_ignored_and_missing_shard_named(assets, workers,
         w.stop()
         b.close()
     assert not done.report.get("partial") and done.report["images"] == res.report["images"]
+    # every file of the resumed run's report is there (not the failed run's record of its own)
+    assert done.not_rendered == {} and all(os.path.getsize(p) > 0 for p in done.report["files"].values())
     assert done.predictions["top5"] == res.predictions["top5"]
     rerun = {sid for sid, f in store.finished(b.run_id).items() if f.get("finished_at", 0) > t_resume}
     assert rerun == {gone["shard_id"]}  # only that shard ran again

@@ -9,6 +9,7 @@ import pytest
 import requests
 
 from nasq.api import evaluate, submit_evaluation, submit_sweep
+from nasq.queue.app import make_app
 from nasq.queue.store import RunStore
 
 def test_six_point_sweep_with_local_workers_then_rerun_reuses(assets, tmp_path):
@@ -152,6 +153,11 @@ def _failed_shards_are_failure_in_flower(base, auth, assets, workers, settings, 
     from nasq.errors import RunError
 
     wrong = start_workers(settings.broker_url, workers.queue, backend="onnxruntime")
+    # a worker that joins while Flower runs sends task events once Flower asks (its enable_events
+    # timer, every 5 s); asked here at once, as `nasq flower` asks the workers up when it starts
+    app = make_app(settings)
+    app.control.enable_events()
+    app.close()
     try:
         with pytest.raises(RunError, match="shard.* failed") as e:
             evaluate(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=2,

@@ -4,11 +4,14 @@ every other copy, progress read from the leases, records that all expire, task e
 asked for, and Celery's chord script with nasq's two edits."""
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 import uuid
 
-from nasq.api import evaluate
+from nasq.api import evaluate, submit_evaluation
+from nasq.config import Settings
 from nasq.queue.app import make_app
 from nasq.queue.redis_server import RedisServer
 from nasq.queue.store import RunStore
@@ -118,6 +121,41 @@ def test_task_events_only_when_asked_for_and_heartbeats_always(assets, workers, 
         stop.set()
         t.join(5)
         app.close()
+
+
+def test_plots_whose_merging_worker_died_are_rendered_by_the_next(assets, redis_url, start_workers, tmp_path):
+    """The numbers are stored before the plots and the page are rendered: a merging worker
+    SIGKILLed then leaves them unrendered, and the waiting client has the run's merge sent again,
+    which a live worker turns into the rendering (the report itself is not changed)."""
+    from nasq.queue.store import RunStore
+
+    settings = Settings(broker_url=redis_url, report_dir=str(tmp_path / "reports"), merge_wait_s=20,
+                        artifact_dir=str(tmp_path / "art"), work_dir=str(tmp_path / "runs"))
+    queue = f"eval.render-{uuid.uuid4().hex[:6]}"
+    first = start_workers(redis_url, queue, settings=settings)
+    store, later = RunStore(redis_url), {}
+
+    def kill_the_merging_worker(result):
+        for _, proc, _ in first.procs:
+            os.killpg(proc.pid, signal.SIGKILL)
+        # whatever it managed before the kill is undone: the rendering is left to the next worker
+        store.r.delete(f"nasq:run:{result.run_id}:rendered", f"nasq:run:{result.run_id}:rendering")
+        for kind in result.report["files_to_come"]:
+            if os.path.exists(result.report["files"][kind]):
+                os.remove(result.report["files"][kind])
+        later["report"] = dict(result.report)
+        later["workers"] = start_workers(redis_url, queue, settings=settings)
+
+    h = submit_evaluation(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4,
+                          shard_size=8, queue=queue, settings=settings, log=lambda *_: None)
+    try:
+        res = h.wait(progress=False, timeout=300, log=lambda *_: None, on_report=kill_the_merging_worker)
+    finally:
+        h.close()
+    assert res.report["files_to_come"] == ["plot", "devices", "html"] and res.not_rendered == {}
+    assert all(os.path.getsize(res.report["files"][k]) > 0 for k in res.report["files_to_come"])
+    assert store.report(h.run_id) == later["report"] == res.report  # rendering changed no number
+    later["workers"].stop()
 
 
 def test_celerys_chord_script_takes_nasqs_two_edits():
