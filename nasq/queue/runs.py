@@ -13,7 +13,7 @@ from .redis_store import ACTIVE, RUNS, RedisStore, _rides_out_full, _states, log
 
 
 class RunRecords(RedisStore):
-    """``nasq:run:<id>:{manifest,sealed,state,merges,resumes,report,predictions,notes,published,rendered}``
+    """``nasq:run:<id>:{manifest,sealed,state,merges,resumes,report,predictions,notes,published,rendered,rendering}``
     and the run indexes (``nasq:runs``, ``nasq:runs:active``)."""
 
     @_rides_out_full
