@@ -65,7 +65,7 @@ class RunHandle:
         The merging worker stores the numbers first, then renders the plots and the HTML page
         (the report's ``files_to_come``): ``on_report`` gets the result as soon as the numbers
         are in; ``files`` (default) waits for the rendering too, so that every file the report
-        names exists (or a note says which did not)."""
+        names exists (or ``EvalResult.not_rendered`` says which does not, and why)."""
         store, run_id, total = self.session.store, self.run_id, self.manifest["dataset"]["images"]
         every = max(1.0, self.session.settings.lease_s / 3)
         last_heal, full, last = [time.time()], [None], [0.0, None]

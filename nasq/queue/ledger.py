@@ -9,7 +9,7 @@ import time
 import redis
 
 from ..runstate import ACCEPTS_RESULTS, ENDED, MAY_START, RunState
-from .redis_store import RedisStore, _rides_out_full, _states
+from .redis_store import EXPIRING, RedisStore, _rides_out_full, _states
 from .scripts import KEPT
 
 
@@ -26,9 +26,6 @@ class ShardLedger(RedisStore):
     redispatched_at,merge_sent:<n>}``. A lease's value is its holder, with the images its copy
     has done once it reported progress (``holder|done``), or ``KEPT`` once the shard's result is
     kept."""
-
-    #: the shard records a run's transitions and healing give the run's expiry again
-    RECORDS = ("running", "attempts", "finished", "merges", "results", "dropped", "redispatched", "redispatched_at")
 
     @_rides_out_full
     def claim_shard(self, run_id: str, shard_id: str, *, holder: str, lease_s: float, info: dict,
@@ -69,7 +66,7 @@ class ShardLedger(RedisStore):
     def keep_run(self, run_id: str) -> None:
         """Give the run's shard records their expiry again (healing does, while the run goes)."""
         with self.r.pipeline(transaction=False) as p:
-            for part in self.RECORDS:
+            for part in EXPIRING:
                 p.expire(self._k(run_id, part), self.expires)
             p.execute()
 

@@ -26,6 +26,9 @@ PREFIX = "nasq:run:"
 RUNS = "nasq:runs"
 ACTIVE = "nasq:runs:active"
 WORKERS = "nasq:workers"
+#: the parts of a run's records that its transitions and healing give the run's expiry again
+#: (the shard scripts write none), in the order the TRANSITION script takes them
+EXPIRING = ("running", "attempts", "finished", "merges", "results", "dropped", "redispatched", "redispatched_at")
 BUILD = "nasq:build:"
 BUILD_LOCK_TTL_S = 300
 

@@ -9,7 +9,7 @@ import time
 import redis
 
 from ..runstate import ENDED, TRANSITIONS, RunState
-from .redis_store import ACTIVE, RUNS, RedisStore, _rides_out_full, _states, log
+from .redis_store import ACTIVE, EXPIRING, RUNS, RedisStore, _rides_out_full, _states, log
 
 
 class RunRecords(RedisStore):
@@ -86,9 +86,8 @@ class RunRecords(RedisStore):
         record = {"state": str(target), "at": time.time(), **fields}
         out = self._run("TRANSITION",
                         [self._k(run_id, p) for p in ("state",)] + [ACTIVE] +
-                        [self._k(run_id, p) for p in ("report", "predictions", "running", "attempts", "finished",
-                                                      "merges", "results", "dropped", "redispatched",
-                                                      "redispatched_at", "published", "rendered", "rendering")],
+                        [self._k(run_id, p) for p in ("report", "predictions", *EXPIRING, "published", "rendered",
+                                                      "rendering")],
                         [_states(sources), record, str(target), run_id, self.expires,
                          json.dumps(report) if report is not None else "",
                          json.dumps(predictions) if predictions is not None else "",

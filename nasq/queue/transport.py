@@ -48,7 +48,7 @@ class BrokerView:
     def for_app(cls, app, settings, *, share=None) -> BrokerView:
         """The view of ``app``'s broker; ``share``: a run store whose client it uses when the
         store is on the broker's Redis (no result backend of its own)."""
-        same = share is not None and not settings.result_backend and settings.broker_url == app.conf.broker_url
+        same = share is not None and settings.backend_url == app.conf.broker_url
         return cls(app.conf.broker_url, app.conf.broker_transport_options,
                    connect_timeout_s=settings.broker_connect_timeout_s,
                    socket_timeout_s=settings.broker_socket_timeout_s, client=share.r if same else None)

@@ -244,7 +244,7 @@ def render_later(store, manifest: dict, results: list, report: dict, report_dir:
     (``store.claim_render``), and record what could not be written (``mark_rendered``)."""
     if not store.claim_render(manifest["run_id"]):
         return False
-    store.mark_rendered(manifest["run_id"], _render_later(manifest, results, report, report_dir))
+    store.mark_rendered(manifest["run_id"], _write_later(manifest, results, report, report_dir))
     return True
 
 
@@ -262,7 +262,7 @@ def _write(manifest: dict, results: list, report: dict, predictions: dict, repor
            later: bool = False) -> str:
     """The report files in a staging folder (named as they will be once moved); returns it. A
     file that could not be written is in ``report["files_not_written"]``. ``later``: without the
-    plots and the HTML page (``_render_later``)."""
+    plots and the HTML page (``_write_later``)."""
     run_id = check_name(manifest["run_id"], "run_id")  # the folder's name: never a path
     staging = os.path.join(report_dir, ".staging", f"{run_id}.{secrets.token_hex(4)}")
     write_run_files(report, _shard_timings(manifest, results), staging, predictions,
@@ -273,7 +273,7 @@ def _write(manifest: dict, results: list, report: dict, predictions: dict, repor
     return staging
 
 
-def _render_later(manifest: dict, results: list, report: dict, report_dir: str) -> dict[str, str]:
+def _write_later(manifest: dict, results: list, report: dict, report_dir: str) -> dict[str, str]:
     """The plots and the HTML page of a done run, rendered into its folder after the client got
     its numbers; returns file name -> reason for those not written (the report, which the
     client has, is never changed: the run's ``rendered`` record says it)."""

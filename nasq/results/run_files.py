@@ -111,8 +111,8 @@ class _Attempts:
 
 
 def _later_kinds(report: dict, shards: list[dict]) -> list[str]:
-    return [k for k, wanted in (("plot", bool(shards)), ("devices", bool(report["per_device"])), ("html", True))
-            if wanted]
+    wanted = {"plot": bool(shards), "devices": bool(report["per_device"]), "html": True}
+    return [k for k in LATER if wanted[k]]
 
 
 def _plots(report: dict, shards: list[dict], folder: str, attempt) -> None:
