@@ -93,6 +93,22 @@ class Redis:
         self.proc.wait()
 
 
+def workspace(prefix: str, *, lease_s: float) -> tuple[str, Redis, str, Settings]:
+    """A temporary folder with a started Redis (appendonly, appendfsync always), weights for the
+    simulated devices, and the settings of the benchmark's workers and client."""
+    work = tempfile.mkdtemp(prefix=prefix)
+    redis = Redis(os.path.join(work, "redis"))
+    os.makedirs(redis.folder)
+    redis.start()
+    weights = os.path.join(work, "fleet.sim")
+    with open(weights, "wb") as f:
+        f.write(os.urandom(256))
+    settings = Settings(broker_url=redis.url, lease_s=lease_s, merge_wait_s=120, broker_outage_s=120,
+                        report_dir=os.path.join(work, "reports"), artifact_dir=os.path.join(work, "art"),
+                        work_dir=os.path.join(work, "runs"), read_roots=work)  # the workers read the weights there
+    return work, redis, weights, settings
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=64)
@@ -109,16 +125,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/fleet.json")
     args = ap.parse_args()
 
-    work = tempfile.mkdtemp(prefix="nasq-fleet-")
-    redis = Redis(os.path.join(work, "redis"))
-    os.makedirs(redis.folder)
-    redis.start()
-    weights = os.path.join(work, "fleet.sim")
-    with open(weights, "wb") as f:
-        f.write(os.urandom(256))
-    settings = Settings(broker_url=redis.url, lease_s=args.lease, merge_wait_s=120, broker_outage_s=120,
-                        report_dir=os.path.join(work, "reports"), artifact_dir=os.path.join(work, "art"),
-                        work_dir=os.path.join(work, "runs"), read_roots=work)  # the workers read the weights there
+    work, redis, weights, settings = workspace("nasq-fleet-", lease_s=args.lease)
     queue = "eval.fleet"
 
     def workers(names):

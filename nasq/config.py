@@ -61,6 +61,14 @@ class Settings:
     #: times a shard may be started before it is failed (a shard that kills its worker
     #: would otherwise be redelivered forever)
     max_attempts: int = 3
+    #: a shard that fails on a device (a backend or device error, its input refused there, its
+    #: worker lost) is sent again for another device; it fails the run only once it failed on this
+    #: many distinct devices, or when no other live device of the run's queue may take it
+    shard_max_devices: int = 3
+    #: a device (one worker) that fails this many shards of a run in a row is excluded from the
+    #: run: it takes none of its shards any more (they go back to the queue untouched); `nasq
+    #: resume` lifts it
+    device_max_failures: int = 2
     #: built model artifacts (ONNX, OM, ...), shared by workers when on shared storage
     artifact_dir: str = dataclasses.field(default_factory=lambda: os.path.join(_cache_dir(), "artifacts"))
     #: run reports (JSON, Markdown, plot) and sweep results, written by the merging worker

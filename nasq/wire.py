@@ -54,9 +54,29 @@ def worker_queue(node_name: str) -> str:
     return f"w.{node_name}"
 
 
-def shard_task_id(run_id: str, shard_id: str) -> str:
-    """A shard's task id: the same for every copy of it (a re-dispatch, a resume)."""
-    return f"{run_id}:{shard_id}"
+def shard_task_id(run_id: str, shard_id: str, dispatch: int = 0) -> str:
+    """A shard's task id: ``<run>:<shard>`` for the copy the run's submission sent, and
+    ``<run>:<shard>:<n>`` for its n-th copy (``dispatch`` = n - 1: the shard's dispatch count,
+    when it was sent again after a failure, a lost worker or message, or by ``nasq resume``),
+    so that Flower keeps each attempt as a task of its own."""
+    return f"{run_id}:{shard_id}" if not dispatch else f"{run_id}:{shard_id}:{dispatch + 1}"
+
+
+def shard_of_task(task_id: str) -> tuple[str, str] | None:
+    """(run id, shard id) of a shard's task id (any attempt's); None for another task's."""
+    parts = task_id.split(":") if isinstance(task_id, str) else []
+    if len(parts) in (2, 3) and parts[1].startswith("shard-") and (len(parts) == 2 or parts[2].isdigit()):
+        return parts[0], parts[1]
+    return None
+
+
+def run_of_task(task_id: str) -> str | None:
+    """The run id a task id names (a shard's or a merge's), or None."""
+    head = task_id.split(":", 1)[0] if isinstance(task_id, str) and ":" in task_id else None
+    try:
+        return check_name(head, "run_id") if head else None
+    except NasqError:
+        return None
 
 
 def merge_task_id(run_id: str, resume: int = 0) -> str:

@@ -15,6 +15,7 @@ from typing import ClassVar
 
 from celery import Task
 from celery.signals import heartbeat_sent, worker_ready, worker_shutdown
+from celery.worker import consumer as celery_consumer
 
 from nasq.artifacts.store import ArtifactStore
 from nasq.config import WorkerConfig
@@ -27,6 +28,7 @@ from nasq.queue.store import BrokerFull, RunStore
 log = logging.getLogger("nasq.worker")
 
 app = make_app(None, include=["workers.tasks", "workers.build_tasks"])
+app.conf.worker_consumer = f"{__name__}:Consumer"  # below: records messages refused for their signature
 
 
 class WorkerTask(Task):
@@ -122,7 +124,7 @@ def _heartbeat(sender=None, **_):
     c = WorkerTask.configured()
     store = _main_store()
     try:
-        if not store.touch_worker(c.name):
+        if not store.touch_worker(c.name, c.settings.worker_heartbeat_s):  # first: it is what "alive" reads
             _register()
         every = max(1.0, c.settings.lease_s / 3)
         if time.time() - _last_heal[0] >= every:
@@ -133,6 +135,38 @@ def _heartbeat(sender=None, **_):
         pass  # said once a minute by the transport and the tasks; nothing to do until memory is freed
     except Exception:  # noqa: BLE001 - a broker blip must not stop the heartbeat
         log.warning("heartbeat bookkeeping failed", exc_info=True)
+
+
+class Consumer(celery_consumer.Consumer):
+    """Celery's consumer, which also records a message it refuses for its signature before any
+    task runs (kombu's ContentDisallowed: unsigned while signing is on, or signed while it is
+    off; the auth serializer's error, a DecodeError: a signature or certificate it does not
+    trust) for the message's run, so that the client that sent it says why nothing runs
+    instead of waiting (``RunRecords.refusals``). Celery logs and discards the message as before."""
+
+    def on_invalid_task(self, body, message, exc):
+        _record_refusal(message, exc)
+        return super().on_invalid_task(body, message, exc)
+
+    def on_decode_error(self, message, exc):
+        _record_refusal(message, exc)
+        return super().on_decode_error(message, exc)
+
+
+def _record_refusal(message, exc) -> None:
+    text = f"{type(exc).__name__}: {exc}"
+    if type(exc).__name__ not in ("ContentDisallowed", "DecodeError", "SecurityError"):
+        return
+    try:
+        from nasq.wire import run_of_task
+
+        run_id = run_of_task((message.headers or {}).get("id"))
+        if run_id is None:
+            return
+        signed = message.content_type == "application/data"  # Celery's auth serializer
+        _main_store().record_refusal(run_id, WorkerTask.configured().name, signed=signed, text=text)
+    except Exception:  # noqa: BLE001 - Celery logs the refusal all the same
+        log.warning("could not record the refusal of a message", exc_info=True)
 
 
 @worker_shutdown.connect

@@ -1,10 +1,15 @@
 """Evaluation tasks. Each is a view, as Celery's guide puts it: decode the payload, call one
 library function, return a small JSON dict.
 
-A shard that fails ends in FAILURE (so Flower and its metrics show it): it is recorded in the
-run store first, and the chord's errback (``run_failed``) keeps the partial report that
-``nasq resume`` completes. A copy of a shard that was skipped or stopped (its run ended, or
-another copy took over) ends in SUCCESS with that status: it is not a failure of the run.
+A copy of a shard that fails ends in FAILURE (so Flower and its metrics show it): it is
+recorded in the run store first, and the shard is sent again for another worker unless it
+failed for good (``nasq.inference.failover``); the FAILURE says which, and when the failure
+excluded its worker from the run. A shard that failed for good fails the run once every shard
+has ended: the chord's errback (``run_failed``), or the worker whose shard ended last, keeps the
+partial report that ``nasq resume`` completes. A worker that may not take a shard (excluded
+from the run, or it failed that shard) holds it for ``REFUSE_PAUSE_S`` and puts it back on the
+queue untouched (REJECTED, requeued). A copy of a shard that was skipped or stopped (its run
+ended, or another copy took over) ends in SUCCESS with that status: it is not a failure of the run.
 A run's shards are sent with ``ignore_result`` (their results are in the run's ledger): Celery
 stores a shard's failure only, and still counts every shard in its chord.
 """
@@ -13,8 +18,11 @@ from __future__ import annotations
 import logging
 import time
 
+from celery.exceptions import Reject
+
 from nasq.errors import ShardFailed
 from nasq.roots import check_name
+from nasq.inference.failover import REFUSE_PAUSE_S
 from nasq.inference.shard import run_shard
 from nasq.perf.sweep import measure_point
 from nasq.wire import TASK_EVAL_SHARD, TASK_MERGE, TASK_RUN_FAILED, TASK_SWEEP_POINT, MessageError, ShardTask, SweepPoint
@@ -35,10 +43,23 @@ def eval_shard(self, run_id, shard_id, start, stop, job) -> dict:
     except MessageError as e:
         log.warning("refused a shard message: %s", e)
         raise ShardFailed(f"bad shard message: {e}") from None
-    out = run_shard(task, ledger=self.store, resources=self.resources, worker=self.worker)
+    queue = (self.request.delivery_info or {}).get("routing_key") or None
+    out = run_shard(task, ledger=self.store, resources=self.resources, worker=self.worker, queue=queue)
     if out.get("kept"):
-        self.healer.merge_if_stranded(task.run_id, kept_of=out.get("kept_of"))
+        kept, shards, finished = out["kept_of"]
+        if kept < shards <= finished:  # every shard has ended, some failed for good: fail the run now
+            _fail(task.run_id, None)
+        else:
+            self.healer.merge_if_stranded(task.run_id, kept_of=(kept, shards))
+    if out["status"] == "refused":  # back on the queue, untouched, for another worker
+        time.sleep(REFUSE_PAUSE_S)
+        raise Reject(f"{task.shard_id} of run {task.run_id} put back for another worker: {out['reason']}", requeue=True)
     if out["status"] == "error":
+        if out.get("dispatches"):
+            self.healer.resend(task, queue, out["dispatches"], why=f"failed on {self.worker.name}")
+        settled = out.get("settled")
+        if settled and settled[0] >= settled[1] and not settled[2]:  # every shard has ended: fail the run now
+            _fail(task.run_id, None)
         raise ShardFailed(f"{task.shard_id} on {self.worker.name}: {out['error']}")
     # A summary: the full result (top-5 of every image) is in the run store, where the merge reads
     # it; the chord and Flower carry this much only.
@@ -82,12 +103,16 @@ def run_failed(request, exc, traceback, run_id: str | None = None) -> None:
     errbacks): a shard failed or the merge did. Keep what finished as a partial report and mark
     the run failed, so waiting clients stop and ``nasq resume`` can finish it."""
     if run_id and check_name(run_id, "run_id"):
-        healer = WorkerTask.run_healer()
-        manifest = healer.manifest(run_id)
-        if manifest is not None:
-            fail_run(run_id, exc, store=healer.store, report_dir=WorkerTask.configured().settings.report_dir,
-                     manifest=manifest, lease_s=healer.lease_s,
-                     redispatch=lambda m, ids: healer.redispatch(m, ids, why="revoked in flight (a broker restart)"))
+        _fail(run_id, exc)
+
+
+def _fail(run_id: str, exc) -> None:
+    healer = WorkerTask.run_healer()
+    manifest = healer.manifest(run_id)
+    if manifest is not None:
+        fail_run(run_id, exc, store=healer.store, report_dir=WorkerTask.configured().settings.report_dir,
+                 manifest=manifest, lease_s=healer.lease_s,
+                 redispatch=lambda m, ids: healer.redispatch(m, ids, why="revoked in flight (a broker restart)"))
 
 
 @app.task(name=TASK_SWEEP_POINT, bind=True, base=WorkerTask)

@@ -4,8 +4,7 @@ changed only through the run store's transitions (``nasq.runstate``)."""
 from __future__ import annotations
 
 import os
-import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Callable
 
 import redis
@@ -13,140 +12,18 @@ import redis
 from .. import backends
 from ..config import BackendOptions, Settings, load_settings
 from ..data.labels import read_labels
-from ..errors import BrokerTrouble, NasqError, RunCancelled, RunError, RunLost
+from ..errors import BrokerTrouble, NasqError
 from ..options import flag_of
 from ..queue.broker import probe
 from ..queue.healing import Healer
 from ..queue.local import WorkerSpec, cpu_threads, local_devices
-from ..queue.session import BROKER_ERRORS, Progress, Session
+from ..queue.session import BROKER_ERRORS, Session
 from ..queue.store import BrokerFull
-from ..results.report import render
-from ..runstate import RunState, is_ended
-from ..wire import BUILD_QUEUE, TASK_MERGE, DatasetRef, EvalJob, eval_queue, make_manifest, merge_task_id
+from ..runstate import RunState
+from ..wire import BUILD_QUEUE, DatasetRef, EvalJob, eval_queue, make_manifest, merge_task_id
 from .builds import cached_build, prepare_model
+from .handle import EvalResult, RunHandle
 from .checks import Plan, check_worker_roots, needs_build, plan_run, with_roots
-
-
-@dataclass
-class EvalResult:
-    run_id: str
-    report: dict
-    predictions: dict | None
-    #: what the merging worker could not do once the report was final (the run history not
-    #: updated, files not moved into place), by what
-    notes: dict | None = None
-    #: the run's Redis was the command's own (an embedded run): it is gone once the command ends
-    embedded: bool = False
-    #: file name -> reason, for the files of ``report["files_to_come"]`` that were not rendered
-    not_rendered: dict = field(default_factory=dict)
-
-    @property
-    def table(self) -> str:
-        return render(self.report)
-
-
-@dataclass
-class RunHandle:
-    """A submitted evaluation: ``wait()`` follows it to its report."""
-
-    run_id: str
-    manifest: dict
-    result: object
-    session: Session
-    #: the command that submits the same run again (said when a broker lost the run)
-    rerun: str = "submit the evaluation again"
-
-    def wait(self, *, progress: bool = True, timeout: float | None = None, log=print, files: bool = True,
-             on_report: Callable[[EvalResult], None] | None = None) -> EvalResult:
-        """Follow the run's record to its report. While waiting, shards whose worker is gone
-        (lease expired) are dispatched again (``nasq.queue.healing``); a broker that goes away
-        is waited for (until ``timeout``).
-
-        The merging worker stores the numbers first, then renders the plots and the HTML page
-        (the report's ``files_to_come``): ``on_report`` gets the result as soon as the numbers
-        are in; ``files`` (default) waits for the rendering too, so that every file the report
-        names exists (or ``EvalResult.not_rendered`` says which does not, and why)."""
-        store, run_id, total = self.session.store, self.run_id, self.manifest["dataset"]["images"]
-        every = max(1.0, self.session.settings.lease_s / 3)
-        last_heal, full, last = [time.time()], [None], [0.0, None]
-        healer = Healer.for_settings(self.session.app, store, self.session.settings)
-
-        def poll() -> Progress:  # the record's progress, read at most once a second
-            if time.time() - last[0] < 1.0 and last[1] is not None:
-                return last[1]
-            last[0], last[1] = time.time(), read()
-            return last[1]
-
-        def read() -> Progress:
-            if not store.has_run(run_id):
-                return Progress(failed=RunLost(f"the broker lost run {run_id} (it restarted without persistence, or "
-                                               f"the records expired); rerun it with: {self.rerun}"))
-            if time.time() - last_heal[0] >= every:
-                last_heal[0] = time.time()
-                full[0] = None
-                try:
-                    for sid in healer.heal(run_id):
-                        log(f"run {run_id}: {sid} dispatched again (its worker or its message was lost)")
-                except (BrokerFull, redis.exceptions.OutOfMemoryError):
-                    full[0] = store.full_message()
-            st = store.state(run_id) or {}
-            failed = _ended_error(store, run_id, st) if st.get("state") in (RunState.FAILED, RunState.CANCELLED) \
-                else None
-            return Progress(done=min(total, store.images_done(run_id, self.manifest)), failed=failed, status=full[0])
-
-        try:
-            report = self.session.wait(_RunRecord(store, run_id), label=f"run {run_id}", poll=poll, total=total,
-                                       timeout=timeout, progress=progress, log=log)
-        finally:
-            if self.result is not None:
-                self.session.app.backend.remove_pending_result(self.result)
-        # the merging worker moves the files into place and records the run after the state says
-        # done: wait for that (renames and one row), so that every path printed exists
-        deadline = time.time() + 60
-        while not store.published(run_id) and time.time() < deadline:
-            time.sleep(0.05)
-        result = EvalResult(run_id, report, store.predictions(run_id), store.notes(run_id),
-                            embedded=self.session.cluster is not None)
-        if on_report is not None:
-            on_report(result)
-        if files:  # then it renders the plots and the HTML page
-            result.not_rendered = store.wait_rendered(run_id, report, render_again=lambda: self.session.app.signature(
-                TASK_MERGE, args=([],), kwargs={"run_id": run_id}, queue=self.manifest["queue"],
-                argsrepr=f"run={run_id} (its plots and HTML page: its merging worker went away)").apply_async())
-        return result
-
-    def close(self) -> None:
-        """Drop the connections of a handle from ``submit_evaluation`` (the run goes on)."""
-        self.session.close()
-
-
-class _RunRecord:
-    """A run's record as something to wait on: ready once the run is done (its report) or failed.
-    The chord's own result is not enough: a run that heals is merged outside the chord."""
-
-    def __init__(self, store, run_id: str):
-        self.store, self.run_id = store, run_id
-
-    def ready(self) -> bool:
-        return is_ended((self.store.state(self.run_id) or {}).get("state"))
-
-    def get(self, **_) -> dict:
-        st = self.store.state(self.run_id) or {}
-        if st.get("state") != RunState.DONE:
-            raise _ended_error(self.store, self.run_id, st)
-        return self.store.report(self.run_id)
-
-
-def _ended_error(store, run_id: str, st: dict) -> RunError:
-    """The error a client ends with for a failed or cancelled run: its reason, and where its
-    report (what it finished, the shards it lacks and why) is."""
-    report = store.report(run_id) or {}
-    where = (report.get("files") or {}).get("json")
-    done = f"{report.get('images', 0)} of {report.get('images_planned', '?')} images evaluated" if report else ""
-    text = st.get("error") or f"run {run_id} {st.get('state', 'failed')}"
-    more = "; ".join(filter(None, [done, f"report: {where}" if where else f"`nasq status {run_id}` shows it"]))
-    cls = RunCancelled if st.get("state") == RunState.CANCELLED else RunError
-    return cls(f"{text} ({more})")
 
 
 def rerun_command(plan: Plan, *, queue: str, shard_size: int | None, broker_url: str | None,
@@ -187,7 +64,7 @@ def rerun_command(plan: Plan, *, queue: str, shard_size: int | None, broker_url:
 
 
 def _submit(session: Session, plan: Plan, *, queue: str, shard_size: int | None, workers: int | None,
-            rerun: str | None, log, command: list[str] | None = None) -> RunHandle:
+            rerun: str | None, log, command: list[str] | None = None, require_workers: int | None = None) -> RunHandle:
     from ..files import cached_sha256, file_digest
     from ..queue.transport import BrokerView
     from ..queue.trust import ManifestTrust
@@ -201,7 +78,13 @@ def _submit(session: Session, plan: Plan, *, queue: str, shard_size: int | None,
                   batch_size=plan.batch_size, precision=plan.precision, output=plan.output,
                   labels_sha256=file_digest(plan.labels) if plan.labels else None)
     if session.cluster is None:  # a deployment: warn first, and plan for the workers serving the queue now
-        live = warn_if_unserved(session, queue, log)
+        live = session.live_workers(queue)
+        if require_workers and len(live) < require_workers:
+            raise NasqError(f"{len(live)} live worker(s) consume queue {queue}"
+                            + (f" ({', '.join(live)})" if live else "") + f", fewer than --require-workers "
+                            f"{require_workers}: nothing was submitted (start more with `nasq worker --backend "
+                            f"{plan.backend} --queues {queue}`)")
+        live = warn_if_unserved(session, queue, log, live)
         check_worker_roots(session, queue, job)
         for warning in session.store.broker_warnings():
             log(f"warning: {warning}")
@@ -236,9 +119,9 @@ def _submit(session: Session, plan: Plan, *, queue: str, shard_size: int | None,
     return RunHandle(run_id, manifest, result, session, rerun=rerun or "submit the evaluation again")
 
 
-def warn_if_unserved(session: Session, queue: str, log) -> list[str]:
-    """The live workers of ``queue``; a warning when there are none."""
-    live = session.live_workers(queue)
+def warn_if_unserved(session: Session, queue: str, log, live: list[str] | None = None) -> list[str]:
+    """The live workers of ``queue`` (``live``: as read already); a warning when there are none."""
+    live = session.live_workers(queue) if live is None else live
     if not live:
         log(f"warning: no live nasq worker consumes queue {queue!r}; the run waits until one starts "
             f"(e.g. `nasq worker --backend {queue.split('.', 1)[-1]}` with the same broker)")
@@ -262,12 +145,15 @@ def submit_evaluation(*, weights: str, data: str, labels: str | None = None, bac
                       precision: str | None = None, queue: str | None = None, output_dir: str | None = None,
                       outfmt: str = "NPY", broker: str | None = None, settings: Settings | None = None,
                       allow_bad_labels: bool = False, rerun: str | None = None, soc_version: str | None = None,
-                      gears: list[int] | None = None, log=print) -> RunHandle:
+                      gears: list[int] | None = None, require_workers: int | None = None, log=print) -> RunHandle:
     """Queue an evaluation on a running deployment and return at once (what ``python -m producer``
     does). ``RunHandle.wait()`` follows it; ``nasq status RUN_ID`` too, from any machine.
 
+    ``require_workers``: refuse to submit (NasqError) when fewer live workers consume the queue.
+
     Raises:
-        NasqError: no broker configured, or bad weights, data, labels or precision.
+        NasqError: no broker configured, bad weights, data, labels or precision, or fewer live
+            workers than ``require_workers``.
     """
     settings = settings or load_settings(broker_url=broker)
     if not settings.broker_url:
@@ -279,7 +165,7 @@ def submit_evaluation(*, weights: str, data: str, labels: str | None = None, bac
         queue = queue or eval_queue(backend)
         return _submit(session, plan, queue=queue, shard_size=shard_size, workers=None, rerun=rerun, log=log,
                        command=rerun_command(plan, queue=queue, shard_size=shard_size, broker_url=settings.broker_url,
-                                             allow_bad_labels=allow_bad_labels))
+                                             allow_bad_labels=allow_bad_labels), require_workers=require_workers)
     except BaseException:
         session.close()
         raise
@@ -292,7 +178,8 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
              queue: str | None = None, output_dir: str | None = None, outfmt: str = "NPY", progress: bool = True,
              timeout: float | None = None, settings: Settings | None = None, allow_bad_labels: bool = False,
              rerun: str | None = None, soc_version: str | None = None, gears: list[int] | None = None,
-             log=print, on_report: Callable[[EvalResult], None] | None = None) -> EvalResult:
+             require_workers: int | None = None, log=print,
+             on_report: Callable[[EvalResult], None] | None = None) -> EvalResult:
     """Evaluate a checkpoint (or built model) on a dataset folder across workers.
 
     With no broker configured, starts a private Redis and one local worker per device
@@ -311,6 +198,7 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
         output_dir, outfmt: also write full logits per image in ais_bench's layout.
         soc_version, gears: ais_bench with a checkpoint: the chip the .om is built for (ATC on the
             build queue) and its dynamic batch gears (default: a static .om of ``batch_size``).
+        require_workers: with a broker, refuse to submit when fewer live workers consume the queue.
 
     Returns:
         EvalResult with the report (see docs/REPORT.md) and per-image predictions.
@@ -353,7 +241,7 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
                                 options=BackendOptions(compile=compile or "none", cuda_graphs=cuda_graphs,
                                                        kernels=kernels))
         handle = _submit(session, plan, queue=queue, shard_size=shard_size, workers=workers, rerun=rerun, log=log,
-                         command=command)
+                         command=command, require_workers=require_workers)
         return handle.wait(progress=progress, timeout=timeout, log=log, on_report=on_report)
 
 
@@ -398,9 +286,9 @@ def resume(run_id: str, *, broker: str | None = None, settings: Settings | None 
             if not ok:
                 raise NasqError(f"run {run_id} is {now}; not resumed")
             result = session.submit_run(manifest, [s for s in manifest["shards"] if s["shard_id"] in redo],
-                                        merge_id=merge_task_id(run_id, n))
+                                        merge_id=merge_task_id(run_id, n), dispatches=redo)
             log(f"run {run_id}: {len(redo)} of {len(manifest['shards'])} shards resubmitted"
-                + (f" ({', '.join(redo[:5])}{' ...' if len(redo) > 5 else ''})" if redo
+                + (f" ({', '.join(list(redo)[:5])}{' ...' if len(redo) > 5 else ''})" if redo
                    else "; merging the stored results")
                 + (f"; {busy} queued or running left alone" if busy else ""))
         warn_if_unserved(session, manifest["queue"], log)

@@ -174,6 +174,8 @@ def submission_args(p) -> None:
                    help="1001 keeps the background class (as the published checkpoint and the Ascend recipe's ONNX), "
                         "1000 drops it (default: the checkpoint's)")
     p.add_argument("--queue", help="evaluation queue (default: eval.<backend>)")
+    p.add_argument("--require-workers", type=int_in(1, 100_000), metavar="N",
+                   help="with a broker: submit nothing unless at least N live workers consume the queue")
     p.add_argument("--soc-version", help="ais_bench with a checkpoint: the chip to build the .om for, e.g. Ascend310P3 "
                                          "(ATC on the build queue; see `npu-smi info`)")
     p.add_argument("--gears", type=int_list(1, MAX_BATCH_SIZE),
@@ -185,7 +187,7 @@ def submission_kwargs(args) -> dict:
     """``submission_args``' values as keyword arguments of ``api.evaluate`` / ``submit_evaluation``."""
     return {k: getattr(args, k) for k in ("weights", "data", "labels", "backend", "precision", "batch_size",
                                           "shard_size", "allow_bad_labels", "num_outputs", "queue", "soc_version",
-                                          "gears")}
+                                          "gears", "require_workers")}
 
 
 def eval_args(p) -> None:

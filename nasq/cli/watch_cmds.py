@@ -21,7 +21,7 @@ def _status_args(p) -> None:
 
 def cmd_status(args) -> int:
     from ..results.report import render
-    from ..results.status import render_status, run_status, watch
+    from ..results.status import failing_devices, render_failing, render_status, run_status, watch
     from ..runstate import RunState, is_ended
 
     store = store_of(args)
@@ -34,11 +34,14 @@ def cmd_status(args) -> int:
     if args.json:
         st = watch(store, run_id, interval=args.interval, out=open(os.devnull, "w")) if args.watch \
             else run_status(store, run_id)
-        print(json.dumps({**st, "report": store.report(run_id)}, indent=2))
+        print(json.dumps({**st, "report": store.report(run_id), "failing_devices": failing_devices(store)}, indent=2))
         return code.get(st["state"], OK)
     st = watch(store, run_id, interval=args.interval) if args.watch else run_status(store, run_id)
     if not args.watch or not sys.stdout.isatty():
         print(render_status(st))
+    failing = failing_devices(store)
+    if failing:
+        print(render_failing(failing))
     report = store.report(run_id)
     if is_ended(st["state"]) and report:  # a failed or cancelled run's report names what it lacks, and why
         print()

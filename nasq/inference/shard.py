@@ -27,7 +27,9 @@ from ..errors import NasqError
 from ..keepalive import every
 from ..runstate import RunState
 from ..wire import ShardTask
+from . import failover
 from .evaluate import evaluate_range
+from .failover import FailureView
 from .resources import DeviceResources
 
 log = logging.getLogger("nasq.worker")
@@ -44,8 +46,13 @@ class ShardLedger(Protocol):
     def shard_tick(self, run_id: str, shard_id: str, *, holder: str, done: int,
                    lease_s: float) -> tuple[str, str | None]: ...
     def commit_shard(self, run_id: str, shard_id: str, *, holder: str, status: str, summary: dict,
-                     result: dict | None = None) -> tuple[str, object]: ...
+                     result: dict | None = None, worker: str = "", reset_streak: bool = False) -> tuple[str, object]: ...
     def renew_lease(self, run_id: str, shard_id: str, holder: str, ttl_s: float) -> bool: ...
+    def failure_view(self, run_id: str, shard_id: str, worker: str) -> FailureView: ...
+    def record_failure(self, run_id: str, shard_id: str, *, holder: str, worker: str, seen: str,
+                       failures: list[dict], streak: int | None, exclusion: dict | None, final: bool,
+                       summary: dict, why: str) -> tuple[str, object]: ...
+    def live_consumers(self, queue: str) -> set[str]: ...
 
 
 class ShardStopped(Exception):
@@ -61,15 +68,21 @@ _STOP_TEXT = {RunState.CANCELLED.value: "the run was cancelled", RunState.DONE.v
               "done-elsewhere": "another copy of the shard finished first", "gone": "the run's record is gone"}
 
 
-def run_shard(task: ShardTask, *, ledger: ShardLedger, resources: DeviceResources, worker: WorkerConfig) -> dict:
+def run_shard(task: ShardTask, *, ledger: ShardLedger, resources: DeviceResources, worker: WorkerConfig,
+              queue: str | None = None) -> dict:
     """Evaluate images ``[task.start, task.stop)`` of the run's dataset on this worker, under
-    the shard's lease.
+    the shard's lease. ``queue``: the queue the shard came from (a failed shard is sent again
+    there, for another worker: ``failover``).
 
     Returns:
         A JSON-ready dict: the shard's identity and ``status``: "ok" (with the per-image top-5
         of ``evaluate_range``, timings and provenance, and ``kept``: whether this copy's result
-        is the shard's), "error" (with ``error``), "skipped" (the run may not start shards, or the
-        shard has its result) or "stopped" (this copy gave up: see ``reason``).
+        is the shard's), "error" (with ``error``; ``final``: the shard failed for good, else
+        ``dispatches``: it is to be sent again for another worker, its dispatch count now;
+        ``excluded``: this failure excluded the worker from the run; ``settled``: (shards
+        finished, shards of the run, shards running) after a final failure), "refused" (the run
+        holds the shard against this worker: ``reason``), "skipped" (the run may not start
+        shards, or the shard has its result) or "stopped" (this copy gave up: see ``reason``).
     """
     job = task.job
     options = worker.backend_options(job.precision)
@@ -78,19 +91,37 @@ def run_shard(task: ShardTask, *, ledger: ShardLedger, resources: DeviceResource
     base = {"run_id": task.run_id, "shard_id": task.shard_id, "start": task.start, "stop": task.stop,
             "worker": worker.name, "host": host, "device": worker.device, "backend": worker.backend,
             "precision": options.precision}
+    me = {"name": worker.name, "host": host, "device": worker.device}
 
-    def failed(msg: str) -> dict:
-        ledger.commit_shard(task.run_id, task.shard_id, holder=holder, status="error",
-                            summary={"status": "error", "error": msg, "worker": worker.name, "host": host,
-                                     "device": worker.device, "images": 0, "finished_at": time.time()})
-        return {**base, "status": "error", "error": msg}
+    def failed(msg: str | None, *, final: bool = False) -> dict:
+        """This copy failed (``msg``), or this worker may not take the shard (None): decided by
+        ``failover.decide`` and recorded at once (read again if another failure came first);
+        ``final``: the shard fails for good."""
+        s = worker.settings
+        for _ in range(8):
+            view = ledger.failure_view(task.run_id, task.shard_id, worker.name)
+            live = ledger.live_consumers(queue) if queue else set()
+            d = failover.decide(view, worker=me, error=msg, live=live, queue=queue,
+                                shard_max_devices=s.shard_max_devices, device_max_failures=s.device_max_failures,
+                                final=final)
+            summary = {"status": "error", "error": d.error, "worker": worker.name, "host": host,
+                       "device": worker.device, "images": 0, "finished_at": time.time()}
+            outcome, value = ledger.record_failure(task.run_id, task.shard_id, holder=holder, worker=worker.name,
+                                                   seen=view.raw, failures=d.failures, streak=d.streak,
+                                                   exclusion=d.exclusion, final=d.final, summary=summary, why=d.why)
+            if outcome != "changed":
+                break
+        out = {**base, "status": "error", "error": d.error, "excluded": d.exclusion is not None}
+        if outcome == "failed":
+            return out | {"final": True, "settled": value}
+        if outcome == "retry":
+            return out | {"final": False, "dispatches": value}
+        return out | {"final": False, "dropped": value}  # another copy has it, or the run ended
 
+    refusal = None
     try:  # the message itself, first: every path resolved and checked against this worker's roots,
-        # the backend it asks for, the range against the folder
-        job = job.within(worker.roots)
-        if worker.backend != job.backend:
-            raise NasqError(f"this worker runs backend {worker.backend!r} but the run asked for "
-                            f"{job.backend!r}; start a worker with --backend {job.backend} on the run's queue")
+        # the backend it asks for, the range against the folder (a hostile message goes no further)
+        job = _checked(task, worker)
         source = resources.source_for(job.dataset.root, job.dataset.fingerprint)
         if task.stop > len(source):
             raise NasqError(f"images [{task.start}, {task.stop}) are past the {len(source)} images of "
@@ -98,19 +129,32 @@ def run_shard(task: ShardTask, *, ledger: ShardLedger, resources: DeviceResource
         source.check_unchanged(task.start, task.stop)
     except NasqError as e:
         log.warning("shard %s of run %s refused: %s", task.shard_id, task.run_id, e)
-        return failed(str(e))
+        refusal = str(e)
     n = task.stop - task.start
     claim, value = ledger.claim_shard(task.run_id, task.shard_id, holder=holder, lease_s=worker.settings.lease_s,
                                       info={"worker": worker.name, "host": host, "device": worker.device, "images": n},
                                       max_attempts=worker.settings.max_attempts)
     if claim == "exhausted":
         return failed(f"started {int(value) - 1} times without finishing (its worker died each time); "
-                      f"giving up after max_attempts={worker.settings.max_attempts}")
-    if claim != "ok":  # a late delivery: nothing was evaluated, so nothing is dropped either
+                      f"giving up after max_attempts={worker.settings.max_attempts}", final=True)
+    if claim == "refused":
+        why = "this worker is excluded from the run" if value == "excluded" else "this worker failed the shard before"
+        out = failed(None) if queue is None or not _others_may_take(ledger, task, worker.name, queue) else None
+        if out is not None:
+            log.warning("shard %s of run %s: %s, and no other live worker may take it: it fails", task.shard_id,
+                        task.run_id, why)
+            return out
+        return {**base, "status": "refused", "reason": why}
+    if claim != "ok":  # a late delivery (or one of no run): nothing was evaluated, so nothing is dropped either
+        if refusal:
+            return {**base, "status": "error", "error": refusal, "final": True}
         why = {"ended": f"the run is {value}", "has-result": "the shard already has its result",
                "gone": "the run's record is gone"}[claim]
         log.info("shard %s of run %s skipped: %s", task.shard_id, task.run_id, why)
         return {**base, "status": "skipped", "reason": why}
+    if refusal:
+        return failed(refusal)
+    _, streak = value
     with _lease(ledger, task, holder, worker.settings.lease_s) as lease:
         ticker = _Ticker(ledger, task, holder, worker.settings.lease_s, lease)
         try:
@@ -138,10 +182,10 @@ def run_shard(task: ShardTask, *, ledger: ShardLedger, resources: DeviceResource
                    "errors": len(result["errors"]), **result["timing"], "labelled": len(labelled),
                    "top1_correct": sum(1 for lab, ids in labelled if ids[:1] == [lab])}
         outcome, why = ledger.commit_shard(task.run_id, task.shard_id, holder=holder, status="ok", summary=summary,
-                                           result=out)
+                                           result=out, worker=worker.name, reset_streak=streak > 0)
     out["kept"] = outcome == "accepted"
     if out["kept"]:
-        out["kept_of"] = why  # (results kept, shards of the run)
+        out["kept_of"] = why  # (results kept, shards of the run, shards finished)
     wall = summary["wall_s"]
     if out["kept"]:
         log.info("%s of run %s: %d images (%d unusable) in %.1f s, %.1f img/s on %s", task.shard_id, task.run_id,
@@ -150,6 +194,27 @@ def run_shard(task: ShardTask, *, ledger: ShardLedger, resources: DeviceResource
         log.warning("%s of run %s: this copy's result was dropped (%s): the shard's result was already kept, or the "
                     "run had ended; counted in duplicate_shard_results_dropped", task.shard_id, task.run_id, why)
     return out
+
+
+def _checked(task: ShardTask, worker: WorkerConfig):
+    """The shard's job with its paths resolved within this worker's roots, for this worker's backend.
+
+    Raises:
+        NasqError: a path outside the roots, or a run of another backend.
+    """
+    job = task.job.within(worker.roots)
+    if worker.backend != job.backend:
+        raise NasqError(f"this worker runs backend {worker.backend!r} but the run asked for "
+                        f"{job.backend!r}; start a worker with --backend {job.backend} on the run's queue")
+    return job
+
+
+def _others_may_take(ledger: ShardLedger, task: ShardTask, me: str, queue: str) -> bool:
+    """Is there a live worker of ``queue`` besides ``me`` that may take the shard (not excluded
+    from the run, has not failed the shard)?"""
+    view = ledger.failure_view(task.run_id, task.shard_id, me)
+    tried = set(failover.failed_on(view.failures))
+    return any(w != me and w not in view.excluded and w not in tried for w in ledger.live_consumers(queue))
 
 
 class _Ticker:

@@ -15,7 +15,8 @@ import logging
 import time
 
 from ..runstate import ENDED, RunState
-from ..wire import TASK_EVAL_SHARD, TASK_MERGE, TASK_RUN_FAILED, merge_task_id, shard_task_id, shard_tasks
+from ..wire import (TASK_EVAL_SHARD, TASK_MERGE, TASK_RUN_FAILED, ShardTask, merge_task_id, shard_of_task,
+                    shard_task_id, shard_tasks)
 from .store import BrokerFull, RunStore
 from .transport import BrokerView
 from .trust import ManifestTrust, UntrustedRecord
@@ -81,8 +82,9 @@ class Healer:
             manifest = self.manifest(run_id)
             if manifest is None:
                 return []
-            lost = [sid for sid in lost if self.store.claim_lost(run_id, sid)]
-            self.redispatch(manifest, lost, why="lease expired: its worker stopped renewing it")
+            taken = {sid: n for sid in lost if (n := self.store.claim_lost(run_id, sid))}
+            self.redispatch(manifest, taken, why="lease expired: its worker stopped renewing it")
+            lost = list(taken)
         out = lost + self._stranded(run_id, st, manifest)
         self.merge_if_stranded(run_id, manifest)
         if time.time() - self._kept.get(run_id, 0.0) >= KEEP_EVERY_S:
@@ -94,9 +96,15 @@ class Healer:
         """Shards neither finished nor running whose message is nowhere to be taken: the queue is
         empty, and the message is missing (lost with the broker, or discarded by a worker) or was
         delivered to a worker that never started it more than a lease ago. Checked only once the
-        queue has drained, so it costs nothing while the fleet is busy."""
+        queue has drained, so it costs nothing while the fleet is busy. A run whose every shard
+        ended, some of them failed for good, is failed (``settle``)."""
         n = st.get("shards")
-        if not n or sum(self.store.shard_counts(run_id)) >= n:
+        if not n:
+            return []
+        finished, running = self.store.shard_counts(run_id)
+        if finished + running >= n:
+            if finished >= n and not running and self.store.results_count(run_id) < n:
+                self.settle(run_id, manifest)
             return []
         if st.get("state") == RunState.SUBMITTED and time.time() - st.get("at", 0) < max(SUBMIT_GRACE_S, self.lease_s):
             return []  # its client may still be sending the shards: one not sent yet is not lost
@@ -105,11 +113,12 @@ class Healer:
             return []
         counts = self.store.redispatched(run_id)  # first: a shard another healer sends after this read is
         # either in `recent` below or refused by the count's compare-and-set
-        finished, running, unacked = self.store.finished(run_id), self.store.running(run_id), self.broker.unacked_ages()
+        finished, running, unacked = (self.store.finished(run_id), self.store.running(run_id),
+                                      self.unacked_shards(run_id))
         recent = {sid for sid, t in self.store.redispatched_at(run_id).items() if time.time() - t < self.lease_s}
         busy = set(finished) | set(running) | recent
         stuck = [s["shard_id"] for s in manifest["shards"] if s["shard_id"] not in busy
-                 and unacked.get(shard_task_id(run_id, s["shard_id"]), self.lease_s + 1) > self.lease_s]
+                 and unacked.get(s["shard_id"], self.lease_s + 1) > self.lease_s]
         if not stuck:
             return []
         restarted = manifest.get("broker_id") and self.broker.server_id() not in (None, manifest["broker_id"])
@@ -119,34 +128,65 @@ class Healer:
         given_up = [sid for sid in stuck if counts.get(sid, 0) >= self.max_attempts]
         if given_up:
             self._give_up(run_id, given_up, why)
-        stuck = [sid for sid in stuck
-                 if sid not in given_up and self.store.claim_stranded(run_id, sid, counts.get(sid, 0))]
-        self.redispatch(manifest, stuck, why=why)
-        return stuck
+        taken = {sid: c for sid in stuck if sid not in given_up
+                 and (c := self.store.claim_stranded(run_id, sid, counts.get(sid, 0), why=why))}
+        self.redispatch(manifest, taken, why=why)
+        return list(taken)
+
+    def unacked_shards(self, run_id: str) -> dict[str, float]:
+        """Shard id -> seconds since the latest delivery of any copy of it that a worker holds
+        and has not acknowledged."""
+        out: dict[str, float] = {}
+        for tid, age in self.broker.unacked_ages().items():
+            of = shard_of_task(tid)
+            if of and of[0] == run_id:
+                out[of[1]] = min(age, out.get(of[1], age))
+        return out
 
     def _give_up(self, run_id: str, shard_ids: list[str], why: str) -> None:
         """Shards whose message went missing ``max_attempts`` times fail (a worker keeps
         discarding them), so the run fails naming them instead of sending them forever."""
         for sid in shard_ids:
-            self.store.commit_shard(run_id, sid, holder="healing", status="error", summary={
-                "status": "error", "worker": "healing",
-                "error": f"its message went missing {self.max_attempts} times ({why})"})
+            self.store.record_failure(run_id, sid, holder="healing", worker="healing",
+                                      seen=self.store.failure_view(run_id, sid, "healing").raw,
+                                      failures=self.store.failures(run_id).get(sid, []), streak=None, exclusion=None,
+                                      final=True, why="", summary={
+                                          "status": "error", "worker": "healing",
+                                          "error": f"its message went missing {self.max_attempts} times ({why})"})
         log.warning("run %s: %s failed: %s, %d times", run_id, ", ".join(shard_ids), why, self.max_attempts)
-        self.app.signature(TASK_RUN_FAILED, args=(None, None, None), kwargs={"run_id": run_id},
-                           queue=(self.manifest(run_id) or {}).get("queue")).apply_async()
+        self.settle(run_id)
 
-    def redispatch(self, manifest: dict, shard_ids: list[str], *, why: str) -> None:
-        """Send the shards again, under their own task ids (claimed first by the caller)."""
-        if not shard_ids:
+    def settle(self, run_id: str, manifest: dict | None = None) -> bool:
+        """A run whose every shard ended, some for good without a result: have a worker fail it
+        (``nasq.run_failed``; once per run and resume). The chord's errback does it too, but a
+        shard sent again (after a failure, a lost worker or message) is no part of the chord."""
+        st = self.store.state(run_id) or {}
+        if st.get("state") not in (RunState.RUNNING, RunState.SUBMITTED):
+            return False
+        manifest = manifest or self.manifest(run_id)
+        if manifest is None or not self.store.claim_merge(run_id, f"fail-{self.store.resumes(run_id)}"):
+            return False
+        self.app.signature(TASK_RUN_FAILED, args=(None, None, None), kwargs={"run_id": run_id},
+                           queue=manifest["queue"]).apply_async()
+        log.info("run %s: every shard has ended, some without a result; the run is failed", run_id)
+        return True
+
+    def redispatch(self, manifest: dict, dispatches: dict[str, int], *, why: str) -> None:
+        """Send the shards again, each under the task id of its dispatch count (``dispatches``:
+        shard id -> the count its claim returned; claimed first by the caller)."""
+        if not dispatches:
             return
         tasks = {t.shard_id: t for t in shard_tasks(manifest)}
-        for sid in shard_ids:
-            t = tasks[sid]
-            self.app.signature(TASK_EVAL_SHARD, args=t.args(), queue=manifest["queue"],
-                               task_id=shard_task_id(manifest["run_id"], sid), ignore_result=True,
-                               argsrepr=f"{t.argsrepr} (dispatched again: {why})").apply_async()
-        log.warning("run %s: %d shard(s) dispatched again (%s): %s", manifest["run_id"], len(shard_ids), why,
-                    ", ".join(shard_ids))
+        for sid, n in dispatches.items():
+            self.resend(tasks[sid], manifest["queue"], n, why=why)
+        log.warning("run %s: %d shard(s) dispatched again (%s): %s", manifest["run_id"], len(dispatches), why,
+                    ", ".join(dispatches))
+
+    def resend(self, task: ShardTask, queue: str, dispatch: int, *, why: str) -> None:
+        """Send one shard again on ``queue``, as its ``dispatch``-th copy sent again."""
+        self.app.signature(TASK_EVAL_SHARD, args=task.args(), queue=queue,
+                           task_id=shard_task_id(task.run_id, task.shard_id, dispatch), ignore_result=True,
+                           argsrepr=f"{task.argsrepr} (attempt {dispatch + 1}: {why})"[:1000]).apply_async()
 
     def merge_if_stranded(self, run_id: str, manifest: dict | None = None, *,
                           kept_of: tuple[int, int] | None = None) -> bool:
@@ -182,8 +222,8 @@ class Healer:
     def resumable(self, manifest: dict, seen: dict[str, int] | None = None) -> dict[str, str]:
         """What each unfinished shard of a run is doing, as ``nasq resume`` sees it: "failed" (its
         last copy failed), "lost" (recorded as running, its lease expired), "running" (on a live
-        worker), "queued" (its message waits in the queue, was delivered less than a lease ago, or
-        was just sent again by healing) or "missing" (its message is nowhere: lost with a broker, or
+        worker), "queued" (a message of it waits in the queue, was delivered less than a lease ago,
+        or was just sent again) or "missing" (its message is nowhere: lost with a broker, or
         discarded). Shards that have their result are not listed. ``seen``, when given, receives
         the shards' dispatch counts as read first (``claim_for_resume`` claims against them)."""
         run_id = manifest["run_id"]
@@ -191,16 +231,18 @@ class Healer:
             seen.update(self.store.redispatched(run_id))  # first: see _stranded
         results, finished, running = self.store.result_ids(run_id), self.store.finished(run_id), self.store.running(run_id)
         lost = set(self.store.lost_shards(run_id))
-        queued, unacked = self.broker.queued_task_ids(manifest["queue"]), self.broker.unacked_ages()
+        queued = {of[1] for tid in self.broker.queued_task_ids(manifest["queue"])
+                  if (of := shard_of_task(tid)) and of[0] == run_id}
+        unacked = self.unacked_shards(run_id)
         recent = {sid for sid, t in self.store.redispatched_at(run_id).items() if time.time() - t < self.lease_s}
         out = {}
         for s in manifest["shards"]:
-            sid, tid = s["shard_id"], shard_task_id(run_id, s["shard_id"])
+            sid = s["shard_id"]
             if sid in results:
                 continue
             if sid in running:
                 out[sid] = "lost" if sid in lost else "running"
-            elif tid in queued or unacked.get(tid, self.lease_s + 1) <= self.lease_s or sid in recent:
+            elif sid in queued or unacked.get(sid, self.lease_s + 1) <= self.lease_s or sid in recent:
                 out[sid] = "queued"
             elif finished.get(sid, {}).get("status") == "error":
                 out[sid] = "failed"
@@ -208,16 +250,18 @@ class Healer:
                 out[sid] = "missing"
         return out
 
-    def claim_for_resume(self, run_id: str, plan: dict[str, str], seen: dict[str, int] | None = None) -> list[str]:
+    def claim_for_resume(self, run_id: str, plan: dict[str, str], seen: dict[str, int] | None = None) -> dict[str, int]:
         """The shards of ``plan`` (``resumable``) that ``nasq resume`` sends again: the failed, lost
         and missing ones, each claimed first so that a concurrent resume, or healing, sends it once:
-        against the dispatch counts ``resumable`` read first (``seen``), or read now."""
-        def claim(sid: str, why: str) -> bool:
+        against the dispatch counts ``resumable`` read first (``seen``), or read now. Returns shard
+        id -> its dispatch count now."""
+        def claim(sid: str, why: str) -> int:
             if why == "lost":
-                return self.store.claim_lost(run_id, sid)
-            return self.store.claim_stranded(run_id, sid, None if seen is None else seen.get(sid, 0))
+                return self.store.claim_lost(run_id, sid, why="nasq resume (its worker went away)")
+            return self.store.claim_stranded(run_id, sid, None if seen is None else seen.get(sid, 0),
+                                             why=f"nasq resume (it was {why})")
 
-        return [sid for sid, why in plan.items() if why in ("failed", "lost", "missing") and claim(sid, why)]
+        return {sid: n for sid, why in plan.items() if why in ("failed", "lost", "missing") and (n := claim(sid, why))}
 
     def heal_active(self) -> None:
         """``heal`` every active run (a worker's heartbeat)."""

@@ -8,6 +8,7 @@ import time
 
 import redis
 
+from ..inference.failover import FailureView
 from ..runstate import ACCEPTS_RESULTS, ENDED, MAY_START, RunState
 from .redis_store import EXPIRING, RedisStore, _rides_out_full, _states
 from .scripts import KEPT
@@ -30,12 +31,17 @@ class ShardLedger(RedisStore):
     @_rides_out_full
     def claim_shard(self, run_id: str, shard_id: str, *, holder: str, lease_s: float, info: dict,
                     max_attempts: int) -> tuple[str, object]:
-        """A worker starts a shard (one round trip): counts the attempt, takes the lease, records
-        it as running. Returns ("ok", attempt), ("ended", state), ("has-result", None),
-        ("exhausted", attempts) or ("gone", None)."""
-        out = self._run("CLAIM", [self._k(run_id, p) for p in ("state", "attempts", "running", f"lease:{shard_id}")],
+        """A worker (``info["worker"]``) starts a shard (one round trip): counts the attempt,
+        takes the lease, records it as running. Returns ("ok", (attempt, the worker's failures
+        in a row in this run)), ("ended", state), ("has-result", None), ("exhausted", attempts),
+        ("refused", "excluded" | "failed-here": the run holds it against this worker) or
+        ("gone", None)."""
+        out = self._run("CLAIM", [self._k(run_id, p) for p in ("state", "attempts", "running", f"lease:{shard_id}",
+                                                                "barred")],
                         [shard_id, holder, max(1, int(lease_s * 1000)), {**info, "holder": holder, "at": time.time()},
-                         max_attempts, _states(MAY_START), KEPT])
+                         max_attempts, _states(MAY_START), KEPT, info["worker"]])
+        if out[0] == "ok":
+            return "ok", (int(out[1]), int(out[2]))
         return out[0], (out[1] if len(out) > 1 else None)
 
     def shard_tick(self, run_id: str, shard_id: str, *, holder: str, done: int, lease_s: float) -> tuple[str, str | None]:
@@ -51,16 +57,59 @@ class ShardLedger(RedisStore):
 
     @_rides_out_full
     def commit_shard(self, run_id: str, shard_id: str, *, holder: str, status: str, summary: dict,
-                     result: dict | None = None) -> tuple[str, object]:
+                     result: dict | None = None, worker: str = "", reset_streak: bool = False) -> tuple[str, object]:
         """A copy of a shard ends (one round trip): "ok" (``result`` kept if it is the shard's
-        first), "error" (a failure) or "stopped" (given up). Returns ("accepted", (results kept,
-        shards of the run)), ("failed", None) or ("dropped", why)."""
+        first; ``reset_streak``: ``worker``'s run of failures in this run ends) or "stopped"
+        (given up). A failure goes through ``record_failure``. Returns ("accepted", (results
+        kept, shards of the run, shards finished: kept or failed for good)) or ("dropped", why)."""
         out = self._run("COMMIT", [self._k(run_id, p) for p in ("state", "results", "finished", "running", "dropped",
-                                                                f"lease:{shard_id}", "attempts")],
+                                                                f"lease:{shard_id}", "attempts", "barred")],
                         [shard_id, holder, status, json.dumps(result) if result is not None else "", summary,
-                         self.expires, _states(ACCEPTS_RESULTS), str(RunState.CANCELLED), _states(ENDED), KEPT])
+                         self.expires, _states(ACCEPTS_RESULTS), str(RunState.CANCELLED), _states(ENDED), KEPT,
+                         worker, "1" if reset_streak else "0"])
         if out[0] == "accepted":
-            return "accepted", (int(out[1]), int(out[2]))
+            return "accepted", (int(out[1]), int(out[2]), int(out[3]))
+        return out[0], (out[1] if len(out) > 1 else None)
+
+    def failure_view(self, run_id: str, shard_id: str, worker: str) -> FailureView:
+        """What a decision about a failed shard reads (one round trip): the shard's failures so
+        far (as stored, for the compare and set of ``record_failure``), the run's excluded
+        workers and ``worker``'s failures in a row."""
+        with self.r.pipeline(transaction=False) as p:
+            p.hget(self._k(run_id, "failures"), shard_id)
+            p.hgetall(self._k(run_id, "excluded"))
+            p.hkeys(self._k(run_id, "barred"))
+            p.hget(self._k(run_id, "barred"), f"{worker}#streak")
+            raw, excluded, barred, streak = p.execute()
+        raw = raw.decode() if raw else ""
+        barred = {k.decode() for k in barred}
+        return FailureView(raw=raw, failures=json.loads(raw) if raw else [],
+                           excluded={k.decode(): json.loads(v) for k, v in excluded.items() if k.decode() in barred},
+                           streak=int(streak or 0))
+
+    @_rides_out_full
+    def record_failure(self, run_id: str, shard_id: str, *, holder: str, worker: str, seen: str,
+                       failures: list[dict], streak: int | None, exclusion: dict | None, final: bool,
+                       summary: dict, why: str) -> tuple[str, object]:
+        """Record a shard's failure as decided from ``failure_view`` (``seen``: the failure list
+        it read; ``failures``: the list with this failure added; ``streak``: the worker's
+        failures in a row now, None when the failure is not the worker's own; ``exclusion``: the
+        record that excludes the worker from the run). ``final``: the shard fails for good with
+        ``summary``; else it is taken for dispatching again elsewhere (``why``).
+        Returns ("failed", (finished, shards, running)), ("retry", dispatch count now),
+        ("changed", None): another failure came first (read again and decide again), or
+        ("dropped", why)."""
+        out = self._run("FAIL", [self._k(run_id, p) for p in ("state", "results", "finished", "running",
+                                                              f"lease:{shard_id}", "failures", "barred", "excluded",
+                                                              "redispatched", "redispatched_at", "redispatched_why",
+                                                              "dropped")],
+                        [shard_id, holder, worker, seen, json.dumps(failures), "" if streak is None else str(streak),
+                         json.dumps(exclusion) if exclusion else "", "1" if final else "0", summary,
+                         _states(ACCEPTS_RESULTS), time.time(), why, self.expires])
+        if out[0] == "failed":
+            return "failed", (int(out[1]), int(out[2]), int(out[3]))
+        if out[0] == "retry":
+            return "retry", int(out[1])
         return out[0], (out[1] if len(out) > 1 else None)
 
     def keep_run(self, run_id: str) -> None:
@@ -83,28 +132,37 @@ class ShardLedger(RedisStore):
         return [sid for sid, h in zip(running, holders) if h is None]
 
     @_rides_out_full
-    def claim_lost(self, run_id: str, shard_id: str, *, running: bool = True) -> bool:
-        """Take a lost shard off the running list; True for the one caller that gets to re-dispatch
-        it. ``running=False``: a shard lost before it was recorded as running (revoked in the queue):
-        always True. The dispatch is counted in the same atomic step."""
-        return self._redispatch(run_id, shard_id, "lost" if running else "revoked")
+    def claim_lost(self, run_id: str, shard_id: str, *, running: bool = True, why: str | None = None) -> int:
+        """Take a lost shard off the running list: its dispatch count now (truthy) for the one
+        caller that gets to re-dispatch it, else 0. ``running=False``: a shard lost before it
+        was recorded as running (revoked in the queue): always taken. The dispatch is counted
+        in the same atomic step."""
+        return self._redispatch(run_id, shard_id, "lost" if running else "revoked",
+                                why=why or ("its worker went away (the lease expired)" if running
+                                            else "revoked in flight (a broker restart)"))
 
-    def _redispatch(self, run_id: str, shard_id: str, how: str, seen: int = 0) -> bool:
-        return bool(self._run("REDISPATCH", [self._k(run_id, p) for p in ("running", "redispatched", "redispatched_at")],
-                              [shard_id, how, time.time(), self.expires, seen]))
+    def _redispatch(self, run_id: str, shard_id: str, how: str, seen: int = 0, *, why: str) -> int:
+        return int(self._run("REDISPATCH", [self._k(run_id, p) for p in ("running", "redispatched", "redispatched_at",
+                                                                          "redispatched_why", "failures")],
+                             [shard_id, how, time.time(), self.expires, seen, why]))
 
     def redispatched_at(self, run_id: str) -> dict[str, float]:
         """When each re-dispatched shard was last sent again."""
         return {k.decode(): float(v) for k, v in self.r.hgetall(self._k(run_id, "redispatched_at")).items()}
 
+    def redispatched_why(self, run_id: str) -> dict[str, str]:
+        """Why each re-dispatched shard was last sent again (healing, a failure, ``nasq resume``)."""
+        return {k.decode(): v.decode() for k, v in self.r.hgetall(self._k(run_id, "redispatched_why")).items()}
+
     @_rides_out_full
-    def claim_stranded(self, run_id: str, shard_id: str, seen: int | None = None) -> bool:
-        """True for the one caller that re-dispatches a shard whose message is stranded (not
-        queued, not running, not finished): the one whose ``seen`` dispatch count of the shard
-        (read now when None) is still the count; the count goes up in the same step."""
+    def claim_stranded(self, run_id: str, shard_id: str, seen: int | None = None, *, why: str) -> int:
+        """The shard's dispatch count now (truthy) for the one caller that re-dispatches a shard
+        whose message is stranded (not queued, not running, not finished): the one whose
+        ``seen`` dispatch count of the shard (read now when None) is still the count; the count
+        goes up in the same step. 0 for every other caller."""
         if seen is None:
             seen = int(self.r.hget(self._k(run_id, "redispatched"), shard_id) or 0)
-        return self._redispatch(run_id, shard_id, "stranded", seen)
+        return self._redispatch(run_id, shard_id, "stranded", seen, why=why)
 
     def redispatched(self, run_id: str) -> dict[str, int]:
         return {k.decode(): int(v) for k, v in self.r.hgetall(self._k(run_id, "redispatched")).items()}
@@ -171,6 +229,22 @@ class ShardLedger(RedisStore):
         if accepted_only or not running:
             return total
         return total + sum(lease_progress(v) for v in self.r.mget([self._k(run_id, f"lease:{sid}") for sid in running]))
+
+    def failures(self, run_id: str) -> dict[str, list[dict]]:
+        """Shard id -> the failures of its copies (each: worker, host, device, error, at, kind),
+        for the shards that failed somewhere, whether they then ran elsewhere or not."""
+        return self._hash(run_id, "failures")
+
+    def exclusions(self, run_id: str) -> dict[str, dict]:
+        """Worker -> the record of its exclusion from the run (when, why, the shards it failed),
+        with ``lifted``: True once a ``nasq resume`` lifted it (the worker takes the run's shards
+        again)."""
+        with self.r.pipeline(transaction=False) as p:
+            p.hgetall(self._k(run_id, "excluded"))
+            p.hkeys(self._k(run_id, "barred"))
+            records, barred = p.execute()
+        barred = {k.decode() for k in barred}
+        return {k.decode(): {**json.loads(v), "lifted": k.decode() not in barred} for k, v in records.items()}
 
     def attempts(self, run_id: str) -> dict[str, int]:
         return {k.decode(): int(v) for k, v in self.r.hgetall(self._k(run_id, "attempts")).items()}

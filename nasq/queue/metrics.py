@@ -10,6 +10,9 @@ and not runs. Each scrape reads the run store: the active runs and the most rece
     nasq_run_top1_so_far_percent{run_id,...}         top-1 over the finished shards' labelled images
     nasq_run_device_throughput_img_s{run_id,worker,device}  per worker (device: host/device), over its kept
                                                      shards' time
+    nasq_run_devices_excluded{run_id,backend,queue}  workers excluded from the run (failed shards in a row)
+    nasq_run_device_excluded{run_id,worker,device}   1 per excluded worker (device: host/device)
+    nasq_queue_live_workers{queue}                   live workers consuming the queue of an active run
     nasq_workers_alive                               workers with a recent heartbeat
 """
 from __future__ import annotations
@@ -34,11 +37,15 @@ class RunCollector:
             ("shards_done", "Shards whose result was kept"),
             ("shards_failed", "Shards that failed (until nasq resume sends them again)"),
             ("throughput_img_s", "Images per second over the shards' span so far"),
-            ("top1_so_far_percent", "Top-1 accuracy over the labelled images of the finished shards"))}
+            ("top1_so_far_percent", "Top-1 accuracy over the labelled images of the finished shards"),
+            ("devices_excluded", "Workers excluded from the run after failing shards in a row"))}
         info = GaugeMetricFamily("nasq_run_info", "1 per run, its state as a label", labels=[*labels, "state"])
         dev = GaugeMetricFamily("nasq_run_device_throughput_img_s", "Per worker: images / s over its shards' time",
                                 labels=["run_id", "worker", "device"])
-        runs = list(dict.fromkeys([*self.store.active_runs(), *self.store.run_ids(self.recent)]))
+        excluded = GaugeMetricFamily("nasq_run_device_excluded", "1 per worker excluded from the run",
+                                     labels=["run_id", "worker", "device"])
+        active = self.store.active_runs()
+        runs = list(dict.fromkeys([*active, *self.store.run_ids(self.recent)]))
         for run_id in runs:
             manifest = self.store.manifest(run_id)
             if manifest is None:
@@ -56,12 +63,22 @@ class RunCollector:
                 g["top1_so_far_percent"].add_metric(values, 100.0 * sum(s.get("top1_correct", 0) for s in finished)
                                                     / labelled)
             info.add_metric([*values, st["state"]], 1)
+            barred = {w: e for w, e in st["excluded_devices"].items() if not e.get("lifted")}
+            g["devices_excluded"].add_metric(values, len(barred))
+            for worker, e in barred.items():
+                excluded.add_metric([run_id, worker, f"{e.get('host')}/{e.get('device')}"], 1)
             for worker, w in st["workers"].items():
                 where = f"{w['host']}/{w.get('device')}" if w.get("host") else str(w.get("device"))
                 dev.add_metric([run_id, worker, where], w.get("rate_img_s") or 0.0)
         yield from g.values()
         yield info
         yield dev
+        yield excluded
+        live = GaugeMetricFamily("nasq_queue_live_workers", "Live workers consuming the queue of an active run",
+                                 labels=["queue"])
+        for queue in sorted({(self.store.manifest(r) or {}).get("queue") for r in active} - {None}):
+            live.add_metric([queue], len(self.store.live_consumers(queue)))
+        yield live
         alive = GaugeMetricFamily("nasq_workers_alive", "Workers with a recent heartbeat")
         alive.add_metric([], sum(1 for w in self.store.workers().values() if w["alive"]))
         yield alive

@@ -27,8 +27,9 @@ RUNS = "nasq:runs"
 ACTIVE = "nasq:runs:active"
 WORKERS = "nasq:workers"
 #: the parts of a run's records that its transitions and healing give the run's expiry again
-#: (the shard scripts write none), in the order the TRANSITION script takes them
-EXPIRING = ("running", "attempts", "finished", "merges", "results", "dropped", "redispatched", "redispatched_at")
+#: (the shard scripts write none)
+EXPIRING = ("running", "attempts", "finished", "merges", "results", "dropped", "redispatched", "redispatched_at",
+            "redispatched_why", "failures", "barred", "excluded", "refused")
 BUILD = "nasq:build:"
 BUILD_LOCK_TTL_S = 300
 
@@ -103,7 +104,7 @@ class RedisStore:
         self.expires = expires
         self.wait_when_full = bool(outage_s) if wait_when_full is None else wait_when_full
         self._scripts = {name: self.r.register_script(getattr(scripts, name))
-                         for name in ("CLAIM", "TICK", "COMMIT", "TRANSITION", "RENEW", "REDISPATCH")}
+                         for name in ("CLAIM", "TICK", "COMMIT", "FAIL", "TRANSITION", "RENEW", "REDISPATCH")}
 
     @classmethod
     def for_settings(cls, settings, *, ride_out: bool = False, wait_when_full: bool | None = None) -> RedisStore:

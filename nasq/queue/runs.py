@@ -81,17 +81,21 @@ class RunRecords(RedisStore):
                    clear_running: bool = False, merge_id: str | None = None, forget: tuple[str, ...] = (),
                    **fields) -> tuple[bool, str | None]:
         """Move the run along ``nasq.runstate.TRANSITIONS[name]`` if its state allows it, writing
-        ``report``/``predictions`` with it; returns (done, the state the run was in)."""
+        ``report``/``predictions`` with it; returns (done, the state the run was in). A resume
+        forgets the attempts, progress and failures of the shards it sends again (``forget``)
+        and lifts the run's exclusions."""
         sources, target = TRANSITIONS[name]
         record = {"state": str(target), "at": time.time(), **fields}
+        named = ("running", "attempts", "finished", "failures", "barred", "merges")
         out = self._run("TRANSITION",
-                        [self._k(run_id, p) for p in ("state",)] + [ACTIVE] +
-                        [self._k(run_id, p) for p in ("report", "predictions", *EXPIRING, "published", "rendered",
-                                                      "rendering")],
+                        [self._k(run_id, "state"), ACTIVE] +
+                        [self._k(run_id, p) for p in ("report", "predictions", "published", "rendered", "rendering",
+                                                      *named, *(p for p in EXPIRING if p not in named))],
                         [_states(sources), record, str(target), run_id, self.expires,
                          json.dumps(report) if report is not None else "",
                          json.dumps(predictions) if predictions is not None else "",
-                         "1" if clear_running else "0", merge_id or "", _states(ENDED), *forget])
+                         "1" if clear_running else "0", merge_id or "", _states(ENDED),
+                         "1" if name == "resume" else "0", *forget])
         return out[0] == "ok", (str(target) if out[0] == "ok" else out[1] if len(out) > 1 else None)
 
     @_rides_out_full
@@ -190,6 +194,27 @@ class RunRecords(RedisStore):
             self.r.set(self._k(run_id, part), value, ex=self.expires)
         except redis.exceptions.OutOfMemoryError:
             log.warning("run %s: could not mark %s (the broker is full)", run_id, what)
+
+    def record_refusal(self, run_id: str, worker: str, *, signed: bool, text: str) -> bool:
+        """A worker refused a message of the run for its signature (``signed``: the message was
+        signed, and the worker takes unsigned ones only; else it was not, and the worker takes
+        signed ones only). Written only for a run that exists, and read only by an unsigned
+        client (a signed run's client ignores it: this record cannot harm a signed run)."""
+        if not self.has_run(run_id):
+            return False
+        key = self._k(run_id, "refused")
+        try:
+            with self.r.pipeline(transaction=False) as p:
+                p.hset(key, worker, json.dumps({"signed": signed, "text": text[:500], "at": time.time()}))
+                p.expire(key, self.expires)
+                p.execute()
+        except redis.exceptions.OutOfMemoryError:
+            return False
+        return True
+
+    def refusals(self, run_id: str) -> dict[str, dict]:
+        """Worker -> {signed, text, at}: the workers that refused the run's messages for their signature."""
+        return self._hash(run_id, "refused")
 
     def add_note(self, run_id: str, what: str, text: str) -> None:
         try:

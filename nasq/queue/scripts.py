@@ -26,6 +26,12 @@ end
 local function keep(key, ttl)
   redis.call('EXPIRE', key, ttl)
 end
+-- a copy of a shard whose result is not kept: counted in the run's dropped hash
+local function drop(key, shard, ttl, why)
+  redis.call('HINCRBY', key, shard, 1)
+  keep(key, ttl)
+  return {'dropped', why}
+end
 -- a lease's value is its holder, or "holder|images done" once the holder reported progress
 local function holder_of(value)
   if not value then return nil end
@@ -38,21 +44,26 @@ end
 #: reading the results. No holder is spelled so (``holder_of`` keeps it whole).
 KEPT = "|kept"
 
-#: A worker starts a shard: 5 commands (the run's state and the lease in one read).
-#: KEYS: state attempts running lease. ARGV: shard holder lease_ms running_json max_attempts
-#: may_start kept.
-#: -> {"ok", attempt} | {"ended", state} | {"gone"} | {"has-result"} | {"exhausted", attempt}
+#: A worker starts a shard: 6 commands (the run's state and the lease in one read, and in one
+#: more what the run holds against this worker: excluded, or this shard failed on it before).
+#: KEYS: state attempts running lease barred. ARGV: shard holder lease_ms running_json
+#: max_attempts may_start kept worker.
+#: -> {"ok", attempt, failures in a row} | {"ended", state} | {"gone"} | {"has-result"}
+#:    | {"exhausted", attempt} | {"refused", "excluded" | "failed-here"}
 CLAIM = _COMMON + """
 local got = redis.call('MGET', KEYS[1], KEYS[4])
 if not got[1] then return {'gone'} end
 local st = cjson.decode(got[1])['state']
 if not among(st, ARGV[6]) then return {'ended', st} end
 if got[2] == ARGV[7] then return {'has-result'} end
+local bar = redis.call('HMGET', KEYS[5], ARGV[8], ARGV[8] .. '|' .. ARGV[1], ARGV[8] .. '#streak')
+if bar[1] then return {'refused', 'excluded'} end
+if bar[2] then return {'refused', 'failed-here'} end
 local n = redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
 redis.call('SET', KEYS[4], ARGV[2], 'PX', ARGV[3])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
 if n > tonumber(ARGV[5]) then return {'exhausted', n} end  -- the caller holds the lease to record the failure
-return {'ok', n}
+return {'ok', n, tonumber(bar[3] or '0')}
 """
 
 #: A running shard's progress (at most about once a second), written into its lease, which it
@@ -71,65 +82,107 @@ redis.call('SET', KEYS[2], ARGV[1] .. '|' .. ARGV[2], 'PX', ARGV[3])
 return {'ok'}
 """
 
-#: A shard's copy ends. KEYS: state results finished running dropped lease attempts.
-#: ARGV: shard holder status result_json summary_json expires accepts uncounted ended kept.
-#: status "ok" (result_json: the full result), "error" (a failure: summary only) or "stopped"
-#: (the copy gave up: superseded, or its run ended). The first ok result of a shard is kept
-#: (7 commands); a later copy, or any copy once the run is done or cancelled, is dropped and
-#: counted. The run's first kept result gives the run's shard records their expiry; healing
-#: gives it again while the run goes, and the run's end does too (no expiry per write).
-#: -> {"accepted", results kept, shards of the run} | {"failed"} | {"dropped", why}
+#: A shard's copy ends. KEYS: state results finished running dropped lease attempts barred.
+#: ARGV: shard holder status result_json summary_json expires accepts uncounted ended kept
+#: worker reset. status "ok" (result_json: the full result) or "stopped" (the copy gave up:
+#: superseded, or its run ended); a failure goes through ``FAIL``. The first ok result of a
+#: shard is kept (7 commands; one more when ``reset`` says that the worker's run of failures
+#: ends, and one more to count the finished shards when the run's results are not all in); a
+#: later copy, or any copy once the run is done or cancelled, is dropped and counted. The run's
+#: first kept result gives the run's shard records their expiry; healing gives it again while
+#: the run goes, and the run's end does too (no expiry per write).
+#: -> {"accepted", results kept, shards of the run, shards finished (ok or failed for good)}
+#:    | {"dropped", why}
 COMMIT = _COMMON + """
 local got = redis.call('MGET', KEYS[1], KEYS[6])
 local mine = holder_of(got[2]) == ARGV[2]
 local record = got[1] and cjson.decode(got[1])
 local st = record and record['state']
-local function drop(why)
-  redis.call('HINCRBY', KEYS[5], ARGV[1], 1)
-  keep(KEYS[5], ARGV[6])
-  return {'dropped', why}
-end
+local function dropped(why) return drop(KEYS[5], ARGV[1], ARGV[6], why) end
 if ARGV[3] ~= 'ok' and mine then redis.call('DEL', KEYS[6]) end
 if ARGV[3] == 'stopped' then
   if st == nil or among(st, ARGV[8]) then return {'dropped', st or 'gone'} end
-  return drop(among(st, ARGV[9]) and 'late' or 'superseded')
+  return dropped(among(st, ARGV[9]) and 'late' or 'superseded')
 end
 if not among(st, ARGV[7]) then
   if mine then redis.call('DEL', KEYS[6]) end
-  return drop('late')
-end
-if ARGV[3] == 'error' then
-  if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return drop('duplicate') end
-  if not mine and redis.call('HEXISTS', KEYS[4], ARGV[1]) == 1 then return drop('superseded') end
-  redis.call('HSET', KEYS[3], ARGV[1], ARGV[5])
-  keep(KEYS[3], ARGV[6])
-  redis.call('HDEL', KEYS[4], ARGV[1])
-  return {'failed'}
+  return dropped('late')
 end
 if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[4]) == 0 then
   if mine then redis.call('SET', KEYS[6], ARGV[10], 'EX', ARGV[6]) end
-  return drop('duplicate')
+  return dropped('duplicate')
 end
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[5])
 redis.call('HDEL', KEYS[4], ARGV[1])
 redis.call('SET', KEYS[6], ARGV[10], 'EX', ARGV[6])
+if ARGV[12] == '1' then redis.call('HDEL', KEYS[8], ARGV[11] .. '#streak') end
 local kept = redis.call('HLEN', KEYS[2])
 if kept == 1 then
   for _, i in ipairs({2, 3, 4, 7}) do keep(KEYS[i], ARGV[6]) end
 end
-return {'accepted', kept, record['shards'] or 0}
+return {'accepted', kept, record['shards'] or 0, kept < (record['shards'] or 0) and redis.call('HLEN', KEYS[3]) or kept}
+"""
+
+#: A copy of a shard failed on a worker (or a worker cannot take it and no other may): the
+#: failure is added to the shard's list, the worker's run of failures counted (and, when the
+#: caller decided so, the worker excluded from the run), and the shard either fails for good
+#: (``final``: its record in ``finished``) or is taken for dispatching again elsewhere (counted
+#: as ``REDISPATCH`` counts). The caller decided from what it read: the script writes only if
+#: the shard's failure list is still what it read (compare and set), and the run accepts
+#: results, and the shard has none, and no other copy holds it.
+#: KEYS: state results finished running lease failures barred excluded redispatched
+#:       redispatched_at redispatched_why dropped.
+#: ARGV: shard holder worker seen_failures failures_json streak exclusion_json final
+#:       summary_json accepts now why expires.
+#: -> {"failed", finished, shards, running} | {"retry", dispatches} | {"changed"}
+#:    | {"dropped", why}
+FAIL = _COMMON + """
+local got = redis.call('MGET', KEYS[1], KEYS[5])
+local mine = ARGV[2] ~= '' and holder_of(got[2]) == ARGV[2]
+local record = got[1] and cjson.decode(got[1])
+local st = record and record['state']
+local function dropped(why) return drop(KEYS[12], ARGV[1], ARGV[13], why) end
+if not among(st, ARGV[10]) then
+  if mine then redis.call('DEL', KEYS[5]) end
+  return dropped('late')
+end
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return dropped('duplicate') end
+if ARGV[2] ~= '' and not mine and redis.call('HEXISTS', KEYS[4], ARGV[1]) == 1 then return dropped('superseded') end
+if (redis.call('HGET', KEYS[6], ARGV[1]) or '') ~= ARGV[4] then return {'changed'} end
+if mine then redis.call('DEL', KEYS[5]) end
+redis.call('HSET', KEYS[6], ARGV[1], ARGV[5])
+if ARGV[6] ~= '' then
+  redis.call('HSET', KEYS[7], ARGV[3] .. '|' .. ARGV[1], 1, ARGV[3] .. '#streak', ARGV[6])
+end
+if ARGV[7] ~= '' then
+  redis.call('HSET', KEYS[7], ARGV[3], 1)
+  redis.call('HSET', KEYS[8], ARGV[3], ARGV[7])
+end
+redis.call('HDEL', KEYS[4], ARGV[1])
+for _, i in ipairs({6, 7, 8}) do keep(KEYS[i], ARGV[13]) end
+if ARGV[8] == '1' then
+  redis.call('HSET', KEYS[3], ARGV[1], ARGV[9])
+  keep(KEYS[3], ARGV[13])
+  return {'failed', redis.call('HLEN', KEYS[3]), record['shards'] or 0, redis.call('HLEN', KEYS[4])}
+end
+local n = redis.call('HINCRBY', KEYS[9], ARGV[1], 1)
+redis.call('HSET', KEYS[10], ARGV[1], ARGV[11])
+redis.call('HSET', KEYS[11], ARGV[1], ARGV[12])
+for _, i in ipairs({9, 10, 11}) do keep(KEYS[i], ARGV[13]) end
+return {'retry', n}
 """
 
 #: The run moves to another state if it is in one the transition starts from; a cancel also
 #: clears the running shards (they stop on their next progress) and a resume forgets the
-#: attempts, progress and failures of the shards it sends again and records its merge's task id.
-#: Every shard record of the run is given the run's expiry again (shard scripts do not); a run
-#: that starts again (resume) forgets that its earlier report's files were published and rendered.
-#: KEYS: state active report predictions running attempts finished merges, then the other
-#: shard records (results dropped redispatched redispatched_at), then published rendered
-#: rendering.
+#: attempts, progress and failures of the shards it sends again, lifts the run's exclusions
+#: (the bars on workers, not the record of them) and records its merge's task id. Every shard
+#: record of the run is given the run's expiry again (shard scripts do not); a run that starts
+#: again (resume) forgets that its earlier report's files were published and rendered.
+#: KEYS (``RunStore.transition`` names them): state active report predictions published
+#: rendered rendering running attempts finished failures barred merges, then the other shard
+#: records (given the expiry only).
 #: ARGV: from state_json new_state run_id expires report_json predictions_json clear_running
-#:       merge_id ended shard...
+#:       merge_id ended lift shard...
 #: -> {"ok"} | {"state", current state} | {"gone"}
 TRANSITION = _COMMON + """
 local st = state_of(KEYS[1])
@@ -137,19 +190,21 @@ if not st then return {'gone'} end
 if not among(st, ARGV[1]) then return {'state', st} end
 if ARGV[6] ~= '' then redis.call('SET', KEYS[3], ARGV[6], 'EX', ARGV[5]) end
 if ARGV[7] ~= '' then redis.call('SET', KEYS[4], ARGV[7], 'EX', ARGV[5]) end
-if ARGV[8] == '1' then redis.call('DEL', KEYS[5]) end
-for i = 11, #ARGV do
-  redis.call('HDEL', KEYS[6], ARGV[i])
-  redis.call('HDEL', KEYS[7], ARGV[i])
+if ARGV[8] == '1' then redis.call('DEL', KEYS[8]) end
+for i = 12, #ARGV do
+  redis.call('HDEL', KEYS[9], ARGV[i])
+  redis.call('HDEL', KEYS[10], ARGV[i])
+  redis.call('HDEL', KEYS[11], ARGV[i])
 end
-if ARGV[9] ~= '' then redis.call('SADD', KEYS[8], ARGV[9]) end
+if ARGV[11] == '1' then redis.call('DEL', KEYS[12]) end
+if ARGV[9] ~= '' then redis.call('SADD', KEYS[13], ARGV[9]) end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[5])
-for i = 5, #KEYS - 3 do keep(KEYS[i], ARGV[5]) end
+for i = 8, #KEYS do keep(KEYS[i], ARGV[5]) end
 if among(ARGV[3], ARGV[10]) then
   redis.call('SREM', KEYS[2], ARGV[4])
 else
   redis.call('SADD', KEYS[2], ARGV[4])
-  redis.call('DEL', KEYS[#KEYS - 2], KEYS[#KEYS - 1], KEYS[#KEYS])
+  redis.call('DEL', KEYS[5], KEYS[6], KEYS[7])
 end
 return {'ok'}
 """
@@ -157,22 +212,38 @@ return {'ok'}
 #: A shard is taken for dispatching again, by one caller only, and counted in the same step (a
 #: broker that dies between the two can leave neither a claim without its count nor the reverse).
 #: "lost": the shard was running and its lease expired: the caller that removes it from the
-#: running list takes it. "stranded": its message is nowhere; the caller that saw the shard's
+#: running list takes it, and the lost copy is added to the shard's failures (its worker went
+#: away: not barred from the shard, since a machine that restarts under the same name may be the
+#: only one there is). "stranded": its message is nowhere; the caller that saw the shard's
 #: dispatch count at ARGV[5] takes it (compare and set). "revoked": always (a failed run's
-#: in-flight shards, sent again by the one failing it).
-#: KEYS: running redispatched redispatched_at. ARGV: shard how now expires seen.
-#: -> 1 (taken) | 0
+#: in-flight shards, sent again by the one failing it). ARGV[6]: why, as ``nasq status`` says it.
+#: KEYS: running redispatched redispatched_at redispatched_why failures.
+#: ARGV: shard how now expires seen why.
+#: -> the shard's dispatch count now (taken) | 0
 REDISPATCH = _COMMON + """
-if ARGV[2] == 'lost' and redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+local lost = nil
+if ARGV[2] == 'lost' then
+  lost = redis.call('HGET', KEYS[1], ARGV[1])
+  if not lost then return 0 end
+end
 if ARGV[2] == 'stranded' and tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0') ~= tonumber(ARGV[5]) then
   return 0
 end
 -- the writes that need memory first: on a full broker the script stops before changing anything
-redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+local n = redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
-for i = 2, 3 do keep(KEYS[i], ARGV[4]) end
+redis.call('HSET', KEYS[4], ARGV[1], ARGV[6])
+if lost then
+  local info = cjson.decode(lost)
+  local list = cjson.decode(redis.call('HGET', KEYS[5], ARGV[1]) or '[]')
+  list[#list + 1] = {worker = info['worker'], host = info['host'], device = info['device'], kind = 'lost',
+                     error = 'its worker went away (the lease expired)', at = tonumber(ARGV[3])}
+  redis.call('HSET', KEYS[5], ARGV[1], cjson.encode(list))
+  keep(KEYS[5], ARGV[4])
+end
+for i = 2, 4 do keep(KEYS[i], ARGV[4]) end
 redis.call('HDEL', KEYS[1], ARGV[1])
-return 1
+return n
 """
 
 #: A lease is extended only by the worker that holds it. KEYS: lease. ARGV: holder lease_ms.

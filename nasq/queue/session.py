@@ -39,7 +39,12 @@ class Progress:
     done: int = 0
     #: what ended the work: a message (a RunError), or the error itself (its class says how)
     failed: str | Exception | None = None
+    #: a line said when it changes (the broker is full, nobody serves the queue)
     status: str | None = None
+    #: lines said once each (a worker excluded, a queue served again)
+    notes: tuple[str, ...] = ()
+    #: what a timeout says about the work: whether anything goes on
+    on_timeout: str | None = None
 
 
 #: one submission at a time per process: ``_sending_unawaited`` patches the app for its block
@@ -113,7 +118,7 @@ class Session:
     # ------------------------------------------------------------------ who is listening
     def live_workers(self, queue: str) -> list[str]:
         """Workers in the registry with a recent heartbeat that consume ``queue``."""
-        return sorted(n for n, w in self.store.workers().items() if w["alive"] and queue in w.get("queues", []))
+        return sorted(self.store.live_consumers(queue))
 
     def require_consumer(self, queue: str, hint: str) -> None:
         """Raise unless a worker answering right now consumes ``queue``."""
@@ -122,9 +127,11 @@ class Session:
             raise NasqError(f"no worker consumes the {queue} queue: {hint}")
 
     # ------------------------------------------------------------------ canvases
-    def submit_run(self, manifest: dict, shards: list[dict] | None = None, *, merge_id: str | None = None):
+    def submit_run(self, manifest: dict, shards: list[dict] | None = None, *, merge_id: str | None = None,
+                   dispatches: dict[str, int] | None = None):
         """The chord of an evaluation: one ``eval_shard`` per shard (all of the manifest's by
-        default), then ``merge_run``; an errback marks the run failed. Returns the merge's result."""
+        default; ``dispatches``: shard id -> its dispatch count, for shards sent again by a
+        resume), then ``merge_run``; an errback marks the run failed. Returns the merge's result."""
         run_id, queue = manifest["run_id"], manifest["queue"]
         tasks = shard_tasks(manifest, shards)
         body = self.app.signature(TASK_MERGE, kwargs={"run_id": run_id}, queue=queue,
@@ -136,7 +143,8 @@ class Session:
         # ignore_result: a shard's result is in the run's ledger and its chord part in the chord's
         # own set; Celery's copy of it (a read, a write and a publish) would be read by nobody
         header = group(self.app.signature(TASK_EVAL_SHARD, args=t.args(), queue=queue, argsrepr=t.argsrepr,
-                                          task_id=shard_task_id(run_id, t.shard_id), ignore_result=True)
+                                          task_id=shard_task_id(run_id, t.shard_id, (dispatches or {}).get(t.shard_id, 0)),
+                                          ignore_result=True)
                        for t in tasks)
         # one pipelined write for every shard and its task-sent event
         try:
@@ -181,14 +189,15 @@ class Session:
 
             bar = tqdm(total=total, unit=unit, desc=label, file=sys.stderr, dynamic_ncols=True)
         t0 = last_line = time.time()
-        last_status, away = None, None
+        last_status, away, told, p = None, None, None, Progress()
         try:
             while True:
                 if self.cluster is not None:
                     self.cluster.check()
                 if timeout and time.time() - t0 > timeout:
                     where = ("its local workers were stopped with this command, so it is incomplete"
-                             if self.cluster is not None else "it goes on on the workers (`nasq status` follows it)")
+                             if self.cluster is not None else p.on_timeout
+                             or "it goes on on the workers (`nasq status` follows it)")
                     raise RunError(f"{label} did not finish within {timeout:.0f} s; {where}")
                 try:
                     if result.ready():
@@ -204,11 +213,15 @@ class Session:
                 if away is not None:
                     log(f"{label}: the broker is back after {time.time() - away:.0f} s")
                     away = None
+                if p is not told:  # poll() hands the same Progress back until it reads again
+                    told = p
+                    for note in p.notes:
+                        log(f"{label}: {note}")
                 if p.failed:
                     raise p.failed if isinstance(p.failed, Exception) else RunError(p.failed)
                 if p.status and p.status != last_status:
                     log(f"{label}: {p.status}")
-                    last_status = p.status
+                last_status = p.status
                 if bar is not None:
                     bar.n = min(total, p.done)
                     bar.refresh()
@@ -216,11 +229,12 @@ class Session:
                     last_line = time.time()
                     log(f"{label}: {p.done}/{total} {unit}, {p.done / (last_line - t0):.1f} {unit}/s")
                 time.sleep(0.3)
-            if bar is not None:
-                bar.n = total
-                bar.refresh()
             try:
-                return result.get(propagate=True, disable_sync_subtasks=False)
+                value = result.get(propagate=True, disable_sync_subtasks=False)
+                if bar is not None:  # all of it done: only now the bar is full
+                    bar.n = total
+                    bar.refresh()
+                return value
             except NasqError:
                 raise
             except Exception as e:  # a task error comes back re-raised from its serialized form

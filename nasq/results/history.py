@@ -14,7 +14,7 @@ INDEX = "runs.sqlite"
 COLUMNS = ("run_id", "created", "finished", "state", "model", "model_sha256", "backend", "precision", "batch_size",
            "devices", "dataset", "dataset_fingerprint", "images", "images_total", "top1", "top5", "throughput_img_s",
            "end_to_end_img_s", "report", "error", "images_planned", "top1_ci95_low", "top1_ci95_high", "top5_ci95_low",
-           "top5_ci95_high", "device_list", "shards_failed", "simulated")
+           "top5_ci95_high", "device_list", "shards_failed", "simulated", "excluded_devices")
 
 
 def _connect(report_dir: str, *, write: bool = True) -> sqlite3.Connection:
@@ -70,7 +70,8 @@ def row_of(manifest: dict, state: str, report: dict | None = None, error: str | 
             "top1_ci95_low": ci1[0], "top1_ci95_high": ci1[1], "top5_ci95_low": ci5[0], "top5_ci95_high": ci5[1],
             "device_list": [device_cell(d) for d in per_device] or None,
             "shards_failed": [f["shard_id"] for f in report.get("shards_failed") or []] or None,
-            "simulated": any(d.get("backend") == "sim" for d in per_device) or manifest.get("backend") == "sim"}
+            "simulated": any(d.get("backend") == "sim" for d in per_device) or manifest.get("backend") == "sim",
+            "excluded_devices": [device_cell(e) for e in report.get("excluded_devices") or []] or None}
 
 
 def record(report_dir: str, row: dict) -> None:
@@ -106,7 +107,7 @@ def query(report_dir: str, *, state: str | None = None, backend: str | None = No
 
 def _row(values) -> dict:
     row = dict(zip(COLUMNS, values))
-    for c in ("device_list", "shards_failed"):
+    for c in ("device_list", "shards_failed", "excluded_devices"):
         if isinstance(row.get(c), str):
             row[c] = json.loads(row[c])
     if row.get("simulated") is not None:

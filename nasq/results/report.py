@@ -176,9 +176,33 @@ def render(report: dict) -> str:
         lines += [f"    {e['name']}: {e['reason']}" for e in report["errors"][:20]]
         if report["error_count"] > 20:
             lines.append(f"    ... {report['error_count'] - 20} more in the JSON report")
+    if report.get("excluded_devices"):
+        lines += ["", "  EXCLUDED devices (they failed shards in a row; their shards ran on the others):",
+                  table(excluded_rows(report), EXCLUDED_HEADERS, indent="    ")]
     if report.get("duplicate_shard_results_dropped"):
         lines.append(f"  duplicate shard results dropped: {', '.join(report['duplicate_shard_results_dropped'])}")
     return "\n".join(lines)
+
+
+def excluded_rows(report: dict) -> list[list]:
+    import time
+
+    return [[device_cell(e), e.get("worker"), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.get("at") or 0)),
+             e.get("shards_failed"), str(e.get("reason")) + (" (lifted by nasq resume)" if e.get("lifted") else "")]
+            for e in report.get("excluded_devices") or []]
+
+
+EXCLUDED_HEADERS = ["device", "worker", "excluded at", "failed shards in a row", "why"]
+
+
+def retried_rows(report: dict) -> list[list]:
+    """Each failed copy of a shard: the shard, where it failed, why (the shard then ran elsewhere
+    unless it is among the shards not evaluated)."""
+    return [[sid, device_cell(f), f.get("worker"), f.get("error")]
+            for sid, fs in sorted((report.get("shard_failures") or {}).items()) for f in fs]
+
+
+RETRIED_HEADERS = ["shard", "device", "worker", "error"]
 
 
 def _pct(v) -> str:
@@ -261,6 +285,13 @@ def render_markdown(report: dict) -> str:
     if report.get("shards_failed"):
         lines += ["", "## Shards not evaluated", "", state_line(report) or "", "",
                   table(missing_rows(report), MISSING_HEADERS, markdown=True)]
+    if report.get("excluded_devices"):
+        lines += ["", "## Excluded devices", "", "Each failed shards of the run in a row and took none of its shards "
+                  "afterwards; the shards ran on the other devices.", "",
+                  table(excluded_rows(report), EXCLUDED_HEADERS, markdown=True)]
+    if report.get("shard_failures"):
+        lines += ["", "## Shards that failed on a device", "",
+                  table(retried_rows(report), RETRIED_HEADERS, markdown=True)]
     lines += ["", "## Latency per batch (compute only)", "", table(latency_rows(report), LATENCY_HEADERS, markdown=True)]
     if any(not (d.get("latency_ms") or {}).get("p99_samples_ok", True) for d in report["per_device"]):
         lines += ["", P99_NOTE]
@@ -285,6 +316,11 @@ def render_html(report: dict, plots: list[str]) -> str:
     if report.get("shards_failed"):
         sections.append((f"Shards not evaluated ({len(report['shards_failed'])})",
                          esc_table(missing_rows(report), MISSING_HEADERS)))
+    if report.get("excluded_devices"):
+        sections.append((f"Excluded devices ({len(report['excluded_devices'])})",
+                         esc_table(excluded_rows(report), EXCLUDED_HEADERS)))
+    if report.get("shard_failures"):
+        sections.append(("Shards that failed on a device", esc_table(retried_rows(report), RETRIED_HEADERS)))
     latency = esc_table(latency_rows(report), LATENCY_HEADERS)
     if any(not (d.get("latency_ms") or {}).get("p99_samples_ok", True) for d in report["per_device"]):
         latency += f"<p>{_escape(P99_NOTE.replace(chr(92), ''))}</p>"
@@ -302,7 +338,9 @@ def render_html(report: dict, plots: list[str]) -> str:
                          esc_table([[e["name"], e["reason"]] for e in report["errors"][:500]], ["image", "reason"])))
     state = report.get("state") or "done"
     title = f"nasq run {report['run_id']}" + ("" if state == "done" else f" ({state.upper()})")
-    return page(title, sections, banners=[*filter(None, [state_line(report)]), *(report.get("warnings") or [])])
+    excluded = [f"EXCLUDED: {device_cell(e)} ({e.get('reason')})" for e in report.get("excluded_devices") or []]
+    return page(title, sections, banners=[*filter(None, [state_line(report)]), *(report.get("warnings") or []),
+                                          *excluded])
 
 
 def _escape(text: str) -> str:

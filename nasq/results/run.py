@@ -89,6 +89,7 @@ def merge_run(run_id: str, results: list, *, store, report_dir: str, merge_wait_
     report["duplicate_shard_results_dropped"] = sorted(sid for sid, n in store.dropped(run_id).items()
                                                        for _ in range(n))
     report["redispatched_shards"] = store.redispatched(run_id)
+    report.update(failover_fields(store, run_id))
     if not _end(store, "merge", manifest, results, report, predictions, report_dir, images=report["images"],
                 top1=report["top1"], top5=report["top5"], throughput_img_s=report["throughput_img_s"]):
         raise RunEnded(run_id, (store.state(run_id) or {}).get("state"))
@@ -96,21 +97,26 @@ def merge_run(run_id: str, results: list, *, store, report_dir: str, merge_wait_
 
 
 def fail_run(run_id: str, error: BaseException | None, *, store, report_dir: str,
-             redispatch: Callable[[dict, list[str]], None], manifest: dict | None = None,
+             redispatch: Callable[[dict, dict[str, int]], None], manifest: dict | None = None,
              lease_s: float = 30.0) -> None:
-    """The chord's errback: a shard failed, or was revoked in flight (a broker that went away).
+    """The chord's errback (a shard failed, or was revoked in flight: a broker that went away),
+    and the end of a run whose shards all ended, some for good without a result.
 
-    Shards that failed for real: keep what finished as a partial report and mark the run failed,
-    naming them. Shards only lost in flight (no result, no recorded failure, not running, not
-    sent again within a lease) are not a failure of the run: they go to ``redispatch(manifest,
-    shard_ids)`` and the run heals (it is merged once they finish). A run that ended meanwhile
-    is left as it is.
+    Shards only lost in flight (no result, no recorded failure, not running, not sent again
+    within a lease) go to ``redispatch(manifest, {shard id: dispatch count})``: the run heals.
+    While any shard is on its way (running, sent again within a lease, or failed on a device and
+    sent again for another: ``nasq.inference.failover``) nothing happens: the shard that ends
+    last fails or merges the run, so that its partial report holds everything that could be
+    evaluated. Then: every shard has its result, the run is merged; some failed for good, the
+    run is marked failed with a partial report naming them. A run that ended meanwhile is left
+    as it is.
     """
     manifest = manifest or store.manifest(run_id)
     if manifest is None or (store.state(run_id) or {}).get("state") not in (RunState.SUBMITTED, RunState.RUNNING):
         return
     finished, stored, running = store.finished(run_id), store.shard_results(run_id), store.running(run_id)
     recent = {sid for sid, t in store.redispatched_at(run_id).items() if time.time() - t < lease_s}
+    retrying = set(store.failures(run_id))  # failed somewhere, sent again (unless finished with an error)
     results, in_flight, busy = [], [], False
     for s in manifest["shards"]:
         sid = s["shard_id"]
@@ -118,21 +124,21 @@ def fail_run(run_id: str, error: BaseException | None, *, store, report_dir: str
             results.append(stored[sid])
         elif finished.get(sid, {}).get("status") == "error":
             results.append({"run_id": run_id, "shard_id": sid, **finished[sid]})
-        elif sid in running or sid in recent:
-            busy = True  # under way (a resume or healing sent it): its result is still to come
+        elif sid in running or sid in recent or sid in retrying:
+            busy = True  # under way (a resume, healing or a failover sent it): its result is still to come
         else:
             in_flight.append(sid)
-    if busy and all(r.get("status") == "ok" for r in results):
-        return  # nothing failed: the run goes on
-    if all(r.get("status") == "ok" for r in results):
-        if in_flight:  # not a failure of the run: it heals, and is merged once they finish
-            redispatch(manifest, [sid for sid in in_flight if store.claim_lost(run_id, sid, running=False)])
-        else:  # every shard finished after all (re-dispatched ones too): the run is done
-            try:
-                merge_run(run_id, [], store=store, report_dir=report_dir, merge_wait_s=0, first_try=time.time(),
-                          manifest=manifest)
-            except RunEnded:
-                pass
+    if in_flight:  # not a failure of the run: it heals (and ends once they do)
+        redispatch(manifest, {sid: n for sid in in_flight if (n := store.claim_lost(run_id, sid, running=False))})
+        return
+    if busy:
+        return  # on its way: the shard that ends last ends the run
+    if all(r.get("status") == "ok" for r in results):  # every shard finished after all: the run is done
+        try:
+            merge_run(run_id, [], store=store, report_dir=report_dir, merge_wait_s=0, first_try=time.time(),
+                      manifest=manifest)
+        except RunEnded:
+            pass
         return
     try:
         merge(manifest, results)
@@ -152,7 +158,17 @@ def mark_failed(store, manifest: dict, results: list, error: Exception, report_d
     text = f"{error} -- `nasq resume {run_id}` reruns only the failed or missing shards"
     report, predictions = merge_partial(manifest, results, text, state=str(RunState.FAILED),
                                         failures=shard_failures(store, run_id))
+    report.update(failover_fields(store, run_id))
     return _end(store, "fail", manifest, results, report, predictions, report_dir, partial=True, error=text)
+
+
+def failover_fields(store, run_id: str) -> dict:
+    """The report's record of devices that failed: ``excluded_devices`` (each worker excluded
+    from the run: when, why, after how many failed shards in a row, whether a resume lifted it)
+    and ``shard_failures`` (each shard that failed on some device, with every failed copy:
+    worker, device, error, when; the shard then ran elsewhere unless it is in shards_failed)."""
+    excluded = sorted(store.exclusions(run_id).values(), key=lambda e: e.get("at") or 0)
+    return {"excluded_devices": excluded, "shard_failures": store.failures(run_id)}
 
 
 def shard_failures(store, run_id: str) -> dict[str, dict]:
@@ -199,6 +215,7 @@ def cancel_run(store, run_id: str, report_dir: str, *, manifest: dict | None = N
             f["reason"] = "stopped by the cancel"
     report, predictions = merge_partial(manifest, results, f"run {run_id} was cancelled",
                                         state=str(RunState.CANCELLED), failures=failures)
+    report.update(failover_fields(store, run_id))
     staging = _write(manifest, results, report, predictions, report_dir)
     try:
         store.save_report_of_ended(run_id, report, predictions)

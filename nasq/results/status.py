@@ -50,6 +50,9 @@ def run_status(store, run_id: str) -> dict:
     lost = set() if ended else set(store.lost_shards(run_id))
     registry = store.workers()
     full = None if ended or not store.is_full() else store.full_message()
+    queue = manifest.get("queue")
+    consumers = sorted(n for n, w in registry.items() if w["alive"] and queue in w.get("queues", []))
+    exclusions = store.exclusions(run_id)
     rate = evaluated / (t_end - t0) if t0 and t_end and evaluated and t_end > t0 else None
     eta = (total_images - done) / rate if rate and not ended and not lost and not full else None
     per_worker: dict[str, dict] = {}
@@ -68,9 +71,13 @@ def run_status(store, run_id: str) -> dict:
     for sid, r in running.items():
         worker(r["worker"], r)["current"] = {"shard_id": sid, "images": r.get("images"), "since": r["at"],
                                              "lost": sid in lost}
+    for name, e in exclusions.items():
+        worker(name, e)
     for name, w in per_worker.items():
         w["rate_img_s"] = w["images"] / w["wall_s"] if w["wall_s"] else None
         w["alive"] = registry.get(name, {}).get("alive", False)
+        if name in exclusions:
+            w["excluded"] = exclusions[name]
     model = manifest.get("model") or {}
     return {"run_id": run_id, "state": state.get("state", "unknown"), "error": state.get("error"),
             "shards_total": len(manifest["shards"]), "shards_done": len(ok), "shards_failed": len(failed),
@@ -82,27 +89,49 @@ def run_status(store, run_id: str) -> dict:
             "precision": manifest.get("precision"), "model": os.path.basename(model.get("weights") or "") or None,
             "simulated": manifest.get("backend") == "sim", "workers": per_worker,
             "lost_shards": sorted(lost), "redispatched": store.redispatched(run_id),
+            "redispatched_why": store.redispatched_why(run_id), "queue": queue, "live_consumers": consumers,
+            "excluded_devices": exclusions, "shard_failures": store.failures(run_id),
+            "refused": store.refusals(run_id),
             "duplicate_shard_results_dropped": sorted(sid for sid, n in store.dropped(run_id).items() for _ in range(n)),
             "broker_full": full, "attempts": store.attempts(run_id)}
 
 
 def render_status(st: dict) -> str:
+    from ..inference.failover import who
+
     what = (f"  {st.get('model') or '?'}  backend {st.get('backend')}  precision {st.get('precision') or 'worker default'}"
             f"  batch {st.get('batch_size')}" + ("  SIMULATED (not a measurement)" if st.get("simulated") else ""))
+    ended = is_ended(st["state"])
     lines = [f"run {st['run_id']}  {st['state']:<9} {_bar(st['images_done'], st['images_total'])} "
              f"shards {st['shards_done']}/{st['shards_total']}"
              + (f" ({st['shards_failed']} failed)" if st.get("shards_failed") else "")
              + f"  images {st['images_done']}/{st['images_total']}  {num(st['rate_img_s'])} img/s  "
                f"ETA {_eta(st['eta_s'])}  errors {st['image_errors']} images", what]
+    if not ended and st.get("queue"):
+        live = st.get("live_consumers") or []
+        barred = {n for n, e in (st.get("excluded_devices") or {}).items() if not e.get("lifted")}
+        serving = [n for n in live if n not in barred]
+        if not live:
+            lines.append(f"  queue {st['queue']}: NO live worker consumes it: nothing runs until one starts "
+                         f"(`nasq worker --backend {st.get('backend')} --queues {st['queue']}` with this broker)")
+        elif not serving:
+            lines.append(f"  queue {st['queue']}: every live worker is excluded from the run ({', '.join(live)})")
+        else:
+            lines.append(f"  queue {st['queue']}: {len(serving)} live worker(s)" + (
+                f" ({', '.join(serving)})" if len(serving) <= 8 else ""))
     for name, w in sorted(st["workers"].items()):
         cur = w.get("current")
-        if cur and cur.get("lost"):
+        excluded = w.get("excluded")
+        if excluded and not excluded.get("lifted"):
+            doing = f"EXCLUDED ({excluded.get('shards_failed')} failed shards in a row)"
+        elif st.get("broker_full") and w.get("alive", True):
+            doing = "blocked: the broker is full" + (f" ({cur['shard_id']})" if cur else "")
+        elif cur and cur.get("lost"):
             doing = f"LOST: {cur['shard_id']} (lease expired; dispatched again)"
         elif cur:
             doing = f"{cur['shard_id']} ({cur['images']} img, {time.time() - cur['since']:.0f} s)"
         else:
-            doing = "idle" if w.get("alive", True) or is_ended(st["state"]) \
-                else "gone (no heartbeat)"
+            doing = "idle" if w.get("alive", True) or ended else "gone (no heartbeat)"
         where = f"{w['host']}/{w.get('device')}" if w.get("host") else str(w.get("device"))
         lines.append(f"  {name:<30} {where:<16} {doing:<28} done {w['shards']} shards, "
                      f"{w['images']} img, {num(w['rate_img_s'])} img/s"
@@ -111,13 +140,56 @@ def render_status(st: dict) -> str:
     def counts(d: dict) -> str:
         return ", ".join(f"{sid} (x{n})" for sid, n in sorted(d.items()))
 
+    why = st.get("redispatched_why") or {}
+    again = ", ".join(f"{sid} (x{n}{': ' + why[sid] if sid in why else ''})"
+                      for sid, n in sorted((st.get("redispatched") or {}).items()))
+    excluded = "; ".join(f"{who(e)} at {time.strftime('%H:%M:%S', time.localtime(e.get('at') or 0))} after "
+                         f"{e.get('shards_failed')} failed shards in a row: {e.get('reason')}"
+                         + (" (lifted by nasq resume)" if e.get("lifted") else "")
+                         for e in (st.get("excluded_devices") or {}).values())
+    elsewhere = "; ".join(f"{sid}: " + ", ".join(f"{f.get('worker')} ({f.get('error')})" for f in fs)
+                          for sid, fs in sorted((st.get("shard_failures") or {}).items())
+                          if sid not in (st.get("failed_shards") or {}))
+    refused = "; ".join(f"{w}: {r.get('text')}" for w, r in sorted((st.get("refused") or {}).items()))
     notes = [("failed shards", "; ".join(f"{sid}: {why}" for sid, why in (st.get("failed_shards") or {}).items())),
-             ("dispatched again after their worker was lost", counts(st.get("redispatched") or {})),
+             ("EXCLUDED devices", excluded),
+             ("failed on a device, sent to another", elsewhere),
+             ("dispatched again", again),
              ("started more than once (a worker died, or a copy was sent again)",
               counts({sid: n for sid, n in (st.get("attempts") or {}).items() if n > 1})),
              ("copies of shards dropped (late or duplicate)", ", ".join(st.get("duplicate_shard_results_dropped") or [])),
+             ("messages refused by workers for their signature", refused),
              ("BROKER FULL", st.get("broker_full")), ("error", st.get("error"))]
     return "\n".join(lines + [f"  {label}: {text}" for label, text in notes if text])
+
+
+def failing_devices(store, *, recent: int = 20) -> list[dict]:
+    """Workers excluded from every one of the recent runs they took part in (at least two):
+    a device that fails every run it touches. Each: worker, host, device, runs, the last reason."""
+    seen: dict[str, dict] = {}
+    for run_id in store.run_ids(recent):
+        touched = {s.get("worker") for s in store.finished(run_id).values()}
+        touched |= {f.get("worker") for fs in store.failures(run_id).values() for f in fs}
+        excluded = store.exclusions(run_id)
+        for name in touched | set(excluded):
+            if not name or name == "healing":
+                continue
+            rec = seen.setdefault(name, {"worker": name, "runs": 0, "excluded": 0})
+            rec["runs"] += 1
+            if name in excluded:
+                e = excluded[name]
+                rec["excluded"] += 1
+                rec.setdefault("reason", e.get("reason"))
+                rec.setdefault("host", e.get("host"))
+                rec.setdefault("device", e.get("device"))
+    return [r for r in seen.values() if r["runs"] >= 2 and r["excluded"] == r["runs"]]
+
+
+def render_failing(devices: list[dict]) -> str:
+    from ..inference.failover import who
+
+    return "\n".join(f"device to look at: {who(d)} was excluded from each of the {d['runs']} recent runs it took "
+                     f"part in (last: {d.get('reason')})" for d in devices)
 
 
 def watch(store, run_id: str, *, interval: float = 1.0, out=sys.stdout) -> dict:
@@ -154,7 +226,10 @@ def runs_rows(store, report_dir: str, *, state: str | None = None, backend: str 
             st = (store.state(rid) or {}).get("state", "?")
             row = row_of(m, st, store.report(rid))
             if not is_ended(st):
-                row.update(finished=None, images=store.images_done(rid, m))
+                from .report import device_cell
+
+                row.update(finished=None, images=store.images_done(rid, m),
+                           excluded_devices=[device_cell(e) for e in store.exclusions(rid).values()] or None)
             if (state and st != state) or (backend and m.get("backend") != backend) or \
                     (since and (m.get("created") or 0) < since):
                 continue
@@ -176,9 +251,10 @@ def runs_table(rows: list[dict]) -> str:
                    r.get("state") or "?", r.get("model") or "?",
                    (r.get("backend") or "?") + (" (SIMULATED)" if r.get("simulated") else ""), r.get("precision") or "-",
                    r.get("devices") or "-", r.get("batch_size") or "-", images(r), pct(r.get("top1")),
-                   pct(r.get("top5")), num(r.get("throughput_img_s"))] for r in rows],
+                   pct(r.get("top5")), num(r.get("throughput_img_s")),
+                   ", ".join(r.get("excluded_devices") or []) or "-"] for r in rows],
                  ["run", "created", "state", "model", "backend", "precision", "devices", "bs", "images", "top-1",
-                  "top-5", "img/s"])
+                  "top-5", "img/s", "excluded devices"])
 
 
 def iso_times(rows: list[dict]) -> list[dict]:

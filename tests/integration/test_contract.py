@@ -14,6 +14,7 @@ from nasq.queue.app import make_app
 from nasq.queue.store import RunStore
 from nasq.queue.transport import BrokerView
 from nasq.wire import merge_task_id, shard_task_id
+from waiting import sim_weights
 
 def _drop_message(r, queue: str, task_id: str) -> None:
     """Take one message off a queue, as a broker that lost it would."""
@@ -22,12 +23,6 @@ def _drop_message(r, queue: str, task_id: str) -> None:
             assert r.lrem(queue, 1, raw) == 1
             return
     raise AssertionError(f"{task_id} is not in {queue}")
-
-
-def _sim_weights(tmp_path) -> str:
-    path = tmp_path / "w.sim"
-    path.write_bytes(os.urandom(64))
-    return str(path)
 
 
 def test_kombu_keeps_the_redis_layout_nasq_reads(other_db):
@@ -64,7 +59,7 @@ def test_stranded_shards_recover_with_a_separate_result_backend(other_db, start_
     RunStore(broker).r.flushdb()
     settings = Settings(broker_url=broker, result_backend=backend, lease_s=2, report_dir=str(tmp_path / "rep"))
     queue = f"eval.split-{uuid.uuid4().hex[:6]}"
-    weights = _sim_weights(tmp_path)
+    weights = sim_weights(tmp_path)
     h = submit_evaluation(weights=weights, data="index:160", backend="sim", batch_size=4, shard_size=20, queue=queue,
                           settings=settings, log=lambda *_: None)
     lost = h.manifest["shards"][5]["shard_id"]
@@ -83,7 +78,7 @@ def test_stranded_shards_recover_with_a_separate_result_backend(other_db, start_
 def test_cancel_after_resume_revokes_the_resumed_merge(redis_url, start_workers, tmp_path):
     settings = Settings(broker_url=redis_url, lease_s=2, report_dir=str(tmp_path / "rep"))
     queue = f"eval.cr-{uuid.uuid4().hex[:6]}"
-    h = submit_evaluation(weights=_sim_weights(tmp_path), data="index:64", backend="sim", batch_size=4,
+    h = submit_evaluation(weights=sim_weights(tmp_path), data="index:64", backend="sim", batch_size=4,
                           shard_size=16, queue=queue, settings=settings, log=lambda *_: None)
     store = RunStore(redis_url)
     lost = h.manifest["shards"][3]["shard_id"]
@@ -102,7 +97,6 @@ def test_cancel_after_resume_revokes_the_resumed_merge(redis_url, start_workers,
     h.close()
 
 
-
 def test_an_embedded_run_ignores_a_workers_folder_in_the_current_directory(assets, nasq_cli, tmp_path):
     """`python -m workers` in a folder holding a `workers/` package would run that package: nasq
     starts its workers with -P (no current folder on sys.path). (The simulated device: what runs
@@ -115,7 +109,7 @@ def test_an_embedded_run_ignores_a_workers_folder_in_the_current_directory(asset
     env = {k: v for k, v in os.environ.items() if not k.startswith("NASQ_")}
     env["NASQ_WORK_DIR"] = str(tmp_path / "runs")
     env["NASQ_REPORT_DIR"] = str(tmp_path / "rep")
-    p = subprocess.run(nasq_cli + ["eval", "--backend", "sim", "--weights", _sim_weights(tmp_path), "--data",
+    p = subprocess.run(nasq_cli + ["eval", "--backend", "sim", "--weights", sim_weights(tmp_path), "--data",
                                    assets["data"], "--workers", "1", "-b", "4", "--no-progress"],
                        capture_output=True, text=True, cwd=decoy, env=env, timeout=600)
     assert p.returncode == 0, p.stderr

@@ -4,11 +4,13 @@ import re
 import signal
 import subprocess
 import time
+import uuid
 
 import pytest
 import requests
 
 from nasq.api import evaluate, submit_evaluation, submit_sweep
+from nasq.config import Settings
 from nasq.queue.app import make_app
 from nasq.queue.store import RunStore
 
@@ -148,11 +150,15 @@ def test_flower_with_auth_shows_the_runs_workers_and_tasks(assets, workers, sett
 def _failed_shards_are_failure_in_flower(base, auth, assets, workers, settings, start_workers):
     """A shard that fails is FAILURE in Flower (so an alert on failed tasks fires), while the
     partial report and `nasq resume` still work. The failing shards are the ones an
-    onnxruntime worker on the torch run's queue takes: it refuses them."""
+    onnxruntime worker on the torch run's queue takes: it refuses them, and with
+    shard_max_devices=1 a shard fails for good on the first device it fails on."""
     from nasq.api import resume
     from nasq.errors import RunError
 
-    wrong = start_workers(settings.broker_url, workers.queue, backend="onnxruntime")
+    once = Settings(shard_max_devices=1, merge_wait_s=20)
+    queue = f"eval.flower-{uuid.uuid4().hex[:6]}"
+    good = start_workers(settings.broker_url, queue, settings=once)
+    wrong = start_workers(settings.broker_url, queue, backend="onnxruntime", settings=once)
     # a worker that joins while Flower runs sends task events once Flower asks (its enable_events
     # timer, every 5 s); asked here at once, as `nasq flower` asks the workers up when it starts
     app = make_app(settings)
@@ -161,7 +167,7 @@ def _failed_shards_are_failure_in_flower(base, auth, assets, workers, settings, 
     try:
         with pytest.raises(RunError, match="shard.* failed") as e:
             evaluate(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=2,
-                     shard_size=2, queue=workers.queue, settings=settings, progress=False, log=lambda *_: None)
+                     shard_size=2, queue=queue, settings=settings, progress=False, log=lambda *_: None)
     finally:
         wrong.stop()
     run_id = next(r for r in RunStore(settings.broker_url).run_ids(5) if r in str(e.value))
@@ -179,3 +185,12 @@ def _failed_shards_are_failure_in_flower(base, auth, assets, workers, settings, 
     assert all(states[sid] == "SUCCESS" for sid in states if sid not in bad)
     done = resume(run_id, settings=settings, progress=False, log=lambda *_: None)
     assert not done.report.get("partial") and done.report["images"] == 20 and done.report["top1"] == 100.0
+    # each attempt is a task of its own: the failed one stays FAILURE, the resumed one is a new SUCCESS
+    deadline, attempts = time.time() + 30, {}
+    while time.time() < deadline and len(attempts) < 12 + len(bad):
+        tasks = requests.get(base + "/api/tasks?limit=2000", auth=auth, timeout=10).json()
+        attempts = {k: t["state"] for k, t in tasks.items() if k.startswith(run_id) and t["name"] == "nasq.eval_shard"}
+        time.sleep(0.5)
+    for sid in bad:
+        assert attempts.get(f"{run_id}:{sid}") == "FAILURE" and attempts.get(f"{run_id}:{sid}:2") == "SUCCESS", attempts
+    good.stop()

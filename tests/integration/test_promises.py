@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import subprocess
-import threading
 import time
 import uuid
 from urllib.parse import urlsplit
@@ -21,37 +20,8 @@ from nasq.errors import RunError
 from nasq.queue.redis_server import spawn_redis, stop_process
 from nasq.queue.store import RunStore
 from nasq.queue.transport import BrokerView
-from nasq.results.status import run_status
-
-def _until(condition, timeout: float, what: str, every: float = 0.05):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"not within {timeout:.0f} s: {what}")
-
-
-class _Waiter(threading.Thread):
-    """A client waiting on a run in a thread: its result, its error and what it said."""
-
-    def __init__(self, handle, timeout: float = 240):
-        super().__init__(daemon=True)
-        self.handle, self.timeout, self.said, self.result, self.error = handle, timeout, [], None, None
-        self.start()
-
-    def run(self):
-        try:
-            self.result = self.handle.wait(progress=False, timeout=self.timeout, log=self.said.append)
-        except Exception as e:  # noqa: BLE001 - the test reads it
-            self.error = e
-
-
-def _sim_weights(tmp_path) -> str:
-    path = tmp_path / "fleet.sim"
-    path.write_bytes(os.urandom(64))
-    return str(path)
+from nasq.results.status import render_status, run_status
+from waiting import Waiter, sim_weights, until
 
 
 # ------------------------------------------------------------------------------ a hung worker comes back
@@ -67,8 +37,8 @@ def test_a_worker_hung_past_its_lease_that_comes_back_changes_nothing(assets, re
     store = RunStore(redis_url)
     h = submit_evaluation(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4,
                           shard_size=4, queue=w.queue, settings=fast, log=lambda *_: None)
-    client = _Waiter(h, timeout=180)
-    held = _until(lambda: [sid for sid, r in store.running(h.run_id).items() if r["worker"] == victim_name],
+    client = Waiter(h, timeout=180)
+    held = until(lambda: [sid for sid, r in store.running(h.run_id).items() if r["worker"] == victim_name],
                   60, "the victim takes a shard", every=0.01)[0]
     os.killpg(victim.pid, signal.SIGSTOP)
     try:
@@ -78,9 +48,9 @@ def test_a_worker_hung_past_its_lease_that_comes_back_changes_nothing(assets, re
         assert store.redispatched(h.run_id).get(held) == 1  # it ran again elsewhere
     finally:
         os.killpg(victim.pid, signal.SIGCONT)  # the machine comes back
-    _until(lambda: store.dropped(h.run_id), 60, "the hung copy is dropped and counted")
+    until(lambda: store.dropped(h.run_id), 60, "the hung copy is dropped and counted")
     # its task returned, so the chord fired its merge (the last part came in): that merge changes nothing
-    _until(lambda: f"run {h.run_id}: not merged again" in w.log_text(), 60, "the chord's late merge runs")
+    until(lambda: f"run {h.run_id}: not merged again" in w.log_text(), 60, "the chord's late merge runs")
     assert store.dropped(h.run_id) == {held: 1}
     assert store.report(h.run_id) == report  # Redis keeps the report the client got ...
     with open(report["files"]["json"]) as f:
@@ -101,7 +71,7 @@ def test_a_shard_longer_than_its_lease_stays_with_its_live_worker(redis_url, sta
     settings = Settings(broker_url=redis_url, report_dir=str(tmp_path / "rep"), lease_s=2)
     w = start_workers(redis_url, n=2, backend="sim", sim="rate=2", settings=settings)
     store = RunStore(redis_url)
-    h = submit_evaluation(weights=_sim_weights(tmp_path), data="index:32", backend="sim", batch_size=4,
+    h = submit_evaluation(weights=sim_weights(tmp_path), data="index:32", backend="sim", batch_size=4,
                           shard_size=16, queue=w.queue, settings=settings, log=lambda *_: None)
     res = h.wait(progress=False, timeout=120, log=lambda *_: None)
     assert res.report["images"] == 32 and res.report["redispatched_shards"] == {}
@@ -117,11 +87,11 @@ def test_cancel_stops_running_shards_and_nothing_merges_after(redis_url, start_w
     settings = Settings(broker_url=redis_url, report_dir=str(rep), lease_s=5)
     w = start_workers(redis_url, n=2, backend="sim", sim="rate=4", settings=settings)  # 8 s per shard of 32
     store = RunStore(redis_url)
-    h = submit_evaluation(weights=_sim_weights(tmp_path), data="index:384", backend="sim", batch_size=4,
+    h = submit_evaluation(weights=sim_weights(tmp_path), data="index:384", backend="sim", batch_size=4,
                           shard_size=32, queue=w.queue, settings=settings, log=lambda *_: None)
-    client = _Waiter(h)
-    _until(lambda: len(store.running(h.run_id)) == 2, 60, "both workers run a shard")
-    _until(lambda: store.images_done(h.run_id) >= 8, 60, "the shards are under way")
+    client = Waiter(h)
+    until(lambda: len(store.running(h.run_id)) == 2, 60, "both workers run a shard")
+    until(lambda: store.images_done(h.run_id) >= 8, 60, "the shards are under way")
     running = set(store.running(h.run_id))
     env = {k: v for k, v in os.environ.items() if not k.startswith("NASQ_")}
     t0 = time.time()
@@ -134,12 +104,12 @@ def test_cancel_stops_running_shards_and_nothing_merges_after(redis_url, start_w
     client.join(30)
     assert isinstance(client.error, RunError) and "cancelled" in str(client.error)
     # the running shards stop within seconds, saying so (revoked and terminated, or stopped at their next batch)
-    log = _until(lambda: w.log_text() if all(
+    log = until(lambda: w.log_text() if all(
         re.search(rf"(Terminating {h.run_id}:{sid}|{sid} of run {h.run_id} stopped on .*: the run was cancelled)",
                   w.log_text()) for sid in running) else None, 30, "both running shards stop")
     kept = store.shard_results(h.run_id)
     broker = BrokerView(redis_url)  # the revoked messages are taken and discarded: none is left to run
-    _until(lambda: not broker.queued(w.queue) and not any(t.startswith(h.run_id) for t in broker.unacked_ages()),
+    until(lambda: not broker.queued(w.queue) and not any(t.startswith(h.run_id) for t in broker.unacked_ages()),
            60, "the queue is drained")
     assert store.shard_results(h.run_id) == kept  # nothing accepted after the cancel
     assert store.state(h.run_id)["state"] == "cancelled"
@@ -156,10 +126,10 @@ def test_resume_of_a_live_run_resubmits_nothing(redis_url, start_workers, tmp_pa
     settings = Settings(broker_url=redis_url, report_dir=str(tmp_path / "rep"), lease_s=5)
     w = start_workers(redis_url, n=1, backend="sim", sim="rate=40", settings=settings)
     store = RunStore(redis_url)
-    weights = _sim_weights(tmp_path)
+    weights = sim_weights(tmp_path)
     h = submit_evaluation(weights=weights, data="index:480", backend="sim", batch_size=4, shard_size=40,
                           queue=w.queue, settings=settings, log=lambda *_: None)
-    _until(lambda: store.running(h.run_id), 60, "a shard runs")
+    until(lambda: store.running(h.run_id), 60, "a shard runs")
     from nasq.api import resume
 
     said = []
@@ -175,13 +145,14 @@ def test_resume_of_a_live_run_resubmits_nothing(redis_url, start_workers, tmp_pa
 
 def test_resume_of_a_run_with_failed_shards_reruns_exactly_those(assets, redis_url, start_workers, tmp_path):
     """Two workers on the run's queue, one of which may not read the data: every shard it takes
-    fails (naming its roots) and the run fails. With it gone, resume reruns exactly the failed
-    shards; the rest are kept."""
+    fails (naming its roots; with shard_max_devices=1 a shard fails for good on its first device)
+    and the run fails. With it gone, resume reruns exactly the failed shards; the rest are kept."""
     queue = f"eval.resume-{uuid.uuid4().hex[:6]}"
-    settings = Settings(broker_url=redis_url, report_dir=str(tmp_path / "rep"), merge_wait_s=20)
+    settings = Settings(broker_url=redis_url, report_dir=str(tmp_path / "rep"), merge_wait_s=20, shard_max_devices=1)
     good = start_workers(redis_url, queue, settings=settings)
     bad = start_workers(redis_url, queue, settings=Settings(read_roots=str(tmp_path / "nothing-here"),
-                                                             write_roots=str(tmp_path), merge_wait_s=20))
+                                                             write_roots=str(tmp_path), merge_wait_s=20,
+                                                             shard_max_devices=1))
     store = RunStore(redis_url)
     h = submit_evaluation(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4,
                           shard_size=4, queue=queue, settings=settings, log=lambda *_: None)
@@ -198,6 +169,9 @@ def test_resume_of_a_run_with_failed_shards_reruns_exactly_those(assets, redis_u
     done = resume(h.run_id, settings=settings, progress=False, timeout=120, log=said.append)
     rerun = {sid for sid, f in store.finished(h.run_id).items() if f.get("finished_at", 0) > t}
     assert rerun == failed, (rerun, failed, said)
+    why = store.redispatched_why(h.run_id)  # status says who sent them again: the resume
+    assert set(why) == failed and all(w.startswith("nasq resume") for w in why.values()), why
+    assert "dispatched again: " in render_status(run_status(store, h.run_id))
     assert done.report["images"] == 20 and done.report["top1"] == 100.0 and not done.report.get("partial")
     ref = evaluate_local(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4)
     assert done.predictions["top5"] == ref["top5"]
@@ -215,18 +189,19 @@ def test_a_broker_at_maxmemory_stops_no_worker_and_the_run_completes(start_worke
         settings = Settings(broker_url=url, report_dir=str(tmp_path / "rep"), lease_s=4, merge_wait_s=60)
         w = start_workers(url, n=2, backend="sim", sim="rate=40", settings=settings)
         store = RunStore(url)
-        weights = _sim_weights(tmp_path)
+        weights = sim_weights(tmp_path)
         h = submit_evaluation(weights=weights, data="index:1200", backend="sim", batch_size=4, shard_size=40,
                               queue=w.queue, settings=settings, log=lambda *_: None)
-        client = _Waiter(h)
-        _until(lambda: store.images_done(h.run_id) >= 200, 60, "the run is under way")
+        client = Waiter(h)
+        until(lambda: store.images_done(h.run_id) >= 200, 60, "the run is under way")
         used = store.r.info("memory")["used_memory"]  # full, now, and by a margin that the clients'
         store.r.config_set("maxmemory", max(used // 2, used - 1_000_000))  # buffers coming and going do not undo
-        _until(lambda: any("the broker is full" in s for s in client.said), 30, "the client says the broker is full")
+        until(lambda: any("the broker is full" in s for s in client.said), 30, "the client says the broker is full")
         env = {k: v for k, v in os.environ.items() if not k.startswith("NASQ_")}
         p = subprocess.run(nasq_cli + ["status", h.run_id, "--broker", url, "--debug"], capture_output=True, text=True,
                            cwd=repo, env=env, timeout=60)
         assert "BROKER FULL" in p.stdout and "maxmemory" in p.stdout, p.stdout + p.stderr
+        assert "blocked: the broker is full" in p.stdout and "gone (no heartbeat)" not in p.stdout, p.stdout
         stuck = store.images_done(h.run_id)
         time.sleep(2 * settings.lease_s)  # full for longer than a lease: workers hit it, leases come due
         assert all(proc_.poll() is None for _, proc_, _ in w.procs), w.log_text()[-3000:]
@@ -258,7 +233,7 @@ def test_a_broker_that_fills_during_the_pipelined_submission_says_so_and_names_r
         store = RunStore(url)
         settings = Settings(broker_url=url, report_dir=str(tmp_path / "rep"), work_dir=str(tmp_path / "runs"),
                             artifact_dir=str(tmp_path / "art"), read_roots=str(tmp_path))
-        weights = _sim_weights(tmp_path)
+        weights = sim_weights(tmp_path)
         # room for the run's record, not for its 600 shard messages (about 1 kB each)
         store.r.config_set("maxmemory", store.r.info("memory")["used_memory"] + 400_000)
         with pytest.raises(BrokerFull) as e:
@@ -329,7 +304,7 @@ def test_labels_rewritten_mid_run_fail_the_shards_that_would_mix_them(assets, re
     settings = Settings(broker_url=redis_url, report_dir=str(tmp_path / "rep"))
     h = submit_evaluation(weights=assets["weights"], data=assets["data"], labels=str(labels), backend="sim",
                           batch_size=4, shard_size=4, queue=w.queue, settings=settings, log=lambda *_: None)
-    _until(lambda: store.shard_counts(h.run_id)[0] >= 1, 60, "a shard finishes")
+    until(lambda: store.shard_counts(h.run_id)[0] >= 1, 60, "a shard finishes")
     lines = labels.read_text().splitlines()
     labels.write_text("".join(f"{line.split()[0]} {(int(line.split()[1]) + 1) % 1000}\n" for line in lines))
     with pytest.raises(RunError, match="label file .* changed since the run was submitted"):
@@ -379,7 +354,7 @@ def _unsigned_and_forged_runs(assets, redis_url, start_workers, tmp_path, keypai
                                                                  "shards": len(forged["shards"])}))
     store.r.sadd("nasq:runs:active", forged["run_id"])
     for run_id in (h.run_id, forged["run_id"]):
-        _until(lambda: f"run {run_id}: refused to act on its record" in w.log_text(), 60,
+        until(lambda: f"run {run_id}: refused to act on its record" in w.log_text(), 60,
                f"a worker refuses {run_id}'s record")
     time.sleep(2 * signed.lease_s)  # more rounds of healing (each worker's turn comes every lease / 3)
     for run_id in (h.run_id, forged["run_id"]):

@@ -31,14 +31,14 @@ def test_a_shards_ledger_costs_few_commands_and_a_kept_result_stops_every_other_
         shards = [{"shard_id": f"shard-{i:05d}", "start": 8 * i, "stop": 8 * i + 8} for i in range(2)]
         store.save_manifest({"run_id": run_id, "shards": shards, "dataset": {"images": 16}, "queue": "q"})
         sid, info = shards[0]["shard_id"], {"worker": "w", "images": 8}
-        for script in ("CLAIM", "TICK", "COMMIT", "RENEW"):  # loaded once per connection: not a shard's cost
+        for script in ("CLAIM", "TICK", "COMMIT", "RENEW", "FAIL"):  # loaded once per connection: not a shard's cost
             store._scripts[script].sha = store.r.script_load(store._scripts[script].script)
         _commands(store.r)
 
-        assert store.claim_shard(run_id, sid, holder="a#1", lease_s=30, info=info, max_attempts=3) == ("ok", 1)
+        assert store.claim_shard(run_id, sid, holder="a#1", lease_s=30, info=info, max_attempts=3) == ("ok", (1, 0))
         claim = _commands(store.r)
         # the same shard delivered again (a worker that seemed gone): the new copy takes the lease
-        assert store.claim_shard(run_id, sid, holder="b#2", lease_s=30, info=info, max_attempts=3) == ("ok", 2)
+        assert store.claim_shard(run_id, sid, holder="b#2", lease_s=30, info=info, max_attempts=3) == ("ok", (2, 0))
         _commands(store.r)
         assert store.shard_tick(run_id, sid, holder="b#2", done=3, lease_s=30) == ("ok", None)
         tick = _commands(store.r)
@@ -49,16 +49,17 @@ def test_a_shards_ledger_costs_few_commands_and_a_kept_result_stops_every_other_
         outcome = store.commit_shard(run_id, sid, holder="b#2", status="ok", result={"shard_id": sid},
                                      summary={"status": "ok", "images": 8, "finished_at": 5.0})
         first_commit = _commands(store.r)
-        assert outcome == ("accepted", (1, 2))
+        assert outcome == ("accepted", (1, 2, 1))
         other = shards[1]["shard_id"]
-        assert store.claim_shard(run_id, other, holder="a#4", lease_s=30, info=info, max_attempts=3) == ("ok", 1)
+        assert store.claim_shard(run_id, other, holder="a#4", lease_s=30, info=info, max_attempts=3) == ("ok", (1, 0))
         _commands(store.r)
         assert store.commit_shard(run_id, other, holder="a#4", status="ok", result={"shard_id": other},
-                                  summary={"status": "ok", "images": 8, "finished_at": 4.0}) == ("accepted", (2, 2))
+                                  summary={"status": "ok", "images": 8, "finished_at": 4.0}) == ("accepted", (2, 2, 2))
         commit = _commands(store.r)
-        # EVALSHA and the commands inside each script; the run's first kept result also gives the
-        # run's four shard records their expiry
-        assert (claim, tick, commit, first_commit) == (5, 3, 7, 11)
+        # EVALSHA and the commands inside each script: the claim reads what the run holds against
+        # the worker (one HMGET); a commit before the run's last counts the finished shards (one
+        # HLEN), and the run's first kept result also gives the run's four shard records their expiry
+        assert (claim, tick, commit, first_commit) == (6, 3, 7, 12)
         # the kept result stops every other copy, without reading the results
         assert store.shard_tick(run_id, sid, holder="a#1", done=6, lease_s=30) == ("stop", "done-elsewhere")
         assert store.claim_shard(run_id, sid, holder="c#3", lease_s=30, info=info, max_attempts=3) == \

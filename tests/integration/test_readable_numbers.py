@@ -8,29 +8,13 @@ with a speed the machine must reach."""
 import json
 import os
 import socket
-import time
 
 from nasq.config import Settings
 from nasq.queue.store import RunStore
+from waiting import sim_weights, until
 
 DEVICES = ["npu:0", "npu:1", "npu:2"]
 HOST = socket.gethostname()
-
-
-def _until(condition, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout:.0f} s: {what}")
-
-
-def _sim_weights(tmp_path) -> str:
-    path = tmp_path / "weights.sim"
-    path.write_bytes(os.urandom(64))
-    return str(path)
 
 
 def test_three_devices_are_named_everywhere_and_the_rerun_command_reproduces_the_run(
@@ -41,7 +25,7 @@ def test_three_devices_are_named_everywhere_and_the_rerun_command_reproduces_the
     w = start_workers(redis_url, backend="sim", sim="rate=4", devices=DEVICES,
                       settings=Settings(report_dir=str(rep), merge_wait_s=20))
     client = Settings(broker_url=redis_url, report_dir=str(rep))
-    weights = _sim_weights(tmp_path)
+    weights = sim_weights(tmp_path)
     res = evaluate(weights=weights, data=assets["data"], labels=assets["labels"], backend="sim", batch_size=2,
                    shard_size=4, queue=w.queue, settings=client, progress=False, log=lambda *_: None)
     r = res.report
@@ -101,7 +85,7 @@ def test_a_failed_run_explains_itself_and_counts_only_accepted_images(redis_url,
     rep = tmp_path / "rep"
     w = start_workers(redis_url, backend="sim", sim="rate=4,fail_after=12", devices=["npu:0"],
                       settings=Settings(report_dir=str(rep), merge_wait_s=20))
-    h = submit_evaluation(weights=_sim_weights(tmp_path), data="index:24", backend="sim", batch_size=4,
+    h = submit_evaluation(weights=sim_weights(tmp_path), data="index:24", backend="sim", batch_size=4,
                           shard_size=8, queue=w.queue, settings=Settings(broker_url=redis_url, report_dir=str(rep)),
                           log=lambda *_: None)
     try:
@@ -112,7 +96,7 @@ def test_a_failed_run_explains_itself_and_counts_only_accepted_images(redis_url,
     finally:
         h.close()
     store = RunStore(redis_url)
-    _until(lambda: store.published(h.run_id), 60, "the failed run's report is in place")
+    until(lambda: store.published(h.run_id), 60, "the failed run's report is in place")
     r = store.report(h.run_id)
     assert r["state"] == "failed" and r["error"] and not r["complete"]
     assert r["images"] == 8 and r["images_planned"] == 24
@@ -147,13 +131,13 @@ def test_a_cancelled_run_counts_only_what_was_kept(redis_url, start_workers, tmp
     rep = tmp_path / "rep"
     w = start_workers(redis_url, backend="sim", sim="rate=4", devices=DEVICES,
                       settings=Settings(report_dir=str(rep), merge_wait_s=20))
-    h = submit_evaluation(weights=_sim_weights(tmp_path), data="index:240", backend="sim", batch_size=4,
+    h = submit_evaluation(weights=sim_weights(tmp_path), data="index:240", backend="sim", batch_size=4,
                           shard_size=8, queue=w.queue, settings=Settings(broker_url=redis_url, report_dir=str(rep)),
                           log=lambda *_: None)
     store = RunStore(redis_url)
     try:
         # some shards kept, and copies mid-shard that have reported progress
-        _until(lambda: store.results_count(h.run_id) >= 3 and store.images_done(h.run_id) >
+        until(lambda: store.results_count(h.run_id) >= 3 and store.images_done(h.run_id) >
                store.images_done(h.run_id, accepted_only=True), 120, "kept shards and progress of running ones")
         p = cli(["cancel", h.run_id], broker=redis_url, report_dir=rep)
         assert p.returncode == 0, p.stderr
@@ -191,7 +175,7 @@ def test_compare_warns_about_runs_over_other_datasets(assets, redis_url, start_w
         shutil.copy(os.path.join(assets["data"], n), other / n)
     labels = dict(line.split() for line in open(assets["labels"]))
     (tmp_path / "other_labels.txt").write_text("".join(f"{n} {labels[n]}\n" for n in names))
-    weights = _sim_weights(tmp_path)
+    weights = sim_weights(tmp_path)
     a, b, c = (evaluate(weights=weights, data=data, labels=lab, backend="sim", batch_size=4, queue=w.queue,
                         settings=client, progress=False, log=lambda *_: None)
                for data, lab in ((assets["data"], assets["labels"]), (assets["data"], assets["labels"]),

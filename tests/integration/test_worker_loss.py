@@ -1,4 +1,5 @@
 """A worker process that dies mid-shard loses nothing: the shard is redelivered and the run completes."""
+import json
 import os
 import signal
 import time
@@ -93,17 +94,20 @@ def test_a_shard_is_taken_for_dispatching_again_once_and_counted_in_the_same_ste
     store = RunStore(redis_url)
     run = f"race-{uuid.uuid4().hex[:8]}"
     won = []
-    threads = [threading.Thread(target=lambda: won.append(store.claim_stranded(run, "shard-00001", 0)))
+    threads = [threading.Thread(target=lambda: won.append(store.claim_stranded(run, "shard-00001", 0, why="test")))
                for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert won.count(True) == 1 and store.redispatched(run) == {"shard-00001": 1}
-    assert store.claim_stranded(run, "shard-00001", 0) is False  # a healer that saw the old count
-    assert store.claim_stranded(run, "shard-00001") is True  # reads the count now
+    assert sorted(won) == [0] * 7 + [1] and store.redispatched(run) == {"shard-00001": 1}  # its count now: 1
+    assert store.claim_stranded(run, "shard-00001", 0, why="test") == 0  # a healer that saw the old count
+    assert store.claim_stranded(run, "shard-00001", why="test") == 2  # reads the count now
     assert store.redispatched(run) == {"shard-00001": 2} and "shard-00001" in store.redispatched_at(run)
-    store.r.hset(f"nasq:run:{run}:running", "shard-00002", "{}")  # running, lease gone
-    assert store.claim_lost(run, "shard-00002") is True and store.claim_lost(run, "shard-00002") is False
+    assert store.redispatched_why(run) == {"shard-00001": "test"}
+    store.r.hset(f"nasq:run:{run}:running", "shard-00002", json.dumps({"worker": "w9", "host": "h", "device": "cpu"}))
+    assert store.claim_lost(run, "shard-00002") == 1 and store.claim_lost(run, "shard-00002") == 0  # running, lease gone
+    lost = store.failures(run)["shard-00002"]  # the lost copy is a failure of its worker
+    assert [(f["worker"], f["kind"]) for f in lost] == [("w9", "lost")]
     assert store.redispatched(run)["shard-00002"] == 1 and not store.running(run)
     assert store.r.ttl(f"nasq:run:{run}:redispatched") > 0

@@ -18,11 +18,13 @@ from nasq.results.run import MergeLater, merge_run
 
 class MemoryLedger:
     """What the run store records for shards, in dicts, with the rules of its scripts (the first
-    ok result of a shard is kept; a copy stops or is dropped once the run ended)."""
+    ok result of a shard is kept; a copy stops or is dropped once the run ended; a failure is
+    recorded as ``failover`` decided it; a worker the run holds a shard against is refused)."""
 
-    def __init__(self):
+    def __init__(self, live=()):
         self.attempts, self.running, self.progress, self.finished, self.dropped = {}, {}, {}, {}, {}
         self.leases, self.run_state, self.results = {}, None, {}
+        self.failures, self.barred, self.excluded, self.redispatched, self.live = {}, {}, {}, {}, set(live)
 
     def _state(self):
         return (self.run_state or {}).get("state", "running")
@@ -32,11 +34,16 @@ class MemoryLedger:
             return "ended", self._state()
         if shard_id in self.results:
             return "has-result", None
+        worker = info["worker"]
+        if worker in self.barred:
+            return "refused", "excluded"
+        if f"{worker}|{shard_id}" in self.barred:
+            return "refused", "failed-here"
         self.attempts[shard_id] = n = self.attempts.get(shard_id, 0) + 1
+        self.leases[shard_id], self.running[shard_id], self.progress[shard_id] = holder, info, 0
         if n > max_attempts:
             return "exhausted", n
-        self.leases[shard_id], self.running[shard_id], self.progress[shard_id] = holder, info, 0
-        return "ok", n
+        return "ok", (n, int(self.barred.get(f"{worker}#streak", 0)))
 
     def shard_tick(self, run_id, shard_id, *, holder, done, lease_s):
         if self._state() in ("done", "cancelled"):
@@ -46,7 +53,7 @@ class MemoryLedger:
         self.progress[shard_id] = done
         return "ok", None
 
-    def commit_shard(self, run_id, shard_id, *, holder, status, summary, result=None):
+    def commit_shard(self, run_id, shard_id, *, holder, status, summary, result=None, worker="", reset_streak=False):
         if self.leases.get(shard_id) == holder:
             del self.leases[shard_id]
         if status == "stopped" or self._state() in ("done", "cancelled") or shard_id in self.results:
@@ -54,10 +61,41 @@ class MemoryLedger:
             return "dropped", "late"
         self.finished[shard_id] = summary
         self.running.pop(shard_id, None)
-        if status == "error":
-            return "failed", None
+        if reset_streak:
+            self.barred.pop(f"{worker}#streak", None)
         self.results[shard_id], self.progress[shard_id] = result, summary.get("images", 0) + summary.get("errors", 0)
-        return "accepted", (len(self.results), 0)
+        return "accepted", (len(self.results), 0, len(self.finished))
+
+    def failure_view(self, run_id, shard_id, worker):
+        from nasq.inference.failover import FailureView
+
+        raw = json.dumps(self.failures[shard_id]) if shard_id in self.failures else ""
+        return FailureView(raw=raw, failures=list(self.failures.get(shard_id, [])),
+                           excluded={w: e for w, e in self.excluded.items() if w in self.barred},
+                           streak=int(self.barred.get(f"{worker}#streak", 0)))
+
+    def record_failure(self, run_id, shard_id, *, holder, worker, seen, failures, streak, exclusion, final, summary,
+                       why):
+        if self.leases.get(shard_id) == holder:
+            del self.leases[shard_id]
+        if self._state() in ("done", "cancelled") or shard_id in self.results:
+            return "dropped", "late"
+        if (json.dumps(self.failures[shard_id]) if shard_id in self.failures else "") != seen:
+            return "changed", None
+        self.failures[shard_id] = failures
+        if streak is not None:
+            self.barred[f"{worker}|{shard_id}"], self.barred[f"{worker}#streak"] = 1, streak
+        if exclusion:
+            self.barred[worker], self.excluded[worker] = 1, exclusion
+        self.running.pop(shard_id, None)
+        if final:
+            self.finished[shard_id] = summary
+            return "failed", (len(self.finished), 0, len(self.running))
+        self.redispatched[shard_id] = n = self.redispatched.get(shard_id, 0) + 1
+        return "retry", n
+
+    def live_consumers(self, queue):
+        return set(self.live)
 
     def renew_lease(self, run_id, shard_id, holder, ttl_s):
         return self.leases.get(shard_id) == holder
@@ -116,6 +154,12 @@ class MemoryStore:
     def attempts(self, run_id):
         return {sid: 1 for sid in self._running}
 
+    def failures(self, run_id):
+        return {}
+
+    def exclusions(self, run_id):
+        return {}
+
     def mark_published(self, run_id):
         self.published = True
 
@@ -166,17 +210,47 @@ def test_run_shard_evaluates_its_range_and_records_it(assets, tmp_path):
 def test_run_shard_reports_failures_instead_of_raising(assets, tmp_path):
     ledger = MemoryLedger()
     task = ShardTask.from_payload("r1", "shard-00000", 0, 4, _job(assets))
-    out = run_shard(task, ledger=ledger, resources=DeviceResources("cpu"), worker=_worker(tmp_path, backend="onnxruntime"))
+    out = run_shard(task, ledger=ledger, resources=DeviceResources("cpu"), worker=_worker(tmp_path, backend="onnxruntime"),
+                    queue="q")
     assert out["status"] == "error" and "runs backend 'onnxruntime' but the run asked for 'torch'" in out["error"]
+    assert out["final"] and "no other live worker consumes queue q" in out["error"]  # nobody else to run it
     assert ledger.finished["shard-00000"]["status"] == "error"
     # a shard whose worker died max_attempts times is failed, not run again
+    ledger.finished.clear()
     ledger.attempts["shard-00000"] = 2
-    out = run_shard(task, ledger=ledger, resources=DeviceResources("cpu"), worker=_worker(tmp_path))
-    assert out["status"] == "error" and "max_attempts=2" in out["error"]
+    out = run_shard(task, ledger=ledger, resources=DeviceResources("cpu"), worker=_worker(tmp_path, name="w1@test"))
+    assert out["status"] == "error" and "max_attempts=2" in out["error"] and out["final"]
     # a late redelivery of a run that is already merged does nothing
     ledger.run_state = {"state": "done"}
     assert run_shard(task, ledger=ledger, resources=DeviceResources("cpu"), worker=_worker(tmp_path))["status"] == "skipped"
     assert ledger.attempts["shard-00000"] == 3
+
+
+def test_a_failed_shard_goes_to_another_worker_and_a_failing_worker_is_excluded(assets, tmp_path):
+    """The failover rules with the library's own run_shard: a device failure is sent again while
+    another live worker may take it; the second failure in a row excludes the worker, which then
+    refuses the run's shards; once no other worker may take a shard, it fails for good."""
+    ledger = MemoryLedger(live={"w0@test", "w1@test"})
+    bad = _worker(tmp_path, backend="onnxruntime")  # fails every shard of a torch run
+    first = ShardTask.from_payload("r1", "shard-00000", 0, 4, _job(assets))
+    second = ShardTask.from_payload("r1", "shard-00001", 4, 8, _job(assets))
+    out = run_shard(first, ledger=ledger, resources=DeviceResources("cpu"), worker=bad, queue="q")
+    assert out["status"] == "error" and not out["final"] and out["dispatches"] == 1 and not out["excluded"]
+    assert "sent again for another worker" in out["error"] and "shard-00000" not in ledger.finished
+    out = run_shard(second, ledger=ledger, resources=DeviceResources("cpu"), worker=bad, queue="q")
+    assert out["excluded"] and not out["final"] and "EXCLUDED" in out["error"]
+    assert ledger.excluded["w0@test"]["shards_failed"] == 2
+    # excluded: the next shard is not evaluated, it goes back to the queue
+    third = ShardTask.from_payload("r1", "shard-00002", 8, 12, _job(assets))
+    assert run_shard(third, ledger=ledger, resources=DeviceResources("cpu"), worker=bad, queue="q")["status"] == "refused"
+    # the other worker runs the shards the bad one failed
+    good = _worker(tmp_path, name="w1@test")
+    assert run_shard(first, ledger=ledger, resources=DeviceResources("cpu"), worker=good, queue="q")["kept"]
+    # with the other worker gone, a shard the excluded one may not take fails for good, saying why
+    ledger.live = {"w0@test"}
+    out = run_shard(third, ledger=ledger, resources=DeviceResources("cpu"), worker=bad, queue="q")
+    assert out["status"] == "error" and out["final"] and "is excluded from the run" in out["error"]
+    assert "no other live worker consumes queue q" in out["error"]
 
 
 def test_run_precision_wins_over_the_workers(assets, tmp_path):
@@ -305,7 +379,7 @@ def test_fail_run_heals_what_was_only_lost_and_fails_what_failed(assets, tmp_pat
 
         def claim_lost(self, run_id, sid, running=True):
             self.claimed.append(sid)
-            return True
+            return 1
 
         def redispatched(self, run_id):
             return {sid: 1 for sid in self.claimed}
@@ -314,6 +388,12 @@ def test_fail_run_heals_what_was_only_lost_and_fails_what_failed(assets, tmp_pat
     # one shard revoked in flight (no result, no failure): dispatched again, the run goes on
     store = Store(manifest, stored=_results(manifest, drop={ids[1]}))
     fail_run(manifest["run_id"], RuntimeError("revoked"), store=store, report_dir=str(tmp_path),
+             redispatch=lambda m, sids: sent.extend(sids))
+    assert sent == [ids[1]] and store.states == []
+    # a shard that failed on a device and was sent again for another is on its way: nothing happens
+    store = Store(manifest, stored=_results(manifest, drop={ids[0]}))
+    store.failures = lambda run_id: {ids[0]: [{"worker": "w9", "error": "device lost"}]}
+    fail_run(manifest["run_id"], RuntimeError("a header part failed"), store=store, report_dir=str(tmp_path),
              redispatch=lambda m, sids: sent.extend(sids))
     assert sent == [ids[1]] and store.states == []
     # every shard finished after all: the run is merged and done
