@@ -167,7 +167,15 @@ def load_settings(**overrides) -> Settings:
         if env not in (None, ""):
             values[n] = env
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return Settings(**{k: _coerce(k, v) for k, v in values.items()})
+    settings = Settings(**{k: _coerce(k, v) for k, v in values.items()})
+    for name in AT_LEAST_ONE:
+        if getattr(settings, name) < 1:
+            raise NasqError(f"setting {name} must be at least 1, not {getattr(settings, name)!r}")
+    return settings
+
+
+#: settings that count something and mean nothing below 1
+AT_LEAST_ONE = ("max_attempts", "shard_max_devices", "device_max_failures")
 
 
 def settings_to_file(settings: Settings, path: str) -> None:

@@ -1,4 +1,5 @@
-"""Files written whole or not at all, and file digests cached so a worker hashes a checkpoint once."""
+"""Files written whole or not at all, file digests cached so a worker hashes a checkpoint once,
+and a folder's files checked against the digests recorded for them."""
 from __future__ import annotations
 
 import hashlib
@@ -87,3 +88,20 @@ def cached_sha256(path: str | os.PathLike, cache_file: str) -> str:
     os.makedirs(os.path.dirname(cache_file), exist_ok=True)
     write_json(cache, cache_file, indent=None)
     return digest
+
+
+def verify_files(folder: str, expected: dict[str, str], *, cache_file: str | None = None) -> dict[str, str]:
+    """The files of ``folder`` named in ``expected`` (name -> sha256) that do not hold those
+    bytes: name -> why (missing, or the sha256 it has). ``cache_file``: remember digests per
+    (path, size, mtime) there (``cached_sha256``); without one every file is read and hashed."""
+    bad = {}
+    for name, want in expected.items():
+        path = os.path.join(folder, name)
+        try:
+            got = cached_sha256(path, cache_file) if cache_file else file_digest(path)
+        except OSError as e:
+            bad[name] = f"missing ({e.strerror or e})"
+            continue
+        if got != want:
+            bad[name] = f"sha256 {got[:12]}... where its meta.json records {str(want)[:12]}..."
+    return bad

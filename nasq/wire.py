@@ -147,6 +147,9 @@ class DatasetRef:
     kind: str
     images: int
     fingerprint: str
+    #: the sha256 of the listing and of every image's bytes (``nasq.data.digests``); its digest
+    #: list is kept in Redis under this name. None: a run that checks the listing only.
+    content: str | None = None
 
     KINDS = ("jpeg", "bin", "u8", "index")
 
@@ -156,7 +159,7 @@ class DatasetRef:
         kind = _str(d, "kind")
         _need(kind in cls.KINDS, f"dataset.kind must be one of {', '.join(cls.KINDS)}, not {kind!r}"[:200])
         return cls(root=_str(d, "root"), kind=kind, images=_int(d, "images", low=1),
-                   fingerprint=_str(d, "fingerprint"))
+                   fingerprint=_str(d, "fingerprint"), content=_sha256(d, "content"))
 
     @property
     def is_index(self) -> bool:
@@ -167,7 +170,8 @@ class DatasetRef:
         if self.is_index:
             _need(self.root == f"index:{self.images}", f"an index dataset is index:{self.images}, not {self.root!r}")
             return self
-        return DatasetRef(roots.readable(self.root, "data folder"), self.kind, self.images, self.fingerprint)
+        return DatasetRef(roots.readable(self.root, "data folder"), self.kind, self.images, self.fingerprint,
+                          self.content)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,8 @@ from nasq.inference.failover import REFUSE_PAUSE_S
 from nasq.inference.shard import run_shard
 from nasq.perf.sweep import measure_point
 from nasq.wire import TASK_EVAL_SHARD, TASK_MERGE, TASK_RUN_FAILED, TASK_SWEEP_POINT, MessageError, ShardTask, SweepPoint
-from nasq.results.run import MergeLater, RunEnded, fail_run, render_if_missing
+from nasq.results.publish import ended_on_disk, publish_if_missing, render_if_missing, said_once
+from nasq.results.run import MergeLater, RunEnded, fail_run
 from nasq.runstate import RunState
 from nasq.results.run import merge_run as finish_run
 from workers.app import WorkerTask, app
@@ -44,6 +45,12 @@ def eval_shard(self, run_id, shard_id, start, stop, job) -> dict:
         log.warning("refused a shard message: %s", e)
         raise ShardFailed(f"bad shard message: {e}") from None
     queue = (self.request.delivery_info or {}).get("routing_key") or None
+    final = ended_on_disk(self.worker.settings.report_dir, task.run_id)
+    if final is not None:  # write once: the report folder decides
+        said_once(task.run_id, "run %s: it is %s and its report is published: its shards do not run again",
+                  task.run_id, final["state"])
+        return {"run_id": task.run_id, "shard_id": task.shard_id, "status": "skipped",
+                "reason": f"the run is {final['state']}: its report is published and final"}
     out = run_shard(task, ledger=self.store, resources=self.resources, worker=self.worker, queue=queue)
     if out.get("kept"):
         kept, shards, finished = out["kept_of"]
@@ -86,8 +93,9 @@ def merge_run(self, results: list, run_id: str, _first_try: float | None = None)
         raise self.retry(countdown=5, kwargs={"run_id": run_id, "_first_try": first_try}) from None
     except RunEnded as e:  # a second merge (the chord fired after a healing merge), or a cancelled run
         log.info("run %s: not merged again: it is %s and stays so", run_id, e.state)
-        if e.state == RunState.DONE and render_if_missing(self.store, run_id, manifest,
-                                                          self.worker.settings.report_dir):
+        report_dir = self.worker.settings.report_dir
+        publish_if_missing(self.store, run_id, manifest, report_dir)  # its merging worker died before either
+        if e.state == RunState.DONE and render_if_missing(self.store, run_id, manifest, report_dir):
             log.info("run %s: its plots and HTML page rendered (its merging worker had gone before)", run_id)
         return {"run_id": run_id, "merged": False, "state": e.state}
     # The report is in the run store and the report dir; the chord, Flower and the log get its headline.

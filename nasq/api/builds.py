@@ -68,7 +68,7 @@ def _build(session: Session, spec, artifacts: ArtifactStore, *, timeout: float |
                 _until_cleaned_up(session.store, s.key)
             raise
 
-    if spec.target != "onnx" and artifacts.get(spec.onnx_key) is None:
+    if spec.target != "onnx" and artifacts.verified(spec.onnx_key) is None:
         one(spec.onnx_spec())
     state = one(spec)
     return BuildResult(spec.key, artifacts.path(spec.key), state["meta"], state["cached"])

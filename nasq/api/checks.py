@@ -11,6 +11,7 @@ from .. import backends
 from ..artifacts.spec import check_om_options
 from ..config import Settings
 from ..data.labels import find_labels, out_of_range, read_labels, stem
+from ..data.digests import cache_for, file_digests
 from ..data.sources import Source, check_usable, open_source
 from ..errors import DatasetError, NasqError
 from ..queue.session import Session
@@ -115,11 +116,16 @@ class Plan:
 
 
 def plan_run(*, weights, data, labels, backend, batch_size, precision, num_outputs, output_dir, outfmt,
-          allow_bad_labels: bool = False, soc_version: str | None = None, gears: list[int] | None = None) -> Plan:
+             allow_bad_labels: bool = False, soc_version: str | None = None, gears: list[int] | None = None,
+             content: bool = True, digest_cache: str | None = None, log=None) -> Plan:
+    """``content``: list the dataset with the sha256 of every image (``nasq.data.digests``,
+    cached in ``digest_cache``, a folder), so that the run's workers refuse a file that changed."""
     if not (isinstance(batch_size, int) and 1 <= batch_size <= MAX_BATCH_SIZE):
         raise NasqError(f"batch_size must be 1 to {MAX_BATCH_SIZE}, not {batch_size!r}")
     source = open_source(data)
     check_usable(source)
+    if content and source.kind != "index":
+        source.with_digests(file_digests(source, cache_for(source.root, digest_cache), log=log))
     output = OutputSpec(os.path.abspath(output_dir), outfmt.upper()) if output_dir else None
     weights = check_weights(weights, backend, num_outputs)
     return Plan(weights=weights, source=source, labels=labels_for(source, data, labels, allow_bad=allow_bad_labels),

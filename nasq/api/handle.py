@@ -29,6 +29,8 @@ class EvalResult:
     embedded: bool = False
     #: file name -> reason, for the files of ``report["files_to_come"]`` that were not rendered
     not_rendered: dict = field(default_factory=dict)
+    #: why the report's files are not in place (None: they are published, every path exists)
+    unpublished: str | None = None
 
     @property
     def table(self) -> str:
@@ -94,19 +96,23 @@ class RunHandle:
         finally:
             if self.result is not None:
                 self.session.app.backend.remove_pending_result(self.result)
-        # the merging worker moves the files into place and records the run after the state says
-        # done: wait for that (renames and one row), so that every path printed exists
-        deadline = time.time() + 60
-        while not store.published(run_id) and time.time() < deadline:
-            time.sleep(0.05)
+        # the merging worker publishes the files (one rename) and records the run after the state
+        # says done: wait for that, so that every path printed exists (a merge sent again finishes
+        # what a merging worker that died left undone)
+        def merge_again(what: str):
+            return lambda: self.session.app.signature(
+                TASK_MERGE, args=([],), kwargs={"run_id": run_id}, queue=self.manifest["queue"],
+                argsrepr=f"run={run_id} ({what}: its merging worker went away)").apply_async()
+
+        published = store.wait_published(run_id, publish_again=merge_again("its report files"))
         result = EvalResult(run_id, report, store.predictions(run_id), store.notes(run_id),
-                            embedded=self.session.cluster is not None)
+                            embedded=self.session.cluster is not None,
+                            unpublished=None if published else "its merging worker has not put them in place yet")
         if on_report is not None:
             on_report(result)
-        if files:  # then it renders the plots and the HTML page
-            result.not_rendered = store.wait_rendered(run_id, report, render_again=lambda: self.session.app.signature(
-                TASK_MERGE, args=([],), kwargs={"run_id": run_id}, queue=self.manifest["queue"],
-                argsrepr=f"run={run_id} (its plots and HTML page: its merging worker went away)").apply_async())
+        if files and published:  # then it renders the plots and the HTML page
+            result.not_rendered = store.wait_rendered(run_id, report,
+                                                      render_again=merge_again("its plots and HTML page"))
         return result
 
     def close(self) -> None:
@@ -154,11 +160,16 @@ class _FleetWatch:
     def look(self) -> _Seen:
         from ..inference.failover import who
 
+        notes = []
         if not self.signing and (refused := {w: r for w, r in self.store.refusals(self.run_id).items()
                                              if not r.get("signed")}):
-            return _Seen(failed=self._refused(refused))
+            if not self.store.running(self.run_id) and not self.store.result_ids(self.run_id):
+                return _Seen(failed=self._refused(refused))  # nothing of the run runs anywhere
+            if "refused" not in self.told:  # some workers run it all the same: said, not ended
+                self.told.add("refused")
+                notes.append(f"{', '.join(sorted(refused))} refuse this client's unsigned messages (they require "
+                             "signed ones); other workers run the run")
         live = self.store.live_consumers(self.queue)
-        notes = []
         excluded = {w: e for w, e in self.store.exclusions(self.run_id).items() if not e.get("lifted")}
         for w, e in excluded.items():
             if w not in self.told:
@@ -209,4 +220,6 @@ def _ended_error(store, run_id: str, st: dict) -> RunError:
     text = st.get("error") or f"run {run_id} {st.get('state', 'failed')}"
     more = "; ".join(filter(None, [done, f"report: {where}" if where else f"`nasq status {run_id}` shows it"]))
     cls = RunCancelled if st.get("state") == RunState.CANCELLED else RunError
-    return cls(f"{text} ({more})")
+    error = cls(f"{text} ({more})")
+    error.report = report or None  # the partial report (``--json`` writes it)
+    return error

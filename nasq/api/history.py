@@ -91,11 +91,13 @@ def cancel(run_id: str, *, broker: str | None = None, settings: Settings | None 
         if manifest is None:
             raise NasqError(f"no run {run_id!r} in this Redis (runs expire after result_expires)")
         kept = store.result_ids(run_id)
-        ids = [shard_task_id(run_id, s["shard_id"]) for s in manifest["shards"] if s["shard_id"] not in kept]
+        sent = store.redispatched(run_id)  # every attempt of a shard has a task id of its own
+        unfinished = [s["shard_id"] for s in manifest["shards"] if s["shard_id"] not in kept]
+        ids = [shard_task_id(run_id, sid, n) for sid in unfinished for n in range(sent.get(sid, 0) + 1)]
 
         def revoke() -> None:
             session.app.control.revoke(ids + store.merge_ids(run_id), terminate=True, signal="SIGTERM")
-            log(f"run {run_id}: cancelled; {len(ids)} shard(s) and its merge revoked")
+            log(f"run {run_id}: cancelled; {len(unfinished)} shard(s) ({len(ids)} attempts) and its merge revoked")
 
         partial = cancel_run(store, run_id, settings.report_dir, manifest=manifest, after_cancel=revoke)
         log(f"run {run_id}: partial report of {partial['images']} of {partial['images_planned']} images kept")

@@ -65,15 +65,18 @@ def rerun_command(plan: Plan, *, queue: str, shard_size: int | None, broker_url:
 
 def _submit(session: Session, plan: Plan, *, queue: str, shard_size: int | None, workers: int | None,
             rerun: str | None, log, command: list[str] | None = None, require_workers: int | None = None) -> RunHandle:
+    from ..data.digests import pack
     from ..files import cached_sha256, file_digest
     from ..queue.transport import BrokerView
     from ..queue.trust import ManifestTrust
 
     model = prepare_model(weights=plan.weights, backend=plan.backend, num_outputs=plan.num_outputs,
                           settings=session.settings, session=session, build_options=plan.build, log=log)
-    if os.path.isfile(model.weights):  # every shard checks that the workers load this file
-        model = replace(model, sha256=cached_sha256(model.weights, os.path.join(session.settings.artifact_dir,
-                                                                                ".digests.json")))
+    pinned = os.path.join(model.weights, "meta.json") if os.path.isdir(model.weights) else model.weights
+    if os.path.isfile(pinned):  # every shard checks that the workers load this file (an artifact: its meta.json,
+        # which records the sha256 of each of its files)
+        model = replace(model, sha256=cached_sha256(pinned, os.path.join(session.settings.artifact_dir,
+                                                                         ".digests.json")))
     job = EvalJob(dataset=DatasetRef(**plan.source.describe()), labels=plan.labels, model=model, backend=plan.backend,
                   batch_size=plan.batch_size, precision=plan.precision, output=plan.output,
                   labels_sha256=file_digest(plan.labels) if plan.labels else None)
@@ -101,6 +104,8 @@ def _submit(session: Session, plan: Plan, *, queue: str, shard_size: int | None,
     run_id = manifest["run_id"]
     sealed = ManifestTrust(session.app).seal(manifest)
     try:
+        if plan.source.content:  # the list the workers check every image against
+            session.store.save_digests(plan.source.content, pack(plan.source.digests))
         session.store.save_manifest(manifest, sealed)
         session.store.add_merge_id(run_id, merge_task_id(run_id))
         result = session.submit_run(manifest)
@@ -137,7 +142,7 @@ def _broker_then_plan(settings, args: dict) -> Plan:
     the heavy checks), then the user's input (``args``: the caller's arguments)."""
     if settings.broker_url:
         probe(settings)
-    return plan_run(**{k: args[k] for k in _PLAN_ARGS})
+    return plan_run(**{k: args[k] for k in _PLAN_ARGS}, digest_cache=settings.artifact_dir, log=args.get("log"))
 
 
 def submit_evaluation(*, weights: str, data: str, labels: str | None = None, backend: str = "torch",
@@ -249,7 +254,7 @@ def resume(run_id: str, *, broker: str | None = None, settings: Settings | None 
            timeout: float | None = None, log=print,
            on_report: Callable[[EvalResult], None] | None = None) -> EvalResult:
     """Finish a failed or interrupted run: only its failed or lost shards run again (on the run's
-    queue, with the same task ids), then the merge combines them with the results the run
+    queue, each as a new attempt with a task id of its own), then the merge combines them with the results the run
     already has. A shard that is queued, delivered or running on a live worker is left alone: on
     a healthy run, resume sends nothing and follows the run to its report (``on_report``: as in
     ``evaluate``).
@@ -269,6 +274,12 @@ def resume(run_id: str, *, broker: str | None = None, settings: Settings | None 
         manifest = healer.trust.manifest(store, run_id)
         if manifest is None:
             raise NasqError(f"no run {run_id!r} in this Redis (runs expire after result_expires)")
+        from ..results.run import refuse_if_final
+
+        final = refuse_if_final(store, run_id, settings.report_dir)  # write once: the report folder decides
+        if final is not None:
+            raise NasqError(f"run {run_id} is {final}: its report is published in "
+                            f"{os.path.join(settings.report_dir, run_id)} and is never changed; nothing to resume")
         state = store.state_name(run_id)
         if state in (RunState.DONE, RunState.CANCELLED):
             raise NasqError(f"run {run_id} is {state}; there is nothing to resume (`nasq status {run_id}` shows it)")
@@ -277,6 +288,7 @@ def resume(run_id: str, *, broker: str | None = None, settings: Settings | None 
         redo = healer.claim_for_resume(run_id, plan, seen)
         busy = sum(1 for why in plan.values() if why in ("queued", "running"))
         if not redo and state == RunState.RUNNING and busy:
+            store.lift_exclusions(run_id)  # as a resume that sends shards does
             log(f"run {run_id}: nothing to resubmit ({busy} shard(s) queued or running on live workers); following it")
             result = None
         else:
@@ -313,7 +325,7 @@ def evaluate_local(*, weights: str, data: str, labels: str | None = None, backen
     settings = settings or load_settings()
     backends.check_options(backend, precision)
     plan = plan_run(weights=weights, data=data, labels=labels, backend=backend, batch_size=batch_size,
-                    precision=precision, num_outputs=num_outputs, output_dir=None, outfmt="NPY",
+                    precision=precision, num_outputs=num_outputs, output_dir=None, outfmt="NPY", content=False,
                     soc_version=soc_version, gears=gears)
     model = prepare_model(weights=plan.weights, backend=backend, num_outputs=num_outputs, settings=settings,
                           build_options=plan.build, log=lambda *_: None)

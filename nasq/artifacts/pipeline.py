@@ -31,7 +31,7 @@ class BuildBusy(Exception):
 
 def begin(spec: BuildSpec, *, store, artifacts: ArtifactStore) -> dict:
     """The build state for ``spec``: a cache hit, or a fresh staging directory under the lock."""
-    meta = artifacts.get(spec.key)
+    meta = artifacts.verified(spec.key)
     if meta is not None:
         return {"cached": True, "key": spec.key, "meta": meta}
     if file_digest(spec.weights) != spec.weights_sha256:  # the key names these exact weights: never others
@@ -41,7 +41,7 @@ def begin(spec: BuildSpec, *, store, artifacts: ArtifactStore) -> dict:
     if not lock.take():
         store.set_build_status(spec.key, f"waiting for the build in flight ({lock.holder()})")
         raise BuildBusy(spec.key)
-    meta = artifacts.get(spec.key)  # published while we waited for the lock
+    meta = artifacts.verified(spec.key)  # published while we waited for the lock
     if meta is not None:
         lock.free()
         return {"cached": True, "key": spec.key, "meta": meta}
@@ -57,7 +57,7 @@ def begin_device(spec: BuildSpec, *, store, artifacts: ArtifactStore) -> dict:
     """A device artifact (ORT, OM, TensorRT) from the ONNX artifact it is built from."""
     onnx_dir = artifacts.path(spec.onnx_key)
     onnx = os.path.join(onnx_dir, "model.onnx")
-    if not os.path.isfile(onnx):
+    if artifacts.verified(spec.onnx_key) is None or not os.path.isfile(onnx):
         raise NasqError(f"build {spec.key}: its ONNX artifact {spec.onnx_key} is missing from {artifacts.root}")
     state = begin(spec, store=store, artifacts=artifacts)
     if not state["cached"]:

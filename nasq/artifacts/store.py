@@ -1,9 +1,11 @@
 """The artifact store: one directory per build key, complete or absent.
 
-``<root>/<key>/`` holds the built files and ``meta.json``. A build works in
-``<root>/.staging/<key>-<token>/`` and is published with one ``rename`` of that directory,
-so a failed or interrupted build never leaves a directory that looks complete. Staging
-directories older than a day are swept at the next build.
+``<root>/<key>/`` holds the built files and ``meta.json``, which records the sha256 of each. A
+build works in ``<root>/.staging/<key>-<token>/`` and is published with one ``rename`` of that
+directory, so a failed or interrupted build never leaves a directory that looks complete.
+Staging directories older than a day are swept at the next build. An artifact is used only if
+its files hold the bytes its meta.json records (``verified``): one changed after it was built is
+moved to ``<root>/.quarantine/`` and built again; a worker checks the files it loads itself.
 """
 from __future__ import annotations
 
@@ -13,10 +15,13 @@ import shutil
 import time
 from dataclasses import dataclass
 
-from ..files import write_json
+from ..files import verify_files, write_json
 
 STAGING = ".staging"
+QUARANTINE = ".quarantine"
 META = "meta.json"
+#: digests of the artifacts' files per (path, size, mtime): a cache hit is checked without reading them
+DIGESTS = ".digests.json"
 
 
 @dataclass
@@ -56,9 +61,39 @@ class ArtifactStore:
         return os.path.join(self.root, key)
 
     def result(self, key: str) -> BuildResult | None:
-        """The artifact as a cache hit, or None when it is not built."""
-        meta = self.get(key)
+        """The artifact as a cache hit, or None when it is not built (or was changed after it
+        was built: then it is quarantined, and built again)."""
+        meta = self.verified(key)
         return BuildResult(key, self.path(key), meta, True) if meta is not None else None
+
+    def verified(self, key: str) -> dict | None:
+        """The metadata of a complete artifact whose files hold the bytes it records, or None.
+        An artifact whose files do not is moved to ``.quarantine`` (logged), so that a build
+        can publish the key again."""
+        meta = self.get(key)
+        if meta is None:
+            return None
+        bad = verify_files(self.path(key), meta.get("files") or {}, cache_file=os.path.join(self.root, DIGESTS))
+        if not bad:
+            return meta
+        self.quarantine(key, bad)
+        return None
+
+    def quarantine(self, key: str, bad: dict[str, str]) -> str | None:
+        """Move an artifact whose files changed after it was built out of the way; returns where."""
+        import logging
+
+        dest = os.path.join(self.root, QUARANTINE, f"{key}.{time.strftime('%Y%m%d-%H%M%S')}.{os.getpid()}")
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        try:
+            os.rename(self.path(key), dest)
+        except OSError:
+            dest = None  # moved by another process first, or not ours to move
+        name, why = next(iter(bad.items()))
+        logging.getLogger("nasq.build").warning(
+            "artifact %s: %s does not match its meta.json (%s): it was changed after it was built and is not used%s; "
+            "it is built again", key, name, why, f"; moved to {dest}" if dest else "")
+        return dest
 
     def get(self, key: str) -> dict | None:
         """The metadata of a complete artifact, or None."""

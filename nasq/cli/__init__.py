@@ -55,7 +55,7 @@ COMMANDS = [
      "Show a run's progress from its records in Redis: any machine with the broker URL can watch. Without RUN_ID: "
      "the latest run.", _status_args, cmd_status),
     ("resume", "finish a failed run: rerun only its failed or missing shards, then merge",
-     "Resubmit the shards of RUN_ID that failed or have no stored result (same task ids, same queue) and merge them "
+     "Resubmit the shards of RUN_ID that failed or have no stored result (each a new attempt, on the same queue) and merge them "
      "with the results the run already has.", _resume_args, cmd_resume),
     ("runs", "list runs (the broker's and the history in the report dir) with state and headline numbers",
      "Recent runs, newest first, from the broker and from the run history in the report dir (which outlives "

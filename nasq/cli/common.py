@@ -3,6 +3,7 @@ run store of a command, and ``finish``, which prints a run's report and writes w
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -65,8 +66,8 @@ def ready(what: str, folder: str) -> None:
 
 def out_file(flag: str, path: str | None) -> None:
     """Make sure ``path`` can be written before a long run: its folder is ready and it is not a
-    folder itself."""
-    if path:
+    folder itself (``-``: stdout)."""
+    if path and path != "-":
         if os.path.isdir(path):
             raise NasqError(f"{flag} {path} is a folder; give a file name")
         ready(f"{flag} {path}", os.path.dirname(os.path.abspath(path)))
@@ -96,7 +97,9 @@ def store_of(args):
 
 
 def report_flags(p) -> None:
-    p.add_argument("--json", metavar="PATH", help="also write the report as JSON here")
+    p.add_argument("--json", metavar="PATH", help="also write the report as JSON here, whatever the run's ending "
+                                                   "(its state field says which); - writes it to stdout (the table "
+                                                   "goes to stderr)")
     p.add_argument("--predictions", metavar="PATH", help="write per-image top-5 here (.csv or .json)")
     wait_flags(p)
 
@@ -106,51 +109,80 @@ def check_report_paths(args) -> None:
     out_file("--predictions", getattr(args, "predictions", None))
 
 
-def show_numbers(result) -> None:
-    """The run's table, printed as soon as the numbers are in (its plots come after)."""
-    print(result.table, flush=True)
+def show_numbers(result, args=None) -> None:
+    """The run's table, printed as soon as the numbers are in (its plots come after): on stdout,
+    or on stderr when stdout carries the JSON report (``--json -``)."""
+    print(result.table, flush=True, file=sys.stderr if _json_on_stdout(args) else sys.stdout)
+
+
+def _json_on_stdout(args) -> bool:
+    return getattr(args, "json", None) == "-"
+
+
+def write_report_json(args, report: dict | None, *, kept: str = "") -> None:
+    """``--json``: the report (of any ending: done, failed, cancelled; its ``state`` says which)
+    to the file, or to stdout for ``-``."""
+    from ..files import write_json
+
+    if not getattr(args, "json", None) or report is None:
+        return
+    if args.json == "-":
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        sys.stdout.flush()
+        return
+    try:
+        write_json(report, args.json)
+    except OSError as e:
+        raise NasqError(f"could not write {args.json}: {e.strerror or e}" + (f"; {kept}" if kept else "")) from None
+    log(f"report written to {args.json}")
+
+
+def ended_with(args, error) -> None:
+    """A run that failed or was cancelled: its partial report to ``--json`` all the same."""
+    write_report_json(args, getattr(error, "report", None))
 
 
 def finish(result, args, *, shown: bool = False) -> int:
     """The end of a command that ran an evaluation: its table (unless ``shown`` already), where
-    its report files are, what could not be written, and --json / --predictions."""
-    from ..files import write_json
+    its report files are (only once they are published, and only those that exist), what could
+    not be written, and --json / --predictions."""
     from ..results.predictions import write_predictions
 
     if not shown:
-        print(result.table)
+        show_numbers(result, args)
     report = result.report
-    for kind, path in (report.get("files") or {}).items():
-        if os.path.basename(path) not in result.not_rendered:
-            log(f"run report ({kind}): {path}")
-    missing = {**(report.get("files_not_written") or {}), **result.not_rendered}
-    if missing:
-        folder = os.path.dirname(next(iter((report.get("files") or {}).values()), "")) or "the report dir"
-        log(f"not written by the merging worker: {', '.join(missing)} ({next(iter(missing.values()))})"
-             + (f"; the rest are in {folder}" if report.get("files") else ""))
-    for text in (result.notes or {}).values():
-        log(f"note: {text}")
     on_disk = (report.get("files") or {}).get("json")
     if result.embedded:  # the private Redis ends with this command
         kept = f"the report is in {on_disk}" if on_disk else "the report is the one printed above (no copy was kept)"
     else:
-        kept = (f"the report is in {on_disk} and " if on_disk else "the report is ") + \
+        kept = (f"the report is in {on_disk} and " if on_disk and not result.unpublished else "the report is ") + \
             f"in Redis (`nasq status {result.run_id} --json`, until it expires)"
+    missing = {**(report.get("files_not_written") or {}), **result.not_rendered}
+    if result.unpublished:
+        log(f"the report files are not in place yet ({result.unpublished}); {kept}")
+    else:
+        gone = [p for kind, p in (report.get("files") or {}).items()
+                if os.path.basename(p) not in result.not_rendered and not os.path.exists(p)]
+        for kind, path in (report.get("files") or {}).items():
+            if os.path.basename(path) not in result.not_rendered and path not in gone:
+                log(f"run report ({kind}): {path}")
+        missing |= {os.path.basename(p): "not found where the report names it" for p in gone}
+        if missing:
+            folder = os.path.dirname(on_disk or next(iter((report.get("files") or {}).values()), ""))
+            log(f"not written by the merging worker: {', '.join(missing)} ({next(iter(missing.values()))})"
+                + (f"; the rest are in {folder}" if folder and os.path.isdir(folder) else ""))
+    for text in (result.notes or {}).values():
+        log(f"note: {text}")
     if missing or result.notes:
         log(kept)
-    writing = None
-    try:
-        if args.json:
-            writing = args.json
-            write_json(report, args.json)
-            log(f"report written to {args.json}")
-        pred = result.predictions
-        if getattr(args, "predictions", None) and pred is not None:
-            writing = args.predictions
+    write_report_json(args, report, kept=kept)
+    pred = result.predictions
+    if getattr(args, "predictions", None) and pred is not None:
+        try:
             write_predictions(pred, args.predictions)
-            log(f"per-image predictions written to {args.predictions}")
-    except OSError as e:
-        raise NasqError(f"could not write {writing}: {e.strerror or e}; {kept}") from None
+        except OSError as e:
+            raise NasqError(f"could not write {args.predictions}: {e.strerror or e}; {kept}") from None
+        log(f"per-image predictions written to {args.predictions}")
     if not report.get("images"):
         raise NasqError(f"no image could be evaluated ({report.get('error_count', 0)} unusable, listed above); "
                         "check the data folder")

@@ -6,7 +6,8 @@ import sys
 
 from ..config import MAX_BATCH_SIZE
 from ..options import broker_flag, int_in, int_list, seconds
-from .common import (backend_flags, check_report_paths, finish, log, one_device, out_dir, out_file,
+from ..errors import RunError
+from .common import (backend_flags, check_report_paths, ended_with, finish, log, one_device, out_dir, out_file,
                      report_flags, settings_of, show_numbers, submission_kwargs)
 
 
@@ -15,11 +16,16 @@ def cmd_eval(args) -> int:
 
     check_report_paths(args)
     out_dir("--output", args.output)
-    return finish(evaluate(**submission_kwargs(args), device=args.device, workers=args.workers,
-                           compile=None if args.compile == "none" else args.compile, cuda_graphs=args.cuda_graphs,
-                           kernels=args.kernels, broker=args.broker, output_dir=args.output, outfmt=args.outfmt,
-                           progress=not args.no_progress, timeout=args.timeout, log=log, on_report=show_numbers,
-                           rerun=shlex.join(["nasq", *sys.argv[1:]])), args, shown=True)
+    try:
+        result = evaluate(**submission_kwargs(args), device=args.device, workers=args.workers,
+                          compile=None if args.compile == "none" else args.compile, cuda_graphs=args.cuda_graphs,
+                          kernels=args.kernels, broker=args.broker, output_dir=args.output, outfmt=args.outfmt,
+                          progress=not args.no_progress, timeout=args.timeout, log=log,
+                          on_report=lambda r: show_numbers(r, args), rerun=shlex.join(["nasq", *sys.argv[1:]]))
+    except RunError as e:
+        ended_with(args, e)
+        raise
+    return finish(result, args, shown=True)
 
 
 def _demo_args(p) -> None:
@@ -30,7 +36,7 @@ def _demo_args(p) -> None:
     p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"), help="inference runtime (default: torch)")
     p.add_argument("-b", "--batch-size", type=int_in(1, MAX_BATCH_SIZE), default=8,
                    help="images per forward pass (default: 8)")
-    p.add_argument("--json", metavar="PATH", help="also write the report as JSON here")
+    p.add_argument("--json", metavar="PATH", help="also write the report as JSON here (- : stdout)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -53,7 +59,8 @@ def cmd_demo(args) -> int:
              "for a self-contained demo")
     result = evaluate(weights=paths["weights"], data=paths["data"], labels=paths["labels"], backend=args.backend,
                       device="cpu", workers=args.workers, batch_size=args.batch_size,
-                      progress=not args.no_progress, settings=settings, log=log, on_report=show_numbers)
+                      progress=not args.no_progress, settings=settings, log=log,
+                      on_report=lambda r: show_numbers(r, args))
     rc = finish(result, args, shown=True)
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -170,8 +177,13 @@ def cmd_resume(args) -> int:
     from ..api import resume
 
     check_report_paths(args)
-    return finish(resume(args.run_id, broker=args.broker, progress=not args.no_progress, timeout=args.timeout,
-                          log=log, on_report=show_numbers), args, shown=True)
+    try:
+        result = resume(args.run_id, broker=args.broker, progress=not args.no_progress, timeout=args.timeout,
+                        log=log, on_report=lambda r: show_numbers(r, args))
+    except RunError as e:
+        ended_with(args, e)
+        raise
+    return finish(result, args, shown=True)
 
 
 def _cancel_args(p) -> None:

@@ -6,7 +6,9 @@
 * a folder of ``u8`` shards written by ``nasq preprocess --format u8``: uint8 331x331x3
   crops (4x smaller than ``.bin``) that workers normalize on the device.
 
-Images are ordered by file name; shards of a run are index ranges into that order.
+Images are ordered by file name; shards of a run are index ranges into that order. A source
+listed for a run also knows the sha256 of every image (``digests.py``): its loaders hash the
+bytes they read and refuse one that changed (``ContentChanged``).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import numpy as np
 
 from ..errors import DatasetError
 from ..model.spec import PREPROCESS
+from . import digests as dg
 from .labels import stem
 from .transforms import ImageError, preprocess_u8
 
@@ -43,9 +46,48 @@ class Source:
     known_errors: dict[int, str] = field(default_factory=dict)
     #: file -> size when the folder was listed (what the fingerprint covers)
     sizes: dict[str, int] = field(default_factory=dict)
+    #: the sha256 of the listing (names and sizes, or the u8 index); ``fingerprint`` is its start
+    listing: str = ""
+    #: per image, the sha256 of its bytes as listed (None: not checked), once known
+    digests: list | None = None
+    #: the sha256 of the listing and every digest: what a run names the dataset's bytes by
+    content: str | None = None
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def with_digests(self, digests: list) -> None:
+        """Take the per-image digests (from ``digests.file_digests`` or a run's digest list)."""
+        self.digests = digests
+        self.content = dg.content_hash(self.kind, self.listing, dg.pack(digests))
+
+    def attach(self, raw: bytes, content: str) -> None:
+        """Take a run's digest list (as stored in Redis), which must hash, with this listing, to
+        the run's ``content``.
+
+        Raises:
+            DatasetError: the list is another dataset's, or the listing here differs.
+        """
+        digests = dg.unpack(raw, len(self.names))
+        if dg.content_hash(self.kind, self.listing, raw) != content:
+            raise DatasetError(f"the dataset at {self.root} differs from the one the run was submitted with: its "
+                               "files were added, removed or resized since, or this worker sees other files; every "
+                               "worker must see the same files")
+        self.digests, self.content = digests, content
+
+    def verify(self, i: int, data: bytes, what: str | None = None) -> None:
+        """The bytes read for image ``i`` are those listed.
+
+        Raises:
+            ContentChanged: naming the file (``what``: a part of one).
+        """
+        if self.digests is None:
+            return
+        want = self.digests[i]
+        if want is not None and dg.sha256(data) != want:
+            raise dg.ContentChanged(f"{what or os.path.join(self.root, self.names[i])} changed since the run was "
+                                    "submitted (its bytes are not those listed: sha256 differs); rerun with the "
+                                    "files as they are now, or restore it")
 
     def _files_of(self, start: int, stop: int) -> list[str]:
         return [self.names[i] for i in range(start, stop) if i not in self.known_errors]
@@ -72,7 +114,10 @@ class Source:
                                    "with the files as they are now")
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "root": self.root, "images": len(self.names), "fingerprint": self.fingerprint}
+        """What a run records of the dataset: with its ``content`` known, the fingerprint is its
+        start (it covers the bytes); else the listing's."""
+        return {"kind": self.kind, "root": self.root, "images": len(self.names),
+                "fingerprint": self.content[:16] if self.content else self.fingerprint, "content": self.content}
 
     def load(self, i: int) -> np.ndarray:
         if i in self.known_errors:
@@ -83,28 +128,40 @@ class Source:
         raise NotImplementedError
 
 
+    def read(self, i: int) -> bytes:
+        """The bytes of image ``i``'s file, checked against its digest."""
+        path = os.path.join(self.root, self.names[i])
+        with open(path, "rb") as f:
+            data = f.read()
+        self.verify(i, data)
+        return data
+
+
 class JpegFolder(Source):
     def _load(self, i):
-        return preprocess_u8(os.path.join(self.root, self.names[i]))
+        if self.digests is None:
+            return preprocess_u8(os.path.join(self.root, self.names[i]))
+        return preprocess_u8(self.read(i), name=os.path.join(self.root, self.names[i]))
 
 
 class BinFolder(Source):
     def _load(self, i):
-        path = os.path.join(self.root, self.names[i])
         want = int(np.prod(PREPROCESS.chw)) * 4
         try:
-            size = os.path.getsize(path)
-            if size != want:
-                raise ImageError(f"{size} bytes, expected {want} (float32 3x331x331)")
-            return np.fromfile(path, dtype=np.float32).reshape(PREPROCESS.chw)
+            data = self.read(i)
         except OSError as e:
             raise ImageError(str(e)) from None
+        if len(data) != want:
+            raise ImageError(f"{len(data)} bytes, expected {want} (float32 3x331x331)")
+        return np.frombuffer(bytearray(data), dtype=np.float32).reshape(PREPROCESS.chw)
 
 
 class U8Shards(Source):
-    def __init__(self, *args, shards: list[dict], **kw):
+    def __init__(self, *args, shards: list[dict], index_digests: list | None = None, **kw):
         super().__init__(*args, **kw)
         self.shards = shards
+        #: the per-image digests the index names (``nasq preprocess`` writes them), if any
+        self.index_digests = index_digests
         self._starts = [s["start"] for s in shards]
         self._maps: dict[int, np.ndarray] = {}
 
@@ -124,7 +181,10 @@ class U8Shards(Source):
                 self._maps[k] = np.load(path, mmap_mode="r")
             except (OSError, ValueError) as e:
                 raise ImageError(f"cannot read shard {path}: {e}") from None
-        return np.array(self._maps[k][i - self.shards[k]["start"]])
+        crop = np.array(self._maps[k][i - self.shards[k]["start"]])
+        if self.digests is not None:
+            self.verify(i, crop.tobytes(), f"image {i} ({self.names[i]}) of {os.path.join(self.root, self.shards[k]['file'])}")
+        return crop
 
 
 class _IndexNames(Sequence):
@@ -152,11 +212,12 @@ class IndexSource(Source):
         return np.array([i], dtype=np.int64)
 
 
-def _listing_fingerprint(kind: str, entries: list[tuple[str, int]]) -> str:
+def _listing(kind: str, entries: list[tuple[str, int]]) -> str:
+    """The sha256 of a listing (its first 16 digits are the listing's fingerprint)."""
     h = hashlib.sha256(kind.encode())
     for name, size in entries:
         h.update(f"\n{name}\t{size}".encode())
-    return h.hexdigest()[:16]
+    return h.hexdigest()
 
 
 def open_source(path: str | os.PathLike) -> Source:
@@ -171,8 +232,8 @@ def open_source(path: str | os.PathLike) -> Source:
         if not n.isdigit() or not 1 <= int(n) <= MAX_INDEX_IMAGES:
             raise DatasetError(f"{text[:40]!r}: an index dataset is index:N with 1 <= N <= {MAX_INDEX_IMAGES} "
                                "(for --backend sim)")
-        return IndexSource("index", text, _IndexNames(int(n)),
-                           _listing_fingerprint("index", [(text, int(n))]), "int64")
+        listing = _listing("index", [(text, int(n))])
+        return IndexSource("index", text, _IndexNames(int(n)), listing[:16], "int64", listing=listing)
     root = os.path.abspath(text)
     if not os.path.isdir(root):
         raise DatasetError(f"data folder {root!r} does not exist")
@@ -194,8 +255,12 @@ def open_source(path: str | os.PathLike) -> Source:
                     sizes[sh["file"]] = os.path.getsize(os.path.join(root, sh["file"]))
                 except OSError:
                     pass
-            return U8Shards("u8", root, [str(n) for n in meta["names"]], hashlib.sha256(raw).hexdigest()[:16],
-                            "uint8", errors, sizes, shards=meta["shards"])
+            listing = hashlib.sha256(raw).hexdigest()
+            listed = meta.get("digests")
+            if listed is not None and (not isinstance(listed, list) or len(listed) != len(meta["names"])):
+                raise ValueError("digests")
+            return U8Shards("u8", root, [str(n) for n in meta["names"]], listing[:16], "uint8", errors, sizes,
+                            listing=listing, shards=meta["shards"], index_digests=listed)
         except (ValueError, TypeError, KeyError, AttributeError):
             raise DatasetError(f"{index} is not a readable nasq u8 index; rerun `nasq preprocess SRC {root} "
                                "--format u8`") from None
@@ -219,16 +284,28 @@ def open_source(path: str | os.PathLike) -> Source:
         listing = sorted(bins + [(n, -1) for n in failed if stem(n) not in have])
         names = [n for n, _ in listing]
         known = {i: f"preprocessing failed: {failed[n]}" for i, n in enumerate(names) if n in failed}
-        return BinFolder("bin", root, names, _listing_fingerprint("bin", listing), "float32", known,
-                         {n: size for n, size in listing if size >= 0})
+        full = _listing("bin", listing)
+        return BinFolder("bin", root, names, full[:16], "float32", known, {n: size for n, size in listing if size >= 0},
+                         listing=full)
     if os.path.isfile(os.path.join(root, "shard-00000.npy")):
         raise DatasetError(f"{root} holds u8 shards but no {U8_INDEX}: preprocessing did not finish. "
                            f"Rerun `nasq preprocess SRC {root} --format u8`; it resumes where it stopped.")
     if not entries:
         raise DatasetError(f"no images in {root}: expected JPEG (or PNG) files, .bin files, or u8 shards")
     entries.sort()
-    return JpegFolder("jpeg", root, [n for n, _ in entries], _listing_fingerprint("jpeg", entries), "uint8",
-                      sizes=dict(entries))
+    full = _listing("jpeg", entries)
+    return JpegFolder("jpeg", root, [n for n, _ in entries], full[:16], "uint8", sizes=dict(entries), listing=full)
+
+
+def _unusable(e: Exception) -> str:
+    """Why a file that Pillow cannot open is unusable, in a few words."""
+    from PIL import Image
+
+    if isinstance(e, Image.DecompressionBombError):
+        return f"too large to decode ({e})"
+    if isinstance(e, OSError):
+        return "not an image Pillow can read"
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
 def check_usable(source: Source) -> None:
@@ -257,7 +334,7 @@ def check_usable(source: Source) -> None:
 
                 with Image.open(path):
                     return
-        except (OSError, ValueError) as e:
-            first = first or (name, type(e).__name__ if isinstance(e, ValueError) else "not an image Pillow can read")
+        except Exception as e:  # noqa: BLE001 - any reason a file cannot be opened makes it unusable, named
+            first = first or (name, _unusable(e))
     why = f" (e.g. {first[0]}: {first[1]})" if first else ""
     raise DatasetError(f"no usable image in {source.root}: none of its {len(source)} files can be read{why}")

@@ -23,17 +23,25 @@ def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
     return (size, new_long) if width <= height else (new_long, size)
 
 
-def preprocess_u8(src, spec: PreprocessSpec = PREPROCESS) -> np.ndarray:
+def preprocess_u8(src, spec: PreprocessSpec = PREPROCESS, *, name: str | None = None) -> np.ndarray:
     """Decode one image and return the seed's crop as uint8 HWC (331x331x3, RGB).
 
     Same operations as Cadene's ``TransformImage`` up to ``ToTensor``: RGB conversion,
-    PIL bilinear resize (antialiased) of the shorter side to 378, center crop 331.
+    PIL bilinear resize (antialiased) of the shorter side to 378, center crop 331. ``src`` is a
+    path, a file object, or the file's bytes (``name``: the file they were read from).
 
     Raises:
-        ImageError: unreadable, truncated or non-image input.
+        ImageError: unreadable, truncated or non-image input, or one too large to decode
+            (Pillow's decompression bomb limit).
     """
+    import io
+
     from PIL import Image
 
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        if not len(src):
+            raise ImageError("empty file")
+        src = io.BytesIO(src)
     try:
         with Image.open(src) as im:
             im = im.convert("RGB")
@@ -44,10 +52,14 @@ def preprocess_u8(src, spec: PreprocessSpec = PREPROCESS) -> np.ndarray:
             top = int(round((nh - spec.crop) / 2.0))
             im = im.crop((left, top, left + spec.crop, top + spec.crop))
             return np.asarray(im, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever Pillow raises on a file is that image's reason
         reason = str(e) or type(e).__name__
+        if not isinstance(e, (OSError, ValueError, SyntaxError, Image.DecompressionBombError)):
+            reason = f"{type(e).__name__}: {reason}"
         if isinstance(src, (str, os.PathLike)) and os.path.isfile(src) and os.path.getsize(src) == 0:
             reason = "empty file"
+        elif isinstance(src, io.BytesIO):  # Pillow names the buffer, not the file
+            reason = reason.replace(repr(src), repr(name) if name else "image")
         raise ImageError(reason) from None
 
 

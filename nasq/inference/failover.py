@@ -11,11 +11,14 @@ one process pinned to one device):
   other live worker of the run's queue may take it (one that is not excluded from the run and
   has not failed that shard): then it fails for good, naming each worker it failed on and why;
 * a worker that fails ``device_max_failures`` shards of a run in a row (no success between
-  them) is excluded from the run: it takes none of the run's shards any more, they go back to
-  the queue untouched. ``nasq resume`` lifts a run's exclusions;
+  them) is excluded from the run, unless no other live worker of the queue is: it takes none of
+  the run's shards any more, they go back to the queue untouched. ``nasq resume`` lifts a run's
+  exclusions. The last live worker is never excluded: the shards it fails fail for good, the
+  rest are evaluated;
 * a worker that may not take a shard (excluded, or it failed that shard) puts it back; when no
-  other live worker may take it, the shard fails for good with that sentence, so exclusion never
-  leaves a run waiting silently on a queue nobody may serve.
+  other live worker may take it for longer than ``grace`` (workers restarting), the shard fails
+  for good with that sentence, so exclusion never leaves a run waiting silently on a queue
+  nobody may serve. A worker that a shard was lost on (its lease expired) may take it again.
 
 ``decide`` is the decision, from what the run store holds (``FailureView``) and the live
 workers of the queue; the store writes it atomically, only if nothing changed meanwhile.
@@ -68,35 +71,47 @@ def who(entry: dict) -> str:
     return f"{entry.get('worker')} ({where})" if where else str(entry.get("worker"))
 
 
-def failed_on(failures: list[dict]) -> list[str]:
-    """The distinct workers a shard failed on, in order."""
-    return list(dict.fromkeys(f.get("worker") for f in failures if f.get("worker")))
+def failed_on(failures: list[dict], *, kind: str | None = None) -> list[str]:
+    """The distinct workers a shard failed on (``kind``: only failures of that kind: "device",
+    or "lost" when the worker went away), in order."""
+    return list(dict.fromkeys(f.get("worker") for f in failures
+                              if f.get("worker") and (kind is None or f.get("kind", "device") == kind)))
 
 
 def decide(view: FailureView, *, worker: dict, error: str | None, live: set[str], queue: str | None,
-           shard_max_devices: int, device_max_failures: int, final: bool = False) -> Decision:
+           shard_max_devices: int, device_max_failures: int, final: str | None = None) -> Decision:
     """The decision after ``worker`` (its name, host and device) failed a shard with ``error``,
     or (``error`` None) found that it may not take the shard (excluded, or it failed the shard
-    before): ``live`` are the names of the live workers of the run's queue. ``final``: the
-    shard fails for good whatever the rules say (it killed its worker ``max_attempts`` times)."""
+    before) and no other may either: ``live`` are the names of the live workers of the run's
+    queue. ``final``: the shard fails for good with this sentence, and the worker is not blamed
+    (the shard killed the workers that started it ``max_attempts`` times).
+
+    A worker is excluded only while another live worker of the queue is not: the last one keeps
+    taking the run's shards (those it fails then fail for good, the rest are evaluated). A
+    worker that a shard was lost on (it went away) may take it again."""
     me = worker["name"]
+    if final is not None:
+        return Decision(view.failures, None, None, True, final, "")
     entry = None if error is None else {"worker": me, "host": worker.get("host"), "device": worker.get("device"),
                                         "error": error, "at": time.time(), "kind": "device"}
     failures = view.failures + ([entry] if entry else [])
     streak = view.streak + 1 if entry else None
-    excluded_now = bool(entry) and me not in view.excluded and streak >= device_max_failures
-    barred = set(view.excluded) | ({me} if excluded_now or me in view.excluded else set())
-    tried = failed_on(failures)
     others = sorted(live - {me})
-    candidates = [w for w in others if w not in barred and w not in tried]
+    serving = [w for w in others if w not in view.excluded]
+    excluded_now = bool(entry) and me not in view.excluded and streak >= device_max_failures and bool(serving)
+    barred = set(view.excluded) | ({me} if excluded_now or me in view.excluded else set())
+    refused_by = set(failed_on(failures, kind="device"))
+    candidates = [w for w in others if w not in barred and w not in refused_by]
+    tried = failed_on(failures)
     exclusion = None
     tail = ""
     if excluded_now:
         exclusion = {"worker": me, "host": worker.get("host"), "device": worker.get("device"), "at": time.time(),
                      "reason": error, "shards_failed": streak, "queue": queue}
         tail = f"; {who(entry)} is now EXCLUDED from the run ({streak} failed shards in a row)"
-    if entry and final:
-        return Decision(failures, streak, exclusion, True, f"{who(entry)}: {error}{tail}", "")
+    elif entry and streak >= device_max_failures and me not in view.excluded:
+        tail = (f" ({streak} failed shards in a row; not excluded: it is the last live worker of "
+                f"{'queue ' + queue if queue else 'the queue'} that is not)")
     if entry and len(tried) >= shard_max_devices:
         text = f"failed on {len(tried)} workers (shard_max_devices={shard_max_devices}): " + "; ".join(
             f"{who(f)}: {f.get('error')}" for f in _last_per_worker(failures))
@@ -107,7 +122,7 @@ def decide(view: FailureView, *, worker: dict, error: str | None, live: set[str]
             nobody = f"no other live worker consumes {where}"
         else:
             held = [f"{w} ({'excluded from the run' if w in barred else 'failed it already'})"
-                    for w in others if w in barred or w in tried]
+                    for w in others if w in barred or w in refused_by]
             nobody = f"no other live worker of {where} may take it: {', '.join(held)}"
         if entry:
             text = f"{who(entry)}: {error}{tail}; {nobody}"
@@ -117,8 +132,7 @@ def decide(view: FailureView, *, worker: dict, error: str | None, live: set[str]
             if view.failures:
                 text += " (it failed on " + "; ".join(f"{who(f)}: {f.get('error')}"
                                                       for f in _last_per_worker(view.failures)) + ")"
-        if excluded_now and not others:
-            text += ": the excluded worker was the last live worker of the queue"
+            text += ("; `nasq resume` lifts the run's exclusions" if me in view.excluded else "")
         return Decision(failures, streak, exclusion, True, text, "")
     text = (f"{who(entry)}: {error}; sent again for another worker (failed on {len(tried)} of at most "
             f"{shard_max_devices})" + tail)

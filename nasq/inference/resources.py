@@ -11,13 +11,14 @@ import logging
 import os
 import socket
 import time
+from typing import Callable
 
 from .. import backends
 from ..config import BackendOptions
 from ..data.labels import read_labels
 from ..data.sources import U8_INDEX, Source, open_source
 from ..errors import RunError
-from ..files import file_digest
+from ..files import file_digest, read_json, verify_files
 from ..model.spec import ModelRef
 
 log = logging.getLogger("nasq.worker")
@@ -32,7 +33,7 @@ class DeviceResources:
         self.device = device
         self.backend: backends.Backend | None = None
         self._backend_key: tuple | None = None
-        self._sources: dict[str, tuple[tuple, Source]] = {}
+        self._sources: dict[str, tuple[tuple, Source, str]] = {}
         self._labels: tuple[tuple, str, dict] | None = None
         self._weights_sha256: str | None = None
         #: seconds the last ``backend_for`` spent loading (0 when the model was already loaded)
@@ -45,14 +46,17 @@ class DeviceResources:
         Raises:
             RunError: the weights file is not the one the run was submitted with (``model.sha256``).
         """
-        st = os.stat(model.weights)
-        key = (name, model.weights, st.st_mtime_ns, st.st_size, model.num_outputs, options,
+        st = os.stat(_pinned(model.weights))  # the weights, or an artifact's meta.json
+        key = (name, model.weights, st.st_mtime_ns, st.st_size, st.st_ino, model.num_outputs, options,
                batch_size if backends.backend_class(name).load_per_batch_size else None)
         self.last_load_s = 0.0
         if self._backend_key != key:
             self.drop_backend()  # stays empty if the load below fails
-            digest = file_digest(model.weights) if model.sha256 and os.path.isfile(model.weights) else None
-            _same("weights file", model.weights, model.sha256, digest)
+            digest = _pinned_digest(model)
+            _same("weights file" if os.path.isfile(model.weights) else "artifact's meta.json", _pinned(model.weights),
+                  model.sha256, digest)
+            if os.path.isdir(model.weights):
+                check_artifact(model.weights)
             t = time.perf_counter()
             b = backends.create(name, self.device)
             b.load(model, batch_size=batch_size, options=options)
@@ -60,7 +64,7 @@ class DeviceResources:
             log.info("loaded %s on %s in %.1f s", model.weights, self.device, self.last_load_s)
             self.backend, self._backend_key, self._weights_sha256 = b, key, digest
         elif model.sha256 and self._weights_sha256:
-            _same("weights file", model.weights, model.sha256, self._weights_sha256)
+            _same("weights file", _pinned(model.weights), model.sha256, self._weights_sha256)
         return self.backend
 
     def drop_backend(self) -> None:
@@ -69,18 +73,27 @@ class DeviceResources:
             self.backend.close()
         self.backend, self._backend_key = None, None
 
-    def source_for(self, root: str, fingerprint: str) -> Source:
-        """The dataset's listing, checked against the run's fingerprint (listed again when the
-        folder, or its u8 index, changed since the last shard)."""
-        stamp = _stamp(root)
+    def source_for(self, dataset, digest_list: Callable[[str], bytes | None] | None = None) -> Source:
+        """The dataset's listing (a ``wire.DatasetRef``), checked against the run's: with its
+        ``content``, the run's digest list (``digest_list(content)``, from Redis) must hash with
+        the listing here to it, and each image read is checked against its digest; else the
+        listing's fingerprint. Listed again when the folder, or its u8 index, changed."""
+        root, stamp = dataset.root, _stamp(dataset.root)
+        want = dataset.content or dataset.fingerprint
         cached = self._sources.get(root)
-        if cached is None or cached[0] != stamp or cached[1].fingerprint != fingerprint:
+        if cached is None or cached[0] != stamp or cached[2] != want:
             src = open_source(root)
-            if src.fingerprint != fingerprint:
+            if dataset.content:
+                raw = digest_list(dataset.content) if digest_list else None
+                if raw is None:
+                    raise RunError(f"the digest list of the dataset at {root} (nasq:digests:{dataset.content[:16]}...) "
+                                   "is not in Redis (expired, or flushed): resubmit the run")
+                src.attach(raw, dataset.content)
+            elif src.fingerprint != dataset.fingerprint:
                 raise RunError(f"the dataset at {root} on {socket.gethostname()} differs from the one the run was "
-                               f"submitted with (fingerprint {src.fingerprint} vs {fingerprint}): its files changed "
-                               "since, or this worker sees other files; every worker must see the same files")
-            self._sources[root] = cached = (stamp, src)
+                               f"submitted with (fingerprint {src.fingerprint} vs {dataset.fingerprint}): its files "
+                               "changed since, or this worker sees other files; every worker must see the same files")
+            self._sources[root] = cached = (stamp, src, want)
         return cached[1]
 
     def labels_for(self, path: str | None, sha256: str | None = None) -> dict[str, int] | None:
@@ -97,6 +110,34 @@ class DeviceResources:
             self._labels = (key, file_digest(path), read_labels(path))
         _same("label file", path, sha256, self._labels[1])
         return self._labels[2]
+
+
+def _pinned(weights: str) -> str:
+    """The file a run pins by its sha256: the weights, or an artifact's meta.json."""
+    return os.path.join(weights, "meta.json") if os.path.isdir(weights) else weights
+
+
+def _pinned_digest(model: ModelRef) -> str | None:
+    path = _pinned(model.weights)
+    return file_digest(path) if model.sha256 and os.path.isfile(path) else None
+
+
+def check_artifact(folder: str) -> None:
+    """An artifact's files hold the bytes its meta.json records (each read and hashed: once
+    per process and artifact, when it is loaded).
+
+    Raises:
+        RunError: naming the first file that does not; it is not used.
+    """
+    meta = read_json(os.path.join(folder, "meta.json"))
+    if not isinstance(meta, dict):
+        return  # not one of nasq's artifacts (a folder given as --weights): its backend checks it
+    bad = verify_files(folder, meta.get("files") or {})
+    if bad:
+        name, why = next(iter(bad.items()))
+        raise RunError(f"{os.path.join(folder, name)} does not match the artifact's meta.json ({why}): it was changed "
+                       "after it was built and is not used. Submit the run again: the client moves the artifact aside "
+                       "and has the build queue build it again")
 
 
 def _same(what: str, path: str, expected: str | None, actual: str | None) -> None:

@@ -53,6 +53,8 @@ class ShardLedger(Protocol):
                        failures: list[dict], streak: int | None, exclusion: dict | None, final: bool,
                        summary: dict, why: str) -> tuple[str, object]: ...
     def live_consumers(self, queue: str) -> set[str]: ...
+    def digest_list(self, content: str) -> bytes | None: ...
+    def nobody_since(self, run_id: str, shard_id: str, *, clear: bool = False) -> float: ...
 
 
 class ShardStopped(Exception):
@@ -93,12 +95,13 @@ def run_shard(task: ShardTask, *, ledger: ShardLedger, resources: DeviceResource
             "precision": options.precision}
     me = {"name": worker.name, "host": host, "device": worker.device}
 
-    def failed(msg: str | None, *, final: bool = False) -> dict:
+    def failed(msg: str | None, *, final: str | None = None) -> dict:
         """This copy failed (``msg``), or this worker may not take the shard (None): decided by
         ``failover.decide`` and recorded at once (read again if another failure came first);
-        ``final``: the shard fails for good."""
+        ``final``: the shard fails for good with that sentence, no worker blamed."""
         s = worker.settings
-        for _ in range(8):
+        outcome, value, d = "changed", None, None
+        while outcome == "changed":  # a compare and set: another failure of the shard came first
             view = ledger.failure_view(task.run_id, task.shard_id, worker.name)
             live = ledger.live_consumers(queue) if queue else set()
             d = failover.decide(view, worker=me, error=msg, live=live, queue=queue,
@@ -109,20 +112,19 @@ def run_shard(task: ShardTask, *, ledger: ShardLedger, resources: DeviceResource
             outcome, value = ledger.record_failure(task.run_id, task.shard_id, holder=holder, worker=worker.name,
                                                    seen=view.raw, failures=d.failures, streak=d.streak,
                                                    exclusion=d.exclusion, final=d.final, summary=summary, why=d.why)
-            if outcome != "changed":
-                break
         out = {**base, "status": "error", "error": d.error, "excluded": d.exclusion is not None}
         if outcome == "failed":
             return out | {"final": True, "settled": value}
         if outcome == "retry":
             return out | {"final": False, "dispatches": value}
-        return out | {"final": False, "dropped": value}  # another copy has it, or the run ended
+        # another copy has the shard, or the run ended: nothing of this copy counts
+        return {**base, "status": "skipped", "reason": f"its failure was not recorded ({value})"}
 
     refusal = None
     try:  # the message itself, first: every path resolved and checked against this worker's roots,
         # the backend it asks for, the range against the folder (a hostile message goes no further)
         job = _checked(task, worker)
-        source = resources.source_for(job.dataset.root, job.dataset.fingerprint)
+        source = resources.source_for(job.dataset, ledger.digest_list)
         if task.stop > len(source):
             raise NasqError(f"images [{task.start}, {task.stop}) are past the {len(source)} images of "
                             f"{job.dataset.root}")
@@ -135,15 +137,17 @@ def run_shard(task: ShardTask, *, ledger: ShardLedger, resources: DeviceResource
                                       info={"worker": worker.name, "host": host, "device": worker.device, "images": n},
                                       max_attempts=worker.settings.max_attempts)
     if claim == "exhausted":
-        return failed(f"started {int(value) - 1} times without finishing (its worker died each time); "
-                      f"giving up after max_attempts={worker.settings.max_attempts}", final=True)
+        return failed(None, final=f"started {int(value) - 1} times without finishing (the workers that started it "
+                                  f"died); giving up after max_attempts={worker.settings.max_attempts}")
     if claim == "refused":
         why = "this worker is excluded from the run" if value == "excluded" else "this worker failed the shard before"
-        out = failed(None) if queue is None or not _others_may_take(ledger, task, worker.name, queue) else None
-        if out is not None:
-            log.warning("shard %s of run %s: %s, and no other live worker may take it: it fails", task.shard_id,
-                        task.run_id, why)
-            return out
+        if queue is not None and not _others_may_take(ledger, task, worker.name, queue):
+            # nobody else may take it: it fails once that lasted longer than workers take to restart
+            grace = max(worker.settings.lease_s, 2 * worker.settings.worker_heartbeat_s)
+            if time.time() - ledger.nobody_since(task.run_id, task.shard_id) >= grace:
+                log.warning("shard %s of run %s: %s, and no other live worker may take it: it fails", task.shard_id,
+                            task.run_id, why)
+                return failed(None)
         return {**base, "status": "refused", "reason": why}
     if claim != "ok":  # a late delivery (or one of no run): nothing was evaluated, so nothing is dropped either
         if refusal:
@@ -211,10 +215,14 @@ def _checked(task: ShardTask, worker: WorkerConfig):
 
 def _others_may_take(ledger: ShardLedger, task: ShardTask, me: str, queue: str) -> bool:
     """Is there a live worker of ``queue`` besides ``me`` that may take the shard (not excluded
-    from the run, has not failed the shard)?"""
+    from the run, has not failed the shard)? When there is none, ``ledger.nobody_since`` starts
+    counting; when there is one again, it stops."""
     view = ledger.failure_view(task.run_id, task.shard_id, me)
-    tried = set(failover.failed_on(view.failures))
-    return any(w != me and w not in view.excluded and w not in tried for w in ledger.live_consumers(queue))
+    refused_by = set(failover.failed_on(view.failures, kind="device"))
+    ok = any(w != me and w not in view.excluded and w not in refused_by for w in ledger.live_consumers(queue))
+    if ok:
+        ledger.nobody_since(task.run_id, task.shard_id, clear=True)
+    return ok
 
 
 class _Ticker:

@@ -23,6 +23,7 @@ from ..inference.evaluate import evaluate_range
 from ..inference.resources import DeviceResources
 from ..model.spec import ModelRef
 from ..results.merge import accuracy
+from ..wire import DatasetRef
 from .timing import is_oom, measure_stable, summarize
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ def measure_point(point: SweepPoint, *, resources: DeviceResources, worker: Work
     try:
         b = resources.backend_for(point.backend, ModelRef(point.weights), bs, worker.backend_options(point.precision))
         b.reset_peak_memory()
-        source = resources.source_for(point.data, point.dataset_fingerprint)
+        source = resources.source_for(DatasetRef(point.data, "", 0, point.dataset_fingerprint))
         n = min(len(source), point.images or len(source), MAX_SHARD_IMAGES)  # an eval point is at most a shard
         if point.mode == "bench":
             crops = np.stack([source.load(i) for i in range(min(n, bs, 64))])

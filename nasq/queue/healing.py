@@ -1,7 +1,7 @@
 """Runs heal themselves: a shard whose lease expired (its machine is gone) is dispatched again
-under the same task id, a shard whose message is nowhere is sent again (naming why it is
-missing), and a run whose chord can no longer fire (a re-dispatched shard is not part of it, or
-a full broker refused its bookkeeping) is merged anyway.
+(each copy under a task id of its own, ``wire.shard_task_id``), a shard whose message is
+nowhere is sent again (naming why it is missing), and a run whose chord can no longer fire (a
+re-dispatched shard is not part of it, or a full broker refused its bookkeeping) is merged anyway.
 
 No daemon does this: whichever healthy component looks first does it, and the run store makes
 sure only one of them does (``claim_lost``, ``claim_stranded``, ``claim_merge``): the waiting
@@ -17,6 +17,7 @@ import time
 from ..runstate import ENDED, RunState
 from ..wire import (TASK_EVAL_SHARD, TASK_MERGE, TASK_RUN_FAILED, ShardTask, merge_task_id, shard_of_task,
                     shard_task_id, shard_tasks)
+from ..results.run import refuse_if_final
 from .store import BrokerFull, RunStore
 from .transport import BrokerView
 from .trust import ManifestTrust, UntrustedRecord
@@ -39,16 +40,16 @@ class Healer:
     how often a shard's message may go missing before the shard fails."""
 
     def __init__(self, app, store: RunStore, broker: BrokerView, *, lease_s: float, max_attempts: int,
-                 trust: ManifestTrust | None = None):
+                 trust: ManifestTrust | None = None, report_dir: str | None = None):
         self.app, self.store, self.broker = app, store, broker
-        self.lease_s, self.max_attempts = lease_s, max_attempts
+        self.lease_s, self.max_attempts, self.report_dir = lease_s, max_attempts, report_dir
         self.trust = trust or ManifestTrust(app)
         self._kept: dict[str, float] = {}  # run -> when its records were last given their expiry
 
     @classmethod
     def for_settings(cls, app, store: RunStore, settings) -> Healer:
         return cls(app, store, BrokerView.for_app(app, settings, share=store), lease_s=settings.lease_s,
-                   max_attempts=settings.max_attempts)
+                   max_attempts=settings.max_attempts, report_dir=settings.report_dir)
 
     def manifest(self, run_id: str) -> dict | None:
         """The run's manifest if it may be acted on (None: no such run, or refused)."""
@@ -76,6 +77,8 @@ class Healer:
         if st.get("state") in (None, *ENDED):
             self._kept.pop(run_id, None)
             return []
+        if self.report_dir and refuse_if_final(self.store, run_id, self.report_dir) is not None:
+            return []  # write once: its report is published; its records in Redis were changed (restored now)
         lost = self.store.lost_shards(run_id)
         manifest = None
         if lost or self.store.redispatched(run_id):
@@ -125,7 +128,8 @@ class Healer:
         why = ("the broker restarted since the run was submitted and lost its message" if restarted else
                "its message is in no queue although the broker did not restart: a worker discarded it (its log says "
                "why: e.g. an unsigned or malformed message) or a full broker could not keep it")
-        given_up = [sid for sid in stuck if counts.get(sid, 0) >= self.max_attempts]
+        missing = self.store.missing(run_id)
+        given_up = [sid for sid in stuck if missing.get(sid, 0) >= self.max_attempts]
         if given_up:
             self._give_up(run_id, given_up, why)
         taken = {sid: c for sid in stuck if sid not in given_up
@@ -259,7 +263,7 @@ class Healer:
             if why == "lost":
                 return self.store.claim_lost(run_id, sid, why="nasq resume (its worker went away)")
             return self.store.claim_stranded(run_id, sid, None if seen is None else seen.get(sid, 0),
-                                             why=f"nasq resume (it was {why})")
+                                             why=f"nasq resume (it was {why})", resume=True)
 
         return {sid: n for sid, why in plan.items() if why in ("failed", "lost", "missing") and (n := claim(sid, why))}
 

@@ -102,7 +102,7 @@ class ShardLedger(RedisStore):
         out = self._run("FAIL", [self._k(run_id, p) for p in ("state", "results", "finished", "running",
                                                               f"lease:{shard_id}", "failures", "barred", "excluded",
                                                               "redispatched", "redispatched_at", "redispatched_why",
-                                                              "dropped")],
+                                                              "dropped", "attempts")],
                         [shard_id, holder, worker, seen, json.dumps(failures), "" if streak is None else str(streak),
                          json.dumps(exclusion) if exclusion else "", "1" if final else "0", summary,
                          _states(ACCEPTS_RESULTS), time.time(), why, self.expires])
@@ -143,7 +143,7 @@ class ShardLedger(RedisStore):
 
     def _redispatch(self, run_id: str, shard_id: str, how: str, seen: int = 0, *, why: str) -> int:
         return int(self._run("REDISPATCH", [self._k(run_id, p) for p in ("running", "redispatched", "redispatched_at",
-                                                                          "redispatched_why", "failures")],
+                                                                          "redispatched_why", "failures", "missing")],
                              [shard_id, how, time.time(), self.expires, seen, why]))
 
     def redispatched_at(self, run_id: str) -> dict[str, float]:
@@ -155,14 +155,16 @@ class ShardLedger(RedisStore):
         return {k.decode(): v.decode() for k, v in self.r.hgetall(self._k(run_id, "redispatched_why")).items()}
 
     @_rides_out_full
-    def claim_stranded(self, run_id: str, shard_id: str, seen: int | None = None, *, why: str) -> int:
+    def claim_stranded(self, run_id: str, shard_id: str, seen: int | None = None, *, why: str,
+                       resume: bool = False) -> int:
         """The shard's dispatch count now (truthy) for the one caller that re-dispatches a shard
         whose message is stranded (not queued, not running, not finished): the one whose
         ``seen`` dispatch count of the shard (read now when None) is still the count; the count
-        goes up in the same step. 0 for every other caller."""
+        goes up in the same step (and, unless ``resume`` sends it, its count of missing
+        messages: ``missing``). 0 for every other caller."""
         if seen is None:
             seen = int(self.r.hget(self._k(run_id, "redispatched"), shard_id) or 0)
-        return self._redispatch(run_id, shard_id, "stranded", seen, why=why)
+        return self._redispatch(run_id, shard_id, "resume" if resume else "stranded", seen, why=why)
 
     def redispatched(self, run_id: str) -> dict[str, int]:
         return {k.decode(): int(v) for k, v in self.r.hgetall(self._k(run_id, "redispatched")).items()}
@@ -234,6 +236,25 @@ class ShardLedger(RedisStore):
         """Shard id -> the failures of its copies (each: worker, host, device, error, at, kind),
         for the shards that failed somewhere, whether they then ran elsewhere or not."""
         return self._hash(run_id, "failures")
+
+    def nobody_since(self, run_id: str, shard_id: str, *, clear: bool = False) -> float:
+        """Since when no live worker but excluded ones (or ones that failed it) may take the
+        shard: the first call's time, kept until ``clear``."""
+        key, field = self._k(run_id, "barred"), f"nobody|{shard_id}"
+        if clear:
+            self.r.hdel(key, field)
+            return 0.0
+        self.r.hsetnx(key, field, time.time())
+        return float(self.r.hget(key, field) or time.time())
+
+    def lift_exclusions(self, run_id: str) -> None:
+        """What ``nasq resume`` does to a run's exclusions: the workers take its shards again (the
+        record of each exclusion stays, marked lifted)."""
+        self.r.delete(self._k(run_id, "barred"))
+
+    def missing(self, run_id: str) -> dict[str, int]:
+        """Shard id -> how often its message was found missing and sent again by healing."""
+        return {k.decode(): int(v) for k, v in self.r.hgetall(self._k(run_id, "missing")).items()}
 
     def exclusions(self, run_id: str) -> dict[str, dict]:
         """Worker -> the record of its exclusion from the run (when, why, the shards it failed),

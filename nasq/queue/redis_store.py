@@ -26,10 +26,12 @@ PREFIX = "nasq:run:"
 RUNS = "nasq:runs"
 ACTIVE = "nasq:runs:active"
 WORKERS = "nasq:workers"
+#: a dataset's digest list, by its content hash
+DIGESTS = "nasq:digests:"
 #: the parts of a run's records that its transitions and healing give the run's expiry again
 #: (the shard scripts write none)
 EXPIRING = ("running", "attempts", "finished", "merges", "results", "dropped", "redispatched", "redispatched_at",
-            "redispatched_why", "failures", "barred", "excluded", "refused")
+            "redispatched_why", "failures", "barred", "excluded", "refused", "missing")
 BUILD = "nasq:build:"
 BUILD_LOCK_TTL_S = 300
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 
 import redis
 
 from ..runstate import ENDED, TRANSITIONS, RunState
-from .redis_store import ACTIVE, EXPIRING, RUNS, RedisStore, _rides_out_full, _states, log
+from .redis_store import ACTIVE, DIGESTS, EXPIRING, RUNS, RedisStore, _rides_out_full, _states, log
 
 
 class RunRecords(RedisStore):
@@ -30,6 +31,15 @@ class RunRecords(RedisStore):
                                                         "shards": len(manifest["shards"])}), ex=self.expires)
             p.sadd(ACTIVE, run_id)
             p.execute()
+
+    @_rides_out_full
+    def save_digests(self, content: str, raw: bytes) -> None:
+        """A dataset's digest list (``nasq.data.digests``), named by its content hash: runs of
+        the same bytes share it, and each submission gives it the run's expiry again."""
+        self.r.set(f"{DIGESTS}{content}", raw, ex=self.expires)
+
+    def digest_list(self, content: str) -> bytes | None:
+        return self.r.get(f"{DIGESTS}{content}")
 
     def manifest(self, run_id: str) -> dict | None:
         """The manifest as stored (see ``nasq.queue.trust`` for one that must be signed)."""
@@ -150,10 +160,70 @@ class RunRecords(RedisStore):
         """File name -> reason, of the files the merging worker could not render."""
         return self._get(self._k(run_id, "rendered")) or {}
 
-    def claim_render(self, run_id: str, ttl_s: float = 60.0) -> bool:
+    def claim_render(self, run_id: str, ttl_s: float = 60.0, *, renew: bool = False) -> bool:
         """True for the one worker that renders the run's plots and HTML page now; the claim
-        lapses after ``ttl_s`` (a worker that died rendering leaves it to the next)."""
-        return bool(self.r.set(self._k(run_id, "rendering"), 1, nx=True, ex=max(1, int(ttl_s))))
+        lapses after ``ttl_s`` unless renewed (a worker that died rendering leaves it to the next)."""
+        return self._claim(self._k(run_id, "rendering"), ttl_s, renew=renew)
+
+    def claim_publish(self, run_id: str, ttl_s: float, *, renew: bool = False) -> bool:
+        """True for the one worker that publishes the run's report files now (``renew``: the
+        merging worker, which takes it whatever holds it); it lapses after ``ttl_s``, so that a
+        worker that died publishing leaves it to the next within seconds."""
+        return self._claim(self._k(run_id, "publishing"), ttl_s, renew=renew, take=renew)
+
+    def _claim(self, key: str, ttl_s: float, *, renew: bool = False, take: bool = False) -> bool:
+        """A claim held by this process (its value: host and pid): taken if free, or ``take``n,
+        or renewed (``renew``) while this process holds it. A claim whose holder is a process of
+        this host that is gone is free (a pool process killed mid-way, its task redelivered)."""
+        me, px = f"{socket.gethostname()}:{os.getpid()}", max(1, int(ttl_s * 1000))
+        if take or self.r.set(key, me, px=px, nx=True):
+            return bool(take and self.r.set(key, me, px=px)) or not take
+        held = (self.r.get(key) or b"").decode()
+        host, _, pid = held.rpartition(":")
+        if held == me or (host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))):
+            return bool(self.r.set(key, me, px=px))
+        return False
+
+    def drop_publish(self, run_id: str) -> None:
+        self.r.delete(self._k(run_id, "publishing"))
+
+    def publishing(self, run_id: str) -> bool:
+        return bool(self.r.exists(self._k(run_id, "publishing")))
+
+    def restore_ended(self, run_id: str, report: dict, predictions: dict | None) -> None:
+        """Write a finished run's records back as its published report says (someone changed
+        them in Redis): its state, report and predictions, published and rendered, not active."""
+        record = {"state": report["state"], "at": report.get("finished"), "error": report.get("error"),
+                  "restored": "from its published report"}
+        with self.r.pipeline() as p:
+            p.set(self._k(run_id, "state"), json.dumps(record), ex=self.expires)
+            p.set(self._k(run_id, "report"), json.dumps(report), ex=self.expires)
+            if predictions is not None:
+                p.set(self._k(run_id, "predictions"), json.dumps(predictions), ex=self.expires)
+            for part in ("published", "rendered"):
+                p.set(self._k(run_id, part), "1" if part == "published" else "{}", ex=self.expires)
+            p.srem(ACTIVE, run_id)
+            p.execute()
+
+    def wait_published(self, run_id: str, *, timeout_s: float = 60.0, publish_again=None) -> bool:
+        """Wait for the ended run's report files to be published (``mark_published``): while a
+        worker holds the claim to publish, up to ``timeout_s``; when none does for a second
+        (the merging worker died after storing the report), ``publish_again()`` (which sends the
+        run's merge again: a merge of an ended run publishes what is missing) is called, at
+        most every 5 s. False if they are not published by then."""
+        deadline, idle_since, asked = time.time() + timeout_s, None, 0.0
+        while not self.published(run_id):
+            if time.time() >= deadline:
+                return False
+            if self.publishing(run_id):
+                idle_since = None
+            elif idle_since is None:
+                idle_since = time.time()
+            elif time.time() - idle_since > 1.0 and publish_again is not None and time.time() - asked > 5.0:
+                publish_again()
+                asked = time.time()
+            time.sleep(0.05)
+        return True
 
     def wait_rendered(self, run_id: str, report: dict, *, timeout_s: float = 300.0,
                       render_again=None) -> dict[str, str]:
@@ -225,3 +295,13 @@ class RunRecords(RedisStore):
 
     def notes(self, run_id: str) -> dict[str, str]:
         return {k.decode(): v.decode() for k, v in self.r.hgetall(self._k(run_id, "notes")).items()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -130,8 +130,10 @@ return {'accepted', kept, record['shards'] or 0, kept < (record['shards'] or 0) 
 #: as ``REDISPATCH`` counts). The caller decided from what it read: the script writes only if
 #: the shard's failure list is still what it read (compare and set), and the run accepts
 #: results, and the shard has none, and no other copy holds it.
+#: A copy that started (it held the lease) and failed is not a death of its worker: its start is
+#: taken off the attempts (``max_attempts`` counts starts that never ended).
 #: KEYS: state results finished running lease failures barred excluded redispatched
-#:       redispatched_at redispatched_why dropped.
+#:       redispatched_at redispatched_why dropped attempts.
 #: ARGV: shard holder worker seen_failures failures_json streak exclusion_json final
 #:       summary_json accepts now why expires.
 #: -> {"failed", finished, shards, running} | {"retry", dispatches} | {"changed"}
@@ -149,7 +151,10 @@ end
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return dropped('duplicate') end
 if ARGV[2] ~= '' and not mine and redis.call('HEXISTS', KEYS[4], ARGV[1]) == 1 then return dropped('superseded') end
 if (redis.call('HGET', KEYS[6], ARGV[1]) or '') ~= ARGV[4] then return {'changed'} end
-if mine then redis.call('DEL', KEYS[5]) end
+if mine then
+  redis.call('DEL', KEYS[5])
+  redis.call('HINCRBY', KEYS[13], ARGV[1], -1)
+end
 redis.call('HSET', KEYS[6], ARGV[1], ARGV[5])
 if ARGV[6] ~= '' then
   redis.call('HSET', KEYS[7], ARGV[3] .. '|' .. ARGV[1], 1, ARGV[3] .. '#streak', ARGV[6])
@@ -215,9 +220,10 @@ return {'ok'}
 #: running list takes it, and the lost copy is added to the shard's failures (its worker went
 #: away: not barred from the shard, since a machine that restarts under the same name may be the
 #: only one there is). "stranded": its message is nowhere; the caller that saw the shard's
-#: dispatch count at ARGV[5] takes it (compare and set). "revoked": always (a failed run's
-#: in-flight shards, sent again by the one failing it). ARGV[6]: why, as ``nasq status`` says it.
-#: KEYS: running redispatched redispatched_at redispatched_why failures.
+#: dispatch count at ARGV[5] takes it (compare and set), and its count of missing messages goes
+#: up; "resume": likewise, without that count. "revoked": always (a failed run's in-flight
+#: shards, sent again by the one failing it). ARGV[6]: why, as ``nasq status`` says it.
+#: KEYS: running redispatched redispatched_at redispatched_why failures missing.
 #: ARGV: shard how now expires seen why.
 #: -> the shard's dispatch count now (taken) | 0
 REDISPATCH = _COMMON + """
@@ -226,13 +232,18 @@ if ARGV[2] == 'lost' then
   lost = redis.call('HGET', KEYS[1], ARGV[1])
   if not lost then return 0 end
 end
-if ARGV[2] == 'stranded' and tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0') ~= tonumber(ARGV[5]) then
+if (ARGV[2] == 'stranded' or ARGV[2] == 'resume')
+    and tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0') ~= tonumber(ARGV[5]) then
   return 0
 end
 -- the writes that need memory first: on a full broker the script stops before changing anything
 local n = redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
 redis.call('HSET', KEYS[4], ARGV[1], ARGV[6])
+if ARGV[2] == 'stranded' then
+  redis.call('HINCRBY', KEYS[6], ARGV[1], 1)
+  keep(KEYS[6], ARGV[4])
+end
 if lost then
   local info = cjson.decode(lost)
   local list = cjson.decode(redis.call('HGET', KEYS[5], ARGV[1]) or '[]')

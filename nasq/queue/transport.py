@@ -84,7 +84,7 @@ class BrokerView:
                 continue
             if task_id:
                 age = now - since.get(tag.decode(), now)
-                out[task_id] = min(age, out.get(task_id, age))  # a re-dispatched shard shares its task id
+                out[task_id] = min(age, out.get(task_id, age))  # a message redelivered to another worker
         return out
 
     def server_id(self) -> str | None:

@@ -177,7 +177,7 @@ def render(report: dict) -> str:
         if report["error_count"] > 20:
             lines.append(f"    ... {report['error_count'] - 20} more in the JSON report")
     if report.get("excluded_devices"):
-        lines += ["", "  EXCLUDED devices (they failed shards in a row; their shards ran on the others):",
+        lines += ["", "  EXCLUDED devices (they failed shards of the run in a row and took none of its shards afterwards):",
                   table(excluded_rows(report), EXCLUDED_HEADERS, indent="    ")]
     if report.get("duplicate_shard_results_dropped"):
         lines.append(f"  duplicate shard results dropped: {', '.join(report['duplicate_shard_results_dropped'])}")

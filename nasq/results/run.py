@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
-import shutil
-import sqlite3
 import time
 from typing import Callable
 
 from ..errors import NasqError, RunError
-from ..roots import check_name
 from ..runstate import RunState
-from .history import record, row_of
-from .merge import MissingShards, merge, merge_partial, ok_results
-from .run_files import write_later_files, write_run_files
+from ..files import read_json
+from .merge import MissingShards, merge, merge_partial
+from .publish import (CLAIM_S, discard, ended_on_disk, publish, render_later,
+                      said_once, write_staging)
 
 log = logging.getLogger("nasq.worker")
 
@@ -59,6 +56,9 @@ def merge_run(run_id: str, results: list, *, store, report_dir: str, merge_wait_
         RunEnded: the run is already done, failed or cancelled: nothing was changed.
         RunError: missing or failed shards (the run is marked failed, with a partial report).
     """
+    final = refuse_if_final(store, run_id, report_dir)
+    if final is not None:
+        raise RunEnded(run_id, final)
     manifest = manifest or store.manifest(run_id)
     if manifest is None:
         raise RunError(f"run {run_id}: its manifest is gone from Redis (expired or flushed)")
@@ -111,6 +111,8 @@ def fail_run(run_id: str, error: BaseException | None, *, store, report_dir: str
     run is marked failed with a partial report naming them. A run that ended meanwhile is left
     as it is.
     """
+    if refuse_if_final(store, run_id, report_dir) is not None:
+        return
     manifest = manifest or store.manifest(run_id)
     if manifest is None or (store.state(run_id) or {}).get("state") not in (RunState.SUBMITTED, RunState.RUNNING):
         return
@@ -173,8 +175,10 @@ def failover_fields(store, run_id: str) -> dict:
 
 def shard_failures(store, run_id: str) -> dict[str, dict]:
     """Shard id -> {reason, worker, attempts} of the shards that failed or were started, from
-    the run's ledger (the reasons workers recorded, the attempts the claims counted)."""
+    the run's ledger (the reasons workers recorded; the attempts: the starts that never ended,
+    as the claims counted them, and the copies that failed on a device)."""
     attempts, finished, running = store.attempts(run_id), store.finished(run_id), store.running(run_id)
+    failed = {sid: sum(1 for f in fs if f.get("kind", "device") == "device") for sid, fs in store.failures(run_id).items()}
     out = {}
     for sid in set(attempts) | set(finished) | set(running):
         rec = finished.get(sid) or {}
@@ -186,7 +190,7 @@ def shard_failures(store, run_id: str) -> dict[str, dict]:
         reason = rec.get("error") or ("running when the run ended" if sid in running else
                                       "started, but its worker went away before it finished")
         out[sid] = {"reason": reason, "worker": f"{worker} ({host}/{where.get('device')})" if host else worker,
-                    "attempts": attempts.get(sid, 0)}
+                    "attempts": max(0, attempts.get(sid, 0)) + failed.get(sid, 0)}
     return out
 
 
@@ -200,6 +204,10 @@ def cancel_run(store, run_id: str, report_dir: str, *, manifest: dict | None = N
     Raises:
         RunError: no such run, or a run that already ended.
     """
+    final = refuse_if_final(store, run_id, report_dir)
+    if final is not None:
+        raise NasqError(f"run {run_id} already ended ({final}); its report is published in "
+                        f"{os.path.join(report_dir, run_id)} and is never changed")
     manifest = manifest or store.manifest(run_id)
     if manifest is None:
         raise NasqError(f"no run {run_id!r} in this Redis (runs expire after result_expires)")
@@ -216,39 +224,41 @@ def cancel_run(store, run_id: str, report_dir: str, *, manifest: dict | None = N
     report, predictions = merge_partial(manifest, results, f"run {run_id} was cancelled",
                                         state=str(RunState.CANCELLED), failures=failures)
     report.update(failover_fields(store, run_id))
-    staging = _write(manifest, results, report, predictions, report_dir)
+    staging = write_staging(manifest, results, report, predictions, report_dir)
     try:
         store.save_report_of_ended(run_id, report, predictions)
     except BaseException:
-        _discard(staging)
+        discard(staging)
         raise
-    _publish(store, run_id, staging, report_dir)
-    _history(store, report_dir, row_of(manifest, str(RunState.CANCELLED), report))
+    publish(store, manifest, report, staging, report_dir, state=str(RunState.CANCELLED))
+    store.mark_rendered(run_id)
     return report
 
 
 def _end(store, transition: str, manifest: dict, results: list, report: dict, predictions: dict, report_dir: str,
          **fields) -> bool:
     """Write the report's files into a staging folder, end the run through ``transition`` with
-    the report, then move the files into place and record the run in the history: all of it
-    only if the transition took effect (False otherwise, and nothing is left on disk). A merge
-    renders the plots and the HTML page last, once the client has the numbers (the report
-    names them already, in ``files_to_come``)."""
+    the report, then publish the files (one rename) and record the run in the history: all of
+    it only if the transition took effect (False otherwise, and nothing is left on disk). The
+    worker holds the claim to publish meanwhile (a client waits for it, and has the merge sent
+    again if it lapses: ``publish_if_missing``). A merge renders the plots and the HTML page
+    last, once the client has the numbers (the report names them already, in ``files_to_come``)."""
     run_id = manifest["run_id"]
     later = transition == "merge"
-    staging = _write(manifest, results, report, predictions, report_dir, later=later)
+    staging = write_staging(manifest, results, report, predictions, report_dir, later=later)
     try:
+        store.claim_publish(run_id, CLAIM_S, renew=True)
         ok, _ = store.transition(run_id, transition, report=report, predictions=predictions, **fields)
     except BaseException:
-        _discard(staging)
+        discard(staging)
+        store.drop_publish(run_id)
         raise
     if not ok:
-        _discard(staging)
+        discard(staging)
+        store.drop_publish(run_id)
         return False
-    _publish(store, run_id, staging, report_dir)
-    _history(store, report_dir, row_of(manifest, str(RunState.DONE if transition == "merge" else RunState.FAILED),
-                                       report, fields.get("error")))
-    store.mark_published(run_id)
+    publish(store, manifest, report, staging, report_dir,
+            state=str(RunState.DONE if transition == "merge" else RunState.FAILED), error=fields.get("error"))
     if later:
         render_later(store, manifest, results, report, report_dir)
     else:
@@ -256,97 +266,17 @@ def _end(store, transition: str, manifest: dict, results: list, report: dict, pr
     return True
 
 
-def render_later(store, manifest: dict, results: list, report: dict, report_dir: str) -> bool:
-    """Render a done run's plots and HTML page into its folder, if this worker gets the claim to
-    (``store.claim_render``), and record what could not be written (``mark_rendered``)."""
-    if not store.claim_render(manifest["run_id"]):
-        return False
-    store.mark_rendered(manifest["run_id"], _write_later(manifest, results, report, report_dir))
-    return True
-
-
-def render_if_missing(store, run_id: str, manifest: dict, report_dir: str) -> bool:
-    """A done run whose plots and HTML page were never rendered (its merging worker died after
-    storing the numbers, or was stopped): render them now, from the stored report and results.
-    True if this call rendered them."""
-    report = store.report(run_id)
-    if not report or not report.get("files_to_come") or store.rendered(run_id):
-        return False
-    return render_later(store, manifest, list(store.shard_results(run_id).values()), report, report_dir)
-
-
-def _write(manifest: dict, results: list, report: dict, predictions: dict, report_dir: str, *,
-           later: bool = False) -> str:
-    """The report files in a staging folder (named as they will be once moved); returns it. A
-    file that could not be written is in ``report["files_not_written"]``. ``later``: without the
-    plots and the HTML page (``_write_later``)."""
-    run_id = check_name(manifest["run_id"], "run_id")  # the folder's name: never a path
-    staging = os.path.join(report_dir, ".staging", f"{run_id}.{secrets.token_hex(4)}")
-    write_run_files(report, _shard_timings(manifest, results), staging, predictions,
-                    final_folder=os.path.join(report_dir, run_id), later=later)
-    if report["files_not_written"]:
-        log.warning("run %s: could not write %s in %s: %s", run_id, ", ".join(report["files_not_written"]),
-                    os.path.join(report_dir, run_id), next(iter(report["files_not_written"].values())))
-    return staging
-
-
-def _write_later(manifest: dict, results: list, report: dict, report_dir: str) -> dict[str, str]:
-    """The plots and the HTML page of a done run, rendered into its folder after the client got
-    its numbers; returns file name -> reason for those not written (the report, which the
-    client has, is never changed: the run's ``rendered`` record says it)."""
-    run_id = manifest["run_id"]
-    try:
-        failed = write_later_files(report, _shard_timings(manifest, results), os.path.join(report_dir, run_id))
-    except Exception as e:  # noqa: BLE001 - the run is done and its numbers kept: say it, do not fail the merge
-        log.exception("run %s: could not render its plots and HTML page", run_id)
-        failed = {os.path.basename(report["files"][k]): f"{type(e).__name__}: {e}" for k in report["files_to_come"]}
-    if failed:
-        log.warning("run %s: could not write %s in %s: %s", run_id, ", ".join(failed),
-                    os.path.join(report_dir, run_id), next(iter(failed.values())))
-    return failed
-
-
-def _publish(store, run_id: str, staging: str, report_dir: str) -> None:
-    """Move the staging folder to ``report_dir/<run id>`` (replacing an earlier partial report's)."""
-    if not os.path.isdir(staging):
-        return
-    final = os.path.join(report_dir, run_id)
-    old = f"{staging}.old"
-    try:
-        if os.path.isdir(final):
-            os.replace(final, old)
-        try:
-            os.replace(staging, final)
-        except OSError:
-            if os.path.isdir(old):  # put the earlier report back
-                os.replace(old, final)
-            raise
-    except OSError as e:
-        log.warning("run %s: could not move its report files into %s: %s", run_id, final, e)
-        store.add_note(run_id, "files", f"the report files could not be moved into {final}: {e}")
-    shutil.rmtree(old, ignore_errors=True)
-    _discard(staging)
-
-
-def _discard(staging: str) -> None:
-    """Remove a staging folder, and the staging area if it is empty."""
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        os.rmdir(os.path.dirname(staging))
-    except OSError:  # not empty (another run's staging), or gone
-        pass
-
-
-def _history(store, report_dir: str, row: dict) -> None:
-    try:
-        record(report_dir, row)
-    except (OSError, sqlite3.Error) as e:  # the report is in Redis and its folder all the same
-        log.warning("run %s: could not update the run history in %s: %s", row["run_id"], report_dir, e)
-        store.add_note(row["run_id"], "history",
-                       f"the run history {os.path.join(report_dir, 'runs.sqlite')} was not updated: {e}")
-
-
-def _shard_timings(manifest: dict, results: list) -> list[dict]:
-    return [{"worker": r["worker"], "host": r.get("host"), "device": r["device"], "images": len(r["indices"]),
-             **r["timing"]}
-            for r in ok_results(manifest, results)]
+def refuse_if_final(store, run_id: str, report_dir: str) -> str | None:
+    """Write once: the state of a run whose report folder holds a done or cancelled report
+    (None for any other run). Its records in Redis are restored from that report if someone
+    changed them (logged once): nothing merges, heals, resumes or cancels it again."""
+    final = ended_on_disk(report_dir, run_id)
+    if final is None:
+        return None
+    if (store.state(run_id) or {}).get("state") != final["state"] or store.report(run_id) != final:
+        said_once(run_id, "run %s: its report in %s is final (%s) but its records in Redis say otherwise (they were "
+                  "changed); nothing of it runs or is merged again, and its records are restored from the report",
+                  run_id, os.path.dirname(final.get("files", {}).get("json", "")) or report_dir, final["state"])
+        predictions = read_json(os.path.join(report_dir, run_id, "predictions.json"))
+        store.restore_ended(run_id, final, predictions if isinstance(predictions, dict) else None)
+    return final["state"]

@@ -147,13 +147,14 @@ def render_status(st: dict) -> str:
                          f"{e.get('shards_failed')} failed shards in a row: {e.get('reason')}"
                          + (" (lifted by nasq resume)" if e.get("lifted") else "")
                          for e in (st.get("excluded_devices") or {}).values())
-    elsewhere = "; ".join(f"{sid}: " + ", ".join(f"{f.get('worker')} ({f.get('error')})" for f in fs)
+    elsewhere = "; ".join(f"{sid}: " + ", ".join(f"{f.get('worker')} ({'worker lost' if f.get('kind') == 'lost' else f.get('error')})"
+                                                  for f in fs)
                           for sid, fs in sorted((st.get("shard_failures") or {}).items())
                           if sid not in (st.get("failed_shards") or {}))
     refused = "; ".join(f"{w}: {r.get('text')}" for w, r in sorted((st.get("refused") or {}).items()))
     notes = [("failed shards", "; ".join(f"{sid}: {why}" for sid, why in (st.get("failed_shards") or {}).items())),
              ("EXCLUDED devices", excluded),
-             ("failed on a device, sent to another", elsewhere),
+             ("failed on a device (or its worker was lost), sent again", elsewhere),
              ("dispatched again", again),
              ("started more than once (a worker died, or a copy was sent again)",
               counts({sid: n for sid, n in (st.get("attempts") or {}).items() if n > 1})),

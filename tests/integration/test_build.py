@@ -235,3 +235,49 @@ def test_openvino_build_verified_then_cache_hit_and_eval_equals_the_reference(as
     assert [t[0] for t in pred["top5"]] == [t[0] for t in torch_ref["top5"]]  # fp32: PyTorch's top-1, image for image
     scale = np.abs(np.asarray(torch_ref["scores"])).max()
     assert np.abs(np.asarray(pred["scores"])[:, 0] - np.asarray(torch_ref["scores"])[:, 0]).max() <= 1e-3 * scale
+
+
+def test_a_changed_artifact_is_rebuilt_or_refused_never_used(assets, build_env, start_workers):
+    """A built ORT model changed after it was built is never used: with a flipped byte, the next
+    run's client finds that it does not match its meta.json, moves it aside and has the build
+    queue build it again (the run is exact); a valid ONNX with other weights put in its place and
+    given to the workers as the built model itself is refused by every worker in one line naming
+    the file, and no shard of that run is scored."""
+    import onnx
+    from onnx import numpy_helper
+
+    from nasq.errors import RunError
+
+    s = _settings(build_env)
+    queue = f"eval.tamper-{uuid.uuid4().hex[:6]}"
+    w = start_workers(build_env["url"], queue, n=2, backend="onnxruntime", settings=s)
+    art = build(weights=assets["weights"], target="ort", settings=s, log=lambda *_: None)
+    model = os.path.join(art.path, "model.cpu.onnx")
+    data = bytearray(open(model, "rb").read())
+    data[len(data) // 2] ^= 0xFF  # a flipped byte
+    open(model, "wb").write(bytes(data))
+    said = []
+    res = evaluate(weights=assets["weights"], data=assets["data"], labels=assets["labels"], backend="onnxruntime",
+                   batch_size=4, queue=queue, settings=s, progress=False, log=said.append)
+    assert any(f"artifact {art.key} (built)" in line for line in said), said  # built again, not a cache hit
+    assert any(p.startswith(art.key) for p in os.listdir(os.path.join(s.artifact_dir, ".quarantine")))
+    assert res.report["top1"] == 100.0
+    assert open(model, "rb").read() != bytes(data)  # the rebuilt file, not the changed one
+    # a valid ONNX with other weights in its place (every matrix negated), given as the built model
+    m = onnx.load(model)
+    for init in m.graph.initializer:
+        if len(init.dims) == 2:
+            init.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(init), init.name))
+    onnx.save(m, model)
+    onnx.checker.check_model(model)
+    w.stop()  # workers that start again load the artifact again (a loaded one was checked when it was loaded)
+    w = start_workers(build_env["url"], queue, n=2, backend="onnxruntime", settings=s)
+    with pytest.raises(RunError) as e:
+        evaluate(weights=art.path, data=assets["data"], labels=assets["labels"], backend="onnxruntime", batch_size=4,
+                 queue=queue, settings=s, progress=False, log=lambda *_: None)
+    assert f"{model} does not match the artifact's meta.json" in str(e.value), e.value
+    run_id = next(r for r in RunStore(build_env["url"]).run_ids(3) if r in str(e.value))
+    assert RunStore(build_env["url"]).shard_results(run_id) == {}  # nothing scored with it
+    w.stop()
+    again = build(weights=assets["weights"], target="ort", settings=s, log=lambda *_: None)
+    assert not again.cached  # moved aside and built again for the next one

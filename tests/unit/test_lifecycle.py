@@ -25,6 +25,7 @@ class MemoryLedger:
         self.attempts, self.running, self.progress, self.finished, self.dropped = {}, {}, {}, {}, {}
         self.leases, self.run_state, self.results = {}, None, {}
         self.failures, self.barred, self.excluded, self.redispatched, self.live = {}, {}, {}, {}, set(live)
+        self.now_nobody = 0.0  # when "nobody else may take it" began (0: long ago, past any grace)
 
     def _state(self):
         return (self.run_state or {}).get("state", "running")
@@ -76,12 +77,15 @@ class MemoryLedger:
 
     def record_failure(self, run_id, shard_id, *, holder, worker, seen, failures, streak, exclusion, final, summary,
                        why):
-        if self.leases.get(shard_id) == holder:
+        mine = self.leases.get(shard_id) == holder
+        if mine:
             del self.leases[shard_id]
         if self._state() in ("done", "cancelled") or shard_id in self.results:
             return "dropped", "late"
         if (json.dumps(self.failures[shard_id]) if shard_id in self.failures else "") != seen:
             return "changed", None
+        if mine:
+            self.attempts[shard_id] = self.attempts.get(shard_id, 1) - 1  # a start that ended: not a death
         self.failures[shard_id] = failures
         if streak is not None:
             self.barred[f"{worker}|{shard_id}"], self.barred[f"{worker}#streak"] = 1, streak
@@ -96,6 +100,15 @@ class MemoryLedger:
 
     def live_consumers(self, queue):
         return set(self.live)
+
+    def digest_list(self, content):
+        return None
+
+    def nobody_since(self, run_id, shard_id, *, clear=False):
+        if clear:
+            self.barred.pop(f"nobody|{shard_id}", None)
+            return 0.0
+        return self.barred.setdefault(f"nobody|{shard_id}", self.now_nobody)
 
     def renew_lease(self, run_id, shard_id, holder, ttl_s):
         return self.leases.get(shard_id) == holder
@@ -166,8 +179,14 @@ class MemoryStore:
     def mark_rendered(self, run_id, not_written=None):
         self.rendered = not_written or {}
 
-    def claim_render(self, run_id):
+    def claim_render(self, run_id, ttl_s=60.0, *, renew=False):
         return True
+
+    def claim_publish(self, run_id, ttl_s, *, renew=False):
+        return True
+
+    def drop_publish(self, run_id):
+        pass
 
 
 def _job(assets, **over) -> dict:
@@ -223,7 +242,7 @@ def test_run_shard_reports_failures_instead_of_raising(assets, tmp_path):
     # a late redelivery of a run that is already merged does nothing
     ledger.run_state = {"state": "done"}
     assert run_shard(task, ledger=ledger, resources=DeviceResources("cpu"), worker=_worker(tmp_path))["status"] == "skipped"
-    assert ledger.attempts["shard-00000"] == 3
+    assert ledger.attempts["shard-00000"] == 2  # starts that never ended; a late delivery is none
 
 
 def test_a_failed_shard_goes_to_another_worker_and_a_failing_worker_is_excluded(assets, tmp_path):
@@ -387,24 +406,24 @@ def test_fail_run_heals_what_was_only_lost_and_fails_what_failed(assets, tmp_pat
     sent = []
     # one shard revoked in flight (no result, no failure): dispatched again, the run goes on
     store = Store(manifest, stored=_results(manifest, drop={ids[1]}))
-    fail_run(manifest["run_id"], RuntimeError("revoked"), store=store, report_dir=str(tmp_path),
+    fail_run(manifest["run_id"], RuntimeError("revoked"), store=store, report_dir=str(tmp_path / "case1"),
              redispatch=lambda m, sids: sent.extend(sids))
     assert sent == [ids[1]] and store.states == []
     # a shard that failed on a device and was sent again for another is on its way: nothing happens
     store = Store(manifest, stored=_results(manifest, drop={ids[0]}))
     store.failures = lambda run_id: {ids[0]: [{"worker": "w9", "error": "device lost"}]}
-    fail_run(manifest["run_id"], RuntimeError("a header part failed"), store=store, report_dir=str(tmp_path),
+    fail_run(manifest["run_id"], RuntimeError("a header part failed"), store=store, report_dir=str(tmp_path / "case2"),
              redispatch=lambda m, sids: sent.extend(sids))
     assert sent == [ids[1]] and store.states == []
     # every shard finished after all: the run is merged and done
     store = Store(manifest, stored=_results(manifest))
-    fail_run(manifest["run_id"], RuntimeError("late"), store=store, report_dir=str(tmp_path),
+    fail_run(manifest["run_id"], RuntimeError("late"), store=store, report_dir=str(tmp_path / "case3"),
              redispatch=lambda m, sids: sent.extend(sids))
     assert store.states[-1]["state"] == "done" and store.reports[manifest["run_id"]][0]["images"] == 12
     # a shard that failed for real: the run fails with a partial report naming it
     store = Store(manifest, stored=_results(manifest, drop={ids[2]}),
                   finished={ids[2]: {"status": "error", "error": "boom", "worker": "w0"}})
-    fail_run(manifest["run_id"], RuntimeError("chord"), store=store, report_dir=str(tmp_path),
+    fail_run(manifest["run_id"], RuntimeError("chord"), store=store, report_dir=str(tmp_path / "case4"),
              redispatch=lambda m, sids: sent.extend(sids))
     assert store.states[-1]["state"] == "failed" and "boom" in store.states[-1]["error"]
     assert store.reports[manifest["run_id"]][0]["shards_not_ok"] == [ids[2]]
