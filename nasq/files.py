@@ -61,11 +61,11 @@ def read_json(path: str | os.PathLike, default=None):
 
 def file_digest(path: str | os.PathLike, algo: str = "sha256") -> str:
     st = os.stat(path)
-    return _digest(os.path.abspath(path), st.st_size, st.st_mtime_ns, algo)
+    return _digest(os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, algo)
 
 
 @lru_cache(maxsize=64)
-def _digest(path: str, size: int, mtime_ns: int, algo: str) -> str:
+def _digest(path: str, size: int, mtime_ns: int, ctime_ns: int, algo: str) -> str:
     h = hashlib.new(algo)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -74,33 +74,41 @@ def _digest(path: str, size: int, mtime_ns: int, algo: str) -> str:
 
 
 def cached_sha256(path: str | os.PathLike, cache_file: str) -> str:
-    """sha256 of a (large) file, remembered on disk per (path, size, mtime) so that a repeat
-    build of a 340 MB checkpoint does not rehash it."""
+    """sha256 of a (large) file, remembered on disk per (path, size, mtime, ctime) so that a
+    repeat build of a 340 MB checkpoint does not rehash it. A cache that cannot be written is
+    not: the digest is returned all the same."""
     path = os.path.abspath(path)
     st = os.stat(path)
-    stamp = f"{st.st_size}:{st.st_mtime_ns}"
+    stamp = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"  # ctime: a rewrite that kept size and mtime
     cache = read_json(cache_file, {})
     hit = cache.get(path)
     if hit and hit.get("stamp") == stamp:
         return hit["sha256"]
     digest = file_digest(path)
     cache[path] = {"stamp": stamp, "sha256": digest}
-    os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-    write_json(cache, cache_file, indent=None)
+    try:
+        os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+        write_json(cache, cache_file, indent=None)
+    except OSError:  # a read-only artifact dir: hashed again next time
+        pass
     return digest
 
 
 def verify_files(folder: str, expected: dict[str, str], *, cache_file: str | None = None) -> dict[str, str]:
     """The files of ``folder`` named in ``expected`` (name -> sha256) that do not hold those
     bytes: name -> why (missing, or the sha256 it has). ``cache_file``: remember digests per
-    (path, size, mtime) there (``cached_sha256``); without one every file is read and hashed."""
+    (path, size, mtime, ctime) there (``cached_sha256``); without one every file is read and
+    hashed.
+
+    Raises:
+        OSError: a file that is there but cannot be read (it is not judged changed)."""
     bad = {}
     for name, want in expected.items():
         path = os.path.join(folder, name)
         try:
             got = cached_sha256(path, cache_file) if cache_file else file_digest(path)
-        except OSError as e:
-            bad[name] = f"missing ({e.strerror or e})"
+        except FileNotFoundError:
+            bad[name] = "missing"
             continue
         if got != want:
             bad[name] = f"sha256 {got[:12]}... where its meta.json records {str(want)[:12]}..."

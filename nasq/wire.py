@@ -150,6 +150,9 @@ class DatasetRef:
     #: the sha256 of the listing and of every image's bytes (``nasq.data.digests``); its digest
     #: list is kept in Redis under this name. None: a run that checks the listing only.
     content: str | None = None
+    #: the listing's fingerprint (names and sizes), which ``fingerprint`` was before runs named
+    #: their bytes: runs of both kinds are compared by it
+    listing: str | None = None
 
     KINDS = ("jpeg", "bin", "u8", "index")
 
@@ -159,7 +162,8 @@ class DatasetRef:
         kind = _str(d, "kind")
         _need(kind in cls.KINDS, f"dataset.kind must be one of {', '.join(cls.KINDS)}, not {kind!r}"[:200])
         return cls(root=_str(d, "root"), kind=kind, images=_int(d, "images", low=1),
-                   fingerprint=_str(d, "fingerprint"), content=_sha256(d, "content"))
+                   fingerprint=_str(d, "fingerprint"), content=_sha256(d, "content"),
+                   listing=_str(d, "listing", optional=True))
 
     @property
     def is_index(self) -> bool:
@@ -171,7 +175,7 @@ class DatasetRef:
             _need(self.root == f"index:{self.images}", f"an index dataset is index:{self.images}, not {self.root!r}")
             return self
         return DatasetRef(roots.readable(self.root, "data folder"), self.kind, self.images, self.fingerprint,
-                          self.content)
+                          self.content, self.listing)
 
 
 @dataclass(frozen=True)
@@ -298,6 +302,8 @@ class SweepPoint:
     min_time_s: float = 2.0
     #: bench mode: the median of the last timing window within this % of the one before
     stability_pct: float = 5.0
+    #: eval mode: the dataset's content (``DatasetRef.content``): every image scored is checked
+    dataset_content: str | None = None
 
     MODES = ("bench", "eval")
 
@@ -322,7 +328,8 @@ class SweepPoint:
                    backend=backend,
                    precision=precision, weights=_str(d, "weights"), data=_str(d, "data"),
                    dataset_fingerprint=_str(d, "dataset_fingerprint"), labels=_str(d, "labels", optional=True),
-                   images=images, min_time_s=float(t), stability_pct=float(stab))
+                   images=images, min_time_s=float(t), stability_pct=float(stab),
+                   dataset_content=_sha256(d, "dataset_content"))
 
     @property
     def argsrepr(self) -> str:

@@ -26,7 +26,7 @@ from nasq.inference.failover import REFUSE_PAUSE_S
 from nasq.inference.shard import run_shard
 from nasq.perf.sweep import measure_point
 from nasq.wire import TASK_EVAL_SHARD, TASK_MERGE, TASK_RUN_FAILED, TASK_SWEEP_POINT, MessageError, ShardTask, SweepPoint
-from nasq.results.publish import ended_on_disk, publish_if_missing, render_if_missing, said_once
+from nasq.results.publish import FINAL, ended_on_disk, publish_if_missing, render_if_missing, said_once
 from nasq.results.run import MergeLater, RunEnded, fail_run
 from nasq.runstate import RunState
 from nasq.results.run import merge_run as finish_run
@@ -46,7 +46,7 @@ def eval_shard(self, run_id, shard_id, start, stop, job) -> dict:
         raise ShardFailed(f"bad shard message: {e}") from None
     queue = (self.request.delivery_info or {}).get("routing_key") or None
     final = ended_on_disk(self.worker.settings.report_dir, task.run_id)
-    if final is not None:  # write once: the report folder decides
+    if final is not None and final["state"] in FINAL:  # write once: the report folder decides
         said_once(task.run_id, "run %s: it is %s and its report is published: its shards do not run again",
                   task.run_id, final["state"])
         return {"run_id": task.run_id, "shard_id": task.shard_id, "status": "skipped",
@@ -126,4 +126,5 @@ def _fail(run_id: str, exc) -> None:
 @app.task(name=TASK_SWEEP_POINT, bind=True, base=WorkerTask)
 def sweep_point(self, point: dict) -> dict:
     """One sweep point on this worker's device; the row is written to the sweep's folder."""
-    return measure_point(SweepPoint.from_payload(point), resources=self.resources, worker=self.worker)
+    return measure_point(SweepPoint.from_payload(point), resources=self.resources, worker=self.worker,
+                         digest_list=self.store.digest_list)

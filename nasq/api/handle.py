@@ -213,9 +213,11 @@ class _FleetWatch:
 
 def _ended_error(store, run_id: str, st: dict) -> RunError:
     """The error a client ends with for a failed or cancelled run: its reason, and where its
-    report (what it finished, the shards it lacks and why) is."""
+    report (what it finished, the shards it lacks and why) is, once its files are published
+    (waited for a little: a cancel writes its report after the cancel takes effect)."""
+    published = store.wait_published(run_id, timeout_s=30.0)
     report = store.report(run_id) or {}
-    where = (report.get("files") or {}).get("json")
+    where = (report.get("files") or {}).get("json") if published else None
     done = f"{report.get('images', 0)} of {report.get('images_planned', '?')} images evaluated" if report else ""
     text = st.get("error") or f"run {run_id} {st.get('state', 'failed')}"
     more = "; ".join(filter(None, [done, f"report: {where}" if where else f"`nasq status {run_id}` shows it"]))

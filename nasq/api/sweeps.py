@@ -145,6 +145,10 @@ def submit_sweep(*, batch_sizes: list[int], weights: str, data: str, backend: st
     backends.check_options(backend, precision)
     settings = settings or load_settings(broker_url=broker)
     source = open_source(data)
+    if mode == "eval" and source.kind != "index":  # what an eval point scores is what was listed, byte for byte
+        from ..data.digests import cache_for, file_digests
+
+        source.with_digests(file_digests(source, cache_for(source.root, settings.artifact_dir), log=log))
     if mode == "eval":
         labels = labels or find_labels(data)
     labels = os.path.abspath(labels) if labels else None
@@ -183,7 +187,7 @@ def submit_sweep(*, batch_sizes: list[int], weights: str, data: str, backend: st
         "sweep_id": sid, "point_id": f"{slot}|bs{bs}", "folder": folder, "worker": name, "batch_size": bs,
         "mode": mode, "backend": backend, "precision": precision, "weights": model_path, "data": source.root,
         "dataset_fingerprint": source.fingerprint, "labels": labels, "images": images, "min_time_s": min_time_s,
-        "stability_pct": stability_pct})
+        "stability_pct": stability_pct, "dataset_content": source.content})
         for slot, name in slots for bs in definition["batch_sizes"]]
     todo = [p for p in points if not os.path.isfile(point_file(folder, p.point_id))]
     reused = len(points) - len(todo)
@@ -195,6 +199,10 @@ def submit_sweep(*, batch_sizes: list[int], weights: str, data: str, backend: st
                 WorkerSpec(device=d, backend=backend, queues=(eval_queue(backend),), name=n, options=BackendOptions(
                     precision=precision, threads=threads if d == "cpu" else None)) for d, n in zip(local_devs, names)])
         try:
+            if source.content:
+                from ..data.digests import pack
+
+                session.store.save_digests(source.content, pack(source.digests))
             result = session.submit_sweep(todo)
         except BaseException:
             session.close()

@@ -69,18 +69,32 @@ class ArtifactStore:
     def verified(self, key: str) -> dict | None:
         """The metadata of a complete artifact whose files hold the bytes it records, or None.
         An artifact whose files do not is moved to ``.quarantine`` (logged), so that a build
-        can publish the key again."""
+        can publish the key again.
+
+        Raises:
+            NasqError: a file of it that cannot be read (not judged changed: nothing is moved).
+        """
         meta = self.get(key)
         if meta is None:
             return None
-        bad = verify_files(self.path(key), meta.get("files") or {}, cache_file=os.path.join(self.root, DIGESTS))
+        bad = self._bad(key, meta)
         if not bad:
             return meta
         self.quarantine(key, bad)
-        return None
+        return self.get(key) if self.get(key) is not None and not self._bad(key, self.get(key)) else None
+
+    def _bad(self, key: str, meta: dict) -> dict[str, str]:
+        from ..errors import NasqError
+
+        try:
+            return verify_files(self.path(key), meta.get("files") or {}, cache_file=os.path.join(self.root, DIGESTS))
+        except OSError as e:
+            raise NasqError(f"artifact {key}: cannot read {e.filename or self.path(key)}: {e.strerror or e}") from None
 
     def quarantine(self, key: str, bad: dict[str, str]) -> str | None:
-        """Move an artifact whose files changed after it was built out of the way; returns where."""
+        """Move an artifact whose files changed after it was built out of the way; returns where.
+        The folder moved is checked again: one that a build published meanwhile (whole, as its
+        meta.json records) is put back."""
         import logging
 
         dest = os.path.join(self.root, QUARANTINE, f"{key}.{time.strftime('%Y%m%d-%H%M%S')}.{os.getpid()}")
@@ -88,11 +102,18 @@ class ArtifactStore:
         try:
             os.rename(self.path(key), dest)
         except OSError:
-            dest = None  # moved by another process first, or not ours to move
+            return None  # moved by another process first
+        meta = _read_meta(dest)
+        if meta is not None and not verify_files(dest, meta.get("files") or {}):
+            try:
+                os.rename(dest, self.path(key))  # a fresh build, not the changed one: back in place
+                return None
+            except OSError:
+                pass
         name, why = next(iter(bad.items()))
         logging.getLogger("nasq.build").warning(
-            "artifact %s: %s does not match its meta.json (%s): it was changed after it was built and is not used%s; "
-            "it is built again", key, name, why, f"; moved to {dest}" if dest else "")
+            "artifact %s: %s does not match its meta.json (%s): it was changed after it was built and is not used; "
+            "moved to %s; it is built again", key, name, why, dest)
         return dest
 
     def get(self, key: str) -> dict | None:
@@ -144,3 +165,11 @@ class ArtifactStore:
                     shutil.rmtree(e.path, ignore_errors=True)
             except OSError:
                 pass
+
+
+def _read_meta(folder: str) -> dict | None:
+    try:
+        with open(os.path.join(folder, META), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None

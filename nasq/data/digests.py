@@ -26,7 +26,7 @@ from ..errors import DatasetError
 from ..files import read_json, write_json
 
 DIGEST_BYTES = 32
-#: what ``nasq preprocess`` writes into a .bin folder: name -> [size, mtime_ns, sha256 hex]
+#: what ``nasq preprocess`` writes into a .bin folder: name -> [size, mtime_ns, ctime_ns, sha256 hex]
 BIN_DIGESTS = ".nasq-sha256.json"
 #: a missing digest (an image that was unusable when listed): it is not checked
 NONE = b"\0" * DIGEST_BYTES
@@ -59,8 +59,10 @@ def content_hash(kind: str, listing: str, raw: bytes) -> str:
 
 
 class DigestCache:
-    """sha256 of files, remembered per (path, size, mtime, inode) in one JSON file (written
-    whole or not at all); entries of files that are gone are dropped when it is saved."""
+    """sha256 of files, remembered per (path, size, mtime, ctime, inode) in one JSON file
+    (written whole or not at all; the kernel sets ctime on every write, so a file rewritten
+    with its size and mtime kept is hashed again); entries of files that are gone are dropped
+    when it is saved."""
 
     def __init__(self, path: str | None):
         self.path = path
@@ -71,13 +73,13 @@ class DigestCache:
     def get(self, path: str, st: os.stat_result):
         self.seen.add(path)
         hit = self.entries.get(path)
-        if hit and hit[:3] == [st.st_size, st.st_mtime_ns, st.st_ino]:
-            return hit[3]
+        if hit and hit[:4] == [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]:
+            return hit[4]
         return None
 
     def put(self, path: str, st: os.stat_result, value) -> None:
         self.seen.add(path)
-        self.entries[path] = [st.st_size, st.st_mtime_ns, st.st_ino, value]
+        self.entries[path] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, value]
         self.changed = True
 
     def save(self) -> None:
@@ -116,7 +118,9 @@ def u8_file_digests(path: str, count: int) -> list[str]:
 def file_digests(source, cache: DigestCache, *, log=None, threads: int | None = None) -> list[bytes | None]:
     """The sha256 of every image of ``source`` (a JPEG or ``.bin`` folder: the file's; u8
     shards: each crop's), from the caches where they hold it, else read and hashed (in
-    ``threads`` threads; ``log`` hears of progress every 10 s when that takes long)."""
+    ``threads`` threads; ``log`` hears of progress every 10 s when that takes long). A file
+    that cannot be read has no digest and joins ``source.known_errors`` (an unusable image of
+    the run, as its reason says)."""
     if source.kind == "u8":
         return _u8_digests(source, cache, log=log)
     preset = read_json(os.path.join(source.root, BIN_DIGESTS), {}) if source.kind == "bin" else {}
@@ -129,11 +133,13 @@ def file_digests(source, cache: DigestCache, *, log=None, threads: int | None = 
         try:
             st = os.stat(path)
         except OSError as e:
-            raise DatasetError(f"{path}: {e.strerror or e}") from None
+            source.known_errors[i] = f"cannot be read: {e.strerror or e}"
+            continue
         hit = cache.get(path, st)
         pre = preset.get(name) if isinstance(preset, dict) else None
-        if hit is None and isinstance(pre, list) and len(pre) == 3 and pre[:2] == [st.st_size, st.st_mtime_ns]:
-            hit = pre[2]
+        if hit is None and isinstance(pre, list) and len(pre) == 4 and pre[:3] == [st.st_size, st.st_mtime_ns,
+                                                                                   st.st_ctime_ns]:
+            hit = pre[3]
             cache.put(path, st, hit)
         if hit is not None:
             out[i] = bytes.fromhex(hit)
@@ -146,12 +152,15 @@ def file_digests(source, cache: DigestCache, *, log=None, threads: int | None = 
         def one(item):
             i, path, st = item
             try:
-                return i, path, st, _file_sha256(path)
+                return i, path, st, _file_sha256(path), None
             except OSError as e:
-                raise DatasetError(f"{path}: {e.strerror or e}") from None
+                return i, path, st, None, f"cannot be read: {e.strerror or e}"
 
         with ThreadPoolExecutor(max_workers=threads or min(8, (os.cpu_count() or 1) * 2)) as pool:
-            for i, path, st, hexd in pool.map(one, todo):
+            for i, path, st, hexd, why in pool.map(one, todo):
+                if why:
+                    source.known_errors[i] = why
+                    continue
                 out[i] = bytes.fromhex(hexd)
                 cache.put(path, st, hexd)
                 done[0] += 1

@@ -57,12 +57,16 @@ def _u8_shard(task) -> tuple[int, int, dict]:
 
 
 def _bin_chunk(task) -> tuple[int, int, dict, dict]:
-    src, dst, names = task
+    src, dst, names, known = task
     want = int(np.prod(PREPROCESS.chw)) * 4
     errors, written, digests = {}, 0, {}
     for name in names:
         out = os.path.join(dst, stem(name) + ".bin")
         if os.path.isfile(out) and os.path.getsize(out) == want:
+            st, pre = os.stat(out), known.get(os.path.basename(out))
+            if isinstance(pre, list) and pre[:3] == [st.st_size, st.st_mtime_ns, st.st_ctime_ns]:
+                digests[os.path.basename(out)] = pre  # written and hashed by an earlier run of this
+                continue
             with open(out, "rb") as f:
                 data = f.read()
         else:
@@ -74,7 +78,7 @@ def _bin_chunk(task) -> tuple[int, int, dict, dict]:
             atomic_write(out, data)
             written += 1
         st = os.stat(out)
-        digests[os.path.basename(out)] = [st.st_size, st.st_mtime_ns, hashlib.sha256(data).hexdigest()]
+        digests[os.path.basename(out)] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, hashlib.sha256(data).hexdigest()]
     return len(names), written, errors, digests
 
 
@@ -137,7 +141,11 @@ def preprocess(src: str, dst: str, *, fmt: str = "u8", workers: int | None = Non
         atomic_write(index_path, json.dumps(index))
         return PreprocessResult(dst, fmt, len(names), len(names) - skipped, skipped,
                                 {names[int(i)]: r for i, r in errors.items()})
-    chunks = [(source.root, dst, names[i:i + 64]) for i in range(0, len(names), 64)]
+    from ..files import read_json
+
+    known = read_json(os.path.join(dst, BIN_DIGESTS), {}) or {}
+    chunks = [(source.root, dst, names[i:i + 64], {stem(n) + ".bin": known.get(stem(n) + ".bin")
+                                                   for n in names[i:i + 64]}) for i in range(0, len(names), 64)]
     bar = tqdm(total=len(names), unit="img", desc="preprocess bin", file=sys.stderr, disable=not progress)
     errors, written, digests = {}, 0, {}
     with get_context("fork").Pool(workers) as pool:

@@ -117,7 +117,8 @@ class Source:
         """What a run records of the dataset: with its ``content`` known, the fingerprint is its
         start (it covers the bytes); else the listing's."""
         return {"kind": self.kind, "root": self.root, "images": len(self.names),
-                "fingerprint": self.content[:16] if self.content else self.fingerprint, "content": self.content}
+                "fingerprint": self.content[:16] if self.content else self.fingerprint, "content": self.content,
+                "listing": self.fingerprint}
 
     def load(self, i: int) -> np.ndarray:
         if i in self.known_errors:
@@ -129,10 +130,23 @@ class Source:
 
 
     def read(self, i: int) -> bytes:
-        """The bytes of image ``i``'s file, checked against its digest."""
+        """The bytes of image ``i``'s file, checked against its digest (a file listed with a
+        digest that cannot be read any more changed too).
+
+        Raises:
+            ContentChanged: the bytes differ from those listed, or the file is gone.
+            OSError: a file listed without a digest (unreadable then) that cannot be read.
+        """
         path = os.path.join(self.root, self.names[i])
-        with open(path, "rb") as f:
-            data = f.read()
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            if self.digests is not None and self.digests[i] is not None:
+                raise dg.ContentChanged(f"{path} changed since the run was submitted (it cannot be read any more: "
+                                        f"{e.strerror or e}); rerun with the files as they are now, or restore it") \
+                    from None
+            raise
         self.verify(i, data)
         return data
 
@@ -180,6 +194,9 @@ class U8Shards(Source):
             try:
                 self._maps[k] = np.load(path, mmap_mode="r")
             except (OSError, ValueError) as e:
+                if self.digests is not None and self.digests[i] is not None:
+                    raise dg.ContentChanged(f"{path} changed since the run was submitted (it cannot be read any "
+                                            f"more: {e})") from None
                 raise ImageError(f"cannot read shard {path}: {e}") from None
         crop = np.array(self._maps[k][i - self.shards[k]["start"]])
         if self.digests is not None:

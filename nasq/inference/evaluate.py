@@ -96,7 +96,7 @@ def evaluate_range(source: Source, backend: Backend, start: int, stop: int, *, b
     def load_cpu(i: int):
         try:
             return i, source.load(i), None
-        except ImageError as e:
+        except (ImageError, OSError) as e:
             return i, None, {"index": i, "name": source.names[i], "reason": str(e)}
 
     def load_window(w0: int):

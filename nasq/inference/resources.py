@@ -33,7 +33,7 @@ class DeviceResources:
         self.device = device
         self.backend: backends.Backend | None = None
         self._backend_key: tuple | None = None
-        self._sources: dict[str, tuple[tuple, Source, str]] = {}
+        self._sources: dict[tuple[str, str], tuple[tuple, Source, str]] = {}
         self._labels: tuple[tuple, str, dict] | None = None
         self._weights_sha256: str | None = None
         #: seconds the last ``backend_for`` spent loading (0 when the model was already loaded)
@@ -63,7 +63,8 @@ class DeviceResources:
             self.last_load_s = time.perf_counter() - t
             log.info("loaded %s on %s in %.1f s", model.weights, self.device, self.last_load_s)
             self.backend, self._backend_key, self._weights_sha256 = b, key, digest
-        elif model.sha256 and self._weights_sha256:
+        elif model.sha256:  # loaded before (maybe by a task that pinned nothing): this run's pin holds
+            self._weights_sha256 = self._weights_sha256 or _pinned_digest(model)
             _same("weights file", _pinned(model.weights), model.sha256, self._weights_sha256)
         return self.backend
 
@@ -80,8 +81,8 @@ class DeviceResources:
         listing's fingerprint. Listed again when the folder, or its u8 index, changed."""
         root, stamp = dataset.root, _stamp(dataset.root)
         want = dataset.content or dataset.fingerprint
-        cached = self._sources.get(root)
-        if cached is None or cached[0] != stamp or cached[2] != want:
+        cached = self._sources.get((root, want))
+        if cached is None or cached[0] != stamp:
             src = open_source(root)
             if dataset.content:
                 raw = digest_list(dataset.content) if digest_list else None
@@ -93,7 +94,9 @@ class DeviceResources:
                 raise RunError(f"the dataset at {root} on {socket.gethostname()} differs from the one the run was "
                                f"submitted with (fingerprint {src.fingerprint} vs {dataset.fingerprint}): its files "
                                "changed since, or this worker sees other files; every worker must see the same files")
-            self._sources[root] = cached = (stamp, src, want)
+            if len(self._sources) >= 8:
+                self._sources.pop(next(iter(self._sources)))
+            self._sources[(root, want)] = cached = (stamp, src, want)
         return cached[1]
 
     def labels_for(self, path: str | None, sha256: str | None = None) -> dict[str, int] | None:

@@ -141,9 +141,11 @@ def run_shard(task: ShardTask, *, ledger: ShardLedger, resources: DeviceResource
                                   f"died); giving up after max_attempts={worker.settings.max_attempts}")
     if claim == "refused":
         why = "this worker is excluded from the run" if value == "excluded" else "this worker failed the shard before"
-        if queue is not None and not _others_may_take(ledger, task, worker.name, queue):
-            # nobody else may take it: it fails once that lasted longer than workers take to restart
-            grace = max(worker.settings.lease_s, 2 * worker.settings.worker_heartbeat_s)
+        others = None if queue is None else _others(ledger, task, worker.name, queue)
+        if others is not None and not others[0]:
+            # nobody else may take it: it fails at once when the other live workers may not (excluded, or
+            # they failed it), or once no other live worker was there for longer than a restart takes
+            grace = 0.0 if others[1] else max(worker.settings.lease_s, 2 * worker.settings.worker_heartbeat_s)
             if time.time() - ledger.nobody_since(task.run_id, task.shard_id) >= grace:
                 log.warning("shard %s of run %s: %s, and no other live worker may take it: it fails", task.shard_id,
                             task.run_id, why)
@@ -213,16 +215,17 @@ def _checked(task: ShardTask, worker: WorkerConfig):
     return job
 
 
-def _others_may_take(ledger: ShardLedger, task: ShardTask, me: str, queue: str) -> bool:
-    """Is there a live worker of ``queue`` besides ``me`` that may take the shard (not excluded
-    from the run, has not failed the shard)? When there is none, ``ledger.nobody_since`` starts
-    counting; when there is one again, it stops."""
+def _others(ledger: ShardLedger, task: ShardTask, me: str, queue: str) -> tuple[bool, bool]:
+    """(whether a live worker of ``queue`` besides ``me`` may take the shard: not excluded from
+    the run, has not failed the shard; whether there is another live worker at all). When none
+    may, ``ledger.nobody_since`` starts counting; when one may again, it stops."""
     view = ledger.failure_view(task.run_id, task.shard_id, me)
     refused_by = set(failover.failed_on(view.failures, kind="device"))
-    ok = any(w != me and w not in view.excluded and w not in refused_by for w in ledger.live_consumers(queue))
+    others = ledger.live_consumers(queue) - {me}
+    ok = any(w not in view.excluded and w not in refused_by for w in others)
     if ok:
         ledger.nobody_since(task.run_id, task.shard_id, clear=True)
-    return ok
+    return ok, bool(others)
 
 
 class _Ticker:

@@ -55,7 +55,8 @@ def read_rows(folder: str, point_ids: list[str]) -> list[dict]:
     return rows
 
 
-def measure_point(point: SweepPoint, *, resources: DeviceResources, worker: WorkerConfig) -> dict:
+def measure_point(point: SweepPoint, *, resources: DeviceResources, worker: WorkerConfig,
+                  digest_list=None) -> dict:
     """One sweep point on this worker's device: timed compute (bench) or an evaluation (eval).
 
     An out-of-memory error (or any failure) becomes the row's ``error``, and an OOM also
@@ -74,7 +75,8 @@ def measure_point(point: SweepPoint, *, resources: DeviceResources, worker: Work
     try:
         b = resources.backend_for(point.backend, ModelRef(point.weights), bs, worker.backend_options(point.precision))
         b.reset_peak_memory()
-        source = resources.source_for(DatasetRef(point.data, "", 0, point.dataset_fingerprint))
+        source = resources.source_for(DatasetRef(point.data, "", 0, point.dataset_fingerprint, point.dataset_content),
+                                      digest_list)
         n = min(len(source), point.images or len(source), MAX_SHARD_IMAGES)  # an eval point is at most a shard
         if point.mode == "bench":
             crops = np.stack([source.load(i) for i in range(min(n, bs, 64))])

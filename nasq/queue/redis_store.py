@@ -106,7 +106,8 @@ class RedisStore:
         self.expires = expires
         self.wait_when_full = bool(outage_s) if wait_when_full is None else wait_when_full
         self._scripts = {name: self.r.register_script(getattr(scripts, name))
-                         for name in ("CLAIM", "TICK", "COMMIT", "FAIL", "TRANSITION", "RENEW", "REDISPATCH")}
+                         for name in ("CLAIM", "TICK", "COMMIT", "FAIL", "TRANSITION", "RENEW", "REDISPATCH",
+                                      "CLAIM_KEY", "UNCLAIM_KEY")}
 
     @classmethod
     def for_settings(cls, settings, *, ride_out: bool = False, wait_when_full: bool | None = None) -> RedisStore:

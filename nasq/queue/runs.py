@@ -172,20 +172,21 @@ class RunRecords(RedisStore):
         return self._claim(self._k(run_id, "publishing"), ttl_s, renew=renew, take=renew)
 
     def _claim(self, key: str, ttl_s: float, *, renew: bool = False, take: bool = False) -> bool:
-        """A claim held by this process (its value: host and pid): taken if free, or ``take``n,
-        or renewed (``renew``) while this process holds it. A claim whose holder is a process of
-        this host that is gone is free (a pool process killed mid-way, its task redelivered)."""
-        me, px = f"{socket.gethostname()}:{os.getpid()}", max(1, int(ttl_s * 1000))
-        if take or self.r.set(key, me, px=px, nx=True):
-            return bool(take and self.r.set(key, me, px=px)) or not take
+        """A claim held by this process (its value: ``process_token()``): taken if free, or
+        ``take``n, or renewed (``renew``) while this process holds it, in one atomic step. A
+        claim whose holder is a process of this host and PID namespace that is gone (a pool
+        process killed mid-way, its task redelivered) counts as free."""
+        me, px = process_token(), max(1, int(ttl_s * 1000))
         held = (self.r.get(key) or b"").decode()
-        host, _, pid = held.rpartition(":")
-        if held == me or (host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))):
-            return bool(self.r.set(key, me, px=px))
-        return False
+        dead = held if held and held != me and _gone(held) else ""
+        return bool(self._run("CLAIM_KEY", [key], [me, px, "take" if take else "renew" if renew else "nx", dead]))
+
+    def _unclaim(self, key: str) -> None:
+        """Drop a claim this process holds (never another's)."""
+        self._run("UNCLAIM_KEY", [key], [process_token()])
 
     def drop_publish(self, run_id: str) -> None:
-        self.r.delete(self._k(run_id, "publishing"))
+        self._unclaim(self._k(run_id, "publishing"))
 
     def publishing(self, run_id: str) -> bool:
         return bool(self.r.exists(self._k(run_id, "publishing")))
@@ -297,11 +298,32 @@ class RunRecords(RedisStore):
         return {k.decode(): v.decode() for k, v in self.r.hgetall(self._k(run_id, "notes")).items()}
 
 
-def _alive(pid: int) -> bool:
+
+def process_token() -> str:
+    """This process, as a claim names it: host, PID namespace, pid and the pid's start time
+    (so a pid reused by another process, or one of another container, is not taken for it)."""
+    return f"{socket.gethostname()}|{_pid_ns()}|{os.getpid()}|{_started(os.getpid())}"
+
+
+def _pid_ns() -> str:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return "?"
+
+
+def _started(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()  # field 22: starttime
+    except (OSError, IndexError):
+        return "?"
+
+
+def _gone(token: str) -> bool:
+    """Is the process a claim names gone? Only a process of this host and PID namespace can be
+    told gone; any other counts as alive (its claim lapses by itself)."""
+    host, ns, pid, started = (token.split("|") + ["", "", "", ""])[:4]
+    if host != socket.gethostname() or ns != _pid_ns() or ns == "?" or not pid.isdigit():
         return False
-    except PermissionError:
-        return True
-    return True
+    return _started(int(pid)) != started

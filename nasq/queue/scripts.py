@@ -209,8 +209,8 @@ if among(ARGV[3], ARGV[10]) then
   redis.call('SREM', KEYS[2], ARGV[4])
 else
   redis.call('SADD', KEYS[2], ARGV[4])
-  redis.call('DEL', KEYS[5], KEYS[6], KEYS[7])
 end
+redis.call('DEL', KEYS[5], KEYS[6], KEYS[7])  -- the report the caller now writes is not published yet
 return {'ok'}
 """
 
@@ -260,5 +260,25 @@ return n
 #: A lease is extended only by the worker that holds it. KEYS: lease. ARGV: holder lease_ms.
 RENEW = _COMMON + """
 if holder_of(redis.call('GET', KEYS[1])) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+
+#: A claim (a worker that publishes or renders a run's files): "nx" takes it if free (or held
+#: by ARGV[4], a holder found gone), "renew" also keeps it if this holder has it, "take" takes it
+#: whatever holds it. KEYS: claim. ARGV: holder px mode gone_holder. -> 1 | 0
+CLAIM_KEY = """
+local cur = redis.call('GET', KEYS[1])
+if ARGV[3] == 'take' or not cur or (ARGV[4] ~= '' and cur == ARGV[4]) or (ARGV[3] == 'renew' and cur == ARGV[1])
+    or cur == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+#: Drop a claim if this holder has it. KEYS: claim. ARGV: holder. -> 1 | 0
+UNCLAIM_KEY = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """

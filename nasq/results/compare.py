@@ -12,6 +12,14 @@ from .report import device_cell, versions_text
 from .stats import mcnemar_exact, paired_difference
 
 
+def dataset_identities(a: dict, b: dict) -> tuple[str | None, str | None]:
+    """What tells two runs' datasets apart: their ``content`` (the bytes) when both recorded
+    it, else their listings' fingerprints (a run of an earlier nasq recorded only that)."""
+    if a.get("content") and b.get("content"):
+        return a["fingerprint"], b["fingerprint"]
+    return a.get("listing") or a.get("fingerprint"), b.get("listing") or b.get("fingerprint")
+
+
 def compare(a: dict, pa: dict, b: dict, pb: dict) -> dict:
     """Compare report ``a`` (predictions ``pa``) with ``b`` (``pb``).
 
@@ -45,7 +53,7 @@ def compare(a: dict, pa: dict, b: dict, pb: dict) -> dict:
               for k in keys}
     config["model"] = [(a.get("model") or {}).get("sha256", (a.get("model") or {}).get("artifact_key")),
                        (b.get("model") or {}).get("sha256", (b.get("model") or {}).get("artifact_key"))]
-    config["dataset"] = [a["dataset"].get("fingerprint"), b["dataset"].get("fingerprint")]
+    config["dataset"] = list(dataset_identities(a["dataset"], b["dataset"]))
     config["labels"] = [a.get("labels_sha256"), b.get("labels_sha256")]
     config["versions"] = [versions_text(a["backend"].get("versions")), versions_text(b["backend"].get("versions"))]
     config["devices"] = [", ".join(sorted({device_cell(d) for d in a["per_device"]})),
@@ -60,6 +68,9 @@ def compare(a: dict, pa: dict, b: dict, pb: dict) -> dict:
     if config["dataset"][0] != config["dataset"][1]:
         warnings.append(f"different datasets (fingerprints {config['dataset'][0]} and {config['dataset'][1]}): "
                         "images of the same name may not be the same images")
+    elif bool(a["dataset"].get("content")) != bool(b["dataset"].get("content")):
+        warnings.append("the same listing (names and sizes), but a run of an earlier nasq did not record its images' "
+                        "bytes: whether they were the same bytes is not known")
     if None not in config["labels"] and config["labels"][0] != config["labels"][1]:
         warnings.append("different label files: the accuracies are against different answers")
     relabelled = sum(1 for x in both if ia[x][0] is not None and ib[x][0] is not None and ia[x][0] != ib[x][0])

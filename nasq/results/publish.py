@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import glob
+import json
 import logging
 import os
 import secrets
@@ -52,21 +53,33 @@ def final_folder(report_dir: str, run_id: str) -> str:
 _read: dict[str, tuple] = {}
 
 
+class Unreadable(dict):
+    """What ``ended_on_disk`` answers when the report folder cannot be read: nothing is done
+    with the run until it can (write once fails closed)."""
+
+
 def ended_on_disk(report_dir: str, run_id: str) -> dict | None:
     """The published report of a run that is done or cancelled (its folder in ``report_dir``
-    decides: it is never replaced), or None. A stat when there is none; the file is read again
-    only when it changed."""
+    decides: it is never replaced), None for a run without one, or ``Unreadable`` (state
+    "unreadable") when the folder cannot be told (an I/O error: not remembered). A stat when
+    there is no report; the file is read again only when it changed."""
     try:
         path = os.path.join(final_folder(report_dir, run_id), "report.json")
-        st = os.stat(path)
-    except Exception:  # noqa: BLE001 - not a run id, or no report there
+    except Exception:  # noqa: BLE001 - not a run id: no such folder
         return None
-    stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-    if _read.get(path, (None,))[0] != stamp:
-        report = read_json(path)
-        _read[path] = (stamp, report if isinstance(report, dict) and report.get("state") in FINAL else None)
-        if len(_read) > 1000:
-            _read.pop(next(iter(_read)))
+    try:
+        st = os.stat(path)
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if _read.get(path, (None,))[0] != stamp:
+            with open(path, encoding="utf-8") as f:
+                report = json.load(f)
+            _read[path] = (stamp, report if isinstance(report, dict) and report.get("state") in FINAL else None)
+            if len(_read) > 1000:
+                _read.pop(next(iter(_read)))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError) as e:  # an I/O error, or a report being written by hand: cannot tell
+        return Unreadable(state="unreadable", error=f"{path}: {getattr(e, 'strerror', None) or e}")
     return _read[path][1]
 
 
@@ -97,17 +110,24 @@ def publish(store, manifest: dict, report: dict, staging: str, report_dir: str, 
     """Move the staging folder to ``report_dir/<run id>`` in one rename (a failed run's partial
     report moved aside first), record the run in the history, mark it published, and sweep the
     run's stale staging folders. A folder that holds a done or cancelled report already is
-    kept (write once): ours is discarded. True if this call published the files."""
+    kept (write once): ours is discarded and nothing else is written. True if this call
+    published the files."""
     run_id = manifest["run_id"]
     final, published = final_folder(report_dir, run_id), False
     old = f"{staging}.old"
     held = ended_on_disk(report_dir, run_id)
+    if held is not None and held != report:
+        said_once(run_id, "run %s: its report in %s is final (%s): not replaced", run_id, final, held.get("state"))
+        discard(staging)
+        return False
     try:
-        if held is not None and held != report:
-            said_once(run_id, "run %s: its report in %s is final (%s): not replaced", run_id, final, held.get("state"))
-        elif held is None and os.path.isdir(staging):
+        if held is None and os.path.isdir(staging):
             if os.path.isdir(final):
                 os.replace(final, old)
+                if _final_report(old):  # published by another meanwhile, and final: it stays
+                    os.replace(old, final)
+                    discard(staging)
+                    return False
             try:
                 os.rename(staging, final)
                 published = True
@@ -125,6 +145,11 @@ def publish(store, manifest: dict, report: dict, staging: str, report_dir: str, 
     store.mark_published(run_id)
     store.drop_publish(run_id)
     return published
+
+
+def _final_report(folder: str) -> bool:
+    report = read_json(os.path.join(folder, "report.json"))
+    return isinstance(report, dict) and report.get("state") in FINAL
 
 
 def publish_if_missing(store, run_id: str, manifest: dict, report_dir: str) -> bool:
@@ -149,7 +174,15 @@ def publish_if_missing(store, run_id: str, manifest: dict, report_dir: str) -> b
                             later=bool(report.get("files_to_come")))
     write_json(report, os.path.join(staging, "report.json"))  # the stored report, as the client has it
     log.info("run %s: its report files published by this worker (its merging worker went away first)", run_id)
-    return publish(store, manifest, report, staging, report_dir, state=state, error=report.get("error"))
+    with holding_publish(store, run_id):
+        return publish(store, manifest, report, staging, report_dir, state=state, error=report.get("error"))
+
+
+def holding_publish(store, run_id: str):
+    """The claim to publish the run's files, renewed while the body runs (a slow disk, the
+    history's SQLite) so that no one else takes it meanwhile."""
+    return every(CLAIM_S / 3, lambda: store.claim_publish(run_id, CLAIM_S, renew=True),
+                 what=f"publishing {run_id}")
 
 
 def render_later(store, manifest: dict, results: list, report: dict, report_dir: str) -> bool:

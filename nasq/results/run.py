@@ -19,8 +19,8 @@ from ..errors import NasqError, RunError
 from ..runstate import RunState
 from ..files import read_json
 from .merge import MissingShards, merge, merge_partial
-from .publish import (CLAIM_S, discard, ended_on_disk, publish, render_later,
-                      said_once, write_staging)
+from .publish import (CLAIM_S, FINAL, discard, ended_on_disk, holding_publish, publish, render_later, said_once,
+                      write_staging)
 
 log = logging.getLogger("nasq.worker")
 
@@ -213,8 +213,9 @@ def cancel_run(store, run_id: str, report_dir: str, *, manifest: dict | None = N
         raise NasqError(f"no run {run_id!r} in this Redis (runs expire after result_expires)")
     failures = shard_failures(store, run_id)  # before the cancel clears the running shards
     ok, state = store.transition(run_id, "cancel", clear_running=True, error=f"run {run_id} was cancelled")
-    if not ok:
+    if not ok and not (state == RunState.CANCELLED and store.report(run_id) is None):
         raise NasqError(f"run {run_id} already ended ({state}); nothing to cancel")
+    # (a cancel whose client died before it kept the partial report: this one finishes it)
     after_cancel()
     stored = store.shard_results(run_id)
     results = [stored[s["shard_id"]] for s in manifest["shards"] if s["shard_id"] in stored]
@@ -226,11 +227,13 @@ def cancel_run(store, run_id: str, report_dir: str, *, manifest: dict | None = N
     report.update(failover_fields(store, run_id))
     staging = write_staging(manifest, results, report, predictions, report_dir)
     try:
+        store.claim_publish(run_id, CLAIM_S, renew=True)
         store.save_report_of_ended(run_id, report, predictions)
     except BaseException:
         discard(staging)
         raise
-    publish(store, manifest, report, staging, report_dir, state=str(RunState.CANCELLED))
+    with holding_publish(store, run_id):
+        publish(store, manifest, report, staging, report_dir, state=str(RunState.CANCELLED))
     store.mark_rendered(run_id)
     return report
 
@@ -257,8 +260,9 @@ def _end(store, transition: str, manifest: dict, results: list, report: dict, pr
         discard(staging)
         store.drop_publish(run_id)
         return False
-    publish(store, manifest, report, staging, report_dir,
-            state=str(RunState.DONE if transition == "merge" else RunState.FAILED), error=fields.get("error"))
+    with holding_publish(store, run_id):
+        publish(store, manifest, report, staging, report_dir,
+                state=str(RunState.DONE if transition == "merge" else RunState.FAILED), error=fields.get("error"))
     if later:
         render_later(store, manifest, results, report, report_dir)
     else:
@@ -268,15 +272,20 @@ def _end(store, transition: str, manifest: dict, results: list, report: dict, pr
 
 def refuse_if_final(store, run_id: str, report_dir: str) -> str | None:
     """Write once: the state of a run whose report folder holds a done or cancelled report
-    (None for any other run). Its records in Redis are restored from that report if someone
+    (None for any other run; "unreadable" while the folder cannot be read: nothing is done with
+    the run until it can). Its records in Redis are restored from that report if someone
     changed them (logged once): nothing merges, heals, resumes or cancels it again."""
     final = ended_on_disk(report_dir, run_id)
     if final is None:
         return None
+    if final["state"] not in FINAL:
+        said_once(f"{run_id}:unreadable", "run %s: left alone while its report folder cannot be read (%s)", run_id,
+                  final.get("error"))
+        return final["state"]
     if (store.state(run_id) or {}).get("state") != final["state"] or store.report(run_id) != final:
         said_once(run_id, "run %s: its report in %s is final (%s) but its records in Redis say otherwise (they were "
                   "changed); nothing of it runs or is merged again, and its records are restored from the report",
-                  run_id, os.path.dirname(final.get("files", {}).get("json", "")) or report_dir, final["state"])
+                  run_id, os.path.join(report_dir, run_id), final["state"])
         predictions = read_json(os.path.join(report_dir, run_id, "predictions.json"))
         store.restore_ended(run_id, final, predictions if isinstance(predictions, dict) else None)
     return final["state"]
