@@ -20,7 +20,7 @@ from nasq.config import Settings
 from nasq.errors import RunError
 from nasq.queue.store import RunStore
 from nasq.results.status import render_status, run_status
-from waiting import Waiter, sim_weights, until
+from waiting import Waiter, sim_reference, sim_weights, until
 
 
 def test_a_simulated_device_failing_every_shard_is_excluded_and_the_run_completes_exactly(
@@ -46,7 +46,7 @@ def test_a_simulated_device_failing_every_shard_is_excluded_and_the_run_complete
     took = time.time() - t0
     report, run_id, name = res.report, res.run_id, bad.names[0]
     assert report["images"] == 2400 and report["shards"] == 60 and not report.get("partial")
-    ref = evaluate_local(weights=weights, data="index:2400", backend="sim", batch_size=8)
+    ref = sim_reference(weights, 2400, 8)
     assert res.predictions["top5"] == ref["top5"] and res.predictions["indices"] == ref["indices"]
     # excluded at its second failure in a row, and it failed no shard after that
     (excluded,) = report["excluded_devices"]
@@ -186,7 +186,7 @@ def test_a_run_nobody_serves_says_so_within_heartbeats_and_a_later_worker_finish
     client.join(120)
     assert client.error is None, client.error
     assert client.first(f"a live worker consumes queue {queue} again") is not None, client.said
-    ref = evaluate_local(weights=weights, data="index:480", backend="sim", batch_size=8)
+    ref = sim_reference(weights, 480, 8)
     assert client.result.report["images"] == 480 and client.result.predictions["top5"] == ref["top5"]
     h.close()
     later.stop()

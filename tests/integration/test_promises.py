@@ -21,7 +21,7 @@ from nasq.queue.redis_server import spawn_redis, stop_process
 from nasq.queue.store import RunStore
 from nasq.queue.transport import BrokerView
 from nasq.results.status import render_status, run_status
-from waiting import Waiter, sim_weights, until
+from waiting import Waiter, sim_reference, sim_weights, until
 
 
 # ------------------------------------------------------------------------------ a hung worker comes back
@@ -138,7 +138,7 @@ def test_resume_of_a_live_run_resubmits_nothing(redis_url, start_workers, tmp_pa
     assert done.report["images"] == 480 and done.report["shards"] == 12
     assert set(store.attempts(h.run_id).values()) == {1}  # every shard ran once
     assert store.dropped(h.run_id) == {} and store.redispatched(h.run_id) == {}
-    ref = evaluate_local(weights=weights, data="index:480", backend="sim", batch_size=4)
+    ref = sim_reference(weights, 480, 4)
     assert done.predictions["top5"] == ref["top5"]
     h.close()
 
@@ -211,7 +211,7 @@ def test_a_broker_at_maxmemory_stops_no_worker_and_the_run_completes(start_worke
         assert client.error is None, client.error
         report = client.result.report
         assert report["images"] == 1200 and stuck < 1200
-        ref = evaluate_local(weights=weights, data="index:1200", backend="sim", batch_size=4)
+        ref = sim_reference(weights, 1200, 4)
         assert client.result.predictions["top5"] == ref["top5"]
         assert all(proc_.poll() is None for _, proc_, _ in w.procs)
         assert "the broker is full" in w.log_text() and "Unrecoverable error" not in w.log_text()

@@ -49,3 +49,18 @@ def sim_weights(tmp_path) -> str:
     path = tmp_path / "fleet.sim"
     path.write_bytes(os.urandom(64))
     return str(path)
+
+
+def sim_reference(weights: str, images: int, batch_size: int) -> dict:
+    """What an undisturbed run of ``index:<images>`` on SIMULATED devices predicts, computed in
+    this process at a rate that takes no time (the simulator's outputs depend on the weights and
+    the image's index only)."""
+    from nasq import backends
+    from nasq.config import BackendOptions
+    from nasq.data import open_source
+    from nasq.inference.evaluate import evaluate_range
+    from nasq.model.spec import ModelRef
+
+    b = backends.create("sim", "cpu")
+    b.load(ModelRef(weights), batch_size=batch_size, options=BackendOptions(sim="rate=10000000"))
+    return evaluate_range(open_source(f"index:{images}"), b, 0, images, batch_size=batch_size)
