@@ -75,6 +75,12 @@ class Settings:
     report_dir: str = dataclasses.field(default_factory=lambda: os.path.join(_cache_dir(), "reports"))
     #: logs and files of embedded runs
     work_dir: str = dataclasses.field(default_factory=lambda: os.path.join(_cache_dir(), "runs"))
+    #: where a worker keeps the images it read from shared storage, on its host's local disk,
+    #: for the next run, sweep point or worker of the host that reads the same bytes (entries
+    #: named by their sha256, verified when read, shared by every worker of the host)
+    host_cache_dir: str = dataclasses.field(default_factory=lambda: os.path.join(_cache_dir(), "host-cache"))
+    #: the host cache's bound in GB (least recently used entries go first); 0: no host cache
+    host_cache_gb: float = 20.0
     #: how long a merge waits for a shard that is still running (a redelivered one) before failing
     merge_wait_s: float = 900.0
     #: a running shard's lease: its worker renews it every lease_s / 3; once it expires (the
@@ -242,7 +248,8 @@ class BackendOptions:
         low=1, high=64))
     sim: str | None = field(default=None, metadata=_flag(
         "--backend sim only: a SIMULATED device for fleet-scale queue tests, never a measurement: "
-        "rate=310p3|N,slow=X,crash_after=N,hang_after=N,fail_after=N (default: rate=310p3)", metavar="OPTIONS"))
+        "rate=310p3|N,slow=X,crash_after=N,hang_after=N,fail_after=N,read_mbps=N,decode=host|device "
+        "(default: rate=310p3)", metavar="OPTIONS"))
     #: torch: fold BatchNorm / channels-last (None: on for the CUDA fp16/bf16 fast path)
     fold_bn: bool | None = None
     channels_last: bool | None = None

@@ -75,7 +75,10 @@ class WorkerTask(Task):
     @property
     def resources(self) -> DeviceResources:
         if WorkerTask._resources is None:
-            WorkerTask._resources = DeviceResources(self.worker.local_device)
+            from nasq.data.hostcache import HostCache
+
+            WorkerTask._resources = DeviceResources(self.worker.local_device,
+                                                    host_cache=HostCache.for_settings(self.worker.settings))
         return WorkerTask._resources
 
     @property

@@ -1,8 +1,8 @@
 """A SIMULATED device, for testing the queue at fleet scale on a few cores. Never a measurement.
 
-Its logits are deterministic: drawn from a generator seeded by the weights file's hash and the
-image's index (an ``index:N`` dataset hands the index over; for real images, a hash of the
-pixels stands in). It takes ``batch / rate`` seconds per batch without using the CPU, with the
+Its logits are deterministic: two rows of a table drawn from a generator seeded by the weights
+file's hash, picked by the image's index (an ``index:N`` dataset hands the index over; for real
+images, a hash of a sample of the pixels stands in). It takes ``batch / rate`` seconds per batch without using the CPU, with the
 rate from a table per batch size, and can fail on purpose. Options (``--sim``, comma-separated):
 
 * ``rate=310p3`` (the seed's Ascend 310P3 table, the default) or ``rate=N`` (img/s at every size);
@@ -10,7 +10,17 @@ rate from a table per batch size, and can fail on purpose. Options (``--sim``, c
 * ``crash_after=N``: the worker process dies (SIGKILL) once it has done N images;
 * ``hang_after=N``: it stops answering after N images;
 * ``fail_after=N``: every batch after the first N images raises an error (a device that fails
-  mid-shard: the shard fails with that reason, after reporting its progress).
+  mid-shard: the shard fails with that reason, after reporting its progress);
+* ``read_mbps=N``: the data folder is read at most at N MB/s by all of this host's simulated
+  workers together (a stand-in for a shared file system's share per host; the host cache is
+  local and not capped);
+* ``decode=device``: JPEGs are only read on the host and handed over as bytes, as a device that
+  decodes them (nvjpeg) takes them; ``decode=host`` (the default) decodes and crops them on the
+  host, as every loader does.
+
+With a dataset of real images (not ``index:N``) the worker's loaders read them, check their
+bytes and keep them in the host cache, as for any backend: the data path is real, only the
+device is simulated.
 """
 from __future__ import annotations
 
@@ -33,15 +43,21 @@ SEED_310P3 = {1: 153.3, 4: 175.7, 8: 162.6, 16: 146.5, 32: 135.8, 64: 113.5}
 
 def parse_sim(spec: str | None) -> dict:
     """``"rate=20,crash_after=100"`` -> {"rate": 20.0, "crash_after": 100}; refuses unknown keys."""
-    out: dict = {"rate": "310p3", "slow": 1.0, "crash_after": None, "hang_after": None, "fail_after": None}
+    out: dict = {"rate": "310p3", "slow": 1.0, "crash_after": None, "hang_after": None, "fail_after": None,
+                 "read_mbps": None, "decode": "host"}
     for part in filter(None, (p.strip() for p in (spec or "").split(","))):
         key, _, value = part.partition("=")
         if key not in out or not value:
-            raise BackendError(f"sim option {part!r}: expected rate=310p3|N, slow=X, crash_after=N, hang_after=N or "
-                               "fail_after=N")
+            raise BackendError(f"sim option {part!r}: expected rate=310p3|N, slow=X, crash_after=N, hang_after=N, "
+                               "fail_after=N, read_mbps=N or decode=host|device")
+        if key == "decode":
+            if value not in ("host", "device"):
+                raise BackendError(f"sim option {part!r}: decode is host or device")
+            out[key] = value
+            continue
         try:
-            out[key] = value if (key, value) == ("rate", "310p3") else (float(value) if key in ("rate", "slow")
-                                                                          else int(value))
+            out[key] = value if (key, value) == ("rate", "310p3") else (
+                float(value) if key in ("rate", "slow", "read_mbps") else int(value))
         except ValueError:
             raise BackendError(f"sim option {part!r}: {value!r} is not a number") from None
     return out
@@ -68,6 +84,10 @@ class SimBackend(Backend):
             raise BackendError(f"sim backend: weights {model.weights!r} do not exist (any file will do)")
         self.spec = parse_sim(options.sim)
         self._seed = int(file_digest(model.weights)[:15], 16)
+        # logits per image from two rows of a table drawn from the weights' seed: deterministic per
+        # (weights, image) and cheap (a simulated device must leave the host's CPU to the data path)
+        self._table = np.random.default_rng(self._seed).standard_normal((1024, model.num_outputs or BACKGROUND_OUTPUTS),
+                                                                        dtype=np.float32)
         self.num_outputs = model.num_outputs or BACKGROUND_OUTPUTS
         self._done = 0
         self.model_info = {"weights": os.path.abspath(model.weights), "sha256": file_digest(model.weights),
@@ -84,21 +104,41 @@ class SimBackend(Backend):
         if batch.dtype.kind == "i" and batch.ndim == 2 and batch.shape[1] == 1:
             keys = [int(i) for i in batch[:, 0]]  # an index: dataset
         else:
-            keys = [zlib.crc32(np.ascontiguousarray(x).tobytes()) for x in batch]
+            # a sample of each image names it (every 61st byte: a full pass costs a real loader's
+            # share of the CPU, which a simulated device must not take from the data path it measures)
+            keys = [zlib.crc32(np.ascontiguousarray(x).reshape(-1)[::61].tobytes()) for x in batch]
+        return self._outputs(keys)
+
+    def _outputs(self, keys: list[int]) -> np.ndarray:
+        """The simulated device's work on a batch of images named by ``keys``: its time, its
+        failures, its logits (seeded by the weights and each key)."""
         if self.spec["fail_after"] is not None and self._done >= self.spec["fail_after"]:
             raise BackendError(f"simulated device failure after {self._done} images (sim option fail_after)")
-        time.sleep(self.seconds_for(len(batch)))
-        self._done += len(batch)
+        time.sleep(self.seconds_for(len(keys)))
+        self._done += len(keys)
         if self.spec["crash_after"] is not None and self._done >= self.spec["crash_after"]:
             os.kill(os.getpid(), signal.SIGKILL)
         if self.spec["hang_after"] is not None and self._done >= self.spec["hang_after"]:
             while True:
                 time.sleep(3600)
-        return np.stack([np.random.default_rng([self._seed, k]).standard_normal(self.num_outputs, dtype=np.float32)
-                         for k in keys])
+        t = self._table
+        return np.stack([t[k % 1021] + t[(k // 1021) % 1024][::-1] for k in keys])
 
     def predict_u8(self, batch: np.ndarray) -> np.ndarray:
         return self.predict(batch)
+
+    @property
+    def decodes_jpeg(self) -> bool:
+        """``decode=device``: the loaders hand over the JPEGs' bytes (``predict_encoded``)."""
+        return getattr(self, "spec", {}).get("decode") == "device"
+
+    @property
+    def read_mbps(self) -> float | None:
+        """``read_mbps``: the data folder's bandwidth on this host (``ReadThrottle``)."""
+        return getattr(self, "spec", {}).get("read_mbps")
+
+    def predict_encoded(self, datas: list[bytes]) -> np.ndarray:
+        return self._outputs([zlib.crc32(d) for d in datas])
 
     def versions(self) -> dict[str, str]:
         return {"sim": "nasq simulator (not a measurement)"}

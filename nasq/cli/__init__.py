@@ -17,9 +17,9 @@ from . import exits
 from .common import eval_args, finish
 from .run_cmds import (_bench_args, _build_args, _cancel_args, _demo_args, _preprocess_args, _resume_args, cmd_bench,
                        cmd_build, cmd_cancel, cmd_demo, cmd_eval, cmd_preprocess, cmd_resume)
-from .watch_cmds import (_compare_args, _flower_args, _metrics_args, _runs_args, _status_args, _sweep_args,
-                         _sweeps_args, cmd_compare, cmd_flower, cmd_metrics, cmd_runs, cmd_status, cmd_sweep,
-                         cmd_sweeps)
+from .watch_cmds import (_cache_args, _compare_args, _flower_args, _metrics_args, _runs_args, _status_args,
+                         _sweep_args, _sweeps_args, cmd_cache, cmd_compare, cmd_flower, cmd_metrics, cmd_runs,
+                         cmd_status, cmd_sweep, cmd_sweeps)
 
 __all__ = ["build_parser", "eval_args", "finish", "main"]
 
@@ -81,6 +81,11 @@ COMMANDS = [
      "An HTTP endpoint for Prometheus with what Flower lacks: per run its images done and total, img/s, state and "
      "top-1 so far, per worker its img/s, and the live workers. Each scrape reads the broker.", _metrics_args,
      cmd_metrics),
+    ("cache", "this host's cache of images read from shared storage: warm it with a dataset, or see what it holds",
+     "Each worker host keeps the images its workers read on its local disk (host_cache_dir, host_cache_gb), named by "
+     "their sha256 and verified when read. `warm` reads a whole dataset into it once (stage it before the runs: a run "
+     "spreads its shards over the hosts, so each host caches only its share otherwise); `info` says what it holds.",
+     _cache_args, cmd_cache),
     ("flower", "start Flower on the nasq broker, with authentication",
      "Start Flower (task and worker monitoring) against the same broker, with basic auth on by default. Workers send "
      "task events, so runs show live.", _flower_args, cmd_flower),
@@ -104,6 +109,7 @@ EXAMPLES = {
     "sweeps": "nasq sweeps --resume sweep-0123456789ab",
     "metrics": "nasq metrics --port 9808 --broker redis://head:6379/0",
     "flower": "nasq flower --basic-auth-file /etc/nasq/flower-users --broker redis://head:6379/0",
+    "cache": "nasq cache warm /shared/data/val_u8",
 }
 
 

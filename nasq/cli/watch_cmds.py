@@ -230,3 +230,23 @@ def cmd_metrics(args) -> int:
     from ..queue.metrics import serve_forever
 
     serve_forever(store_of(args), port=args.port, address=args.address, recent=args.recent, log=log)
+
+
+def _cache_args(p) -> None:
+    p.add_argument("action", choices=("warm", "info"), help="warm: read a dataset into this host's cache; info: what "
+                                                          "the cache holds")
+    p.add_argument("data", nargs="?", help="warm: the dataset folder (JPEGs, .bin files or u8 shards)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_cache(args) -> int:
+    from ..api.hostcache import host_cache_info, warm_host_cache
+
+    if args.action == "warm":
+        if not args.data:
+            raise NasqError("nasq cache warm needs the dataset folder: nasq cache warm /shared/data/val_u8")
+        warm_host_cache(data=args.data, settings=settings_of(args), progress=not args.no_progress, log=log)
+        return 0
+    info = host_cache_info(settings=settings_of(args))
+    print(f"{info.root}: {info.entries} images, {info.bytes / 1e9:.2f} GB of {info.bound_gb:g} GB")
+    return 0

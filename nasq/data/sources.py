@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -52,9 +53,48 @@ class Source:
     digests: list | None = None
     #: the sha256 of the listing and every digest: what a run names the dataset's bytes by
     content: str | None = None
+    #: where read images are also kept and looked for (``hostcache.HostCache``; images with a digest)
+    cache: object | None = None
+    #: how fast the source may be read (``hostcache.ReadThrottle``: SIMULATED shared storage)
+    throttle: object | None = None
+
+    def __post_init__(self):
+        self._counts = {"images_from_cache": 0, "images_from_source": 0, "bytes_from_cache": 0,
+                        "bytes_from_source": 0}
+        self._counted = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def counts(self) -> dict[str, int]:
+        """Images and bytes read so far, from the host cache and from the source."""
+        with self._counted:
+            return dict(self._counts)
+
+    def _count(self, where: str, nbytes: int) -> None:
+        with self._counted:
+            self._counts[f"images_from_{where}"] += 1
+            self._counts[f"bytes_from_{where}"] += nbytes
+
+    def _cached(self, i: int) -> bytes | None:
+        want = self.digests[i] if self.digests is not None else None
+        if want is None or self.cache is None:
+            return None
+        data = self.cache.get(want)
+        if data is not None:
+            self._count("cache", len(data))
+        return data
+
+    def _from_source(self, i: int, data: bytes, what: str | None = None) -> None:
+        """Bytes of image ``i`` read from the source: paced (a throttle), checked against its
+        digest, counted, and kept in the host cache."""
+        if self.throttle is not None:
+            self.throttle.take(len(data))
+        self.verify(i, data, what)
+        self._count("source", len(data))
+        want = self.digests[i] if self.digests is not None else None
+        if want is not None and self.cache is not None:
+            self.cache.put(want, data)
 
     def with_digests(self, digests: list) -> None:
         """Take the per-image digests (from ``digests.file_digests`` or a run's digest list)."""
@@ -130,13 +170,17 @@ class Source:
 
 
     def read(self, i: int) -> bytes:
-        """The bytes of image ``i``'s file, checked against its digest (a file listed with a
-        digest that cannot be read any more changed too).
+        """The bytes of image ``i``'s file: from the host cache (verified there), else read and
+        checked against its digest (a file listed with a digest that cannot be read any more
+        changed too), and kept in the cache.
 
         Raises:
             ContentChanged: the bytes differ from those listed, or the file is gone.
             OSError: a file listed without a digest (unreadable then) that cannot be read.
         """
+        data = self._cached(i)
+        if data is not None:
+            return data
         path = os.path.join(self.root, self.names[i])
         try:
             with open(path, "rb") as f:
@@ -147,15 +191,17 @@ class Source:
                                         f"{e.strerror or e}); rerun with the files as they are now, or restore it") \
                     from None
             raise
-        self.verify(i, data)
+        self._from_source(i, data)
         return data
 
 
 class JpegFolder(Source):
     def _load(self, i):
-        if self.digests is None:
-            return preprocess_u8(os.path.join(self.root, self.names[i]))
-        return preprocess_u8(self.read(i), name=os.path.join(self.root, self.names[i]))
+        path = os.path.join(self.root, self.names[i])
+        if self.digests is None and self.cache is None and self.throttle is None:
+            self._count("source", self.sizes.get(self.names[i], 0))
+            return preprocess_u8(path)
+        return preprocess_u8(self.read(i), name=path)
 
 
 class BinFolder(Source):
@@ -199,9 +245,17 @@ class U8Shards(Source):
                                             f"more: {e})") from None
                 raise ImageError(f"cannot read shard {path}: {e}") from None
         crop = np.array(self._maps[k][i - self.shards[k]["start"]])
-        if self.digests is not None:
-            self.verify(i, crop.tobytes(), f"image {i} ({self.names[i]}) of {os.path.join(self.root, self.shards[k]['file'])}")
+        if self.digests is None and self.cache is None and self.throttle is None:
+            self._count("source", crop.nbytes)
+        else:
+            self._from_source(i, crop.tobytes(), f"image {i} ({self.names[i]}) of "
+                                                 f"{os.path.join(self.root, self.shards[k]['file'])}")
         return crop
+
+    def load(self, i: int) -> np.ndarray:
+        if i not in self.known_errors and (data := self._cached(i)) is not None:
+            return np.frombuffer(data, dtype=np.uint8).reshape(PREPROCESS.crop, PREPROCESS.crop, 3)  # read-only
+        return super().load(i)
 
 
 class _IndexNames(Sequence):

@@ -29,8 +29,10 @@ class DeviceResources:
     options), dataset listings checked against the fingerprint a run was submitted with, and
     the last label file read."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, host_cache=None):
         self.device = device
+        #: where the sources a run lists with digests also keep and find images (``HostCache``)
+        self.host_cache = host_cache
         self.backend: backends.Backend | None = None
         self._backend_key: tuple | None = None
         self._sources: dict[tuple[str, str], tuple[tuple, Source, str]] = {}
@@ -90,6 +92,7 @@ class DeviceResources:
                     raise RunError(f"the digest list of the dataset at {root} (nasq:digests:{dataset.content[:16]}...) "
                                    "is not in Redis (expired, or flushed): resubmit the run")
                 src.attach(raw, dataset.content)
+                src.cache = self.host_cache  # entries are named by the digests: only with them
             elif src.fingerprint != dataset.fingerprint:
                 raise RunError(f"the dataset at {root} on {socket.gethostname()} differs from the one the run was "
                                f"submitted with (fingerprint {src.fingerprint} vs {dataset.fingerprint}): its files "

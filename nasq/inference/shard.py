@@ -167,6 +167,10 @@ def run_shard(task: ShardTask, *, ledger: ShardLedger, resources: DeviceResource
             labels = resources.labels_for(job.labels, job.labels_sha256)
             backend = resources.backend_for(worker.backend, job.model, job.batch_size, options)
             load_s = resources.last_load_s  # 0 when the model was already loaded
+            if getattr(backend, "read_mbps", None):  # a SIMULATED shared file system's share of this host
+                from ..data.hostcache import ReadThrottle
+
+                source.throttle = ReadThrottle(source.root, backend.read_mbps)
             writer = OutputWriter(job.output.dir, job.output.fmt) if job.output else None
             latencies: list[float] = []
             result = evaluate_range(source, backend, task.start, task.stop, batch_size=job.batch_size,
@@ -186,7 +190,8 @@ def run_shard(task: ShardTask, *, ledger: ShardLedger, resources: DeviceResource
         summary = {"status": "ok", "worker": worker.name, "host": host, "device": worker.device,
                    "images": len(result["indices"]),
                    "errors": len(result["errors"]), **result["timing"], "labelled": len(labelled),
-                   "top1_correct": sum(1 for lab, ids in labelled if ids[:1] == [lab])}
+                   "top1_correct": sum(1 for lab, ids in labelled if ids[:1] == [lab]),
+                   "from_cache": result["data"]["images_from_cache"], "from_source": result["data"]["images_from_source"]}
         outcome, why = ledger.commit_shard(task.run_id, task.shard_id, holder=holder, status="ok", summary=summary,
                                            result=out, worker=worker.name, reset_streak=streak > 0)
     out["kept"] = outcome == "accepted"

@@ -103,6 +103,7 @@ def merge(manifest: dict, results: list) -> tuple[dict, dict]:
     errors = []
     devices: dict[tuple, dict] = {}
     hosts: dict[str, dict] = {}
+    reads: dict[str, dict] = {}
     for sid, r in shards.items():
         for key in pred:
             pred[key] += r[key]
@@ -111,6 +112,9 @@ def merge(manifest: dict, results: list) -> tuple[dict, dict]:
         host = r.get("host") or (r.get("environment") or {}).get("host")
         if r.get("environment"):
             hosts.setdefault(host, r["environment"])
+        for k, v in (r.get("data") or {}).items():  # images read from the host cache and from the source
+            reads.setdefault(host or "?", {}).setdefault(k, 0)
+            reads[host or "?"][k] += v
         key = (r["worker"], r["device"])
         d = devices.setdefault(key, {"worker": r["worker"], "host": host, "device": r["device"],
                                      "device_name": r.get("device_name"), "accelerator": r.get("accelerator") or {},
@@ -171,6 +175,9 @@ def merge(manifest: dict, results: list) -> tuple[dict, dict]:
         "error_count": len(errors),
         "errors": [{"name": e["name"], "reason": e["reason"]} for e in errors],
         "per_device": per_device,
+        "data_read": {"hosts": reads, **{k: sum(h.get(k, 0) for h in reads.values()) for k in
+                                          ("images_from_cache", "images_from_source", "bytes_from_cache",
+                                           "bytes_from_source")}},
         "backend": {"name": first["backend"], "versions": first.get("versions", {})},
         "model": first.get("model_info", {}),
         "num_outputs": first.get("num_outputs"),

@@ -163,7 +163,11 @@ def render(report: dict) -> str:
               f"{report['error_count']} excluded",
               "  accuracy " + "  ".join(f"top-{k} {_pct(report.get(f'top{k}'))}{interval_text(report, k)}"
                                         for k in (1, 5)),
-              f"  speed    {_speed(report)}, {report['shards']} shards", ""]
+              f"  speed    {_speed(report)}, {report['shards']} shards"]
+    read = data_read_text(report)
+    if read:
+        lines.append(f"  data     {read}")
+    lines.append("")
     if report["per_device"]:
         lines.append(table([[device_cell(d), d["worker"], d["shards"], d["images"], d["img_s_compute"],
                              d["img_s_wall"]] + _lat_cells(d) for d in report["per_device"]],
@@ -203,6 +207,22 @@ def retried_rows(report: dict) -> list[list]:
 
 
 RETRIED_HEADERS = ["shard", "device", "worker", "error"]
+
+
+def data_read_text(report: dict) -> str | None:
+    """Where the images came from: the host cache and the source, per host when there are several."""
+    d = report.get("data_read") or {}
+    if not d.get("hosts"):
+        return None
+
+    def one(x: dict) -> str:
+        return (f"{x.get('images_from_cache', 0)} from the host cache, {x.get('images_from_source', 0)} from the "
+                f"source ({x.get('bytes_from_source', 0) / 1e9:.2f} GB)")
+
+    text = one(d)
+    if len(d["hosts"]) > 1:
+        text += "; " + "; ".join(f"{h}: {one(x)}" for h, x in sorted(d["hosts"].items()))
+    return "images read: " + text
 
 
 def _pct(v) -> str:
@@ -257,6 +277,8 @@ def _facts(report: dict) -> list[list]:
                                            "1000 * batch / mean compute ms; compute timed by "
                                            f"{_clock(report)})"],
               ["model load", f"{num(report.get('model_load_s'))} s (slowest device)"]]
+    if data_read_text(report):
+        facts.append(["data", data_read_text(report)])
     return facts
 
 

@@ -59,13 +59,16 @@ def run_status(store, run_id: str) -> dict:
 
     def worker(name: str, rec: dict) -> dict:
         return per_worker.setdefault(name, {"host": rec.get("host"), "device": rec.get("device"), "shards": 0,
-                                            "images": 0, "wall_s": 0.0, "failed": 0})
+                                            "images": 0, "wall_s": 0.0, "failed": 0, "from_cache": 0,
+                                            "from_source": 0})
 
     for s in ok.values():
         w = worker(s.get("worker", "?"), s)
         w["shards"] += 1
         w["images"] += s.get("images", 0)
         w["wall_s"] += s.get("wall_s", 0.0)
+        w["from_cache"] += s.get("from_cache", 0)
+        w["from_source"] += s.get("from_source", 0)
     for s in failed.values():
         worker(s.get("worker", "?"), s)["failed"] += 1
     for sid, r in running.items():
@@ -93,7 +96,18 @@ def run_status(store, run_id: str) -> dict:
             "excluded_devices": exclusions, "shard_failures": store.failures(run_id),
             "refused": store.refusals(run_id),
             "duplicate_shard_results_dropped": sorted(sid for sid, n in store.dropped(run_id).items() for _ in range(n)),
-            "broker_full": full, "attempts": store.attempts(run_id)}
+            "broker_full": full, "attempts": store.attempts(run_id),
+            "from_cache_by_host": _by_host(per_worker)}
+
+
+def _by_host(per_worker: dict) -> dict[str, dict]:
+    """Per host: the images its kept shards read, and how many of them came from the host cache."""
+    out: dict[str, dict] = {}
+    for w in per_worker.values():
+        h = out.setdefault(w.get("host") or "?", {"read": 0, "from_cache": 0})
+        h["read"] += w.get("from_cache", 0) + w.get("from_source", 0)
+        h["from_cache"] += w.get("from_cache", 0)
+    return out
 
 
 def render_status(st: dict) -> str:
@@ -135,6 +149,7 @@ def render_status(st: dict) -> str:
         where = f"{w['host']}/{w.get('device')}" if w.get("host") else str(w.get("device"))
         lines.append(f"  {name:<30} {where:<16} {doing:<28} done {w['shards']} shards, "
                      f"{w['images']} img, {num(w['rate_img_s'])} img/s"
+                     + (f", {w['from_cache']} from the host cache" if w.get("from_cache") else "")
                      + (f", {w['failed']} failed" if w.get("failed") else ""))
 
     def counts(d: dict) -> str:
@@ -160,6 +175,9 @@ def render_status(st: dict) -> str:
               counts({sid: n for sid, n in (st.get("attempts") or {}).items() if n > 1})),
              ("copies of shards dropped (late or duplicate)", ", ".join(st.get("duplicate_shard_results_dropped") or [])),
              ("messages refused by workers for their signature", refused),
+             ("images from the host cache", "; ".join(f"{h}: {x['from_cache']} of {x['read']} read" for h, x in
+                                                      sorted((st.get("from_cache_by_host") or {}).items())
+                                                      if x.get("from_cache"))),
              ("BROKER FULL", st.get("broker_full")), ("error", st.get("error"))]
     return "\n".join(lines + [f"  {label}: {text}" for label, text in notes if text])
 
