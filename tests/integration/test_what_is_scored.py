@@ -81,8 +81,10 @@ def test_an_image_rewritten_mid_run_with_the_same_size_is_never_scored(kind, ass
     of the same size, after the run was submitted: the shards holding them fail, naming each
     file as changed since the run was submitted; neither is scored, the rest are."""
     data = _data(kind, assets, tmp_path)
+    # no host cache: a cached copy of the listed bytes would be scored instead of the changed file
+    # (which is right too: what is scored is what was listed), and the change would not be seen
     settings = Settings(broker_url=redis_url, report_dir=str(tmp_path / "rep"), artifact_dir=str(tmp_path / "art"),
-                        merge_wait_s=30)
+                        merge_wait_s=30, host_cache_gb=0)
     w = start_workers(redis_url, backend="sim", sim="rate=8", settings=settings)
     h = submit_evaluation(weights=assets["weights"], data=data, backend="sim", batch_size=4, shard_size=4,
                           queue=w.queue, settings=settings, log=lambda *_: None)
