@@ -33,9 +33,16 @@ fi
 PY=.venv/bin/python
 docker/base.sh nasq-base:bookworm
 EXTRAS=torch,build,onnxruntime,openvino,flower   # what the CPU image runs (docker/Dockerfile.cpu)
-if ! ls docker/wheelhouse/torch-*.whl >/dev/null 2>&1; then
-  say "wheelhouse: pip wheel -w docker/wheelhouse '.[$EXTRAS]' (dependencies)"
-  "$PY" -m pip wheel -q -w docker/wheelhouse ".[$EXTRAS]" 2>/dev/null
+# torch's CPU-only build: from PyTorch's CPU index (TORCH_INDEX) or a wheel folder pip searches
+TORCH=${TORCH:-torch==2.13.0}
+TORCH_INDEX=${TORCH_INDEX:-}
+if ! ls docker/wheelhouse/torch-*+cpu-*.whl >/dev/null 2>&1; then
+  rm -rf docker/wheelhouse && mkdir -p docker/wheelhouse && touch docker/wheelhouse/.keep
+  say "wheelhouse: pip wheel -w docker/wheelhouse '$TORCH' '.[$EXTRAS]' (dependencies, torch's CPU build)"
+  "$PY" -m pip wheel -q -w docker/wheelhouse ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} "$TORCH" ".[$EXTRAS]" \
+    2>/dev/null
+  ls docker/wheelhouse/torch-*+cpu-*.whl >/dev/null 2>&1 || { say "the wheelhouse's torch is not a CPU build: set" \
+    "TORCH_INDEX=https://download.pytorch.org/whl/cpu (or put torch's +cpu wheel in a folder pip searches)"; exit 1; }
 fi
 rm -f docker/wheelhouse/nasq-*.whl
 "$PY" -m pip wheel -q --no-deps -w docker/wheelhouse . 2>/dev/null   # this checkout's nasq

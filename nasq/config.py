@@ -43,7 +43,8 @@ def parse_device(device: str) -> tuple[str, int | None]:
     return kind, (int(index) if index else None)
 
 
-def _cache_dir() -> str:
+def cache_dir() -> str:
+    """nasq's folder in the user's cache: $XDG_CACHE_HOME/nasq, else ~/.cache/nasq."""
     return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "nasq")
 
 
@@ -70,15 +71,15 @@ class Settings:
     #: resume` lifts it
     device_max_failures: int = 2
     #: built model artifacts (ONNX, OM, ...), shared by workers when on shared storage
-    artifact_dir: str = dataclasses.field(default_factory=lambda: os.path.join(_cache_dir(), "artifacts"))
+    artifact_dir: str = dataclasses.field(default_factory=lambda: os.path.join(cache_dir(), "artifacts"))
     #: run reports (JSON, Markdown, plot) and sweep results, written by the merging worker
-    report_dir: str = dataclasses.field(default_factory=lambda: os.path.join(_cache_dir(), "reports"))
+    report_dir: str = dataclasses.field(default_factory=lambda: os.path.join(cache_dir(), "reports"))
     #: logs and files of embedded runs
-    work_dir: str = dataclasses.field(default_factory=lambda: os.path.join(_cache_dir(), "runs"))
+    work_dir: str = dataclasses.field(default_factory=lambda: os.path.join(cache_dir(), "runs"))
     #: where a worker keeps the images it read from shared storage, on its host's local disk,
     #: for the next run, sweep point or worker of the host that reads the same bytes (entries
     #: named by their sha256, verified when read, shared by every worker of the host)
-    host_cache_dir: str = dataclasses.field(default_factory=lambda: os.path.join(_cache_dir(), "host-cache"))
+    host_cache_dir: str = dataclasses.field(default_factory=lambda: os.path.join(cache_dir(), "host-cache"))
     #: the host cache's bound in GB (least recently used entries go first); 0: no host cache
     host_cache_gb: float = 20.0
     #: how long a merge waits for a shard that is still running (a redelivered one) before failing
@@ -207,11 +208,11 @@ def settings_from_file(path: str, **overrides) -> Settings:
 
 
 def redact(url: str | None) -> str | None:
-    """A broker URL without its password, for logs."""
-    if not url or "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    """A broker URL without its password (in the user part or the query), for logs: kombu's
+    ``maybe_sanitize_url``, as Celery logs its broker."""
+    from kombu.utils.url import maybe_sanitize_url
+
+    return maybe_sanitize_url(url) if url else url
 
 
 def _flag(help: str, **how) -> dict:

@@ -19,9 +19,22 @@ def _file_mode() -> int:
 _MODE = _file_mode()  # what open() would give a new file (mkstemp's files are 0600)
 
 
+def fsync_dir(folder: str) -> None:
+    """Make a rename or a new name in ``folder`` survive a crash of the machine."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot sync a folder: the data is synced, the name as they can
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], None], *,
-                 mode: int | None = None) -> None:
-    """Write ``path`` so that readers see the old file or the whole new one, never a part.
+                 mode: int | None = None, durable: bool = True) -> None:
+    """Write ``path`` so that readers see the old file or the whole new one, never a part, also
+    after the machine crashes: the data is synced before the rename and the folder after it
+    (``durable=False`` for caches that are rebuilt when lost: the process's crash only).
 
     ``data`` is bytes, text (UTF-8), or a function that writes to the open binary file. The
     temporary file has a unique name beside ``path`` and is removed if writing fails (a full
@@ -36,8 +49,13 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
                 data(f)
             else:
                 f.write(data.encode() if isinstance(data, str) else data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, _MODE if mode is None else mode)
         os.replace(tmp, path)
+        if durable:
+            fsync_dir(folder)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -46,8 +64,9 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
         raise
 
 
-def write_json(obj, path: str | os.PathLike, *, indent: int | None = 2, mode: int | None = None) -> None:
-    atomic_write(path, json.dumps(obj, indent=indent), mode=mode)
+def write_json(obj, path: str | os.PathLike, *, indent: int | None = 2, mode: int | None = None,
+               durable: bool = True) -> None:
+    atomic_write(path, json.dumps(obj, indent=indent), mode=mode, durable=durable)
 
 
 def read_json(path: str | os.PathLike, default=None):
@@ -88,7 +107,7 @@ def cached_sha256(path: str | os.PathLike, cache_file: str) -> str:
     cache[path] = {"stamp": stamp, "sha256": digest}
     try:
         os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-        write_json(cache, cache_file, indent=None)
+        write_json(cache, cache_file, indent=None, durable=False)
     except OSError:  # a read-only artifact dir: hashed again next time
         pass
     return digest

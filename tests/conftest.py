@@ -18,10 +18,68 @@ import pytest
 # test module imports anything. Worker processes the tests start inherit it (harmless on a CPU).
 if not __import__("glob").glob("/dev/nvidia[0-9]*"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The user's own cache (run history, reports, artifacts, host cache) is never the tests': the
+# session runs with HOME and the XDG folders in a temporary folder of its own, made by the first
+# process (pytest's, before pytest-xdist starts its processes, which inherit it). The real folder
+# is remembered so that the session can prove it untouched (pytest_sessionfinish).
+REAL_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nasq")
+if "NASQ_TEST_HOME" not in os.environ:
+    import atexit
+    import tempfile
+
+    _home = tempfile.mkdtemp(prefix="nasq-test-home-")
+    atexit.register(shutil.rmtree, _home, ignore_errors=True)
+    os.environ["NASQ_TEST_REAL_CACHE"] = REAL_CACHE
+    os.environ["NASQ_TEST_HOME"] = os.environ["HOME"] = _home
+    for _var, _sub in (("XDG_CACHE_HOME", ".cache"), ("XDG_CONFIG_HOME", ".config"), ("XDG_DATA_HOME", ".local/share"),
+                       ("XDG_STATE_HOME", ".local/state")):
+        os.environ[_var] = os.path.join(_home, _sub)
+REAL_CACHE = os.environ["NASQ_TEST_REAL_CACHE"]
+_ASSETS = os.environ.get("NASQ_TEST_CACHE") or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                           ".pytest_cache", "nasq-test-assets")
+os.environ.setdefault("MPLCONFIGDIR", os.path.join(_ASSETS, "matplotlib"))  # its font list, built once
 # Test processes share the cores (pytest-xdist, the workers they start): one compute thread each,
 # set before torch starts, instead of thread pools spinning against each other.
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
+
+
+def _tree(folder: str) -> dict:
+    """Every file and folder under ``folder`` with its size and modification time."""
+    seen = {}
+    for top, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = os.path.join(top, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            seen[os.path.relpath(path, folder)] = (st.st_size, st.st_mtime_ns)
+    return seen
+
+
+def pytest_sessionstart(session):
+    if not hasattr(session.config, "workerinput"):  # pytest's own process, not an xdist worker
+        session.config._nasq_real_cache = _tree(REAL_CACHE)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The whole session fails if it changed the user's ~/.cache/nasq (or $XDG_CACHE_HOME/nasq)."""
+    before = getattr(session.config, "_nasq_real_cache", None)
+    if before is None:
+        return
+    after = _tree(REAL_CACHE)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    if changed:
+        session.config._nasq_home_changed = changed
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    changed = getattr(config, "_nasq_home_changed", None)
+    if changed:
+        terminalreporter.write_line(f"FAILED: the tests changed the user's {REAL_CACHE}: "
+                                    + ", ".join(changed[:10]) + (" ..." if len(changed) > 10 else ""), red=True)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -134,12 +192,13 @@ def _recipe_key(*parts) -> str:
 
 
 def _cached(name: str, key: str, make) -> str:
-    """A folder made once by ``make(folder)`` and kept in ~/.cache/nasq/test-assets/<name>-<key>
-    (under NASQ_TEST_CACHE if set) for later test sessions; built aside, then renamed into place."""
+    """A folder made once by ``make(folder)`` and kept in the checkout's .pytest_cache/nasq-test-assets/
+    <name>-<key> (under NASQ_TEST_CACHE if set) for later test sessions; built aside, then renamed
+    into place."""
     import shutil
     import tempfile
 
-    base = os.environ.get("NASQ_TEST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nasq", "test-assets")
+    base = _ASSETS
     final = os.path.join(base, f"{name}-{key}")
     if not os.path.isdir(final):
         os.makedirs(base, exist_ok=True)

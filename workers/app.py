@@ -27,7 +27,25 @@ from nasq.queue.store import BrokerFull, RunStore
 
 log = logging.getLogger("nasq.worker")
 
-app = make_app(None, include=["workers.tasks", "workers.build_tasks"])
+
+
+def _deployment_settings():
+    """The deployment's settings (its environment variables, the settings file) when they name a broker,
+    read as ``nasq worker`` reads them, so that Celery's own command line reaches the deployment
+    with this app: ``celery -A workers.app inspect ping|active|stats``, ``status``, ``events``.
+    ``nasq worker`` configures the app again with its flags."""
+    from nasq.config import load_settings
+    from nasq.errors import NasqError
+
+    try:
+        settings = load_settings()
+    except NasqError as e:
+        log.warning("nasq settings not read (%s): the app has no broker until a worker configures it", e)
+        return None
+    return settings if settings.broker_url else None
+
+
+app = make_app(_deployment_settings(), include=["workers.tasks", "workers.build_tasks"])
 app.conf.worker_consumer = f"{__name__}:Consumer"  # below: records messages refused for their signature
 
 

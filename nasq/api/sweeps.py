@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 from .. import backends
-from ..config import BackendOptions, Settings, load_settings
+from ..config import BackendOptions, Settings, cache_dir, load_settings
 from ..data.labels import find_labels
 from ..data.sources import open_source
 from ..errors import NasqError
@@ -38,7 +38,7 @@ def bench(*, backend: str = "torch", device: str = "cpu", precision: str = "fp32
     options = BackendOptions(precision=precision, compile=compile, cuda_graphs=cuda_graphs, kernels=kernels,
                              device_decode=device_decode,
                              cache_dir=os.path.join(settings.artifact_dir, "inductor-cache"))
-    workdir = os.path.expanduser(f"~/.cache/nasq/bench-{arch}")
+    workdir = os.path.join(cache_dir(), f"bench-{arch}")
     if weights is None or data is None:
         demo = prepare(workdir, 32, arch=arch, batch_size=8, log=log)
         weights, data = weights or demo["weights"], data or demo["data"]

@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass
 
-from ..files import verify_files, write_json
+from ..files import fsync_dir, verify_files, write_json
 
 STAGING = ".staging"
 QUARANTINE = ".quarantine"
@@ -144,6 +144,7 @@ class ArtifactStore:
         dest = self.path(key)
         try:
             os.rename(staging, dest)
+            fsync_dir(os.path.dirname(dest))
         except OSError:
             if self.get(key) is None:  # a partial directory in the way: not ours to keep
                 shutil.rmtree(dest, ignore_errors=True)

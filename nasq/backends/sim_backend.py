@@ -144,4 +144,10 @@ class SimBackend(Backend):
         return {"sim": "nasq simulator (not a measurement)"}
 
     def describe_device(self) -> str:
-        return f"SIMULATED (rate {self.spec['rate']}, not a measurement)"
+        """The simulated hardware: its rate and every option that changes its timing, so that
+        devices simulated differently never share a hardware text."""
+        spec, defaults = self.spec, parse_sim(None)
+        shown = [f"rate {spec['rate']}"] + [f"{key} {spec[key]:g}" if isinstance(spec[key], float) else f"{key} {spec[key]}"
+                                            for key in ("slow", "read_mbps", "decode", "fail_after", "crash_after",
+                                                        "hang_after") if spec[key] != defaults[key]]
+        return f"SIMULATED ({', '.join(shown)}, not a measurement)"

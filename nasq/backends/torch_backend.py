@@ -40,6 +40,13 @@ class TorchBackend(Backend):
                                f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
         if not (self.device == "cpu" or cuda):
             raise BackendError(f"torch backend runs on cpu or cuda:N, not {self.device!r}")
+        if options.device_decode:
+            try:
+                import torchvision.io  # noqa: F401 - decode_jpeg, on this torch build
+            except Exception as e:  # noqa: BLE001 - a torchvision built for another torch fails in many ways
+                raise BackendError(f"--device-decode needs a torchvision built for this torch ({torch.__version__}): "
+                                   f"{type(e).__name__}: {e}; install the torchvision of the same index as torch "
+                                   "(README: Install by role)") from None
         if precision != "fp32" and not cuda:
             raise BackendError(f"torch backend: {precision} runs on CUDA only; use fp32 on the CPU")
         fast = cuda and precision != "fp32"

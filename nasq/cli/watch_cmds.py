@@ -37,8 +37,12 @@ def cmd_status(args) -> int:
         print(json.dumps({**st, "report": store.report(run_id), "failing_devices": failing_devices(store)}, indent=2))
         return code.get(st["state"], OK)
     st = watch(store, run_id, interval=args.interval) if args.watch else run_status(store, run_id)
-    if not args.watch or not sys.stdout.isatty():
+    if not args.watch:
         print(render_status(st))
+    elif not sys.stdout.isatty():  # the watch printed each new first line: the rest of the last status
+        rest = render_status(st).split("\n", 1)[1:]
+        if rest:
+            print(rest[0])
     failing = failing_devices(store)
     if failing:
         print(render_failing(failing))

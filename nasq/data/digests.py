@@ -87,7 +87,7 @@ class DigestCache:
             return
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            write_json({k: v for k, v in self.entries.items() if k in self.seen}, self.path, indent=None)
+            write_json({k: v for k, v in self.entries.items() if k in self.seen}, self.path, indent=None, durable=False)
         except OSError:  # a read-only cache folder: the next listing hashes again
             pass
 

@@ -36,6 +36,19 @@ log = logging.getLogger("nasq.worker")
 
 #: a running shard reports its progress (and learns whether to stop) at most this often
 TICK_S = 1.0
+#: upper bounds (seconds) of the batch-latency buckets each kept shard records for ``nasq metrics``
+BATCH_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def batch_buckets(latencies_ms: list[float]) -> dict:
+    """The shard's batch latencies as a histogram: per bucket of ``BATCH_BUCKETS_S`` (and one
+    above the last) how many batches took at most that long and more than the bound before, with
+    their sum in seconds and their count."""
+    counts = [0] * (len(BATCH_BUCKETS_S) + 1)
+    for ms in latencies_ms:
+        s = ms / 1e3
+        counts[next((i for i, b in enumerate(BATCH_BUCKETS_S) if s <= b), len(BATCH_BUCKETS_S))] += 1
+    return {"counts": counts, "sum_s": sum(latencies_ms) / 1e3, "count": len(latencies_ms)}
 
 
 class ShardLedger(Protocol):
@@ -191,7 +204,8 @@ def run_shard(task: ShardTask, *, ledger: ShardLedger, resources: DeviceResource
                    "images": len(result["indices"]),
                    "errors": len(result["errors"]), **result["timing"], "labelled": len(labelled),
                    "top1_correct": sum(1 for lab, ids in labelled if ids[:1] == [lab]),
-                   "from_cache": result["data"]["images_from_cache"], "from_source": result["data"]["images_from_source"]}
+                   "from_cache": result["data"]["images_from_cache"], "from_source": result["data"]["images_from_source"],
+                   "batch_s": batch_buckets(latencies)}
         outcome, why = ledger.commit_shard(task.run_id, task.shard_id, holder=holder, status="ok", summary=summary,
                                            result=out, worker=worker.name, reset_streak=streak > 0)
     out["kept"] = outcome == "accepted"

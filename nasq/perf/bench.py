@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import backends
-from ..config import BackendOptions
+from ..config import BackendOptions, cache_dir
 from ..errors import NasqError
 from ..model.spec import ModelRef
 from ..tables import table
@@ -146,7 +146,7 @@ def bench(*, backend: str = "torch", device: str = "cpu", options: BackendOption
 
     if mode not in ("compute", "e2e"):
         raise NasqError(f"--mode must be compute or e2e, not {mode!r}")
-    workdir = workdir or os.path.expanduser(f"~/.cache/nasq/bench-{arch}")
+    workdir = workdir or os.path.join(cache_dir(), f"bench-{arch}")
     if weights is None or data is None:
         demo = prepare(workdir, 32, arch=arch, batch_size=8, log=log)
         weights, data = weights or demo["weights"], data or demo["data"]

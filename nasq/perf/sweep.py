@@ -40,8 +40,16 @@ def sweep_folder(report_dir: str, sid: str) -> str:
     return folder
 
 
+#: the definition's numbers that are seconds or percentages: 1 and 1.0 are the same sweep
+_REAL_FIELDS = ("min_time_s", "stability_pct")
+
+
 def sweep_id(definition: dict) -> str:
-    return "sweep-" + hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:12]
+    """A sweep's id: a hash of what defines its measurement, its numbers normalised (an API
+    call's ``min_time_s=1`` and the CLI's ``--min-time 1`` name one sweep)."""
+    canonical = {**definition, **{k: float(definition[k]) for k in _REAL_FIELDS
+                                  if isinstance(definition.get(k), (int, float))}}
+    return "sweep-" + hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def read_rows(folder: str, point_ids: list[str]) -> list[dict]:

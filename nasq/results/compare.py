@@ -81,6 +81,10 @@ def compare(a: dict, pa: dict, b: dict, pb: dict) -> dict:
         if not r.get("complete", not r.get("partial")):
             warnings.append(f"run {name} is {r.get('state') or 'partial'}: it covers {r['images']} of "
                             f"{r.get('images_planned', r.get('images_total'))} images")
+    simulated = [name for name, r in (("A", a), ("B", b)) if r["backend"].get("name") == "sim"]
+    if len(simulated) == 1:
+        warnings.append(f"run {simulated[0]} ran on SIMULATED devices and the other on real ones: its throughput is "
+                        "a simulator's, not a measurement, and its predictions are not a model's")
     return {"run_a": a["run_id"], "run_b": b["run_id"], "images_both": len(both), "images_labelled_both": n,
             "top1_changed": changed, **acc,
             "throughput": {"a": a.get("throughput_img_s"), "b": b.get("throughput_img_s")},

@@ -26,7 +26,7 @@ import secrets
 import shutil
 import sqlite3
 
-from ..files import read_json, write_json
+from ..files import fsync_dir, read_json, write_json
 from ..keepalive import every
 from ..roots import check_name
 from ..runstate import RunState
@@ -130,6 +130,7 @@ def publish(store, manifest: dict, report: dict, staging: str, report_dir: str, 
                     return False
             try:
                 os.rename(staging, final)
+                fsync_dir(report_dir)  # the new name survives a crash of the machine, as its files do
                 published = True
             except OSError:
                 if os.path.isdir(old) and not os.path.exists(final):  # put the earlier report back

@@ -99,19 +99,30 @@ def ais_bench_summary(report: dict) -> str:
     """Per device, the lines ais_bench prints (compute time per batch, without host-device
     copies; throughput = 1000 * mean batch size / mean compute time), so numbers compare."""
     out = []
+    backend = report.get("backend")
+    backend = backend.get("name") if isinstance(backend, dict) else backend
     for d in report["per_device"]:
         lat = d.get("latency_ms") or {}
         if not lat.get("count"):
             continue
         bs = d["images"] / lat["count"]
+        name = _compute_time_name(backend, str(d.get("device") or ""))
         out += [f"[INFO] ----------------- Performance Summary: {d['worker']} ({device_cell(d)}) ------------------",
-                f"[INFO] NPU_compute_time (ms): min = {lat['min']:.3f}, max = {lat['max']:.3f}, "
+                f"[INFO] {name} (ms): min = {lat['min']:.3f}, max = {lat['max']:.3f}, "
                 f"mean = {lat['mean']:.3f}, median = {lat['p50']:.3f}, percentile(99%) = {lat['p99']:.3f}",
-                f"[INFO] throughput 1000*batchsize.mean({bs:g})/NPU_compute_time.mean({lat['mean']:.3f}): "
+                f"[INFO] throughput 1000*batchsize.mean({bs:g})/{name}.mean({lat['mean']:.3f}): "
                 f"{d.get('img_s_ais_bench'):.3f}"]
     if out:
         out.append("[INFO] ------------------------------------------------------")
     return "\n".join(out)
+
+
+def _compute_time_name(backend: str | None, device: str) -> str:
+    """ais_bench's ``NPU_compute_time`` for an NPU; what was measured on any other device."""
+    if backend == "sim":
+        return "SIMULATED_compute_time"
+    kind = device.partition(":")[0]
+    return {"npu": "NPU", "cuda": "GPU"}.get(kind, "CPU") + "_compute_time"
 
 
 TIMM_FIELDS = ("model", "top1", "top1_err", "top5", "top5_err", "param_count", "img_size", "crop_pct", "interpolation",

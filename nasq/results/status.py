@@ -11,8 +11,11 @@ from ..tables import num, table
 
 
 def _bar(done: int, total: int, width: int = 30) -> str:
-    filled = int(width * done / total) if total else width
-    return "[" + "#" * filled + "." * (width - filled) + "]"
+    """tqdm's progress bar (ASCII: it goes to logs and pipes too) of ``width`` characters."""
+    from tqdm import tqdm
+
+    return tqdm.format_meter(min(done, total) if total else 1, total or 1, 0, ncols=width + 2, bar_format="|{bar}|",
+                             ascii=True)
 
 
 def _eta(seconds: float | None) -> str:

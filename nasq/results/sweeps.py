@@ -15,8 +15,10 @@ from .report import device_id
 
 #: the percentiles a latency budget may be judged at, and the row field of each
 PERCENTILES = {50: "median_ms", 90: "p90_ms", 95: "p95_ms", 99: "p99_ms"}
-#: batch sizes whose throughput is within this fraction of the best are named beside it
+#: batch sizes whose throughput is within this fraction of the best are named beside it: a
+#: difference the measurement's noise covers (the same sweep measured again moves this much)
 CLOSE = 0.02
+SIM_BANNER = "SIMULATED devices: their timings are a simulator's, not measurements"
 
 
 def _key(r: dict) -> tuple:
@@ -42,7 +44,7 @@ def decide(rows: list[dict], *, latency_budget_ms: float | None = None, percenti
         d = {"device": _label(mine[0], rows), "device_name": mine[0].get("device_name"), "worker": key[2],
              "percentile": percentile, "latency_budget_ms": latency_budget_ms, "best_batch_size": None,
              "best_img_s": None, "best_latency_ms": None, "close_batch_sizes": [], "within_budget_batch_size": None,
-             "within_budget_img_s": None, "within_budget_latency_ms": None, "note": None,
+             "within_budget_img_s": None, "within_budget_latency_ms": None, "within_budget_close": [], "note": None,
              "stable": all(r.get("stable", True) for r in ok)}
         if not ok:
             d["note"] = "no point measured without an error"
@@ -56,14 +58,23 @@ def decide(rows: list[dict], *, latency_budget_ms: float | None = None, percenti
             within = [r for r in ok if r.get(field) is not None and r[field] <= latency_budget_ms]
             if within:
                 pick = max(within, key=lambda r: r["img_s"])
+                ties = [r["batch_size"] for r in within if r is not pick and r["img_s"] >= (1 - CLOSE) * pick["img_s"]]
                 d.update(within_budget_batch_size=pick["batch_size"], within_budget_img_s=pick["img_s"],
-                         within_budget_latency_ms=pick[field])
+                         within_budget_latency_ms=pick[field], within_budget_close=ties)
+                if ties:
+                    d["note"] = (f"within the budget, batch size {_sizes(ties)} {'is' if len(ties) == 1 else 'are'} "
+                                 f"within {CLOSE * 100:g} % of batch {pick['batch_size']} ({num(pick['img_s'])} img/s): a tie "
+                                 "within the measurement's noise, either meets the budget")
             else:
                 fastest = min(ok, key=lambda r: r.get(field) or float("inf"))
                 d["note"] = (f"no batch size meets p{percentile} <= {num(latency_budget_ms)} ms (the lowest is "
                              f"{num(fastest.get(field))} ms at batch {fastest['batch_size']})")
         out.append(d)
     return out
+
+
+def _sizes(sizes: list[int]) -> str:
+    return ", ".join(map(str, sizes[:-1])) + (" and " if len(sizes) > 1 else "") + str(sizes[-1])
 
 
 def decision_rows(decision: list[dict]) -> tuple[list[list], list[str]]:
@@ -136,7 +147,7 @@ def environment_rows(rows: list[dict]) -> list[list]:
 def render_markdown(rows: list[dict], decision: list[dict] | None = None) -> str:
     """The decision per device, then every point."""
     decision = decision if decision is not None else decide(rows)
-    out = []
+    out = [f"**{SIM_BANNER}**", ""] if any(r.get("backend") == "sim" for r in rows) else []
     if decision:
         drows, dheads = decision_rows(decision)
         out += ["Best batch size per device:", "", table(drows, dheads, markdown=True), ""]
@@ -249,8 +260,7 @@ def render_html(rows: list[dict], plots: list[str], sweep_id: str, decision: lis
     points = table(prows, pheads, fmt="html")
     if any(not r.get("p99_samples_ok", True) for r in rows if not r.get("error")):
         points += f"<p>{_escape(P99_NOTE.replace(chr(92), ''))}</p>"
-    banners = ["SIMULATED devices: their timings are a simulator's, not measurements"] \
-        if any(r.get("backend") == "sim" for r in rows) else []
+    banners = [SIM_BANNER] if any(r.get("backend") == "sim" for r in rows) else []
     body = [("Best batch size per device", summary), ("Plots", "".join(png_tag(p) for p in plots)),
             (f"Points ({len(rows)})", points), ("Environment", table(environment_rows(rows), ["what", "value"],
                                                                       fmt="html"))]

@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import threading
@@ -44,8 +45,8 @@ def test_history_status_compare_and_report_files(assets, redis_url, start_worker
     assert "data:image/png;base64," in page and "<table>" in page and "<script" not in page
     assert "http://" not in page and "https://" not in page and "src=\"/" not in page  # self-contained
     ais = open(files["ais_bench"]).read()
-    assert "NPU_compute_time (ms): min = " in ais and "percentile(99%) = " in ais
-    assert f"throughput 1000*batchsize.mean(4)/NPU_compute_time.mean({d['latency_ms']['mean']:.3f}): " in ais
+    assert "CPU_compute_time (ms): min = " in ais and "percentile(99%) = " in ais
+    assert f"throughput 1000*batchsize.mean(4)/CPU_compute_time.mean({d['latency_ms']['mean']:.3f}): " in ais
     row = next(csv.DictReader(open(files["csv"])))
     assert row["top1"] == "100.0" and row["top1_err"] == "0.0" and row["img_size"] == "331" and \
         row["crop_pct"] == "0.875" and row["interpolation"] == "bilinear" and float(row["param_count"]) > 0
@@ -209,12 +210,18 @@ def test_run_metrics_scraped_and_parsed_by_prometheus(assets, workers, settings,
         def one(name, **labels):
             return next(s.value for s in samples[name] if all(s.labels.get(k) == v for k, v in labels.items()))
         assert one("nasq_run_images_done", run_id=res.run_id) == 23
-        assert one("nasq_run_images_total", run_id=res.run_id) == 23
+        assert one("nasq_run_images", run_id=res.run_id) == 23
         assert one("nasq_run_info", run_id=res.run_id, state="done") == 1
-        assert one("nasq_run_top1_so_far_percent", run_id=res.run_id) == 100.0
-        assert one("nasq_run_throughput_img_s", run_id=res.run_id) > 0
-        assert one("nasq_run_device_throughput_img_s", run_id=res.run_id) > 0
+        assert one("nasq_run_top1_ratio", run_id=res.run_id) == 1.0
+        assert one("nasq_run_throughput_images_per_second", run_id=res.run_id) > 0
+        assert one("nasq_run_device_throughput_images_per_second", run_id=res.run_id) > 0
+        assert sum(s.value for s in samples["nasq_images_total"] if s.labels["run_id"] == res.run_id) == 20
+        assert sum(s.value for s in samples["nasq_image_errors_total"] if s.labels["run_id"] == res.run_id) == 3
+        assert one("nasq_shard_duration_seconds_count", run_id=res.run_id) >= 1
         assert one("nasq_workers_alive") >= 2
+        if shutil.which("promtool"):  # what `nasq metrics` serves, as Prometheus' linter reads it
+            lint = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+            assert lint.returncode == 0, lint.stdout + lint.stderr
     finally:
         proc.terminate()
         proc.wait(10)

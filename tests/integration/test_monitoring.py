@@ -86,6 +86,7 @@ def test_status_watch_follows_a_run_to_its_report(assets, start_workers, setting
     lines = [l for l in p.stdout.splitlines() if l.startswith(f"run {manifest['run_id']}")]
     assert any("running" in l for l in lines), p.stdout  # seen while it ran
     assert "done" in lines[-1] and "shards 12/12" in p.stdout and "images 23/23" in p.stdout
+    assert lines.count(lines[-1]) == 1, p.stdout  # piped: each status line once
     assert "top-1 100.00%" in p.stdout and "report files:" in p.stdout
     report = store.report(manifest["run_id"])
     for path in report["files"].values():

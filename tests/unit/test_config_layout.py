@@ -73,9 +73,11 @@ def test_pinning_env():
 def test_redact_hides_passwords():
     from nasq.config import redact
 
-    assert redact("redis://:pw@head:6379/0") == "redis://***@head:6379/0"
-    assert redact("rediss://user:pw@head:6380/1") == "rediss://***@head:6380/1"
+    assert redact("redis://:pw@head:6379/0") == "redis://:**@head:6379/0"
+    assert redact("rediss://user:pw@head:6380/1") == "rediss://user:**@head:6380/1"
     assert redact("redis://head:6379/0") == "redis://head:6379/0"
+    assert "s3cret" not in redact("rediss://head:6380/0?ssl_cert_reqs=required&password=s3cret")
+    assert redact(None) is None
 
 
 def test_every_worker_option_has_one_home(tmp_path):

@@ -44,6 +44,11 @@ def test_compare_uses_only_images_both_runs_saw():
     b = _pred(["y", "z", "w"], [2, 3, 4], [2, 0, 4])
     c = compare(_report("A"), a, _report("B"), b)
     assert c["images_both"] == 2 and c["images_labelled_both"] == 2 and c["top1_changed"] == 1
+    assert not c["warnings"]
+    sim = compare(_report("A"), a, _report("B", backend={"name": "sim", "versions": {}}), b)
+    assert sim["warnings"] == ["run B ran on SIMULATED devices and the other on real ones: its throughput is a "
+                               "simulator's, not a measurement, and its predictions are not a model's"]
+    assert not compare(_report("A", backend={"name": "sim"}), a, _report("B", backend={"name": "sim"}), b)["warnings"]
 
 
 def test_latency_summary_percentiles():
@@ -94,10 +99,16 @@ def test_ais_bench_block_and_timm_row():
     r["per_device"][0].update(images=1000, latency_ms={"count": 125, "min": 10.0, "max": 20.0, "mean": 12.5,
                                                        "p50": 12.0, "p90": 14.0, "p95": 15.0, "p99": 19.0},
                               img_s_ais_bench=640.0)
-    text = ais_bench_summary(r)
-    assert "NPU_compute_time (ms): min = 10.000, max = 20.000, mean = 12.500, median = 12.000, " \
-           "percentile(99%) = 19.000" in text
-    assert "throughput 1000*batchsize.mean(8)/NPU_compute_time.mean(12.500): 640.000" in text
+    text = ais_bench_summary(r)  # a CPU worker's: its compute time is not an NPU's
+    assert "CPU_compute_time (ms): min = 10.000, max = 20.000, mean = 12.500, median = 12.000, " \
+           "percentile(99%) = 19.000" in text and "NPU" not in text
+    assert "throughput 1000*batchsize.mean(8)/CPU_compute_time.mean(12.500): 640.000" in text
+    npu = {**r, "backend": {"name": "ais_bench"}, "per_device": [{**r["per_device"][0], "device": "npu:0"}]}
+    assert "throughput 1000*batchsize.mean(8)/NPU_compute_time.mean(12.500): 640.000" in ais_bench_summary(npu)
+    gpu = {**r, "per_device": [{**r["per_device"][0], "device": "cuda:1"}]}
+    assert "GPU_compute_time (ms)" in ais_bench_summary(gpu)
+    sim = {**r, "backend": {"name": "sim"}, "per_device": [{**r["per_device"][0], "device": "npu:0"}]}
+    assert "SIMULATED_compute_time (ms)" in ais_bench_summary(sim)
     row = timm_row(r)
     assert row["model"] == "nasnetalarge" and row["top1_err"] == 17.5 and row["top5_err"] == 4.0
     assert row["param_count"] == 88.75 and row["img_size"] == 331 and row["interpolation"] == "bilinear"
@@ -161,3 +172,15 @@ def test_a_cancelled_run_stays_cancelled(tmp_path):
         merge_run("r1", [], store=store, report_dir=str(tmp_path), merge_wait_s=1, first_try=0)
     assert not mark_failed(store, store.manifest("r1"), [], RuntimeError("x"), str(tmp_path))
     assert store.writes == [] and list(tmp_path.iterdir()) == []
+
+
+def test_simulated_devices_name_every_option_that_changes_their_timing():
+    from nasq.backends.sim_backend import SimBackend, parse_sim
+
+    def text(options):
+        b = SimBackend.__new__(SimBackend)
+        b.spec = parse_sim(options)
+        return b.describe_device()
+    assert text(None) == "SIMULATED (rate 310p3, not a measurement)"
+    names = {text(o) for o in ("slow=1", "slow=2", "slow=4", "slow=2,read_mbps=100", "decode=device")}
+    assert len(names) == 5 and "slow 2," in text("slow=2") and "read_mbps 100" in text("read_mbps=100")

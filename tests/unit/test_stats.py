@@ -134,6 +134,27 @@ def test_sweep_decides_the_best_batch_size_with_and_without_a_budget():
     assert "best with p99 <= 5 ms" in md and "vm1/cuda:1" in md
     with pytest.raises(ValueError):
         decide(rows, percentile=97)
+    # a near-tie within the budget (7.613 vs 7.61 img/s) is named as one the noise covers
+    near = [_row("c@vm1", "cpu", 2, 7.61, 300.0), _row("c@vm1", "cpu", 4, 7.613, 590.0),
+            _row("c@vm1", "cpu", 8, 7.9, 1200.0)]
+    (c,) = decide(near, latency_budget_ms=600)
+    assert c["within_budget_batch_size"] == 4 and c["within_budget_close"] == [2]
+    assert "batch size 2 is within 2 % of batch 4" in c["note"] and "noise" in c["note"]
+    (clear,) = decide(near[1:], latency_budget_ms=600)
+    assert clear["within_budget_close"] == [] and clear["note"] is None
+    assert not render_markdown(rows).startswith("**SIMULATED")
+    sim = render_markdown([{**r, "backend": "sim"} for r in near])
+    assert sim.startswith("**SIMULATED devices: their timings are a simulator's, not measurements**")
+
+
+def test_a_sweep_asked_with_1_or_1_0_is_one_sweep():
+    """min_time_s=1 (an API call) and --min-time 1 (the CLI: a float) define the same sweep."""
+    from nasq.perf.sweep import sweep_id
+
+    base = {"mode": "bench", "backend": "torch", "batch_sizes": [1, 2], "images": 64}
+    assert sweep_id({**base, "min_time_s": 1, "stability_pct": 3}) == sweep_id({**base, "min_time_s": 1.0,
+                                                                                  "stability_pct": 3.0})
+    assert sweep_id({**base, "min_time_s": 1}) != sweep_id({**base, "min_time_s": 1.5})
 
 
 def test_display_rounds_but_keeps_significant_figures():
