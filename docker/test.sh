@@ -6,7 +6,7 @@
 # containers: `docker kill` a worker mid-run, `docker network disconnect` a worker mid-run, restart
 # the Redis container mid-run; each run must still equal the reference. Removes all it started.
 #
-#   sudo docker/test.sh            # about 10-15 minutes the first time (image build), 5 after
+#   sudo docker/test.sh            # about 9 minutes on a 2-core VM, the first image build included
 #
 # Needs root (dockerd, debootstrap); installs docker.io, docker-compose and debootstrap with apt
 # when missing, and the host's client in .venv (the client install) when there is none. Not
