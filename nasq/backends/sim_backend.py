@@ -101,20 +101,23 @@ class SimBackend(Backend):
         return n / float(rate) * self.spec["slow"]
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
+        began = time.perf_counter()
         if batch.dtype.kind == "i" and batch.ndim == 2 and batch.shape[1] == 1:
             keys = [int(i) for i in batch[:, 0]]  # an index: dataset
         else:
             # a sample of each image names it (every 61st byte: a full pass costs a real loader's
             # share of the CPU, which a simulated device must not take from the data path it measures)
             keys = [zlib.crc32(np.ascontiguousarray(x).reshape(-1)[::61].tobytes()) for x in batch]
-        return self._outputs(keys)
+        return self._outputs(keys, began)
 
-    def _outputs(self, keys: list[int]) -> np.ndarray:
-        """The simulated device's work on a batch of images named by ``keys``: its time, its
-        failures, its logits (seeded by the weights and each key)."""
+    def _outputs(self, keys: list[int], began: float | None = None) -> np.ndarray:
+        """The simulated device's work on a batch of images named by ``keys``: its time (from
+        ``began``, so that naming the images is part of it), its failures, its logits (seeded by
+        the weights and each key)."""
         if self.spec["fail_after"] is not None and self._done >= self.spec["fail_after"]:
             raise BackendError(f"simulated device failure after {self._done} images (sim option fail_after)")
-        time.sleep(self.seconds_for(len(keys)))
+        spent = time.perf_counter() - began if began is not None else 0.0
+        time.sleep(max(0.0, self.seconds_for(len(keys)) - spent))
         self._done += len(keys)
         if self.spec["crash_after"] is not None and self._done >= self.spec["crash_after"]:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -138,7 +141,8 @@ class SimBackend(Backend):
         return getattr(self, "spec", {}).get("read_mbps")
 
     def predict_encoded(self, datas: list[bytes]) -> np.ndarray:
-        return self._outputs([zlib.crc32(d) for d in datas])
+        began = time.perf_counter()
+        return self._outputs([zlib.crc32(d) for d in datas], began)
 
     def versions(self) -> dict[str, str]:
         return {"sim": "nasq simulator (not a measurement)"}

@@ -22,10 +22,27 @@ TOPK = 5
 
 
 def topk(logits: np.ndarray, num_outputs: int, k: int = TOPK) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k ImageNet label ids (background -> -1) and their logits, best first."""
-    order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    """Top-k ImageNet label ids (background -> -1) and their logits, best first; among equal
+    logits the lower id first (a stable sort's order)."""
+    order = _top_order(logits, k)
     scores = np.take_along_axis(logits, order, axis=1)
     return order - label_offset(num_outputs), scores
+
+
+def _top_order(logits: np.ndarray, k: int) -> np.ndarray:
+    """The first ``k`` of ``np.argsort(-logits, axis=1, kind="stable")``, without sorting whole
+    rows: each row's candidates are the logits at least its k-th largest, which are exactly k
+    where no tie straddles the k-th place (otherwise, or with NaNs, the full sort)."""
+    n, width = logits.shape
+    if k >= width:
+        return np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    kth = -np.partition(-logits, k - 1, axis=1)[:, k - 1:k]
+    keep = logits >= kth
+    if not (keep.sum(axis=1) == k).all():
+        return np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    cand = np.nonzero(keep)[1].reshape(n, k)  # ascending ids in each row
+    vals = np.take_along_axis(logits, cand, axis=1)
+    return np.take_along_axis(cand, np.argsort(-vals, axis=1, kind="stable"), axis=1)
 
 
 def evaluate_range(source: Source, backend: Backend, start: int, stop: int, *, batch_size: int,
@@ -75,9 +92,10 @@ def evaluate_range(source: Source, backend: Backend, start: int, stop: int, *, b
         except (ImageError, OSError) as e:
             return i, None, {"index": i, "name": name, "reason": str(e)}
 
-    def run_batch(items):
-        """(kept items, logits). With device decoding, a batch holding an undecodable file goes
-        through the per-image CPU path instead, which names the file and its reason."""
+    def run_batch(items, batch):
+        """(kept items, logits) of the loaded ``items`` (``batch``: their arrays stacked, or None).
+        With device decoding, a batch holding an undecodable file goes through the per-image CPU
+        path instead, which names the file and its reason."""
         if encoded:
             try:
                 return items, backend.predict_encoded([arr for _, arr, _ in items])
@@ -87,7 +105,9 @@ def evaluate_range(source: Source, backend: Backend, start: int, stop: int, *, b
                 items = [it for it in items if it[1] is not None]
                 if not items:
                     return items, None
-        batch = np.stack([arr for _, arr, _ in items])
+                batch = None
+        if batch is None:
+            batch = np.stack([arr for _, arr, _ in items])
         if backend.fixed_batch and len(batch) < backend.fixed_batch:
             pad = np.zeros((backend.fixed_batch - len(batch),) + batch.shape[1:], dtype=batch.dtype)
             batch = np.concatenate([batch, pad])
@@ -104,14 +124,21 @@ def evaluate_range(source: Source, backend: Backend, start: int, stop: int, *, b
         td = time.perf_counter()
         idx = range(w0, min(w0 + batch_size, stop))
         items = list(pool.map(load_one, idx)) if pool else [load_one(i) for i in idx]
-        return items, time.perf_counter() - td
+        # the batch is stacked here, in the prefetch thread, off the device's critical path
+        kept = [arr for _, arr, _ in items if arr is not None]
+        batch = None
+        if kept and not encoded:
+            batch = np.stack(kept)
+            rows = iter(batch)  # the items keep views of the batch, not a second copy of the images
+            items = [(i, next(rows) if arr is not None else None, err) for i, arr, err in items]
+        return items, batch, time.perf_counter() - td
 
     windows = list(range(start, stop, batch_size))
     data_s = 0.0
     with ThreadPoolExecutor(max_workers=1) as prefetch:
         nxt = prefetch.submit(load_window, windows[0]) if windows else None
         for k, w0 in enumerate(windows):
-            items, dt = nxt.result()
+            items, batch, dt = nxt.result()
             data_s += dt
             if k + 1 < len(windows):
                 nxt = prefetch.submit(load_window, windows[k + 1])
@@ -119,7 +146,7 @@ def evaluate_range(source: Source, backend: Backend, start: int, stop: int, *, b
             items = [it for it in items if it[1] is not None]
             tc = time.perf_counter()
             if items:
-                items, logits = run_batch(items)
+                items, logits = run_batch(items, batch)
             host_ms = (time.perf_counter() - tc) * 1e3
             dev_ms = backend.take_device_ms()  # the device's own clock where the runtime reports it
             if dev_ms is not None:

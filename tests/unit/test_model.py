@@ -78,3 +78,27 @@ def test_bad_checkpoints(tmp_path):
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="not a NASNet-A Large state dict"):
         load_model(tmp_path / "other.pth")
+
+
+def test_topk_order_is_a_stable_sorts_on_ties_nans_and_infinities():
+    """The partial selection returns exactly what a stable sort of every logit would: ties
+    (broken by the lower id), ties straddling the k-th place, NaNs, infinities, rows narrower than k."""
+    from nasq.inference.evaluate import _top_order
+
+    rng = np.random.default_rng(0)
+    for case in range(1500):
+        n, width = int(rng.integers(1, 40)), int(rng.choice([1, 3, 5, 6, 1000, 1001]))
+        kind = case % 4
+        if kind == 0:
+            logits = rng.standard_normal((n, width)).astype(np.float32)
+        elif kind == 1:  # many ties, some across the k-th place
+            logits = rng.integers(0, 3, (n, width)).astype(np.float32)
+        elif kind == 2:
+            logits = rng.standard_normal((n, width)).astype(np.float32)
+            logits[rng.random((n, width)) < 0.3] = np.nan
+        else:
+            logits = rng.standard_normal((n, width))
+            logits[rng.random((n, width)) < 0.1] = np.inf
+            logits[rng.random((n, width)) < 0.1] = -np.inf
+        for k in (1, 5):
+            assert np.array_equal(_top_order(logits, k), np.argsort(-logits, axis=1, kind="stable")[:, :k]), (case, k)
