@@ -27,6 +27,8 @@ from .roots import Roots, split_paths
 MAX_IMAGES = 10_000_000
 MAX_SHARD_IMAGES = 100_000
 MAX_BATCH_SIZE = 1024
+#: images per forward pass of an evaluation unless asked otherwise (the seed recipe's batch size 8)
+DEFAULT_BATCH_SIZE = 8
 
 _DEVICE = re.compile(r"(cpu|cuda:\d{1,3}|npu:\d{1,3})")
 
@@ -145,6 +147,17 @@ def _coerce(name: str, value):
             except ValueError:
                 raise NasqError(f"setting {name} must be {word}, got {value!r}") from None
     return value
+
+
+def debug_requested() -> bool:
+    """``NASQ_DEBUG=1``: the CLI shows tracebacks (as ``--debug`` does)."""
+    return os.environ.get("NASQ_DEBUG") == "1"
+
+
+def flower_auth_from_env() -> str | None:
+    """Flower's basic-auth users from ``NASQ_FLOWER_BASIC_AUTH``, else Flower's own
+    ``FLOWER_BASIC_AUTH`` (``user:password[,user:password]``)."""
+    return os.environ.get("NASQ_FLOWER_BASIC_AUTH") or os.environ.get("FLOWER_BASIC_AUTH")
 
 
 def config_file_path() -> str | None:

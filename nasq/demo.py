@@ -14,6 +14,7 @@ import os
 
 import numpy as np
 
+from .config import DEFAULT_BATCH_SIZE
 from .data import normalize_u8, preprocess_u8
 from .files import atomic_write, write_json
 from .model.spec import ARCHS, BACKGROUND_OUTPUTS
@@ -73,7 +74,7 @@ def _features(model, x):
 
 
 def make_checkpoint(path: str, image_folder: str, names: list[str], *, arch: str = "large", seed: int = 0,
-                    batch_size: int = 8, calib_images: int = 32, logit_std: float = 4.0, labels: bool = True,
+                    batch_size: int = DEFAULT_BATCH_SIZE, calib_images: int = 32, logit_std: float = 4.0, labels: bool = True,
                     branch_scale: float = 0.1, log=print) -> np.ndarray | None:
     """Save a calibrated random-weight checkpoint; return the fp32 reference top-1 labels.
 
@@ -135,7 +136,7 @@ def make_checkpoint(path: str, image_folder: str, names: list[str], *, arch: str
     return (logits.argmax(1) - 1).numpy()
 
 
-def prepare(workdir: str, n_images: int, *, arch: str = "large", batch_size: int = 8, seed: int = 0,
+def prepare(workdir: str, n_images: int, *, arch: str = "large", batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
             labels: bool = True, log=print) -> dict:
     """Images, checkpoint and val_label.txt in ``workdir``; reused when already there.
     ``labels=False``: no val_label.txt (the caller labels the images itself)."""

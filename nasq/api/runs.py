@@ -10,7 +10,7 @@ from typing import Callable
 import redis
 
 from .. import backends
-from ..config import BackendOptions, Settings, load_settings
+from ..config import DEFAULT_BATCH_SIZE, BackendOptions, Settings, load_settings
 from ..data.labels import read_labels
 from ..errors import BrokerTrouble, NasqError
 from ..options import flag_of
@@ -146,7 +146,7 @@ def _broker_then_plan(settings, args: dict) -> Plan:
 
 
 def submit_evaluation(*, weights: str, data: str, labels: str | None = None, backend: str = "torch",
-                      batch_size: int = 8, shard_size: int | None = None, num_outputs: int | None = None,
+                      batch_size: int = DEFAULT_BATCH_SIZE, shard_size: int | None = None, num_outputs: int | None = None,
                       precision: str | None = None, queue: str | None = None, output_dir: str | None = None,
                       outfmt: str = "NPY", broker: str | None = None, settings: Settings | None = None,
                       allow_bad_labels: bool = False, rerun: str | None = None, soc_version: str | None = None,
@@ -177,7 +177,7 @@ def submit_evaluation(*, weights: str, data: str, labels: str | None = None, bac
 
 
 def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str = "torch",
-             device: str = "auto", workers: int | None = None, batch_size: int = 8,
+             device: str = "auto", workers: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
              shard_size: int | None = None, num_outputs: int | None = None, precision: str | None = None,
              compile: str | None = None, cuda_graphs: bool = False, kernels: str = "torch", broker: str | None = None,
              queue: str | None = None, output_dir: str | None = None, outfmt: str = "NPY", progress: bool = True,
@@ -313,7 +313,7 @@ def resume(run_id: str, *, broker: str | None = None, settings: Settings | None 
 
 
 def evaluate_local(*, weights: str, data: str, labels: str | None = None, backend: str = "torch",
-                   device: str = "cpu", batch_size: int = 8, num_outputs: int | None = None,
+                   device: str = "cpu", batch_size: int = DEFAULT_BATCH_SIZE, num_outputs: int | None = None,
                    precision: str = "fp32", settings: Settings | None = None, soc_version: str | None = None,
                    gears: list[int] | None = None) -> dict:
     """Single-process reference: the same evaluation in this process, no queue.

@@ -40,7 +40,7 @@ def bench(*, backend: str = "torch", device: str = "cpu", precision: str = "fp32
                              cache_dir=os.path.join(settings.artifact_dir, "inductor-cache"))
     workdir = os.path.join(cache_dir(), f"bench-{arch}")
     if weights is None or data is None:
-        demo = prepare(workdir, 32, arch=arch, batch_size=8, log=log)
+        demo = prepare(workdir, 32, arch=arch, log=log)
         weights, data = weights or demo["weights"], data or demo["data"]
     target = None
     if backend != "torch":

@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 
+from ..config import debug_requested
 from ..errors import NasqError
 from ..options import Parser
 from . import exits
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "worker":
         return cmd_worker(argv[1:])
-    debug = "--debug" in argv or os.environ.get("NASQ_DEBUG") == "1"
+    debug = "--debug" in argv or debug_requested()
     argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from ..config import MAX_BATCH_SIZE
+from ..config import DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE
 from ..errors import NasqError
 from ..options import EMBEDDED_ONLY, add_option_flags, broker_flag, int_in, int_list, wait_flags
 
@@ -196,8 +196,8 @@ def submission_args(p) -> None:
                                                   "every worker)")
     p.add_argument("--labels", help="val_label.txt (default: one in or beside --data; none: no accuracy)")
     backend_flags(p, precision_default=None)
-    p.add_argument("-b", "--batch-size", type=int_in(1, MAX_BATCH_SIZE), default=8,
-                   help="images per forward pass (default: 8)")
+    p.add_argument("-b", "--batch-size", type=int_in(1, MAX_BATCH_SIZE), default=DEFAULT_BATCH_SIZE,
+                   help="images per forward pass (default: %(default)s)")
     p.add_argument("--shard-size", type=int_in(1, 100_000),
                    help="images per shard task (default: a few shards per worker, <= 1000)")
     p.add_argument("--allow-bad-labels", action="store_true",

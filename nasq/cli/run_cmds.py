@@ -4,7 +4,7 @@ from __future__ import annotations
 import shlex
 import sys
 
-from ..config import MAX_BATCH_SIZE
+from ..config import DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE
 from ..options import broker_flag, int_in, int_list, seconds
 from ..errors import RunError
 from .common import (backend_flags, check_report_paths, ended_with, finish, log, one_device, out_dir, out_file,
@@ -34,8 +34,8 @@ def _demo_args(p) -> None:
     p.add_argument("--workdir", help="keep images, labels and checkpoint here (default: a temporary folder, removed)")
     p.add_argument("--arch", default="large", choices=("large", "tiny"), help="model size (default: large = NASNet-A Large)")
     p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"), help="inference runtime (default: torch)")
-    p.add_argument("-b", "--batch-size", type=int_in(1, MAX_BATCH_SIZE), default=8,
-                   help="images per forward pass (default: 8)")
+    p.add_argument("-b", "--batch-size", type=int_in(1, MAX_BATCH_SIZE), default=DEFAULT_BATCH_SIZE,
+                   help="images per forward pass (default: %(default)s)")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON here (- : stdout)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -217,8 +217,9 @@ def _flower_args(p) -> None:
 def cmd_flower(args) -> int:
     from ..queue.flower import launch, read_auth_file
 
-    auth = args.basic_auth or read_auth_file(args.basic_auth_file) or os.environ.get("NASQ_FLOWER_BASIC_AUTH") \
-        or os.environ.get("FLOWER_BASIC_AUTH")
+    from ..config import flower_auth_from_env
+
+    auth = args.basic_auth or read_auth_file(args.basic_auth_file) or flower_auth_from_env()
     launch(settings_of(args), address=args.address, port=args.port, auth=auth, open_=args.no_auth,
            max_tasks=args.max_tasks, log=log)
 

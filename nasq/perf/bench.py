@@ -148,7 +148,7 @@ def bench(*, backend: str = "torch", device: str = "cpu", options: BackendOption
         raise NasqError(f"--mode must be compute or e2e, not {mode!r}")
     workdir = workdir or os.path.join(cache_dir(), f"bench-{arch}")
     if weights is None or data is None:
-        demo = prepare(workdir, 32, arch=arch, batch_size=8, log=log)
+        demo = prepare(workdir, 32, arch=arch, log=log)
         weights, data = weights or demo["weights"], data or demo["data"]
     source = open_source(data)
     crops = _crops(source, 64)
