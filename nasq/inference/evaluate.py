@@ -33,9 +33,9 @@ def _top_order(logits: np.ndarray, k: int) -> np.ndarray:
     """The first ``k`` of ``np.argsort(-logits, axis=1, kind="stable")``, without sorting whole
     rows: each row's candidates are the logits at least its k-th largest, which are exactly k
     where no tie straddles the k-th place (otherwise, or with NaNs, the full sort)."""
-    n, width = logits.shape
-    if k >= width:
-        return np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    if logits.ndim != 2 or logits.dtype.kind != "f" or not 0 < k < logits.shape[1]:
+        return np.argsort(-logits, axis=1, kind="stable")[:, :k]  # (negating integers can wrap)
+    n = logits.shape[0]
     kth = -np.partition(-logits, k - 1, axis=1)[:, k - 1:k]
     keep = logits >= kth
     if not (keep.sum(axis=1) == k).all():

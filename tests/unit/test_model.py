@@ -102,3 +102,7 @@ def test_topk_order_is_a_stable_sorts_on_ties_nans_and_infinities():
             logits[rng.random((n, width)) < 0.1] = -np.inf
         for k in (1, 5):
             assert np.array_equal(_top_order(logits, k), np.argsort(-logits, axis=1, kind="stable")[:, :k]), (case, k)
+    for logits in (np.array([[0, 5, 5]], np.uint8), np.array([[np.iinfo(np.int32).min, 5, 5]], np.int32),
+                   np.zeros((0, 10), np.float32)):
+        for k in (0, 2):
+            assert np.array_equal(_top_order(logits, k), np.argsort(-logits, axis=1, kind="stable")[:, :k])
