@@ -50,6 +50,17 @@ TRANSITIONS: dict[str, tuple[frozenset, RunState]] = {
 ALL = tuple(s.value for s in RunState)
 
 
+def may(transition: str, state) -> bool:
+    """Whether a run in ``state`` (a ``RunState``, its value, or None: no such run) may go
+    through ``transition`` (the question every "may this happen now" check asks this table)."""
+    return state is not None and str(state) in {s.value for s in TRANSITIONS[transition][0]}
+
+
+def ends_in(transition: str) -> RunState:
+    """The state ``transition`` leaves a run in."""
+    return TRANSITIONS[transition][1]
+
+
 def is_ended(state: str | None) -> bool:
     return state in {s.value for s in ENDED}
 

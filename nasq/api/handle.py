@@ -9,12 +9,12 @@ from typing import Callable
 import redis
 
 from ..errors import NasqError, RunCancelled, RunError, RunLost
+from ..queue import messages
 from ..queue.healing import Healer
 from ..queue.session import BROKER_ERRORS, Progress, Session
 from ..queue.store import BrokerFull
 from ..results.report import render
 from ..runstate import RunState, is_ended
-from ..wire import TASK_MERGE
 
 
 @dataclass
@@ -100,9 +100,8 @@ class RunHandle:
         # says done: wait for that, so that every path printed exists (a merge sent again finishes
         # what a merging worker that died left undone)
         def merge_again(what: str):
-            return lambda: self.session.app.signature(
-                TASK_MERGE, args=([],), kwargs={"run_id": run_id}, queue=self.manifest["queue"],
-                argsrepr=f"run={run_id} ({what}: its merging worker went away)").apply_async()
+            return lambda: messages.merge(self.session.app, run_id, self.manifest["queue"],
+                                          about=f"({what}: its merging worker went away)").apply_async()
 
         published = store.wait_published(run_id, publish_again=merge_again("its report files"))
         result = EvalResult(run_id, report, store.predictions(run_id), store.notes(run_id),

@@ -19,7 +19,7 @@ from ..queue.healing import Healer
 from ..queue.local import WorkerSpec, cpu_threads, local_devices
 from ..queue.session import BROKER_ERRORS, Session
 from ..queue.store import BrokerFull
-from ..runstate import RunState
+from ..runstate import RunState, may
 from ..wire import BUILD_QUEUE, DatasetRef, EvalJob, eval_queue, make_manifest, merge_task_id
 from .builds import cached_build, prepare_model
 from .handle import EvalResult, RunHandle
@@ -281,7 +281,7 @@ def resume(run_id: str, *, broker: str | None = None, settings: Settings | None 
             raise NasqError(f"run {run_id} is {final}: its report is published in "
                             f"{os.path.join(settings.report_dir, run_id)} and is never changed; nothing to resume")
         state = store.state_name(run_id)
-        if state in (RunState.DONE, RunState.CANCELLED):
+        if state is not None and not may("resume", state):
             raise NasqError(f"run {run_id} is {state}; there is nothing to resume (`nasq status {run_id}` shows it)")
         seen: dict[str, int] = {}
         plan = healer.resumable(manifest, seen)

@@ -14,9 +14,9 @@ from __future__ import annotations
 import logging
 import time
 
-from ..runstate import ENDED, RunState
-from ..wire import (TASK_EVAL_SHARD, TASK_MERGE, TASK_RUN_FAILED, ShardTask, merge_task_id, shard_of_task,
-                    shard_task_id, shard_tasks)
+from ..runstate import ENDED, RunState, may
+from ..wire import ShardTask, merge_task_id, shard_of_task, shard_tasks
+from . import messages
 from ..results.run import refuse_if_final
 from .store import BrokerFull, RunStore
 from .transport import BrokerView
@@ -165,13 +165,12 @@ class Healer:
         (``nasq.run_failed``; once per run and resume). The chord's errback does it too, but a
         shard sent again (after a failure, a lost worker or message) is no part of the chord."""
         st = self.store.state(run_id) or {}
-        if st.get("state") not in (RunState.RUNNING, RunState.SUBMITTED):
+        if not may("fail", st.get("state")):
             return False
         manifest = manifest or self.manifest(run_id)
         if manifest is None or not self.store.claim_merge(run_id, f"fail-{self.store.resumes(run_id)}"):
             return False
-        self.app.signature(TASK_RUN_FAILED, args=(None, None, None), kwargs={"run_id": run_id},
-                           queue=manifest["queue"]).apply_async()
+        messages.run_failed(self.app, run_id, manifest["queue"]).apply_async()
         log.info("run %s: every shard has ended, some without a result; the run is failed", run_id)
         return True
 
@@ -188,9 +187,7 @@ class Healer:
 
     def resend(self, task: ShardTask, queue: str, dispatch: int, *, why: str) -> None:
         """Send one shard again on ``queue``, as its ``dispatch``-th copy sent again."""
-        self.app.signature(TASK_EVAL_SHARD, args=task.args(), queue=queue,
-                           task_id=shard_task_id(task.run_id, task.shard_id, dispatch), ignore_result=True,
-                           argsrepr=f"{task.argsrepr} (attempt {dispatch + 1}: {why})"[:1000]).apply_async()
+        messages.shard(self.app, task, queue, dispatch, why=why).apply_async()
 
     def merge_if_stranded(self, run_id: str, manifest: dict | None = None, *,
                           kept_of: tuple[int, int] | None = None) -> bool:
@@ -203,7 +200,7 @@ class Healer:
         if kept_of and kept_of[0] < kept_of[1]:
             return False
         st = self.store.state(run_id) or {}
-        if st.get("state") not in (RunState.RUNNING, RunState.SUBMITTED):
+        if not may("merge", st.get("state")):
             return False
         shards = st.get("shards") or (len(manifest["shards"]) if manifest else None)
         if not shards or self.store.results_count(run_id) < shards:
@@ -217,9 +214,8 @@ class Healer:
         generation = self.store.resumes(run_id)  # one merge per resume of the run
         if not self.store.claim_merge(run_id, generation):
             return False
-        self.app.signature(TASK_MERGE, args=([],), kwargs={"run_id": run_id}, queue=manifest["queue"],
-                           task_id=merge_task_id(run_id, generation),
-                           argsrepr=f"run={run_id} (every shard has its result; its chord cannot fire)").apply_async()
+        messages.merge(self.app, run_id, manifest["queue"], task_id=merge_task_id(run_id, generation),
+                       about="(every shard has its result; its chord cannot fire)").apply_async()
         log.info("run %s: every shard has its result but the chord cannot fire; merge sent", run_id)
         return True
 

@@ -6,26 +6,24 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import threading
 import time
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
 import redis
-from celery import chain, chord, group
+from celery import chord
 from celery.result import AsyncResult
-from kombu.exceptions import BatchPublishError, OperationalError
+from kombu.exceptions import OperationalError
 
 from ..config import Settings
 from ..errors import NasqError, RunError
-from ..wire import (BUILD_QUEUE, TASK_BUILD_COMMIT, TASK_BUILD_DEVICE, TASK_BUILD_EXPORT, TASK_BUILD_FAILED,
-                    TASK_BUILD_SIMPLIFY, TASK_EVAL_SHARD, TASK_MERGE, TASK_RUN_FAILED, TASK_SWEEP_POINT, SweepPoint,
-                    merge_task_id, shard_task_id, shard_tasks, sweep_point_task_id, worker_queue)
+from ..wire import SweepPoint, shard_tasks
+from . import messages
 from .app import make_app
 from .broker import probe
 from .local import LocalCluster, WorkerSpec
 from .store import RunStore
+from .transport import forget_result_subscriptions, sending_in_one_write
 
 
 #: what a broker that went away raises, in redis-py and in kombu
@@ -45,28 +43,6 @@ class Progress:
     notes: tuple[str, ...] = ()
     #: what a timeout says about the work: whether anything goes on
     on_timeout: str | None = None
-
-
-#: one submission at a time per process: ``_sending_unawaited`` patches the app for its block
-_SENDING = threading.Lock()
-
-
-@contextmanager
-def _sending_unawaited(app, producer):
-    """Every message ``app`` sends in this block goes through ``producer`` (and so into its
-    publish batch: a chord does not hand the producer it is given on to its header's group), and
-    the result backend subscribes to none of their results (the client follows the run's record)."""
-    backend = app.backend
-    subscribing = getattr(backend, "subscribe_on_send", None)  # nasq's ResultBackend (redis) only
-    app.producer_or_acquire = lambda producer_=None: nullcontext(producer_ or producer)
-    if subscribing is not None:
-        backend.subscribe_on_send = False
-    try:
-        yield
-    finally:
-        del app.producer_or_acquire  # the class's method again
-        if subscribing is not None:
-            backend.subscribe_on_send = subscribing
 
 
 class Session:
@@ -98,11 +74,7 @@ class Session:
 
     def close(self) -> None:
         """Stop a private cluster and drop this client's broker and Redis connections."""
-        # Results collected later (AsyncResult.__del__) would unsubscribe over the pubsub
-        # connection, after a private Redis stopped: forget the subscriptions now.
-        consumer = getattr(self.app.backend, "result_consumer", None)
-        if consumer is not None and hasattr(consumer, "subscribed_to"):
-            consumer.subscribed_to.clear()
+        forget_result_subscriptions(self.app)
         self.app.close()
         self.store.r.close()
         if self.cluster is not None:
@@ -132,44 +104,21 @@ class Session:
         """The chord of an evaluation: one ``eval_shard`` per shard (all of the manifest's by
         default; ``dispatches``: shard id -> its dispatch count, for shards sent again by a
         resume), then ``merge_run``; an errback marks the run failed. Returns the merge's result."""
-        run_id, queue = manifest["run_id"], manifest["queue"]
         tasks = shard_tasks(manifest, shards)
-        body = self.app.signature(TASK_MERGE, kwargs={"run_id": run_id}, queue=queue,
-                                  task_id=merge_id or merge_task_id(run_id),
-                                  argsrepr=f"run={run_id} shards={len(manifest['shards'])}")
-        body.link_error(self.app.signature(TASK_RUN_FAILED, kwargs={"run_id": run_id}, queue=queue))
+        header, body = messages.run_chord_parts(self.app, manifest, tasks, merge_id=merge_id, dispatches=dispatches)
         if not tasks:  # nothing to redo: the merge fetches every shard's stored result itself
             return body.clone(args=([],)).apply_async()
-        # ignore_result: a shard's result is in the run's ledger and its chord part in the chord's
-        # own set; Celery's copy of it (a read, a write and a publish) would be read by nobody
-        header = group(self.app.signature(TASK_EVAL_SHARD, args=t.args(), queue=queue, argsrepr=t.argsrepr,
-                                          task_id=shard_task_id(run_id, t.shard_id, (dispatches or {}).get(t.shard_id, 0)),
-                                          ignore_result=True)
-                       for t in tasks)
-        # one pipelined write for every shard and its task-sent event
-        try:
-            with _SENDING, self.app.producer_or_acquire() as producer, \
-                    producer.batch(max_size=4 * len(tasks) + 1000), _sending_unawaited(self.app, producer):
-                return chord(header, app=self.app)(body)
-        except BatchPublishError as e:  # the pipelined write failed: say why as the broker said it
-            raise (e.__cause__ if isinstance(e.__cause__, Exception) else OperationalError(str(e))) from None
+        with sending_in_one_write(self.app, len(tasks)):  # every shard and its task-sent event
+            return chord(header, app=self.app)(body)
 
     def submit_build(self, spec) -> object:
         """The chain of a build on the build queue: export -> simplify -> commit for ONNX,
         device -> commit for a device artifact; an errback cleans up after a failed step."""
-        sig = lambda name, *args: self.app.signature(name, args=args, queue=BUILD_QUEUE)  # noqa: E731
-        if spec.target == "onnx":
-            c = chain(sig(TASK_BUILD_EXPORT, spec.to_dict()), sig(TASK_BUILD_SIMPLIFY), sig(TASK_BUILD_COMMIT))
-        else:
-            c = chain(sig(TASK_BUILD_DEVICE, spec.to_dict()), sig(TASK_BUILD_COMMIT))
-        c.link_error(self.app.signature(TASK_BUILD_FAILED, kwargs={"spec": spec.to_dict()}, queue=BUILD_QUEUE))
-        return c.apply_async()
+        return messages.build_chain(self.app, spec).apply_async()
 
     def submit_sweep(self, points: list[SweepPoint]):
         """The group of a sweep: each point on the queue of the one worker it measures."""
-        return group(self.app.signature(TASK_SWEEP_POINT, args=(p.to_payload(),), queue=worker_queue(p.worker),
-                                        task_id=sweep_point_task_id(p.sweep_id, p.point_id), argsrepr=p.argsrepr)
-                     for p in points).apply_async()
+        return messages.sweep_group(self.app, points).apply_async()
 
     # ------------------------------------------------------------------ the wait loop
     def wait(self, result, *, label: str, poll: Callable[[], Progress], total: int | None = None,

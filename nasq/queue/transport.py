@@ -2,6 +2,10 @@
 acknowledged (``BrokerView``, read with kombu's own key names), and a transport that survives a
 broker at ``maxmemory`` (``Transport``).
 
+It is also the only module that reaches into Celery's and kombu's objects beyond their
+documented calls: a submission sent as one pipelined write (``sending_in_one_write``) and a
+closing client's forgotten result subscriptions (``forget_result_subscriptions``).
+
 This is the only module that knows how kombu lays messages out in Redis: one list per queue and
 priority step (``<queue><sep><step>``, the step-0 list being the queue's own name), and the
 ``unacked`` hash and ``unacked_index`` sorted set of delivered messages, all under the
@@ -12,17 +16,62 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import cached_property
 
 import redis
 from celery.backends import redis as celery_redis
 from celery.backends.redis import RedisBackend
+from kombu.exceptions import BatchPublishError, OperationalError
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import base as virtual
 
 log = logging.getLogger("nasq.broker")
+
+#: one submission at a time per process: ``_sending_unawaited`` patches the app for its block
+_SENDING = threading.Lock()
+
+
+@contextmanager
+def _sending_unawaited(app, producer):
+    """Every message ``app`` sends in this block goes through ``producer`` (and so into its
+    publish batch: a chord does not hand the producer it is given on to its header's group), and
+    the result backend subscribes to none of their results (the client follows the run's record)."""
+    backend = app.backend
+    subscribing = getattr(backend, "subscribe_on_send", None)  # nasq's ResultBackend (redis) only
+    app.producer_or_acquire = lambda producer_=None: nullcontext(producer_ or producer)
+    if subscribing is not None:
+        backend.subscribe_on_send = False
+    try:
+        yield
+    finally:
+        del app.producer_or_acquire  # the class's method again
+        if subscribing is not None:
+            backend.subscribe_on_send = subscribing
+
+
+@contextmanager
+def sending_in_one_write(app, messages: int):
+    """Every message ``app`` sends in this block (about ``messages`` of them, each with its
+    task-sent event) goes to the broker in one pipelined write when the block ends, and the
+    client subscribes to none of their results. A write the broker refused raises the broker's
+    own error."""
+    try:
+        with _SENDING, app.producer_or_acquire() as producer, producer.batch(max_size=4 * messages + 1000), \
+                _sending_unawaited(app, producer):
+            yield
+    except BatchPublishError as e:  # the pipelined write failed: say why as the broker said it
+        raise (e.__cause__ if isinstance(e.__cause__, Exception) else OperationalError(str(e))) from None
+
+
+def forget_result_subscriptions(app) -> None:
+    """Results collected later (``AsyncResult.__del__``) would unsubscribe over the pubsub
+    connection after a private Redis stopped: forget this client's subscriptions now."""
+    consumer = getattr(app.backend, "result_consumer", None)
+    if consumer is not None and hasattr(consumer, "subscribed_to"):
+        consumer.subscribed_to.clear()
 
 
 class BrokerView:

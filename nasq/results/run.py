@@ -16,7 +16,7 @@ import time
 from typing import Callable
 
 from ..errors import NasqError, RunError
-from ..runstate import RunState
+from ..runstate import RunState, ends_in, may
 from ..files import read_json
 from .merge import MissingShards, merge, merge_partial
 from .publish import (CLAIM_S, FINAL, discard, ended_on_disk, holding_publish, publish, render_later, said_once,
@@ -65,7 +65,7 @@ def merge_run(run_id: str, results: list, *, store, report_dir: str, merge_wait_
     if manifest.get("run_id") != run_id:
         raise RunError(f"run {run_id}: its manifest names another run")
     state = (store.state(run_id) or {}).get("state")
-    if state not in (RunState.SUBMITTED, RunState.RUNNING):
+    if not may("merge", state):
         raise RunEnded(run_id, state)
     full = dict(store.shard_results(run_id))
     for r in results or []:
@@ -114,7 +114,7 @@ def fail_run(run_id: str, error: BaseException | None, *, store, report_dir: str
     if refuse_if_final(store, run_id, report_dir) is not None:
         return
     manifest = manifest or store.manifest(run_id)
-    if manifest is None or (store.state(run_id) or {}).get("state") not in (RunState.SUBMITTED, RunState.RUNNING):
+    if manifest is None or not may("fail", (store.state(run_id) or {}).get("state")):
         return
     finished, stored, running = store.finished(run_id), store.shard_results(run_id), store.running(run_id)
     recent = {sid for sid, t in store.redispatched_at(run_id).items() if time.time() - t < lease_s}
@@ -155,7 +155,7 @@ def mark_failed(store, manifest: dict, results: list, error: Exception, report_d
     too) that names the failed ones, so that ``nasq resume`` reruns only the rest. False if the
     run had ended meanwhile."""
     run_id = manifest["run_id"]
-    if (store.state(run_id) or {}).get("state") not in (RunState.SUBMITTED, RunState.RUNNING):
+    if not may("fail", (store.state(run_id) or {}).get("state")):
         return False  # ended meanwhile (the transition below would refuse too): nothing to write
     text = f"{error} -- `nasq resume {run_id}` reruns only the failed or missing shards"
     report, predictions = merge_partial(manifest, results, text, state=str(RunState.FAILED),
@@ -262,7 +262,7 @@ def _end(store, transition: str, manifest: dict, results: list, report: dict, pr
         return False
     with holding_publish(store, run_id):
         publish(store, manifest, report, staging, report_dir,
-                state=str(RunState.DONE if transition == "merge" else RunState.FAILED), error=fields.get("error"))
+                state=str(ends_in(transition)), error=fields.get("error"))
     if later:
         render_later(store, manifest, results, report, report_dir)
     else:
