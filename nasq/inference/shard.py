@@ -51,8 +51,10 @@ def batch_buckets(latencies_ms: list[float]) -> dict:
     return {"counts": counts, "sum_s": sum(latencies_ms) / 1e3, "count": len(latencies_ms)}
 
 
-class ShardLedger(Protocol):
-    """Where a run's shard bookkeeping goes (the Redis run store; a dict in unit tests)."""
+class ShardBookkeeper(Protocol):
+    """What a running shard needs of the run store: its claim, lease, ticks, commit and failure
+    record (``queue.ledger.ShardLedger``), the live workers and the run's digest list (the
+    Redis run store; a dict in unit tests)."""
 
     def claim_shard(self, run_id: str, shard_id: str, *, holder: str, lease_s: float, info: dict,
                     max_attempts: int) -> tuple[str, object]: ...
@@ -83,7 +85,7 @@ _STOP_TEXT = {RunState.CANCELLED.value: "the run was cancelled", RunState.DONE.v
               "done-elsewhere": "another copy of the shard finished first", "gone": "the run's record is gone"}
 
 
-def run_shard(task: ShardTask, *, ledger: ShardLedger, resources: DeviceResources, worker: WorkerConfig,
+def run_shard(task: ShardTask, *, ledger: ShardBookkeeper, resources: DeviceResources, worker: WorkerConfig,
               queue: str | None = None) -> dict:
     """Evaluate images ``[task.start, task.stop)`` of the run's dataset on this worker, under
     the shard's lease. ``queue``: the queue the shard came from (a failed shard is sent again
@@ -234,7 +236,7 @@ def _checked(task: ShardTask, worker: WorkerConfig):
     return job
 
 
-def _others(ledger: ShardLedger, task: ShardTask, me: str, queue: str) -> tuple[bool, bool]:
+def _others(ledger: ShardBookkeeper, task: ShardTask, me: str, queue: str) -> tuple[bool, bool]:
     """(whether a live worker of ``queue`` besides ``me`` may take the shard: not excluded from
     the run, has not failed the shard; whether there is another live worker at all). When none
     may, ``ledger.nobody_since`` starts counting; when one may again, it stops."""
@@ -253,7 +255,7 @@ class _Ticker:
     A tick due less than half a ``TICK_S`` before the shard ends, at its pace so far, is left
     to the commit (a second of device work is a shard of 176 images on a 310P3)."""
 
-    def __init__(self, ledger: ShardLedger, task: ShardTask, holder: str, lease_s: float, lease: dict):
+    def __init__(self, ledger: ShardBookkeeper, task: ShardTask, holder: str, lease_s: float, lease: dict):
         self.ledger, self.task, self.holder, self.lease_s, self.lease = ledger, task, holder, lease_s, lease
         self.started = self.last = time.monotonic()
 
@@ -275,7 +277,7 @@ class _Ticker:
 
 
 @contextmanager
-def _lease(ledger: ShardLedger, task: ShardTask, holder: str, ttl_s: float):
+def _lease(ledger: ShardBookkeeper, task: ShardTask, holder: str, ttl_s: float):
     """Keep the shard's lease (taken by ``claim_shard``) while the body runs, renewed about every
     ttl_s / 3 by a thread (the device work keeps the main thread busy). A worker that dies stops
     renewing it; a renewal that finds the lease taken marks it lost, and the body's next

@@ -37,7 +37,7 @@ class RunEnded(NasqError):
         self.state = state
 
 
-def merge_run(run_id: str, results: list, *, store, report_dir: str, merge_wait_s: float, first_try: float,
+def finish_run(run_id: str, results: list, *, store, report_dir: str, merge_wait_s: float, first_try: float,
               manifest: dict | None = None) -> dict:
     """Validate the shard results of ``run_id``, write and record its report.
 
@@ -137,7 +137,7 @@ def fail_run(run_id: str, error: BaseException | None, *, store, report_dir: str
         return  # on its way: the shard that ends last ends the run
     if all(r.get("status") == "ok" for r in results):  # every shard finished after all: the run is done
         try:
-            merge_run(run_id, [], store=store, report_dir=report_dir, merge_wait_s=0, first_try=time.time(),
+            finish_run(run_id, [], store=store, report_dir=report_dir, merge_wait_s=0, first_try=time.time(),
                       manifest=manifest)
         except RunEnded:
             pass

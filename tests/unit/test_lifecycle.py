@@ -1,5 +1,5 @@
 """The library functions behind the tasks, without a broker: a shard (``run_shard``), the end
-of a run (``merge_run``), a sweep point (``measure_point``), and the message checks."""
+of a run (``finish_run``), a sweep point (``measure_point``), and the message checks."""
 import json
 import os
 import subprocess
@@ -13,7 +13,7 @@ from nasq.inference.resources import DeviceResources
 from nasq.inference.shard import run_shard
 from nasq.perf.sweep import measure_point, point_file, read_rows
 from nasq.wire import MessageError, ShardTask, SweepPoint, job_of, make_manifest
-from nasq.results.run import MergeLater, merge_run
+from nasq.results.run import MergeLater, finish_run
 
 
 class MemoryLedger:
@@ -300,7 +300,7 @@ def test_merge_run_writes_the_report_and_fetches_late_shards(assets, tmp_path):
     results = _results(manifest)
     late = results.pop(1)  # its result is only in the run store (a redelivered or re-dispatched shard)
     store = MemoryStore(manifest, stored=[late])
-    report = merge_run(manifest["run_id"], results, store=store, report_dir=str(tmp_path), merge_wait_s=60,
+    report = finish_run(manifest["run_id"], results, store=store, report_dir=str(tmp_path), merge_wait_s=60,
                        first_try=0.0)
     assert report["images"] == 12 and report["top1"] == 100.0 and report["shards"] == 3
     assert store.states[-1]["state"] == "done" and os.path.isfile(report["files"]["json"])
@@ -321,10 +321,10 @@ def test_merge_run_waits_for_a_running_shard_then_fails_keeping_the_rest(assets,
     store = MemoryStore(manifest, running=[gone])
     kw = dict(store=store, report_dir=str(tmp_path), merge_wait_s=60)
     with pytest.raises(MergeLater):
-        merge_run(manifest["run_id"], results, first_try=time.time(), **kw)
+        finish_run(manifest["run_id"], results, first_try=time.time(), **kw)
     assert store.states == []  # nothing decided yet
     with pytest.raises(RunError, match=gone):
-        merge_run(manifest["run_id"], results, first_try=time.time() - 120, **kw)
+        finish_run(manifest["run_id"], results, first_try=time.time() - 120, **kw)
     assert store.states[-1]["state"] == "failed" and "nasq resume" in store.states[-1]["error"]
     partial, _ = store.reports[manifest["run_id"]]
     assert partial["partial"] and partial["images"] == 8 and partial["shards_not_ok"] == [gone]

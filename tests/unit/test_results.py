@@ -135,7 +135,7 @@ def test_history_index_round_trip(tmp_path):
 
 def test_a_cancelled_run_stays_cancelled(tmp_path):
     """A merge or a failure that slips past the revoke leaves a cancelled run alone."""
-    from nasq.results.run import RunEnded, mark_failed, merge_run
+    from nasq.results.run import RunEnded, finish_run, mark_failed
     from nasq.runstate import TRANSITIONS
 
     class Store:
@@ -169,7 +169,7 @@ def test_a_cancelled_run_stays_cancelled(tmp_path):
 
     store = Store()
     with pytest.raises(RunEnded, match="cancelled"):
-        merge_run("r1", [], store=store, report_dir=str(tmp_path), merge_wait_s=1, first_try=0)
+        finish_run("r1", [], store=store, report_dir=str(tmp_path), merge_wait_s=1, first_try=0)
     assert not mark_failed(store, store.manifest("r1"), [], RuntimeError("x"), str(tmp_path))
     assert store.writes == [] and list(tmp_path.iterdir()) == []
 

@@ -230,14 +230,14 @@ def test_ids_that_become_file_names_are_plain_names(run_id):
 def test_the_merge_writes_only_under_its_own_run_folder(tmp_path):
     """A manifest planted in Redis with a path for a run id is refused before any file is written."""
     from nasq.errors import RunError
-    from nasq.results.run import merge_run
+    from nasq.results.run import finish_run
 
     class Store:
         def manifest(self, run_id):
             return {"run_id": "/tmp/elsewhere", "shards": []}
 
     with pytest.raises(RunError, match="another run"):
-        merge_run("r1", [], store=Store(), report_dir=str(tmp_path), merge_wait_s=1, first_try=0)
+        finish_run("r1", [], store=Store(), report_dir=str(tmp_path), merge_wait_s=1, first_try=0)
     assert os.listdir(tmp_path) == []
 
 
