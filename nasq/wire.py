@@ -381,11 +381,14 @@ def new_run_id() -> str:
 
 
 def make_manifest(job: EvalJob, *, queue: str, shard_size: int | None = None, workers: int | None = None,
-                  run_id: str | None = None, broker_id: str | None = None, command: list[str] | None = None) -> dict:
+                  run_id: str | None = None, broker_id: str | None = None, command: list[str] | None = None,
+                  request: dict | None = None) -> dict:
     """The run's record: the job, its queue and its shards (``shard_size`` images each, or the
     even default plan for ``workers``), with their task ids; ``broker_id``: the broker server's
     run id at submission (healing tells a broker restart from a discarded message by it);
-    ``command``: the command line that runs it again (for its report)."""
+    ``command``: the command line that runs it again (for its report); ``request``: the
+    evaluation as asked for (``request.EvalRequest.to_payload``; a record only, read by people
+    and reports: workers read the job)."""
     job = EvalJob.from_payload(job.to_payload())  # refused here, before anything is recorded
     run_id = run_id or new_run_id()
     n = job.dataset.images
@@ -394,7 +397,7 @@ def make_manifest(job: EvalJob, *, queue: str, shard_size: int | None = None, wo
         s["task_id"] = shard_task_id(run_id, s["shard_id"])
     return {"run_id": run_id, "created": time.time(), "nasq_version": __version__, "queue": queue,
             "submitted_from": os.uname().nodename, "broker_id": broker_id, "command": command, **job.to_payload(),
-            "shards": shards}
+            "shards": shards, **({"request": request} if request is not None else {})}
 
 
 _JOB_FIELDS = ("dataset", "labels", "model", "backend", "batch_size", "precision", "output", "labels_sha256")

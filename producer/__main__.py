@@ -24,11 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from nasq.api import submit_evaluation
-    from nasq.cli.common import submission_kwargs
     from nasq.errors import NasqError
+    from nasq.request import request_from_args
 
     try:
-        handle = submit_evaluation(**submission_kwargs(args), broker=args.broker,
+        handle = submit_evaluation(request_from_args(args), broker=args.broker,
                                    log=lambda m: print(m, file=sys.stderr, flush=True))
     except NasqError as e:
         print(f"producer: error: {e}", file=sys.stderr)

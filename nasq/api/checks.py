@@ -16,6 +16,7 @@ from ..data.sources import Source, check_usable, open_source
 from ..errors import DatasetError, NasqError
 from ..queue.session import Session
 from ..roots import split_paths
+from ..request import EvalRequest
 from ..wire import EvalJob, MAX_BATCH_SIZE, OutputSpec
 
 
@@ -113,6 +114,22 @@ class Plan:
     output: OutputSpec | None
     #: the build target's options (ais_bench: chip, gears or batch size)
     build: dict
+    #: the request as checked: paths absolute, the label file found (the rerun command and the
+    #: manifest's record of it)
+    request: EvalRequest | None = None
+
+
+def plan_request(request: EvalRequest, *, content: bool = True, digest_cache: str | None = None, log=None) -> Plan:
+    """``plan_run`` for a request; the plan keeps the request with its paths as checked."""
+    plan = plan_run(weights=request.weights, data=request.data, labels=request.labels, backend=request.backend,
+                    batch_size=request.batch_size, precision=request.precision, num_outputs=request.num_outputs,
+                    output_dir=request.output_dir, outfmt=request.outfmt, allow_bad_labels=request.allow_bad_labels,
+                    soc_version=request.soc_version, gears=request.gears, content=content,
+                    digest_cache=digest_cache, log=log)
+    checked = request.replace(weights=plan.weights, data=plan.source.root, labels=plan.labels,
+                              output_dir=plan.output.dir if plan.output else None,
+                              outfmt=plan.output.fmt if plan.output else request.outfmt)
+    return replace(plan, request=checked)
 
 
 def plan_run(*, weights, data, labels, backend, batch_size, precision, num_outputs, output_dir, outfmt,

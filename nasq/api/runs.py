@@ -14,6 +14,7 @@ from ..config import DEFAULT_BATCH_SIZE, BackendOptions, Settings, load_settings
 from ..data.labels import read_labels
 from ..errors import BrokerTrouble, NasqError
 from ..options import flag_of
+from ..request import EvalRequest, rerun_argv, takes_request
 from ..queue.broker import probe
 from ..queue.healing import Healer
 from ..queue.local import WorkerSpec, cpu_threads, local_devices
@@ -23,32 +24,21 @@ from ..runstate import RunState, may
 from ..wire import BUILD_QUEUE, DatasetRef, EvalJob, eval_queue, make_manifest, merge_task_id
 from .builds import cached_build, prepare_model
 from .handle import EvalResult, RunHandle
-from .checks import Plan, check_worker_roots, needs_build, plan_run, with_roots
+from .checks import Plan, check_worker_roots, needs_build, plan_request, plan_run, with_roots
 
 
-def rerun_command(plan: Plan, *, queue: str, shard_size: int | None, broker_url: str | None,
-                  devices: list[str] | None = None, options: BackendOptions | None = None,
-                  allow_bad_labels: bool = False) -> list[str]:
+def rerun_command(plan: Plan, *, queue: str, broker_url: str | None, devices: list[str] | None = None,
+                  options: BackendOptions | None = None) -> list[str]:
     """The ``nasq eval`` command line that runs this evaluation again (the report's "rerun
-    with"): absolute paths, every choice explicit. A broker URL that holds a password is never
-    written: the command then says ``--broker "$NASQ_BROKER_URL"`` (the shell fills it in)."""
-    cmd = ["nasq", "eval", "--weights", plan.weights, "--data", plan.source.root, "--backend", plan.backend,
-           "-b", str(plan.batch_size)]
-    cmd += ["--labels", plan.labels] if plan.labels else []
-    cmd += ["--allow-bad-labels"] if allow_bad_labels else []
-    cmd += ["--precision", plan.precision] if plan.precision else []
-    cmd += ["--num-outputs", str(plan.num_outputs)] if plan.num_outputs else []
-    cmd += ["--shard-size", str(shard_size)] if shard_size else []
-    if plan.output:
-        cmd += ["--output", plan.output.dir, "--outfmt", plan.output.fmt]
-    for key, flag in (("soc_version", "--soc-version"), ("gears", "--gears")):
-        value = plan.build.get(key) if isinstance(plan.build, dict) else None
-        if value:
-            cmd += [flag, ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
+    with"): the request's flags as checked (``request.rerun_argv``: absolute paths, every choice
+    explicit), then where it runs. A broker URL that holds a password is never written: the
+    command then says ``--broker "$NASQ_BROKER_URL"`` (the shell fills it in)."""
+    request = plan.request
+    cmd = ["nasq", "eval", *rerun_argv(request)]
     if broker_url:
         from urllib.parse import parse_qs, urlsplit
 
-        cmd += ["--queue", queue] if queue != eval_queue(plan.backend) else []
+        cmd += ["--queue", queue] if queue != eval_queue(request.backend) else []
         parts = urlsplit(broker_url)
         secret = parts.password or "password" in parse_qs(parts.query)
         return cmd + ["--broker", "$NASQ_BROKER_URL" if secret else broker_url]
@@ -100,7 +90,7 @@ def _submit(session: Session, plan: Plan, *, queue: str, shard_size: int | None,
     finally:
         broker.close()
     manifest = make_manifest(job, queue=queue, shard_size=shard_size, workers=workers, broker_id=broker_id,
-                             command=command)
+                             command=command, request=plan.request.to_payload() if plan.request else None)
     run_id = manifest["run_id"]
     sealed = ManifestTrust(session.app).seal(manifest)
     try:
@@ -133,27 +123,22 @@ def warn_if_unserved(session: Session, queue: str, log, live: list[str] | None =
     return live
 
 
-_PLAN_ARGS = ("weights", "data", "labels", "backend", "batch_size", "precision", "num_outputs", "output_dir", "outfmt",
-              "allow_bad_labels", "soc_version", "gears")
-
-
-def _broker_then_plan(settings, args: dict) -> Plan:
+def _broker_then_plan(settings, request: EvalRequest, log) -> Plan:
     """The broker first, when there is one (a wrong password or a silent broker is one line before
-    the heavy checks), then the user's input (``args``: the caller's arguments)."""
+    the heavy checks), then the user's input."""
     if settings.broker_url:
         probe(settings)
-    return plan_run(**{k: args[k] for k in _PLAN_ARGS}, digest_cache=settings.artifact_dir, log=args.get("log"))
+    return plan_request(request, digest_cache=settings.artifact_dir, log=log)
 
 
-def submit_evaluation(*, weights: str, data: str, labels: str | None = None, backend: str = "torch",
-                      batch_size: int = DEFAULT_BATCH_SIZE, shard_size: int | None = None, num_outputs: int | None = None,
-                      precision: str | None = None, queue: str | None = None, output_dir: str | None = None,
-                      outfmt: str = "NPY", broker: str | None = None, settings: Settings | None = None,
-                      allow_bad_labels: bool = False, rerun: str | None = None, soc_version: str | None = None,
-                      gears: list[int] | None = None, require_workers: int | None = None, log=print) -> RunHandle:
+@takes_request()
+def submit_evaluation(request: EvalRequest, /, *, broker: str | None = None, settings: Settings | None = None,
+                      rerun: str | None = None, log=print) -> RunHandle:
     """Queue an evaluation on a running deployment and return at once (what ``python -m producer``
     does). ``RunHandle.wait()`` follows it; ``nasq status RUN_ID`` too, from any machine.
 
+    The evaluation is an ``EvalRequest``, or its fields as keywords (``weights=``, ``data=``,
+    ``batch_size=``, ...: ``help(submit_evaluation)`` lists them with their defaults).
     ``require_workers``: refuse to submit (NasqError) when fewer live workers consume the queue.
 
     Raises:
@@ -163,27 +148,23 @@ def submit_evaluation(*, weights: str, data: str, labels: str | None = None, bac
     settings = settings or load_settings(broker_url=broker)
     if not settings.broker_url:
         raise NasqError("no broker: pass --broker redis://HOST:6379/0 or set NASQ_BROKER_URL")
-    backends.check_options(backend, precision)
-    plan = _broker_then_plan(settings, locals())
+    backends.check_options(request.backend, request.precision)
+    plan = _broker_then_plan(settings, request, log)
     session = Session(settings)
     try:
-        queue = queue or eval_queue(backend)
-        return _submit(session, plan, queue=queue, shard_size=shard_size, workers=None, rerun=rerun, log=log,
-                       command=rerun_command(plan, queue=queue, shard_size=shard_size, broker_url=settings.broker_url,
-                                             allow_bad_labels=allow_bad_labels), require_workers=require_workers)
+        queue = request.queue or eval_queue(request.backend)
+        return _submit(session, plan, queue=queue, shard_size=request.shard_size, workers=None, rerun=rerun, log=log,
+                       command=rerun_command(plan, queue=queue, broker_url=settings.broker_url),
+                       require_workers=request.require_workers)
     except BaseException:
         session.close()
         raise
 
 
-def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str = "torch",
-             device: str = "auto", workers: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-             shard_size: int | None = None, num_outputs: int | None = None, precision: str | None = None,
-             compile: str | None = None, cuda_graphs: bool = False, kernels: str = "torch", broker: str | None = None,
-             queue: str | None = None, output_dir: str | None = None, outfmt: str = "NPY", progress: bool = True,
-             timeout: float | None = None, settings: Settings | None = None, allow_bad_labels: bool = False,
-             rerun: str | None = None, soc_version: str | None = None, gears: list[int] | None = None,
-             require_workers: int | None = None, log=print,
+@takes_request()
+def evaluate(request: EvalRequest, /, *, device: str = "auto", workers: int | None = None, compile: str | None = None,
+             cuda_graphs: bool = False, kernels: str = "torch", broker: str | None = None, progress: bool = True,
+             timeout: float | None = None, settings: Settings | None = None, rerun: str | None = None, log=print,
              on_report: Callable[[EvalResult], None] | None = None) -> EvalResult:
     """Evaluate a checkpoint (or built model) on a dataset folder across workers.
 
@@ -191,11 +172,15 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
     (``workers`` CPU workers when there is no GPU), runs, and stops them. With a broker,
     only submits and waits; workers run wherever they were started.
 
+    The evaluation is an ``EvalRequest``, or its fields as keywords (``help(evaluate)`` lists
+    them with their defaults; the flags of ``nasq eval`` say what each means).
+
     Args:
         weights: Cadene-format checkpoint (.pth), or a built model for its backend.
         data: JPEG folder, .bin folder or u8 shard folder.
         labels: val_label.txt (default: one beside or inside ``data``; none: no accuracy).
         num_outputs: None keeps the checkpoint's head; 1000 drops the background class.
+        device, workers: embedded runs: the local workers' devices and how many.
         compile, cuda_graphs, kernels: embedded runs: options of the local workers.
         rerun: the command that submits this run again, said if a broker loses the run.
         on_report: called with the result as soon as the numbers are in, before the plots and
@@ -213,6 +198,7 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
             the run fails (missing or failed shards, lost local workers).
     """
     settings = settings or load_settings(broker_url=broker)
+    backend, precision, num_outputs = request.backend, request.precision, request.num_outputs
     backends.check_options(backend, precision, compile)
     if settings.broker_url:
         given = [flag_of(n) for n, v in (("compile", compile), ("cuda_graphs", cuda_graphs), ("kernels", kernels))
@@ -221,8 +207,8 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
             raise NasqError(f"{', '.join(given)} set how the workers of an embedded run load the model; with a broker "
                             "(--broker, NASQ_BROKER_URL or the config file) the workers run already: give it to "
                             "`nasq worker` instead")
-    plan = _broker_then_plan(settings, locals())
-    queue = queue or eval_queue(backend)
+    plan = _broker_then_plan(settings, request, log)
+    queue = request.queue or eval_queue(backend)
     local, devices = None, None
     if not settings.broker_url:
         devices = local_devices(backend, device, workers)
@@ -241,12 +227,11 @@ def evaluate(*, weights: str, data: str, labels: str | None = None, backend: str
             local.append(WorkerSpec(queues=(BUILD_QUEUE,)))
         workers = len(devices)
     with Session.open(settings, workers=local, log=log) as session:
-        command = rerun_command(plan, queue=queue, shard_size=shard_size, broker_url=settings.broker_url,
-                                devices=devices, allow_bad_labels=allow_bad_labels,
+        command = rerun_command(plan, queue=queue, broker_url=settings.broker_url, devices=devices,
                                 options=BackendOptions(compile=compile or "none", cuda_graphs=cuda_graphs,
                                                        kernels=kernels))
-        handle = _submit(session, plan, queue=queue, shard_size=shard_size, workers=workers, rerun=rerun, log=log,
-                         command=command, require_workers=require_workers)
+        handle = _submit(session, plan, queue=queue, shard_size=request.shard_size, workers=workers, rerun=rerun,
+                         log=log, command=command, require_workers=request.require_workers)
         return handle.wait(progress=progress, timeout=timeout, log=log, on_report=on_report)
 
 

@@ -7,9 +7,9 @@ import json
 import os
 import sys
 
-from ..config import DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE
 from ..errors import NasqError
-from ..options import EMBEDDED_ONLY, add_option_flags, broker_flag, int_in, int_list, wait_flags
+from ..options import EMBEDDED_ONLY, add_option_flags, broker_flag, int_in, wait_flags
+from ..request import add_request_flags
 
 EMBEDDED_NOTE = "; for the workers of an embedded run (with a broker, it is `nasq worker`'s and refused here)"
 
@@ -190,36 +190,9 @@ def finish(result, args, *, shown: bool = False) -> int:
 
 
 def submission_args(p) -> None:
-    """The flags of a submission: ``nasq eval`` and ``python -m producer`` share them."""
-    p.add_argument("--weights", required=True, help="Cadene-format checkpoint (.pth) or a built model for the backend")
-    p.add_argument("--data", required=True, help="folder of JPEGs, of .bin files, or of u8 shards (the same path on "
-                                                  "every worker)")
-    p.add_argument("--labels", help="val_label.txt (default: one in or beside --data; none: no accuracy)")
-    backend_flags(p, precision_default=None)
-    p.add_argument("-b", "--batch-size", type=int_in(1, MAX_BATCH_SIZE), default=DEFAULT_BATCH_SIZE,
-                   help="images per forward pass (default: %(default)s)")
-    p.add_argument("--shard-size", type=int_in(1, 100_000),
-                   help="images per shard task (default: a few shards per worker, <= 1000)")
-    p.add_argument("--allow-bad-labels", action="store_true",
-                   help="go on when some labels are not ImageNet classes 0-999 (they count as misses)")
-    p.add_argument("--num-outputs", type=int, choices=(1001, 1000),
-                   help="1001 keeps the background class (as the published checkpoint and the Ascend recipe's ONNX), "
-                        "1000 drops it (default: the checkpoint's)")
-    p.add_argument("--queue", help="evaluation queue (default: eval.<backend>)")
-    p.add_argument("--require-workers", type=int_in(1, 100_000), metavar="N",
-                   help="with a broker: submit nothing unless at least N live workers consume the queue")
-    p.add_argument("--soc-version", help="ais_bench with a checkpoint: the chip to build the .om for, e.g. Ascend310P3 "
-                                         "(ATC on the build queue; see `npu-smi info`)")
-    p.add_argument("--gears", type=int_list(1, MAX_BATCH_SIZE),
-                   help="ais_bench with a checkpoint: dynamic batch gears of the .om, e.g. 1,4,8 (-b must be one; "
-                        "default: a static .om of -b)")
-
-
-def submission_kwargs(args) -> dict:
-    """``submission_args``' values as keyword arguments of ``api.evaluate`` / ``submit_evaluation``."""
-    return {k: getattr(args, k) for k in ("weights", "data", "labels", "backend", "precision", "batch_size",
-                                          "shard_size", "allow_bad_labels", "num_outputs", "queue", "soc_version",
-                                          "gears", "require_workers")}
+    """The flags of a submission, made from its one declaration (``request.EvalRequest``):
+    ``nasq eval`` and ``python -m producer`` share them; ``request_from_args`` reads them back."""
+    add_request_flags(p)
 
 
 def eval_args(p) -> None:
@@ -230,6 +203,4 @@ def eval_args(p) -> None:
     p.add_argument("--workers", type=int_in(1, 256), help="embedded runs: number of local workers (default: one per device)")
     add_option_flags(p, EMBEDDED_ONLY, help_suffix=EMBEDDED_NOTE)
     broker_flag(p, "an embedded run: a private Redis and local workers for this command")
-    p.add_argument("--output", metavar="DIR", help="also write every image's logits in ais_bench's layout (shared storage)")
-    p.add_argument("--outfmt", default="NPY", choices=("NPY", "TXT", "BIN"), help="format for --output (default: NPY)")
     report_flags(p)

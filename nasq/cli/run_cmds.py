@@ -7,20 +7,20 @@ import sys
 from ..config import DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE
 from ..options import broker_flag, int_in, int_list, seconds
 from ..errors import RunError
+from ..request import request_from_args
 from .common import (backend_flags, check_report_paths, ended_with, finish, log, one_device, out_dir, out_file,
-                     report_flags, settings_of, show_numbers, submission_kwargs)
+                     report_flags, settings_of, show_numbers)
 
 
 def cmd_eval(args) -> int:
     from ..api import evaluate
 
     check_report_paths(args)
-    out_dir("--output", args.output)
+    out_dir("--output", args.output_dir)
     try:
-        result = evaluate(**submission_kwargs(args), device=args.device, workers=args.workers,
+        result = evaluate(request_from_args(args), device=args.device, workers=args.workers,
                           compile=None if args.compile == "none" else args.compile, cuda_graphs=args.cuda_graphs,
-                          kernels=args.kernels, broker=args.broker, output_dir=args.output, outfmt=args.outfmt,
-                          progress=not args.no_progress, timeout=args.timeout, log=log,
+                          kernels=args.kernels, broker=args.broker, progress=not args.no_progress, timeout=args.timeout, log=log,
                           on_report=lambda r: show_numbers(r, args), rerun=shlex.join(["nasq", *sys.argv[1:]]))
     except RunError as e:
         ended_with(args, e)

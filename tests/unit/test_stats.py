@@ -169,22 +169,22 @@ def test_the_rerun_command_never_writes_a_broker_password():
     from types import SimpleNamespace
 
     from nasq.api.runs import rerun_command
+    from nasq.request import EvalRequest
 
-    plan = SimpleNamespace(weights="/w/my weights.pth", source=SimpleNamespace(root="/d/val"), backend="torch",
-                           batch_size=8, labels="/d/val_label.txt", precision=None, num_outputs=None, output=None,
-                           build={})
+    request = EvalRequest(weights="/w/my weights.pth", data="/d/val", labels="/d/val_label.txt")
+    plan = SimpleNamespace(request=request)
     for url in ("redis://:s3cret@head:6379/0", "redis://head:6379/0?password=s3cret", "rediss://u:s3cret@h/1"):
-        cmd = rerun_command(plan, queue="eval.torch", shard_size=None, broker_url=url)
+        cmd = rerun_command(plan, queue="eval.torch", broker_url=url)
         assert "s3cret" not in " ".join(cmd) and cmd[-2:] == ["--broker", "$NASQ_BROKER_URL"]
-    cmd = rerun_command(plan, queue="eval.mine", shard_size=64, broker_url="redis://head:6379/0")
+    cmd = rerun_command(SimpleNamespace(request=request.replace(shard_size=64)), queue="eval.mine",
+                        broker_url="redis://head:6379/0")
     assert cmd[-4:] == ["--queue", "eval.mine", "--broker", "redis://head:6379/0"] and "--shard-size" in cmd
-    cmd = rerun_command(plan, queue="eval.torch", shard_size=None, broker_url=None, devices=["cpu", "cpu"],
-                        allow_bad_labels=True)
+    cmd = rerun_command(SimpleNamespace(request=request.replace(allow_bad_labels=True)), queue="eval.torch",
+                        broker_url=None, devices=["cpu", "cpu"])
     assert cmd[-4:] == ["--device", "cpu", "--workers", "2"] and "--allow-bad-labels" in cmd
     from nasq.results.report import rerun_text
 
-    line = rerun_text({"environment": {"command": rerun_command(plan, queue="eval.torch", shard_size=None,
-                                                                 broker_url="redis://:x@h/0")}})
+    line = rerun_text({"environment": {"command": rerun_command(plan, queue="eval.torch", broker_url="redis://:x@h/0")}})
     assert "'/w/my weights.pth'" in line and line.endswith('--broker "$NASQ_BROKER_URL"')
 
 
