@@ -104,12 +104,17 @@ def takes_request(cls=None):
         own = [p for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
         first = [p for p in sig.parameters.values() if p.kind is inspect.Parameter.POSITIONAL_ONLY]
         first = [p.replace(default=None) for p in first]
+        # a required field (weights, data) shows None: a request given whole needs none of them
+        # (``request_of`` says which one is missing when neither is given)
         ours = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=f.type,
-                                  default=inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default)
+                                  default=None if f.default is dataclasses.MISSING else f.default)
                 for f in fields(cls)]
 
         @functools.wraps(fn)
         def call(request=None, /, **kwargs):
+            if request is not None and not isinstance(request, cls):
+                raise TypeError(f"{fn.__name__}() takes an {cls.__name__} positionally, or its fields by keyword "
+                                f"(weights=..., data=...), not {type(request).__name__}")
             mine = {k: kwargs.pop(k) for k in [p.name for p in own] if k in kwargs}
             return fn(request_of(cls, request, kwargs, caller=fn.__name__), **mine)
 

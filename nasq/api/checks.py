@@ -128,7 +128,8 @@ def plan_request(request: EvalRequest, *, content: bool = True, digest_cache: st
                     digest_cache=digest_cache, log=log)
     checked = request.replace(weights=plan.weights, data=plan.source.root, labels=plan.labels,
                               output_dir=plan.output.dir if plan.output else None,
-                              outfmt=plan.output.fmt if plan.output else request.outfmt)
+                              outfmt=plan.output.fmt if plan.output else request.outfmt,
+                              gears=tuple(plan.build["gears"]) if plan.build.get("gears") else request.gears)
     return replace(plan, request=checked)
 
 
