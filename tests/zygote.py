@@ -42,7 +42,7 @@ PRELOAD = ("torch", "numpy", "PIL.Image", "celery", "kombu", "redis", "billiard"
            "celery.apps.worker", "celery.worker.worker", "celery.concurrency.prefork", "celery.concurrency.asynpool",
            "celery.events", "celery.backends.redis", "kombu.transport.redis", "nasq.backends.torch_backend",
            "nasq.model.checkpoint", "nasq.model.cadene", "nasq.inference.shard", "nasq.data.sources", "workers.app",
-           "workers.tasks", "workers.build_tasks", "nasq.results.report", "nasq.results.run")
+           "workers.tasks", "workers.build_tasks", "nasq.results.report", "nasq.results.ending")
 
 
 def fixed_at_start(env: dict) -> dict:

@@ -27,9 +27,8 @@ from nasq.inference.shard import run_shard
 from nasq.perf.sweep import measure_point
 from nasq.wire import TASK_EVAL_SHARD, TASK_MERGE, TASK_RUN_FAILED, TASK_SWEEP_POINT, MessageError, ShardTask, SweepPoint
 from nasq.results.publish import FINAL, ended_on_disk, publish_if_missing, render_if_missing, said_once
-from nasq.results.run import MergeLater, RunEnded, fail_run
+from nasq.results.ending import MergeLater, RunEnded, fail_run, finish_run
 from nasq.runstate import RunState
-from nasq.results.run import finish_run
 from workers.app import WorkerTask, app
 
 log = logging.getLogger("nasq.worker")

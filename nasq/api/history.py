@@ -80,7 +80,7 @@ def cancel(run_id: str, *, broker: str | None = None, settings: Settings | None 
         NasqError: no broker, no such run, or a run that already ended.
     """
     from ..queue.trust import ManifestTrust
-    from ..results.run import cancel_run
+    from ..results.ending import cancel_run
 
     settings = settings or load_settings(broker_url=broker)
     if not settings.broker_url:

@@ -259,7 +259,7 @@ def resume(run_id: str, *, broker: str | None = None, settings: Settings | None 
         manifest = healer.trust.manifest(store, run_id)
         if manifest is None:
             raise NasqError(f"no run {run_id!r} in this Redis (runs expire after result_expires)")
-        from ..results.run import refuse_if_final
+        from ..results.ending import refuse_if_final
 
         final = refuse_if_final(store, run_id, settings.report_dir)  # write once: the report folder decides
         if final is not None:

@@ -17,7 +17,7 @@ import time
 from ..runstate import ENDED, RunState, may
 from ..wire import ShardTask, merge_task_id, shard_of_task, shard_tasks
 from . import messages
-from ..results.run import refuse_if_final
+from ..results.ending import refuse_if_final
 from .store import BrokerFull, RunStore
 from .transport import BrokerView
 from .trust import ManifestTrust, UntrustedRecord

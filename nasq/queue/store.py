@@ -1,5 +1,5 @@
 """Everything nasq keeps in Redis, and the only place its key names are spelled, one concern
-per module: run records (``runs.py``), the shard ledger (``ledger.py``), the worker registry
+per module: run records (``records.py``), the shard ledger (``ledger.py``), the worker registry
 (``registry.py``) and build bookkeeping (``builds.py``), on one connection (``redis_store.py``).
 
 Everything a watcher needs lives under ``nasq:run:<id>:*`` so any machine with the broker
@@ -13,7 +13,7 @@ from .builds import BuildBook, BuildLock
 from .ledger import ShardLedger
 from .redis_store import BrokerFull, full_message, is_full
 from .registry import WorkerRegistry
-from .runs import RunRecords
+from .records import RunRecords
 
 __all__ = ["BrokerFull", "BuildLock", "RunStore", "full_message", "is_full"]
 

@@ -232,8 +232,8 @@ def around(owner, name, before, after, only=lambda *a, **k: True):
 
 
 import nasq.results.publish as pub
-import nasq.results.run as run
-from nasq.queue.runs import RunRecords
+import nasq.results.ending as run
+from nasq.queue.records import RunRecords
 
 around(run, "write_staging", "before the numbers", "files written")
 around(RunRecords, "transition", "storing the numbers", "done", only=lambda self, run_id, name, **k: name == "merge")

@@ -13,7 +13,7 @@ from nasq.inference.resources import DeviceResources
 from nasq.inference.shard import run_shard
 from nasq.perf.sweep import measure_point, point_file, read_rows
 from nasq.wire import MessageError, ShardTask, SweepPoint, job_of, make_manifest
-from nasq.results.run import MergeLater, finish_run
+from nasq.results.ending import MergeLater, finish_run
 
 
 class MemoryLedger:
@@ -382,7 +382,7 @@ def test_a_bad_precision_flag_is_one_line_before_anything_starts(tmp_path):
 
 
 def test_fail_run_heals_what_was_only_lost_and_fails_what_failed(assets, tmp_path):
-    from nasq.results.run import fail_run
+    from nasq.results.ending import fail_run
 
     manifest = make_manifest(job_of(_job(assets) | {"dataset": {**_job(assets)["dataset"], "images": 12}}),
                              shard_size=4, queue="q")

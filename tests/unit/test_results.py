@@ -135,7 +135,7 @@ def test_history_index_round_trip(tmp_path):
 
 def test_a_cancelled_run_stays_cancelled(tmp_path):
     """A merge or a failure that slips past the revoke leaves a cancelled run alone."""
-    from nasq.results.run import RunEnded, finish_run, mark_failed
+    from nasq.results.ending import RunEnded, finish_run, mark_failed
     from nasq.runstate import TRANSITIONS
 
     class Store:

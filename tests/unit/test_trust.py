@@ -230,7 +230,7 @@ def test_ids_that_become_file_names_are_plain_names(run_id):
 def test_the_merge_writes_only_under_its_own_run_folder(tmp_path):
     """A manifest planted in Redis with a path for a run id is refused before any file is written."""
     from nasq.errors import RunError
-    from nasq.results.run import finish_run
+    from nasq.results.ending import finish_run
 
     class Store:
         def manifest(self, run_id):
