@@ -24,17 +24,18 @@ import time
 import numpy as np
 
 
-def make_folder(root: str, n: int, distinct: int) -> int:
-    """``n`` unique JPEGs in ``root``; returns their total size."""
+def make_folder(root: str, n: int, distinct: int, *, seed: int = 0, quality: int = 99) -> int:
+    """``n`` unique JPEGs of 500x375 in ``root``, ``distinct`` of them encoded and the rest copies
+    made unique by a trailer (decoders stop at the image's end); returns their total size."""
     import io
 
     from nasq.demo import make_image
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     blobs = []
     for _ in range(distinct):
         buf = io.BytesIO()
-        make_image(rng, 500, 375).save(buf, format="JPEG", quality=99)
+        make_image(rng, 500, 375).save(buf, format="JPEG", quality=quality)
         blobs.append(buf.getvalue())
     os.makedirs(root, exist_ok=True)
     total = 0

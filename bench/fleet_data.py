@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
 import platform
@@ -27,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from digests import make_folder  # noqa: E402 - the generated JPEG folder
 from fleet import rate, workspace  # noqa: E402 - a Redis and settings, as bench/fleet.py makes them
 
 from nasq.api import submit_evaluation  # noqa: E402
@@ -59,22 +59,8 @@ def u8_folder(root: str, n: int, per_file: int = 256) -> int:
 
 
 def jpeg_folder(root: str, n: int, distinct: int = 200) -> int:
-    """``n`` JPEGs of 500x375 (about 110 kB), ``distinct`` of them encoded and the rest copies
-    made unique by a trailer (decoders stop at the image's end)."""
-    from nasq.demo import make_image
-
-    os.makedirs(root, exist_ok=True)
-    rng, blobs, total = np.random.default_rng(3), [], 0
-    for _ in range(distinct):
-        buf = io.BytesIO()
-        make_image(rng, 500, 375).save(buf, format="JPEG", quality=97)
-        blobs.append(buf.getvalue())
-    for i in range(n):
-        data = blobs[i % distinct] + i.to_bytes(8, "little")
-        with open(os.path.join(root, f"ILSVRC2012_val_{i + 1:08d}.JPEG"), "wb") as f:
-            f.write(data)
-        total += len(data)
-    return total
+    """``n`` JPEGs of 500x375 (about 110 kB) made unique, as ``bench/digests.py`` makes them."""
+    return make_folder(root, n, distinct, seed=3, quality=97)
 
 
 def decode_rate(root: str, n: int = 200) -> float:

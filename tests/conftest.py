@@ -376,6 +376,23 @@ def keypair():
     return _keypair
 
 
+@pytest.fixture(scope="session")
+def signing_settings():
+    """``signing_settings(folder)``: message-signing settings (``signing_key``, ``signing_cert``,
+    ``signing_cert_store``) with a fresh worker key whose certificate is the only one trusted;
+    the files go under ``folder``."""
+    def make(folder) -> dict:
+        import shutil
+
+        trusted, keys = folder / "trusted", folder / "keys"
+        trusted.mkdir()
+        keys.mkdir()
+        key, cert = _keypair(keys, "worker")
+        shutil.copy(cert, trusted)
+        return dict(signing_key=key, signing_cert=cert, signing_cert_store=str(trusted))
+    return make
+
+
 def _keypair(folder, name: str):
     """An RSA key and a self-signed certificate, as PEM files."""
     import datetime

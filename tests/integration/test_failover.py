@@ -204,21 +204,16 @@ def test_a_run_nobody_serves_says_so_within_heartbeats_and_a_later_worker_finish
     h.close()
 
 
-def test_an_unsigned_client_against_signing_workers_is_told_at_once(assets, start_workers, tmp_path, keypair, nasq_cli,
-                                                                    repo):
+def test_an_unsigned_client_against_signing_workers_is_told_at_once(assets, start_workers, tmp_path, signing_settings,
+                                                                    nasq_cli, repo):
     """Workers that require signed messages refuse an unsigned client's: the client says so in
     one line naming the signing settings, within seconds, and exits 2; with --timeout it says
     nothing false either. The refusal record cannot end a signed client's run."""
     from nasq.queue.redis_server import RedisServer
 
     with RedisServer(str(tmp_path / "redis")) as url:
-        trusted, keys = tmp_path / "trusted", tmp_path / "keys"
-        trusted.mkdir()
-        keys.mkdir()
-        wkey, wcert = keypair(keys, "worker")
-        shutil.copy(wcert, trusted)
-        signed = Settings(signing_key=wkey, signing_cert=wcert, signing_cert_store=str(trusted), lease_s=3,
-                          merge_wait_s=20, report_dir=str(tmp_path / "rep"))
+        signing = signing_settings(tmp_path)
+        signed = Settings(**signing, lease_s=3, merge_wait_s=20, report_dir=str(tmp_path / "rep"))
         w = start_workers(url, n=1, settings=signed)
         env = {k: v for k, v in os.environ.items() if not k.startswith("NASQ_")}
         for extra in ([], ["--timeout", "60"]):
@@ -237,12 +232,9 @@ def test_an_unsigned_client_against_signing_workers_is_told_at_once(assets, star
             run_id = re.search(r"run (\S+): 23 images", p.stderr).group(1)
             assert RunStore(url).state(run_id)["state"] == "failed"  # not left "running" for ever
         # a signed client's run is not ended by a refusal record (anyone who can write Redis can write one)
-        from nasq.config import load_settings  # noqa: F401 - the settings a signed client takes
-
         store = RunStore(url)
         h = submit_evaluation(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4,
-                              queue=w.queue, settings=Settings(broker_url=url, signing_key=wkey, signing_cert=wcert,
-                                                               signing_cert_store=str(trusted),
+                              queue=w.queue, settings=Settings(broker_url=url, **signing,
                                                                report_dir=str(tmp_path / "rep")),
                               log=lambda *_: None)
         store.record_refusal(h.run_id, "forged", signed=False, text="ContentDisallowed: forged")

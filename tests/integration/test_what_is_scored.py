@@ -149,7 +149,8 @@ def test_a_listing_is_hashed_once_and_preprocess_writes_the_digests(assets, tmp_
         digests._file_sha256 = real
 
 
-def test_a_finished_signed_run_replayed_through_redis_changes_nothing(assets, start_workers, tmp_path, keypair):
+def test_a_finished_signed_run_replayed_through_redis_changes_nothing(assets, start_workers, tmp_path,
+                                                                     signing_settings):
     """With signing on, a merged run's records rewritten by someone without the key (state back
     to running, results, published and rendered records deleted, the run active again): the
     workers' healing runs nothing of it again, a merge sent again merges nothing, the report
@@ -160,12 +161,7 @@ def test_a_finished_signed_run_replayed_through_redis_changes_nothing(assets, st
     from nasq.wire import TASK_MERGE
 
     with RedisServer(str(tmp_path / "redis")) as url:
-        trusted, keys = tmp_path / "trusted", tmp_path / "keys"
-        trusted.mkdir()
-        keys.mkdir()
-        wkey, wcert = keypair(keys, "worker")
-        shutil.copy(wcert, trusted)
-        signing = dict(signing_key=wkey, signing_cert=wcert, signing_cert_store=str(trusted))
+        signing = signing_settings(tmp_path)
         rep = tmp_path / "rep"
         settings = Settings(**signing, lease_s=2, merge_wait_s=20, report_dir=str(rep), worker_heartbeat_s=1)
         w = start_workers(url, n=2, backend="sim", sim="rate=200", settings=settings)
