@@ -20,8 +20,12 @@ _MODE = _file_mode()  # what open() would give a new file (mkstemp's files are 0
 
 
 def fsync_dir(folder: str) -> None:
-    """Make a rename or a new name in ``folder`` survive a crash of the machine."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    """Make a rename or a new name in ``folder`` survive a crash of the machine, as far as the
+    file system lets it: never raises (the rename it follows has happened either way)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:  # a folder this process may write but not open (no read permission)
+        return
     try:
         os.fsync(fd)
     except OSError:  # some file systems cannot sync a folder: the data is synced, the name as they can

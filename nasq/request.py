@@ -15,15 +15,17 @@ import inspect
 from dataclasses import dataclass, field, fields
 
 from .config import DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE, MAX_SHARD_IMAGES
-from .options import flag_of, int_in, int_list
+from .config import _flag as _arg  # a field's flag metadata, as BackendOptions declares its own
+from .options import _choices, flag_of, int_in, int_list
+
+# Beyond BackendOptions' keys (``help``, ``choices``: a tuple or a registry of ``nasq.backends``,
+# ``metavar``), a request field's flag may say: ``flags`` (default: ``--the-name``), ``required``,
+# ``type`` (an argparse type), and ``rerun``: False where the rerun command leaves it out (it
+# says where the run goes, not what it is), or the field it comes with (``outfmt``: ``output_dir``).
 
 
-def _arg(help: str, **how) -> dict:
-    """A field's flag: ``help``; ``flags`` (default: ``--the-name``), ``required``, ``type`` (an
-    argparse type), ``choices`` (a tuple, or the name of a registry in ``nasq.backends``),
-    ``metavar``; ``rerun``: False where the rerun command leaves it out (it says where the run
-    goes, not what it is), or the name of the field it comes with (``outfmt`` with ``output_dir``)."""
-    return {"help": help, **how}
+def _flags(f) -> tuple[str, ...]:
+    return f.metadata.get("flags") or (flag_of(f.name),)
 
 
 @dataclass(frozen=True)
@@ -74,10 +76,6 @@ class EvalRequest:
         return dataclasses.replace(self, **changes)
 
 
-#: the request's fields, in declaration order (the order of the flags and of the rerun command)
-REQUEST_FIELDS = fields(EvalRequest)
-
-
 def request_of(cls, given: EvalRequest | None, kwargs: dict, *, caller: str) -> EvalRequest:
     """``given`` with ``kwargs`` (the request's fields by keyword) applied; a keyword that is not
     a field is a TypeError naming it, as Python's own."""
@@ -93,11 +91,11 @@ def request_of(cls, given: EvalRequest | None, kwargs: dict, *, caller: str) -> 
     return dataclasses.replace(given, **kwargs) if given is not None else cls(**kwargs)
 
 
-def takes_request(cls=None):
+def takes_request():
     """Decorate an API function ``fn(request=None, /, *, <its own keywords>, **fields)`` so that
     its signature (``help()``, ``inspect``) lists the request's fields as keywords with their
-    defaults, and it receives them as one ``cls`` in ``request``."""
-    cls = cls or EvalRequest
+    defaults, and it receives them as one ``EvalRequest`` in ``request``."""
+    cls = EvalRequest  # as declared when the function is decorated
 
     def wrap(fn):
         sig = inspect.signature(fn)
@@ -123,12 +121,11 @@ def takes_request(cls=None):
     return wrap
 
 
-def add_request_flags(parser, cls=None) -> None:
-    """The flags of every field of ``cls`` (default: ``EvalRequest``; ``nasq eval`` and
-    ``python -m producer``)."""
-    for f in fields(cls or EvalRequest):
+def add_request_flags(parser) -> None:
+    """The flags of every field of ``EvalRequest`` (``nasq eval`` and ``python -m producer``)."""
+    for f in fields(EvalRequest):
         meta = f.metadata
-        names = meta.get("flags") or (flag_of(f.name),)
+        names = _flags(f)
         if f.type in (bool, "bool"):
             parser.add_argument(*names, dest=f.name, action="store_true", help=meta["help"])
             continue
@@ -145,18 +142,10 @@ def add_request_flags(parser, cls=None) -> None:
         parser.add_argument(*names, help=meta["help"] + shown, **kw)
 
 
-def _choices(spec):
-    if isinstance(spec, str):  # a registry of nasq.backends
-        from . import backends
-
-        return getattr(backends, spec)()
-    return spec
-
-
-def request_from_args(args, cls=None) -> EvalRequest:
-    """The request in a namespace parsed with ``add_request_flags`` (``cls``: as there)."""
-    cls = cls or EvalRequest
-    return request_of(cls, None, {f.name: getattr(args, f.name) for f in fields(cls)}, caller="request_from_args")
+def request_from_args(args) -> EvalRequest:
+    """The request in a namespace parsed with ``add_request_flags``."""
+    return request_of(EvalRequest, None, {f.name: getattr(args, f.name) for f in fields(EvalRequest)},
+                      caller="request_from_args")
 
 
 def rerun_argv(request: EvalRequest) -> list[str]:
@@ -171,7 +160,7 @@ def rerun_argv(request: EvalRequest) -> list[str]:
             continue
         if isinstance(with_field, str) and getattr(request, with_field) is None:
             continue
-        flag = (meta.get("flags") or (flag_of(f.name),))[-1] if f.name != "batch_size" else "-b"
+        flag = _flags(f)[0]
         if value is True:
             argv.append(flag)
         elif isinstance(value, (list, tuple)):

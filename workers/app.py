@@ -19,6 +19,7 @@ from celery.worker import consumer as celery_consumer
 
 from nasq.artifacts.store import ArtifactStore
 from nasq.config import WorkerConfig
+from nasq.errors import NasqError
 from nasq.inference.resources import DeviceResources
 from nasq.queue.app import configure as configure_app
 from nasq.queue.app import make_app
@@ -35,7 +36,6 @@ def _deployment_settings():
     with this app: ``celery -A workers.app inspect ping|active|stats``, ``status``, ``events``.
     ``nasq worker`` configures the app again with its flags."""
     from nasq.config import load_settings
-    from nasq.errors import NasqError
 
     try:
         settings = load_settings()
@@ -45,7 +45,18 @@ def _deployment_settings():
     return settings if settings.broker_url else None
 
 
-app = make_app(_deployment_settings(), include=["workers.tasks", "workers.build_tasks"])
+def _make_app():
+    """The app, on the deployment's settings where they are whole; on none otherwise (a missing
+    signing key, say: ``nasq worker`` then says what is wrong in one line, as it configures)."""
+    include = ["workers.tasks", "workers.build_tasks"]
+    try:
+        return make_app(_deployment_settings(), include=include)
+    except NasqError as e:
+        log.warning("nasq settings not usable (%s): the app has no broker until a worker configures it", e)
+        return make_app(None, include=include)
+
+
+app = _make_app()
 app.conf.worker_consumer = f"{__name__}:Consumer"  # below: records messages refused for their signature
 
 

@@ -26,9 +26,12 @@ class OutputWriter:
         for name, row in zip(names, logits):
             path = os.path.join(self.root, f"{stem(name)}_0.{ext}")
             row = np.asarray(row, dtype=np.float32)[None]
+            # one file per image, on the worker's path between batches: whole or absent after a
+            # crash of the process, without a disk sync per image (a run lost with its machine is
+            # rerun, and writes them again)
             if self.fmt == "NPY":
-                atomic_write(path, lambda f, row=row: np.save(f, row))
+                atomic_write(path, lambda f, row=row: np.save(f, row), durable=False)
             elif self.fmt == "TXT":
-                atomic_write(path, lambda f, row=row: np.savetxt(f, row, fmt="%.8g"))
+                atomic_write(path, lambda f, row=row: np.savetxt(f, row, fmt="%.8g"), durable=False)
             else:
-                atomic_write(path, row.tobytes())
+                atomic_write(path, row.tobytes(), durable=False)

@@ -105,8 +105,7 @@ def evaluate_range(source: Source, backend: Backend, start: int, stop: int, *, b
                 items = [it for it in items if it[1] is not None]
                 if not items:
                     return items, None
-                batch = None
-        if batch is None:
+        if batch is None:  # the device-decode fallback's images, decoded here
             batch = np.stack([arr for _, arr, _ in items])
         if backend.fixed_batch and len(batch) < backend.fixed_batch:
             pad = np.zeros((backend.fixed_batch - len(batch),) + batch.shape[1:], dtype=batch.dtype)

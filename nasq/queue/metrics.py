@@ -125,10 +125,12 @@ class RunCollector:
         batch_s = HistogramMetricFamily("nasq_batch_latency_seconds",
                                         "Latency of the measured batches of the kept shards", labels=_DEVICE)
         active = self.store.active_runs()
+        queue_of: dict[str, str | None] = {}  # the runs served now, and their queues
         for run_id in dict.fromkeys([*active, *self.store.run_ids(self.recent)]):
             manifest = self.store.manifest(run_id)
             if manifest is None:
                 continue
+            queue_of[run_id] = manifest.get("queue")
             st = run_status(self.store, run_id)
             values = [run_id, str(manifest.get("backend") or ""), str(manifest.get("queue") or "")]
             for name, value in (("images", st["images_total"]), ("images_done", st["images_done"]),
@@ -148,11 +150,14 @@ class RunCollector:
             for worker, w in st["workers"].items():
                 dev_rate.add_metric(list(_device_labels(run_id, {**w, "worker": worker})), w.get("rate_img_s") or 0.0)
             self._per_device(run_id, kept, images, errors, shards, shard_s, batch_s)
+        for memo in (self._high, self._hist_high):  # a run no longer served is forgotten (labels[0]: its id)
+            for key in [k for k in memo if k[1][0] not in queue_of]:
+                del memo[key]
         yield from run_g.values()
         yield from (info, dev_rate, excluded, images, errors, shards, shard_s, batch_s)
         live = GaugeMetricFamily("nasq_queue_live_workers", "Live workers consuming the queue of an active run",
                                  labels=["queue"])
-        for queue in sorted({(self.store.manifest(r) or {}).get("queue") for r in active} - {None}):
+        for queue in sorted({queue_of.get(r) for r in active} - {None}):
             live.add_metric([queue], len(self.store.live_consumers(queue)))
         yield live
         alive = GaugeMetricFamily("nasq_workers_alive", "Workers with a recent heartbeat")

@@ -52,13 +52,12 @@ def decide(rows: list[dict], *, latency_budget_ms: float | None = None, percenti
             continue
         best = max(ok, key=lambda r: r["img_s"])
         d.update(best_batch_size=best["batch_size"], best_img_s=best["img_s"], best_latency_ms=best.get(field),
-                 close_batch_sizes=[r["batch_size"] for r in ok if r is not best
-                                    and r["img_s"] >= (1 - CLOSE) * best["img_s"]])
+                 close_batch_sizes=_close(ok, best))
         if latency_budget_ms is not None:
             within = [r for r in ok if r.get(field) is not None and r[field] <= latency_budget_ms]
             if within:
                 pick = max(within, key=lambda r: r["img_s"])
-                ties = [r["batch_size"] for r in within if r is not pick and r["img_s"] >= (1 - CLOSE) * pick["img_s"]]
+                ties = _close(within, pick)
                 d.update(within_budget_batch_size=pick["batch_size"], within_budget_img_s=pick["img_s"],
                          within_budget_latency_ms=pick[field], within_budget_close=ties)
                 if ties:
@@ -71,6 +70,11 @@ def decide(rows: list[dict], *, latency_budget_ms: float | None = None, percenti
                              f"{num(fastest.get(field))} ms at batch {fastest['batch_size']})")
         out.append(d)
     return out
+
+
+def _close(rows: list[dict], top: dict) -> list[int]:
+    """The batch sizes of ``rows`` (other than ``top``) within ``CLOSE`` of ``top``'s img/s."""
+    return [r["batch_size"] for r in rows if r is not top and r["img_s"] >= (1 - CLOSE) * top["img_s"]]
 
 
 def _sizes(sizes: list[int]) -> str:

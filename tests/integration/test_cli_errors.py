@@ -197,6 +197,22 @@ def test_the_installed_command_and_the_worker_answer_in_one_line(nasq_cli, repo)
         assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and expected in p.stderr, p.stderr
 
 
+def test_a_deployment_environment_with_a_missing_signing_key_is_one_error_not_a_traceback(nasq_cli, repo, tmp_path,
+                                                                                           redis_url):
+    """The worker's Celery app reads the deployment's settings when it is imported (for
+    `celery -A workers.app`); settings it cannot use leave it unconfigured there, and `nasq
+    worker` says what is wrong in its own one line, exit 2."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NASQ_")}
+    missing = str(tmp_path / "no-such.key")
+    env.update(NASQ_BROKER_URL=redis_url, NASQ_SIGNING_KEY=missing, NASQ_SIGNING_CERT=missing,
+               NASQ_SIGNING_CERT_STORE=str(tmp_path))
+    p = subprocess.run(nasq_cli + ["worker", "--backend", "sim"], capture_output=True, text=True, cwd=repo, env=env,
+                       timeout=60)
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1] == f"nasq worker: error: signing_key {missing} does not exist", p.stderr
+
+
 def test_output_folders_are_made_first_and_a_full_disk_is_one_line(assets, tmp_path, monkeypatch, capsys):
     """--json into a folder that does not exist yet: made first, written after the run. Then the
     same report written onto a real full disk (a 64 KiB tmpfs, filled): one line saying where the
