@@ -179,12 +179,10 @@ def main() -> None:
         gaps = shard_gaps(kept)
         info = store.r.info("memory")
         manifest = store.manifest(h.run_id)
-        from nasq.wire import shard_tasks
-
-        msg = len(json.dumps(shard_tasks(manifest)[0].args()))
+        msg = len(json.dumps(manifest.tasks()[0].args()))
         row = {"run": label, "run_id": h.run_id, "wall_s": round(wall, 2), "files_s": round(files_s, 2),
                "images": rep["images"],
-               "shards": rep["shards"], "shard_images": manifest["shards"][0]["stop"], "fault_at_s": round(hit["at"], 1) if hit else None,
+               "shards": rep["shards"], "shard_images": manifest.shards[0].stop, "fault_at_s": round(hit["at"], 1) if hit else None,
                "merge_s": round(rep["finished"] - shards_end, 2), "report_to_client_s": round(t0 + wall - rep["finished"], 2),
                "redispatched": rep.get("redispatched_shards"), "redis_used_memory_peak": info["used_memory_peak_human"],
                "shard_message_bytes": msg, "shard_result_bytes_median": sizes[len(sizes) // 2],

@@ -1,7 +1,7 @@
 """The wire contract: everything the client, the workers and the run store agree on by name
 and shape. Task names, queue names and task ids; the payload types (``ShardTask``,
 ``SweepPoint``, the ``EvalJob`` every shard of a run shares) and the run's manifest with its
-shard plan. The one place payloads are checked.
+shard plan (its record, ``nasq.rundata``, reads them). The one place payloads are checked.
 
 A task decodes its payload with ``from_payload`` before doing anything; a payload of the
 wrong type or range is refused there with a ``MessageError`` that says which field is wrong.
@@ -13,12 +13,11 @@ importing worker code.
 from __future__ import annotations
 
 import math
-import os
 import secrets
 import time
 from dataclasses import asdict, dataclass
 
-from . import __version__, backends
+from . import backends
 from .config import MAX_BATCH_SIZE, MAX_IMAGES, MAX_SHARD_IMAGES
 from .data.outputs import FORMATS
 from .errors import NasqError
@@ -378,36 +377,3 @@ def sweep_point_task_id(sweep_id: str, point_id: str) -> str:
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
-
-
-def make_manifest(job: EvalJob, *, queue: str, shard_size: int | None = None, workers: int | None = None,
-                  run_id: str | None = None, broker_id: str | None = None, command: list[str] | None = None,
-                  request: dict | None = None) -> dict:
-    """The run's record: the job, its queue and its shards (``shard_size`` images each, or the
-    even default plan for ``workers``), with their task ids; ``broker_id``: the broker server's
-    run id at submission (healing tells a broker restart from a discarded message by it);
-    ``command``: the command line that runs it again (for its report); ``request``: the
-    evaluation as asked for (``request.EvalRequest.to_payload``; a record only, read by people
-    and reports: workers read the job)."""
-    job = EvalJob.from_payload(job.to_payload())  # refused here, before anything is recorded
-    run_id = run_id or new_run_id()
-    n = job.dataset.images
-    shards = plan_shards(n, shard_size, job.batch_size) if shard_size else plan_even(n, workers, job.batch_size)
-    for s in shards:
-        s["task_id"] = shard_task_id(run_id, s["shard_id"])
-    return {"run_id": run_id, "created": time.time(), "nasq_version": __version__, "queue": queue,
-            "submitted_from": os.uname().nodename, "broker_id": broker_id, "command": command, **job.to_payload(),
-            "shards": shards, **({"request": request} if request is not None else {})}
-
-
-_JOB_FIELDS = ("dataset", "labels", "model", "backend", "batch_size", "precision", "output", "labels_sha256")
-
-
-def job_of(manifest: dict) -> EvalJob:
-    return EvalJob.from_payload({k: manifest.get(k) for k in _JOB_FIELDS})
-
-
-def shard_tasks(manifest: dict, shards: list[dict] | None = None) -> list[ShardTask]:
-    job = job_of(manifest)
-    return [ShardTask(manifest["run_id"], s["shard_id"], s["start"], s["stop"], job)
-            for s in (manifest["shards"] if shards is None else shards)]

@@ -14,6 +14,7 @@ from ..queue.healing import Healer
 from ..queue.session import BROKER_ERRORS, Progress, Session
 from ..queue.store import BrokerFull
 from ..results.report import render
+from ..rundata import RunManifest
 from ..runstate import RunState, is_ended
 
 
@@ -42,7 +43,7 @@ class RunHandle:
     """A submitted evaluation: ``wait()`` follows it to its report."""
 
     run_id: str
-    manifest: dict
+    manifest: RunManifest
     result: object
     session: Session
     #: the command that submits the same run again (said when a broker lost the run)
@@ -58,7 +59,7 @@ class RunHandle:
         (the report's ``files_to_come``): ``on_report`` gets the result as soon as the numbers
         are in; ``files`` (default) waits for the rendering too, so that every file the report
         names exists (or ``EvalResult.not_rendered`` says which does not, and why)."""
-        store, run_id, total = self.session.store, self.run_id, self.manifest["dataset"]["images"]
+        store, run_id, total = self.session.store, self.run_id, self.manifest.images
         every = max(1.0, self.session.settings.lease_s / 3)
         last_heal, full, last = [time.time()], [None], [0.0, None]
         healer = Healer.for_settings(self.session.app, store, self.session.settings)
@@ -100,7 +101,7 @@ class RunHandle:
         # says done: wait for that, so that every path printed exists (a merge sent again finishes
         # what a merging worker that died left undone)
         def merge_again(what: str):
-            return lambda: messages.merge(self.session.app, run_id, self.manifest["queue"],
+            return lambda: messages.merge(self.session.app, run_id, self.manifest.queue,
                                           about=f"({what}: its merging worker went away)").apply_async()
 
         published = store.wait_published(run_id, publish_again=merge_again("its report files"))
@@ -150,9 +151,9 @@ class _FleetWatch:
     a worker excluded (once), the queue served again, and, for a client without the signing
     key, workers refusing its unsigned messages (exit 2, the run marked failed)."""
 
-    def __init__(self, store, run_id: str, manifest: dict, *, signing: bool, embedded: bool):
+    def __init__(self, store, run_id: str, manifest: RunManifest, *, signing: bool, embedded: bool):
         self.store, self.run_id, self.signing, self.embedded = store, run_id, signing, embedded
-        self.queue, self.backend = manifest["queue"], manifest.get("backend") or "torch"
+        self.queue, self.backend = manifest.queue, manifest.job.backend
         self.served: bool | None = None
         self.told: set[str] = set()
 

@@ -92,7 +92,7 @@ def cancel(run_id: str, *, broker: str | None = None, settings: Settings | None 
             raise NasqError(f"no run {run_id!r} in this Redis (runs expire after result_expires)")
         kept = store.result_ids(run_id)
         sent = store.redispatched(run_id)  # every attempt of a shard has a task id of its own
-        unfinished = [s["shard_id"] for s in manifest["shards"] if s["shard_id"] not in kept]
+        unfinished = [sid for sid in manifest.shard_ids if sid not in kept]
         ids = [shard_task_id(run_id, sid, n) for sid in unfinished for n in range(sent.get(sid, 0) + 1)]
 
         def revoke() -> None:

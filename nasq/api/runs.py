@@ -21,7 +21,8 @@ from ..queue.local import WorkerSpec, cpu_threads, local_devices
 from ..queue.session import BROKER_ERRORS, Session
 from ..queue.store import BrokerFull
 from ..runstate import RunState, may
-from ..wire import BUILD_QUEUE, DatasetRef, EvalJob, eval_queue, make_manifest, merge_task_id
+from ..rundata import RunManifest
+from ..wire import BUILD_QUEUE, DatasetRef, EvalJob, eval_queue, merge_task_id
 from .builds import cached_build, prepare_model
 from .handle import EvalResult, RunHandle
 from .checks import Plan, check_worker_roots, needs_build, plan_request, plan_run, with_roots
@@ -89,9 +90,9 @@ def _submit(session: Session, plan: Plan, *, queue: str, shard_size: int | None,
         broker_id = broker.server_id()
     finally:
         broker.close()
-    manifest = make_manifest(job, queue=queue, shard_size=shard_size, workers=workers, broker_id=broker_id,
-                             command=command, request=plan.request.to_payload() if plan.request else None)
-    run_id = manifest["run_id"]
+    manifest = RunManifest.plan(job, queue=queue, shard_size=shard_size, workers=workers, broker_id=broker_id,
+                                command=command, request=plan.request.to_payload() if plan.request else None)
+    run_id = manifest.run_id
     sealed = ManifestTrust(session.app).seal(manifest)
     try:
         if plan.source.content:  # the list the workers check every image against
@@ -99,7 +100,7 @@ def _submit(session: Session, plan: Plan, *, queue: str, shard_size: int | None,
         session.store.save_manifest(manifest, sealed)
         session.store.add_merge_id(run_id, merge_task_id(run_id))
         result = session.submit_run(manifest)
-        session.store.transition(run_id, "start", shards=len(manifest["shards"]))
+        session.store.transition(run_id, "start", shards=len(manifest.shards))
     except (BrokerFull, redis.exceptions.OutOfMemoryError, *BROKER_ERRORS) as e:
         # kombu reports a write the broker refused as a connection error, and a big pipelined write
         # can fill the broker for a moment by itself: either way, say that it was full
@@ -109,8 +110,8 @@ def _submit(session: Session, plan: Plan, *, queue: str, shard_size: int | None,
         raise BrokerTrouble(f"the broker went away while run {run_id} was being submitted ({e}); when it is back, "
                             f"`nasq resume {run_id}` finishes it if the broker kept its record, else rerun it with: "
                             f"{rerun or 'the same command'}") from None
-    log(f"run {run_id}: {len(plan.source)} images in {len(manifest['shards'])} shards "
-        f"of <= {max((s['stop'] - s['start'] for s in manifest['shards']), default=0)} on queue {queue}")
+    log(f"run {run_id}: {len(plan.source)} images in {len(manifest.shards)} shards "
+        f"of <= {max((s.images for s in manifest.shards), default=0)} on queue {queue}")
     return RunHandle(run_id, manifest, result, session, rerun=rerun or "submit the evaluation again")
 
 
@@ -279,16 +280,16 @@ def resume(run_id: str, *, broker: str | None = None, settings: Settings | None 
         else:
             n = store.next_resume(run_id)
             ok, now = store.transition(run_id, "resume", merge_id=merge_task_id(run_id, n), forget=tuple(redo),
-                                       shards=len(manifest["shards"]), resumed=len(redo))
+                                       shards=len(manifest.shards), resumed=len(redo))
             if not ok:
                 raise NasqError(f"run {run_id} is {now}; not resumed")
-            result = session.submit_run(manifest, [s for s in manifest["shards"] if s["shard_id"] in redo],
+            result = session.submit_run(manifest, manifest.only(redo).shards,
                                         merge_id=merge_task_id(run_id, n), dispatches=redo)
-            log(f"run {run_id}: {len(redo)} of {len(manifest['shards'])} shards resubmitted"
+            log(f"run {run_id}: {len(redo)} of {len(manifest.shards)} shards resubmitted"
                 + (f" ({', '.join(list(redo)[:5])}{' ...' if len(redo) > 5 else ''})" if redo
                    else "; merging the stored results")
                 + (f"; {busy} queued or running left alone" if busy else ""))
-        warn_if_unserved(session, manifest["queue"], log)
+        warn_if_unserved(session, manifest.queue, log)
     except BaseException:
         session.close()
         raise

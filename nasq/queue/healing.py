@@ -15,7 +15,8 @@ import logging
 import time
 
 from ..runstate import ENDED, RunState, may
-from ..wire import ShardTask, merge_task_id, shard_of_task, shard_tasks
+from ..rundata import RunManifest
+from ..wire import ShardTask, merge_task_id, shard_of_task
 from . import messages
 from ..results.ending import refuse_if_final
 from .store import BrokerFull, RunStore
@@ -51,7 +52,7 @@ class Healer:
         return cls(app, store, BrokerView.for_app(app, settings, share=store), lease_s=settings.lease_s,
                    max_attempts=settings.max_attempts, report_dir=settings.report_dir)
 
-    def manifest(self, run_id: str) -> dict | None:
+    def manifest(self, run_id: str) -> RunManifest | None:
         """The run's manifest if it may be acted on (None: no such run, or refused)."""
         try:
             return self.trust.manifest(self.store, run_id)
@@ -95,7 +96,7 @@ class Healer:
             self.store.keep_run(run_id)
         return out
 
-    def _stranded(self, run_id: str, st: dict, manifest: dict | None) -> list[str]:
+    def _stranded(self, run_id: str, st: dict, manifest: RunManifest | None) -> list[str]:
         """Shards neither finished nor running whose message is nowhere to be taken: the queue is
         empty, and the message is missing (lost with the broker, or discarded by a worker) or was
         delivered to a worker that never started it more than a lease ago. Checked only once the
@@ -112,7 +113,7 @@ class Healer:
         if st.get("state") == RunState.SUBMITTED and time.time() - st.get("at", 0) < max(SUBMIT_GRACE_S, self.lease_s):
             return []  # its client may still be sending the shards: one not sent yet is not lost
         manifest = manifest or self.manifest(run_id)
-        if manifest is None or self.broker.queued(manifest["queue"]):
+        if manifest is None or self.broker.queued(manifest.queue):
             return []
         counts = self.store.redispatched(run_id)  # first: a shard another healer sends after this read is
         # either in `recent` below or refused by the count's compare-and-set
@@ -120,11 +121,11 @@ class Healer:
                                       self.unacked_shards(run_id))
         recent = {sid for sid, t in self.store.redispatched_at(run_id).items() if time.time() - t < self.lease_s}
         busy = set(finished) | set(running) | recent
-        stuck = [s["shard_id"] for s in manifest["shards"] if s["shard_id"] not in busy
-                 and unacked.get(s["shard_id"], self.lease_s + 1) > self.lease_s]
+        stuck = [s.shard_id for s in manifest.shards if s.shard_id not in busy
+                 and unacked.get(s.shard_id, self.lease_s + 1) > self.lease_s]
         if not stuck:
             return []
-        restarted = manifest.get("broker_id") and self.broker.server_id() not in (None, manifest["broker_id"])
+        restarted = manifest.broker_id and self.broker.server_id() not in (None, manifest.broker_id)
         why = ("the broker restarted since the run was submitted and lost its message" if restarted else
                "its message is in no queue although the broker did not restart: a worker discarded it (its log says "
                "why: e.g. an unsigned or malformed message) or a full broker could not keep it")
@@ -160,7 +161,7 @@ class Healer:
         log.warning("run %s: %s failed: %s, %d times", run_id, ", ".join(shard_ids), why, self.max_attempts)
         self.settle(run_id)
 
-    def settle(self, run_id: str, manifest: dict | None = None) -> bool:
+    def settle(self, run_id: str, manifest: RunManifest | None = None) -> bool:
         """A run whose every shard ended, some for good without a result: have a worker fail it
         (``nasq.run_failed``; once per run and resume). The chord's errback does it too, but a
         shard sent again (after a failure, a lost worker or message) is no part of the chord."""
@@ -170,26 +171,26 @@ class Healer:
         manifest = manifest or self.manifest(run_id)
         if manifest is None or not self.store.claim_merge(run_id, f"fail-{self.store.resumes(run_id)}"):
             return False
-        messages.run_failed(self.app, run_id, manifest["queue"]).apply_async()
+        messages.run_failed(self.app, run_id, manifest.queue).apply_async()
         log.info("run %s: every shard has ended, some without a result; the run is failed", run_id)
         return True
 
-    def redispatch(self, manifest: dict, dispatches: dict[str, int], *, why: str) -> None:
+    def redispatch(self, manifest: RunManifest, dispatches: dict[str, int], *, why: str) -> None:
         """Send the shards again, each under the task id of its dispatch count (``dispatches``:
         shard id -> the count its claim returned; claimed first by the caller)."""
         if not dispatches:
             return
-        tasks = {t.shard_id: t for t in shard_tasks(manifest)}
+        tasks = {t.shard_id: t for t in manifest.tasks()}
         for sid, n in dispatches.items():
-            self.resend(tasks[sid], manifest["queue"], n, why=why)
-        log.warning("run %s: %d shard(s) dispatched again (%s): %s", manifest["run_id"], len(dispatches), why,
+            self.resend(tasks[sid], manifest.queue, n, why=why)
+        log.warning("run %s: %d shard(s) dispatched again (%s): %s", manifest.run_id, len(dispatches), why,
                     ", ".join(dispatches))
 
     def resend(self, task: ShardTask, queue: str, dispatch: int, *, why: str) -> None:
         """Send one shard again on ``queue``, as its ``dispatch``-th copy sent again."""
         messages.shard(self.app, task, queue, dispatch, why=why).apply_async()
 
-    def merge_if_stranded(self, run_id: str, manifest: dict | None = None, *,
+    def merge_if_stranded(self, run_id: str, manifest: RunManifest | None = None, *,
                           kept_of: tuple[int, int] | None = None) -> bool:
         """Send the merge of a run whose every shard has its result while its chord cannot fire:
         a re-dispatched shard is not part of the chord, and a full broker may have refused the
@@ -202,11 +203,11 @@ class Healer:
         st = self.store.state(run_id) or {}
         if not may("merge", st.get("state")):
             return False
-        shards = st.get("shards") or (len(manifest["shards"]) if manifest else None)
+        shards = st.get("shards") or (len(manifest.shards) if manifest else None)
         if not shards or self.store.results_count(run_id) < shards:
             return False  # cheap: the manifest is read (and its signature checked) only when all is in
         manifest = manifest or self.manifest(run_id)
-        if manifest is None or self.store.results_count(run_id) < len(manifest["shards"]):
+        if manifest is None or self.store.results_count(run_id) < len(manifest.shards):
             return False
         last = self.store.last_accepted_at(run_id) or time.time()
         if not self.store.redispatched(run_id) and time.time() - last < self.lease_s:
@@ -214,30 +215,29 @@ class Healer:
         generation = self.store.resumes(run_id)  # one merge per resume of the run
         if not self.store.claim_merge(run_id, generation):
             return False
-        messages.merge(self.app, run_id, manifest["queue"], task_id=merge_task_id(run_id, generation),
+        messages.merge(self.app, run_id, manifest.queue, task_id=merge_task_id(run_id, generation),
                        about="(every shard has its result; its chord cannot fire)").apply_async()
         log.info("run %s: every shard has its result but the chord cannot fire; merge sent", run_id)
         return True
 
-    def resumable(self, manifest: dict, seen: dict[str, int] | None = None) -> dict[str, str]:
+    def resumable(self, manifest: RunManifest, seen: dict[str, int] | None = None) -> dict[str, str]:
         """What each unfinished shard of a run is doing, as ``nasq resume`` sees it: "failed" (its
         last copy failed), "lost" (recorded as running, its lease expired), "running" (on a live
         worker), "queued" (a message of it waits in the queue, was delivered less than a lease ago,
         or was just sent again) or "missing" (its message is nowhere: lost with a broker, or
         discarded). Shards that have their result are not listed. ``seen``, when given, receives
         the shards' dispatch counts as read first (``claim_for_resume`` claims against them)."""
-        run_id = manifest["run_id"]
+        run_id = manifest.run_id
         if seen is not None:
             seen.update(self.store.redispatched(run_id))  # first: see _stranded
         results, finished, running = self.store.result_ids(run_id), self.store.finished(run_id), self.store.running(run_id)
         lost = set(self.store.lost_shards(run_id))
-        queued = {of[1] for tid in self.broker.queued_task_ids(manifest["queue"])
+        queued = {of[1] for tid in self.broker.queued_task_ids(manifest.queue)
                   if (of := shard_of_task(tid)) and of[0] == run_id}
         unacked = self.unacked_shards(run_id)
         recent = {sid for sid, t in self.store.redispatched_at(run_id).items() if time.time() - t < self.lease_s}
         out = {}
-        for s in manifest["shards"]:
-            sid = s["shard_id"]
+        for sid in manifest.shard_ids:
             if sid in results:
                 continue
             if sid in running:

@@ -9,6 +9,7 @@ import time
 import redis
 
 from ..inference.failover import FailureView
+from ..rundata import RunManifest
 from ..runstate import ACCEPTS_RESULTS, ENDED, MAY_START, RunState
 from .redis_store import EXPIRING, RedisStore, _rides_out_full, _states
 from .scripts import KEPT
@@ -216,12 +217,12 @@ class ShardLedger(RedisStore):
         turns at healing instead of all of them doing it on every heartbeat."""
         return bool(self.r.set("nasq:heal:turn", 1, nx=True, px=max(1, int(every_s * 1000))))
 
-    def images_done(self, run_id: str, manifest: dict | None = None, *, accepted_only: bool = False) -> int:
+    def images_done(self, run_id: str, manifest: RunManifest | None = None, *, accepted_only: bool = False) -> int:
         """Images of the shards whose result was kept (their size in the run's manifest, read when
         not given), plus (unless ``accepted_only``) the progress the copies running now reported
         in their leases; never a failed or lost copy's."""
-        manifest = manifest or self.manifest(run_id) or {"shards": []}
-        sizes = {s["shard_id"]: s["stop"] - s["start"] for s in manifest["shards"]}
+        manifest = manifest or self.manifest(run_id)
+        sizes = manifest.shard_sizes() if manifest else {}
         with self.r.pipeline(transaction=False) as p:  # reads: no MULTI (refused while Redis is full)
             p.hkeys(self._k(run_id, "results"))
             p.hkeys(self._k(run_id, "running"))

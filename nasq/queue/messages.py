@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from celery import chain, group
 
+from ..rundata import RunManifest
 from ..wire import (BUILD_QUEUE, TASK_BUILD_COMMIT, TASK_BUILD_DEVICE, TASK_BUILD_EXPORT, TASK_BUILD_FAILED,
                     TASK_BUILD_SIMPLIFY, TASK_EVAL_SHARD, TASK_MERGE, TASK_RUN_FAILED, TASK_SWEEP_POINT, ShardTask,
                     SweepPoint, merge_task_id, shard_task_id, sweep_point_task_id, worker_queue)
@@ -39,13 +40,13 @@ def run_failed(app, run_id: str, queue: str, *, errback: bool = False):
                          queue=queue)
 
 
-def run_chord_parts(app, manifest: dict, tasks: list[ShardTask], *, merge_id: str | None = None,
+def run_chord_parts(app, manifest: RunManifest, tasks: list[ShardTask], *, merge_id: str | None = None,
                     dispatches: dict[str, int] | None = None):
     """(header, body) of a run's chord: a group of ``tasks`` (``dispatches``: shard id -> its
     dispatch count, for shards sent again by a resume) and the merge, whose errback fails the
     run."""
-    run_id, queue = manifest["run_id"], manifest["queue"]
-    body = merge(app, run_id, queue, about=f"shards={len(manifest['shards'])}",
+    run_id, queue = manifest.run_id, manifest.queue
+    body = merge(app, run_id, queue, about=f"shards={len(manifest.shards)}",
                  task_id=merge_id or merge_task_id(run_id), alone=False)
     body.link_error(run_failed(app, run_id, queue, errback=True))
     header = group(shard(app, t, queue, (dispatches or {}).get(t.shard_id, 0)) for t in tasks)

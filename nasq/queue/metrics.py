@@ -39,6 +39,7 @@ import math
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from ..inference.shard import BATCH_BUCKETS_S
+from ..wire import MessageError
 from ..results.status import run_status
 from .store import RunStore
 
@@ -127,12 +128,15 @@ class RunCollector:
         active = self.store.active_runs()
         queue_of: dict[str, str | None] = {}  # the runs served now, and their queues
         for run_id in dict.fromkeys([*active, *self.store.run_ids(self.recent)]):
-            manifest = self.store.manifest(run_id)
+            try:
+                manifest = self.store.manifest(run_id)
+            except MessageError:
+                continue  # a record written by hand: nasq status names what is wrong with it
             if manifest is None:
                 continue
-            queue_of[run_id] = manifest.get("queue")
-            st = run_status(self.store, run_id)
-            values = [run_id, str(manifest.get("backend") or ""), str(manifest.get("queue") or "")]
+            queue_of[run_id] = manifest.queue
+            st = run_status(self.store, run_id, manifest)
+            values = [run_id, manifest.job.backend, manifest.queue]
             for name, value in (("images", st["images_total"]), ("images_done", st["images_done"]),
                                 ("shards", st["shards_total"]), ("shards_done", st["shards_done"]),
                                 ("shards_failed", st["shards_failed"]),

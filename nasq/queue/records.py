@@ -9,6 +9,7 @@ import time
 
 import redis
 
+from ..rundata import RunManifest
 from ..runstate import ENDED, TRANSITIONS, RunState
 from .redis_store import ACTIVE, DIGESTS, EXPIRING, RUNS, RedisStore, _rides_out_full, _states, log
 
@@ -18,17 +19,17 @@ class RunRecords(RedisStore):
     and the run indexes (``nasq:runs``, ``nasq:runs:active``)."""
 
     @_rides_out_full
-    def save_manifest(self, manifest: dict, sealed: str | None = None) -> None:
+    def save_manifest(self, manifest: RunManifest, sealed: str | None = None) -> None:
         """A new run: its manifest (and, with message signing on, the manifest signed by the
         submitting client), state ``submitted``."""
-        run_id = manifest["run_id"]
+        run_id = manifest.run_id
         with self.r.pipeline() as p:
-            p.set(self._k(run_id), json.dumps(manifest), ex=self.expires)
+            p.set(self._k(run_id), json.dumps(manifest.to_payload()), ex=self.expires)
             if sealed is not None:
                 p.set(self._k(run_id, "sealed"), sealed, ex=self.expires)
-            p.zadd(RUNS, {run_id: manifest.get("created", time.time())})
+            p.zadd(RUNS, {run_id: manifest.created or time.time()})
             p.set(self._k(run_id, "state"), json.dumps({"state": str(RunState.SUBMITTED), "at": time.time(),
-                                                        "shards": len(manifest["shards"])}), ex=self.expires)
+                                                        "shards": len(manifest.shards)}), ex=self.expires)
             p.sadd(ACTIVE, run_id)
             p.execute()
 
@@ -41,9 +42,15 @@ class RunRecords(RedisStore):
     def digest_list(self, content: str) -> bytes | None:
         return self.r.get(f"{DIGESTS}{content}")
 
-    def manifest(self, run_id: str) -> dict | None:
-        """The manifest as stored (see ``nasq.queue.trust`` for one that must be signed)."""
-        return self._get(self._k(run_id))
+    def manifest(self, run_id: str) -> RunManifest | None:
+        """The manifest as stored (see ``nasq.queue.trust`` for one that must be signed); None:
+        no such run.
+
+        Raises:
+            MessageError: the stored manifest is malformed (the field is named).
+        """
+        stored = self._get(self._k(run_id))
+        return None if stored is None else RunManifest.from_payload(stored)
 
     def sealed_manifest(self, run_id: str) -> str | None:
         v = self.r.get(self._k(run_id, "sealed"))

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Callable
 
 import redis
@@ -17,7 +18,8 @@ from kombu.exceptions import OperationalError
 
 from ..config import Settings
 from ..errors import NasqError, RunError
-from ..wire import SweepPoint, shard_tasks
+from ..rundata import PlannedShard, RunManifest
+from ..wire import SweepPoint
 from . import messages
 from .app import make_app
 from .broker import probe
@@ -99,12 +101,13 @@ class Session:
             raise NasqError(f"no worker consumes the {queue} queue: {hint}")
 
     # ------------------------------------------------------------------ canvases
-    def submit_run(self, manifest: dict, shards: list[dict] | None = None, *, merge_id: str | None = None,
+    def submit_run(self, manifest: RunManifest, shards: Iterable[PlannedShard] | None = None, *,
+                   merge_id: str | None = None,
                    dispatches: dict[str, int] | None = None):
         """The chord of an evaluation: one ``eval_shard`` per shard (all of the manifest's by
         default; ``dispatches``: shard id -> its dispatch count, for shards sent again by a
         resume), then ``merge_run``; an errback marks the run failed. Returns the merge's result."""
-        tasks = shard_tasks(manifest, shards)
+        tasks = manifest.tasks(shards)
         header, body = messages.run_chord_parts(self.app, manifest, tasks, merge_id=merge_id, dispatches=dispatches)
         if not tasks:  # nothing to redo: the merge fetches every shard's stored result itself
             return body.clone(args=([],)).apply_async()

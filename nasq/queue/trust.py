@@ -14,6 +14,8 @@ import logging
 from kombu.serialization import dumps, loads
 
 from ..errors import NasqError
+from ..rundata import RunManifest
+from ..wire import MessageError
 
 log = logging.getLogger("nasq.trust")
 
@@ -21,7 +23,8 @@ _TYPE, _ENCODING = "application/data", "utf-8"
 
 
 class UntrustedRecord(NasqError):
-    """A run record that is not signed by a trusted certificate while signing is on."""
+    """A run record that is not signed by a trusted certificate while signing is on, or that is
+    malformed."""
 
 
 class ManifestTrust:
@@ -32,23 +35,26 @@ class ManifestTrust:
         self.signing = app.conf.task_serializer == "auth"
         self._refused: set[str] = set()
 
-    def seal(self, manifest: dict) -> str | None:
+    def seal(self, manifest: RunManifest) -> str | None:
         """The manifest signed with this process's key (None without signing)."""
         if not self.signing:
             return None
-        content_type, _, payload = dumps(manifest, serializer="auth")
+        content_type, _, payload = dumps(manifest.to_payload(), serializer="auth")
         assert content_type == _TYPE, content_type
         return payload.decode() if isinstance(payload, bytes) else payload
 
-    def manifest(self, store, run_id: str) -> dict | None:
+    def manifest(self, store, run_id: str) -> RunManifest | None:
         """The run's manifest, if it may be acted on; None if there is no such run.
 
         Raises:
             UntrustedRecord: signing is on and the record is not signed by a trusted certificate,
-                or is signed for another run.
+                or is signed for another run; or the record is malformed (the field is named).
         """
         if not self.signing:
-            return store.manifest(run_id)
+            try:
+                return store.manifest(run_id)
+            except MessageError as e:
+                raise self._refuse(run_id, f"its manifest is malformed: {e}") from None
         sealed = store.sealed_manifest(run_id)
         if sealed is None:
             if not store.has_run(run_id):
@@ -59,14 +65,19 @@ class ManifestTrust:
             manifest = loads(sealed, _TYPE, _ENCODING, accept=[_TYPE])
         except Exception as e:  # noqa: BLE001 - the serializer raises SecurityError, ValueError, ...
             raise self._refuse(run_id, f"its manifest's signature does not verify ({type(e).__name__})") from None
-        if not isinstance(manifest, dict) or manifest.get("run_id") != run_id:
+        try:
+            manifest = RunManifest.from_payload(manifest)
+        except MessageError as e:
+            raise self._refuse(run_id, f"its signed manifest is malformed: {e}") from None
+        if manifest.run_id != run_id:
             raise self._refuse(run_id, "its signed manifest is another run's")
         return manifest
 
     def _refuse(self, run_id: str, why: str) -> UntrustedRecord:
+        signed = ("; message signing is on, so only runs submitted by a client with a trusted certificate are "
+                  "healed, resumed or merged") if self.signing else ""
         if run_id not in self._refused:  # once per process and run: healing asks every few seconds
             self._refused.add(run_id)
-            log.warning("run %s: refused to act on its record in Redis: %s; message signing is on, so only runs "
-                        "submitted by a client with a trusted certificate are healed, resumed or merged", run_id, why)
-        return UntrustedRecord(f"run {run_id}: {why}; with message signing on, only runs submitted by a client with "
-                               "a trusted certificate are acted on")
+            log.warning("run %s: refused to act on its record in Redis: %s%s", run_id, why, signed)
+        return UntrustedRecord(f"run {run_id}: {why}" + ("; with message signing on, only runs submitted by a client "
+                                                         "with a trusted certificate are acted on" if signed else ""))

@@ -16,6 +16,7 @@ import time
 from typing import Callable
 
 from ..errors import NasqError, RunError
+from ..rundata import RunManifest
 from ..runstate import RunState, ends_in, may
 from ..files import read_json
 from .merge import MissingShards, merge, merge_partial
@@ -38,7 +39,7 @@ class RunEnded(NasqError):
 
 
 def finish_run(run_id: str, results: list, *, store, report_dir: str, merge_wait_s: float, first_try: float,
-              manifest: dict | None = None) -> dict:
+              manifest: RunManifest | None = None) -> dict:
     """Validate the shard results of ``run_id``, write and record its report.
 
     Args:
@@ -62,7 +63,7 @@ def finish_run(run_id: str, results: list, *, store, report_dir: str, merge_wait
     manifest = manifest or store.manifest(run_id)
     if manifest is None:
         raise RunError(f"run {run_id}: its manifest is gone from Redis (expired or flushed)")
-    if manifest.get("run_id") != run_id:
+    if manifest.run_id != run_id:
         raise RunError(f"run {run_id}: its manifest names another run")
     state = (store.state(run_id) or {}).get("state")
     if not may("merge", state):
@@ -97,7 +98,7 @@ def finish_run(run_id: str, results: list, *, store, report_dir: str, merge_wait
 
 
 def fail_run(run_id: str, error: BaseException | None, *, store, report_dir: str,
-             redispatch: Callable[[dict, dict[str, int]], None], manifest: dict | None = None,
+             redispatch: Callable[[RunManifest, dict[str, int]], None], manifest: RunManifest | None = None,
              lease_s: float = 30.0) -> None:
     """The chord's errback (a shard failed, or was revoked in flight: a broker that went away),
     and the end of a run whose shards all ended, some for good without a result.
@@ -120,8 +121,7 @@ def fail_run(run_id: str, error: BaseException | None, *, store, report_dir: str
     recent = {sid for sid, t in store.redispatched_at(run_id).items() if time.time() - t < lease_s}
     retrying = set(store.failures(run_id))  # failed somewhere, sent again (unless finished with an error)
     results, in_flight, busy = [], [], False
-    for s in manifest["shards"]:
-        sid = s["shard_id"]
+    for sid in manifest.shard_ids:
         if sid in stored:
             results.append(stored[sid])
         elif finished.get(sid, {}).get("status") == "error":
@@ -150,11 +150,11 @@ def fail_run(run_id: str, error: BaseException | None, *, store, report_dir: str
     mark_failed(store, manifest, results, reason, report_dir)
 
 
-def mark_failed(store, manifest: dict, results: list, error: Exception, report_dir: str) -> bool:
+def mark_failed(store, manifest: RunManifest, results: list, error: Exception, report_dir: str) -> bool:
     """Mark the run failed, keeping what it finished: a report over its finished shards (files
     too) that names the failed ones, so that ``nasq resume`` reruns only the rest. False if the
     run had ended meanwhile."""
-    run_id = manifest["run_id"]
+    run_id = manifest.run_id
     if not may("fail", (store.state(run_id) or {}).get("state")):
         return False  # ended meanwhile (the transition below would refuse too): nothing to write
     text = f"{error} -- `nasq resume {run_id}` reruns only the failed or missing shards"
@@ -194,7 +194,7 @@ def shard_failures(store, run_id: str) -> dict[str, dict]:
     return out
 
 
-def cancel_run(store, run_id: str, report_dir: str, *, manifest: dict | None = None,
+def cancel_run(store, run_id: str, report_dir: str, *, manifest: RunManifest | None = None,
                after_cancel: Callable[[], None] = lambda: None) -> dict:
     """Cancel a run: the transition first (running shards stop on their next progress, late
     results are dropped, no merge changes it afterwards), then ``after_cancel()`` (revoke its
@@ -218,7 +218,7 @@ def cancel_run(store, run_id: str, report_dir: str, *, manifest: dict | None = N
     # (a cancel whose client died before it kept the partial report: this one finishes it)
     after_cancel()
     stored = store.shard_results(run_id)
-    results = [stored[s["shard_id"]] for s in manifest["shards"] if s["shard_id"] in stored]
+    results = [stored[sid] for sid in manifest.shard_ids if sid in stored]
     for f in failures.values():
         if f["reason"] == "running when the run ended":
             f["reason"] = "stopped by the cancel"
@@ -238,7 +238,7 @@ def cancel_run(store, run_id: str, report_dir: str, *, manifest: dict | None = N
     return report
 
 
-def _end(store, transition: str, manifest: dict, results: list, report: dict, predictions: dict, report_dir: str,
+def _end(store, transition: str, manifest: RunManifest, results: list, report: dict, predictions: dict, report_dir: str,
          **fields) -> bool:
     """Write the report's files into a staging folder, end the run through ``transition`` with
     the report, then publish the files (one rename) and record the run in the history: all of
@@ -246,7 +246,7 @@ def _end(store, transition: str, manifest: dict, results: list, report: dict, pr
     worker holds the claim to publish meanwhile (a client waits for it, and has the merge sent
     again if it lapses: ``publish_if_missing``). A merge renders the plots and the HTML page
     last, once the client has the numbers (the report names them already, in ``files_to_come``)."""
-    run_id = manifest["run_id"]
+    run_id = manifest.run_id
     later = transition == "merge"
     staging = write_staging(manifest, results, report, predictions, report_dir, later=later)
     try:

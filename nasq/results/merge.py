@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import asdict
 
 from ..errors import RunError
+from ..rundata import RunManifest
 from .stats import wilson
 
 TOPK = 5
@@ -25,14 +27,14 @@ class MissingShards(RunError):
         super().__init__(f"run {run_id}: {len(missing)} shard(s) missing from the merge: {shown}")
 
 
-def collect(manifest: dict, results: list) -> tuple[dict[str, dict], list[str]]:
+def collect(manifest: RunManifest, results: list) -> tuple[dict[str, dict], list[str]]:
     """One result per shard id: returns ({shard_id: result}, duplicate shard ids dropped).
 
     Raises:
         MissingShards: a shard of the manifest has no result.
         RunError: a shard failed (its error is in the message).
     """
-    run_id = manifest["run_id"]
+    run_id = manifest.run_id
     by_id: dict[str, dict] = {}
     dropped: list[str] = []
     for r in results:
@@ -43,7 +45,7 @@ def collect(manifest: dict, results: list) -> tuple[dict[str, dict], list[str]]:
             dropped.append(sid)  # a redelivered shard: the first result is as good as the second
             continue
         by_id[sid] = r
-    expected = [s["shard_id"] for s in manifest["shards"]]
+    expected = manifest.shard_ids
     missing = [sid for sid in expected if sid not in by_id]
     if missing:
         raise MissingShards(run_id, missing)
@@ -51,12 +53,11 @@ def collect(manifest: dict, results: list) -> tuple[dict[str, dict], list[str]]:
     if failed:
         lines = "; ".join(f"{r['shard_id']} on {r.get('worker', '?')}: {r.get('error', 'failed')}" for r in failed[:5])
         raise RunError(f"run {run_id}: {len(failed)} shard(s) failed: {lines}")
-    for s in manifest["shards"]:
-        r = by_id[s["shard_id"]]
+    for s in manifest.shards:
+        r = by_id[s.shard_id]
         seen = len(r["indices"]) + len(r["errors"])
-        if seen != s["stop"] - s["start"]:
-            raise RunError(f"run {run_id}: shard {s['shard_id']} accounts for {seen} images, "
-                           f"expected {s['stop'] - s['start']}")
+        if seen != s.images:
+            raise RunError(f"run {run_id}: shard {s.shard_id} accounts for {seen} images, expected {s.images}")
     return {sid: by_id[sid] for sid in expected}, dropped
 
 
@@ -91,7 +92,7 @@ def latency_summary(lat_ms: list[float]) -> dict:
             "p99_samples_ok": bool(a.size >= P99_MIN_SAMPLES)}
 
 
-def merge(manifest: dict, results: list) -> tuple[dict, dict]:
+def merge(manifest: RunManifest, results: list) -> tuple[dict, dict]:
     """Validate shard results and compute the run report.
 
     Returns:
@@ -148,20 +149,20 @@ def merge(manifest: dict, results: list) -> tuple[dict, dict]:
     start = min((r["timing"]["started_at"] for r in shards.values()), default=0.0)
     end = max((r["timing"]["finished_at"] for r in shards.values()), default=0.0)
     n = len(pred["indices"])
+    job = manifest.job
     first = next(iter(shards.values()), None) or {
-        "backend": manifest.get("backend"), "precision": manifest.get("precision"),
-        "model_info": {k: v for k, v in (manifest.get("model") or {}).items() if k in ("weights", "sha256")}}
+        "backend": job.backend, "precision": job.precision,
+        "model_info": {"weights": job.model.weights, "sha256": job.model.sha256}}
     finished = time.time()
-    created = manifest.get("created")
-    planned = sum(s["stop"] - s["start"] for s in manifest["shards"])
+    created = manifest.created
     report = {
-        "run_id": manifest["run_id"],
+        "run_id": manifest.run_id,
         "state": "done", "error": None, "complete": True,
-        "created": manifest.get("created"),
+        "created": created,
         "finished": finished,
         "images": n,
-        "images_planned": planned,
-        "images_total": manifest["dataset"]["images"],
+        "images_planned": manifest.images_planned,
+        "images_total": manifest.images,
         **accuracy(pred["labels"], pred["top5"]),
         "throughput_img_s": n / (end - start) if end > start else None,
         "wall_s": end - start,
@@ -181,17 +182,18 @@ def merge(manifest: dict, results: list) -> tuple[dict, dict]:
         "backend": {"name": first["backend"], "versions": first.get("versions", {})},
         "model": first.get("model_info", {}),
         "num_outputs": first.get("num_outputs"),
-        "batch_size": manifest["batch_size"],
+        "batch_size": job.batch_size,
         "precision": first.get("precision"),
-        "dataset": manifest["dataset"],
-        "labels_file": manifest.get("labels"),
-        "labels_sha256": manifest.get("labels_sha256"),
+        "dataset": asdict(job.dataset),
+        "labels_file": job.labels,
+        "labels_sha256": job.labels_sha256,
         "shards": len(shards),
         "shards_ok": len(shards),
         "shards_failed": [],
         "duplicate_shard_results_dropped": dropped,
-        "environment": {"hosts": hosts, "submitted_from": manifest.get("submitted_from"),
-                        "client_nasq": manifest.get("nasq_version"), "command": manifest.get("command")},
+        "environment": {"hosts": hosts, "submitted_from": manifest.submitted_from,
+                        "client_nasq": manifest.nasq_version,
+                        "command": None if manifest.command is None else list(manifest.command)},
     }
     report["warnings"] = warnings_of(report)
     return report, pred
@@ -219,18 +221,18 @@ def warnings_of(report: dict) -> list[str]:
     return out
 
 
-def ok_results(manifest: dict, results: list) -> list[dict]:
+def ok_results(manifest: RunManifest, results: list) -> list[dict]:
     """The ok results of the run's shards, one per shard id (the first)."""
     ok, seen = [], set()
     for r in results:
-        if isinstance(r, dict) and r.get("run_id") == manifest["run_id"] and r.get("status") == "ok" \
+        if isinstance(r, dict) and r.get("run_id") == manifest.run_id and r.get("status") == "ok" \
                 and r["shard_id"] not in seen:
             seen.add(r["shard_id"])
             ok.append(r)
     return ok
 
 
-def merge_partial(manifest: dict, results: list, reason: str, *, state: str = "failed",
+def merge_partial(manifest: RunManifest, results: list, reason: str, *, state: str = "failed",
                   failures: dict[str, dict] | None = None) -> tuple[dict, dict]:
     """What a failed or cancelled run did finish: the report over its ok shards, marked
     incomplete, naming every shard it lacks with why (``failures``: shard id -> {reason,
@@ -238,23 +240,21 @@ def merge_partial(manifest: dict, results: list, reason: str, *, state: str = "f
     shard gets a report of 0 images all the same: it says what failed."""
     ok = ok_results(manifest, results)
     seen = {r["shard_id"] for r in ok}
-    sub = {**manifest, "shards": [s for s in manifest["shards"] if s["shard_id"] in seen]}
-    report, pred = merge(sub, ok)
+    report, pred = merge(manifest.only(seen), ok)
     report.update(partial=True, complete=False, state=state, error=reason, failure=reason,
-                  images_planned=sum(s["stop"] - s["start"] for s in manifest["shards"]),
-                  shards=len(manifest["shards"]), shards_ok=len(ok),
+                  images_planned=manifest.images_planned, shards=len(manifest.shards), shards_ok=len(ok),
                   shards_failed=missing_shards(manifest, seen, failures or {}, state),
-                  shards_not_ok=[s["shard_id"] for s in manifest["shards"] if s["shard_id"] not in seen])
+                  shards_not_ok=[sid for sid in manifest.shard_ids if sid not in seen])
     report["warnings"] = warnings_of(report)
     return report, pred
 
 
-def missing_shards(manifest: dict, ok: set[str], failures: dict[str, dict], state: str) -> list[dict]:
+def missing_shards(manifest: RunManifest, ok: set[str], failures: dict[str, dict], state: str) -> list[dict]:
     """The shards without a kept result: id, images, why, the worker of its last attempt and
     how many attempts it had."""
     default = "cancelled before it finished" if state == "cancelled" else "no result (lost, or never ran)"
-    return [{"shard_id": s["shard_id"], "images": s["stop"] - s["start"],
-             "reason": (failures.get(s["shard_id"]) or {}).get("reason") or default,
-             "worker": (failures.get(s["shard_id"]) or {}).get("worker"),
-             "attempts": (failures.get(s["shard_id"]) or {}).get("attempts", 0)}
-            for s in manifest["shards"] if s["shard_id"] not in ok]
+    return [{"shard_id": s.shard_id, "images": s.images,
+             "reason": (failures.get(s.shard_id) or {}).get("reason") or default,
+             "worker": (failures.get(s.shard_id) or {}).get("worker"),
+             "attempts": (failures.get(s.shard_id) or {}).get("attempts", 0)}
+            for s in manifest.shards if s.shard_id not in ok]

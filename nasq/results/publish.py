@@ -29,6 +29,7 @@ import sqlite3
 from ..files import fsync_dir, read_json, write_json
 from ..keepalive import every
 from ..roots import check_name
+from ..rundata import RunManifest
 from ..runstate import RunState
 from .history import record, row_of
 from .merge import ok_results
@@ -90,12 +91,12 @@ def said_once(run_id: str, text: str, *args) -> None:
         log.warning(text, *args)
 
 
-def write_staging(manifest: dict, results: list, report: dict, predictions: dict | None, report_dir: str, *,
+def write_staging(manifest: RunManifest, results: list, report: dict, predictions: dict | None, report_dir: str, *,
                   later: bool = False) -> str:
     """The report files in a staging folder (named as they will be once moved); returns it. A
     file that could not be written is in ``report["files_not_written"]``. ``later``: without the
     plots and the HTML page (``write_later``)."""
-    run_id = check_name(manifest["run_id"], "run_id")  # the folder's name: never a path
+    run_id = check_name(manifest.run_id, "run_id")  # the folder's name: never a path
     staging = os.path.join(report_dir, STAGING, f"{run_id}.{secrets.token_hex(4)}")
     write_run_files(report, shard_timings(manifest, results), staging, predictions,
                     final_folder=final_folder(report_dir, run_id), later=later)
@@ -105,14 +106,14 @@ def write_staging(manifest: dict, results: list, report: dict, predictions: dict
     return staging
 
 
-def publish(store, manifest: dict, report: dict, staging: str, report_dir: str, *, state: str,
+def publish(store, manifest: RunManifest, report: dict, staging: str, report_dir: str, *, state: str,
             error: str | None = None) -> bool:
     """Move the staging folder to ``report_dir/<run id>`` in one rename (a failed run's partial
     report moved aside first), record the run in the history, mark it published, and sweep the
     run's stale staging folders. A folder that holds a done or cancelled report already is
     kept (write once): ours is discarded and nothing else is written. True if this call
     published the files."""
-    run_id = manifest["run_id"]
+    run_id = manifest.run_id
     final, published = final_folder(report_dir, run_id), False
     old = f"{staging}.old"
     held = ended_on_disk(report_dir, run_id)
@@ -153,7 +154,7 @@ def _final_report(folder: str) -> bool:
     return isinstance(report, dict) and report.get("state") in FINAL
 
 
-def publish_if_missing(store, run_id: str, manifest: dict, report_dir: str) -> bool:
+def publish_if_missing(store, run_id: str, manifest: RunManifest, report_dir: str) -> bool:
     """An ended run whose report is stored but whose files were never published (its merging
     worker died in between): publish the same report now. True if this call did."""
     if store.published(run_id) or not store.claim_publish(run_id, CLAIM_S):
@@ -186,11 +187,11 @@ def holding_publish(store, run_id: str):
                  what=f"publishing {run_id}")
 
 
-def render_later(store, manifest: dict, results: list, report: dict, report_dir: str) -> bool:
+def render_later(store, manifest: RunManifest, results: list, report: dict, report_dir: str) -> bool:
     """Render a done run's plots and HTML page into its folder, if this worker gets the claim to
     (``store.claim_render``, renewed while it renders), and record what could not be written
     (``mark_rendered``)."""
-    run_id = manifest["run_id"]
+    run_id = manifest.run_id
     if not store.claim_render(run_id, CLAIM_S):
         return False
     with every(CLAIM_S / 3, lambda: store.claim_render(run_id, CLAIM_S, renew=True), what=f"rendering {run_id}"):
@@ -199,7 +200,7 @@ def render_later(store, manifest: dict, results: list, report: dict, report_dir:
     return True
 
 
-def render_if_missing(store, run_id: str, manifest: dict, report_dir: str) -> bool:
+def render_if_missing(store, run_id: str, manifest: RunManifest, report_dir: str) -> bool:
     """A done run whose plots and HTML page were never rendered (its merging worker died after
     storing the numbers, or was stopped): render them now, from the stored report and results.
     True if this call rendered them."""
@@ -209,11 +210,11 @@ def render_if_missing(store, run_id: str, manifest: dict, report_dir: str) -> bo
     return render_later(store, manifest, list(store.shard_results(run_id).values()), report, report_dir)
 
 
-def write_later(manifest: dict, results: list, report: dict, report_dir: str) -> dict[str, str]:
+def write_later(manifest: RunManifest, results: list, report: dict, report_dir: str) -> dict[str, str]:
     """The plots and the HTML page of a done run, rendered into its folder after the client got
     its numbers; returns file name -> reason for those not written (the report, which the
     client has, is never changed: the run's ``rendered`` record says it)."""
-    run_id = manifest["run_id"]
+    run_id = manifest.run_id
     folder = final_folder(report_dir, run_id)
     try:
         failed = write_later_files(report, shard_timings(manifest, results), folder)
@@ -255,7 +256,7 @@ def history(store, report_dir: str, row: dict) -> None:
                        f"the run history {os.path.join(report_dir, 'runs.sqlite')} was not updated: {e}")
 
 
-def shard_timings(manifest: dict, results: list) -> list[dict]:
+def shard_timings(manifest: RunManifest, results: list) -> list[dict]:
     return [{"worker": r["worker"], "host": r.get("host"), "device": r["device"], "images": len(r["indices"]),
              **r["timing"]}
             for r in ok_results(manifest, results)]

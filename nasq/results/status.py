@@ -6,7 +6,9 @@ import sys
 import time
 
 from ..errors import NasqError
+from ..rundata import RunManifest
 from ..runstate import is_ended
+from ..wire import MessageError
 from ..tables import num, table
 
 
@@ -26,18 +28,19 @@ def _eta(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def run_status(store, run_id: str) -> dict:
+def run_status(store, run_id: str, manifest: RunManifest | None = None) -> dict:
     """Progress numbers of one run: shards, images, rate, ETA, errors, per-worker activity.
     Images and rates count accepted results only (a kept shard's images, and while the run goes
-    on the progress of the copies running now): never a failed, lost or cancelled copy's."""
-    manifest = store.manifest(run_id)
+    on the progress of the copies running now): never a failed, lost or cancelled copy's.
+    ``manifest``: the run's, when read already."""
+    manifest = manifest or store.manifest(run_id)
     if manifest is None:
         raise NasqError(f"no run {run_id!r} in this Redis (runs expire after result_expires)")
     state = store.state(run_id) or {}
     finished, running = store.finished(run_id), store.running(run_id)
     ok = {sid: s for sid, s in finished.items() if s.get("status") == "ok"}
     failed = {sid: s for sid, s in finished.items() if s.get("status") != "ok"}
-    total_images = manifest["dataset"]["images"]
+    total_images = manifest.images
     ended = is_ended(state.get("state"))
     if ended:
         running = {}
@@ -53,7 +56,7 @@ def run_status(store, run_id: str) -> dict:
     lost = set() if ended else set(store.lost_shards(run_id))
     registry = store.workers()
     full = None if ended or not store.is_full() else store.full_message()
-    queue = manifest.get("queue")
+    queue = manifest.queue
     consumers = sorted(n for n, w in registry.items() if w["alive"] and queue in w.get("queues", []))
     exclusions = store.exclusions(run_id)
     rate = evaluated / (t_end - t0) if t0 and t_end and evaluated and t_end > t0 else None
@@ -84,16 +87,15 @@ def run_status(store, run_id: str) -> dict:
         w["alive"] = registry.get(name, {}).get("alive", False)
         if name in exclusions:
             w["excluded"] = exclusions[name]
-    model = manifest.get("model") or {}
     return {"run_id": run_id, "state": state.get("state", "unknown"), "error": state.get("error"),
-            "shards_total": len(manifest["shards"]), "shards_done": len(ok), "shards_failed": len(failed),
+            "shards_total": len(manifest.shards), "shards_done": len(ok), "shards_failed": len(failed),
             "shard_errors": len(failed), "failed_shards": {sid: s.get("error") for sid, s in sorted(failed.items())},
             "images_total": total_images, "images_done": done,
             "image_errors": sum(s.get("errors", 0) for s in ok.values()),
             "rate_img_s": rate, "eta_s": eta,
-            "backend": manifest.get("backend"), "batch_size": manifest.get("batch_size"),
-            "precision": manifest.get("precision"), "model": os.path.basename(model.get("weights") or "") or None,
-            "simulated": manifest.get("backend") == "sim", "workers": per_worker,
+            "backend": manifest.job.backend, "batch_size": manifest.job.batch_size,
+            "precision": manifest.job.precision, "model": os.path.basename(manifest.job.model.weights) or None,
+            "simulated": manifest.job.backend == "sim", "workers": per_worker,
             "lost_shards": sorted(lost), "redispatched": store.redispatched(run_id),
             "redispatched_why": store.redispatched_why(run_id), "queue": queue, "live_consumers": consumers,
             "excluded_devices": exclusions, "shard_failures": store.failures(run_id),
@@ -242,7 +244,10 @@ def runs_rows(store, report_dir: str, *, state: str | None = None, backend: str 
                                                             limit=limit)}
     if store is not None:
         for rid in store.run_ids(limit):
-            m = store.manifest(rid)
+            try:
+                m = store.manifest(rid)
+            except MessageError:
+                continue  # a record written by hand: `nasq status` names what is wrong with it
             if m is None:
                 continue
             st = (store.state(rid) or {}).get("state", "?")
@@ -252,8 +257,8 @@ def runs_rows(store, report_dir: str, *, state: str | None = None, backend: str 
 
                 row.update(finished=None, images=store.images_done(rid, m),
                            excluded_devices=[device_cell(e) for e in store.exclusions(rid).values()] or None)
-            if (state and st != state) or (backend and m.get("backend") != backend) or \
-                    (since and (m.get("created") or 0) < since):
+            if (state and st != state) or (backend and m.job.backend != backend) or \
+                    (since and (m.created or 0) < since):
                 continue
             rows[rid] = {**rows.get(rid, {}), **{k: v for k, v in row.items() if v is not None or k not in rows.get(rid, {})}}
     return sorted(rows.values(), key=lambda r: r.get("created") or 0, reverse=True)[:limit]

@@ -62,7 +62,7 @@ def test_stranded_shards_recover_with_a_separate_result_backend(other_db, start_
     weights = sim_weights(tmp_path)
     h = submit_evaluation(weights=weights, data="index:160", backend="sim", batch_size=4, shard_size=20, queue=queue,
                           settings=settings, log=lambda *_: None)
-    lost = h.manifest["shards"][5]["shard_id"]
+    lost = h.manifest.shards[5].shard_id
     _drop_message(RunStore(broker).r, queue, shard_task_id(h.run_id, lost))
     start_workers(broker, queue, backend="sim", sim="rate=40", settings=settings)
     res = h.wait(progress=False, timeout=120, log=lambda *_: None)
@@ -81,7 +81,7 @@ def test_cancel_after_resume_revokes_the_resumed_merge(redis_url, start_workers,
     h = submit_evaluation(weights=sim_weights(tmp_path), data="index:64", backend="sim", batch_size=4,
                           shard_size=16, queue=queue, settings=settings, log=lambda *_: None)
     store = RunStore(redis_url)
-    lost = h.manifest["shards"][3]["shard_id"]
+    lost = h.manifest.shards[3].shard_id
     _drop_message(store.r, queue, shard_task_id(h.run_id, lost))
     w = start_workers(redis_url, queue, backend="sim", sim="rate=2", settings=settings)  # 8 s a shard
     from nasq.api import cancel, resume

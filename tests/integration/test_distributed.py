@@ -67,14 +67,13 @@ def test_1000_outputs_and_ais_bench_output_layout(assets, workers, settings, tmp
 
 def _shard_results(store, manifest):
     """The shards' kept results (a run's shards are sent with ignore_result: Celery keeps none)."""
-    kept = store.shard_results(manifest["run_id"])
-    return [kept[s["shard_id"]] for s in manifest["shards"]]
+    kept = store.shard_results(manifest.run_id)
+    return [kept[sid] for sid in manifest.shard_ids]
 
 
 def test_duplicate_shard_result_ignored_and_missing_shard_named(assets, workers, settings, start_workers,
                                                                 redis_url):
     from nasq.api import submit_evaluation
-    from nasq.wire import shard_tasks
 
     res = evaluate(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4,
                    shard_size=8, queue=workers.queue, settings=settings, progress=False, log=lambda *_: None)
@@ -85,7 +84,7 @@ def test_duplicate_shard_result_ignored_and_missing_shard_named(assets, workers,
     # A redelivered shard (the same message again, after the run was merged) is skipped; a second
     # result of a shard (a copy that ran: the hung worker that came back) is dropped and counted;
     # the report the client has is the report kept, in Redis and on disk.
-    again = shard_tasks(manifest)[1]
+    again = manifest.tasks()[1]
     out = app.signature(TASK_EVAL_SHARD, args=again.args(), queue=workers.queue).apply_async().get(timeout=60)
     assert out["status"] == "skipped" and "done" in out["reason"] and store.dropped(res.run_id) == {}
     second = dict(store.shard_results(res.run_id)[again.shard_id], worker="elsewhere@host")
@@ -111,24 +110,24 @@ def test_duplicate_shard_result_ignored_and_missing_shard_named(assets, workers,
                           shard_size=8, queue=quiet, settings=settings, log=lambda *_: None)
     store.r.delete(quiet)  # the messages are lost
     kept = store.shard_results(res.run_id)
-    gone = b.manifest["shards"][2]
-    for s in b.manifest["shards"][:2]:
-        r = {**kept[s["shard_id"]], "run_id": b.run_id}
-        assert store.commit_shard(b.run_id, s["shard_id"], holder="planted", status="ok", result=r,
+    gone = b.manifest.shards[2].shard_id
+    for sid in b.manifest.shard_ids[:2]:
+        r = {**kept[sid], "run_id": b.run_id}
+        assert store.commit_shard(b.run_id, sid, holder="planted", status="ok", result=r,
                                   summary={"status": "ok", "worker": r["worker"], "images": len(r["indices"])}
                                   )[0] == "accepted"
     # (the merge waits merge_wait_s for a shard that may still come: a merging worker that waits 3 s)
     merger = start_workers(redis_url, f"merge-{uuid.uuid4().hex[:6]}", settings=Settings(merge_wait_s=3))
-    with pytest.raises(Exception, match=gone["shard_id"]):
+    with pytest.raises(Exception, match=gone):
         app.signature(TASK_MERGE, args=([],), kwargs={"run_id": b.run_id},
                       queue=merger.queue).apply_async().get(timeout=60)
     merger.stop()
     st = store.state(b.run_id)
-    assert st["state"] == "failed" and gone["shard_id"] in st["error"] and "nasq resume" in st["error"]
+    assert st["state"] == "failed" and gone in st["error"] and "nasq resume" in st["error"]
     # nothing lost: what finished is kept as a partial report ...
     partial = store.report(b.run_id)
-    assert partial["partial"] is True and partial["shards_not_ok"] == [gone["shard_id"]]
-    gone_images = len(next(r for r in results if r["shard_id"] == gone["shard_id"])["indices"])
+    assert partial["partial"] is True and partial["shards_not_ok"] == [gone]
+    gone_images = len(next(r for r in results if r["shard_id"] == gone)["indices"])
     assert partial["images"] == res.report["images"] - gone_images
     assert os.path.isfile(partial["files"]["json"])
     # ... and `resume` (a worker on the run's queue now) reruns only the missing shard, then merges everything
@@ -146,7 +145,7 @@ def test_duplicate_shard_result_ignored_and_missing_shard_named(assets, workers,
     assert done.not_rendered == {} and all(os.path.getsize(p) > 0 for p in done.report["files"].values())
     assert done.predictions["top5"] == res.predictions["top5"]
     rerun = {sid for sid, f in store.finished(b.run_id).items() if f.get("finished_at", 0) > t_resume}
-    assert rerun == {gone["shard_id"]}  # only that shard ran again
+    assert rerun == {gone}  # only that shard ran again
     assert store.state(b.run_id)["state"] == "done"
 
 

@@ -41,14 +41,14 @@ def test_an_option_declared_once_is_a_flag_a_keyword_in_the_manifest_and_in_the_
                     warmup_batches=3, queue=f"eval.req-{uuid.uuid4().hex[:6]}", settings=settings, log=lambda *_: None)
     try:
         manifest = RunStore(redis_url).manifest(handle.run_id)
-        assert manifest["request"]["warmup_batches"] == 3  # the manifest's record of the request
-        assert manifest["request"]["batch_size"] == rq.EvalRequest.__dataclass_fields__["batch_size"].default
-        command = manifest["command"]  # the rerun command
+        assert manifest.request["warmup_batches"] == 3  # the manifest's record of the request
+        assert manifest.request["batch_size"] == rq.EvalRequest.__dataclass_fields__["batch_size"].default
+        command = list(manifest.command)  # the rerun command
         assert command[command.index("--warmup-batches") + 1] == "3"
         assert command[command.index("--weights") + 1] == assets["weights"]
         # and that command parses back into the same request
         again = rq.request_from_args(parser.parse_args(command[1:]))
-        assert again.warmup_batches == 3 and again.backend == "sim" and again.labels == manifest["request"]["labels"]
+        assert again.warmup_batches == 3 and again.backend == "sim" and again.labels == manifest.request["labels"]
     finally:
         handle.close()
         cancel(handle.run_id, settings=settings, log=lambda *_: None)

@@ -71,7 +71,7 @@ def test_status_watch_follows_a_run_to_its_report(assets, start_workers, setting
     queue = f"eval.watch-{uuid.uuid4().hex[:6]}"  # no worker yet: the watcher sees the run running first
     manifest = submit_evaluation(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=2,
                                  shard_size=2, queue=queue, settings=settings, log=lambda *_: None).manifest
-    watcher = subprocess.Popen(nasq_cli + ["status", manifest["run_id"], "--watch", "--interval", "0.2",
+    watcher = subprocess.Popen(nasq_cli + ["status", manifest.run_id, "--watch", "--interval", "0.2",
                                            "--broker", settings.broker_url], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, cwd=repo)
     first = watcher.stdout.readline()  # the watcher runs and has seen the run (running, no worker yet)
@@ -83,17 +83,17 @@ def test_status_watch_follows_a_run_to_its_report(assets, start_workers, setting
     out = first + out
     p = subprocess.CompletedProcess(watcher.args, watcher.returncode, out, err)
     assert p.returncode == 0, p.stderr
-    lines = [l for l in p.stdout.splitlines() if l.startswith(f"run {manifest['run_id']}")]
+    lines = [l for l in p.stdout.splitlines() if l.startswith(f"run {manifest.run_id}")]
     assert any("running" in l for l in lines), p.stdout  # seen while it ran
     assert "done" in lines[-1] and "shards 12/12" in p.stdout and "images 23/23" in p.stdout
     assert lines.count(lines[-1]) == 1, p.stdout  # piped: each status line once
     assert "top-1 100.00%" in p.stdout and "report files:" in p.stdout
-    report = store.report(manifest["run_id"])
+    report = store.report(manifest.run_id)
     for path in report["files"].values():
         assert os.path.getsize(path) > 0
     runs = subprocess.run(nasq_cli + ["runs", "--broker", settings.broker_url], capture_output=True, text=True,
                           cwd=repo, timeout=60)
-    assert manifest["run_id"] in runs.stdout and "done" in runs.stdout
+    assert manifest.run_id in runs.stdout and "done" in runs.stdout
 
 
 def test_flower_with_auth_shows_the_runs_workers_and_tasks(assets, workers, settings, nasq_cli, repo, tmp_path,

@@ -161,7 +161,7 @@ def test_resume_of_a_run_with_failed_shards_reruns_exactly_those(assets, redis_u
     bad.stop()
     failed = {sid for sid, f in store.finished(h.run_id).items() if f["status"] == "error"}
     kept = set(store.shard_results(h.run_id))
-    assert failed and failed | kept == {s["shard_id"] for s in h.manifest["shards"]}, (failed, kept)
+    assert failed and failed | kept == set(h.manifest.shard_ids), (failed, kept)
     from nasq.api import resume
 
     t = time.time()
@@ -347,7 +347,7 @@ def _unsigned_and_forged_runs(assets, redis_url, start_workers, tmp_path, keypai
                           shard_size=8, queue=w.queue, settings=Settings(broker_url=redis_url, lease_s=2),
                           output_dir=str(out), log=lambda *_: None)
     # a run record written into Redis by hand (no message at all), naming a folder in the workers' write roots
-    forged = dict(h.manifest, run_id="forged-" + uuid.uuid4().hex[:6])
+    forged = dict(h.manifest.to_payload(), run_id="forged-" + uuid.uuid4().hex[:6])
     forged["output"] = {"dir": str(out / "forged"), "fmt": "NPY"}
     store.r.set(f"nasq:run:{forged['run_id']}:manifest", json.dumps(forged))
     store.r.set(f"nasq:run:{forged['run_id']}:state", json.dumps({"state": "running", "at": time.time(),

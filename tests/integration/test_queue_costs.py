@@ -15,6 +15,7 @@ from nasq.config import Settings
 from nasq.queue.app import make_app
 from nasq.queue.redis_server import RedisServer
 from nasq.queue.store import RunStore
+from plans import run_manifest
 
 
 def _commands(r) -> int:
@@ -29,7 +30,7 @@ def test_a_shards_ledger_costs_few_commands_and_a_kept_result_stops_every_other_
         store = RunStore(url)
         run_id = f"costs-{uuid.uuid4().hex[:6]}"
         shards = [{"shard_id": f"shard-{i:05d}", "start": 8 * i, "stop": 8 * i + 8} for i in range(2)]
-        store.save_manifest({"run_id": run_id, "shards": shards, "dataset": {"images": 16}, "queue": "q"})
+        store.save_manifest(run_manifest(run_id, shards))
         sid, info = shards[0]["shard_id"], {"worker": "w", "images": 8}
         for script in ("CLAIM", "TICK", "COMMIT", "RENEW", "FAIL"):  # loaded once per connection: not a shard's cost
             store._scripts[script].sha = store.r.script_load(store._scripts[script].script)

@@ -88,8 +88,8 @@ def test_an_image_rewritten_mid_run_with_the_same_size_is_never_scored(kind, ass
     w = start_workers(redis_url, backend="sim", sim="rate=8", settings=settings)
     h = submit_evaluation(weights=assets["weights"], data=data, backend="sim", batch_size=4, shard_size=4,
                           queue=w.queue, settings=settings, log=lambda *_: None)
-    assert h.manifest["dataset"]["content"] and h.manifest["dataset"]["fingerprint"] == h.manifest["dataset"][
-        "content"][:16]  # the fingerprint covers the bytes
+    dataset = h.manifest.job.dataset
+    assert dataset.content and dataset.fingerprint == dataset.content[:16]  # the fingerprint covers the bytes
     store = RunStore(redis_url)
     until(lambda: store.running(h.run_id) or store.shard_counts(h.run_id)[0], 60, "the worker has listed the data")
     named = _change(kind, data)  # while the worker is at the first shards (4 images at 8 img/s each)
@@ -354,7 +354,7 @@ def test_json_is_written_for_failed_and_cancelled_runs(assets, redis_url, start_
                             stderr=subprocess.PIPE, text=True)
     store = RunStore(redis_url)
     run_id = until(lambda: next((r for r in store.run_ids(5) if store.running(r)
-                                 and (store.manifest(r) or {}).get("created", 0) >= t0 - 1), None), 60, "the run starts")
+                                 and ((m := store.manifest(r)) and m.created or 0) >= t0 - 1), None), 60, "the run starts")
     c = cli(["cancel", run_id], broker=redis_url, report_dir=tmp_path / "rep")
     assert c.returncode == 0, c.stderr
     _, err = proc.communicate(timeout=120)

@@ -12,7 +12,8 @@ from nasq.errors import RunError
 from nasq.inference.resources import DeviceResources
 from nasq.inference.shard import run_shard
 from nasq.perf.sweep import measure_point, point_file, read_rows
-from nasq.wire import MessageError, ShardTask, SweepPoint, job_of, make_manifest
+from nasq.rundata import RunManifest
+from nasq.wire import EvalJob, MessageError, ShardTask, SweepPoint
 from nasq.results.ending import MergeLater, finish_run
 
 
@@ -280,13 +281,19 @@ def test_run_precision_wins_over_the_workers(assets, tmp_path):
     assert out["status"] == "error" and "fp16 runs on CUDA only" in out["error"]  # the flag reached the backend
 
 
+def _planned(assets) -> RunManifest:
+    """A run of 12 images in shards of 4."""
+    job = EvalJob.from_payload(_job(assets) | {"dataset": {**_job(assets)["dataset"], "images": 12}})
+    return RunManifest.plan(job, shard_size=4, queue="q")
+
+
 def _results(manifest, drop=()):
     out = []
-    for s in manifest["shards"]:
-        if s["shard_id"] in drop:
+    for s in manifest.shards:
+        if s.shard_id in drop:
             continue
-        idx = list(range(s["start"], s["stop"]))
-        out.append({"run_id": manifest["run_id"], "shard_id": s["shard_id"], "status": "ok", "worker": "w0",
+        idx = list(range(s.start, s.stop))
+        out.append({"run_id": manifest.run_id, "shard_id": s.shard_id, "status": "ok", "worker": "w0",
                     "device": "cpu", "backend": "torch", "indices": idx, "names": [f"{i}.JPEG" for i in idx],
                     "labels": idx, "top5": [[i, 0, 0, 0, 0] for i in idx], "scores": [[1.0] * 5 for _ in idx],
                     "errors": [], "num_outputs": 1001,
@@ -295,38 +302,36 @@ def _results(manifest, drop=()):
 
 
 def test_merge_run_writes_the_report_and_fetches_late_shards(assets, tmp_path):
-    manifest = make_manifest(job_of(_job(assets) | {"dataset": {**_job(assets)["dataset"], "images": 12}}),
-                             shard_size=4, queue="q")
+    manifest = _planned(assets)
     results = _results(manifest)
     late = results.pop(1)  # its result is only in the run store (a redelivered or re-dispatched shard)
     store = MemoryStore(manifest, stored=[late])
-    report = finish_run(manifest["run_id"], results, store=store, report_dir=str(tmp_path), merge_wait_s=60,
+    report = finish_run(manifest.run_id, results, store=store, report_dir=str(tmp_path), merge_wait_s=60,
                        first_try=0.0)
     assert report["images"] == 12 and report["top1"] == 100.0 and report["shards"] == 3
     assert store.states[-1]["state"] == "done" and os.path.isfile(report["files"]["json"])
-    assert store.reports[manifest["run_id"]][1]["indices"] == list(range(12))
+    assert store.reports[manifest.run_id][1]["indices"] == list(range(12))
     # the plots and the page come after the numbers are stored, into the folder the report names
     assert report["files_to_come"] == ["plot", "devices", "html"] and store.rendered == {}
     assert all(os.path.getsize(report["files"][k]) > 0 for k in report["files_to_come"])
-    assert json.load(open(report["files"]["json"])) == store.reports[manifest["run_id"]][0] == report
+    assert json.load(open(report["files"]["json"])) == store.reports[manifest.run_id][0] == report
 
 
 def test_merge_run_waits_for_a_running_shard_then_fails_keeping_the_rest(assets, tmp_path):
     import time
 
-    manifest = make_manifest(job_of(_job(assets) | {"dataset": {**_job(assets)["dataset"], "images": 12}}),
-                             shard_size=4, queue="q")
-    gone = manifest["shards"][2]["shard_id"]
+    manifest = _planned(assets)
+    gone = manifest.shards[2].shard_id
     results = _results(manifest, drop={gone})
     store = MemoryStore(manifest, running=[gone])
     kw = dict(store=store, report_dir=str(tmp_path), merge_wait_s=60)
     with pytest.raises(MergeLater):
-        finish_run(manifest["run_id"], results, first_try=time.time(), **kw)
+        finish_run(manifest.run_id, results, first_try=time.time(), **kw)
     assert store.states == []  # nothing decided yet
     with pytest.raises(RunError, match=gone):
-        finish_run(manifest["run_id"], results, first_try=time.time() - 120, **kw)
+        finish_run(manifest.run_id, results, first_try=time.time() - 120, **kw)
     assert store.states[-1]["state"] == "failed" and "nasq resume" in store.states[-1]["error"]
-    partial, _ = store.reports[manifest["run_id"]]
+    partial, _ = store.reports[manifest.run_id]
     assert partial["partial"] and partial["images"] == 8 and partial["shards_not_ok"] == [gone]
 
 
@@ -384,9 +389,8 @@ def test_a_bad_precision_flag_is_one_line_before_anything_starts(tmp_path):
 def test_fail_run_heals_what_was_only_lost_and_fails_what_failed(assets, tmp_path):
     from nasq.results.ending import fail_run
 
-    manifest = make_manifest(job_of(_job(assets) | {"dataset": {**_job(assets)["dataset"], "images": 12}}),
-                             shard_size=4, queue="q")
-    ids = [s["shard_id"] for s in manifest["shards"]]
+    manifest = _planned(assets)
+    ids = manifest.shard_ids
 
     class Store(MemoryStore):
         def __init__(self, *a, finished=None, **kw):
@@ -406,27 +410,27 @@ def test_fail_run_heals_what_was_only_lost_and_fails_what_failed(assets, tmp_pat
     sent = []
     # one shard revoked in flight (no result, no failure): dispatched again, the run goes on
     store = Store(manifest, stored=_results(manifest, drop={ids[1]}))
-    fail_run(manifest["run_id"], RuntimeError("revoked"), store=store, report_dir=str(tmp_path / "case1"),
+    fail_run(manifest.run_id, RuntimeError("revoked"), store=store, report_dir=str(tmp_path / "case1"),
              redispatch=lambda m, sids: sent.extend(sids))
     assert sent == [ids[1]] and store.states == []
     # a shard that failed on a device and was sent again for another is on its way: nothing happens
     store = Store(manifest, stored=_results(manifest, drop={ids[0]}))
     store.failures = lambda run_id: {ids[0]: [{"worker": "w9", "error": "device lost"}]}
-    fail_run(manifest["run_id"], RuntimeError("a header part failed"), store=store, report_dir=str(tmp_path / "case2"),
+    fail_run(manifest.run_id, RuntimeError("a header part failed"), store=store, report_dir=str(tmp_path / "case2"),
              redispatch=lambda m, sids: sent.extend(sids))
     assert sent == [ids[1]] and store.states == []
     # every shard finished after all: the run is merged and done
     store = Store(manifest, stored=_results(manifest))
-    fail_run(manifest["run_id"], RuntimeError("late"), store=store, report_dir=str(tmp_path / "case3"),
+    fail_run(manifest.run_id, RuntimeError("late"), store=store, report_dir=str(tmp_path / "case3"),
              redispatch=lambda m, sids: sent.extend(sids))
-    assert store.states[-1]["state"] == "done" and store.reports[manifest["run_id"]][0]["images"] == 12
+    assert store.states[-1]["state"] == "done" and store.reports[manifest.run_id][0]["images"] == 12
     # a shard that failed for real: the run fails with a partial report naming it
     store = Store(manifest, stored=_results(manifest, drop={ids[2]}),
                   finished={ids[2]: {"status": "error", "error": "boom", "worker": "w0"}})
-    fail_run(manifest["run_id"], RuntimeError("chord"), store=store, report_dir=str(tmp_path / "case4"),
+    fail_run(manifest.run_id, RuntimeError("chord"), store=store, report_dir=str(tmp_path / "case4"),
              redispatch=lambda m, sids: sent.extend(sids))
     assert store.states[-1]["state"] == "failed" and "boom" in store.states[-1]["error"]
-    assert store.reports[manifest["run_id"]][0]["shards_not_ok"] == [ids[2]]
+    assert store.reports[manifest.run_id][0]["shards_not_ok"] == [ids[2]]
 
 
 def test_the_simulated_device_is_deterministic_and_says_what_it_is(tmp_path):

@@ -1,5 +1,6 @@
 """Merge validation: exactly one result per shard, all present, every image accounted for."""
 import pytest
+from plans import run_manifest
 
 from nasq.errors import RunError
 from nasq.wire import plan_even, plan_shards
@@ -8,13 +9,12 @@ from nasq.results.report import render
 
 
 def _manifest(n=10, size=4):
-    return {"run_id": "r1", "batch_size": 2, "dataset": {"images": n, "root": "/d", "kind": "jpeg", "fingerprint": "f"},
-            "shards": plan_shards(n, size, 2)}
+    return run_manifest("r1", plan_shards(n, size, 2), batch_size=2)
 
 
 def _result(s, worker="w1", t0=100.0):
-    idx = list(range(s["start"], s["stop"]))
-    return {"run_id": "r1", "shard_id": s["shard_id"], "status": "ok", "worker": worker, "device": "cpu",
+    idx = list(range(s.start, s.stop))
+    return {"run_id": "r1", "shard_id": s.shard_id, "status": "ok", "worker": worker, "device": "cpu",
             "backend": "torch", "indices": idx, "names": [f"{i}.JPEG" for i in idx], "labels": [i % 3 for i in idx],
             "top5": [[i % 3, 7, 8, 9, 10] for i in idx], "scores": [[1.0] * 5 for _ in idx], "errors": [],
             "num_outputs": 1001, "timing": {"data_s": 0.1, "compute_s": 1.0, "wall_s": 1.2, "started_at": t0,
@@ -40,10 +40,10 @@ def test_plan_shards_cover_range_in_batch_multiples():
 
 def test_duplicate_dropped_and_report_correct():
     m = _manifest()
-    results = [_result(s) for s in m["shards"]]
-    dup = _result(m["shards"][1], worker="w2", t0=101.0)  # redelivered: differs in more than a byte
+    results = [_result(s) for s in m.shards]
+    dup = _result(m.shards[1], worker="w2", t0=101.0)  # redelivered: differs in more than a byte
     report, pred = merge(m, results[:2] + [dup] + results[2:])
-    assert report["duplicate_shard_results_dropped"] == [m["shards"][1]["shard_id"]]
+    assert report["duplicate_shard_results_dropped"] == [m.shards[1].shard_id]
     assert report["images"] == 10 and pred["indices"] == list(range(10))
     assert report["top1"] == 100.0 and report["correct"]["top1"] == 10
     assert "w2" not in {d["worker"] for d in report["per_device"]}
@@ -52,7 +52,7 @@ def test_duplicate_dropped_and_report_correct():
 
 def test_missing_shard_named():
     m = _manifest()
-    results = [_result(s) for s in m["shards"]]
+    results = [_result(s) for s in m.shards]
     with pytest.raises(MissingShards, match="shard-00001") as e:
         collect(m, results[:1] + results[2:])
     assert e.value.missing == ["shard-00001"]
@@ -60,7 +60,7 @@ def test_missing_shard_named():
 
 def test_failed_shard_fails_run_with_its_error():
     m = _manifest()
-    results = [_result(s) for s in m["shards"]]
+    results = [_result(s) for s in m.shards]
     results[2] = {**results[2], "status": "error", "error": "CUDA out of memory"}
     with pytest.raises(RunError, match="shard-00002 on w1: CUDA out of memory"):
         collect(m, results)
@@ -68,7 +68,7 @@ def test_failed_shard_fails_run_with_its_error():
 
 def test_short_shard_detected():
     m = _manifest()
-    results = [_result(s) for s in m["shards"]]
+    results = [_result(s) for s in m.shards]
     results[0] = {**results[0], "indices": results[0]["indices"][:-1]}
     with pytest.raises(RunError, match="accounts for 3 images, expected 4"):
         collect(m, results)
@@ -76,7 +76,7 @@ def test_short_shard_detected():
 
 def test_foreign_results_ignored():
     m = _manifest()
-    results = [_result(s) for s in m["shards"]] + [{**_result(m["shards"][0]), "run_id": "other"}]
+    results = [_result(s) for s in m.shards] + [{**_result(m.shards[0]), "run_id": "other"}]
     report, _ = merge(m, results)
     assert report["shards"] == 3
 

@@ -115,15 +115,17 @@ def test_ais_bench_block_and_timm_row():
 
 
 def test_history_index_round_trip(tmp_path):
-    from nasq.results.history import get, query, record, row_of
+    from dataclasses import replace
 
-    manifest = {"run_id": "r1", "created": 100.0, "backend": "torch", "batch_size": 8,
-                "dataset": {"root": "/d", "fingerprint": "f", "images": 10}, "model": {"weights": "/w.pth"}}
+    from nasq.results.history import get, query, record, row_of
+    from plans import run_manifest
+
+    manifest = run_manifest("r1", [], images=10, created=100.0)
     record(str(tmp_path), row_of(manifest, "done", {"images": 10, "top1": 90.0, "model": {"arch": "large"},
                                                     "per_device": [{"host": "vm1", "device": "cpu",
                                                                     "device_name": "PyTorch CPU, 1 thread"}]}))
-    record(str(tmp_path), row_of({**manifest, "run_id": "r2", "created": 200.0, "backend": "onnxruntime"}, "failed",
-                                 error="boom"))
+    onnx = replace(manifest, run_id="r2", created=200.0, job=replace(manifest.job, backend="onnxruntime"))
+    record(str(tmp_path), row_of(onnx, "failed", error="boom"))
     assert [r["run_id"] for r in query(str(tmp_path))] == ["r2", "r1"]
     assert [r["run_id"] for r in query(str(tmp_path), state="done")] == ["r1"]
     assert [r["run_id"] for r in query(str(tmp_path), backend="onnxruntime")] == ["r2"]
@@ -145,7 +147,9 @@ def test_a_cancelled_run_stays_cancelled(tmp_path):
             self.writes = []
 
         def manifest(self, run_id):
-            return {"run_id": run_id, "shards": [{"shard_id": "s0", "start": 0, "stop": 1}]}
+            from plans import run_manifest
+
+            return run_manifest(run_id, [{"shard_id": "s0", "start": 0, "stop": 1}])
 
         def state(self, run_id):
             return {"state": "cancelled"}

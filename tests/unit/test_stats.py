@@ -68,10 +68,11 @@ def _shard(sid, start, stop, worker, host, device, lat):
 
 
 def _manifest(n_shards=3, size=8):
-    return {"run_id": "r", "created": 99.0, "batch_size": 8, "backend": "sim",
-            "dataset": {"images": n_shards * size, "root": "/d", "kind": "u8", "fingerprint": "f"},
-            "shards": [{"shard_id": f"s{i}", "start": i * size, "stop": (i + 1) * size} for i in range(n_shards)],
-            "command": ["nasq", "eval", "--weights", "/w/x.pth"]}
+    from plans import run_manifest
+
+    return run_manifest("r", [{"shard_id": f"s{i}", "start": i * size, "stop": (i + 1) * size} for i in range(n_shards)],
+                        created=99.0, backend="sim", dataset={"kind": "u8"}, command=["nasq", "eval", "--weights",
+                                                                                       "/w/x.pth"])
 
 
 def test_three_devices_are_three_cells_and_few_batches_flag_the_p99():
@@ -206,9 +207,9 @@ def test_an_index_written_by_an_earlier_nasq_is_read_as_it_is_and_extended_on_wr
     (row,) = query(str(tmp_path))
     assert row["run_id"] == "old" and row["images_planned"] is None and row["device_list"] is None
     assert len({r[1] for r in sqlite3.connect(str(tmp_path / INDEX)).execute("PRAGMA table_info(runs)")}) == len(old)
-    manifest = {"run_id": "new", "created": 3.0, "backend": "torch", "batch_size": 8,
-                "dataset": {"root": "/d", "fingerprint": "f", "images": 10}, "model": {"weights": "/w.pth"},
-                "shards": [{"shard_id": "s0", "start": 0, "stop": 10}]}
+    from plans import run_manifest
+
+    manifest = run_manifest("new", [{"shard_id": "s0", "start": 0, "stop": 10}], created=3.0)
     record(str(tmp_path), row_of(manifest, "failed", error="boom"))
     assert get(str(tmp_path), "new")["images_planned"] == 10 and get(str(tmp_path), "old")["top1"] == 90.0
 

@@ -232,9 +232,16 @@ def test_the_merge_writes_only_under_its_own_run_folder(tmp_path):
     from nasq.errors import RunError
     from nasq.results.ending import finish_run
 
+    from dataclasses import replace
+
+    from plans import run_manifest
+
+    with pytest.raises(MessageError, match="run_id"):  # what a store reads is refused as it is read
+        run_manifest("/tmp/elsewhere")
+
     class Store:
-        def manifest(self, run_id):
-            return {"run_id": "/tmp/elsewhere", "shards": []}
+        def manifest(self, run_id):  # and a manifest of another run is refused by the merge
+            return replace(run_manifest("r1"), run_id="/tmp/elsewhere")
 
     with pytest.raises(RunError, match="another run"):
         finish_run("r1", [], store=Store(), report_dir=str(tmp_path), merge_wait_s=1, first_try=0)
