@@ -57,7 +57,7 @@ def main() -> None:
         res = h.wait(progress=False, timeout=3600, log=lambda *_: None)
         time.sleep(1)
         info = store.r.info("memory")
-        shards = res.report["shards"]
+        shards = res.report.shards
         keys = {k.decode(): store.r.memory_usage(k) or 0 for k in store.r.scan_iter(f"nasq:run:{h.run_id}:*")}
         row = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                "redis": store.r.info("server")["redis_version"], "images": args.images, "shards": shards,

@@ -68,10 +68,10 @@ def main() -> None:
             if bad else None
         wall, res = run(queue)
         rep = res.report
-        rows[label] = {"wall_s": round(wall, 2), "images": rep["images"], "shards": rep["shards"],
+        rows[label] = {"wall_s": round(wall, 2), "images": rep.images, "shards": rep.shards,
                        "excluded": [{k: e.get(k) for k in ("worker", "shards_failed", "reason")}
-                                    for e in rep.get("excluded_devices") or []],
-                       "shards_that_failed_somewhere": len(rep.get("shard_failures") or {}),
+                                    for e in rep.excluded_devices or []],
+                       "shards_that_failed_somewhere": len(rep.shard_failures or {}),
                        "top5": res.predictions["top5"]}
         print(json.dumps({k: v for k, v in rows[label].items() if k != "top5"}), flush=True)
         healthy.stop()

@@ -173,7 +173,7 @@ def main() -> None:
         wall, files_s = numbers["at"] - t0, time.time() - t0
         used = load.read() if not fault else None  # a restarted Redis starts its counts again
         rep = res.report
-        shards_end = max(d["last_finish"] for d in rep["per_device"])
+        shards_end = max(d["last_finish"] for d in rep.per_device)
         kept = store.shard_results(h.run_id)
         sizes = sorted(len(json.dumps(r)) for r in kept.values())
         gaps = shard_gaps(kept)
@@ -181,17 +181,17 @@ def main() -> None:
         manifest = store.manifest(h.run_id)
         msg = len(json.dumps(manifest.tasks()[0].args()))
         row = {"run": label, "run_id": h.run_id, "wall_s": round(wall, 2), "files_s": round(files_s, 2),
-               "images": rep["images"],
-               "shards": rep["shards"], "shard_images": manifest.shards[0].stop, "fault_at_s": round(hit["at"], 1) if hit else None,
-               "merge_s": round(rep["finished"] - shards_end, 2), "report_to_client_s": round(t0 + wall - rep["finished"], 2),
-               "redispatched": rep.get("redispatched_shards"), "redis_used_memory_peak": info["used_memory_peak_human"],
+               "images": rep.images,
+               "shards": rep.shards, "shard_images": manifest.shards[0].stop, "fault_at_s": round(hit["at"], 1) if hit else None,
+               "merge_s": round(rep.finished - shards_end, 2), "report_to_client_s": round(t0 + wall - rep.finished, 2),
+               "redispatched": rep.redispatched_shards, "redis_used_memory_peak": info["used_memory_peak_human"],
                "shard_message_bytes": msg, "shard_result_bytes_median": sizes[len(sizes) // 2],
-               "workers_reporting": len(rep["per_device"]), "client_said": [m for m in said if "run " in m][-3:],
+               "workers_reporting": len(rep.per_device), "client_said": [m for m in said if "run " in m][-3:],
                "submit_s": round(submit_s, 3),
                "gap_between_shards_s": {"median": gaps[len(gaps) // 2] if gaps else None,
                                         "p90": gaps[int(len(gaps) * 0.9)] if gaps else None, "n": len(gaps)}}
         if used:
-            row.update(redis_commands=used["commands"], redis_commands_per_shard=used["commands"] / rep["shards"],
+            row.update(redis_commands=used["commands"], redis_commands_per_shard=used["commands"] / rep.shards,
                        redis_cpu_s=round(used["cpu_s"], 2), redis_top_commands=used["top"])
         results[label] = row
         print(json.dumps(row), flush=True)

@@ -132,11 +132,11 @@ def main() -> None:
         wall = at["numbers"] - t0
         model = dict(parts, storage_s=parts["storage_s"] if not rows else 0.0)  # the second reads no storage
         predicted = max(model.values())
-        read = res.report["data_read"]
+        read = res.report.data_read
         row = {"run": label, "wall_s": round(wall, 2), "submit_s": round(submitted, 2), "model_s": round(predicted, 2),
                "bound_by": max(model, key=model.get), "efficiency": round(predicted / wall, 4),
                "images_from_cache": read["images_from_cache"], "images_from_source": read["images_from_source"],
-               "gb_from_source": round(read["bytes_from_source"] / 1e9, 2), "images": res.report["images"]}
+               "gb_from_source": round(read["bytes_from_source"] / 1e9, 2), "images": res.report.images}
         print(json.dumps(row), flush=True)
         rows.append(row)
         if reference is None:

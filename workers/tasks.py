@@ -45,11 +45,11 @@ def eval_shard(self, run_id, shard_id, start, stop, job) -> dict:
         raise ShardFailed(f"bad shard message: {e}") from None
     queue = (self.request.delivery_info or {}).get("routing_key") or None
     final = ended_on_disk(self.worker.settings.report_dir, task.run_id)
-    if final is not None and final["state"] in FINAL:  # write once: the report folder decides
+    if final is not None and final.state in FINAL:  # write once: the report folder decides
         said_once(task.run_id, "run %s: it is %s and its report is published: its shards do not run again",
-                  task.run_id, final["state"])
+                  task.run_id, final.state)
         return {"run_id": task.run_id, "shard_id": task.shard_id, "status": "skipped",
-                "reason": f"the run is {final['state']}: its report is published and final"}
+                "reason": f"the run is {final.state}: its report is published and final"}
     out = run_shard(task, ledger=self.store, resources=self.resources, worker=self.worker, queue=queue)
     if out.get("kept"):
         kept, shards, finished = out["kept_of"]
@@ -98,7 +98,8 @@ def merge_run(self, results: list, run_id: str, _first_try: float | None = None)
             log.info("run %s: its plots and HTML page rendered (its merging worker had gone before)", run_id)
         return {"run_id": run_id, "merged": False, "state": e.state}
     # The report is in the run store and the report dir; the chord, Flower and the log get its headline.
-    headline = {k: report.get(k) for k in ("run_id", "images", "error_count", "top1", "top5", "throughput_img_s")}
+    headline = {"run_id": report.run_id, "images": report.images, "error_count": report.error_count,
+                "top1": report.top1, "top5": report.top5, "throughput_img_s": report.throughput_img_s}
     log.info("run %s merged: %s images (%s unusable), top-1 %s%%, %s img/s", run_id, headline["images"],
              headline["error_count"], headline["top1"], headline["throughput_img_s"])
     return headline

@@ -5,7 +5,7 @@ Example::
     from nasq.api import evaluate
     result = evaluate(weights="nasnetalarge-a1897284.pth", data="/data/imagenet/val",
                       labels="/data/imagenet/val_label.txt", batch_size=32)
-    print(result.report["top1"], result.report["throughput_img_s"])
+    print(result.report.top1, result.report.throughput_img_s)
 
 Every check of the user's input (weights, data, labels, precision) happens before a Redis or a
 worker starts (``checks``); the queue layer (``nasq.queue``) does the rest. By job: ``builds``,

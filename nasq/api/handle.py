@@ -14,21 +14,21 @@ from ..queue.healing import Healer
 from ..queue.session import BROKER_ERRORS, Progress, Session
 from ..queue.store import BrokerFull
 from ..results.report import render
-from ..rundata import RunManifest
+from ..rundata import Report, RunManifest
 from ..runstate import RunState, is_ended
 
 
 @dataclass
 class EvalResult:
     run_id: str
-    report: dict
+    report: Report
     predictions: dict | None
     #: what the merging worker could not do once the report was final (the run history not
     #: updated, files not moved into place), by what
     notes: dict | None = None
     #: the run's Redis was the command's own (an embedded run): it is gone once the command ends
     embedded: bool = False
-    #: file name -> reason, for the files of ``report["files_to_come"]`` that were not rendered
+    #: file name -> reason, for the files of the report's ``files_to_come`` that were not rendered
     not_rendered: dict = field(default_factory=dict)
     #: why the report's files are not in place (None: they are published, every path exists)
     unpublished: str | None = None
@@ -130,7 +130,7 @@ class _RunRecord:
     def ready(self) -> bool:
         return is_ended((self.store.state(self.run_id) or {}).get("state"))
 
-    def get(self, **_) -> dict:
+    def get(self, **_) -> Report:
         st = self.store.state(self.run_id) or {}
         if st.get("state") != RunState.DONE:
             raise _ended_error(self.store, self.run_id, st)
@@ -216,12 +216,12 @@ def _ended_error(store, run_id: str, st: dict) -> RunError:
     report (what it finished, the shards it lacks and why) is, once its files are published
     (waited for a little: a cancel writes its report after the cancel takes effect)."""
     published = store.wait_published(run_id, timeout_s=30.0)
-    report = store.report(run_id) or {}
-    where = (report.get("files") or {}).get("json") if published else None
-    done = f"{report.get('images', 0)} of {report.get('images_planned', '?')} images evaluated" if report else ""
+    report = store.report(run_id)
+    where = (report.files or {}).get("json") if published and report else None
+    done = f"{report.images} of {report.planned_images} images evaluated" if report else ""
     text = st.get("error") or f"run {run_id} {st.get('state', 'failed')}"
     more = "; ".join(filter(None, [done, f"report: {where}" if where else f"`nasq status {run_id}` shows it"]))
     cls = RunCancelled if st.get("state") == RunState.CANCELLED else RunError
     error = cls(f"{text} ({more})")
-    error.report = report or None  # the partial report (``--json`` writes it)
+    error.report = report  # the partial report (``--json`` writes it)
     return error

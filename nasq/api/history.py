@@ -8,7 +8,8 @@ import time
 from ..config import Settings, load_settings
 from ..errors import NasqError
 from ..queue.session import Session
-from ..wire import shard_task_id
+from ..rundata import Report
+from ..wire import MessageError, shard_task_id
 
 
 def store_or_none(settings: Settings):
@@ -35,7 +36,7 @@ def list_runs(*, state: str | None = None, backend: str | None = None, since_day
                      limit=limit)
 
 
-def load_run(run_id: str, *, settings: Settings) -> tuple[dict, dict | None]:
+def load_run(run_id: str, *, settings: Settings) -> tuple[Report, dict | None]:
     """A run's report and per-image predictions: from the broker while it holds them, else from
     the report folder the history index names.
 
@@ -46,14 +47,16 @@ def load_run(run_id: str, *, settings: Settings) -> tuple[dict, dict | None]:
     from ..results.history import get
 
     store = store_or_none(settings)
-    if store is not None and store.report(run_id):
-        return store.report(run_id), store.predictions(run_id)
+    report = store.report(run_id) if store is not None else None
+    if report is not None:
+        return report, store.predictions(run_id)
     row = get(settings.report_dir, run_id)
     path = (row or {}).get("report") or os.path.join(settings.report_dir, run_id, "report.json")
-    report = read_json(path)
-    if not isinstance(report, dict):
-        raise NasqError(f"no readable report of run {run_id!r} in the broker or in {settings.report_dir} (runs "
-                        "table: `nasq runs`)")
+    try:
+        report = Report.from_payload(read_json(path))
+    except MessageError as e:
+        raise NasqError(f"no readable report of run {run_id!r} in the broker or in {settings.report_dir} ({path}: "
+                        f"{'missing or not JSON' if not os.path.isfile(path) else e}; runs table: `nasq runs`)") from None
     return report, read_json(os.path.join(os.path.dirname(path), "predictions.json"))
 
 
@@ -100,6 +103,6 @@ def cancel(run_id: str, *, broker: str | None = None, settings: Settings | None 
             log(f"run {run_id}: cancelled; {len(unfinished)} shard(s) ({len(ids)} attempts) and its merge revoked")
 
         partial = cancel_run(store, run_id, settings.report_dir, manifest=manifest, after_cancel=revoke)
-        log(f"run {run_id}: partial report of {partial['images']} of {partial['images_planned']} images kept")
+        log(f"run {run_id}: partial report of {partial.images} of {partial.planned_images} images kept")
         return partial
 

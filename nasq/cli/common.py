@@ -8,6 +8,7 @@ import os
 import sys
 
 from ..errors import NasqError
+from ..rundata import Report
 from ..options import EMBEDDED_ONLY, add_option_flags, broker_flag, int_in, wait_flags
 from ..request import add_request_flags
 
@@ -119,7 +120,7 @@ def _json_on_stdout(args) -> bool:
     return getattr(args, "json", None) == "-"
 
 
-def write_report_json(args, report: dict | None, *, kept: str = "") -> None:
+def write_report_json(args, report: Report | None, *, kept: str = "") -> None:
     """``--json``: the report (of any ending: done, failed, cancelled; its ``state`` says which)
     to the file, or to stdout for ``-``."""
     from ..files import write_json
@@ -127,11 +128,11 @@ def write_report_json(args, report: dict | None, *, kept: str = "") -> None:
     if not getattr(args, "json", None) or report is None:
         return
     if args.json == "-":
-        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        sys.stdout.write(json.dumps(report.to_payload(), indent=2) + "\n")
         sys.stdout.flush()
         return
     try:
-        write_json(report, args.json)
+        write_json(report.to_payload(), args.json)
     except OSError as e:
         raise NasqError(f"could not write {args.json}: {e.strerror or e}" + (f"; {kept}" if kept else "")) from None
     log(f"report written to {args.json}")
@@ -151,24 +152,25 @@ def finish(result, args, *, shown: bool = False) -> int:
     if not shown:
         show_numbers(result, args)
     report = result.report
-    on_disk = (report.get("files") or {}).get("json")
+    files = report.files or {}
+    on_disk = files.get("json")
     if result.embedded:  # the private Redis ends with this command
         kept = f"the report is in {on_disk}" if on_disk else "the report is the one printed above (no copy was kept)"
     else:
         kept = (f"the report is in {on_disk} and " if on_disk and not result.unpublished else "the report is ") + \
             f"in Redis (`nasq status {result.run_id} --json`, until it expires)"
-    missing = {**(report.get("files_not_written") or {}), **result.not_rendered}
+    missing = {**(report.files_not_written or {}), **result.not_rendered}
     if result.unpublished:
         log(f"the report files are not in place yet ({result.unpublished}); {kept}")
     else:
-        gone = [p for kind, p in (report.get("files") or {}).items()
-                if os.path.basename(p) not in result.not_rendered and not os.path.exists(p)]
-        for kind, path in (report.get("files") or {}).items():
+        gone = [p for kind, p in files.items() if os.path.basename(p) not in result.not_rendered
+                and not os.path.exists(p)]
+        for kind, path in files.items():
             if os.path.basename(path) not in result.not_rendered and path not in gone:
                 log(f"run report ({kind}): {path}")
         missing |= {os.path.basename(p): "not found where the report names it" for p in gone}
         if missing:
-            folder = os.path.dirname(on_disk or next(iter((report.get("files") or {}).values()), ""))
+            folder = os.path.dirname(on_disk or next(iter(files.values()), ""))
             log(f"not written by the merging worker: {', '.join(missing)} ({next(iter(missing.values()))})"
                 + (f"; the rest are in {folder}" if folder and os.path.isdir(folder) else ""))
     for text in (result.notes or {}).values():
@@ -183,8 +185,8 @@ def finish(result, args, *, shown: bool = False) -> int:
         except OSError as e:
             raise NasqError(f"could not write {args.predictions}: {e.strerror or e}; {kept}") from None
         log(f"per-image predictions written to {args.predictions}")
-    if not report.get("images"):
-        raise NasqError(f"no image could be evaluated ({report.get('error_count', 0)} unusable, listed above); "
+    if not report.images:
+        raise NasqError(f"no image could be evaluated ({report.error_count} unusable, listed above); "
                         "check the data folder")
     return 0
 

@@ -195,7 +195,7 @@ def cmd_cancel(args) -> int:
     from ..api import cancel
 
     partial = cancel(args.run_id, settings=settings_of(args), log=log)
-    if partial and partial.get("files"):
-        log(f"partial report: {partial['files'].get('json')}")
+    if partial and partial.files:
+        log(f"partial report: {partial.files.get('json')}")
     return 0
 

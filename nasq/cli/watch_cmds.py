@@ -34,7 +34,9 @@ def cmd_status(args) -> int:
     if args.json:
         st = watch(store, run_id, interval=args.interval, out=open(os.devnull, "w")) if args.watch \
             else run_status(store, run_id)
-        print(json.dumps({**st, "report": store.report(run_id), "failing_devices": failing_devices(store)}, indent=2))
+        report = store.report(run_id)
+        print(json.dumps({**st, "report": report.to_payload() if report else None,
+                          "failing_devices": failing_devices(store)}, indent=2))
         return code.get(st["state"], OK)
     st = watch(store, run_id, interval=args.interval) if args.watch else run_status(store, run_id)
     if not args.watch:
@@ -50,9 +52,9 @@ def cmd_status(args) -> int:
     if is_ended(st["state"]) and report:  # a failed or cancelled run's report names what it lacks, and why
         print()
         print(render(report))
-        if report.get("files"):  # (--watch: once the plots are rendered too)
+        if report.files:  # (--watch: once the plots are rendered too)
             absent = store.wait_rendered(run_id, report, timeout_s=120.0 if args.watch else 0.0)
-            print(f"\nreport files: {', '.join(p for p in report['files'].values() if os.path.basename(p) not in absent)}")
+            print(f"\nreport files: {', '.join(p for p in report.files.values() if os.path.basename(p) not in absent)}")
             if absent:
                 print(f"not there: {', '.join(absent)} ({next(iter(absent.values()))})")
     return code.get(st["state"], OK)

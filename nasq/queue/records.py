@@ -9,7 +9,7 @@ import time
 
 import redis
 
-from ..rundata import RunManifest
+from ..rundata import Report, RunManifest
 from ..runstate import ENDED, TRANSITIONS, RunState
 from .redis_store import ACTIVE, DIGESTS, EXPIRING, RUNS, RedisStore, _rides_out_full, _states, log
 
@@ -94,7 +94,7 @@ class RunRecords(RedisStore):
         return [x.decode() for x in self.r.zrevrange(RUNS, 0, limit - 1)]
 
     @_rides_out_full
-    def transition(self, run_id: str, name: str, *, report: dict | None = None, predictions: dict | None = None,
+    def transition(self, run_id: str, name: str, *, report: Report | None = None, predictions: dict | None = None,
                    clear_running: bool = False, merge_id: str | None = None, forget: tuple[str, ...] = (),
                    **fields) -> tuple[bool, str | None]:
         """Move the run along ``nasq.runstate.TRANSITIONS[name]`` if its state allows it, writing
@@ -109,7 +109,7 @@ class RunRecords(RedisStore):
                         [self._k(run_id, p) for p in ("report", "predictions", "published", "rendered", "rendering",
                                                       *named, *(p for p in EXPIRING if p not in named))],
                         [_states(sources), record, str(target), run_id, self.expires,
-                         json.dumps(report) if report is not None else "",
+                         json.dumps(report.to_payload()) if report is not None else "",
                          json.dumps(predictions) if predictions is not None else "",
                          "1" if clear_running else "0", merge_id or "", _states(ENDED),
                          "1" if name == "resume" else "0", *forget])
@@ -134,17 +134,23 @@ class RunRecords(RedisStore):
         self.r.sadd(self._k(run_id, "merges"), task_id)
         self.r.expire(self._k(run_id, "merges"), self.expires)
 
-    def report(self, run_id: str) -> dict | None:
-        return self._get(self._k(run_id, "report"))
+    def report(self, run_id: str) -> Report | None:
+        """The run's report; None: none yet.
+
+        Raises:
+            MessageError: the stored report is malformed (the field is named).
+        """
+        stored = self._get(self._k(run_id, "report"))
+        return None if stored is None else Report.from_payload(stored)
 
     def predictions(self, run_id: str) -> dict | None:
         return self._get(self._k(run_id, "predictions"))
 
     @_rides_out_full
-    def save_report_of_ended(self, run_id: str, report: dict, predictions: dict | None) -> None:
+    def save_report_of_ended(self, run_id: str, report: Report, predictions: dict | None) -> None:
         """The partial report of a run that already ended (a cancelled one, written after the
         cancel took effect)."""
-        self._set(self._k(run_id, "report"), report)
+        self._set(self._k(run_id, "report"), report.to_payload())
         if predictions is not None:
             self._set(self._k(run_id, "predictions"), predictions)
 
@@ -198,14 +204,14 @@ class RunRecords(RedisStore):
     def publishing(self, run_id: str) -> bool:
         return bool(self.r.exists(self._k(run_id, "publishing")))
 
-    def restore_ended(self, run_id: str, report: dict, predictions: dict | None) -> None:
+    def restore_ended(self, run_id: str, report: Report, predictions: dict | None) -> None:
         """Write a finished run's records back as its published report says (someone changed
         them in Redis): its state, report and predictions, published and rendered, not active."""
-        record = {"state": report["state"], "at": report.get("finished"), "error": report.get("error"),
+        record = {"state": report.state, "at": report.finished, "error": report.error,
                   "restored": "from its published report"}
         with self.r.pipeline() as p:
             p.set(self._k(run_id, "state"), json.dumps(record), ex=self.expires)
-            p.set(self._k(run_id, "report"), json.dumps(report), ex=self.expires)
+            p.set(self._k(run_id, "report"), json.dumps(report.to_payload()), ex=self.expires)
             if predictions is not None:
                 p.set(self._k(run_id, "predictions"), json.dumps(predictions), ex=self.expires)
             for part in ("published", "rendered"):
@@ -233,7 +239,7 @@ class RunRecords(RedisStore):
             time.sleep(0.05)
         return True
 
-    def wait_rendered(self, run_id: str, report: dict, *, timeout_s: float = 300.0,
+    def wait_rendered(self, run_id: str, report: Report, *, timeout_s: float = 300.0,
                       render_again=None) -> dict[str, str]:
         """Wait for the merging worker to render the files the report has to come (plots, HTML
         page); returns file name -> reason for those that are not there. While a worker holds
@@ -241,7 +247,8 @@ class RunRecords(RedisStore):
         rendered (the merging worker died after storing the numbers), ``render_again()`` (which
         sends the run's merge again: a merge of a done run renders what is missing) is called
         once."""
-        to_come = [report["files"][k] for k in report.get("files_to_come") or [] if k in report.get("files", {})]
+        files = report.files or {}
+        to_come = [files[k] for k in report.files_to_come or () if k in files]
         if not to_come:
             return {}
         deadline, idle_since, asked = time.time() + timeout_s, None, render_again is None

@@ -7,20 +7,22 @@ side, and every configuration field that differs.
 """
 from __future__ import annotations
 
+from ..rundata import Report
 from ..tables import num, table
+from ..wire import DatasetRef
 from .report import device_cell, versions_text
 from .stats import mcnemar_exact, paired_difference
 
 
-def dataset_identities(a: dict, b: dict) -> tuple[str | None, str | None]:
+def dataset_identities(a: DatasetRef | None, b: DatasetRef | None) -> tuple[str | None, str | None]:
     """What tells two runs' datasets apart: their ``content`` (the bytes) when both recorded
     it, else their listings' fingerprints (a run of an earlier nasq recorded only that)."""
-    if a.get("content") and b.get("content"):
-        return a["fingerprint"], b["fingerprint"]
-    return a.get("listing") or a.get("fingerprint"), b.get("listing") or b.get("fingerprint")
+    if a and b and a.content and b.content:
+        return a.fingerprint, b.fingerprint
+    return tuple(d and (d.listing or d.fingerprint) for d in (a, b))
 
 
-def compare(a: dict, pa: dict, b: dict, pb: dict) -> dict:
+def compare(a: Report, pa: dict, b: Report, pb: dict) -> dict:
     """Compare report ``a`` (predictions ``pa``) with ``b`` (``pb``).
 
     Returns:
@@ -48,16 +50,12 @@ def compare(a: dict, pa: dict, b: dict, pb: dict) -> dict:
                "ci95_points": [100 * low, 100 * high], "ci_method": "Newcombe square-and-add (paired)",
                "mcnemar": {"a_right_b_wrong": only_a, "b_right_a_wrong": only_b,
                            "p_value": mcnemar_exact(only_a, only_b)}}
-    keys = ("backend", "precision", "batch_size", "num_outputs")
-    config = {k: [a.get(k) if k != "backend" else a["backend"]["name"], b.get(k) if k != "backend" else b["backend"]["name"]]
-              for k in keys}
-    config["model"] = [(a.get("model") or {}).get("sha256", (a.get("model") or {}).get("artifact_key")),
-                       (b.get("model") or {}).get("sha256", (b.get("model") or {}).get("artifact_key"))]
-    config["dataset"] = list(dataset_identities(a["dataset"], b["dataset"]))
-    config["labels"] = [a.get("labels_sha256"), b.get("labels_sha256")]
-    config["versions"] = [versions_text(a["backend"].get("versions")), versions_text(b["backend"].get("versions"))]
-    config["devices"] = [", ".join(sorted({device_cell(d) for d in a["per_device"]})),
-                         ", ".join(sorted({device_cell(d) for d in b["per_device"]}))]
+    config = {"backend": [a.backend.name, b.backend.name], "precision": [a.precision, b.precision],
+              "batch_size": [a.batch_size, b.batch_size], "num_outputs": [a.num_outputs, b.num_outputs],
+              "model": [r.model.get("sha256", r.model.get("artifact_key")) for r in (a, b)],
+              "dataset": list(dataset_identities(a.dataset, b.dataset)), "labels": [a.labels_sha256, b.labels_sha256],
+              "versions": [versions_text(a.backend.versions), versions_text(b.backend.versions)],
+              "devices": [", ".join(sorted({device_cell(d) for d in r.per_device})) for r in (a, b)]}
     warnings = []
     if not both:
         warnings.append("the runs share no image (by name): there is nothing to compare")
@@ -68,7 +66,7 @@ def compare(a: dict, pa: dict, b: dict, pb: dict) -> dict:
     if config["dataset"][0] != config["dataset"][1]:
         warnings.append(f"different datasets (fingerprints {config['dataset'][0]} and {config['dataset'][1]}): "
                         "images of the same name may not be the same images")
-    elif bool(a["dataset"].get("content")) != bool(b["dataset"].get("content")):
+    elif bool(a.dataset and a.dataset.content) != bool(b.dataset and b.dataset.content):
         warnings.append("the same listing (names and sizes), but a run of an earlier nasq did not record its images' "
                         "bytes: whether they were the same bytes is not known")
     if None not in config["labels"] and config["labels"][0] != config["labels"][1]:
@@ -78,20 +76,17 @@ def compare(a: dict, pa: dict, b: dict, pb: dict) -> dict:
         warnings.append(f"{relabelled} image(s) both runs saw have different labels in the two runs: left out of "
                         "the paired comparison")
     for name, r in (("A", a), ("B", b)):
-        if not r.get("complete", not r.get("partial")):
-            warnings.append(f"run {name} is {r.get('state') or 'partial'}: it covers {r['images']} of "
-                            f"{r.get('images_planned', r.get('images_total'))} images")
-    simulated = [name for name, r in (("A", a), ("B", b)) if r["backend"].get("name") == "sim"]
+        if not r.complete:
+            warnings.append(f"run {name} is {r.state}: it covers {r.images} of {r.planned_images} images")
+    simulated = [name for name, r in (("A", a), ("B", b)) if r.backend.name == "sim"]
     if len(simulated) == 1:
         warnings.append(f"run {simulated[0]} ran on SIMULATED devices and the other on real ones: its throughput is "
                         "a simulator's, not a measurement, and its predictions are not a model's")
-    return {"run_a": a["run_id"], "run_b": b["run_id"], "images_both": len(both), "images_labelled_both": n,
+    return {"run_a": a.run_id, "run_b": b.run_id, "images_both": len(both), "images_labelled_both": n,
             "top1_changed": changed, **acc,
-            "throughput": {"a": a.get("throughput_img_s"), "b": b.get("throughput_img_s")},
-            "per_device": {"a": [[device_cell(d), d["worker"], d.get("img_s_compute"), d.get("img_s_wall")]
-                                 for d in a["per_device"]],
-                           "b": [[device_cell(d), d["worker"], d.get("img_s_compute"), d.get("img_s_wall")]
-                                 for d in b["per_device"]]},
+            "throughput": {"a": a.throughput_img_s, "b": b.throughput_img_s},
+            "per_device": {k: [[device_cell(d), d["worker"], d.get("img_s_compute"), d.get("img_s_wall")]
+                               for d in r.per_device] for k, r in (("a", a), ("b", b))},
             "differences": {k: v for k, v in config.items() if v[0] != v[1]},
             "warnings": warnings,
             "comparable": bool(n) and not relabelled and config["dataset"][0] == config["dataset"][1]

@@ -13,10 +13,12 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import replace
 from typing import Callable
 
 from ..errors import NasqError, RunError
-from ..rundata import RunManifest
+from ..rundata import Report, RunManifest
+from ..wire import MessageError
 from ..runstate import RunState, ends_in, may
 from ..files import read_json
 from .merge import MissingShards, merge, merge_partial
@@ -39,7 +41,7 @@ class RunEnded(NasqError):
 
 
 def finish_run(run_id: str, results: list, *, store, report_dir: str, merge_wait_s: float, first_try: float,
-              manifest: RunManifest | None = None) -> dict:
+              manifest: RunManifest | None = None) -> Report:
     """Validate the shard results of ``run_id``, write and record its report.
 
     Args:
@@ -87,14 +89,14 @@ def finish_run(run_id: str, results: list, *, store, report_dir: str, merge_wait
     except NasqError as e:
         mark_failed(store, manifest, results, e, report_dir)
         raise
-    report["duplicate_shard_results_dropped"] = sorted(sid for sid, n in store.dropped(run_id).items()
-                                                       for _ in range(n))
-    report["redispatched_shards"] = store.redispatched(run_id)
-    report.update(failover_fields(store, run_id))
-    if not _end(store, "merge", manifest, results, report, predictions, report_dir, images=report["images"],
-                top1=report["top1"], top5=report["top5"], throughput_img_s=report["throughput_img_s"]):
+    dropped = tuple(sorted(sid for sid, n in store.dropped(run_id).items() for _ in range(n)))
+    report = replace(report, duplicate_shard_results_dropped=dropped, redispatched_shards=store.redispatched(run_id),
+                     **failover_fields(store, run_id))
+    ended = _end(store, "merge", manifest, results, report, predictions, report_dir, images=report.images,
+                 top1=report.top1, top5=report.top5, throughput_img_s=report.throughput_img_s)
+    if ended is None:
         raise RunEnded(run_id, (store.state(run_id) or {}).get("state"))
-    return report
+    return ended
 
 
 def fail_run(run_id: str, error: BaseException | None, *, store, report_dir: str,
@@ -160,8 +162,9 @@ def mark_failed(store, manifest: RunManifest, results: list, error: Exception, r
     text = f"{error} -- `nasq resume {run_id}` reruns only the failed or missing shards"
     report, predictions = merge_partial(manifest, results, text, state=str(RunState.FAILED),
                                         failures=shard_failures(store, run_id))
-    report.update(failover_fields(store, run_id))
-    return _end(store, "fail", manifest, results, report, predictions, report_dir, partial=True, error=text)
+    report = replace(report, **failover_fields(store, run_id))
+    return _end(store, "fail", manifest, results, report, predictions, report_dir, partial=True,
+                error=text) is not None
 
 
 def failover_fields(store, run_id: str) -> dict:
@@ -170,7 +173,7 @@ def failover_fields(store, run_id: str) -> dict:
     and ``shard_failures`` (each shard that failed on some device, with every failed copy:
     worker, device, error, when; the shard then ran elsewhere unless it is in shards_failed)."""
     excluded = sorted(store.exclusions(run_id).values(), key=lambda e: e.get("at") or 0)
-    return {"excluded_devices": excluded, "shard_failures": store.failures(run_id)}
+    return {"excluded_devices": tuple(excluded), "shard_failures": store.failures(run_id)}
 
 
 def shard_failures(store, run_id: str) -> dict[str, dict]:
@@ -224,8 +227,8 @@ def cancel_run(store, run_id: str, report_dir: str, *, manifest: RunManifest | N
             f["reason"] = "stopped by the cancel"
     report, predictions = merge_partial(manifest, results, f"run {run_id} was cancelled",
                                         state=str(RunState.CANCELLED), failures=failures)
-    report.update(failover_fields(store, run_id))
-    staging = write_staging(manifest, results, report, predictions, report_dir)
+    report = replace(report, **failover_fields(store, run_id))
+    staging, report = write_staging(manifest, results, report, predictions, report_dir)
     try:
         store.claim_publish(run_id, CLAIM_S, renew=True)
         store.save_report_of_ended(run_id, report, predictions)
@@ -238,17 +241,18 @@ def cancel_run(store, run_id: str, report_dir: str, *, manifest: RunManifest | N
     return report
 
 
-def _end(store, transition: str, manifest: RunManifest, results: list, report: dict, predictions: dict, report_dir: str,
-         **fields) -> bool:
+def _end(store, transition: str, manifest: RunManifest, results: list, report: Report, predictions: dict,
+         report_dir: str, **fields) -> Report | None:
     """Write the report's files into a staging folder, end the run through ``transition`` with
     the report, then publish the files (one rename) and record the run in the history: all of
-    it only if the transition took effect (False otherwise, and nothing is left on disk). The
+    it only if the transition took effect. Returns the report as kept (with its files), or None
+    when the transition did not take effect (nothing is left on disk). The
     worker holds the claim to publish meanwhile (a client waits for it, and has the merge sent
     again if it lapses: ``publish_if_missing``). A merge renders the plots and the HTML page
     last, once the client has the numbers (the report names them already, in ``files_to_come``)."""
     run_id = manifest.run_id
     later = transition == "merge"
-    staging = write_staging(manifest, results, report, predictions, report_dir, later=later)
+    staging, report = write_staging(manifest, results, report, predictions, report_dir, later=later)
     try:
         store.claim_publish(run_id, CLAIM_S, renew=True)
         ok, _ = store.transition(run_id, transition, report=report, predictions=predictions, **fields)
@@ -259,7 +263,7 @@ def _end(store, transition: str, manifest: RunManifest, results: list, report: d
     if not ok:
         discard(staging)
         store.drop_publish(run_id)
-        return False
+        return None
     with holding_publish(store, run_id):
         publish(store, manifest, report, staging, report_dir,
                 state=str(ends_in(transition)), error=fields.get("error"))
@@ -267,7 +271,7 @@ def _end(store, transition: str, manifest: RunManifest, results: list, report: d
         render_later(store, manifest, results, report, report_dir)
     else:
         store.mark_rendered(run_id)
-    return True
+    return report
 
 
 def refuse_if_final(store, run_id: str, report_dir: str) -> str | None:
@@ -278,14 +282,22 @@ def refuse_if_final(store, run_id: str, report_dir: str) -> str | None:
     final = ended_on_disk(report_dir, run_id)
     if final is None:
         return None
-    if final["state"] not in FINAL:
+    if final.state not in FINAL:
         said_once(f"{run_id}:unreadable", "run %s: left alone while its report folder cannot be read (%s)", run_id,
-                  final.get("error"))
-        return final["state"]
-    if (store.state(run_id) or {}).get("state") != final["state"] or store.report(run_id) != final:
+                  final.error)
+        return final.state
+    if (store.state(run_id) or {}).get("state") != final.state or _stored_report(store, run_id) != final:
         said_once(run_id, "run %s: its report in %s is final (%s) but its records in Redis say otherwise (they were "
                   "changed); nothing of it runs or is merged again, and its records are restored from the report",
-                  run_id, os.path.join(report_dir, run_id), final["state"])
+                  run_id, os.path.join(report_dir, run_id), final.state)
         predictions = read_json(os.path.join(report_dir, run_id, "predictions.json"))
         store.restore_ended(run_id, final, predictions if isinstance(predictions, dict) else None)
-    return final["state"]
+    return final.state
+
+
+def _stored_report(store, run_id: str) -> Report | None:
+    """The run's report in Redis; None also for one that is malformed (changed by hand)."""
+    try:
+        return store.report(run_id)
+    except MessageError:
+        return None

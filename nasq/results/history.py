@@ -10,7 +10,7 @@ import os
 import sqlite3
 import time
 
-from ..rundata import RunManifest
+from ..rundata import Report, RunManifest
 
 INDEX = "runs.sqlite"
 COLUMNS = ("run_id", "created", "finished", "state", "model", "model_sha256", "backend", "precision", "batch_size",
@@ -47,33 +47,36 @@ def _select(db: sqlite3.Connection) -> str:
     return ", ".join(c if c in have else f"NULL AS {c}" for c in COLUMNS)
 
 
-def row_of(manifest: RunManifest, state: str, report: dict | None = None, error: str | None = None) -> dict:
+def row_of(manifest: RunManifest, state: str, report: Report | None = None, error: str | None = None) -> dict:
     """The index row of a run: its manifest, its end state and its report's headline."""
     from .report import device_cell, devices_summary
 
-    report = report or {}
-    model = report.get("model") or {}
-    per_device = report.get("per_device") or []
-    ci1, ci5 = report.get("top1_ci95") or [None, None], report.get("top5_ci95") or [None, None]
     job = manifest.job
-    return {"run_id": manifest.run_id, "created": manifest.created,
-            "finished": report.get("finished") or time.time(), "state": state,
-            "model": model.get("arch") or os.path.basename(job.model.weights),
-            "model_sha256": (model.get("sha256") or model.get("artifact_key") or "")[:16] or None,
-            "backend": job.backend, "precision": report.get("precision") or job.precision,
-            "batch_size": job.batch_size, "devices": devices_summary(per_device) or None,
-            "dataset": job.dataset.root,
-            "dataset_fingerprint": job.dataset.fingerprint, "images": report.get("images"),
-            "images_total": job.dataset.images, "top1": report.get("top1"),
-            "top5": report.get("top5"), "throughput_img_s": report.get("throughput_img_s"),
-            "end_to_end_img_s": (report.get("throughput") or {}).get("end_to_end_img_s"),
-            "report": (report.get("files") or {}).get("json"), "error": error or report.get("error"),
-            "images_planned": report.get("images_planned") or manifest.images_planned or None,
-            "top1_ci95_low": ci1[0], "top1_ci95_high": ci1[1], "top5_ci95_low": ci5[0], "top5_ci95_high": ci5[1],
-            "device_list": [device_cell(d) for d in per_device] or None,
-            "shards_failed": [f["shard_id"] for f in report.get("shards_failed") or []] or None,
-            "simulated": any(d.get("backend") == "sim" for d in per_device) or job.backend == "sim",
-            "excluded_devices": [device_cell(e) for e in report.get("excluded_devices") or []] or None}
+    row = {"run_id": manifest.run_id, "created": manifest.created, "finished": time.time(), "state": state,
+           "model": os.path.basename(job.model.weights), "model_sha256": None, "backend": job.backend,
+           "precision": job.precision, "batch_size": job.batch_size, "devices": None, "dataset": job.dataset.root,
+           "dataset_fingerprint": job.dataset.fingerprint, "images": None, "images_total": job.dataset.images,
+           "top1": None, "top5": None, "throughput_img_s": None, "end_to_end_img_s": None, "report": None,
+           "error": error, "images_planned": manifest.images_planned or None, "top1_ci95_low": None,
+           "top1_ci95_high": None, "top5_ci95_low": None, "top5_ci95_high": None, "device_list": None,
+           "shards_failed": None, "simulated": job.backend == "sim", "excluded_devices": None}
+    if report is None:
+        return row
+    model, per_device = report.model, report.per_device
+    ci1, ci5 = report.top1_ci95 or (None, None), report.top5_ci95 or (None, None)
+    return row | {
+        "finished": report.finished or row["finished"], "model": model.get("arch") or row["model"],
+        "model_sha256": (model.get("sha256") or model.get("artifact_key") or "")[:16] or None,
+        "precision": report.precision or job.precision, "devices": devices_summary(per_device) or None,
+        "images": report.images, "top1": report.top1, "top5": report.top5,
+        "throughput_img_s": report.throughput_img_s, "end_to_end_img_s": report.throughput.end_to_end_img_s,
+        "report": (report.files or {}).get("json"), "error": error or report.error,
+        "images_planned": report.images_planned or row["images_planned"],
+        "top1_ci95_low": ci1[0], "top1_ci95_high": ci1[1], "top5_ci95_low": ci5[0], "top5_ci95_high": ci5[1],
+        "device_list": [device_cell(d) for d in per_device] or None,
+        "shards_failed": [f["shard_id"] for f in report.shards_failed] or None,
+        "simulated": any(d.get("backend") == "sim" for d in per_device) or job.backend == "sim",
+        "excluded_devices": [device_cell(e) for e in report.excluded_devices or ()] or None}
 
 
 def record(report_dir: str, row: dict) -> None:

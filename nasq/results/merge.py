@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict
+from dataclasses import replace
 
 from ..errors import RunError
-from ..rundata import RunManifest
+from ..rundata import BackendInfo, Report, RunEnvironment, RunManifest, Throughput
+from ..runstate import RunState
 from .stats import wilson
 
 TOPK = 5
@@ -71,7 +72,7 @@ def accuracy(labels: list, top5: list[list[int]]) -> dict:
         return {f"top{k}": None for k in ks} | {f"top{k}_ci95": None for k in ks} | {"correct": None, "labelled": 0}
     correct = {k: sum(lab in ids[:k] for lab, ids in pairs) for k in ks}
     out: dict = {f"top{k}": 100.0 * correct[k] / len(pairs) for k in ks}
-    out |= {f"top{k}_ci95": [100.0 * x for x in wilson(correct[k], len(pairs))] for k in ks}
+    out |= {f"top{k}_ci95": tuple(100.0 * x for x in wilson(correct[k], len(pairs))) for k in ks}
     out["correct"] = {f"top{k}": correct[k] for k in ks}
     out["labelled"] = len(pairs)
     return out
@@ -92,7 +93,7 @@ def latency_summary(lat_ms: list[float]) -> dict:
             "p99_samples_ok": bool(a.size >= P99_MIN_SAMPLES)}
 
 
-def merge(manifest: RunManifest, results: list) -> tuple[dict, dict]:
+def merge(manifest: RunManifest, results: list) -> tuple[Report, dict]:
     """Validate shard results and compute the run report.
 
     Returns:
@@ -155,66 +156,58 @@ def merge(manifest: RunManifest, results: list) -> tuple[dict, dict]:
         "model_info": {"weights": job.model.weights, "sha256": job.model.sha256}}
     finished = time.time()
     created = manifest.created
-    report = {
-        "run_id": manifest.run_id,
-        "state": "done", "error": None, "complete": True,
-        "created": created,
-        "finished": finished,
-        "images": n,
-        "images_planned": manifest.images_planned,
-        "images_total": manifest.images,
+    reads_total = {k: sum(h.get(k, 0) for h in reads.values())
+                   for k in ("images_from_cache", "images_from_source", "bytes_from_cache", "bytes_from_source")}
+    report = Report(
+        run_id=manifest.run_id, state=str(RunState.DONE), error=None, complete=True, created=created,
+        finished=finished, images=n, images_planned=manifest.images_planned, images_total=manifest.images,
         **accuracy(pred["labels"], pred["top5"]),
-        "throughput_img_s": n / (end - start) if end > start else None,
-        "wall_s": end - start,
-        "throughput": {  # every throughput, named by what it divides by (see docs/REPORT.md)
-            "shard_span_img_s": n / (end - start) if end > start else None,
-            "end_to_end_img_s": n / (finished - created) if created and finished > created else None,
-            "end_to_end_s": finished - created if created else None,
-            "compute_img_s": sum(d["img_s_ais_bench"] or 0 for d in per_device) or None,
-        },
-        "model_load_s": max((d["model_load_s"] for d in per_device), default=0.0),
-        "error_count": len(errors),
-        "errors": [{"name": e["name"], "reason": e["reason"]} for e in errors],
-        "per_device": per_device,
-        "data_read": {"hosts": reads, **{k: sum(h.get(k, 0) for h in reads.values()) for k in
-                                          ("images_from_cache", "images_from_source", "bytes_from_cache",
-                                           "bytes_from_source")}},
-        "backend": {"name": first["backend"], "versions": first.get("versions", {})},
-        "model": first.get("model_info", {}),
-        "num_outputs": first.get("num_outputs"),
-        "batch_size": job.batch_size,
-        "precision": first.get("precision"),
-        "dataset": asdict(job.dataset),
-        "labels_file": job.labels,
-        "labels_sha256": job.labels_sha256,
-        "shards": len(shards),
-        "shards_ok": len(shards),
-        "shards_failed": [],
-        "duplicate_shard_results_dropped": dropped,
-        "environment": {"hosts": hosts, "submitted_from": manifest.submitted_from,
-                        "client_nasq": manifest.nasq_version,
-                        "command": None if manifest.command is None else list(manifest.command)},
-    }
-    report["warnings"] = warnings_of(report)
-    return report, pred
+        throughput_img_s=n / (end - start) if end > start else None,
+        wall_s=end - start,
+        throughput=Throughput(  # every throughput, named by what it divides by (see docs/REPORT.md)
+            shard_span_img_s=n / (end - start) if end > start else None,
+            end_to_end_img_s=n / (finished - created) if created and finished > created else None,
+            end_to_end_s=finished - created if created else None,
+            compute_img_s=sum(d["img_s_ais_bench"] or 0 for d in per_device) or None),
+        model_load_s=max((d["model_load_s"] for d in per_device), default=0.0),
+        error_count=len(errors),
+        errors=tuple({"name": e["name"], "reason": e["reason"]} for e in errors),
+        per_device=tuple(per_device),
+        data_read={"hosts": reads, **reads_total},
+        backend=BackendInfo(first["backend"], first.get("versions", {})),
+        model=first.get("model_info", {}),
+        num_outputs=first.get("num_outputs"),
+        batch_size=job.batch_size,
+        precision=first.get("precision"),
+        dataset=job.dataset,
+        labels_file=job.labels,
+        labels_sha256=job.labels_sha256,
+        shards=len(shards),
+        shards_ok=len(shards),
+        shards_failed=(),
+        duplicate_shard_results_dropped=tuple(dropped),
+        environment=RunEnvironment(hosts=hosts, submitted_from=manifest.submitted_from,
+                                   client_nasq=manifest.nasq_version, command=manifest.command),
+    )
+    return replace(report, warnings=tuple(warnings_of(report))), pred
 
 
-def warnings_of(report: dict) -> list[str]:
+def warnings_of(report: Report) -> list[str]:
     """What a reader must know before trusting the numbers: simulated devices, weights that are
     not the published checkpoint, an incomplete run, a p99 from few batches."""
     out = []
-    if report["backend"].get("name") == "sim" or any(d.get("backend") == "sim" for d in report["per_device"]):
+    if report.backend.name == "sim" or any(d.get("backend") == "sim" for d in report.per_device):
         out.append("SIMULATED devices: their timings are a simulator's, not measurements")
-    model = report.get("model") or {}
+    model = report.model
     if model.get("published") is False:  # checked by the worker that loaded it (md5); unknown for others
         out.append(f"weights are not the published NASNet-Large checkpoint (sha256 {str(model.get('sha256'))[:12]}...):"
                    " the accuracy is these weights' own"
                    + (" (RANDOM weights from nasq demo)" if "random" in os.path.basename(model.get("weights") or "")
                       else ""))
-    if not report.get("complete", True):
-        out.append(f"{report['state'].upper()} run: {report['images']} of {report['images_planned']} images "
+    if not report.complete:
+        out.append(f"{report.state.upper()} run: {report.images} of {report.images_planned} images "
                    "evaluated; every number covers only those")
-    few = [d for d in report["per_device"] if d["latency_ms"]["count"] and not d["latency_ms"]["p99_samples_ok"]]
+    few = [d for d in report.per_device if d["latency_ms"]["count"] and not d["latency_ms"]["p99_samples_ok"]]
     if few:
         out.append(f"p99 latency from fewer than {P99_MIN_SAMPLES} batches on {len(few)} device(s): close to the "
                    "maximum, not a tail estimate")
@@ -232,8 +225,8 @@ def ok_results(manifest: RunManifest, results: list) -> list[dict]:
     return ok
 
 
-def merge_partial(manifest: RunManifest, results: list, reason: str, *, state: str = "failed",
-                  failures: dict[str, dict] | None = None) -> tuple[dict, dict]:
+def merge_partial(manifest: RunManifest, results: list, reason: str, *, state: str = str(RunState.FAILED),
+                  failures: dict[str, dict] | None = None) -> tuple[Report, dict]:
     """What a failed or cancelled run did finish: the report over its ok shards, marked
     incomplete, naming every shard it lacks with why (``failures``: shard id -> {reason,
     worker, attempts}; a shard not named there never finished). A run without any finished
@@ -241,12 +234,11 @@ def merge_partial(manifest: RunManifest, results: list, reason: str, *, state: s
     ok = ok_results(manifest, results)
     seen = {r["shard_id"] for r in ok}
     report, pred = merge(manifest.only(seen), ok)
-    report.update(partial=True, complete=False, state=state, error=reason, failure=reason,
-                  images_planned=manifest.images_planned, shards=len(manifest.shards), shards_ok=len(ok),
-                  shards_failed=missing_shards(manifest, seen, failures or {}, state),
-                  shards_not_ok=[sid for sid in manifest.shard_ids if sid not in seen])
-    report["warnings"] = warnings_of(report)
-    return report, pred
+    report = replace(report, partial=True, complete=False, state=state, error=reason, failure=reason,
+                     images_planned=manifest.images_planned, shards=len(manifest.shards), shards_ok=len(ok),
+                     shards_failed=tuple(missing_shards(manifest, seen, failures or {}, state)),
+                     shards_not_ok=tuple(sid for sid in manifest.shard_ids if sid not in seen))
+    return replace(report, warnings=tuple(warnings_of(report))), pred
 
 
 def missing_shards(manifest: RunManifest, ok: set[str], failures: dict[str, dict], state: str) -> list[dict]:

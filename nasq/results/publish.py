@@ -17,7 +17,6 @@ replaced once the run is done or cancelled.
 """
 from __future__ import annotations
 
-import copy
 import glob
 import json
 import logging
@@ -25,12 +24,14 @@ import os
 import secrets
 import shutil
 import sqlite3
+from dataclasses import dataclass
 
 from ..files import fsync_dir, read_json, write_json
 from ..keepalive import every
 from ..roots import check_name
-from ..rundata import RunManifest
+from ..rundata import Report, RunManifest
 from ..runstate import RunState
+from ..wire import MessageError
 from .history import record, row_of
 from .merge import ok_results
 from .run_files import write_later_files, write_run_files
@@ -54,12 +55,16 @@ def final_folder(report_dir: str, run_id: str) -> str:
 _read: dict[str, tuple] = {}
 
 
-class Unreadable(dict):
+@dataclass(frozen=True)
+class Unreadable:
     """What ``ended_on_disk`` answers when the report folder cannot be read: nothing is done
     with the run until it can (write once fails closed)."""
 
+    error: str
+    state: str = "unreadable"
 
-def ended_on_disk(report_dir: str, run_id: str) -> dict | None:
+
+def ended_on_disk(report_dir: str, run_id: str) -> Report | Unreadable | None:
     """The published report of a run that is done or cancelled (its folder in ``report_dir``
     decides: it is never replaced), None for a run without one, or ``Unreadable`` (state
     "unreadable") when the folder cannot be told (an I/O error: not remembered). A stat when
@@ -73,14 +78,14 @@ def ended_on_disk(report_dir: str, run_id: str) -> dict | None:
         stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
         if _read.get(path, (None,))[0] != stamp:
             with open(path, encoding="utf-8") as f:
-                report = json.load(f)
-            _read[path] = (stamp, report if isinstance(report, dict) and report.get("state") in FINAL else None)
+                report = Report.from_payload(json.load(f))
+            _read[path] = (stamp, report if report.state in FINAL else None)
             if len(_read) > 1000:
                 _read.pop(next(iter(_read)))
     except (FileNotFoundError, NotADirectoryError):
         return None
-    except (OSError, ValueError) as e:  # an I/O error, or a report being written by hand: cannot tell
-        return Unreadable(state="unreadable", error=f"{path}: {getattr(e, 'strerror', None) or e}")
+    except (OSError, ValueError, MessageError) as e:  # an I/O error, or a report being written by hand: cannot tell
+        return Unreadable(f"{path}: {getattr(e, 'strerror', None) or e}")
     return _read[path][1]
 
 
@@ -91,22 +96,22 @@ def said_once(run_id: str, text: str, *args) -> None:
         log.warning(text, *args)
 
 
-def write_staging(manifest: RunManifest, results: list, report: dict, predictions: dict | None, report_dir: str, *,
-                  later: bool = False) -> str:
-    """The report files in a staging folder (named as they will be once moved); returns it. A
-    file that could not be written is in ``report["files_not_written"]``. ``later``: without the
-    plots and the HTML page (``write_later``)."""
+def write_staging(manifest: RunManifest, results: list, report: Report, predictions: dict | None, report_dir: str,
+                  *, later: bool = False) -> tuple[str, Report]:
+    """The report files in a staging folder (named as they will be once moved); returns it and
+    the report that names them. A file that could not be written is in its
+    ``files_not_written``. ``later``: without the plots and the HTML page (``write_later``)."""
     run_id = check_name(manifest.run_id, "run_id")  # the folder's name: never a path
     staging = os.path.join(report_dir, STAGING, f"{run_id}.{secrets.token_hex(4)}")
-    write_run_files(report, shard_timings(manifest, results), staging, predictions,
-                    final_folder=final_folder(report_dir, run_id), later=later)
-    if report["files_not_written"]:
-        log.warning("run %s: could not write %s in %s: %s", run_id, ", ".join(report["files_not_written"]),
-                    final_folder(report_dir, run_id), next(iter(report["files_not_written"].values())))
-    return staging
+    report = write_run_files(report, shard_timings(manifest, results), staging, predictions,
+                             final_folder=final_folder(report_dir, run_id), later=later)
+    if report.files_not_written:
+        log.warning("run %s: could not write %s in %s: %s", run_id, ", ".join(report.files_not_written),
+                    final_folder(report_dir, run_id), next(iter(report.files_not_written.values())))
+    return staging, report
 
 
-def publish(store, manifest: RunManifest, report: dict, staging: str, report_dir: str, *, state: str,
+def publish(store, manifest: RunManifest, report: Report, staging: str, report_dir: str, *, state: str,
             error: str | None = None) -> bool:
     """Move the staging folder to ``report_dir/<run id>`` in one rename (a failed run's partial
     report moved aside first), record the run in the history, mark it published, and sweep the
@@ -118,7 +123,7 @@ def publish(store, manifest: RunManifest, report: dict, staging: str, report_dir
     old = f"{staging}.old"
     held = ended_on_disk(report_dir, run_id)
     if held is not None and held != report:
-        said_once(run_id, "run %s: its report in %s is final (%s): not replaced", run_id, final, held.get("state"))
+        said_once(run_id, "run %s: its report in %s is final (%s): not replaced", run_id, final, held.state)
         discard(staging)
         return False
     try:
@@ -150,8 +155,16 @@ def publish(store, manifest: RunManifest, report: dict, staging: str, report_dir
 
 
 def _final_report(folder: str) -> bool:
-    report = read_json(os.path.join(folder, "report.json"))
-    return isinstance(report, dict) and report.get("state") in FINAL
+    report = read_report(os.path.join(folder, "report.json"))
+    return report is not None and report.state in FINAL
+
+
+def read_report(path: str) -> Report | None:
+    """The report in ``path``; None if it is missing, unreadable or malformed."""
+    try:
+        return Report.from_payload(read_json(path))
+    except MessageError:
+        return None
 
 
 def publish_if_missing(store, run_id: str, manifest: RunManifest, report_dir: str) -> bool:
@@ -164,20 +177,20 @@ def publish_if_missing(store, run_id: str, manifest: RunManifest, report_dir: st
     if not report or state not in (*FINAL, str(RunState.FAILED)):
         store.drop_publish(run_id)
         return False
-    on_disk = read_json(os.path.join(final_folder(report_dir, run_id), "report.json"))
+    on_disk = read_report(os.path.join(final_folder(report_dir, run_id), "report.json"))
     if on_disk == report:  # the rename happened: only the bookkeeping after it is missing
         sweep(report_dir, run_id)
-        history(store, report_dir, row_of(manifest, state, report, report.get("error")))
+        history(store, report_dir, row_of(manifest, state, report, report.error))
         store.mark_published(run_id)
         store.drop_publish(run_id)
         return True
     results = list(store.shard_results(run_id).values())
-    staging = write_staging(manifest, results, copy.deepcopy(report), store.predictions(run_id), report_dir,
-                            later=bool(report.get("files_to_come")))
-    write_json(report, os.path.join(staging, "report.json"))  # the stored report, as the client has it
+    staging, _ = write_staging(manifest, results, report, store.predictions(run_id), report_dir,
+                               later=bool(report.files_to_come))
+    write_json(report.to_payload(), os.path.join(staging, "report.json"))  # the stored report, as the client has it
     log.info("run %s: its report files published by this worker (its merging worker went away first)", run_id)
     with holding_publish(store, run_id):
-        return publish(store, manifest, report, staging, report_dir, state=state, error=report.get("error"))
+        return publish(store, manifest, report, staging, report_dir, state=state, error=report.error)
 
 
 def holding_publish(store, run_id: str):
@@ -187,7 +200,7 @@ def holding_publish(store, run_id: str):
                  what=f"publishing {run_id}")
 
 
-def render_later(store, manifest: RunManifest, results: list, report: dict, report_dir: str) -> bool:
+def render_later(store, manifest: RunManifest, results: list, report: Report, report_dir: str) -> bool:
     """Render a done run's plots and HTML page into its folder, if this worker gets the claim to
     (``store.claim_render``, renewed while it renders), and record what could not be written
     (``mark_rendered``)."""
@@ -205,12 +218,12 @@ def render_if_missing(store, run_id: str, manifest: RunManifest, report_dir: str
     storing the numbers, or was stopped): render them now, from the stored report and results.
     True if this call rendered them."""
     report = store.report(run_id)
-    if not report or not report.get("files_to_come") or store.rendered(run_id) or not store.published(run_id):
+    if not report or not report.files_to_come or store.rendered(run_id) or not store.published(run_id):
         return False
     return render_later(store, manifest, list(store.shard_results(run_id).values()), report, report_dir)
 
 
-def write_later(manifest: RunManifest, results: list, report: dict, report_dir: str) -> dict[str, str]:
+def write_later(manifest: RunManifest, results: list, report: Report, report_dir: str) -> dict[str, str]:
     """The plots and the HTML page of a done run, rendered into its folder after the client got
     its numbers; returns file name -> reason for those not written (the report, which the
     client has, is never changed: the run's ``rendered`` record says it)."""
@@ -220,7 +233,7 @@ def write_later(manifest: RunManifest, results: list, report: dict, report_dir: 
         failed = write_later_files(report, shard_timings(manifest, results), folder)
     except Exception as e:  # noqa: BLE001 - the run is done and its numbers kept: say it, do not fail the merge
         log.exception("run %s: could not render its plots and HTML page", run_id)
-        failed = {os.path.basename(report["files"][k]): f"{type(e).__name__}: {e}" for k in report["files_to_come"]}
+        failed = {os.path.basename(report.files[k]): f"{type(e).__name__}: {e}" for k in report.files_to_come}
     if failed:
         log.warning("run %s: could not write %s in %s: %s", run_id, ", ".join(failed), folder,
                     next(iter(failed.values())))

@@ -246,12 +246,13 @@ def runs_rows(store, report_dir: str, *, state: str | None = None, backend: str 
         for rid in store.run_ids(limit):
             try:
                 m = store.manifest(rid)
+                report = store.report(rid) if m is not None else None
             except MessageError:
                 continue  # a record written by hand: `nasq status` names what is wrong with it
             if m is None:
                 continue
             st = (store.state(rid) or {}).get("state", "?")
-            row = row_of(m, st, store.report(rid))
+            row = row_of(m, st, report)
             if not is_ended(st):
                 from .report import device_cell
 

@@ -8,5 +8,6 @@ format is the one earlier releases wrote and read, so runs recorded by either ar
 No module outside this package and ``nasq.wire`` reads these records by string key.
 """
 from .manifest import PlannedShard, RunManifest
+from .report import BackendInfo, Report, RunEnvironment, Throughput
 
-__all__ = ["PlannedShard", "RunManifest"]
+__all__ = ["BackendInfo", "PlannedShard", "Report", "RunEnvironment", "RunManifest", "Throughput"]

@@ -72,7 +72,7 @@ def test_a_broker_restarted_with_appendonly_mid_run_costs_nothing(assets, start_
         ref = evaluate_local(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=1)
         assert result.predictions["names"] == ref["names"] and result.predictions["top5"] == ref["top5"]
         assert np.allclose(result.predictions["scores"], ref["scores"], atol=1e-4)
-        assert result.report["images"] == 20 and result.report["top1"] == 100.0
+        assert result.report.images == 20 and result.report.top1 == 100.0
         # the workers carried on and are in the registry again
         assert set(w.names) <= {n for n, i in RunStore(broker.url).workers().items() if i["alive"]}
     finally:

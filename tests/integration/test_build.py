@@ -141,13 +141,13 @@ def test_eval_onnxruntime_from_the_built_artifact(assets, build_env, start_worke
     finally:
         w.stop()
     art = build(weights=assets["weights"], target="ort", settings=s, log=lambda *_: None)
-    assert art.cached and res.report["model"]["artifact_key"] == art.key
-    assert res.report["model"]["artifact"].startswith(art.path)
+    assert art.cached and res.report.model["artifact_key"] == art.key
+    assert res.report.model["artifact"].startswith(art.path)
     ref = evaluate_local(weights=assets["weights"], data=assets["data"], labels=assets["labels"],
                          backend="onnxruntime", batch_size=4, settings=s)
     assert res.predictions["names"] == ref["names"] and res.predictions["top5"] == ref["top5"]
     assert np.allclose(res.predictions["scores"], ref["scores"], atol=1e-4)
-    assert res.report["top1"] == 100.0 and len(res.report["per_device"]) == 2
+    assert res.report.top1 == 100.0 and len(res.report.per_device) == 2
 
 
 def test_raw_export_has_consecutive_slices_and_simplify_removes_them(assets, tmp_path):
@@ -261,7 +261,7 @@ def test_a_changed_artifact_is_rebuilt_or_refused_never_used(assets, build_env, 
                    batch_size=4, queue=queue, settings=s, progress=False, log=said.append)
     assert any(f"artifact {art.key} (built)" in line for line in said), said  # built again, not a cache hit
     assert any(p.startswith(art.key) for p in os.listdir(os.path.join(s.artifact_dir, ".quarantine")))
-    assert res.report["top1"] == 100.0
+    assert res.report.top1 == 100.0
     assert open(model, "rb").read() != bytes(data)  # the rebuilt file, not the changed one
     # a valid ONNX with other weights in its place (every matrix negated), given as the built model
     m = onnx.load(model)

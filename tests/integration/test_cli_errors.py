@@ -218,8 +218,10 @@ def test_output_folders_are_made_first_and_a_full_disk_is_one_line(assets, tmp_p
     same report written onto a real full disk (a 64 KiB tmpfs, filled): one line saying where the
     report is kept, and no temporary file left."""
     import json
+    from dataclasses import replace
 
     from nasq.api import EvalResult
+    from nasq.rundata import Report
     from nasq.cli import finish
     from nasq.errors import NasqError
 
@@ -230,7 +232,7 @@ def test_output_folders_are_made_first_and_a_full_disk_is_one_line(assets, tmp_p
     rc = main(["eval", "--weights", assets["weights"], "--data", assets["data"], "--labels", assets["labels"],
                "--workers", "1", "-b", "4", "--json", str(out), "--no-progress"])
     assert rc == 0 and out.is_file()
-    report = json.loads(out.read_text())
+    report = Report.from_payload(json.loads(out.read_text()))
 
     disk = tmp_path / "disk"
     disk.mkdir()
@@ -252,12 +254,12 @@ def test_output_folders_are_made_first_and_a_full_disk_is_one_line(assets, tmp_p
                 f.write = lambda *_: (_ for _ in ()).throw(OSError(28, "No space left on device"))
                 return f
             monkeypatch.setattr(files.os, "fdopen", full)
-        report["padding"] = "x" * 200_000  # more than the disk holds
+        report = replace(report, extra={"padding": "x" * 200_000})  # more than the disk holds
         args = type("Args", (), {"json": str(disk / "r.json"), "predictions": None})()
         with pytest.raises(NasqError) as e:
-            finish(EvalResult(report["run_id"], report, None), args)
-        assert "No space left on device" in str(e.value) and report["files"]["json"] in str(e.value)
-        assert f"nasq status {report['run_id']}" in str(e.value) and "\n" not in str(e.value)
+            finish(EvalResult(report.run_id, report, None), args)
+        assert "No space left on device" in str(e.value) and report.files["json"] in str(e.value)
+        assert f"nasq status {report.run_id}" in str(e.value) and "\n" not in str(e.value)
         assert [f for f in os.listdir(disk) if f != "filler"] == []
     finally:
         if mounted:

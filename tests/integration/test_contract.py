@@ -67,7 +67,7 @@ def test_stranded_shards_recover_with_a_separate_result_backend(other_db, start_
     start_workers(broker, queue, backend="sim", sim="rate=40", settings=settings)
     res = h.wait(progress=False, timeout=120, log=lambda *_: None)
     store = RunStore(backend)
-    assert res.report["images"] == 160 and res.report["redispatched_shards"] == {lost: 1}
+    assert res.report.images == 160 and res.report.redispatched_shards == {lost: 1}
     assert set(store.attempts(h.run_id).values()) == {1}  # the queued ones ran once
     assert res.predictions["top5"] == evaluate_local(weights=weights, data="index:160", backend="sim",
                                                      batch_size=4)["top5"]

@@ -28,13 +28,13 @@ def test_multiworker_equals_single_process(assets, workers, settings):
                          settings=settings)
     _same_predictions(res.predictions, ref)
     r = res.report
-    assert r["images"] == 20 and r["images_total"] == 23 and r["error_count"] == 3
-    assert {e["name"] for e in r["errors"]} == assets["bad"]
-    assert r["top1"] == 100.0 and r["top5"] == 100.0
-    assert r["shards"] == 6 and len(r["per_device"]) == 2  # both workers took shards
-    assert sum(d["images"] for d in r["per_device"]) == 20
-    assert r["throughput_img_s"] > 0 and all(d["img_s_compute"] > 0 for d in r["per_device"])
-    assert r["model"]["arch"] == "tiny" and r["num_outputs"] == 1001
+    assert r.images == 20 and r.images_total == 23 and r.error_count == 3
+    assert {e["name"] for e in r.errors} == assets["bad"]
+    assert r.top1 == 100.0 and r.top5 == 100.0
+    assert r.shards == 6 and len(r.per_device) == 2  # both workers took shards
+    assert sum(d["images"] for d in r.per_device) == 20
+    assert r.throughput_img_s > 0 and all(d["img_s_compute"] > 0 for d in r.per_device)
+    assert r.model["arch"] == "tiny" and r.num_outputs == 1001
     assert RunStore(settings.broker_url).state(res.run_id)["state"] == "done"
 
 
@@ -48,7 +48,7 @@ def test_u8_and_bin_forms_give_the_same_predictions(assets, workers, settings, t
                        shard_size=8, queue=workers.queue, settings=settings, progress=False, log=lambda *_: None)
         by_stem = {os.path.splitext(n)[0]: i for i, n in enumerate(ref["names"])}
         order = [by_stem[os.path.splitext(n)[0]] for n in res.predictions["names"]]
-        assert len(order) == 20 and res.report["error_count"] == 3, fmt
+        assert len(order) == 20 and res.report.error_count == 3, fmt
         assert res.predictions["top5"] == [ref["top5"][i] for i in order], fmt
         assert np.allclose(res.predictions["scores"], [ref["scores"][i] for i in order], atol=1e-4), fmt
 
@@ -58,7 +58,7 @@ def test_1000_outputs_and_ais_bench_output_layout(assets, workers, settings, tmp
     res = evaluate(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4,
                    num_outputs=1000, queue=workers.queue, settings=settings, progress=False,
                    output_dir=str(out), outfmt="TXT", log=lambda *_: None)
-    assert res.report["num_outputs"] == 1000 and res.report["top1"] == 100.0
+    assert res.report.num_outputs == 1000 and res.report.top1 == 100.0
     files = sorted(os.listdir(out))
     assert len(files) == 20 and files[0] == "ILSVRC2012_val_00000001_0.txt"
     row = np.loadtxt(out / files[0])
@@ -98,10 +98,10 @@ def test_duplicate_shard_result_ignored_and_missing_shard_named(assets, workers,
     merged = store.report(res.run_id)  # the report is in the run store
     assert headline["merged"] is False and headline["run_id"] == res.run_id
     assert merged == res.report  # a merged run is left alone
-    assert merged["images"] == res.report["images"] and merged["top1"] == res.report["top1"]
-    assert "elsewhere@host" not in {d["worker"] for d in merged["per_device"]}
-    with open(res.report["files"]["json"]) as f:
-        assert json.load(f) == res.report
+    assert merged.images == res.report.images and merged.top1 == res.report.top1
+    assert "elsewhere@host" not in {d["worker"] for d in merged.per_device}
+    with open(res.report.files["json"]) as f:
+        assert json.load(f) == res.report.to_payload()
     # A shard whose result never arrived (and is not running anywhere): the run fails, naming it.
     # Run B has no worker on its queue; the run store holds the results of its first two shards
     # (run A's, the same images) and lost the third, whose message is gone too.
@@ -126,10 +126,10 @@ def test_duplicate_shard_result_ignored_and_missing_shard_named(assets, workers,
     assert st["state"] == "failed" and gone in st["error"] and "nasq resume" in st["error"]
     # nothing lost: what finished is kept as a partial report ...
     partial = store.report(b.run_id)
-    assert partial["partial"] is True and partial["shards_not_ok"] == [gone]
+    assert partial.partial is True and partial.shards_not_ok == (gone,)
     gone_images = len(next(r for r in results if r["shard_id"] == gone)["indices"])
-    assert partial["images"] == res.report["images"] - gone_images
-    assert os.path.isfile(partial["files"]["json"])
+    assert partial.images == res.report.images - gone_images
+    assert os.path.isfile(partial.files["json"])
     # ... and `resume` (a worker on the run's queue now) reruns only the missing shard, then merges everything
     from nasq.api import resume
 
@@ -140,9 +140,9 @@ def test_duplicate_shard_result_ignored_and_missing_shard_named(assets, workers,
     finally:
         w.stop()
         b.close()
-    assert not done.report.get("partial") and done.report["images"] == res.report["images"]
+    assert not done.report.partial and done.report.images == res.report.images
     # every file of the resumed run's report is there (not the failed run's record of its own)
-    assert done.not_rendered == {} and all(os.path.getsize(p) > 0 for p in done.report["files"].values())
+    assert done.not_rendered == {} and all(os.path.getsize(p) > 0 for p in done.report.files.values())
     assert done.predictions["top5"] == res.predictions["top5"]
     rerun = {sid for sid, f in store.finished(b.run_id).items() if f.get("finished_at", 0) > t_resume}
     assert rerun == {gone}  # only that shard ran again

@@ -45,24 +45,24 @@ def test_a_simulated_device_failing_every_shard_is_excluded_and_the_run_complete
                    settings=settings, progress=False, log=said.append)
     took = time.time() - t0
     report, run_id, name = res.report, res.run_id, bad.names[0]
-    assert report["images"] == 2400 and report["shards"] == 60 and not report.get("partial")
+    assert report.images == 2400 and report.shards == 60 and not report.partial
     ref = sim_reference(weights, 2400, 8)
     assert res.predictions["top5"] == ref["top5"] and res.predictions["indices"] == ref["indices"]
     # excluded at its second failure in a row, and it failed no shard after that
-    (excluded,) = report["excluded_devices"]
+    (excluded,) = report.excluded_devices
     assert excluded["worker"] == name and excluded["shards_failed"] == 2 and excluded["device"] == "npu:3"
     assert "simulated device failure" in excluded["reason"]
-    failed_there = [(sid, f) for sid, fs in report["shard_failures"].items() for f in fs if f["worker"] == name]
-    assert len(failed_there) == 2 and all(sid not in [s["shard_id"] for s in report["shards_failed"]]
+    failed_there = [(sid, f) for sid, fs in report.shard_failures.items() for f in fs if f["worker"] == name]
+    assert len(failed_there) == 2 and all(sid not in [s["shard_id"] for s in report.shards_failed]
                                           for sid, _ in failed_there)
-    assert all(d["worker"] != name for d in report["per_device"])  # it kept no result
+    assert all(d["worker"] != name for d in report.per_device)  # it kept no result
     assert any(f"{name} (" in line and "is EXCLUDED from the run" in line for line in said), said  # the client said so
     store = RunStore(redis_url)
     text = render_status(run_status(store, run_id))
     assert re.search(rf"{re.escape(name)} .*EXCLUDED \(2 failed shards in a row\)", text), text
     assert "EXCLUDED devices" in text and "simulated device failure" in text
-    folder = os.path.dirname(report["files"]["json"])
-    assert json.load(open(report["files"]["json"]))["excluded_devices"][0]["worker"] == name
+    folder = os.path.dirname(report.files["json"])
+    assert json.load(open(report.files["json"]))["excluded_devices"][0]["worker"] == name
     md = open(os.path.join(folder, "report.md")).read()
     assert "## Excluded devices" in md and name in md
     html = open(os.path.join(folder, "report.html")).read()
@@ -104,15 +104,15 @@ def test_a_real_worker_that_cannot_load_the_model_is_excluded_beside_healthy_one
     assert client.error is None, client.error
     report = client.result.report
     ref = evaluate_local(weights=weights, data=assets["data"], labels=assets["labels"], batch_size=2)
-    assert report["images"] == 20 and report["top1"] == 100.0 and client.result.predictions["top5"] == ref["top5"]
+    assert report.images == 20 and report.top1 == 100.0 and client.result.predictions["top5"] == ref["top5"]
     # it fails in milliseconds while the healthy ones load the model: it takes at least two shards
-    excluded = {e["worker"]: e for e in report["excluded_devices"]}
+    excluded = {e["worker"]: e for e in report.excluded_devices}
     assert set(excluded) == {bad.names[0]} and "outside this worker's read roots" in excluded[bad.names[0]]["reason"]
     assert excluded[bad.names[0]]["shards_failed"] == 2
-    failed_there = [f for fs in report["shard_failures"].values() for f in fs]
+    failed_there = [f for fs in report.shard_failures.values() for f in fs]
     assert failed_there and {f["worker"] for f in failed_there} == {bad.names[0]}
     assert all("weights" in f["error"] and "read roots" in f["error"] for f in failed_there)
-    assert all(d["worker"] in good.names for d in report["per_device"])
+    assert all(d["worker"] in good.names for d in report.per_device)
     h.close()
     good.stop()
     bad.stop()
@@ -143,14 +143,14 @@ def test_a_shard_whose_data_fails_on_every_device_fails_after_shard_max_devices(
     with pytest.raises(RunError) as e:
         h.wait(progress=False, timeout=240, log=lambda *_: None)
     report = store.report(h.run_id)
-    (failed,) = report["shards_failed"]
-    fails = report["shard_failures"][failed["shard_id"]]
+    (failed,) = report.shards_failed
+    fails = report.shard_failures[failed["shard_id"]]
     assert len({f["worker"] for f in fails}) == 3 == len(fails)
     assert all(f"{victim} changed since the dataset was listed" in f["error"] for f in fails)
     assert "failed on 3 workers (shard_max_devices=3)" in failed["reason"]
     assert all(f["worker"] in failed["reason"] for f in fails)
     assert "failed on 3 workers" in str(e.value)
-    assert report["images"] == 16 and report["excluded_devices"] == []  # one failure each: nobody excluded
+    assert report.images == 16 and report.excluded_devices == ()  # one failure each: nobody excluded
     h.close()
     w.stop()
 
@@ -187,7 +187,7 @@ def test_a_run_nobody_serves_says_so_within_heartbeats_and_a_later_worker_finish
     assert client.error is None, client.error
     assert client.first(f"a live worker consumes queue {queue} again") is not None, client.said
     ref = sim_reference(weights, 480, 8)
-    assert client.result.report["images"] == 480 and client.result.predictions["top5"] == ref["top5"]
+    assert client.result.report.images == 480 and client.result.predictions["top5"] == ref["top5"]
     h.close()
     later.stop()
     # a queue no worker has ever consumed
@@ -239,7 +239,7 @@ def test_an_unsigned_client_against_signing_workers_is_told_at_once(assets, star
                               log=lambda *_: None)
         store.record_refusal(h.run_id, "forged", signed=False, text="ContentDisallowed: forged")
         res = h.wait(progress=False, timeout=120, log=lambda *_: None)
-        assert res.report["images"] == 20
+        assert res.report.images == 20
         h.close()
         w.stop()
 

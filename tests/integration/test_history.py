@@ -32,15 +32,15 @@ def test_history_status_compare_and_report_files(assets, redis_url, start_worker
 
     # the report: named throughputs, latency percentiles, model load time, text cells
     r = a.report
-    assert set(r["throughput"]) >= {"shard_span_img_s", "end_to_end_img_s", "compute_img_s"}
-    assert r["throughput"]["end_to_end_s"] >= r["wall_s"] > 0
-    d = r["per_device"][0]
+    assert set(r.throughput.to_payload()) >= {"shard_span_img_s", "end_to_end_img_s", "compute_img_s"}
+    assert r.throughput.end_to_end_s >= r.wall_s > 0
+    d = r.per_device[0]
     assert d["latency_ms"]["count"] == 5 and d["latency_ms"]["p50"] <= d["latency_ms"]["p99"] <= d["latency_ms"]["max"]
     assert d["model_load_s"] > 0 and d["img_s_ais_bench"] > 0
     host = socket.gethostname()
     assert d["device_name"] == "PyTorch CPU, 1 thread" and d["host"] == host
     assert f"{host}/cpu PyTorch CPU, 1 thread" in a.table
-    files = r["files"]
+    files = r.files
     page = open(files["html"]).read()
     assert "data:image/png;base64," in page and "<table>" in page and "<script" not in page
     assert "http://" not in page and "https://" not in page and "src=\"/" not in page  # self-contained
@@ -59,7 +59,7 @@ def test_history_status_compare_and_report_files(assets, redis_url, start_worker
     st = json.loads(p.stdout)
     assert st["state"] == "done" and st["images_done"] == 23 and st["report"]["images"] == 20
     # the status rate is the report's (both over the shards' span)
-    assert st["rate_img_s"] == pytest.approx(r["throughput_img_s"], rel=1e-9)
+    assert st["rate_img_s"] == pytest.approx(r.throughput_img_s, rel=1e-9)
 
     # nasq runs --json / --csv, with filters
     p = cli(["runs", "--json", "--limit", "50"], broker=redis_url, report_dir=rep)
@@ -137,7 +137,7 @@ def test_cancel_a_running_run(redis_url, start_workers, tmp_path, cli):
         time.sleep(0.1)
     assert store.shard_counts(h.run_id)[0] <= done_then + 1 < 20
     partial = store.report(h.run_id)
-    assert partial["partial"] is True and 80 <= partial["images"] < 800 and os.path.isfile(partial["files"]["json"])
+    assert partial.partial is True and 80 <= partial.images < 800 and os.path.isfile(partial.files["json"])
     p = cli(["status", h.run_id, "--json"], broker=redis_url)
     assert json.loads(p.stdout)["state"] == "cancelled" and p.returncode == 4  # cancelled (nasq.cli.exits)
     p = cli(["cancel", h.run_id], broker=redis_url, report_dir=rep)
@@ -147,7 +147,7 @@ def test_cancel_a_running_run(redis_url, start_workers, tmp_path, cli):
     # the worker serves the next run
     h2 = submit_evaluation(weights=str(weights), data="index:40", backend="sim", batch_size=4, queue=w.queue,
                            settings=client, log=lambda *_: None)
-    assert h2.wait(progress=False, timeout=60, log=lambda *_: None).report["images"] == 40
+    assert h2.wait(progress=False, timeout=60, log=lambda *_: None).report.images == 40
     h.close()
     h2.close()
 

@@ -31,9 +31,9 @@ def test_a_second_run_reads_from_the_host_cache_and_a_changed_entry_is_read_agai
                         log=lambda *_: None)
 
     first = run()
-    assert first.report["data_read"]["images_from_source"] == 23  # every file, the 3 unusable ones too
+    assert first.report.data_read["images_from_source"] == 23  # every file, the 3 unusable ones too
     second = run()
-    read = second.report["data_read"]
+    read = second.report.data_read
     assert read["images_from_cache"] == 23 and read["images_from_source"] == 0 and read["bytes_from_source"] == 0
     assert second.predictions["top5"] == first.predictions["top5"]
     assert "23 from the host cache, 0 from the source" in second.table
@@ -45,7 +45,7 @@ def test_a_second_run_reads_from_the_host_cache_and_a_changed_entry_is_read_agai
     blob[len(blob) // 2] ^= 0xFF
     entry.write_bytes(bytes(blob))
     third = run()
-    assert third.report["data_read"]["images_from_source"] == 1 and third.report["data_read"]["images_from_cache"] == 22
+    assert third.report.data_read["images_from_source"] == 1 and third.report.data_read["images_from_cache"] == 22
     assert third.predictions["top5"] == first.predictions["top5"]
     assert hashlib.sha256(entry.read_bytes()).hexdigest() == entry.name  # whole again
     w.stop()
@@ -179,6 +179,6 @@ def test_a_dataset_staged_with_cache_warm_is_not_read_from_storage_by_the_run(as
     w = start_workers(redis_url, backend="sim", sim="rate=400", settings=settings)
     res = evaluate(weights=assets["weights"], data=data, labels=assets["labels"], backend="sim", batch_size=4,
                    queue=w.queue, settings=settings, progress=False, log=lambda *_: None)
-    assert res.report["data_read"]["images_from_source"] == 0 and res.report["data_read"]["images_from_cache"] == 20
-    assert json.dumps(res.report["data_read"]["hosts"])
+    assert res.report.data_read["images_from_source"] == 0 and res.report.data_read["images_from_cache"] == 20
+    assert json.dumps(res.report.data_read["hosts"])
     w.stop()

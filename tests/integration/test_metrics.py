@@ -58,7 +58,7 @@ def test_metrics_during_and_after_a_run_pass_promtool_with_counters_and_histogra
     assert fams["nasq_shard_duration_seconds"].type == "histogram"
     assert _samples(fams, "nasq_shard_duration_seconds", h.run_id, "_bucket")
     waiter.join(200)
-    assert waiter.error is None and waiter.result.report["images"] == 960
+    assert waiter.error is None and waiter.result.report.images == 960
     after = generate_latest(registry).decode()
     _promtool_accepts(after)
     fams = _families(after)

@@ -89,7 +89,7 @@ def test_status_watch_follows_a_run_to_its_report(assets, start_workers, setting
     assert lines.count(lines[-1]) == 1, p.stdout  # piped: each status line once
     assert "top-1 100.00%" in p.stdout and "report files:" in p.stdout
     report = store.report(manifest.run_id)
-    for path in report["files"].values():
+    for path in report.files.values():
         assert os.path.getsize(path) > 0
     runs = subprocess.run(nasq_cli + ["runs", "--broker", settings.broker_url], capture_output=True, text=True,
                           cwd=repo, timeout=60)
@@ -174,8 +174,8 @@ def _failed_shards_are_failure_in_flower(base, auth, assets, workers, settings, 
     run_id = next(r for r in RunStore(settings.broker_url).run_ids(5) if r in str(e.value))
     store = RunStore(settings.broker_url)
     partial = store.report(run_id)
-    bad = partial["shards_not_ok"]
-    assert partial["partial"] and bad and partial["shards_ok"] == 12 - len(bad)
+    bad = partial.shards_not_ok
+    assert partial.partial and bad and partial.shards_ok == 12 - len(bad)
     deadline, states = time.time() + 30, {}
     while time.time() < deadline and len(states) < 12:
         tasks = requests.get(base + "/api/tasks?limit=2000", auth=auth, timeout=10).json()
@@ -185,7 +185,7 @@ def _failed_shards_are_failure_in_flower(base, auth, assets, workers, settings, 
     assert {sid for sid, st in states.items() if st == "FAILURE"} == set(bad), states
     assert all(states[sid] == "SUCCESS" for sid in states if sid not in bad)
     done = resume(run_id, settings=settings, progress=False, log=lambda *_: None)
-    assert not done.report.get("partial") and done.report["images"] == 20 and done.report["top1"] == 100.0
+    assert not done.report.partial and done.report.images == 20 and done.report.top1 == 100.0
     # each attempt is a task of its own: the failed one stays FAILURE, the resumed one is a new SUCCESS
     deadline, attempts = time.time() + 30, {}
     while time.time() < deadline and len(attempts) < 12 + len(bad):

@@ -53,9 +53,9 @@ def test_a_worker_hung_past_its_lease_that_comes_back_changes_nothing(assets, re
     until(lambda: f"run {h.run_id}: not merged again" in w.log_text(), 60, "the chord's late merge runs")
     assert store.dropped(h.run_id) == {held: 1}
     assert store.report(h.run_id) == report  # Redis keeps the report the client got ...
-    with open(report["files"]["json"]) as f:
-        assert json.load(f) == report  # ... and so do the files
-    assert report["images"] == 20 and report["top1"] == 100.0 and report["redispatched_shards"] == {held: 1}
+    with open(report.files["json"]) as f:
+        assert json.load(f) == report.to_payload()  # ... and so do the files
+    assert report.images == 20 and report.top1 == 100.0 and report.redispatched_shards == {held: 1}
     assert run_status(store, h.run_id)["duplicate_shard_results_dropped"] == [held]
     assert victim.poll() is None  # the worker lives on
     log = w.log_text()
@@ -74,7 +74,7 @@ def test_a_shard_longer_than_its_lease_stays_with_its_live_worker(redis_url, sta
     h = submit_evaluation(weights=sim_weights(tmp_path), data="index:32", backend="sim", batch_size=4,
                           shard_size=16, queue=w.queue, settings=settings, log=lambda *_: None)
     res = h.wait(progress=False, timeout=120, log=lambda *_: None)
-    assert res.report["images"] == 32 and res.report["redispatched_shards"] == {}
+    assert res.report.images == 32 and res.report.redispatched_shards == {}
     assert store.attempts(h.run_id) == {"shard-00000": 1, "shard-00001": 1} and store.dropped(h.run_id) == {}
     assert "could not renew" not in w.log_text()
     h.close()
@@ -135,7 +135,7 @@ def test_resume_of_a_live_run_resubmits_nothing(redis_url, start_workers, tmp_pa
     said = []
     done = resume(h.run_id, settings=settings, progress=False, timeout=120, log=said.append)
     assert any("nothing to resubmit" in s for s in said), said
-    assert done.report["images"] == 480 and done.report["shards"] == 12
+    assert done.report.images == 480 and done.report.shards == 12
     assert set(store.attempts(h.run_id).values()) == {1}  # every shard ran once
     assert store.dropped(h.run_id) == {} and store.redispatched(h.run_id) == {}
     ref = sim_reference(weights, 480, 4)
@@ -172,7 +172,7 @@ def test_resume_of_a_run_with_failed_shards_reruns_exactly_those(assets, redis_u
     why = store.redispatched_why(h.run_id)  # status says who sent them again: the resume
     assert set(why) == failed and all(w.startswith("nasq resume") for w in why.values()), why
     assert "dispatched again: " in render_status(run_status(store, h.run_id))
-    assert done.report["images"] == 20 and done.report["top1"] == 100.0 and not done.report.get("partial")
+    assert done.report.images == 20 and done.report.top1 == 100.0 and not done.report.partial
     ref = evaluate_local(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4)
     assert done.predictions["top5"] == ref["top5"]
     h.close()
@@ -210,7 +210,7 @@ def test_a_broker_at_maxmemory_stops_no_worker_and_the_run_completes(start_worke
         client.join(180)
         assert client.error is None, client.error
         report = client.result.report
-        assert report["images"] == 1200 and stuck < 1200
+        assert report.images == 1200 and stuck < 1200
         ref = sim_reference(weights, 1200, 4)
         assert client.result.predictions["top5"] == ref["top5"]
         assert all(proc_.poll() is None for _, proc_, _ in w.procs)
@@ -277,10 +277,10 @@ def test_a_report_dir_on_a_full_disk_is_named_and_every_sentence_is_true(assets,
         # what was not written: the files of the report (in it) and the plots and page rendered after
         # the numbers (in the run's rendered record), as the client said
         said = set(missing.group(1).split(", "))
-        assert kept["images"] == 20 and said == set(kept["files_not_written"]) | set(store.not_rendered(run_id))
+        assert kept.images == 20 and said == set(kept.files_not_written) | set(store.not_rendered(run_id))
         assert "in Redis" in p.stderr and "no space left on device" in p.stderr.lower()
         if (folder / "report.json").exists():  # the report on disk is the one in Redis
-            assert json.loads((folder / "report.json").read_text()) == kept
+            assert json.loads((folder / "report.json").read_text()) == kept.to_payload()
             assert f"the report is in {folder / 'report.json'}" in p.stderr
         # --json onto the full disk: one line that says where the report is, and is true
         p = subprocess.run(nasq_cli + ["eval", "--broker", redis_url, "--queue", w.queue, "--weights",

@@ -148,10 +148,10 @@ def test_plots_whose_merging_worker_died_are_rendered_by_the_next(assets, redis_
             os.killpg(proc.pid, signal.SIGKILL)
         # whatever it managed before the kill is undone: the rendering is left to the next worker
         store.r.delete(f"nasq:run:{result.run_id}:rendered", f"nasq:run:{result.run_id}:rendering")
-        for kind in result.report["files_to_come"]:
-            if os.path.exists(result.report["files"][kind]):
-                os.remove(result.report["files"][kind])
-        later["report"] = dict(result.report)
+        for kind in result.report.files_to_come:
+            if os.path.exists(result.report.files[kind]):
+                os.remove(result.report.files[kind])
+        later["report"] = result.report
         later["workers"] = start_workers(redis_url, queue, settings=settings)
 
     h = submit_evaluation(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4,
@@ -160,8 +160,8 @@ def test_plots_whose_merging_worker_died_are_rendered_by_the_next(assets, redis_
         res = h.wait(progress=False, timeout=300, log=lambda *_: None, on_report=kill_the_merging_worker)
     finally:
         h.close()
-    assert res.report["files_to_come"] == ["plot", "devices", "html"] and res.not_rendered == {}
-    assert all(os.path.getsize(res.report["files"][k]) > 0 for k in res.report["files_to_come"])
+    assert res.report.files_to_come == ("plot", "devices", "html") and res.not_rendered == {}
+    assert all(os.path.getsize(res.report.files[k]) > 0 for k in res.report.files_to_come)
     assert store.report(h.run_id) == later["report"] == res.report  # rendering changed no number
     later["workers"].stop()
 

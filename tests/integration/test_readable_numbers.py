@@ -32,18 +32,18 @@ def test_three_devices_are_named_everywhere_and_the_rerun_command_reproduces_the
     cells = {f"{HOST}/{d} SIMULATED (rate 4.0, not a measurement)" for d in DEVICES}  # 1 s a shard: all three work
     from nasq.results.report import device_cell
 
-    assert {device_cell(d) for d in r["per_device"]} == cells
-    md, html = open(r["files"]["markdown"]).read(), open(r["files"]["html"]).read()
+    assert {device_cell(d) for d in r.per_device} == cells
+    md, html = open(r.files["markdown"]).read(), open(r.files["html"]).read()
     shown = cli(["runs"], broker=redis_url, report_dir=rep).stdout
     for cell in cells:
         assert cell in md and cell in html and cell in res.table
     assert all(f"{HOST}/{d}" in shown for d in DEVICES) and "(SIMULATED)" in shown
     # the banners, the interval, the environment block and the rerun command, in every format
-    assert any("SIMULATED devices" in x for x in r["warnings"]) and "SIMULATED devices" in html
-    assert r["top1_ci95"][0] <= r["top1"] <= r["top1_ci95"][1] and "95 % CI" in md
-    env = r["environment"]["hosts"][HOST]
+    assert any("SIMULATED devices" in x for x in r.warnings) and "SIMULATED devices" in html
+    assert r.top1_ci95[0] <= r.top1 <= r.top1_ci95[1] and "95 % CI" in md
+    env = r.environment.hosts[HOST]
     assert env["cpu"] and env["cpu_cores"] >= 1 and env["nasq"] and env["python"]
-    cmd = r["environment"]["command"]
+    cmd = list(r.environment.command)
     assert cmd[:2] == ["nasq", "eval"] and "--broker" in cmd and "--queue" in cmd
     for text in (md, html):
         assert "Environment" in text and f"host {HOST}" in text and "--weights" in text
@@ -98,14 +98,14 @@ def test_a_failed_run_explains_itself_and_counts_only_accepted_images(redis_url,
     store = RunStore(redis_url)
     until(lambda: store.published(h.run_id), 60, "the failed run's report is in place")
     r = store.report(h.run_id)
-    assert r["state"] == "failed" and r["error"] and not r["complete"]
-    assert r["images"] == 8 and r["images_planned"] == 24
-    failed = {f["shard_id"]: f for f in r["shards_failed"]}
+    assert r.state == "failed" and r.error and not r.complete
+    assert r.images == 8 and r.images_planned == 24
+    failed = {f["shard_id"]: f for f in r.shards_failed}
     assert set(failed) == {"shard-00001", "shard-00002"}
     assert all("simulated device failure" in f["reason"] and f["attempts"] == 1 for f in failed.values())
-    on_disk = json.loads(open(r["files"]["json"]).read())
-    md, html = open(r["files"]["markdown"]).read(), open(r["files"]["html"]).read()
-    assert on_disk["shards_failed"] == r["shards_failed"] and on_disk["state"] == "failed"
+    on_disk = json.loads(open(r.files["json"]).read())
+    md, html = open(r.files["markdown"]).read(), open(r.files["html"]).read()
+    assert on_disk["shards_failed"] == list(r.shards_failed) and on_disk["state"] == "failed"
     for text in (md, html):
         assert "8 of 24 images" in text and "shard-00001" in text and "simulated device failure" in text
     # status: only the kept shard's 8 images (the failed one had reported 4), at a rate the device can do
@@ -149,11 +149,11 @@ def test_a_cancelled_run_counts_only_what_was_kept(redis_url, start_workers, tmp
     p = cli(["status", h.run_id, "--json"], broker=redis_url)
     st = json.loads(p.stdout)
     assert p.returncode == RUN_CANCELLED
-    assert st["state"] == "cancelled" and r["state"] == "cancelled"
+    assert st["state"] == "cancelled" and r.state == "cancelled"
     kept = 8 * store.results_count(h.run_id)
-    assert st["images_done"] == r["images"] == kept == sum(w_["images"] for w_ in st["workers"].values())
+    assert st["images_done"] == r.images == kept == sum(w_["images"] for w_ in st["workers"].values())
     assert 0 < st["rate_img_s"] <= 3 * 4.0
-    assert len(r["shards_failed"]) == 30 - kept // 8 and f"{kept} of 240 images" in open(r["files"]["markdown"]).read()
+    assert len(r.shards_failed) == 30 - kept // 8 and f"{kept} of 240 images" in open(r.files["markdown"]).read()
     row = next(x for x in json.loads(cli(["runs", "--json"], broker=redis_url, report_dir=rep).stdout)
                if x["run_id"] == h.run_id)
     assert row["state"] == "cancelled" and row["images"] == kept and row["images_planned"] == 240

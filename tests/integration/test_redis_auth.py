@@ -16,7 +16,7 @@ def test_eval_through_a_password_protected_redis(eval_through, tmp_path):
         with pytest.raises(redis.exceptions.AuthenticationError):
             redis.Redis(port=port).get("x")  # closed without the password
         report = eval_through(url)
-        assert report["images"] == 20 and report["top1"] == 100.0
+        assert report.images == 20 and report.top1 == 100.0
     finally:
         stop_process(proc)
 

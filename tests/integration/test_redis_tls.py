@@ -29,4 +29,4 @@ def tls_redis(tmp_path):
 
 def test_eval_over_tls(eval_through, tls_redis):
     report = eval_through(tls_redis)
-    assert report["images"] == 20 and report["top1"] == 100.0
+    assert report.images == 20 and report.top1 == 100.0

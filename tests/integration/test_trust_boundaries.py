@@ -120,7 +120,7 @@ def test_hostile_messages_are_refused_and_the_worker_then_serves_a_real_run(fenc
                    output_dir=str(fenced["out"] / "logits"), progress=False, log=lambda *_: None)
     ref = evaluate_local(weights=str(fenced["data"] / "w.pth"), data=val, labels=str(fenced["data"] / "val_label.txt"),
                          batch_size=4)
-    assert res.report["images"] == 8 and res.report["top1"] == 100.0
+    assert res.report.images == 8 and res.report.top1 == 100.0
     assert res.predictions["top5"] == ref["top5"] and res.predictions["names"] == ref["names"]
     assert len(os.listdir(fenced["out"] / "logits")) == 8
     # the worker log: one line per shard, never its full result
@@ -160,7 +160,7 @@ def test_signed_messages_run_and_unsigned_or_foreign_ones_are_refused(assets, re
     res = evaluate(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4,
                    shard_size=8, queue=w.queue, settings=client, progress=False, log=lambda *_: None)
     ref = evaluate_local(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4)
-    assert res.report["images"] == 20 and res.predictions["top5"] == ref["top5"]
+    assert res.report.images == 20 and res.predictions["top5"] == ref["top5"]
     # unsigned (plain JSON) and signed by an untrusted key: neither runs
     marker = tmp_path / "ran"
     job = {"dataset": {"root": "/nowhere", "kind": "jpeg", "images": 1, "fingerprint": "x"}, "labels": str(marker),

@@ -96,7 +96,7 @@ def test_an_image_rewritten_mid_run_with_the_same_size_is_never_scored(kind, ass
     with pytest.raises(RunError) as e:
         h.wait(progress=False, timeout=180, log=lambda *_: None)
     report = store.report(h.run_id)
-    failed = {f["shard_id"]: f["reason"] for f in report["shards_failed"]}
+    failed = {f["shard_id"]: f["reason"] for f in report.shards_failed}
     assert set(failed) == {"shard-00003", "shard-00004"}, json.dumps(failed, indent=1)  # images [12, 16), [16, 20)
     for sid, i in (("shard-00003", 15), ("shard-00004", 19)):
         assert f"{named[i]} changed since the run was submitted" in failed[sid], failed[sid]
@@ -282,10 +282,11 @@ def test_the_merging_worker_killed_at_any_moment_publishes_one_whole_report(redi
         assert client.error is None, (moment, client.error)
         res = client.result
         assert res.unpublished is None, moment
-        for kind, path in res.report["files"].items():  # the client names only files that exist
+        for kind, path in res.report.files.items():  # the client names only files that exist
             assert os.path.basename(path) in res.not_rendered or os.path.isfile(path), (moment, kind, path)
         folder = rep / h.run_id
-        assert json.loads((folder / "report.json").read_text()) == res.report == store.report(h.run_id), moment
+        assert json.loads((folder / "report.json").read_text()) == res.report.to_payload(), moment
+        assert res.report == store.report(h.run_id), moment
         assert [p for p in os.listdir(rep) if p.startswith(h.run_id)] == [h.run_id], moment  # one report
         staging = rep / ".staging"
         assert not staging.exists() or not [p for p in os.listdir(staging) if p.startswith(h.run_id)], moment

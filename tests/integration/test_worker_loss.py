@@ -74,8 +74,8 @@ def test_a_machine_lost_mid_shard_costs_a_lease_not_the_visibility_timeout(asset
         assert victim.poll() is not None  # it is gone for good
         waited = time.time() - killed["at"]
         report = result.report
-        assert report["redispatched_shards"] == {killed["shard"]: 1}
-        assert report["images"] == 20 and report["top1"] == 100.0
+        assert report.redispatched_shards == {killed["shard"]: 1}
+        assert report.images == 20 and report.top1 == 100.0
         ref = evaluate_local(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4)
         assert result.predictions["names"] == ref["names"] and result.predictions["top5"] == ref["top5"]
         assert np.allclose(result.predictions["scores"], ref["scores"], atol=1e-4)

@@ -12,7 +12,7 @@ from nasq.errors import RunError
 from nasq.inference.resources import DeviceResources
 from nasq.inference.shard import run_shard
 from nasq.perf.sweep import measure_point, point_file, read_rows
-from nasq.rundata import RunManifest
+from nasq.rundata import Report, RunManifest
 from nasq.wire import EvalJob, MessageError, ShardTask, SweepPoint
 from nasq.results.ending import MergeLater, finish_run
 
@@ -308,13 +308,13 @@ def test_merge_run_writes_the_report_and_fetches_late_shards(assets, tmp_path):
     store = MemoryStore(manifest, stored=[late])
     report = finish_run(manifest.run_id, results, store=store, report_dir=str(tmp_path), merge_wait_s=60,
                        first_try=0.0)
-    assert report["images"] == 12 and report["top1"] == 100.0 and report["shards"] == 3
-    assert store.states[-1]["state"] == "done" and os.path.isfile(report["files"]["json"])
+    assert report.images == 12 and report.top1 == 100.0 and report.shards == 3
+    assert store.states[-1]["state"] == "done" and os.path.isfile(report.files["json"])
     assert store.reports[manifest.run_id][1]["indices"] == list(range(12))
     # the plots and the page come after the numbers are stored, into the folder the report names
-    assert report["files_to_come"] == ["plot", "devices", "html"] and store.rendered == {}
-    assert all(os.path.getsize(report["files"][k]) > 0 for k in report["files_to_come"])
-    assert json.load(open(report["files"]["json"])) == store.reports[manifest.run_id][0] == report
+    assert report.files_to_come == ("plot", "devices", "html") and store.rendered == {}
+    assert all(os.path.getsize(report.files[k]) > 0 for k in report.files_to_come)
+    assert Report.from_payload(json.load(open(report.files["json"]))) == store.reports[manifest.run_id][0] == report
 
 
 def test_merge_run_waits_for_a_running_shard_then_fails_keeping_the_rest(assets, tmp_path):
@@ -332,7 +332,7 @@ def test_merge_run_waits_for_a_running_shard_then_fails_keeping_the_rest(assets,
         finish_run(manifest.run_id, results, first_try=time.time() - 120, **kw)
     assert store.states[-1]["state"] == "failed" and "nasq resume" in store.states[-1]["error"]
     partial, _ = store.reports[manifest.run_id]
-    assert partial["partial"] and partial["images"] == 8 and partial["shards_not_ok"] == [gone]
+    assert partial.partial and partial.images == 8 and partial.shards_not_ok == (gone,)
 
 
 def test_measure_point_writes_its_row(assets, tmp_path):
@@ -423,14 +423,14 @@ def test_fail_run_heals_what_was_only_lost_and_fails_what_failed(assets, tmp_pat
     store = Store(manifest, stored=_results(manifest))
     fail_run(manifest.run_id, RuntimeError("late"), store=store, report_dir=str(tmp_path / "case3"),
              redispatch=lambda m, sids: sent.extend(sids))
-    assert store.states[-1]["state"] == "done" and store.reports[manifest.run_id][0]["images"] == 12
+    assert store.states[-1]["state"] == "done" and store.reports[manifest.run_id][0].images == 12
     # a shard that failed for real: the run fails with a partial report naming it
     store = Store(manifest, stored=_results(manifest, drop={ids[2]}),
                   finished={ids[2]: {"status": "error", "error": "boom", "worker": "w0"}})
     fail_run(manifest.run_id, RuntimeError("chord"), store=store, report_dir=str(tmp_path / "case4"),
              redispatch=lambda m, sids: sent.extend(sids))
     assert store.states[-1]["state"] == "failed" and "boom" in store.states[-1]["error"]
-    assert store.reports[manifest.run_id][0]["shards_not_ok"] == [ids[2]]
+    assert store.reports[manifest.run_id][0].shards_not_ok == (ids[2],)
 
 
 def test_the_simulated_device_is_deterministic_and_says_what_it_is(tmp_path):

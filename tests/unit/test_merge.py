@@ -43,10 +43,10 @@ def test_duplicate_dropped_and_report_correct():
     results = [_result(s) for s in m.shards]
     dup = _result(m.shards[1], worker="w2", t0=101.0)  # redelivered: differs in more than a byte
     report, pred = merge(m, results[:2] + [dup] + results[2:])
-    assert report["duplicate_shard_results_dropped"] == [m.shards[1].shard_id]
-    assert report["images"] == 10 and pred["indices"] == list(range(10))
-    assert report["top1"] == 100.0 and report["correct"]["top1"] == 10
-    assert "w2" not in {d["worker"] for d in report["per_device"]}
+    assert report.duplicate_shard_results_dropped == (m.shards[1].shard_id,)
+    assert report.images == 10 and pred["indices"] == list(range(10))
+    assert report.top1 == 100.0 and report.correct["top1"] == 10
+    assert "w2" not in {d["worker"] for d in report.per_device}
     assert "duplicate shard results dropped" in render(report)
 
 
@@ -78,7 +78,7 @@ def test_foreign_results_ignored():
     m = _manifest()
     results = [_result(s) for s in m.shards] + [{**_result(m.shards[0]), "run_id": "other"}]
     report, _ = merge(m, results)
-    assert report["shards"] == 3
+    assert report.shards == 3
 
 
 def test_accuracy_topk_and_missing_labels():

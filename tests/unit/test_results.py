@@ -11,11 +11,14 @@ def _pred(names, labels, top1s):
 
 
 def _report(run_id, **over):
+    from nasq.rundata import Report
+
     base = {"run_id": run_id, "backend": {"name": "torch", "versions": {"torch": "2.14.1"}}, "precision": "fp32",
-            "batch_size": 8, "num_outputs": 1001, "model": {"sha256": "abc"}, "dataset": {"fingerprint": "f"},
+            "batch_size": 8, "num_outputs": 1001, "model": {"sha256": "abc"}, "images": 3,
+            "dataset": {"root": "/d", "kind": "jpeg", "images": 3, "fingerprint": "f"},
             "per_device": [{"worker": "w", "device": "cpu", "device_name": "PyTorch CPU, 2 threads", "img_s_compute": 3.0,
                             "img_s_wall": 2.5}], "throughput_img_s": 2.5}
-    return base | over
+    return Report.from_payload(base | over)
 
 
 def test_compare_counts_discordant_pairs_and_tests_them_exactly():
@@ -93,21 +96,24 @@ def test_sweep_slots_survive_a_renamed_worker():
 
 
 def test_ais_bench_block_and_timm_row():
+    from dataclasses import replace
+
     from nasq.results.report import ais_bench_summary, timm_row
+    from nasq.rundata import BackendInfo
 
     r = _report("R", top1=82.5, top5=96.0, images=1000, model={"arch": "large", "param_count": 88_753_150})
-    r["per_device"][0].update(images=1000, latency_ms={"count": 125, "min": 10.0, "max": 20.0, "mean": 12.5,
+    r.per_device[0].update(images=1000, latency_ms={"count": 125, "min": 10.0, "max": 20.0, "mean": 12.5,
                                                        "p50": 12.0, "p90": 14.0, "p95": 15.0, "p99": 19.0},
                               img_s_ais_bench=640.0)
     text = ais_bench_summary(r)  # a CPU worker's: its compute time is not an NPU's
     assert "CPU_compute_time (ms): min = 10.000, max = 20.000, mean = 12.500, median = 12.000, " \
            "percentile(99%) = 19.000" in text and "NPU" not in text
     assert "throughput 1000*batchsize.mean(8)/CPU_compute_time.mean(12.500): 640.000" in text
-    npu = {**r, "backend": {"name": "ais_bench"}, "per_device": [{**r["per_device"][0], "device": "npu:0"}]}
+    npu = replace(r, backend=BackendInfo("ais_bench"), per_device=({**r.per_device[0], "device": "npu:0"},))
     assert "throughput 1000*batchsize.mean(8)/NPU_compute_time.mean(12.500): 640.000" in ais_bench_summary(npu)
-    gpu = {**r, "per_device": [{**r["per_device"][0], "device": "cuda:1"}]}
+    gpu = replace(r, per_device=({**r.per_device[0], "device": "cuda:1"},))
     assert "GPU_compute_time (ms)" in ais_bench_summary(gpu)
-    sim = {**r, "backend": {"name": "sim"}, "per_device": [{**r["per_device"][0], "device": "npu:0"}]}
+    sim = replace(r, backend=BackendInfo("sim"), per_device=({**r.per_device[0], "device": "npu:0"},))
     assert "SIMULATED_compute_time (ms)" in ais_bench_summary(sim)
     row = timm_row(r)
     assert row["model"] == "nasnetalarge" and row["top1_err"] == 17.5 and row["top5_err"] == 4.0
@@ -118,12 +124,13 @@ def test_history_index_round_trip(tmp_path):
     from dataclasses import replace
 
     from nasq.results.history import get, query, record, row_of
+    from nasq.rundata import Report
     from plans import run_manifest
 
     manifest = run_manifest("r1", [], images=10, created=100.0)
-    record(str(tmp_path), row_of(manifest, "done", {"images": 10, "top1": 90.0, "model": {"arch": "large"},
-                                                    "per_device": [{"host": "vm1", "device": "cpu",
-                                                                    "device_name": "PyTorch CPU, 1 thread"}]}))
+    report = Report.from_payload({"run_id": "r1", "images": 10, "top1": 90.0, "model": {"arch": "large"},
+                                  "per_device": [{"host": "vm1", "device": "cpu", "device_name": "PyTorch CPU, 1 thread"}]})
+    record(str(tmp_path), row_of(manifest, "done", report))
     onnx = replace(manifest, run_id="r2", created=200.0, job=replace(manifest.job, backend="onnxruntime"))
     record(str(tmp_path), row_of(onnx, "failed", error="boom"))
     assert [r["run_id"] for r in query(str(tmp_path))] == ["r2", "r1"]
@@ -155,7 +162,9 @@ def test_a_cancelled_run_stays_cancelled(tmp_path):
             return {"state": "cancelled"}
 
         def report(self, run_id):
-            return {"run_id": run_id, "partial": True}
+            from nasq.rundata import Report
+
+            return Report(run_id, images=0, per_device=(), state="cancelled", complete=False, partial=True)
 
         def attempts(self, run_id):
             return {"s0": 1}

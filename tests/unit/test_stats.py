@@ -35,9 +35,12 @@ def _pred(names, labels, top1s):
 
 
 def _report(run_id, fingerprint="f", **over):
-    return {"run_id": run_id, "backend": {"name": "torch", "versions": {}}, "precision": "fp32", "batch_size": 8,
-            "num_outputs": 1001, "model": {"sha256": "abc"}, "dataset": {"fingerprint": fingerprint},
-            "per_device": [], "throughput_img_s": 2.5, "images": 3} | over
+    from nasq.rundata import Report
+
+    return Report.from_payload({"run_id": run_id, "backend": {"name": "torch", "versions": {}}, "precision": "fp32",
+                                "batch_size": 8, "num_outputs": 1001, "model": {"sha256": "abc"},
+                                "dataset": {"root": "/d", "kind": "jpeg", "images": 3, "fingerprint": fingerprint},
+                                "per_device": [], "throughput_img_s": 2.5, "images": 3} | over)
 
 
 def test_compare_of_equal_runs_has_an_interval_and_of_disjoint_runs_warns():
@@ -85,13 +88,13 @@ def test_three_devices_are_three_cells_and_few_batches_flag_the_p99():
     assert {c for c in render(report).splitlines() for c in cells if c in render(report)} == cells
     md = render_markdown(report)
     assert all(c in md for c in cells) and "p99 from fewer than 100 batches" in md
-    assert devices_summary(report["per_device"]) == "vm1/npu:0, vm1/npu:1, vm1/npu:2 SIMULATED (rate 310p3, not a " \
+    assert devices_summary(report.per_device) == "vm1/npu:0, vm1/npu:1, vm1/npu:2 SIMULATED (rate 310p3, not a " \
                                                     "measurement)"
-    assert devices_summary(report["per_device"], listed=2) == "3x npu (SIMULATED (rate 310p3, not a measurement)) " \
+    assert devices_summary(report.per_device, listed=2) == "3x npu (SIMULATED (rate 310p3, not a measurement)) " \
                                                               "on 1 host"
-    assert not report["per_device"][0]["latency_ms"]["p99_samples_ok"]
-    assert any("SIMULATED" in w for w in report["warnings"]) and any("RANDOM" in w for w in report["warnings"])
-    assert report["top1"] == 100.0 and report["top1_ci95"][0] < 100.0 == report["top1_ci95"][1]
+    assert not report.per_device[0]["latency_ms"]["p99_samples_ok"]
+    assert any("SIMULATED" in w for w in report.warnings) and any("RANDOM" in w for w in report.warnings)
+    assert report.top1 == 100.0 and report.top1_ci95[0] < 100.0 == report.top1_ci95[1]
     assert "nasq eval --weights /w/x.pth" in md
 
 
@@ -102,15 +105,15 @@ def test_a_partial_report_names_what_it_lacks():
     ok = [_shard("s0", 0, 8, "w@vm1", "vm1", "npu:0", [1.0])]
     report, _ = merge_partial(_manifest(), ok, "boom", failures={"s1": {"reason": "ValueError: bad", "worker": "w2",
                                                                          "attempts": 3}})
-    assert report["state"] == "failed" and report["error"] == "boom" and not report["complete"]
-    assert report["images"] == 8 and report["images_planned"] == 24
-    assert [(f["shard_id"], f["attempts"]) for f in report["shards_failed"]] == [("s1", 3), ("s2", 0)]
+    assert report.state == "failed" and report.error == "boom" and not report.complete
+    assert report.images == 8 and report.images_planned == 24
+    assert [(f["shard_id"], f["attempts"]) for f in report.shards_failed] == [("s1", 3), ("s2", 0)]
     md, html = render_markdown(report), render_html(report, [])
     for text in (md, html):
         assert "8 of 24 images" in text and "ValueError: bad" in text and "no result (lost, or never ran)" in text
     empty, _ = merge_partial(_manifest(), [], "all lost", state="cancelled")
-    assert empty["images"] == 0 and len(empty["shards_failed"]) == 3
-    assert empty["shards_failed"][0]["reason"] == "cancelled before it finished"
+    assert empty.images == 0 and len(empty.shards_failed) == 3
+    assert empty.shards_failed[0]["reason"] == "cancelled before it finished"
 
 
 def _row(worker, device, bs, img_s, p99):
@@ -185,7 +188,8 @@ def test_the_rerun_command_never_writes_a_broker_password():
     assert cmd[-4:] == ["--device", "cpu", "--workers", "2"] and "--allow-bad-labels" in cmd
     from nasq.results.report import rerun_text
 
-    line = rerun_text({"environment": {"command": rerun_command(plan, queue="eval.torch", broker_url="redis://:x@h/0")}})
+    line = rerun_text(_report("r", environment={"command": rerun_command(plan, queue="eval.torch",
+                                                                          broker_url="redis://:x@h/0")}))
     assert "'/w/my weights.pth'" in line and line.endswith('--broker "$NASQ_BROKER_URL"')
 
 

@@ -1,0 +1,67 @@
+"""A run recorded by the previous release is read by this one: its records in Redis as that
+release wrote them (``tests/data/previous_release_run.json``: a done run of 16 images in 4
+shards on a SIMULATED device, with labels, dumped key by key from its Redis) are restored into
+a Redis of their own, then read through the store, the merge, the status and the CLI."""
+from __future__ import annotations
+
+import json
+import os
+
+from nasq.queue.redis_server import RedisServer
+from nasq.queue.store import RunStore
+from nasq.results.merge import merge
+from nasq.results.report import render
+from nasq.results.status import run_status
+from nasq.rundata import Report, RunManifest
+
+RUN_ID = "20261207-093626-0e3a96"
+RECORDS = os.path.join(os.path.dirname(__file__), "..", "data", "previous_release_run.json")
+
+
+def _restore(store: RunStore) -> dict:
+    """Every key of the run as the previous release left it; returns the records as written."""
+    with open(RECORDS) as f:
+        records = json.load(f)
+    for key, rec in records.items():
+        value = rec["value"]
+        if rec["type"] == "string":
+            store.r.set(key, value)
+        elif rec["type"] == "hash":
+            store.r.hset(key, mapping=value)
+        elif rec["type"] == "set":
+            store.r.sadd(key, *value)
+    store.r.zadd("nasq:runs", {RUN_ID: 1796636186.0})
+    return records
+
+
+def test_a_run_of_the_previous_release_reads_and_writes_back_unchanged(tmp_path, cli):
+    with RedisServer(str(tmp_path / "redis")) as url:
+        store = RunStore(url)
+        records = _restore(store)
+        raw_manifest = json.loads(records[f"nasq:run:{RUN_ID}:manifest"]["value"])
+        raw_report = json.loads(records[f"nasq:run:{RUN_ID}:report"]["value"])
+        # the typed records write back exactly what was read
+        assert RunManifest.from_payload(raw_manifest).to_payload() == raw_manifest
+        assert Report.from_payload(raw_report).to_payload() == raw_report
+
+        manifest, report = store.manifest(RUN_ID), store.report(RUN_ID)
+        assert manifest.job.backend == "sim" and manifest.shard_ids == [f"shard-{k:05d}" for k in range(4)]
+        assert manifest.job.labels_sha256 and manifest.command[:2] == ("nasq", "eval")
+        assert report.images == 16 and report.top1 == 62.5 and report.top1_ci95[0] < 62.5 < report.top1_ci95[1]
+        assert report.environment.command == manifest.command and report.dataset == manifest.job.dataset
+        assert "62.50%" in render(report) and "SIMULATED" in render(report)
+
+        # its shard results merge into the same numbers
+        again, pred = merge(manifest, list(store.shard_results(RUN_ID).values()))
+        assert (again.images, again.top1, again.top5, again.correct) == (16, 62.5, 100.0, report.correct)
+        assert again.per_device[0]["latency_ms"] == report.per_device[0]["latency_ms"] and len(pred["names"]) == 16
+
+        st = run_status(store, RUN_ID)
+        assert st["state"] == "done" and st["images_done"] == 16 and st["shards_done"] == st["shards_total"] == 4
+
+        shown = cli(["status", RUN_ID, "--json"], broker=url, report_dir=tmp_path / "rep")
+        assert shown.returncode == 0, shown.stderr
+        assert json.loads(shown.stdout)["report"] == raw_report
+        listed = cli(["runs", "--json"], broker=url, report_dir=tmp_path / "rep")
+        (row,) = [r for r in json.loads(listed.stdout) if r["run_id"] == RUN_ID]
+        assert row["top1"] == 62.5 and row["state"] == "done" and row["images"] == 16
