@@ -28,7 +28,7 @@ from nasq.perf.sweep import measure_point
 from nasq.wire import TASK_EVAL_SHARD, TASK_MERGE, TASK_RUN_FAILED, TASK_SWEEP_POINT, MessageError, ShardTask, SweepPoint
 from nasq.results.publish import FINAL, ended_on_disk, publish_if_missing, render_if_missing, said_once
 from nasq.results.ending import MergeLater, RunEnded, fail_run, finish_run
-from nasq.runstate import RunState
+from nasq.runstate import RunState, ShardStatus
 from workers.app import WorkerTask, app
 
 log = logging.getLogger("nasq.worker")
@@ -48,7 +48,7 @@ def eval_shard(self, run_id, shard_id, start, stop, job) -> dict:
     if final is not None and final.state in FINAL:  # write once: the report folder decides
         said_once(task.run_id, "run %s: it is %s and its report is published: its shards do not run again",
                   task.run_id, final.state)
-        return {"run_id": task.run_id, "shard_id": task.shard_id, "status": "skipped",
+        return {"run_id": task.run_id, "shard_id": task.shard_id, "status": ShardStatus.SKIPPED,
                 "reason": f"the run is {final.state}: its report is published and final"}
     out = run_shard(task, ledger=self.store, resources=self.resources, worker=self.worker, queue=queue)
     if out.get("kept"):
@@ -57,10 +57,10 @@ def eval_shard(self, run_id, shard_id, start, stop, job) -> dict:
             _fail(task.run_id, None)
         else:
             self.healer.merge_if_stranded(task.run_id, kept_of=(kept, shards))
-    if out["status"] == "refused":  # back on the queue, untouched, for another worker
+    if out["status"] == ShardStatus.REFUSED:  # back on the queue, untouched, for another worker
         time.sleep(REFUSE_PAUSE_S)
         raise Reject(f"{task.shard_id} of run {task.run_id} put back for another worker: {out['reason']}", requeue=True)
-    if out["status"] == "error":
+    if out["status"] == ShardStatus.ERROR:
         if out.get("dispatches"):
             self.healer.resend(task, queue, out["dispatches"], why=f"failed on {self.worker.name}")
         settled = out.get("settled")

@@ -15,7 +15,7 @@ from ..queue.session import BROKER_ERRORS, Progress, Session
 from ..queue.store import BrokerFull
 from ..results.report import render
 from ..rundata import Report, RunManifest
-from ..runstate import RunState, is_ended
+from ..runstate import RunState, Transition, is_ended
 
 
 @dataclass
@@ -205,7 +205,7 @@ class _FleetWatch:
                 "signing_cert_store (NASQ_SIGNING_KEY, NASQ_SIGNING_CERT, NASQ_SIGNING_CERT_STORE, or the [nasq] "
                 "table of the settings file) as the workers have them (docs/SECURITY.md)")
         try:
-            self.store.transition(self.run_id, "fail", error=text)
+            self.store.transition(self.run_id, Transition.FAIL, error=text)
         except (BrokerFull, *BROKER_ERRORS):
             pass
         return NasqError(text)

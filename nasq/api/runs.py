@@ -20,7 +20,7 @@ from ..queue.healing import Healer
 from ..queue.local import WorkerSpec, cpu_threads, local_devices
 from ..queue.session import BROKER_ERRORS, Session
 from ..queue.store import BrokerFull
-from ..runstate import RunState, may
+from ..runstate import RESENT, RunState, Transition, may
 from ..rundata import RunManifest
 from ..wire import BUILD_QUEUE, DatasetRef, EvalJob, eval_queue, merge_task_id
 from .builds import cached_build, prepare_model
@@ -100,7 +100,7 @@ def _submit(session: Session, plan: Plan, *, queue: str, shard_size: int | None,
         session.store.save_manifest(manifest, sealed)
         session.store.add_merge_id(run_id, merge_task_id(run_id))
         result = session.submit_run(manifest)
-        session.store.transition(run_id, "start", shards=len(manifest.shards))
+        session.store.transition(run_id, Transition.START, shards=len(manifest.shards))
     except (BrokerFull, redis.exceptions.OutOfMemoryError, *BROKER_ERRORS) as e:
         # kombu reports a write the broker refused as a connection error, and a big pipelined write
         # can fill the broker for a moment by itself: either way, say that it was full
@@ -267,19 +267,19 @@ def resume(run_id: str, *, broker: str | None = None, settings: Settings | None 
             raise NasqError(f"run {run_id} is {final}: its report is published in "
                             f"{os.path.join(settings.report_dir, run_id)} and is never changed; nothing to resume")
         state = store.state_name(run_id)
-        if state is not None and not may("resume", state):
+        if state is not None and not may(Transition.RESUME, state):
             raise NasqError(f"run {run_id} is {state}; there is nothing to resume (`nasq status {run_id}` shows it)")
         seen: dict[str, int] = {}
         plan = healer.resumable(manifest, seen)
         redo = healer.claim_for_resume(run_id, plan, seen)
-        busy = sum(1 for why in plan.values() if why in ("queued", "running"))
+        busy = sum(1 for why in plan.values() if why not in RESENT)  # queued, or running on a live worker
         if not redo and state == RunState.RUNNING and busy:
             store.lift_exclusions(run_id)  # as a resume that sends shards does
             log(f"run {run_id}: nothing to resubmit ({busy} shard(s) queued or running on live workers); following it")
             result = None
         else:
             n = store.next_resume(run_id)
-            ok, now = store.transition(run_id, "resume", merge_id=merge_task_id(run_id, n), forget=tuple(redo),
+            ok, now = store.transition(run_id, Transition.RESUME, merge_id=merge_task_id(run_id, n), forget=tuple(redo),
                                        shards=len(manifest.shards), resumed=len(redo))
             if not ok:
                 raise NasqError(f"run {run_id} is {now}; not resumed")

@@ -25,7 +25,7 @@ from ..data.outputs import OutputWriter
 from ..envinfo import host_environment
 from ..errors import NasqError
 from ..keepalive import every
-from ..runstate import RunState
+from ..runstate import Outcome, RunState, ShardStatus
 from ..wire import ShardTask
 from . import failover
 from .evaluate import evaluate_range
@@ -81,8 +81,9 @@ class ShardStopped(Exception):
 
 
 _STOP_TEXT = {RunState.CANCELLED.value: "the run was cancelled", RunState.DONE.value: "the run was already merged",
-              "superseded": "the shard was dispatched again and another worker holds it",
-              "done-elsewhere": "another copy of the shard finished first", "gone": "the run's record is gone"}
+              Outcome.SUPERSEDED.value: "the shard was dispatched again and another worker holds it",
+              Outcome.DONE_ELSEWHERE.value: "another copy of the shard finished first",
+              Outcome.GONE.value: "the run's record is gone"}
 
 
 def run_shard(task: ShardTask, *, ledger: ShardBookkeeper, resources: DeviceResources, worker: WorkerConfig,
@@ -115,25 +116,25 @@ def run_shard(task: ShardTask, *, ledger: ShardBookkeeper, resources: DeviceReso
         ``failover.decide`` and recorded at once (read again if another failure came first);
         ``final``: the shard fails for good with that sentence, no worker blamed."""
         s = worker.settings
-        outcome, value, d = "changed", None, None
-        while outcome == "changed":  # a compare and set: another failure of the shard came first
+        outcome, value, d = Outcome.CHANGED, None, None
+        while outcome == Outcome.CHANGED:  # a compare and set: another failure of the shard came first
             view = ledger.failure_view(task.run_id, task.shard_id, worker.name)
             live = ledger.live_consumers(queue) if queue else set()
             d = failover.decide(view, worker=me, error=msg, live=live, queue=queue,
                                 shard_max_devices=s.shard_max_devices, device_max_failures=s.device_max_failures,
                                 final=final)
-            summary = {"status": "error", "error": d.error, "worker": worker.name, "host": host,
+            summary = {"status": ShardStatus.ERROR, "error": d.error, "worker": worker.name, "host": host,
                        "device": worker.device, "images": 0, "finished_at": time.time()}
             outcome, value = ledger.record_failure(task.run_id, task.shard_id, holder=holder, worker=worker.name,
                                                    seen=view.raw, failures=d.failures, streak=d.streak,
                                                    exclusion=d.exclusion, final=d.final, summary=summary, why=d.why)
-        out = {**base, "status": "error", "error": d.error, "excluded": d.exclusion is not None}
-        if outcome == "failed":
+        out = {**base, "status": ShardStatus.ERROR, "error": d.error, "excluded": d.exclusion is not None}
+        if outcome == Outcome.FAILED:
             return out | {"final": True, "settled": value}
-        if outcome == "retry":
+        if outcome == Outcome.RETRY:
             return out | {"final": False, "dispatches": value}
         # another copy has the shard, or the run ended: nothing of this copy counts
-        return {**base, "status": "skipped", "reason": f"its failure was not recorded ({value})"}
+        return {**base, "status": ShardStatus.SKIPPED, "reason": f"its failure was not recorded ({value})"}
 
     refusal = None
     try:  # the message itself, first: every path resolved and checked against this worker's roots,
@@ -151,11 +152,11 @@ def run_shard(task: ShardTask, *, ledger: ShardBookkeeper, resources: DeviceReso
     claim, value = ledger.claim_shard(task.run_id, task.shard_id, holder=holder, lease_s=worker.settings.lease_s,
                                       info={"worker": worker.name, "host": host, "device": worker.device, "images": n},
                                       max_attempts=worker.settings.max_attempts)
-    if claim == "exhausted":
+    if claim == Outcome.EXHAUSTED:
         return failed(None, final=f"started {int(value) - 1} times without finishing (the workers that started it "
                                   f"died); giving up after max_attempts={worker.settings.max_attempts}")
-    if claim == "refused":
-        why = "this worker is excluded from the run" if value == "excluded" else "this worker failed the shard before"
+    if claim == Outcome.REFUSED:
+        why = "this worker is excluded from the run" if value == Outcome.EXCLUDED else "this worker failed the shard before"
         others = None if queue is None else _others(ledger, task, worker.name, queue)
         if others is not None and not others[0]:
             # nobody else may take it: it fails at once when the other live workers may not (excluded, or
@@ -165,14 +166,14 @@ def run_shard(task: ShardTask, *, ledger: ShardBookkeeper, resources: DeviceReso
                 log.warning("shard %s of run %s: %s, and no other live worker may take it: it fails", task.shard_id,
                             task.run_id, why)
                 return failed(None)
-        return {**base, "status": "refused", "reason": why}
-    if claim != "ok":  # a late delivery (or one of no run): nothing was evaluated, so nothing is dropped either
+        return {**base, "status": ShardStatus.REFUSED, "reason": why}
+    if claim != Outcome.OK:  # a late delivery (or one of no run): nothing was evaluated, so nothing is dropped either
         if refusal:
-            return {**base, "status": "error", "error": refusal, "final": True}
-        why = {"ended": f"the run is {value}", "has-result": "the shard already has its result",
-               "gone": "the run's record is gone"}[claim]
+            return {**base, "status": ShardStatus.ERROR, "error": refusal, "final": True}
+        why = {Outcome.ENDED: f"the run is {value}", Outcome.HAS_RESULT: "the shard already has its result",
+               Outcome.GONE: "the run's record is gone"}[Outcome(claim)]
         log.info("shard %s of run %s skipped: %s", task.shard_id, task.run_id, why)
-        return {**base, "status": "skipped", "reason": why}
+        return {**base, "status": ShardStatus.SKIPPED, "reason": why}
     if refusal:
         return failed(refusal)
     _, streak = value
@@ -192,25 +193,25 @@ def run_shard(task: ShardTask, *, ledger: ShardBookkeeper, resources: DeviceReso
                                     labels=labels, writer=writer, loader_threads=worker.decode_threads,
                                     latencies=latencies, on_batch=ticker)
         except ShardStopped as e:
-            ledger.commit_shard(task.run_id, task.shard_id, holder=holder, status="stopped", summary={})
+            ledger.commit_shard(task.run_id, task.shard_id, holder=holder, status=ShardStatus.STOPPED, summary={})
             log.warning("shard %s of run %s stopped on %s: %s", task.shard_id, task.run_id, worker.name,
                         _STOP_TEXT.get(e.why, e.why))
-            return {**base, "status": "stopped", "reason": _STOP_TEXT.get(e.why, e.why)}
+            return {**base, "status": ShardStatus.STOPPED, "reason": _STOP_TEXT.get(e.why, e.why)}
         except Exception as e:  # noqa: BLE001 - recorded, then reported by the task
             log.exception("shard %s of run %s failed", task.shard_id, task.run_id)
             return failed(f"{type(e).__name__}: {e}")
-        out = {**base, "status": "ok", **result, "versions": backend.versions(), "model_info": backend.model_info,
+        out = {**base, "status": ShardStatus.OK, **result, "versions": backend.versions(), "model_info": backend.model_info,
                **backend.identity(), "latency_ms": latencies, "load_s": load_s, "environment": host_environment()}
         labelled = [(lab, ids) for lab, ids in zip(result["labels"], result["top5"]) if lab is not None]
-        summary = {"status": "ok", "worker": worker.name, "host": host, "device": worker.device,
+        summary = {"status": ShardStatus.OK, "worker": worker.name, "host": host, "device": worker.device,
                    "images": len(result["indices"]),
                    "errors": len(result["errors"]), **result["timing"], "labelled": len(labelled),
                    "top1_correct": sum(1 for lab, ids in labelled if ids[:1] == [lab]),
                    "from_cache": result["data"]["images_from_cache"], "from_source": result["data"]["images_from_source"],
                    "batch_s": batch_buckets(latencies)}
-        outcome, why = ledger.commit_shard(task.run_id, task.shard_id, holder=holder, status="ok", summary=summary,
+        outcome, why = ledger.commit_shard(task.run_id, task.shard_id, holder=holder, status=ShardStatus.OK, summary=summary,
                                            result=out, worker=worker.name, reset_streak=streak > 0)
-    out["kept"] = outcome == "accepted"
+    out["kept"] = outcome == Outcome.ACCEPTED
     if out["kept"]:
         out["kept_of"] = why  # (results kept, shards of the run, shards finished)
     wall = summary["wall_s"]
@@ -270,10 +271,10 @@ class _Ticker:
         self.last = now
         verdict, why = self.ledger.shard_tick(self.task.run_id, self.task.shard_id, holder=self.holder, done=done,
                                               lease_s=self.lease_s)
-        if verdict == "ok":
+        if verdict == Outcome.OK:
             self.lease["renewed"] = time.monotonic()  # the tick extended the lease
-        if verdict == "stop":
-            raise ShardStopped(why or "superseded")
+        if verdict == Outcome.STOP:
+            raise ShardStopped(why or Outcome.SUPERSEDED.value)
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 
-from ..runstate import ENDED, RunState, may
+from ..runstate import ENDED, RESENT, RunState, ShardStatus, Transition, Unfinished, may
 from ..rundata import RunManifest
 from ..wire import ShardTask, merge_task_id, shard_of_task
 from . import messages
@@ -156,7 +156,7 @@ class Healer:
                                       seen=self.store.failure_view(run_id, sid, "healing").raw,
                                       failures=self.store.failures(run_id).get(sid, []), streak=None, exclusion=None,
                                       final=True, why="", summary={
-                                          "status": "error", "worker": "healing",
+                                          "status": ShardStatus.ERROR, "worker": "healing",
                                           "error": f"its message went missing {self.max_attempts} times ({why})"})
         log.warning("run %s: %s failed: %s, %d times", run_id, ", ".join(shard_ids), why, self.max_attempts)
         self.settle(run_id)
@@ -166,7 +166,7 @@ class Healer:
         (``nasq.run_failed``; once per run and resume). The chord's errback does it too, but a
         shard sent again (after a failure, a lost worker or message) is no part of the chord."""
         st = self.store.state(run_id) or {}
-        if not may("fail", st.get("state")):
+        if not may(Transition.FAIL, st.get("state")):
             return False
         manifest = manifest or self.manifest(run_id)
         if manifest is None or not self.store.claim_merge(run_id, f"fail-{self.store.resumes(run_id)}"):
@@ -201,7 +201,7 @@ class Healer:
         if kept_of and kept_of[0] < kept_of[1]:
             return False
         st = self.store.state(run_id) or {}
-        if not may("merge", st.get("state")):
+        if not may(Transition.MERGE, st.get("state")):
             return False
         shards = st.get("shards") or (len(manifest.shards) if manifest else None)
         if not shards or self.store.results_count(run_id) < shards:
@@ -220,7 +220,7 @@ class Healer:
         log.info("run %s: every shard has its result but the chord cannot fire; merge sent", run_id)
         return True
 
-    def resumable(self, manifest: RunManifest, seen: dict[str, int] | None = None) -> dict[str, str]:
+    def resumable(self, manifest: RunManifest, seen: dict[str, int] | None = None) -> dict[str, Unfinished]:
         """What each unfinished shard of a run is doing, as ``nasq resume`` sees it: "failed" (its
         last copy failed), "lost" (recorded as running, its lease expired), "running" (on a live
         worker), "queued" (a message of it waits in the queue, was delivered less than a lease ago,
@@ -241,27 +241,27 @@ class Healer:
             if sid in results:
                 continue
             if sid in running:
-                out[sid] = "lost" if sid in lost else "running"
+                out[sid] = Unfinished.LOST if sid in lost else Unfinished.RUNNING
             elif sid in queued or unacked.get(sid, self.lease_s + 1) <= self.lease_s or sid in recent:
-                out[sid] = "queued"
-            elif finished.get(sid, {}).get("status") == "error":
-                out[sid] = "failed"
+                out[sid] = Unfinished.QUEUED
+            elif finished.get(sid, {}).get("status") == ShardStatus.ERROR:
+                out[sid] = Unfinished.FAILED
             else:
-                out[sid] = "missing"
+                out[sid] = Unfinished.MISSING
         return out
 
-    def claim_for_resume(self, run_id: str, plan: dict[str, str], seen: dict[str, int] | None = None) -> dict[str, int]:
+    def claim_for_resume(self, run_id: str, plan: dict[str, Unfinished], seen: dict[str, int] | None = None) -> dict[str, int]:
         """The shards of ``plan`` (``resumable``) that ``nasq resume`` sends again: the failed, lost
         and missing ones, each claimed first so that a concurrent resume, or healing, sends it once:
         against the dispatch counts ``resumable`` read first (``seen``), or read now. Returns shard
         id -> its dispatch count now."""
-        def claim(sid: str, why: str) -> int:
-            if why == "lost":
+        def claim(sid: str, why: Unfinished) -> int:
+            if why == Unfinished.LOST:
                 return self.store.claim_lost(run_id, sid, why="nasq resume (its worker went away)")
             return self.store.claim_stranded(run_id, sid, None if seen is None else seen.get(sid, 0),
                                              why=f"nasq resume (it was {why})", resume=True)
 
-        return {sid: n for sid, why in plan.items() if why in ("failed", "lost", "missing") and (n := claim(sid, why))}
+        return {sid: n for sid, why in plan.items() if why in RESENT and (n := claim(sid, why))}
 
     def heal_active(self) -> None:
         """``heal`` every active run (a worker's heartbeat)."""

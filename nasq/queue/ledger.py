@@ -10,7 +10,7 @@ import redis
 
 from ..inference.failover import FailureView
 from ..rundata import RunManifest
-from ..runstate import ACCEPTS_RESULTS, ENDED, MAY_START, RunState
+from ..runstate import ACCEPTS_RESULTS, ENDED, MAY_START, Outcome, Redispatch, RunState, ShardStatus
 from .redis_store import EXPIRING, RedisStore, _rides_out_full, _states
 from .scripts import KEPT
 
@@ -41,8 +41,8 @@ class ShardLedger(RedisStore):
                                                                 "barred")],
                         [shard_id, holder, max(1, int(lease_s * 1000)), {**info, "holder": holder, "at": time.time()},
                          max_attempts, _states(MAY_START), KEPT, info["worker"]])
-        if out[0] == "ok":
-            return "ok", (int(out[1]), int(out[2]))
+        if out[0] == Outcome.OK:
+            return Outcome.OK, (int(out[1]), int(out[2]))
         return out[0], (out[1] if len(out) > 1 else None)
 
     def shard_tick(self, run_id: str, shard_id: str, *, holder: str, done: int, lease_s: float) -> tuple[str, str | None]:
@@ -53,7 +53,7 @@ class ShardLedger(RedisStore):
             out = self._run("TICK", [self._k(run_id, p) for p in ("state", f"lease:{shard_id}")],
                             [holder, int(done), max(1, int(lease_s * 1000)), _states(ACCEPTS_RESULTS), KEPT])
         except redis.exceptions.OutOfMemoryError:
-            return "full", None
+            return Outcome.FULL, None
         return out[0], (out[1] if len(out) > 1 else None)
 
     @_rides_out_full
@@ -68,8 +68,8 @@ class ShardLedger(RedisStore):
                         [shard_id, holder, status, json.dumps(result) if result is not None else "", summary,
                          self.expires, _states(ACCEPTS_RESULTS), str(RunState.CANCELLED), _states(ENDED), KEPT,
                          worker, "1" if reset_streak else "0"])
-        if out[0] == "accepted":
-            return "accepted", (int(out[1]), int(out[2]), int(out[3]))
+        if out[0] == Outcome.ACCEPTED:
+            return Outcome.ACCEPTED, (int(out[1]), int(out[2]), int(out[3]))
         return out[0], (out[1] if len(out) > 1 else None)
 
     def failure_view(self, run_id: str, shard_id: str, worker: str) -> FailureView:
@@ -107,10 +107,10 @@ class ShardLedger(RedisStore):
                         [shard_id, holder, worker, seen, json.dumps(failures), "" if streak is None else str(streak),
                          json.dumps(exclusion) if exclusion else "", "1" if final else "0", summary,
                          _states(ACCEPTS_RESULTS), time.time(), why, self.expires])
-        if out[0] == "failed":
-            return "failed", (int(out[1]), int(out[2]), int(out[3]))
-        if out[0] == "retry":
-            return "retry", int(out[1])
+        if out[0] == Outcome.FAILED:
+            return Outcome.FAILED, (int(out[1]), int(out[2]), int(out[3]))
+        if out[0] == Outcome.RETRY:
+            return Outcome.RETRY, int(out[1])
         return out[0], (out[1] if len(out) > 1 else None)
 
     def keep_run(self, run_id: str) -> None:
@@ -138,7 +138,7 @@ class ShardLedger(RedisStore):
         caller that gets to re-dispatch it, else 0. ``running=False``: a shard lost before it
         was recorded as running (revoked in the queue): always taken. The dispatch is counted
         in the same atomic step."""
-        return self._redispatch(run_id, shard_id, "lost" if running else "revoked",
+        return self._redispatch(run_id, shard_id, Redispatch.LOST if running else Redispatch.REVOKED,
                                 why=why or ("its worker went away (the lease expired)" if running
                                             else "revoked in flight (a broker restart)"))
 
@@ -165,7 +165,7 @@ class ShardLedger(RedisStore):
         messages: ``missing``). 0 for every other caller."""
         if seen is None:
             seen = int(self.r.hget(self._k(run_id, "redispatched"), shard_id) or 0)
-        return self._redispatch(run_id, shard_id, "resume" if resume else "stranded", seen, why=why)
+        return self._redispatch(run_id, shard_id, Redispatch.RESUME if resume else Redispatch.STRANDED, seen, why=why)
 
     def redispatched(self, run_id: str) -> dict[str, int]:
         return {k.decode(): int(v) for k, v in self.r.hgetall(self._k(run_id, "redispatched")).items()}
@@ -198,7 +198,7 @@ class ShardLedger(RedisStore):
     def last_accepted_at(self, run_id: str) -> float | None:
         """When the latest kept shard finished (its worker's clock), from the finished records."""
         return max((s["finished_at"] for s in self.finished(run_id).values()
-                    if s.get("status") == "ok" and isinstance(s.get("finished_at"), (int, float))), default=None)
+                    if s.get("status") == ShardStatus.OK and isinstance(s.get("finished_at"), (int, float))), default=None)
 
     def shard_counts(self, run_id: str) -> tuple[int, int]:
         """(finished, running) shard counts, without reading the records."""

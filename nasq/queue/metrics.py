@@ -41,6 +41,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from ..inference.shard import BATCH_BUCKETS_S
 from ..wire import MessageError
 from ..results.status import run_status
+from ..runstate import ShardStatus
 from .store import RunStore
 
 #: upper bounds (seconds) of the shard-duration buckets
@@ -142,7 +143,7 @@ class RunCollector:
                                 ("shards_failed", st["shards_failed"]),
                                 ("throughput_images_per_second", st["rate_img_s"] or 0.0)):
                 run_g[name].add_metric(values, value)
-            kept = [s for s in self.store.finished(run_id).values() if s.get("status") == "ok"]
+            kept = [s for s in self.store.finished(run_id).values() if s.get("status") == ShardStatus.OK]
             labelled = sum(s.get("labelled", 0) for s in kept)
             if labelled:
                 run_g["top1_ratio"].add_metric(values, sum(s.get("top1_correct", 0) for s in kept) / labelled)

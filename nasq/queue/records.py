@@ -10,7 +10,7 @@ import time
 import redis
 
 from ..rundata import Report, RunManifest
-from ..runstate import ENDED, TRANSITIONS, RunState
+from ..runstate import ENDED, TRANSITIONS, Outcome, RunState, Transition
 from .redis_store import ACTIVE, DIGESTS, EXPIRING, RUNS, RedisStore, _rides_out_full, _states, log
 
 
@@ -94,7 +94,7 @@ class RunRecords(RedisStore):
         return [x.decode() for x in self.r.zrevrange(RUNS, 0, limit - 1)]
 
     @_rides_out_full
-    def transition(self, run_id: str, name: str, *, report: Report | None = None, predictions: dict | None = None,
+    def transition(self, run_id: str, name: Transition, *, report: Report | None = None, predictions: dict | None = None,
                    clear_running: bool = False, merge_id: str | None = None, forget: tuple[str, ...] = (),
                    **fields) -> tuple[bool, str | None]:
         """Move the run along ``nasq.runstate.TRANSITIONS[name]`` if its state allows it, writing
@@ -112,8 +112,9 @@ class RunRecords(RedisStore):
                          json.dumps(report.to_payload()) if report is not None else "",
                          json.dumps(predictions) if predictions is not None else "",
                          "1" if clear_running else "0", merge_id or "", _states(ENDED),
-                         "1" if name == "resume" else "0", *forget])
-        return out[0] == "ok", (str(target) if out[0] == "ok" else out[1] if len(out) > 1 else None)
+                         "1" if name == Transition.RESUME else "0", *forget])
+        done = out[0] == Outcome.OK
+        return done, (str(target) if done else out[1] if len(out) > 1 else None)
 
     @_rides_out_full
     def next_resume(self, run_id: str) -> int:

@@ -1,7 +1,10 @@
 """The Redis scripts that change a run: each runs atomically, checks the run's state (and the
 shard's lease or result) and then writes, so that the run's state machine (``nasq.runstate``)
 holds however workers, clients and healing race. ``RunStore`` (``store.py``) calls them; the
-state sets they check come from ``nasq.runstate`` as arguments, never spelled here.
+state sets they check come from ``nasq.runstate`` as arguments, and the names they answer with
+(``runstate.Outcome``), the shard statuses they read (``ShardStatus``, ``$S_*``) and the ways a
+shard is sent again (``Redispatch``, ``$R_*``) are put into their text from there when this
+module is loaded (``$O_*`` below): no script spells one.
 
 Conventions: the run's state record is JSON with a ``state`` field; sets of states are passed
 as comma-separated lists. The scripts a shard runs (claim, tick, commit: once a shard, or once
@@ -10,11 +13,15 @@ result, by healing while the run goes (``ShardLedger.keep_run``) and by every tr
 rarer scripts give it to what they write.
 """
 
+from string import Template
+
+from ..runstate import Outcome, Redispatch, ShardStatus
+
 _COMMON = """
 local function state_of(key)
   local raw = redis.call('GET', key)
   if not raw then return nil end
-  return cjson.decode(raw)['state']
+  return cjson.decode(raw)[$O_STATE]
 end
 local function among(value, list)
   if not value then return false end
@@ -30,12 +37,12 @@ end
 local function drop(key, shard, ttl, why)
   redis.call('HINCRBY', key, shard, 1)
   keep(key, ttl)
-  return {'dropped', why}
+  return {$O_DROPPED, why}
 end
 -- a lease's value is its holder, or "holder|images done" once the holder reported progress
 local function holder_of(value)
   if not value then return nil end
-  return string.match(value, '^(.*)|%d+$') or value
+  return string.match(value, '^(.*)|%d+$$') or value
 end
 """
 
@@ -52,18 +59,18 @@ KEPT = "|kept"
 #:    | {"exhausted", attempt} | {"refused", "excluded" | "failed-here"}
 CLAIM = _COMMON + """
 local got = redis.call('MGET', KEYS[1], KEYS[4])
-if not got[1] then return {'gone'} end
-local st = cjson.decode(got[1])['state']
-if not among(st, ARGV[6]) then return {'ended', st} end
-if got[2] == ARGV[7] then return {'has-result'} end
+if not got[1] then return {$O_GONE} end
+local st = cjson.decode(got[1])[$O_STATE]
+if not among(st, ARGV[6]) then return {$O_ENDED, st} end
+if got[2] == ARGV[7] then return {$O_HAS_RESULT} end
 local bar = redis.call('HMGET', KEYS[5], ARGV[8], ARGV[8] .. '|' .. ARGV[1], ARGV[8] .. '#streak')
-if bar[1] then return {'refused', 'excluded'} end
-if bar[2] then return {'refused', 'failed-here'} end
+if bar[1] then return {$O_REFUSED, $O_EXCLUDED} end
+if bar[2] then return {$O_REFUSED, $O_FAILED_HERE} end
 local n = redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
 redis.call('SET', KEYS[4], ARGV[2], 'PX', ARGV[3])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
-if n > tonumber(ARGV[5]) then return {'exhausted', n} end  -- the caller holds the lease to record the failure
-return {'ok', n, tonumber(bar[3] or '0')}
+if n > tonumber(ARGV[5]) then return {$O_EXHAUSTED, n} end  -- the caller holds the lease to record the failure
+return {$O_OK, n, tonumber(bar[3] or '0')}
 """
 
 #: A running shard's progress (at most about once a second), written into its lease, which it
@@ -72,14 +79,14 @@ return {'ok', n, tonumber(bar[3] or '0')}
 #: lease: the shard was dispatched again) or "done-elsewhere" (another copy's result was kept).
 TICK = _COMMON + """
 local got = redis.call('MGET', KEYS[1], KEYS[2])
-if not got[1] then return {'stop', 'gone'} end
-local st = cjson.decode(got[1])['state']
-if not among(st, ARGV[4]) then return {'stop', st} end
-if got[2] == ARGV[5] then return {'stop', 'done-elsewhere'} end
+if not got[1] then return {$O_STOP, $O_GONE} end
+local st = cjson.decode(got[1])[$O_STATE]
+if not among(st, ARGV[4]) then return {$O_STOP, st} end
+if got[2] == ARGV[5] then return {$O_STOP, $O_DONE_ELSEWHERE} end
 local holder = holder_of(got[2])
-if holder and holder ~= ARGV[1] then return {'stop', 'superseded'} end
+if holder and holder ~= ARGV[1] then return {$O_STOP, $O_SUPERSEDED} end
 redis.call('SET', KEYS[2], ARGV[1] .. '|' .. ARGV[2], 'PX', ARGV[3])
-return {'ok'}
+return {$O_OK}
 """
 
 #: A shard's copy ends. KEYS: state results finished running dropped lease attempts barred.
@@ -97,20 +104,20 @@ COMMIT = _COMMON + """
 local got = redis.call('MGET', KEYS[1], KEYS[6])
 local mine = holder_of(got[2]) == ARGV[2]
 local record = got[1] and cjson.decode(got[1])
-local st = record and record['state']
+local st = record and record[$O_STATE]
 local function dropped(why) return drop(KEYS[5], ARGV[1], ARGV[6], why) end
-if ARGV[3] ~= 'ok' and mine then redis.call('DEL', KEYS[6]) end
-if ARGV[3] == 'stopped' then
-  if st == nil or among(st, ARGV[8]) then return {'dropped', st or 'gone'} end
-  return dropped(among(st, ARGV[9]) and 'late' or 'superseded')
+if ARGV[3] ~= $S_OK and mine then redis.call('DEL', KEYS[6]) end
+if ARGV[3] == $S_STOPPED then
+  if st == nil or among(st, ARGV[8]) then return {$O_DROPPED, st or $O_GONE} end
+  return dropped(among(st, ARGV[9]) and $O_LATE or $O_SUPERSEDED)
 end
 if not among(st, ARGV[7]) then
   if mine then redis.call('DEL', KEYS[6]) end
-  return dropped('late')
+  return dropped($O_LATE)
 end
 if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[4]) == 0 then
   if mine then redis.call('SET', KEYS[6], ARGV[10], 'EX', ARGV[6]) end
-  return dropped('duplicate')
+  return dropped($O_DUPLICATE)
 end
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[5])
 redis.call('HDEL', KEYS[4], ARGV[1])
@@ -120,7 +127,7 @@ local kept = redis.call('HLEN', KEYS[2])
 if kept == 1 then
   for _, i in ipairs({2, 3, 4, 7}) do keep(KEYS[i], ARGV[6]) end
 end
-return {'accepted', kept, record['shards'] or 0, kept < (record['shards'] or 0) and redis.call('HLEN', KEYS[3]) or kept}
+return {$O_ACCEPTED, kept, record['shards'] or 0, kept < (record['shards'] or 0) and redis.call('HLEN', KEYS[3]) or kept}
 """
 
 #: A copy of a shard failed on a worker (or a worker cannot take it and no other may): the
@@ -142,15 +149,15 @@ FAIL = _COMMON + """
 local got = redis.call('MGET', KEYS[1], KEYS[5])
 local mine = ARGV[2] ~= '' and holder_of(got[2]) == ARGV[2]
 local record = got[1] and cjson.decode(got[1])
-local st = record and record['state']
+local st = record and record[$O_STATE]
 local function dropped(why) return drop(KEYS[12], ARGV[1], ARGV[13], why) end
 if not among(st, ARGV[10]) then
   if mine then redis.call('DEL', KEYS[5]) end
-  return dropped('late')
+  return dropped($O_LATE)
 end
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return dropped('duplicate') end
-if ARGV[2] ~= '' and not mine and redis.call('HEXISTS', KEYS[4], ARGV[1]) == 1 then return dropped('superseded') end
-if (redis.call('HGET', KEYS[6], ARGV[1]) or '') ~= ARGV[4] then return {'changed'} end
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return dropped($O_DUPLICATE) end
+if ARGV[2] ~= '' and not mine and redis.call('HEXISTS', KEYS[4], ARGV[1]) == 1 then return dropped($O_SUPERSEDED) end
+if (redis.call('HGET', KEYS[6], ARGV[1]) or '') ~= ARGV[4] then return {$O_CHANGED} end
 if mine then
   redis.call('DEL', KEYS[5])
   redis.call('HINCRBY', KEYS[13], ARGV[1], -1)
@@ -168,13 +175,13 @@ for _, i in ipairs({6, 7, 8}) do keep(KEYS[i], ARGV[13]) end
 if ARGV[8] == '1' then
   redis.call('HSET', KEYS[3], ARGV[1], ARGV[9])
   keep(KEYS[3], ARGV[13])
-  return {'failed', redis.call('HLEN', KEYS[3]), record['shards'] or 0, redis.call('HLEN', KEYS[4])}
+  return {$O_FAILED, redis.call('HLEN', KEYS[3]), record['shards'] or 0, redis.call('HLEN', KEYS[4])}
 end
 local n = redis.call('HINCRBY', KEYS[9], ARGV[1], 1)
 redis.call('HSET', KEYS[10], ARGV[1], ARGV[11])
 redis.call('HSET', KEYS[11], ARGV[1], ARGV[12])
 for _, i in ipairs({9, 10, 11}) do keep(KEYS[i], ARGV[13]) end
-return {'retry', n}
+return {$O_RETRY, n}
 """
 
 #: The run moves to another state if it is in one the transition starts from; a cancel also
@@ -191,8 +198,8 @@ return {'retry', n}
 #: -> {"ok"} | {"state", current state} | {"gone"}
 TRANSITION = _COMMON + """
 local st = state_of(KEYS[1])
-if not st then return {'gone'} end
-if not among(st, ARGV[1]) then return {'state', st} end
+if not st then return {$O_GONE} end
+if not among(st, ARGV[1]) then return {$O_STATE, st} end
 if ARGV[6] ~= '' then redis.call('SET', KEYS[3], ARGV[6], 'EX', ARGV[5]) end
 if ARGV[7] ~= '' then redis.call('SET', KEYS[4], ARGV[7], 'EX', ARGV[5]) end
 if ARGV[8] == '1' then redis.call('DEL', KEYS[8]) end
@@ -211,7 +218,7 @@ else
   redis.call('SADD', KEYS[2], ARGV[4])
 end
 redis.call('DEL', KEYS[5], KEYS[6], KEYS[7])  -- the report the caller now writes is not published yet
-return {'ok'}
+return {$O_OK}
 """
 
 #: A shard is taken for dispatching again, by one caller only, and counted in the same step (a
@@ -228,11 +235,11 @@ return {'ok'}
 #: -> the shard's dispatch count now (taken) | 0
 REDISPATCH = _COMMON + """
 local lost = nil
-if ARGV[2] == 'lost' then
+if ARGV[2] == $R_LOST then
   lost = redis.call('HGET', KEYS[1], ARGV[1])
   if not lost then return 0 end
 end
-if (ARGV[2] == 'stranded' or ARGV[2] == 'resume')
+if (ARGV[2] == $R_STRANDED or ARGV[2] == $R_RESUME)
     and tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0') ~= tonumber(ARGV[5]) then
   return 0
 end
@@ -240,14 +247,14 @@ end
 local n = redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
 redis.call('HSET', KEYS[4], ARGV[1], ARGV[6])
-if ARGV[2] == 'stranded' then
+if ARGV[2] == $R_STRANDED then
   redis.call('HINCRBY', KEYS[6], ARGV[1], 1)
   keep(KEYS[6], ARGV[4])
 end
 if lost then
   local info = cjson.decode(lost)
   local list = cjson.decode(redis.call('HGET', KEYS[5], ARGV[1]) or '[]')
-  list[#list + 1] = {worker = info['worker'], host = info['host'], device = info['device'], kind = 'lost',
+  list[#list + 1] = {worker = info['worker'], host = info['host'], device = info['device'], kind = $R_LOST,
                      error = 'its worker went away (the lease expired)', at = tonumber(ARGV[3])}
   redis.call('HSET', KEYS[5], ARGV[1], cjson.encode(list))
   keep(KEYS[5], ARGV[4])
@@ -282,3 +289,14 @@ UNCLAIM_KEY = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+def _named(text: str) -> str:
+    """A script's text with the names of ``nasq.runstate`` put in, quoted for Lua."""
+    names = {f"{prefix}_{m.name}": f"'{m.value}'" for prefix, kind in (("O", Outcome), ("S", ShardStatus),
+                                                                         ("R", Redispatch)) for m in kind}
+    return Template(text).substitute(names)
+
+
+CLAIM, TICK, COMMIT, FAIL, TRANSITION, REDISPATCH, RENEW = map(_named, (CLAIM, TICK, COMMIT, FAIL, TRANSITION,
+                                                                       REDISPATCH, RENEW))

@@ -19,7 +19,7 @@ from typing import Callable
 from ..errors import NasqError, RunError
 from ..rundata import Report, RunManifest
 from ..wire import MessageError
-from ..runstate import RunState, ends_in, may
+from ..runstate import RunState, ShardStatus, Transition, ends_in, may
 from ..files import read_json
 from .merge import MissingShards, merge, merge_partial
 from .publish import (CLAIM_S, FINAL, discard, ended_on_disk, holding_publish, publish, render_later, said_once,
@@ -68,11 +68,11 @@ def finish_run(run_id: str, results: list, *, store, report_dir: str, merge_wait
     if manifest.run_id != run_id:
         raise RunError(f"run {run_id}: its manifest names another run")
     state = (store.state(run_id) or {}).get("state")
-    if not may("merge", state):
+    if not may(Transition.MERGE, state):
         raise RunEnded(run_id, state)
     full = dict(store.shard_results(run_id))
     for r in results or []:
-        if isinstance(r, dict) and r.get("run_id") == run_id and r.get("status") == "ok" and "indices" in r:
+        if isinstance(r, dict) and r.get("run_id") == run_id and r.get("status") == ShardStatus.OK and "indices" in r:
             full.setdefault(r["shard_id"], r)
     results = list(full.values())
     try:
@@ -81,7 +81,7 @@ def finish_run(run_id: str, results: list, *, store, report_dir: str, merge_wait
         # a missing shard that did not fail is on its way (running, queued, or being healed): wait
         # for it, up to merge_wait_s
         finished = store.finished(run_id)
-        if any(finished.get(sid, {}).get("status") != "error" for sid in e.missing) \
+        if any(finished.get(sid, {}).get("status") != ShardStatus.ERROR for sid in e.missing) \
                 and time.time() - first_try < merge_wait_s:
             raise MergeLater(str(e)) from None
         mark_failed(store, manifest, results, e, report_dir)
@@ -92,7 +92,7 @@ def finish_run(run_id: str, results: list, *, store, report_dir: str, merge_wait
     dropped = tuple(sorted(sid for sid, n in store.dropped(run_id).items() for _ in range(n)))
     report = replace(report, duplicate_shard_results_dropped=dropped, redispatched_shards=store.redispatched(run_id),
                      **failover_fields(store, run_id))
-    ended = _end(store, "merge", manifest, results, report, predictions, report_dir, images=report.images,
+    ended = _end(store, Transition.MERGE, manifest, results, report, predictions, report_dir, images=report.images,
                  top1=report.top1, top5=report.top5, throughput_img_s=report.throughput_img_s)
     if ended is None:
         raise RunEnded(run_id, (store.state(run_id) or {}).get("state"))
@@ -117,7 +117,7 @@ def fail_run(run_id: str, error: BaseException | None, *, store, report_dir: str
     if refuse_if_final(store, run_id, report_dir) is not None:
         return
     manifest = manifest or store.manifest(run_id)
-    if manifest is None or not may("fail", (store.state(run_id) or {}).get("state")):
+    if manifest is None or not may(Transition.FAIL, (store.state(run_id) or {}).get("state")):
         return
     finished, stored, running = store.finished(run_id), store.shard_results(run_id), store.running(run_id)
     recent = {sid for sid, t in store.redispatched_at(run_id).items() if time.time() - t < lease_s}
@@ -126,7 +126,7 @@ def fail_run(run_id: str, error: BaseException | None, *, store, report_dir: str
     for sid in manifest.shard_ids:
         if sid in stored:
             results.append(stored[sid])
-        elif finished.get(sid, {}).get("status") == "error":
+        elif finished.get(sid, {}).get("status") == ShardStatus.ERROR:
             results.append({"run_id": run_id, "shard_id": sid, **finished[sid]})
         elif sid in running or sid in recent or sid in retrying:
             busy = True  # under way (a resume, healing or a failover sent it): its result is still to come
@@ -137,7 +137,7 @@ def fail_run(run_id: str, error: BaseException | None, *, store, report_dir: str
         return
     if busy:
         return  # on its way: the shard that ends last ends the run
-    if all(r.get("status") == "ok" for r in results):  # every shard finished after all: the run is done
+    if all(r.get("status") == ShardStatus.OK for r in results):  # every shard finished after all: the run is done
         try:
             finish_run(run_id, [], store=store, report_dir=report_dir, merge_wait_s=0, first_try=time.time(),
                       manifest=manifest)
@@ -157,13 +157,13 @@ def mark_failed(store, manifest: RunManifest, results: list, error: Exception, r
     too) that names the failed ones, so that ``nasq resume`` reruns only the rest. False if the
     run had ended meanwhile."""
     run_id = manifest.run_id
-    if not may("fail", (store.state(run_id) or {}).get("state")):
+    if not may(Transition.FAIL, (store.state(run_id) or {}).get("state")):
         return False  # ended meanwhile (the transition below would refuse too): nothing to write
     text = f"{error} -- `nasq resume {run_id}` reruns only the failed or missing shards"
     report, predictions = merge_partial(manifest, results, text, state=str(RunState.FAILED),
                                         failures=shard_failures(store, run_id))
     report = replace(report, **failover_fields(store, run_id))
-    return _end(store, "fail", manifest, results, report, predictions, report_dir, partial=True,
+    return _end(store, Transition.FAIL, manifest, results, report, predictions, report_dir, partial=True,
                 error=text) is not None
 
 
@@ -185,7 +185,7 @@ def shard_failures(store, run_id: str) -> dict[str, dict]:
     out = {}
     for sid in set(attempts) | set(finished) | set(running):
         rec = finished.get(sid) or {}
-        if rec.get("status") == "ok":
+        if rec.get("status") == ShardStatus.OK:
             continue
         where = rec or running.get(sid) or {}
         worker = where.get("worker")
@@ -215,7 +215,7 @@ def cancel_run(store, run_id: str, report_dir: str, *, manifest: RunManifest | N
     if manifest is None:
         raise NasqError(f"no run {run_id!r} in this Redis (runs expire after result_expires)")
     failures = shard_failures(store, run_id)  # before the cancel clears the running shards
-    ok, state = store.transition(run_id, "cancel", clear_running=True, error=f"run {run_id} was cancelled")
+    ok, state = store.transition(run_id, Transition.CANCEL, clear_running=True, error=f"run {run_id} was cancelled")
     if not ok and not (state == RunState.CANCELLED and store.report(run_id) is None):
         raise NasqError(f"run {run_id} already ended ({state}); nothing to cancel")
     # (a cancel whose client died before it kept the partial report: this one finishes it)
@@ -241,7 +241,7 @@ def cancel_run(store, run_id: str, report_dir: str, *, manifest: RunManifest | N
     return report
 
 
-def _end(store, transition: str, manifest: RunManifest, results: list, report: Report, predictions: dict,
+def _end(store, transition: Transition, manifest: RunManifest, results: list, report: Report, predictions: dict,
          report_dir: str, **fields) -> Report | None:
     """Write the report's files into a staging folder, end the run through ``transition`` with
     the report, then publish the files (one rename) and record the run in the history: all of
@@ -251,7 +251,7 @@ def _end(store, transition: str, manifest: RunManifest, results: list, report: R
     again if it lapses: ``publish_if_missing``). A merge renders the plots and the HTML page
     last, once the client has the numbers (the report names them already, in ``files_to_come``)."""
     run_id = manifest.run_id
-    later = transition == "merge"
+    later = transition == Transition.MERGE
     staging, report = write_staging(manifest, results, report, predictions, report_dir, later=later)
     try:
         store.claim_publish(run_id, CLAIM_S, renew=True)

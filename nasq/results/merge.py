@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from ..errors import RunError
 from ..rundata import BackendInfo, Report, RunEnvironment, RunManifest, Throughput
-from ..runstate import RunState
+from ..runstate import RunState, ShardStatus
 from .stats import wilson
 
 TOPK = 5
@@ -50,7 +50,7 @@ def collect(manifest: RunManifest, results: list) -> tuple[dict[str, dict], list
     missing = [sid for sid in expected if sid not in by_id]
     if missing:
         raise MissingShards(run_id, missing)
-    failed = [by_id[sid] for sid in expected if by_id[sid].get("status") != "ok"]
+    failed = [by_id[sid] for sid in expected if by_id[sid].get("status") != ShardStatus.OK]
     if failed:
         lines = "; ".join(f"{r['shard_id']} on {r.get('worker', '?')}: {r.get('error', 'failed')}" for r in failed[:5])
         raise RunError(f"run {run_id}: {len(failed)} shard(s) failed: {lines}")
@@ -218,7 +218,7 @@ def ok_results(manifest: RunManifest, results: list) -> list[dict]:
     """The ok results of the run's shards, one per shard id (the first)."""
     ok, seen = [], set()
     for r in results:
-        if isinstance(r, dict) and r.get("run_id") == manifest.run_id and r.get("status") == "ok" \
+        if isinstance(r, dict) and r.get("run_id") == manifest.run_id and r.get("status") == ShardStatus.OK \
                 and r["shard_id"] not in seen:
             seen.add(r["shard_id"])
             ok.append(r)
@@ -244,7 +244,7 @@ def merge_partial(manifest: RunManifest, results: list, reason: str, *, state: s
 def missing_shards(manifest: RunManifest, ok: set[str], failures: dict[str, dict], state: str) -> list[dict]:
     """The shards without a kept result: id, images, why, the worker of its last attempt and
     how many attempts it had."""
-    default = "cancelled before it finished" if state == "cancelled" else "no result (lost, or never ran)"
+    default = "cancelled before it finished" if state == RunState.CANCELLED else "no result (lost, or never ran)"
     return [{"shard_id": s.shard_id, "images": s.images,
              "reason": (failures.get(s.shard_id) or {}).get("reason") or default,
              "worker": (failures.get(s.shard_id) or {}).get("worker"),

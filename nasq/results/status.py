@@ -7,7 +7,7 @@ import time
 
 from ..errors import NasqError
 from ..rundata import RunManifest
-from ..runstate import is_ended
+from ..runstate import ShardStatus, is_ended
 from ..wire import MessageError
 from ..tables import num, table
 
@@ -38,8 +38,8 @@ def run_status(store, run_id: str, manifest: RunManifest | None = None) -> dict:
         raise NasqError(f"no run {run_id!r} in this Redis (runs expire after result_expires)")
     state = store.state(run_id) or {}
     finished, running = store.finished(run_id), store.running(run_id)
-    ok = {sid: s for sid, s in finished.items() if s.get("status") == "ok"}
-    failed = {sid: s for sid, s in finished.items() if s.get("status") != "ok"}
+    ok = {sid: s for sid, s in finished.items() if s.get("status") == ShardStatus.OK}
+    failed = {sid: s for sid, s in finished.items() if s.get("status") != ShardStatus.OK}
     total_images = manifest.images
     ended = is_ended(state.get("state"))
     if ended:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from ..runstate import RunState
 from ..wire import DatasetRef, _dict, _name, _need
 
 #: top-1 .. top-5
@@ -115,7 +116,7 @@ class Report:
     run_id: str
     images: int
     per_device: tuple[dict, ...]
-    state: str = "done"
+    state: str = RunState.DONE.value
     error: str | None = None
     complete: bool = True
     created: float | None = None
@@ -230,7 +231,7 @@ class Report:
         intervals = {f"top{k}_ci95": _interval(d, f"top{k}_ci95") for k in range(1, TOPK + 1)}
         complete, partial = _of(d, "complete", (bool,), "true or false"), _of(d, "partial", (bool,), "true or false")
         return cls(run_id=_name(d, "run_id"), images=images, per_device=per_device,
-                   state=_text(d, "state") or "done", complete=True if complete is None else complete, partial=partial,
+                   state=_text(d, "state") or RunState.DONE.value, complete=True if complete is None else complete, partial=partial,
                    error_count=_of(d, "error_count", (int,), "a count") or 0,
                    throughput=Throughput.from_payload(d.get("throughput")),
                    backend=BackendInfo.from_payload(d.get("backend")), model=dict(_obj(d, "model") or {}),
