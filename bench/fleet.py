@@ -162,7 +162,7 @@ def main() -> None:
         hit = {}
         if fault:
             def trigger():
-                while store.images_done(h.run_id, h.manifest) < 0.3 * args.images:
+                while store.ledger.images_done(h.run_id, h.manifest) < 0.3 * args.images:
                     time.sleep(0.05)
                 hit["at"] = time.time() - t0
                 fault()
@@ -174,11 +174,11 @@ def main() -> None:
         used = load.read() if not fault else None  # a restarted Redis starts its counts again
         rep = res.report
         shards_end = max(d["last_finish"] for d in rep.per_device)
-        kept = store.shard_results(h.run_id)
+        kept = store.ledger.shard_results(h.run_id)
         sizes = sorted(len(json.dumps(r)) for r in kept.values())
         gaps = shard_gaps(kept)
         info = store.r.info("memory")
-        manifest = store.manifest(h.run_id)
+        manifest = store.runs.manifest(h.run_id)
         msg = len(json.dumps(manifest.tasks()[0].args()))
         row = {"run": label, "run_id": h.run_id, "wall_s": round(wall, 2), "files_s": round(files_s, 2),
                "images": rep.images,

@@ -61,11 +61,16 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
         if durable:
             fsync_dir(folder)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        remove_quietly(tmp)
         raise
+
+
+def remove_quietly(path: str) -> None:
+    """Remove a file that may be gone already (a temporary file after a failed write)."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def write_json(obj, path: str | os.PathLike, *, indent: int | None = 2, mode: int | None = None,
@@ -87,13 +92,18 @@ def file_digest(path: str | os.PathLike, algo: str = "sha256") -> str:
     return _digest(os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, algo)
 
 
-@lru_cache(maxsize=64)
-def _digest(path: str, size: int, mtime_ns: int, ctime_ns: int, algo: str) -> str:
+def stream_digest(path: str, algo: str = "sha256", *, block: int = 1 << 22) -> str:
+    """The file's digest, read ``block`` bytes at a time."""
     h = hashlib.new(algo)
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
+        for chunk in iter(lambda: f.read(block), b""):
+            h.update(chunk)
     return h.hexdigest()
+
+
+@lru_cache(maxsize=64)
+def _digest(path: str, size: int, mtime_ns: int, ctime_ns: int, algo: str) -> str:
+    return stream_digest(path, algo)
 
 
 def cached_sha256(path: str | os.PathLike, cache_file: str) -> str:

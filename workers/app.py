@@ -145,7 +145,7 @@ def _main_store() -> RunStore:
 @worker_ready.connect
 def _register(sender=None, **_):
     c = WorkerTask.configured()
-    _main_store().register_worker(c.name, {**c.describe(), "host": socket.gethostname(), "pid": os.getpid(),
+    _main_store().registry.register_worker(c.name, {**c.describe(), "host": socket.gethostname(), "pid": os.getpid(),
                                            "started": WorkerTask.started, "heartbeat_s": c.settings.worker_heartbeat_s})
 
 
@@ -156,12 +156,12 @@ def _heartbeat(sender=None, **_):
     c = WorkerTask.configured()
     store = _main_store()
     try:
-        if not store.touch_worker(c.name, c.settings.worker_heartbeat_s):  # first: it is what "alive" reads
+        if not store.registry.touch_worker(c.name, c.settings.worker_heartbeat_s):  # first: it is what "alive" reads
             _register()
         every = max(1.0, c.settings.lease_s / 3)
         if time.time() - _last_heal[0] >= every:
             _last_heal[0] = time.time()
-            if store.heal_turn(every):  # one worker per interval, not the whole fleet
+            if store.ledger.heal_turn(every):  # one worker per interval, not the whole fleet
                 _beat["healer"].heal_active()
     except BrokerFull:
         pass  # said once a minute by the transport and the tasks; nothing to do until memory is freed
@@ -196,11 +196,11 @@ def _record_refusal(message, exc) -> None:
         if run_id is None:
             return
         signed = message.content_type == "application/data"  # Celery's auth serializer
-        _main_store().record_refusal(run_id, WorkerTask.configured().name, signed=signed, text=text)
+        _main_store().runs.record_refusal(run_id, WorkerTask.configured().name, signed=signed, text=text)
     except Exception:  # noqa: BLE001 - Celery logs the refusal all the same
         log.warning("could not record the refusal of a message", exc_info=True)
 
 
 @worker_shutdown.connect
 def _unregister(sender=None, **_):
-    _main_store().unregister_worker(WorkerTask.configured().name)
+    _main_store().registry.unregister_worker(WorkerTask.configured().name)

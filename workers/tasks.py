@@ -50,7 +50,7 @@ def eval_shard(self, run_id, shard_id, start, stop, job) -> dict:
                   task.run_id, final.state)
         return {"run_id": task.run_id, "shard_id": task.shard_id, "status": ShardStatus.SKIPPED,
                 "reason": f"the run is {final.state}: its report is published and final"}
-    out = run_shard(task, ledger=self.store, resources=self.resources, worker=self.worker, queue=queue)
+    out = run_shard(task, ledger=self.store.ledger, resources=self.resources, worker=self.worker, queue=queue)
     if out.get("kept"):
         kept, shards, finished = out["kept_of"]
         if kept < shards <= finished:  # every shard has ended, some failed for good: fail the run now
@@ -127,4 +127,4 @@ def _fail(run_id: str, exc) -> None:
 def sweep_point(self, point: dict) -> dict:
     """One sweep point on this worker's device; the row is written to the sweep's folder."""
     return measure_point(SweepPoint.from_payload(point), resources=self.resources, worker=self.worker,
-                         digest_list=self.store.digest_list)
+                         digest_list=self.store.runs.digest_list)

@@ -62,7 +62,7 @@ def _build(session: Session, spec, artifacts: ArtifactStore, *, timeout: float |
         result = session.submit_build(s)
         try:
             return session.wait(result, label=f"build {s.key}", timeout=timeout, log=log,
-                                poll=lambda: Progress(status=session.store.build_status(s.key) or "queued"))
+                                poll=lambda: Progress(status=session.store.builds.build_status(s.key) or "queued"))
         except NasqError:
             if result.ready():  # a step failed (not a timeout: that build still runs)
                 _until_cleaned_up(session.store, s.key)
@@ -79,7 +79,7 @@ def _until_cleaned_up(store, key: str, wait_s: float = 30.0) -> None:
     directory and frees the lock: wait for that (the lock is freed last), so that a failed build
     has left nothing when the error reaches the caller."""
     deadline = time.time() + wait_s
-    while store.build_lock(key, "anyone").holder() is not None and time.time() < deadline:
+    while store.builds.build_lock(key, "anyone").holder() is not None and time.time() < deadline:
         time.sleep(0.1)
 
 

@@ -82,7 +82,7 @@ def check_worker_roots(session: Session, queue: str, job: EvalJob) -> None:
     the roots, instead of failing every shard on the workers."""
     from ..roots import RootError, Roots
 
-    infos = [(n, w) for n, w in session.store.workers().items()
+    infos = [(n, w) for n, w in session.store.registry.workers().items()
              if w["alive"] and queue in w.get("queues", []) and "read_roots" in w]
     errors = []
     for name, info in infos:

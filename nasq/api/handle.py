@@ -73,7 +73,7 @@ class RunHandle:
             return last[1]
 
         def read() -> Progress:
-            if not store.has_run(run_id):
+            if not store.runs.has_run(run_id):
                 return Progress(failed=RunLost(f"the broker lost run {run_id} (it restarted without persistence, or "
                                                f"the records expired); rerun it with: {self.rerun}"))
             if time.time() - last_heal[0] >= every:
@@ -84,11 +84,11 @@ class RunHandle:
                         log(f"run {run_id}: {sid} dispatched again (its worker or its message was lost)")
                 except (BrokerFull, redis.exceptions.OutOfMemoryError):
                     full[0] = store.full_message()
-            st = store.state(run_id) or {}
+            st = store.runs.state(run_id) or {}
             failed = _ended_error(store, run_id, st) if st.get("state") in (RunState.FAILED, RunState.CANCELLED) \
                 else None
             seen = fleet.look()
-            return Progress(done=min(total, store.images_done(run_id, self.manifest)), failed=failed or seen.failed,
+            return Progress(done=min(total, store.ledger.images_done(run_id, self.manifest)), failed=failed or seen.failed,
                             status=full[0] or seen.status, notes=seen.notes, on_timeout=seen.on_timeout)
 
         try:
@@ -104,14 +104,14 @@ class RunHandle:
             return lambda: messages.merge(self.session.app, run_id, self.manifest.queue,
                                           about=f"({what}: its merging worker went away)").apply_async()
 
-        published = store.wait_published(run_id, publish_again=merge_again("its report files"))
-        result = EvalResult(run_id, report, store.predictions(run_id), store.notes(run_id),
+        published = store.runs.wait_published(run_id, publish_again=merge_again("its report files"))
+        result = EvalResult(run_id, report, store.runs.predictions(run_id), store.runs.notes(run_id),
                             embedded=self.session.cluster is not None,
                             unpublished=None if published else "its merging worker has not put them in place yet")
         if on_report is not None:
             on_report(result)
         if files and published:  # then it renders the plots and the HTML page
-            result.not_rendered = store.wait_rendered(run_id, report,
+            result.not_rendered = store.runs.wait_rendered(run_id, report,
                                                       render_again=merge_again("its plots and HTML page"))
         return result
 
@@ -128,13 +128,13 @@ class _RunRecord:
         self.store, self.run_id = store, run_id
 
     def ready(self) -> bool:
-        return is_ended((self.store.state(self.run_id) or {}).get("state"))
+        return is_ended((self.store.runs.state(self.run_id) or {}).get("state"))
 
     def get(self, **_) -> Report:
-        st = self.store.state(self.run_id) or {}
+        st = self.store.runs.state(self.run_id) or {}
         if st.get("state") != RunState.DONE:
             raise _ended_error(self.store, self.run_id, st)
-        return self.store.report(self.run_id)
+        return self.store.runs.report(self.run_id)
 
 
 @dataclass
@@ -161,16 +161,16 @@ class _FleetWatch:
         from ..inference.failover import who
 
         notes = []
-        if not self.signing and (refused := {w: r for w, r in self.store.refusals(self.run_id).items()
+        if not self.signing and (refused := {w: r for w, r in self.store.runs.refusals(self.run_id).items()
                                              if not r.get("signed")}):
-            if not self.store.running(self.run_id) and not self.store.result_ids(self.run_id):
+            if not self.store.ledger.running(self.run_id) and not self.store.ledger.result_ids(self.run_id):
                 return _Seen(failed=self._refused(refused))  # nothing of the run runs anywhere
             if "refused" not in self.told:  # some workers run it all the same: said, not ended
                 self.told.add("refused")
                 notes.append(f"{', '.join(sorted(refused))} refuse this client's unsigned messages (they require "
                              "signed ones); other workers run the run")
-        live = self.store.live_consumers(self.queue)
-        excluded = {w: e for w, e in self.store.exclusions(self.run_id).items() if not e.get("lifted")}
+        live = self.store.registry.live_consumers(self.queue)
+        excluded = {w: e for w, e in self.store.ledger.exclusions(self.run_id).items() if not e.get("lifted")}
         for w, e in excluded.items():
             if w not in self.told:
                 self.told.add(w)
@@ -205,7 +205,7 @@ class _FleetWatch:
                 "signing_cert_store (NASQ_SIGNING_KEY, NASQ_SIGNING_CERT, NASQ_SIGNING_CERT_STORE, or the [nasq] "
                 "table of the settings file) as the workers have them (docs/SECURITY.md)")
         try:
-            self.store.transition(self.run_id, Transition.FAIL, error=text)
+            self.store.runs.transition(self.run_id, Transition.FAIL, error=text)
         except (BrokerFull, *BROKER_ERRORS):
             pass
         return NasqError(text)
@@ -215,8 +215,8 @@ def _ended_error(store, run_id: str, st: dict) -> RunError:
     """The error a client ends with for a failed or cancelled run: its reason, and where its
     report (what it finished, the shards it lacks and why) is, once its files are published
     (waited for a little: a cancel writes its report after the cancel takes effect)."""
-    published = store.wait_published(run_id, timeout_s=30.0)
-    report = store.report(run_id)
+    published = store.runs.wait_published(run_id, timeout_s=30.0)
+    report = store.runs.report(run_id)
     where = (report.files or {}).get("json") if published and report else None
     done = f"{report.images} of {report.planned_images} images evaluated" if report else ""
     text = st.get("error") or f"run {run_id} {st.get('state', 'failed')}"

@@ -47,9 +47,9 @@ def load_run(run_id: str, *, settings: Settings) -> tuple[Report, dict | None]:
     from ..results.history import get
 
     store = store_or_none(settings)
-    report = store.report(run_id) if store is not None else None
+    report = store.runs.report(run_id) if store is not None else None
     if report is not None:
-        return report, store.predictions(run_id)
+        return report, store.runs.predictions(run_id)
     row = get(settings.report_dir, run_id)
     path = (row or {}).get("report") or os.path.join(settings.report_dir, run_id, "report.json")
     try:
@@ -93,13 +93,13 @@ def cancel(run_id: str, *, broker: str | None = None, settings: Settings | None 
         manifest = ManifestTrust(session.app).manifest(store, run_id)
         if manifest is None:
             raise NasqError(f"no run {run_id!r} in this Redis (runs expire after result_expires)")
-        kept = store.result_ids(run_id)
-        sent = store.redispatched(run_id)  # every attempt of a shard has a task id of its own
+        kept = store.ledger.result_ids(run_id)
+        sent = store.ledger.redispatched(run_id)  # every attempt of a shard has a task id of its own
         unfinished = [sid for sid in manifest.shard_ids if sid not in kept]
         ids = [shard_task_id(run_id, sid, n) for sid in unfinished for n in range(sent.get(sid, 0) + 1)]
 
         def revoke() -> None:
-            session.app.control.revoke(ids + store.merge_ids(run_id), terminate=True, signal="SIGTERM")
+            session.app.control.revoke(ids + store.runs.merge_ids(run_id), terminate=True, signal="SIGTERM")
             log(f"run {run_id}: cancelled; {len(unfinished)} shard(s) ({len(ids)} attempts) and its merge revoked")
 
         partial = cancel_run(store, run_id, settings.report_dir, manifest=manifest, after_cancel=revoke)

@@ -18,15 +18,21 @@ class CacheInfo:
     bytes: int
 
 
+def _cache_of(settings: Settings):
+    """This host's cache (``data.hostcache.HostCache``) as ``settings`` name it."""
+    from ..data.hostcache import HostCache
+
+    cache = HostCache.for_settings(settings)
+    if cache is None:
+        raise NasqError("the host cache is off here (host_cache_gb = 0): set host_cache_gb and host_cache_dir")
+    return cache
+
+
 def host_cache_info(*, settings: Settings | None = None) -> CacheInfo:
     """What this host's cache holds (a sweep first: stale temporary files go, and it is brought
     within its bound)."""
-    from ..data.hostcache import HostCache
-
     settings = settings or load_settings()
-    cache = HostCache.for_settings(settings)
-    if cache is None:
-        raise NasqError("the host cache is off here (host_cache_gb = 0)")
+    cache = _cache_of(settings)
     out = cache.sweep()
     if out.get("skipped"):  # another process sweeps it now
         out = {"entries": 0, "bytes": 0}
@@ -44,13 +50,10 @@ def warm_host_cache(*, data: str, settings: Settings | None = None, progress: bo
     from tqdm import tqdm
 
     from ..data.digests import cache_for, file_digests
-    from ..data.hostcache import HostCache
     from ..data.sources import open_source
 
     settings = settings or load_settings()
-    cache = HostCache.for_settings(settings)
-    if cache is None:
-        raise NasqError("the host cache is off here (host_cache_gb = 0): set host_cache_gb and host_cache_dir")
+    cache = _cache_of(settings)
     source = open_source(data)
     if source.kind == "index":
         raise NasqError("an index dataset has no images to keep")

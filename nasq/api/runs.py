@@ -80,7 +80,7 @@ def _submit(session: Session, plan: Plan, *, queue: str, shard_size: int | None,
                             f"{plan.backend} --queues {queue}`)")
         live = warn_if_unserved(session, queue, log, live)
         check_worker_roots(session, queue, job)
-        for warning in session.store.broker_warnings():
+        for warning in session.store.runs.broker_warnings():
             log(f"warning: {warning}")
         workers = workers or len(live) or None
     if session.store.is_full():
@@ -96,11 +96,11 @@ def _submit(session: Session, plan: Plan, *, queue: str, shard_size: int | None,
     sealed = ManifestTrust(session.app).seal(manifest)
     try:
         if plan.source.content:  # the list the workers check every image against
-            session.store.save_digests(plan.source.content, pack(plan.source.digests))
-        session.store.save_manifest(manifest, sealed)
-        session.store.add_merge_id(run_id, merge_task_id(run_id))
+            session.store.runs.save_digests(plan.source.content, pack(plan.source.digests))
+        session.store.runs.save_manifest(manifest, sealed)
+        session.store.runs.add_merge_id(run_id, merge_task_id(run_id))
         result = session.submit_run(manifest)
-        session.store.transition(run_id, Transition.START, shards=len(manifest.shards))
+        session.store.runs.transition(run_id, Transition.START, shards=len(manifest.shards))
     except (BrokerFull, redis.exceptions.OutOfMemoryError, *BROKER_ERRORS) as e:
         # kombu reports a write the broker refused as a connection error, and a big pipelined write
         # can fill the broker for a moment by itself: either way, say that it was full
@@ -266,7 +266,7 @@ def resume(run_id: str, *, broker: str | None = None, settings: Settings | None 
         if final is not None:
             raise NasqError(f"run {run_id} is {final}: its report is published in "
                             f"{os.path.join(settings.report_dir, run_id)} and is never changed; nothing to resume")
-        state = store.state_name(run_id)
+        state = store.runs.state_name(run_id)
         if state is not None and not may(Transition.RESUME, state):
             raise NasqError(f"run {run_id} is {state}; there is nothing to resume (`nasq status {run_id}` shows it)")
         seen: dict[str, int] = {}
@@ -274,12 +274,12 @@ def resume(run_id: str, *, broker: str | None = None, settings: Settings | None 
         redo = healer.claim_for_resume(run_id, plan, seen)
         busy = sum(1 for why in plan.values() if why not in RESENT)  # queued, or running on a live worker
         if not redo and state == RunState.RUNNING and busy:
-            store.lift_exclusions(run_id)  # as a resume that sends shards does
+            store.ledger.lift_exclusions(run_id)  # as a resume that sends shards does
             log(f"run {run_id}: nothing to resubmit ({busy} shard(s) queued or running on live workers); following it")
             result = None
         else:
-            n = store.next_resume(run_id)
-            ok, now = store.transition(run_id, Transition.RESUME, merge_id=merge_task_id(run_id, n), forget=tuple(redo),
+            n = store.runs.next_resume(run_id)
+            ok, now = store.runs.transition(run_id, Transition.RESUME, merge_id=merge_task_id(run_id, n), forget=tuple(redo),
                                        shards=len(manifest.shards), resumed=len(redo))
             if not ok:
                 raise NasqError(f"run {run_id} is {now}; not resumed")

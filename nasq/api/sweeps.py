@@ -202,7 +202,7 @@ def submit_sweep(*, batch_sizes: list[int], weights: str, data: str, backend: st
             if source.content:
                 from ..data.digests import pack
 
-                session.store.save_digests(source.content, pack(source.digests))
+                session.store.runs.save_digests(source.content, pack(source.digests))
             result = session.submit_sweep(todo)
         except BaseException:
             session.close()
@@ -226,7 +226,7 @@ def _number(workers: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
 
 def _slots(session: Session, backend: str, names: list[str] | None) -> list[tuple[str, str]]:
     """The (slot, worker name) pairs of the live workers of ``backend`` (or of ``names``)."""
-    registry = session.store.workers()
+    registry = session.store.registry.workers()
     live = {n: info for n, info in registry.items()
             if info["alive"] and info.get("backend") == backend and eval_queue(backend) in info.get("queues", [])}
     if names:

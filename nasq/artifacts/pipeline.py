@@ -37,9 +37,9 @@ def begin(spec: BuildSpec, *, store, artifacts: ArtifactStore) -> dict:
     if file_digest(spec.weights) != spec.weights_sha256:  # the key names these exact weights: never others
         raise NasqError(f"build {spec.key}: {spec.weights} is not the checkpoint the build was requested for "
                         "(its sha256 differs: changed since?); request the build again")
-    lock = store.build_lock(spec.key, spec.token)
+    lock = store.builds.build_lock(spec.key, spec.token)
     if not lock.take():
-        store.set_build_status(spec.key, f"waiting for the build in flight ({lock.holder()})")
+        store.builds.set_build_status(spec.key, f"waiting for the build in flight ({lock.holder()})")
         raise BuildBusy(spec.key)
     meta = artifacts.verified(spec.key)  # published while we waited for the lock
     if meta is not None:
@@ -80,7 +80,7 @@ def _held(state: dict, *, store, artifacts: ArtifactStore):
     """(spec, staging folder, lock) of a build in progress whose lock this request still holds."""
     spec = BuildSpec.from_dict(state["spec"])
     staging = _staging(state, spec, artifacts)
-    lock = store.build_lock(spec.key, spec.token)
+    lock = store.builds.build_lock(spec.key, spec.token)
     if not lock.renew():
         raise NasqError(f"build {spec.key}: lost its lock (expired?); another request may be building it")
     return spec, staging, lock
@@ -91,7 +91,7 @@ def step(state: dict, name: str, fn, *args, store, artifacts: ArtifactStore) -> 
     if state["cached"]:
         return state
     spec, staging, lock = _held(state, store=store, artifacts=artifacts)
-    store.set_build_status(spec.key, f"{name} on {socket.gethostname()}")
+    store.builds.set_build_status(spec.key, f"{name} on {socket.gethostname()}")
     log.info("build %s: %s", spec.key, name)
     with lock.kept():
         record = fn(spec, *args, staging, state["verification"])
@@ -116,13 +116,13 @@ def commit(state: dict, *, store, artifacts: ArtifactStore) -> dict:
             "graph": next((s.get("graph") for s in reversed(state["steps"]) if s.get("graph")), state.get("graph")),
             "model": next((s["model"] for s in state["steps"] if s.get("model")), state.get("model"))}
     path = artifacts.commit(spec.key, staging, meta)
-    store.build_lock(spec.key, spec.token).free()
-    store.set_build_status(spec.key, "done")
+    store.builds.build_lock(spec.key, spec.token).free()
+    store.builds.set_build_status(spec.key, "done")
     return {"cached": False, "key": spec.key, "meta": meta, "path": path}
 
 
 def abort(spec: BuildSpec, error: BaseException, *, store, artifacts: ArtifactStore) -> None:
     """After a failed step: remove the staging directory, free the lock, record why."""
     artifacts.discard(artifacts.staging_path(spec.key, spec.token))
-    store.build_lock(spec.key, spec.token).free()
-    store.set_build_status(spec.key, f"failed: {type(error).__name__}: {error}")
+    store.builds.build_lock(spec.key, spec.token).free()
+    store.builds.set_build_status(spec.key, f"failed: {type(error).__name__}: {error}")

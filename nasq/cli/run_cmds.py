@@ -17,11 +17,18 @@ def cmd_eval(args) -> int:
 
     check_report_paths(args)
     out_dir("--output", args.output_dir)
+    return _followed(args, lambda: evaluate(
+        request_from_args(args), device=args.device, workers=args.workers,
+        compile=None if args.compile == "none" else args.compile, cuda_graphs=args.cuda_graphs, kernels=args.kernels,
+        broker=args.broker, progress=not args.no_progress, timeout=args.timeout, log=log,
+        on_report=lambda r: show_numbers(r, args), rerun=shlex.join(["nasq", *sys.argv[1:]])))
+
+
+def _followed(args, run) -> int:
+    """A run followed to its end: its numbers as soon as they are in (``on_report``), then its
+    files; a failed or cancelled one still writes its partial report to ``--json``."""
     try:
-        result = evaluate(request_from_args(args), device=args.device, workers=args.workers,
-                          compile=None if args.compile == "none" else args.compile, cuda_graphs=args.cuda_graphs,
-                          kernels=args.kernels, broker=args.broker, progress=not args.no_progress, timeout=args.timeout, log=log,
-                          on_report=lambda r: show_numbers(r, args), rerun=shlex.join(["nasq", *sys.argv[1:]]))
+        result = run()
     except RunError as e:
         ended_with(args, e)
         raise
@@ -177,13 +184,8 @@ def cmd_resume(args) -> int:
     from ..api import resume
 
     check_report_paths(args)
-    try:
-        result = resume(args.run_id, broker=args.broker, progress=not args.no_progress, timeout=args.timeout,
-                        log=log, on_report=lambda r: show_numbers(r, args))
-    except RunError as e:
-        ended_with(args, e)
-        raise
-    return finish(result, args, shown=True)
+    return _followed(args, lambda: resume(args.run_id, broker=args.broker, progress=not args.no_progress,
+                                          timeout=args.timeout, log=log, on_report=lambda r: show_numbers(r, args)))
 
 
 def _cancel_args(p) -> None:

@@ -25,7 +25,7 @@ def cmd_status(args) -> int:
     from ..runstate import RunState, is_ended
 
     store = store_of(args)
-    run_id = args.run_id or next(iter(store.run_ids(1)), None)
+    run_id = args.run_id or next(iter(store.runs.run_ids(1)), None)
     if run_id is None:
         raise NasqError("no runs recorded in this Redis yet")
     from .exits import OK, RUN_CANCELLED, RUN_FAILED
@@ -34,7 +34,7 @@ def cmd_status(args) -> int:
     if args.json:
         st = watch(store, run_id, interval=args.interval, out=open(os.devnull, "w")) if args.watch \
             else run_status(store, run_id)
-        report = store.report(run_id)
+        report = store.runs.report(run_id)
         print(json.dumps({**st, "report": report.to_payload() if report else None,
                           "failing_devices": failing_devices(store)}, indent=2))
         return code.get(st["state"], OK)
@@ -48,12 +48,12 @@ def cmd_status(args) -> int:
     failing = failing_devices(store)
     if failing:
         print(render_failing(failing))
-    report = store.report(run_id)
+    report = store.runs.report(run_id)
     if is_ended(st["state"]) and report:  # a failed or cancelled run's report names what it lacks, and why
         print()
         print(render(report))
         if report.files:  # (--watch: once the plots are rendered too)
-            absent = store.wait_rendered(run_id, report, timeout_s=120.0 if args.watch else 0.0)
+            absent = store.runs.wait_rendered(run_id, report, timeout_s=120.0 if args.watch else 0.0)
             print(f"\nreport files: {', '.join(p for p in report.files.values() if os.path.basename(p) not in absent)}")
             if absent:
                 print(f"not there: {', '.join(absent)} ({next(iter(absent.values()))})")

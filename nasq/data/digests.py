@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import DatasetError
-from ..files import read_json, write_json
+from ..files import read_json, stream_digest, write_json
 
 DIGEST_BYTES = 32
 #: what ``nasq preprocess`` writes into a .bin folder: name -> [size, mtime_ns, ctime_ns, sha256 hex]
@@ -101,11 +101,7 @@ def cache_for(root: str, cache_dir: str | None) -> DigestCache:
 
 
 def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return stream_digest(path, block=1 << 20)
 
 
 def u8_file_digests(path: str, count: int) -> list[str]:

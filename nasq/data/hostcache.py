@@ -22,6 +22,8 @@ import os
 import threading
 import time
 
+from ..files import remove_quietly
+
 #: a temporary entry older than this is a writer's that died
 STALE_TMP_S = 600.0
 #: an entry's last use is recorded (its mtime) at most this often: the sweep's order is to the minute
@@ -55,10 +57,7 @@ class HostCache:
         except OSError:
             return None
         if hashlib.sha256(data).digest() != digest:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            remove_quietly(path)  # a damaged entry: read from the source, and kept again
             return None
         if time.time() - used > TOUCH_S:  # its last use, for the least-recently-used sweep (to the minute)
             try:
@@ -81,10 +80,7 @@ class HostCache:
                 f.write(data)
             os.replace(tmp, path)
         except OSError:  # a full or read-only disk: the run reads the source, as without a cache
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            remove_quietly(tmp)
             return
         with self._lock:
             self._written += len(data)

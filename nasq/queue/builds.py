@@ -6,7 +6,7 @@ from redis.exceptions import LockError
 from redis.lock import Lock
 
 from ..keepalive import every
-from .redis_store import BUILD, BUILD_LOCK_TTL_S, RedisStore
+from .redis_store import BUILD, BUILD_LOCK_TTL_S, StorePart
 
 
 class BuildLock(Lock):
@@ -46,7 +46,7 @@ class BuildLock(Lock):
         return every(self.timeout / 3, self.renew, what=f"the build lock {self.name}")
 
 
-class BuildBook(RedisStore):
+class BuildBook(StorePart):
     """``nasq:build:{lock,status}:<key>``."""
 
     def build_lock(self, key: str, token: str) -> BuildLock:

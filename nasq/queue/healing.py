@@ -74,26 +74,26 @@ class Healer:
             raise BrokerFull(self.store.full_message())
 
     def _heal(self, run_id: str) -> list[str]:
-        st = self.store.state(run_id) or {}
+        st = self.store.runs.state(run_id) or {}
         if st.get("state") in (None, *ENDED):
             self._kept.pop(run_id, None)
             return []
         if self.report_dir and refuse_if_final(self.store, run_id, self.report_dir) is not None:
             return []  # write once: its report is published; its records in Redis were changed (restored now)
-        lost = self.store.lost_shards(run_id)
+        lost = self.store.ledger.lost_shards(run_id)
         manifest = None
-        if lost or self.store.redispatched(run_id):
+        if lost or self.store.ledger.redispatched(run_id):
             manifest = self.manifest(run_id)
             if manifest is None:
                 return []
-            taken = {sid: n for sid in lost if (n := self.store.claim_lost(run_id, sid))}
+            taken = {sid: n for sid in lost if (n := self.store.ledger.claim_lost(run_id, sid))}
             self.redispatch(manifest, taken, why="lease expired: its worker stopped renewing it")
             lost = list(taken)
         out = lost + self._stranded(run_id, st, manifest)
         self.merge_if_stranded(run_id, manifest)
         if time.time() - self._kept.get(run_id, 0.0) >= KEEP_EVERY_S:
             self._kept[run_id] = time.time()
-            self.store.keep_run(run_id)
+            self.store.ledger.keep_run(run_id)
         return out
 
     def _stranded(self, run_id: str, st: dict, manifest: RunManifest | None) -> list[str]:
@@ -105,9 +105,9 @@ class Healer:
         n = st.get("shards")
         if not n:
             return []
-        finished, running = self.store.shard_counts(run_id)
+        finished, running = self.store.ledger.shard_counts(run_id)
         if finished + running >= n:
-            if finished >= n and not running and self.store.results_count(run_id) < n:
+            if finished >= n and not running and self.store.ledger.results_count(run_id) < n:
                 self.settle(run_id, manifest)
             return []
         if st.get("state") == RunState.SUBMITTED and time.time() - st.get("at", 0) < max(SUBMIT_GRACE_S, self.lease_s):
@@ -115,11 +115,11 @@ class Healer:
         manifest = manifest or self.manifest(run_id)
         if manifest is None or self.broker.queued(manifest.queue):
             return []
-        counts = self.store.redispatched(run_id)  # first: a shard another healer sends after this read is
+        counts = self.store.ledger.redispatched(run_id)  # first: a shard another healer sends after this read is
         # either in `recent` below or refused by the count's compare-and-set
-        finished, running, unacked = (self.store.finished(run_id), self.store.running(run_id),
+        finished, running, unacked = (self.store.ledger.finished(run_id), self.store.ledger.running(run_id),
                                       self.unacked_shards(run_id))
-        recent = {sid for sid, t in self.store.redispatched_at(run_id).items() if time.time() - t < self.lease_s}
+        recent = {sid for sid, t in self.store.ledger.redispatched_at(run_id).items() if time.time() - t < self.lease_s}
         busy = set(finished) | set(running) | recent
         stuck = [s.shard_id for s in manifest.shards if s.shard_id not in busy
                  and unacked.get(s.shard_id, self.lease_s + 1) > self.lease_s]
@@ -129,12 +129,12 @@ class Healer:
         why = ("the broker restarted since the run was submitted and lost its message" if restarted else
                "its message is in no queue although the broker did not restart: a worker discarded it (its log says "
                "why: e.g. an unsigned or malformed message) or a full broker could not keep it")
-        missing = self.store.missing(run_id)
+        missing = self.store.ledger.missing(run_id)
         given_up = [sid for sid in stuck if missing.get(sid, 0) >= self.max_attempts]
         if given_up:
             self._give_up(run_id, given_up, why)
         taken = {sid: c for sid in stuck if sid not in given_up
-                 and (c := self.store.claim_stranded(run_id, sid, counts.get(sid, 0), why=why))}
+                 and (c := self.store.ledger.claim_stranded(run_id, sid, counts.get(sid, 0), why=why))}
         self.redispatch(manifest, taken, why=why)
         return list(taken)
 
@@ -152,9 +152,9 @@ class Healer:
         """Shards whose message went missing ``max_attempts`` times fail (a worker keeps
         discarding them), so the run fails naming them instead of sending them forever."""
         for sid in shard_ids:
-            self.store.record_failure(run_id, sid, holder="healing", worker="healing",
-                                      seen=self.store.failure_view(run_id, sid, "healing").raw,
-                                      failures=self.store.failures(run_id).get(sid, []), streak=None, exclusion=None,
+            self.store.ledger.record_failure(run_id, sid, holder="healing", worker="healing",
+                                      seen=self.store.ledger.failure_view(run_id, sid, "healing").raw,
+                                      failures=self.store.ledger.failures(run_id).get(sid, []), streak=None, exclusion=None,
                                       final=True, why="", summary={
                                           "status": ShardStatus.ERROR, "worker": "healing",
                                           "error": f"its message went missing {self.max_attempts} times ({why})"})
@@ -165,11 +165,11 @@ class Healer:
         """A run whose every shard ended, some for good without a result: have a worker fail it
         (``nasq.run_failed``; once per run and resume). The chord's errback does it too, but a
         shard sent again (after a failure, a lost worker or message) is no part of the chord."""
-        st = self.store.state(run_id) or {}
+        st = self.store.runs.state(run_id) or {}
         if not may(Transition.FAIL, st.get("state")):
             return False
         manifest = manifest or self.manifest(run_id)
-        if manifest is None or not self.store.claim_merge(run_id, f"fail-{self.store.resumes(run_id)}"):
+        if manifest is None or not self.store.ledger.claim_merge(run_id, f"fail-{self.store.runs.resumes(run_id)}"):
             return False
         messages.run_failed(self.app, run_id, manifest.queue).apply_async()
         log.info("run %s: every shard has ended, some without a result; the run is failed", run_id)
@@ -200,20 +200,20 @@ class Healer:
         while results are missing)."""
         if kept_of and kept_of[0] < kept_of[1]:
             return False
-        st = self.store.state(run_id) or {}
+        st = self.store.runs.state(run_id) or {}
         if not may(Transition.MERGE, st.get("state")):
             return False
         shards = st.get("shards") or (len(manifest.shards) if manifest else None)
-        if not shards or self.store.results_count(run_id) < shards:
+        if not shards or self.store.ledger.results_count(run_id) < shards:
             return False  # cheap: the manifest is read (and its signature checked) only when all is in
         manifest = manifest or self.manifest(run_id)
-        if manifest is None or self.store.results_count(run_id) < len(manifest.shards):
+        if manifest is None or self.store.ledger.results_count(run_id) < len(manifest.shards):
             return False
-        last = self.store.last_accepted_at(run_id) or time.time()
-        if not self.store.redispatched(run_id) and time.time() - last < self.lease_s:
+        last = self.store.ledger.last_accepted_at(run_id) or time.time()
+        if not self.store.ledger.redispatched(run_id) and time.time() - last < self.lease_s:
             return False  # the chord fires by itself
-        generation = self.store.resumes(run_id)  # one merge per resume of the run
-        if not self.store.claim_merge(run_id, generation):
+        generation = self.store.runs.resumes(run_id)  # one merge per resume of the run
+        if not self.store.ledger.claim_merge(run_id, generation):
             return False
         messages.merge(self.app, run_id, manifest.queue, task_id=merge_task_id(run_id, generation),
                        about="(every shard has its result; its chord cannot fire)").apply_async()
@@ -229,13 +229,13 @@ class Healer:
         the shards' dispatch counts as read first (``claim_for_resume`` claims against them)."""
         run_id = manifest.run_id
         if seen is not None:
-            seen.update(self.store.redispatched(run_id))  # first: see _stranded
-        results, finished, running = self.store.result_ids(run_id), self.store.finished(run_id), self.store.running(run_id)
-        lost = set(self.store.lost_shards(run_id))
+            seen.update(self.store.ledger.redispatched(run_id))  # first: see _stranded
+        results, finished, running = self.store.ledger.result_ids(run_id), self.store.ledger.finished(run_id), self.store.ledger.running(run_id)
+        lost = set(self.store.ledger.lost_shards(run_id))
         queued = {of[1] for tid in self.broker.queued_task_ids(manifest.queue)
                   if (of := shard_of_task(tid)) and of[0] == run_id}
         unacked = self.unacked_shards(run_id)
-        recent = {sid for sid, t in self.store.redispatched_at(run_id).items() if time.time() - t < self.lease_s}
+        recent = {sid for sid, t in self.store.ledger.redispatched_at(run_id).items() if time.time() - t < self.lease_s}
         out = {}
         for sid in manifest.shard_ids:
             if sid in results:
@@ -257,8 +257,8 @@ class Healer:
         id -> its dispatch count now."""
         def claim(sid: str, why: Unfinished) -> int:
             if why == Unfinished.LOST:
-                return self.store.claim_lost(run_id, sid, why="nasq resume (its worker went away)")
-            return self.store.claim_stranded(run_id, sid, None if seen is None else seen.get(sid, 0),
+                return self.store.ledger.claim_lost(run_id, sid, why="nasq resume (its worker went away)")
+            return self.store.ledger.claim_stranded(run_id, sid, None if seen is None else seen.get(sid, 0),
                                              why=f"nasq resume (it was {why})", resume=True)
 
         return {sid: n for sid, why in plan.items() if why in RESENT and (n := claim(sid, why))}
@@ -266,5 +266,5 @@ class Healer:
     def heal_active(self) -> None:
         """``heal`` every active run (a worker's heartbeat)."""
         self._not_full()
-        for run_id in self.store.active_runs():
+        for run_id in self.store.runs.active_runs():
             self._heal(run_id)

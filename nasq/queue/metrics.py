@@ -126,11 +126,11 @@ class RunCollector:
                                         labels=_DEVICE)
         batch_s = HistogramMetricFamily("nasq_batch_latency_seconds",
                                         "Latency of the measured batches of the kept shards", labels=_DEVICE)
-        active = self.store.active_runs()
+        active = self.store.runs.active_runs()
         queue_of: dict[str, str | None] = {}  # the runs served now, and their queues
-        for run_id in dict.fromkeys([*active, *self.store.run_ids(self.recent)]):
+        for run_id in dict.fromkeys([*active, *self.store.runs.run_ids(self.recent)]):
             try:
-                manifest = self.store.manifest(run_id)
+                manifest = self.store.runs.manifest(run_id)
             except MessageError:
                 continue  # a record written by hand: nasq status names what is wrong with it
             if manifest is None:
@@ -143,7 +143,7 @@ class RunCollector:
                                 ("shards_failed", st["shards_failed"]),
                                 ("throughput_images_per_second", st["rate_img_s"] or 0.0)):
                 run_g[name].add_metric(values, value)
-            kept = [s for s in self.store.finished(run_id).values() if s.get("status") == ShardStatus.OK]
+            kept = [s for s in self.store.ledger.finished(run_id).values() if s.get("status") == ShardStatus.OK]
             labelled = sum(s.get("labelled", 0) for s in kept)
             if labelled:
                 run_g["top1_ratio"].add_metric(values, sum(s.get("top1_correct", 0) for s in kept) / labelled)
@@ -163,10 +163,10 @@ class RunCollector:
         live = GaugeMetricFamily("nasq_queue_live_workers", "Live workers consuming the queue of an active run",
                                  labels=["queue"])
         for queue in sorted({queue_of.get(r) for r in active} - {None}):
-            live.add_metric([queue], len(self.store.live_consumers(queue)))
+            live.add_metric([queue], len(self.store.registry.live_consumers(queue)))
         yield live
         alive = GaugeMetricFamily("nasq_workers_alive", "Workers with a recent heartbeat")
-        alive.add_metric([], sum(1 for w in self.store.workers().values() if w["alive"]))
+        alive.add_metric([], sum(1 for w in self.store.registry.workers().values() if w["alive"]))
         yield alive
 
     def _per_device(self, run_id: str, kept: list[dict], images, errors, shards, shard_s, batch_s) -> None:
@@ -187,7 +187,7 @@ class RunCollector:
             if isinstance(b, dict):
                 batches.setdefault(labels, _Histogram(BATCH_BUCKETS_S)).add(b.get("counts", ()), b.get("sum_s", 0.0),
                                                                             b.get("count", 0))
-        for copies in self.store.failures(run_id).values():
+        for copies in self.store.ledger.failures(run_id).values():
             for rec in copies:
                 labels = _device_labels(run_id, rec)
                 failed[labels] = failed.get(labels, 0) + 1

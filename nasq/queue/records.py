@@ -11,10 +11,10 @@ import redis
 
 from ..rundata import Report, RunManifest
 from ..runstate import ENDED, TRANSITIONS, Outcome, RunState, Transition
-from .redis_store import ACTIVE, DIGESTS, EXPIRING, RUNS, RedisStore, _rides_out_full, _states, log
+from .redis_store import ACTIVE, DIGESTS, EXPIRING, RUNS, RunKeys, StorePart, _rides_out_full, _states, log
 
 
-class RunRecords(RedisStore):
+class RunRecords(StorePart):
     """``nasq:run:<id>:{manifest,sealed,state,merges,resumes,report,predictions,notes,published,rendered,rendering}``
     and the run indexes (``nasq:runs``, ``nasq:runs:active``)."""
 
@@ -24,11 +24,11 @@ class RunRecords(RedisStore):
         submitting client), state ``submitted``."""
         run_id = manifest.run_id
         with self.r.pipeline() as p:
-            p.set(self._k(run_id), json.dumps(manifest.to_payload()), ex=self.expires)
+            p.set(RunKeys(run_id).manifest, json.dumps(manifest.to_payload()), ex=self.expires)
             if sealed is not None:
-                p.set(self._k(run_id, "sealed"), sealed, ex=self.expires)
+                p.set(RunKeys(run_id).sealed, sealed, ex=self.expires)
             p.zadd(RUNS, {run_id: manifest.created or time.time()})
-            p.set(self._k(run_id, "state"), json.dumps({"state": str(RunState.SUBMITTED), "at": time.time(),
+            p.set(RunKeys(run_id).state, json.dumps({"state": str(RunState.SUBMITTED), "at": time.time(),
                                                         "shards": len(manifest.shards)}), ex=self.expires)
             p.sadd(ACTIVE, run_id)
             p.execute()
@@ -49,15 +49,15 @@ class RunRecords(RedisStore):
         Raises:
             MessageError: the stored manifest is malformed (the field is named).
         """
-        stored = self._get(self._k(run_id))
+        stored = self._get(RunKeys(run_id).manifest)
         return None if stored is None else RunManifest.from_payload(stored)
 
     def sealed_manifest(self, run_id: str) -> str | None:
-        v = self.r.get(self._k(run_id, "sealed"))
+        v = self.r.get(RunKeys(run_id).sealed)
         return v.decode() if v else None
 
     def has_run(self, run_id: str) -> bool:
-        return bool(self.r.exists(self._k(run_id)))
+        return bool(self.r.exists(RunKeys(run_id).manifest))
 
     def broker_warnings(self) -> list[str]:
         """What this Redis lacks for runs to survive it (read with CONFIG GET; managed Redis
@@ -81,7 +81,7 @@ class RunRecords(RedisStore):
         return out
 
     def state(self, run_id: str) -> dict | None:
-        return self._get(self._k(run_id, "state"))
+        return self._get(RunKeys(run_id).state)
 
     def state_name(self, run_id: str) -> str | None:
         return (self.state(run_id) or {}).get("state")
@@ -103,11 +103,11 @@ class RunRecords(RedisStore):
         and lifts the run's exclusions."""
         sources, target = TRANSITIONS[name]
         record = {"state": str(target), "at": time.time(), **fields}
+        k = RunKeys(run_id)
         named = ("running", "attempts", "finished", "failures", "barred", "merges")
         out = self._run("TRANSITION",
-                        [self._k(run_id, "state"), ACTIVE] +
-                        [self._k(run_id, p) for p in ("report", "predictions", "published", "rendered", "rendering",
-                                                      *named, *(p for p in EXPIRING if p not in named))],
+                        [k.state, ACTIVE, k.report, k.predictions, k.published, k.rendered, k.rendering,
+                         *k.parts(*named, *(p for p in EXPIRING if p not in named))],
                         [_states(sources), record, str(target), run_id, self.expires,
                          json.dumps(report.to_payload()) if report is not None else "",
                          json.dumps(predictions) if predictions is not None else "",
@@ -118,22 +118,22 @@ class RunRecords(RedisStore):
 
     @_rides_out_full
     def next_resume(self, run_id: str) -> int:
-        key = self._k(run_id, "resumes")
+        key = RunKeys(run_id).resumes
         n = int(self.r.incr(key))
         self.r.expire(key, self.expires)
         return n
 
     def resumes(self, run_id: str) -> int:
-        return int(self.r.get(self._k(run_id, "resumes")) or 0)
+        return int(self.r.get(RunKeys(run_id).resumes) or 0)
 
     def merge_ids(self, run_id: str) -> list[str]:
         """The task ids of the run's merges: the chord's and one per resume."""
-        return sorted(x.decode() for x in self.r.smembers(self._k(run_id, "merges")))
+        return sorted(x.decode() for x in self.r.smembers(RunKeys(run_id).merges))
 
     @_rides_out_full
     def add_merge_id(self, run_id: str, task_id: str) -> None:
-        self.r.sadd(self._k(run_id, "merges"), task_id)
-        self.r.expire(self._k(run_id, "merges"), self.expires)
+        self.r.sadd(RunKeys(run_id).merges, task_id)
+        self.r.expire(RunKeys(run_id).merges, self.expires)
 
     def report(self, run_id: str) -> Report | None:
         """The run's report; None: none yet.
@@ -141,49 +141,49 @@ class RunRecords(RedisStore):
         Raises:
             MessageError: the stored report is malformed (the field is named).
         """
-        stored = self._get(self._k(run_id, "report"))
+        stored = self._get(RunKeys(run_id).report)
         return None if stored is None else Report.from_payload(stored)
 
     def predictions(self, run_id: str) -> dict | None:
-        return self._get(self._k(run_id, "predictions"))
+        return self._get(RunKeys(run_id).predictions)
 
     @_rides_out_full
     def save_report_of_ended(self, run_id: str, report: Report, predictions: dict | None) -> None:
         """The partial report of a run that already ended (a cancelled one, written after the
         cancel took effect)."""
-        self._set(self._k(run_id, "report"), report.to_payload())
+        self._set(RunKeys(run_id).report, report.to_payload())
         if predictions is not None:
-            self._set(self._k(run_id, "predictions"), predictions)
+            self._set(RunKeys(run_id).predictions, predictions)
 
     def mark_published(self, run_id: str) -> None:
         """The ended run's report files are in place and its history row written (or noted as not)."""
-        self._mark(run_id, "published", "its report as published")
+        self._mark(RunKeys(run_id).published, run_id, "its report as published")
 
     def published(self, run_id: str) -> bool:
-        return bool(self.r.exists(self._k(run_id, "published")))
+        return bool(self.r.exists(RunKeys(run_id).published))
 
     def mark_rendered(self, run_id: str, not_written: dict[str, str] | None = None) -> None:
         """The ended run's plots and HTML page are written too, but for ``not_written`` (file
         name -> reason)."""
-        self._mark(run_id, "rendered", "its plots as rendered", json.dumps(not_written or {}))
+        self._mark(RunKeys(run_id).rendered, run_id, "its plots as rendered", json.dumps(not_written or {}))
 
     def rendered(self, run_id: str) -> bool:
-        return bool(self.r.exists(self._k(run_id, "rendered")))
+        return bool(self.r.exists(RunKeys(run_id).rendered))
 
     def not_rendered(self, run_id: str) -> dict[str, str]:
         """File name -> reason, of the files the merging worker could not render."""
-        return self._get(self._k(run_id, "rendered")) or {}
+        return self._get(RunKeys(run_id).rendered) or {}
 
     def claim_render(self, run_id: str, ttl_s: float = 60.0, *, renew: bool = False) -> bool:
         """True for the one worker that renders the run's plots and HTML page now; the claim
         lapses after ``ttl_s`` unless renewed (a worker that died rendering leaves it to the next)."""
-        return self._claim(self._k(run_id, "rendering"), ttl_s, renew=renew)
+        return self._claim(RunKeys(run_id).rendering, ttl_s, renew=renew)
 
     def claim_publish(self, run_id: str, ttl_s: float, *, renew: bool = False) -> bool:
         """True for the one worker that publishes the run's report files now (``renew``: the
         merging worker, which takes it whatever holds it); it lapses after ``ttl_s``, so that a
         worker that died publishing leaves it to the next within seconds."""
-        return self._claim(self._k(run_id, "publishing"), ttl_s, renew=renew, take=renew)
+        return self._claim(RunKeys(run_id).publishing, ttl_s, renew=renew, take=renew)
 
     def _claim(self, key: str, ttl_s: float, *, renew: bool = False, take: bool = False) -> bool:
         """A claim held by this process (its value: ``process_token()``): taken if free, or
@@ -200,10 +200,10 @@ class RunRecords(RedisStore):
         self._run("UNCLAIM_KEY", [key], [process_token()])
 
     def drop_publish(self, run_id: str) -> None:
-        self._unclaim(self._k(run_id, "publishing"))
+        self._unclaim(RunKeys(run_id).publishing)
 
     def publishing(self, run_id: str) -> bool:
-        return bool(self.r.exists(self._k(run_id, "publishing")))
+        return bool(self.r.exists(RunKeys(run_id).publishing))
 
     def restore_ended(self, run_id: str, report: Report, predictions: dict | None) -> None:
         """Write a finished run's records back as its published report says (someone changed
@@ -211,12 +211,12 @@ class RunRecords(RedisStore):
         record = {"state": report.state, "at": report.finished, "error": report.error,
                   "restored": "from its published report"}
         with self.r.pipeline() as p:
-            p.set(self._k(run_id, "state"), json.dumps(record), ex=self.expires)
-            p.set(self._k(run_id, "report"), json.dumps(report.to_payload()), ex=self.expires)
+            p.set(RunKeys(run_id).state, json.dumps(record), ex=self.expires)
+            p.set(RunKeys(run_id).report, json.dumps(report.to_payload()), ex=self.expires)
             if predictions is not None:
-                p.set(self._k(run_id, "predictions"), json.dumps(predictions), ex=self.expires)
-            for part in ("published", "rendered"):
-                p.set(self._k(run_id, part), "1" if part == "published" else "{}", ex=self.expires)
+                p.set(RunKeys(run_id).predictions, json.dumps(predictions), ex=self.expires)
+            p.set(RunKeys(run_id).published, "1", ex=self.expires)
+            p.set(RunKeys(run_id).rendered, "{}", ex=self.expires)
             p.srem(ACTIVE, run_id)
             p.execute()
 
@@ -262,7 +262,7 @@ class RunRecords(RedisStore):
                 return absent("being rendered by the merging worker")
             if time.time() >= deadline:
                 return absent(f"not rendered within {timeout_s:g} s of the numbers")
-            if self.r.exists(self._k(run_id, "rendering")):
+            if self.r.exists(RunKeys(run_id).rendering):
                 idle_since = None
             elif idle_since is None:
                 idle_since = time.time()
@@ -275,9 +275,9 @@ class RunRecords(RedisStore):
             time.sleep(0.05)
         return self.not_rendered(run_id)
 
-    def _mark(self, run_id: str, part: str, what: str, value="1") -> None:
+    def _mark(self, key: str, run_id: str, what: str, value="1") -> None:
         try:
-            self.r.set(self._k(run_id, part), value, ex=self.expires)
+            self.r.set(key, value, ex=self.expires)
         except redis.exceptions.OutOfMemoryError:
             log.warning("run %s: could not mark %s (the broker is full)", run_id, what)
 
@@ -288,7 +288,7 @@ class RunRecords(RedisStore):
         client (a signed run's client ignores it: this record cannot harm a signed run)."""
         if not self.has_run(run_id):
             return False
-        key = self._k(run_id, "refused")
+        key = RunKeys(run_id).refused
         try:
             with self.r.pipeline(transaction=False) as p:
                 p.hset(key, worker, json.dumps({"signed": signed, "text": text[:500], "at": time.time()}))
@@ -300,17 +300,17 @@ class RunRecords(RedisStore):
 
     def refusals(self, run_id: str) -> dict[str, dict]:
         """Worker -> {signed, text, at}: the workers that refused the run's messages for their signature."""
-        return self._hash(run_id, "refused")
+        return self._hash(RunKeys(run_id).refused)
 
     def add_note(self, run_id: str, what: str, text: str) -> None:
         try:
-            self.r.hset(self._k(run_id, "notes"), what, text)
-            self.r.expire(self._k(run_id, "notes"), self.expires)
+            self.r.hset(RunKeys(run_id).notes, what, text)
+            self.r.expire(RunKeys(run_id).notes, self.expires)
         except redis.exceptions.OutOfMemoryError:
             log.warning("run %s: %s (could not record it: the broker is full)", run_id, text)
 
     def notes(self, run_id: str) -> dict[str, str]:
-        return {k.decode(): v.decode() for k, v in self.r.hgetall(self._k(run_id, "notes")).items()}
+        return {k.decode(): v.decode() for k, v in self.r.hgetall(RunKeys(run_id).notes).items()}
 
 
 

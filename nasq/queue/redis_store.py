@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import time
+from dataclasses import dataclass, field, fields
 
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
@@ -34,6 +35,61 @@ EXPIRING = ("running", "attempts", "finished", "merges", "results", "dropped", "
             "redispatched_why", "failures", "barred", "excluded", "refused", "missing")
 BUILD = "nasq:build:"
 BUILD_LOCK_TTL_S = 300
+
+
+@dataclass(frozen=True)
+class RunKeys:
+    """Every key of one run's records, ``nasq:run:<id>:<part>``: the one place they are named
+    (the scripts take them as KEYS in the order their comments give)."""
+
+    run_id: str
+    manifest: str = field(init=False)
+    #: the manifest signed by the submitting client (message signing on)
+    sealed: str = field(init=False)
+    state: str = field(init=False)
+    #: the task ids of the run's merges (the chord's and one per resume) and the resume count
+    merges: str = field(init=False)
+    resumes: str = field(init=False)
+    report: str = field(init=False)
+    predictions: str = field(init=False)
+    notes: str = field(init=False)
+    #: the report's files are in place / rendered (what could not be) / the claims to do either
+    published: str = field(init=False)
+    rendered: str = field(init=False)
+    publishing: str = field(init=False)
+    rendering: str = field(init=False)
+    #: the shard ledger: shard id -> its copy running now, starts, end, kept result, copies dropped
+    running: str = field(init=False)
+    attempts: str = field(init=False)
+    finished: str = field(init=False)
+    results: str = field(init=False)
+    dropped: str = field(init=False)
+    #: shard id -> times sent again, when and why
+    redispatched: str = field(init=False)
+    redispatched_at: str = field(init=False)
+    redispatched_why: str = field(init=False)
+    #: shard id -> its failed copies; the workers it is held against; those excluded from the run
+    failures: str = field(init=False)
+    barred: str = field(init=False)
+    excluded: str = field(init=False)
+    #: workers that refused the run's messages for their signature; shards whose message went missing
+    refused: str = field(init=False)
+    missing: str = field(init=False)
+
+    def __post_init__(self):
+        for f in fields(self)[1:]:
+            object.__setattr__(self, f.name, f"{PREFIX}{self.run_id}:{f.name}")
+
+    def lease(self, shard_id: str) -> str:
+        """A shard's lease: its holder (and its progress)."""
+        return f"{PREFIX}{self.run_id}:lease:{shard_id}"
+
+    def merge_sent(self, generation) -> str:
+        """The claim of the merge sent for a run whose chord cannot fire (one per resume)."""
+        return f"{PREFIX}{self.run_id}:merge_sent:{generation}"
+
+    def parts(self, *names: str) -> list[str]:
+        return [getattr(self, n) for n in names]
 
 
 class BrokerFull(BrokerTrouble):
@@ -110,7 +166,7 @@ class RedisStore:
                                       "CLAIM_KEY", "UNCLAIM_KEY")}
 
     @classmethod
-    def for_settings(cls, settings, *, ride_out: bool = False, wait_when_full: bool | None = None) -> RedisStore:
+    def for_settings(cls, settings, *, ride_out: bool = False, wait_when_full: bool | None = None):
         """The store of ``settings``' result backend, with its timeouts; ``ride_out``: calls wait
         out a broker restart or a full broker (workers) instead of failing at once (clients)."""
         return cls(settings.backend_url, expires=settings.result_expires,
@@ -119,8 +175,6 @@ class RedisStore:
                    socket_timeout_s=settings.broker_socket_timeout_s, health_check_s=settings.broker_health_check_s,
                    wait_when_full=wait_when_full)
 
-    def _k(self, run_id: str, part: str = "manifest") -> str:
-        return f"{PREFIX}{run_id}:{part}"
 
     def _set(self, key: str, value) -> None:
         self.r.set(key, json.dumps(value), ex=self.expires)
@@ -129,8 +183,8 @@ class RedisStore:
         raw = self.r.get(key)
         return None if raw is None else json.loads(raw)
 
-    def _hash(self, run_id: str, part: str) -> dict[str, dict]:
-        return {k.decode(): json.loads(v) for k, v in self.r.hgetall(self._k(run_id, part)).items()}
+    def _hash(self, key: str) -> dict[str, dict]:
+        return {k.decode(): json.loads(v) for k, v in self.r.hgetall(key).items()}
 
     def _run(self, script: str, keys: list[str], args: list):
         """Run one of ``scripts``: a table reply comes back as a list of str/int, an integer as is."""
@@ -145,3 +199,16 @@ class RedisStore:
 
     def full_message(self) -> str:
         return full_message(self.r)
+
+
+class StorePart(RedisStore):
+    """One part of the run store (``store.py``): its methods on the connection, the scripts and
+    the settings of the store it is part of."""
+
+    def __init__(self, conn: RedisStore):  # the connection is shared, not opened again
+        self._conn = conn
+        self.r, self.expires, self._scripts = conn.r, conn.expires, conn._scripts
+
+    @property
+    def wait_when_full(self) -> bool:
+        return self._conn.wait_when_full

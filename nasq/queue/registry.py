@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 
-from .redis_store import WORKERS, RedisStore, _rides_out_full
+from .redis_store import WORKERS, StorePart, _rides_out_full
 
 ALIVE = "nasq:worker:{}:alive"
 
@@ -21,7 +21,7 @@ def alive_ms(heartbeat_s: float) -> int:
     return max(1, int((2 * heartbeat_s + 0.5) * 1000))
 
 
-class WorkerRegistry(RedisStore):
+class WorkerRegistry(StorePart):
     @_rides_out_full
     def register_worker(self, name: str, info: dict) -> None:
         """``info`` holds ``heartbeat_s``: the worker beats that often (``touch_worker``)."""

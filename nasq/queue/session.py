@@ -92,7 +92,7 @@ class Session:
     # ------------------------------------------------------------------ who is listening
     def live_workers(self, queue: str) -> list[str]:
         """Workers in the registry with a recent heartbeat that consume ``queue``."""
-        return sorted(self.store.live_consumers(queue))
+        return sorted(self.store.registry.live_consumers(queue))
 
     def require_consumer(self, queue: str, hint: str) -> None:
         """Raise unless a worker answering right now consumes ``queue``."""

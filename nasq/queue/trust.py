@@ -52,12 +52,12 @@ class ManifestTrust:
         """
         if not self.signing:
             try:
-                return store.manifest(run_id)
+                return store.runs.manifest(run_id)
             except MessageError as e:
                 raise self._refuse(run_id, f"its manifest is malformed: {e}") from None
-        sealed = store.sealed_manifest(run_id)
+        sealed = store.runs.sealed_manifest(run_id)
         if sealed is None:
-            if not store.has_run(run_id):
+            if not store.runs.has_run(run_id):
                 return None
             raise self._refuse(run_id, "its manifest is not signed (submitted by a client without the signing key, "
                                        "or written into Redis by hand)")

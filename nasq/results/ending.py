@@ -1,7 +1,7 @@
 """The end of a run: the library functions behind the chord callback ``nasq.merge_run``, its
 errback ``nasq.run_failed`` and ``nasq cancel``.
 
-Each ends the run through one transition of the run store (``store.transition``: merge, fail,
+Each ends the run through one transition of the run store (``store.runs.transition``: merge, fail,
 cancel), which checks the run's state atomically, so that a run is merged once, a cancelled
 run stays cancelled and a failed one is changed again only by ``nasq resume``. The report
 files are written first, in a staging folder beside the run's, and moved into place only by
@@ -62,15 +62,15 @@ def finish_run(run_id: str, results: list, *, store, report_dir: str, merge_wait
     final = refuse_if_final(store, run_id, report_dir)
     if final is not None:
         raise RunEnded(run_id, final)
-    manifest = manifest or store.manifest(run_id)
+    manifest = manifest or store.runs.manifest(run_id)
     if manifest is None:
         raise RunError(f"run {run_id}: its manifest is gone from Redis (expired or flushed)")
     if manifest.run_id != run_id:
         raise RunError(f"run {run_id}: its manifest names another run")
-    state = (store.state(run_id) or {}).get("state")
+    state = (store.runs.state(run_id) or {}).get("state")
     if not may(Transition.MERGE, state):
         raise RunEnded(run_id, state)
-    full = dict(store.shard_results(run_id))
+    full = dict(store.ledger.shard_results(run_id))
     for r in results or []:
         if isinstance(r, dict) and r.get("run_id") == run_id and r.get("status") == ShardStatus.OK and "indices" in r:
             full.setdefault(r["shard_id"], r)
@@ -80,7 +80,7 @@ def finish_run(run_id: str, results: list, *, store, report_dir: str, merge_wait
     except MissingShards as e:
         # a missing shard that did not fail is on its way (running, queued, or being healed): wait
         # for it, up to merge_wait_s
-        finished = store.finished(run_id)
+        finished = store.ledger.finished(run_id)
         if any(finished.get(sid, {}).get("status") != ShardStatus.ERROR for sid in e.missing) \
                 and time.time() - first_try < merge_wait_s:
             raise MergeLater(str(e)) from None
@@ -89,13 +89,13 @@ def finish_run(run_id: str, results: list, *, store, report_dir: str, merge_wait
     except NasqError as e:
         mark_failed(store, manifest, results, e, report_dir)
         raise
-    dropped = tuple(sorted(sid for sid, n in store.dropped(run_id).items() for _ in range(n)))
-    report = replace(report, duplicate_shard_results_dropped=dropped, redispatched_shards=store.redispatched(run_id),
+    dropped = tuple(sorted(sid for sid, n in store.ledger.dropped(run_id).items() for _ in range(n)))
+    report = replace(report, duplicate_shard_results_dropped=dropped, redispatched_shards=store.ledger.redispatched(run_id),
                      **failover_fields(store, run_id))
     ended = _end(store, Transition.MERGE, manifest, results, report, predictions, report_dir, images=report.images,
                  top1=report.top1, top5=report.top5, throughput_img_s=report.throughput_img_s)
     if ended is None:
-        raise RunEnded(run_id, (store.state(run_id) or {}).get("state"))
+        raise RunEnded(run_id, (store.runs.state(run_id) or {}).get("state"))
     return ended
 
 
@@ -116,12 +116,12 @@ def fail_run(run_id: str, error: BaseException | None, *, store, report_dir: str
     """
     if refuse_if_final(store, run_id, report_dir) is not None:
         return
-    manifest = manifest or store.manifest(run_id)
-    if manifest is None or not may(Transition.FAIL, (store.state(run_id) or {}).get("state")):
+    manifest = manifest or store.runs.manifest(run_id)
+    if manifest is None or not may(Transition.FAIL, (store.runs.state(run_id) or {}).get("state")):
         return
-    finished, stored, running = store.finished(run_id), store.shard_results(run_id), store.running(run_id)
-    recent = {sid for sid, t in store.redispatched_at(run_id).items() if time.time() - t < lease_s}
-    retrying = set(store.failures(run_id))  # failed somewhere, sent again (unless finished with an error)
+    finished, stored, running = store.ledger.finished(run_id), store.ledger.shard_results(run_id), store.ledger.running(run_id)
+    recent = {sid for sid, t in store.ledger.redispatched_at(run_id).items() if time.time() - t < lease_s}
+    retrying = set(store.ledger.failures(run_id))  # failed somewhere, sent again (unless finished with an error)
     results, in_flight, busy = [], [], False
     for sid in manifest.shard_ids:
         if sid in stored:
@@ -133,7 +133,7 @@ def fail_run(run_id: str, error: BaseException | None, *, store, report_dir: str
         else:
             in_flight.append(sid)
     if in_flight:  # not a failure of the run: it heals (and ends once they do)
-        redispatch(manifest, {sid: n for sid in in_flight if (n := store.claim_lost(run_id, sid, running=False))})
+        redispatch(manifest, {sid: n for sid in in_flight if (n := store.ledger.claim_lost(run_id, sid, running=False))})
         return
     if busy:
         return  # on its way: the shard that ends last ends the run
@@ -157,7 +157,7 @@ def mark_failed(store, manifest: RunManifest, results: list, error: Exception, r
     too) that names the failed ones, so that ``nasq resume`` reruns only the rest. False if the
     run had ended meanwhile."""
     run_id = manifest.run_id
-    if not may(Transition.FAIL, (store.state(run_id) or {}).get("state")):
+    if not may(Transition.FAIL, (store.runs.state(run_id) or {}).get("state")):
         return False  # ended meanwhile (the transition below would refuse too): nothing to write
     text = f"{error} -- `nasq resume {run_id}` reruns only the failed or missing shards"
     report, predictions = merge_partial(manifest, results, text, state=str(RunState.FAILED),
@@ -172,16 +172,16 @@ def failover_fields(store, run_id: str) -> dict:
     from the run: when, why, after how many failed shards in a row, whether a resume lifted it)
     and ``shard_failures`` (each shard that failed on some device, with every failed copy:
     worker, device, error, when; the shard then ran elsewhere unless it is in shards_failed)."""
-    excluded = sorted(store.exclusions(run_id).values(), key=lambda e: e.get("at") or 0)
-    return {"excluded_devices": tuple(excluded), "shard_failures": store.failures(run_id)}
+    excluded = sorted(store.ledger.exclusions(run_id).values(), key=lambda e: e.get("at") or 0)
+    return {"excluded_devices": tuple(excluded), "shard_failures": store.ledger.failures(run_id)}
 
 
 def shard_failures(store, run_id: str) -> dict[str, dict]:
     """Shard id -> {reason, worker, attempts} of the shards that failed or were started, from
     the run's ledger (the reasons workers recorded; the attempts: the starts that never ended,
     as the claims counted them, and the copies that failed on a device)."""
-    attempts, finished, running = store.attempts(run_id), store.finished(run_id), store.running(run_id)
-    failed = {sid: sum(1 for f in fs if f.get("kind", "device") == "device") for sid, fs in store.failures(run_id).items()}
+    attempts, finished, running = store.ledger.attempts(run_id), store.ledger.finished(run_id), store.ledger.running(run_id)
+    failed = {sid: sum(1 for f in fs if f.get("kind", "device") == "device") for sid, fs in store.ledger.failures(run_id).items()}
     out = {}
     for sid in set(attempts) | set(finished) | set(running):
         rec = finished.get(sid) or {}
@@ -211,16 +211,16 @@ def cancel_run(store, run_id: str, report_dir: str, *, manifest: RunManifest | N
     if final is not None:
         raise NasqError(f"run {run_id} already ended ({final}); its report is published in "
                         f"{os.path.join(report_dir, run_id)} and is never changed")
-    manifest = manifest or store.manifest(run_id)
+    manifest = manifest or store.runs.manifest(run_id)
     if manifest is None:
         raise NasqError(f"no run {run_id!r} in this Redis (runs expire after result_expires)")
     failures = shard_failures(store, run_id)  # before the cancel clears the running shards
-    ok, state = store.transition(run_id, Transition.CANCEL, clear_running=True, error=f"run {run_id} was cancelled")
-    if not ok and not (state == RunState.CANCELLED and store.report(run_id) is None):
+    ok, state = store.runs.transition(run_id, Transition.CANCEL, clear_running=True, error=f"run {run_id} was cancelled")
+    if not ok and not (state == RunState.CANCELLED and store.runs.report(run_id) is None):
         raise NasqError(f"run {run_id} already ended ({state}); nothing to cancel")
     # (a cancel whose client died before it kept the partial report: this one finishes it)
     after_cancel()
-    stored = store.shard_results(run_id)
+    stored = store.ledger.shard_results(run_id)
     results = [stored[sid] for sid in manifest.shard_ids if sid in stored]
     for f in failures.values():
         if f["reason"] == "running when the run ended":
@@ -230,14 +230,14 @@ def cancel_run(store, run_id: str, report_dir: str, *, manifest: RunManifest | N
     report = replace(report, **failover_fields(store, run_id))
     staging, report = write_staging(manifest, results, report, predictions, report_dir)
     try:
-        store.claim_publish(run_id, CLAIM_S, renew=True)
-        store.save_report_of_ended(run_id, report, predictions)
+        store.runs.claim_publish(run_id, CLAIM_S, renew=True)
+        store.runs.save_report_of_ended(run_id, report, predictions)
     except BaseException:
         discard(staging)
         raise
     with holding_publish(store, run_id):
         publish(store, manifest, report, staging, report_dir, state=str(RunState.CANCELLED))
-    store.mark_rendered(run_id)
+    store.runs.mark_rendered(run_id)
     return report
 
 
@@ -254,15 +254,15 @@ def _end(store, transition: Transition, manifest: RunManifest, results: list, re
     later = transition == Transition.MERGE
     staging, report = write_staging(manifest, results, report, predictions, report_dir, later=later)
     try:
-        store.claim_publish(run_id, CLAIM_S, renew=True)
-        ok, _ = store.transition(run_id, transition, report=report, predictions=predictions, **fields)
+        store.runs.claim_publish(run_id, CLAIM_S, renew=True)
+        ok, _ = store.runs.transition(run_id, transition, report=report, predictions=predictions, **fields)
     except BaseException:
         discard(staging)
-        store.drop_publish(run_id)
+        store.runs.drop_publish(run_id)
         raise
     if not ok:
         discard(staging)
-        store.drop_publish(run_id)
+        store.runs.drop_publish(run_id)
         return None
     with holding_publish(store, run_id):
         publish(store, manifest, report, staging, report_dir,
@@ -270,7 +270,7 @@ def _end(store, transition: Transition, manifest: RunManifest, results: list, re
     if later:
         render_later(store, manifest, results, report, report_dir)
     else:
-        store.mark_rendered(run_id)
+        store.runs.mark_rendered(run_id)
     return report
 
 
@@ -286,18 +286,18 @@ def refuse_if_final(store, run_id: str, report_dir: str) -> str | None:
         said_once(f"{run_id}:unreadable", "run %s: left alone while its report folder cannot be read (%s)", run_id,
                   final.error)
         return final.state
-    if (store.state(run_id) or {}).get("state") != final.state or _stored_report(store, run_id) != final:
+    if (store.runs.state(run_id) or {}).get("state") != final.state or _stored_report(store, run_id) != final:
         said_once(run_id, "run %s: its report in %s is final (%s) but its records in Redis say otherwise (they were "
                   "changed); nothing of it runs or is merged again, and its records are restored from the report",
                   run_id, os.path.join(report_dir, run_id), final.state)
         predictions = read_json(os.path.join(report_dir, run_id, "predictions.json"))
-        store.restore_ended(run_id, final, predictions if isinstance(predictions, dict) else None)
+        store.runs.restore_ended(run_id, final, predictions if isinstance(predictions, dict) else None)
     return final.state
 
 
 def _stored_report(store, run_id: str) -> Report | None:
     """The run's report in Redis; None also for one that is malformed (changed by hand)."""
     try:
-        return store.report(run_id)
+        return store.runs.report(run_id)
     except MessageError:
         return None

@@ -144,13 +144,13 @@ def publish(store, manifest: RunManifest, report: Report, staging: str, report_d
                 raise
     except OSError as e:
         log.warning("run %s: could not move its report files into %s: %s", run_id, final, e)
-        store.add_note(run_id, "files", f"the report files could not be moved into {final}: {e}")
+        store.runs.add_note(run_id, "files", f"the report files could not be moved into {final}: {e}")
     shutil.rmtree(old, ignore_errors=True)
     discard(staging)
     sweep(report_dir, run_id)
     history(store, report_dir, row_of(manifest, state, report, error))
-    store.mark_published(run_id)
-    store.drop_publish(run_id)
+    store.runs.mark_published(run_id)
+    store.runs.drop_publish(run_id)
     return published
 
 
@@ -170,22 +170,22 @@ def read_report(path: str) -> Report | None:
 def publish_if_missing(store, run_id: str, manifest: RunManifest, report_dir: str) -> bool:
     """An ended run whose report is stored but whose files were never published (its merging
     worker died in between): publish the same report now. True if this call did."""
-    if store.published(run_id) or not store.claim_publish(run_id, CLAIM_S):
+    if store.runs.published(run_id) or not store.runs.claim_publish(run_id, CLAIM_S):
         return False
-    report = store.report(run_id)
-    state = (store.state(run_id) or {}).get("state")
+    report = store.runs.report(run_id)
+    state = (store.runs.state(run_id) or {}).get("state")
     if not report or state not in (*FINAL, str(RunState.FAILED)):
-        store.drop_publish(run_id)
+        store.runs.drop_publish(run_id)
         return False
     on_disk = read_report(os.path.join(final_folder(report_dir, run_id), "report.json"))
     if on_disk == report:  # the rename happened: only the bookkeeping after it is missing
         sweep(report_dir, run_id)
         history(store, report_dir, row_of(manifest, state, report, report.error))
-        store.mark_published(run_id)
-        store.drop_publish(run_id)
+        store.runs.mark_published(run_id)
+        store.runs.drop_publish(run_id)
         return True
-    results = list(store.shard_results(run_id).values())
-    staging, _ = write_staging(manifest, results, report, store.predictions(run_id), report_dir,
+    results = list(store.ledger.shard_results(run_id).values())
+    staging, _ = write_staging(manifest, results, report, store.runs.predictions(run_id), report_dir,
                                later=bool(report.files_to_come))
     write_json(report.to_payload(), os.path.join(staging, "report.json"))  # the stored report, as the client has it
     log.info("run %s: its report files published by this worker (its merging worker went away first)", run_id)
@@ -196,20 +196,20 @@ def publish_if_missing(store, run_id: str, manifest: RunManifest, report_dir: st
 def holding_publish(store, run_id: str):
     """The claim to publish the run's files, renewed while the body runs (a slow disk, the
     history's SQLite) so that no one else takes it meanwhile."""
-    return every(CLAIM_S / 3, lambda: store.claim_publish(run_id, CLAIM_S, renew=True),
+    return every(CLAIM_S / 3, lambda: store.runs.claim_publish(run_id, CLAIM_S, renew=True),
                  what=f"publishing {run_id}")
 
 
 def render_later(store, manifest: RunManifest, results: list, report: Report, report_dir: str) -> bool:
     """Render a done run's plots and HTML page into its folder, if this worker gets the claim to
-    (``store.claim_render``, renewed while it renders), and record what could not be written
+    (``store.runs.claim_render``, renewed while it renders), and record what could not be written
     (``mark_rendered``)."""
     run_id = manifest.run_id
-    if not store.claim_render(run_id, CLAIM_S):
+    if not store.runs.claim_render(run_id, CLAIM_S):
         return False
-    with every(CLAIM_S / 3, lambda: store.claim_render(run_id, CLAIM_S, renew=True), what=f"rendering {run_id}"):
+    with every(CLAIM_S / 3, lambda: store.runs.claim_render(run_id, CLAIM_S, renew=True), what=f"rendering {run_id}"):
         failed = write_later(manifest, results, report, report_dir)
-    store.mark_rendered(run_id, failed)
+    store.runs.mark_rendered(run_id, failed)
     return True
 
 
@@ -217,10 +217,10 @@ def render_if_missing(store, run_id: str, manifest: RunManifest, report_dir: str
     """A done run whose plots and HTML page were never rendered (its merging worker died after
     storing the numbers, or was stopped): render them now, from the stored report and results.
     True if this call rendered them."""
-    report = store.report(run_id)
-    if not report or not report.files_to_come or store.rendered(run_id) or not store.published(run_id):
+    report = store.runs.report(run_id)
+    if not report or not report.files_to_come or store.runs.rendered(run_id) or not store.runs.published(run_id):
         return False
-    return render_later(store, manifest, list(store.shard_results(run_id).values()), report, report_dir)
+    return render_later(store, manifest, list(store.ledger.shard_results(run_id).values()), report, report_dir)
 
 
 def write_later(manifest: RunManifest, results: list, report: Report, report_dir: str) -> dict[str, str]:
@@ -265,7 +265,7 @@ def history(store, report_dir: str, row: dict) -> None:
         record(report_dir, row)
     except (OSError, sqlite3.Error) as e:  # the report is in Redis and its folder all the same
         log.warning("run %s: could not update the run history in %s: %s", row["run_id"], report_dir, e)
-        store.add_note(row["run_id"], "history",
+        store.runs.add_note(row["run_id"], "history",
                        f"the run history {os.path.join(report_dir, 'runs.sqlite')} was not updated: {e}")
 
 

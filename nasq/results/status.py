@@ -33,18 +33,18 @@ def run_status(store, run_id: str, manifest: RunManifest | None = None) -> dict:
     Images and rates count accepted results only (a kept shard's images, and while the run goes
     on the progress of the copies running now): never a failed, lost or cancelled copy's.
     ``manifest``: the run's, when read already."""
-    manifest = manifest or store.manifest(run_id)
+    manifest = manifest or store.runs.manifest(run_id)
     if manifest is None:
         raise NasqError(f"no run {run_id!r} in this Redis (runs expire after result_expires)")
-    state = store.state(run_id) or {}
-    finished, running = store.finished(run_id), store.running(run_id)
+    state = store.runs.state(run_id) or {}
+    finished, running = store.ledger.finished(run_id), store.ledger.running(run_id)
     ok = {sid: s for sid, s in finished.items() if s.get("status") == ShardStatus.OK}
     failed = {sid: s for sid, s in finished.items() if s.get("status") != ShardStatus.OK}
     total_images = manifest.images
     ended = is_ended(state.get("state"))
     if ended:
         running = {}
-    done = min(total_images, store.images_done(run_id, manifest, accepted_only=ended))
+    done = min(total_images, store.ledger.images_done(run_id, manifest, accepted_only=ended))
     if ended:  # an ended run's rate is over its kept shards' span, as in its report (throughput_img_s)
         t0 = min((s["started_at"] for s in ok.values() if "started_at" in s), default=None)
         t_end = max((s["finished_at"] for s in ok.values() if "finished_at" in s), default=None)
@@ -53,12 +53,12 @@ def run_status(store, run_id: str, manifest: RunManifest | None = None) -> dict:
         t0 = min([s["started_at"] for s in finished.values() if "started_at" in s]
                  + [r["at"] for r in running.values()], default=None)
         t_end, evaluated = time.time(), done
-    lost = set() if ended else set(store.lost_shards(run_id))
-    registry = store.workers()
+    lost = set() if ended else set(store.ledger.lost_shards(run_id))
+    registry = store.registry.workers()
     full = None if ended or not store.is_full() else store.full_message()
     queue = manifest.queue
     consumers = sorted(n for n, w in registry.items() if w["alive"] and queue in w.get("queues", []))
-    exclusions = store.exclusions(run_id)
+    exclusions = store.ledger.exclusions(run_id)
     rate = evaluated / (t_end - t0) if t0 and t_end and evaluated and t_end > t0 else None
     eta = (total_images - done) / rate if rate and not ended and not lost and not full else None
     per_worker: dict[str, dict] = {}
@@ -96,12 +96,12 @@ def run_status(store, run_id: str, manifest: RunManifest | None = None) -> dict:
             "backend": manifest.job.backend, "batch_size": manifest.job.batch_size,
             "precision": manifest.job.precision, "model": os.path.basename(manifest.job.model.weights) or None,
             "simulated": manifest.job.backend == "sim", "workers": per_worker,
-            "lost_shards": sorted(lost), "redispatched": store.redispatched(run_id),
-            "redispatched_why": store.redispatched_why(run_id), "queue": queue, "live_consumers": consumers,
-            "excluded_devices": exclusions, "shard_failures": store.failures(run_id),
-            "refused": store.refusals(run_id),
-            "duplicate_shard_results_dropped": sorted(sid for sid, n in store.dropped(run_id).items() for _ in range(n)),
-            "broker_full": full, "attempts": store.attempts(run_id),
+            "lost_shards": sorted(lost), "redispatched": store.ledger.redispatched(run_id),
+            "redispatched_why": store.ledger.redispatched_why(run_id), "queue": queue, "live_consumers": consumers,
+            "excluded_devices": exclusions, "shard_failures": store.ledger.failures(run_id),
+            "refused": store.runs.refusals(run_id),
+            "duplicate_shard_results_dropped": sorted(sid for sid, n in store.ledger.dropped(run_id).items() for _ in range(n)),
+            "broker_full": full, "attempts": store.ledger.attempts(run_id),
             "from_cache_by_host": _by_host(per_worker)}
 
 
@@ -191,10 +191,10 @@ def failing_devices(store, *, recent: int = 20) -> list[dict]:
     """Workers excluded from every one of the recent runs they took part in (at least two):
     a device that fails every run it touches. Each: worker, host, device, runs, the last reason."""
     seen: dict[str, dict] = {}
-    for run_id in store.run_ids(recent):
-        touched = {s.get("worker") for s in store.finished(run_id).values()}
-        touched |= {f.get("worker") for fs in store.failures(run_id).values() for f in fs}
-        excluded = store.exclusions(run_id)
+    for run_id in store.runs.run_ids(recent):
+        touched = {s.get("worker") for s in store.ledger.finished(run_id).values()}
+        touched |= {f.get("worker") for fs in store.ledger.failures(run_id).values() for f in fs}
+        excluded = store.ledger.exclusions(run_id)
         for name in touched | set(excluded):
             if not name or name == "healing":
                 continue
@@ -243,21 +243,21 @@ def runs_rows(store, report_dir: str, *, state: str | None = None, backend: str 
     rows: dict[str, dict] = {r["run_id"]: r for r in query(report_dir, state=state, backend=backend, since=since,
                                                             limit=limit)}
     if store is not None:
-        for rid in store.run_ids(limit):
+        for rid in store.runs.run_ids(limit):
             try:
-                m = store.manifest(rid)
-                report = store.report(rid) if m is not None else None
+                m = store.runs.manifest(rid)
+                report = store.runs.report(rid) if m is not None else None
             except MessageError:
                 continue  # a record written by hand: `nasq status` names what is wrong with it
             if m is None:
                 continue
-            st = (store.state(rid) or {}).get("state", "?")
+            st = (store.runs.state(rid) or {}).get("state", "?")
             row = row_of(m, st, report)
             if not is_ended(st):
                 from .report import device_cell
 
-                row.update(finished=None, images=store.images_done(rid, m),
-                           excluded_devices=[device_cell(e) for e in store.exclusions(rid).values()] or None)
+                row.update(finished=None, images=store.ledger.images_done(rid, m),
+                           excluded_devices=[device_cell(e) for e in store.ledger.exclusions(rid).values()] or None)
             if (state and st != state) or (backend and m.job.backend != backend) or \
                     (since and (m.created or 0) < since):
                 continue

@@ -40,8 +40,8 @@ class PlannedShard:
 
     @classmethod
     def from_payload(cls, d, run_id: str) -> PlannedShard:
-        d = _dict(d, "shard")
-        shard_id, start, stop = _name(d, "shard_id"), _int(d, "start"), _int(d, "stop", low=1)
+        shard_id = _name(_dict(d, "shard"), "shard_id")
+        start, stop = _int(d, "start"), _int(d, "stop", low=1)
         _need(start < stop, f"shard {shard_id}: start ({start}) must be below stop ({stop})")
         task_id = d.get("task_id") or shard_task_id(run_id, shard_id)
         _need(isinstance(task_id, str), f"shard {shard_id}: task_id must be a string, not {task_id!r}"[:200])
@@ -127,8 +127,7 @@ class RunManifest:
     @classmethod
     def from_payload(cls, d) -> RunManifest:
         """A manifest as stored; ``MessageError`` names the field that is wrong."""
-        d = _dict(d, "manifest")
-        run_id = _name(d, "run_id")
+        run_id = _name(_dict(d, "manifest"), "run_id")
         shards = d.get("shards")
         _need(isinstance(shards, list), f"shards must be a list, not {type(shards).__name__}")
         created = d.get("created")

@@ -47,7 +47,7 @@ def _restart_when_busy(broker, run_id, *, down_s=3.0):
     """Kill the broker while a shard runs, keep it down a few seconds, start it again."""
     store = RunStore(broker.url)
     deadline = time.time() + 60
-    while time.time() < deadline and not store.running(run_id):
+    while time.time() < deadline and not store.ledger.running(run_id):
         time.sleep(0.02)
     broker.kill()
     time.sleep(down_s)
@@ -74,7 +74,7 @@ def test_a_broker_restarted_with_appendonly_mid_run_costs_nothing(assets, start_
         assert np.allclose(result.predictions["scores"], ref["scores"], atol=1e-4)
         assert result.report.images == 20 and result.report.top1 == 100.0
         # the workers carried on and are in the registry again
-        assert set(w.names) <= {n for n, i in RunStore(broker.url).workers().items() if i["alive"]}
+        assert set(w.names) <= {n for n, i in RunStore(broker.url).registry.workers().items() if i["alive"]}
     finally:
         w.stop()
         broker.stop()

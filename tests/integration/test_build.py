@@ -72,7 +72,7 @@ def test_failed_verification_leaves_nothing(assets, build_env):
     spec = make_spec(weights=assets["weights"], target="onnx", opset=15, cache_dir=s.artifact_dir)
     assert not os.path.exists(os.path.join(s.artifact_dir, spec.key))
     assert not os.listdir(os.path.join(s.artifact_dir, ".staging"))
-    assert RunStore(build_env["url"]).build_lock(spec.key, "anyone").holder() is None
+    assert RunStore(build_env["url"]).builds.build_lock(spec.key, "anyone").holder() is None
     kept = build(weights=assets["weights"], target="onnx", opset=15, tolerance=1e-12, accept_tolerance=True,
                  settings=s, log=lambda *_: None)
     assert not kept.cached and not all(r["ok"] for r in kept.meta["verification"])
@@ -276,8 +276,8 @@ def test_a_changed_artifact_is_rebuilt_or_refused_never_used(assets, build_env, 
         evaluate(weights=art.path, data=assets["data"], labels=assets["labels"], backend="onnxruntime", batch_size=4,
                  queue=queue, settings=s, progress=False, log=lambda *_: None)
     assert f"{model} does not match the artifact's meta.json" in str(e.value), e.value
-    run_id = next(r for r in RunStore(build_env["url"]).run_ids(3) if r in str(e.value))
-    assert RunStore(build_env["url"]).shard_results(run_id) == {}  # nothing scored with it
+    run_id = next(r for r in RunStore(build_env["url"]).runs.run_ids(3) if r in str(e.value))
+    assert RunStore(build_env["url"]).ledger.shard_results(run_id) == {}  # nothing scored with it
     w.stop()
     again = build(weights=assets["weights"], target="ort", settings=s, log=lambda *_: None)
     assert not again.cached  # moved aside and built again for the next one

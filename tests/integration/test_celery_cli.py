@@ -45,7 +45,7 @@ def test_celery_inspect_status_and_events_reach_the_deployments_workers(redis_ur
                           shard_size=40, queue=queue, settings=settings)
     waiter = Waiter(h, timeout=120)
     store = RunStore(redis_url)
-    until(lambda: store.running(h.run_id), 60, "a shard running")
+    until(lambda: store.ledger.running(h.run_id), 60, "a shard running")
     active = _celery(["inspect", "active", "--timeout", "2"], env)
     assert active.returncode == 0, active.stdout + active.stderr
     assert h.run_id in active.stdout and "nasq.eval_shard" in active.stdout, active.stdout

@@ -68,10 +68,10 @@ def test_stranded_shards_recover_with_a_separate_result_backend(other_db, start_
     res = h.wait(progress=False, timeout=120, log=lambda *_: None)
     store = RunStore(backend)
     assert res.report.images == 160 and res.report.redispatched_shards == {lost: 1}
-    assert set(store.attempts(h.run_id).values()) == {1}  # the queued ones ran once
+    assert set(store.ledger.attempts(h.run_id).values()) == {1}  # the queued ones ran once
     assert res.predictions["top5"] == evaluate_local(weights=weights, data="index:160", backend="sim",
                                                      batch_size=4)["top5"]
-    assert store.manifest(h.run_id) and not RunStore(broker).manifest(h.run_id)  # records are on the backend
+    assert store.runs.manifest(h.run_id) and not RunStore(broker).runs.manifest(h.run_id)  # records are on the backend
     h.close()
 
 
@@ -88,12 +88,12 @@ def test_cancel_after_resume_revokes_the_resumed_merge(redis_url, start_workers,
 
     with pytest.raises(RunError, match="did not finish within"):
         resume(h.run_id, settings=settings, progress=False, timeout=1, log=lambda *_: None)
-    assert merge_task_id(h.run_id, 1) in store.merge_ids(h.run_id)
+    assert merge_task_id(h.run_id, 1) in store.runs.merge_ids(h.run_id)
     cancel(h.run_id, settings=settings, log=lambda *_: None)
     revoked = {tid for ids in (make_app(settings).control.inspect(destination=w.names, timeout=5).revoked() or {})
                .values() for tid in ids}
     assert {merge_task_id(h.run_id), merge_task_id(h.run_id, 1)} <= revoked
-    assert store.state(h.run_id)["state"] == "cancelled"
+    assert store.runs.state(h.run_id)["state"] == "cancelled"
     h.close()
 
 

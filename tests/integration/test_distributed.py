@@ -35,7 +35,7 @@ def test_multiworker_equals_single_process(assets, workers, settings):
     assert sum(d["images"] for d in r.per_device) == 20
     assert r.throughput_img_s > 0 and all(d["img_s_compute"] > 0 for d in r.per_device)
     assert r.model["arch"] == "tiny" and r.num_outputs == 1001
-    assert RunStore(settings.broker_url).state(res.run_id)["state"] == "done"
+    assert RunStore(settings.broker_url).runs.state(res.run_id)["state"] == "done"
 
 
 def test_u8_and_bin_forms_give_the_same_predictions(assets, workers, settings, tmp_path):
@@ -67,7 +67,7 @@ def test_1000_outputs_and_ais_bench_output_layout(assets, workers, settings, tmp
 
 def _shard_results(store, manifest):
     """The shards' kept results (a run's shards are sent with ignore_result: Celery keeps none)."""
-    kept = store.shard_results(manifest.run_id)
+    kept = store.ledger.shard_results(manifest.run_id)
     return [kept[sid] for sid in manifest.shard_ids]
 
 
@@ -79,23 +79,23 @@ def test_duplicate_shard_result_ignored_and_missing_shard_named(assets, workers,
                    shard_size=8, queue=workers.queue, settings=settings, progress=False, log=lambda *_: None)
     app = make_app(settings)
     store = RunStore(settings.broker_url)
-    manifest = store.manifest(res.run_id)
+    manifest = store.runs.manifest(res.run_id)
     results = _shard_results(store, manifest)
     # A redelivered shard (the same message again, after the run was merged) is skipped; a second
     # result of a shard (a copy that ran: the hung worker that came back) is dropped and counted;
     # the report the client has is the report kept, in Redis and on disk.
     again = manifest.tasks()[1]
     out = app.signature(TASK_EVAL_SHARD, args=again.args(), queue=workers.queue).apply_async().get(timeout=60)
-    assert out["status"] == "skipped" and "done" in out["reason"] and store.dropped(res.run_id) == {}
-    second = dict(store.shard_results(res.run_id)[again.shard_id], worker="elsewhere@host")
-    assert store.commit_shard(res.run_id, again.shard_id, holder="elsewhere@host#1", status="ok", result=second,
+    assert out["status"] == "skipped" and "done" in out["reason"] and store.ledger.dropped(res.run_id) == {}
+    second = dict(store.ledger.shard_results(res.run_id)[again.shard_id], worker="elsewhere@host")
+    assert store.ledger.commit_shard(res.run_id, again.shard_id, holder="elsewhere@host#1", status="ok", result=second,
                               summary={"status": "ok", "worker": "elsewhere@host"}) == ("dropped", "late")
-    assert store.dropped(res.run_id) == {again.shard_id: 1}
+    assert store.ledger.dropped(res.run_id) == {again.shard_id: 1}
     # The chord firing again with the duplicate (same shard id, different timing and worker) merges nothing.
     dup = dict(results[1], worker="elsewhere@host", timing=dict(results[1]["timing"], wall_s=99.0))
     headline = app.signature(TASK_MERGE, args=(results + [dup],), kwargs={"run_id": res.run_id},
                              queue=workers.queue).apply_async().get(timeout=60)
-    merged = store.report(res.run_id)  # the report is in the run store
+    merged = store.runs.report(res.run_id)  # the report is in the run store
     assert headline["merged"] is False and headline["run_id"] == res.run_id
     assert merged == res.report  # a merged run is left alone
     assert merged.images == res.report.images and merged.top1 == res.report.top1
@@ -109,11 +109,11 @@ def test_duplicate_shard_result_ignored_and_missing_shard_named(assets, workers,
     b = submit_evaluation(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4,
                           shard_size=8, queue=quiet, settings=settings, log=lambda *_: None)
     store.r.delete(quiet)  # the messages are lost
-    kept = store.shard_results(res.run_id)
+    kept = store.ledger.shard_results(res.run_id)
     gone = b.manifest.shards[2].shard_id
     for sid in b.manifest.shard_ids[:2]:
         r = {**kept[sid], "run_id": b.run_id}
-        assert store.commit_shard(b.run_id, sid, holder="planted", status="ok", result=r,
+        assert store.ledger.commit_shard(b.run_id, sid, holder="planted", status="ok", result=r,
                                   summary={"status": "ok", "worker": r["worker"], "images": len(r["indices"])}
                                   )[0] == "accepted"
     # (the merge waits merge_wait_s for a shard that may still come: a merging worker that waits 3 s)
@@ -122,10 +122,10 @@ def test_duplicate_shard_result_ignored_and_missing_shard_named(assets, workers,
         app.signature(TASK_MERGE, args=([],), kwargs={"run_id": b.run_id},
                       queue=merger.queue).apply_async().get(timeout=60)
     merger.stop()
-    st = store.state(b.run_id)
+    st = store.runs.state(b.run_id)
     assert st["state"] == "failed" and gone in st["error"] and "nasq resume" in st["error"]
     # nothing lost: what finished is kept as a partial report ...
-    partial = store.report(b.run_id)
+    partial = store.runs.report(b.run_id)
     assert partial.partial is True and partial.shards_not_ok == (gone,)
     gone_images = len(next(r for r in results if r["shard_id"] == gone)["indices"])
     assert partial.images == res.report.images - gone_images
@@ -144,9 +144,9 @@ def test_duplicate_shard_result_ignored_and_missing_shard_named(assets, workers,
     # every file of the resumed run's report is there (not the failed run's record of its own)
     assert done.not_rendered == {} and all(os.path.getsize(p) > 0 for p in done.report.files.values())
     assert done.predictions["top5"] == res.predictions["top5"]
-    rerun = {sid for sid, f in store.finished(b.run_id).items() if f.get("finished_at", 0) > t_resume}
+    rerun = {sid for sid, f in store.ledger.finished(b.run_id).items() if f.get("finished_at", 0) > t_resume}
     assert rerun == {gone}  # only that shard ran again
-    assert store.state(b.run_id)["state"] == "done"
+    assert store.runs.state(b.run_id)["state"] == "done"
 
 
 class _Planted:
@@ -181,7 +181,7 @@ def test_pickle_refused_by_workers_and_client(assets, workers, settings, tmp_pat
     assert "Refusing to deserialize untrusted content of type pickle" in workers.log_text()
     assert not worker_marker.exists()
     assert r.state == "PENDING"  # never executed
-    assert RunStore(settings.broker_url).attempts("evil-run") == {}
+    assert RunStore(settings.broker_url).ledger.attempts("evil-run") == {}
     # A pickled result planted in the backend is not unpickled by the client.
     # (a fresh key: the evil backend itself would unpickle a value planted by an earlier session)
     client_marker = tmp_path / "client-unpickled"

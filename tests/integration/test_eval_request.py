@@ -40,7 +40,7 @@ def test_an_option_declared_once_is_a_flag_a_keyword_in_the_manifest_and_in_the_
     handle = submit(weights=assets["weights"], data=assets["data"], labels=assets["labels"], backend="sim",
                     warmup_batches=3, queue=f"eval.req-{uuid.uuid4().hex[:6]}", settings=settings, log=lambda *_: None)
     try:
-        manifest = RunStore(redis_url).manifest(handle.run_id)
+        manifest = RunStore(redis_url).runs.manifest(handle.run_id)
         assert manifest.request["warmup_batches"] == 3  # the manifest's record of the request
         assert manifest.request["batch_size"] == rq.EvalRequest.__dataclass_fields__["batch_size"].default
         command = list(manifest.command)  # the rerun command

@@ -137,12 +137,12 @@ def test_a_shard_whose_data_fails_on_every_device_fails_after_shard_max_devices(
     h = submit_evaluation(weights=assets["weights"], data=str(data), labels=assets["labels"], backend="sim",
                           batch_size=4, shard_size=4, queue=queue, settings=settings, log=lambda *_: None)
     # each worker lists the folder before it claims its first shard; the four first shards take 1 s
-    until(lambda: len(store.running(h.run_id)) == 4, 60, "every worker runs a shard", every=0.01)
+    until(lambda: len(store.ledger.running(h.run_id)) == 4, 60, "every worker runs a shard", every=0.01)
     with open(data / victim, "ab") as f:
         f.write(b"\0" * 100)
     with pytest.raises(RunError) as e:
         h.wait(progress=False, timeout=240, log=lambda *_: None)
-    report = store.report(h.run_id)
+    report = store.runs.report(h.run_id)
     (failed,) = report.shards_failed
     fails = report.shard_failures[failed["shard_id"]]
     assert len({f["worker"] for f in fails}) == 3 == len(fails)
@@ -171,7 +171,7 @@ def test_a_run_nobody_serves_says_so_within_heartbeats_and_a_later_worker_finish
     h = submit_evaluation(weights=weights, data="index:480", backend="sim", batch_size=8, shard_size=40, queue=queue,
                           settings=settings, log=lambda *_: None)
     client = Waiter(h)
-    until(lambda: store.images_done(h.run_id) >= 80, 60, "the run is under way")
+    until(lambda: store.ledger.images_done(h.run_id) >= 80, 60, "the run is under way")
     for _, proc, _ in w.procs:
         os.killpg(proc.pid, signal.SIGKILL)
     killed = time.time()
@@ -230,14 +230,14 @@ def test_an_unsigned_client_against_signing_workers_is_told_at_once(assets, star
             assert "goes on on the workers" not in p.stderr
             assert took < 10 + 15, took  # the refusal is said within seconds (15 s: the CLI's own start)
             run_id = re.search(r"run (\S+): 23 images", p.stderr).group(1)
-            assert RunStore(url).state(run_id)["state"] == "failed"  # not left "running" for ever
+            assert RunStore(url).runs.state(run_id)["state"] == "failed"  # not left "running" for ever
         # a signed client's run is not ended by a refusal record (anyone who can write Redis can write one)
         store = RunStore(url)
         h = submit_evaluation(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4,
                               queue=w.queue, settings=Settings(broker_url=url, **signing,
                                                                report_dir=str(tmp_path / "rep")),
                               log=lambda *_: None)
-        store.record_refusal(h.run_id, "forged", signed=False, text="ContentDisallowed: forged")
+        store.runs.record_refusal(h.run_id, "forged", signed=False, text="ContentDisallowed: forged")
         res = h.wait(progress=False, timeout=120, log=lambda *_: None)
         assert res.report.images == 20
         h.close()

@@ -119,15 +119,15 @@ def test_cancel_a_running_run(redis_url, start_workers, tmp_path, cli):
     t = threading.Thread(target=wait)
     t.start()
     deadline = time.time() + 60
-    while time.time() < deadline and store.shard_counts(h.run_id)[0] < 2:
+    while time.time() < deadline and store.ledger.shard_counts(h.run_id)[0] < 2:
         time.sleep(0.2)
     p = cli(["cancel", h.run_id], broker=redis_url, report_dir=rep)
     assert p.returncode == 0, p.stderr
     assert "cancelled" in p.stderr and "partial report" in p.stderr
     t.join(30)
     assert "cancelled" in waited.get("error", "")  # a waiting client hears of it
-    assert store.state(h.run_id)["state"] == "cancelled"
-    done_then = store.shard_counts(h.run_id)[0]
+    assert store.runs.state(h.run_id)["state"] == "cancelled"
+    done_then = store.ledger.shard_counts(h.run_id)[0]
     from nasq.queue.transport import BrokerView
 
     broker = BrokerView(redis_url)  # queued shards are discarded, the running one was stopped
@@ -135,8 +135,8 @@ def test_cancel_a_running_run(redis_url, start_workers, tmp_path, cli):
     while time.time() < deadline and (broker.queued(w.queue)
                                       or any(t.startswith(h.run_id) for t in broker.unacked_ages())):
         time.sleep(0.1)
-    assert store.shard_counts(h.run_id)[0] <= done_then + 1 < 20
-    partial = store.report(h.run_id)
+    assert store.ledger.shard_counts(h.run_id)[0] <= done_then + 1 < 20
+    partial = store.runs.report(h.run_id)
     assert partial.partial is True and 80 <= partial.images < 800 and os.path.isfile(partial.files["json"])
     p = cli(["status", h.run_id, "--json"], broker=redis_url)
     assert json.loads(p.stdout)["state"] == "cancelled" and p.returncode == 4  # cancelled (nasq.cli.exits)

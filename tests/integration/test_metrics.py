@@ -45,7 +45,7 @@ def test_metrics_during_and_after_a_run_pass_promtool_with_counters_and_histogra
     collector = RunCollector(store)
     registry.register(collector)
     # during the run: some shards kept, not all
-    until(lambda: 2 <= sum(1 for s in store.finished(h.run_id).values() if s.get("status") == "ok") < 24,
+    until(lambda: 2 <= sum(1 for s in store.ledger.finished(h.run_id).values() if s.get("status") == "ok") < 24,
           120, "a run part done")
     during = generate_latest(registry).decode()
     _promtool_accepts(during)

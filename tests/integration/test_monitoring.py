@@ -88,7 +88,7 @@ def test_status_watch_follows_a_run_to_its_report(assets, start_workers, setting
     assert "done" in lines[-1] and "shards 12/12" in p.stdout and "images 23/23" in p.stdout
     assert lines.count(lines[-1]) == 1, p.stdout  # piped: each status line once
     assert "top-1 100.00%" in p.stdout and "report files:" in p.stdout
-    report = store.report(manifest.run_id)
+    report = store.runs.report(manifest.run_id)
     for path in report.files.values():
         assert os.path.getsize(path) > 0
     runs = subprocess.run(nasq_cli + ["runs", "--broker", settings.broker_url], capture_output=True, text=True,
@@ -171,9 +171,9 @@ def _failed_shards_are_failure_in_flower(base, auth, assets, workers, settings, 
                      shard_size=2, queue=queue, settings=settings, progress=False, log=lambda *_: None)
     finally:
         wrong.stop()
-    run_id = next(r for r in RunStore(settings.broker_url).run_ids(5) if r in str(e.value))
+    run_id = next(r for r in RunStore(settings.broker_url).runs.run_ids(5) if r in str(e.value))
     store = RunStore(settings.broker_url)
-    partial = store.report(run_id)
+    partial = store.runs.report(run_id)
     bad = partial.shards_not_ok
     assert partial.partial and bad and partial.shards_ok == 12 - len(bad)
     deadline, states = time.time() + 30, {}

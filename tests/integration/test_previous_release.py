@@ -44,7 +44,7 @@ def test_a_run_of_the_previous_release_reads_and_writes_back_unchanged(tmp_path,
         assert RunManifest.from_payload(raw_manifest).to_payload() == raw_manifest
         assert Report.from_payload(raw_report).to_payload() == raw_report
 
-        manifest, report = store.manifest(RUN_ID), store.report(RUN_ID)
+        manifest, report = store.runs.manifest(RUN_ID), store.runs.report(RUN_ID)
         assert manifest.job.backend == "sim" and manifest.shard_ids == [f"shard-{k:05d}" for k in range(4)]
         assert manifest.job.labels_sha256 and manifest.command[:2] == ("nasq", "eval")
         assert report.images == 16 and report.top1 == 62.5 and report.top1_ci95[0] < 62.5 < report.top1_ci95[1]
@@ -52,7 +52,7 @@ def test_a_run_of_the_previous_release_reads_and_writes_back_unchanged(tmp_path,
         assert "62.50%" in render(report) and "SIMULATED" in render(report)
 
         # its shard results merge into the same numbers
-        again, pred = merge(manifest, list(store.shard_results(RUN_ID).values()))
+        again, pred = merge(manifest, list(store.ledger.shard_results(RUN_ID).values()))
         assert (again.images, again.top1, again.top5, again.correct) == (16, 62.5, 100.0, report.correct)
         assert again.per_device[0]["latency_ms"] == report.per_device[0]["latency_ms"] and len(pred["names"]) == 16
 

@@ -38,21 +38,21 @@ def test_a_worker_hung_past_its_lease_that_comes_back_changes_nothing(assets, re
     h = submit_evaluation(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4,
                           shard_size=4, queue=w.queue, settings=fast, log=lambda *_: None)
     client = Waiter(h, timeout=180)
-    held = until(lambda: [sid for sid, r in store.running(h.run_id).items() if r["worker"] == victim_name],
+    held = until(lambda: [sid for sid, r in store.ledger.running(h.run_id).items() if r["worker"] == victim_name],
                   60, "the victim takes a shard", every=0.01)[0]
     os.killpg(victim.pid, signal.SIGSTOP)
     try:
         client.join(180)
         assert client.error is None, client.error
         report = client.result.report
-        assert store.redispatched(h.run_id).get(held) == 1  # it ran again elsewhere
+        assert store.ledger.redispatched(h.run_id).get(held) == 1  # it ran again elsewhere
     finally:
         os.killpg(victim.pid, signal.SIGCONT)  # the machine comes back
-    until(lambda: store.dropped(h.run_id), 60, "the hung copy is dropped and counted")
+    until(lambda: store.ledger.dropped(h.run_id), 60, "the hung copy is dropped and counted")
     # its task returned, so the chord fired its merge (the last part came in): that merge changes nothing
     until(lambda: f"run {h.run_id}: not merged again" in w.log_text(), 60, "the chord's late merge runs")
-    assert store.dropped(h.run_id) == {held: 1}
-    assert store.report(h.run_id) == report  # Redis keeps the report the client got ...
+    assert store.ledger.dropped(h.run_id) == {held: 1}
+    assert store.runs.report(h.run_id) == report  # Redis keeps the report the client got ...
     with open(report.files["json"]) as f:
         assert json.load(f) == report.to_payload()  # ... and so do the files
     assert report.images == 20 and report.top1 == 100.0 and report.redispatched_shards == {held: 1}
@@ -75,7 +75,7 @@ def test_a_shard_longer_than_its_lease_stays_with_its_live_worker(redis_url, sta
                           shard_size=16, queue=w.queue, settings=settings, log=lambda *_: None)
     res = h.wait(progress=False, timeout=120, log=lambda *_: None)
     assert res.report.images == 32 and res.report.redispatched_shards == {}
-    assert store.attempts(h.run_id) == {"shard-00000": 1, "shard-00001": 1} and store.dropped(h.run_id) == {}
+    assert store.ledger.attempts(h.run_id) == {"shard-00000": 1, "shard-00001": 1} and store.ledger.dropped(h.run_id) == {}
     assert "could not renew" not in w.log_text()
     h.close()
 
@@ -90,9 +90,9 @@ def test_cancel_stops_running_shards_and_nothing_merges_after(redis_url, start_w
     h = submit_evaluation(weights=sim_weights(tmp_path), data="index:384", backend="sim", batch_size=4,
                           shard_size=32, queue=w.queue, settings=settings, log=lambda *_: None)
     client = Waiter(h)
-    until(lambda: len(store.running(h.run_id)) == 2, 60, "both workers run a shard")
-    until(lambda: store.images_done(h.run_id) >= 8, 60, "the shards are under way")
-    running = set(store.running(h.run_id))
+    until(lambda: len(store.ledger.running(h.run_id)) == 2, 60, "both workers run a shard")
+    until(lambda: store.ledger.images_done(h.run_id) >= 8, 60, "the shards are under way")
+    running = set(store.ledger.running(h.run_id))
     env = {k: v for k, v in os.environ.items() if not k.startswith("NASQ_")}
     t0 = time.time()
     p = subprocess.run(nasq_cli + ["cancel", h.run_id, "--broker", redis_url], capture_output=True, text=True,
@@ -107,12 +107,12 @@ def test_cancel_stops_running_shards_and_nothing_merges_after(redis_url, start_w
     log = until(lambda: w.log_text() if all(
         re.search(rf"(Terminating {h.run_id}:{sid}|{sid} of run {h.run_id} stopped on .*: the run was cancelled)",
                   w.log_text()) for sid in running) else None, 30, "both running shards stop")
-    kept = store.shard_results(h.run_id)
+    kept = store.ledger.shard_results(h.run_id)
     broker = BrokerView(redis_url)  # the revoked messages are taken and discarded: none is left to run
     until(lambda: not broker.queued(w.queue) and not any(t.startswith(h.run_id) for t in broker.unacked_ages()),
            60, "the queue is drained")
-    assert store.shard_results(h.run_id) == kept  # nothing accepted after the cancel
-    assert store.state(h.run_id)["state"] == "cancelled"
+    assert store.ledger.shard_results(h.run_id) == kept  # nothing accepted after the cancel
+    assert store.runs.state(h.run_id)["state"] == "cancelled"
     assert f"run {h.run_id} merged" not in w.log_text()
     assert all(proc.poll() is None for _, proc, _ in w.procs)
     print(f"cancel returned in {took:.1f} s; workers said:",
@@ -129,15 +129,15 @@ def test_resume_of_a_live_run_resubmits_nothing(redis_url, start_workers, tmp_pa
     weights = sim_weights(tmp_path)
     h = submit_evaluation(weights=weights, data="index:480", backend="sim", batch_size=4, shard_size=40,
                           queue=w.queue, settings=settings, log=lambda *_: None)
-    until(lambda: store.running(h.run_id), 60, "a shard runs")
+    until(lambda: store.ledger.running(h.run_id), 60, "a shard runs")
     from nasq.api import resume
 
     said = []
     done = resume(h.run_id, settings=settings, progress=False, timeout=120, log=said.append)
     assert any("nothing to resubmit" in s for s in said), said
     assert done.report.images == 480 and done.report.shards == 12
-    assert set(store.attempts(h.run_id).values()) == {1}  # every shard ran once
-    assert store.dropped(h.run_id) == {} and store.redispatched(h.run_id) == {}
+    assert set(store.ledger.attempts(h.run_id).values()) == {1}  # every shard ran once
+    assert store.ledger.dropped(h.run_id) == {} and store.ledger.redispatched(h.run_id) == {}
     ref = sim_reference(weights, 480, 4)
     assert done.predictions["top5"] == ref["top5"]
     h.close()
@@ -159,17 +159,17 @@ def test_resume_of_a_run_with_failed_shards_reruns_exactly_those(assets, redis_u
     with pytest.raises(RunError, match="outside"):
         h.wait(progress=False, timeout=120, log=lambda *_: None)
     bad.stop()
-    failed = {sid for sid, f in store.finished(h.run_id).items() if f["status"] == "error"}
-    kept = set(store.shard_results(h.run_id))
+    failed = {sid for sid, f in store.ledger.finished(h.run_id).items() if f["status"] == "error"}
+    kept = set(store.ledger.shard_results(h.run_id))
     assert failed and failed | kept == set(h.manifest.shard_ids), (failed, kept)
     from nasq.api import resume
 
     t = time.time()
     said = []
     done = resume(h.run_id, settings=settings, progress=False, timeout=120, log=said.append)
-    rerun = {sid for sid, f in store.finished(h.run_id).items() if f.get("finished_at", 0) > t}
+    rerun = {sid for sid, f in store.ledger.finished(h.run_id).items() if f.get("finished_at", 0) > t}
     assert rerun == failed, (rerun, failed, said)
-    why = store.redispatched_why(h.run_id)  # status says who sent them again: the resume
+    why = store.ledger.redispatched_why(h.run_id)  # status says who sent them again: the resume
     assert set(why) == failed and all(w.startswith("nasq resume") for w in why.values()), why
     assert "dispatched again: " in render_status(run_status(store, h.run_id))
     assert done.report.images == 20 and done.report.top1 == 100.0 and not done.report.partial
@@ -193,7 +193,7 @@ def test_a_broker_at_maxmemory_stops_no_worker_and_the_run_completes(start_worke
         h = submit_evaluation(weights=weights, data="index:1200", backend="sim", batch_size=4, shard_size=40,
                               queue=w.queue, settings=settings, log=lambda *_: None)
         client = Waiter(h)
-        until(lambda: store.images_done(h.run_id) >= 200, 60, "the run is under way")
+        until(lambda: store.ledger.images_done(h.run_id) >= 200, 60, "the run is under way")
         used = store.r.info("memory")["used_memory"]  # full, now, and by a margin that the clients'
         store.r.config_set("maxmemory", max(used // 2, used - 1_000_000))  # buffers coming and going do not undo
         until(lambda: any("the broker is full" in s for s in client.said), 30, "the client says the broker is full")
@@ -202,7 +202,7 @@ def test_a_broker_at_maxmemory_stops_no_worker_and_the_run_completes(start_worke
                            cwd=repo, env=env, timeout=60)
         assert "BROKER FULL" in p.stdout and "maxmemory" in p.stdout, p.stdout + p.stderr
         assert "blocked: the broker is full" in p.stdout and "gone (no heartbeat)" not in p.stdout, p.stdout
-        stuck = store.images_done(h.run_id)
+        stuck = store.ledger.images_done(h.run_id)
         time.sleep(2 * settings.lease_s)  # full for longer than a lease: workers hit it, leases come due
         assert all(proc_.poll() is None for _, proc_, _ in w.procs), w.log_text()[-3000:]
         assert client.result is None and client.error is None  # the client waits
@@ -273,11 +273,11 @@ def test_a_report_dir_on_a_full_disk_is_named_and_every_sentence_is_true(assets,
         for name in missing.group(1).split(", "):
             assert not (folder / name).exists(), name
         store = RunStore(redis_url)
-        kept = store.report(run_id)
+        kept = store.runs.report(run_id)
         # what was not written: the files of the report (in it) and the plots and page rendered after
         # the numbers (in the run's rendered record), as the client said
         said = set(missing.group(1).split(", "))
-        assert kept.images == 20 and said == set(kept.files_not_written) | set(store.not_rendered(run_id))
+        assert kept.images == 20 and said == set(kept.files_not_written) | set(store.runs.not_rendered(run_id))
         assert "in Redis" in p.stderr and "no space left on device" in p.stderr.lower()
         if (folder / "report.json").exists():  # the report on disk is the one in Redis
             assert json.loads((folder / "report.json").read_text()) == kept.to_payload()
@@ -304,16 +304,16 @@ def test_labels_rewritten_mid_run_fail_the_shards_that_would_mix_them(assets, re
     settings = Settings(broker_url=redis_url, report_dir=str(tmp_path / "rep"))
     h = submit_evaluation(weights=assets["weights"], data=assets["data"], labels=str(labels), backend="sim",
                           batch_size=4, shard_size=4, queue=w.queue, settings=settings, log=lambda *_: None)
-    until(lambda: store.shard_counts(h.run_id)[0] >= 1, 60, "a shard finishes")
+    until(lambda: store.ledger.shard_counts(h.run_id)[0] >= 1, 60, "a shard finishes")
     lines = labels.read_text().splitlines()
     labels.write_text("".join(f"{line.split()[0]} {(int(line.split()[1]) + 1) % 1000}\n" for line in lines))
     with pytest.raises(RunError, match="label file .* changed since the run was submitted"):
         h.wait(progress=False, timeout=120, log=lambda *_: None)
-    st = store.state(h.run_id)
+    st = store.runs.state(h.run_id)
     assert st["state"] == "failed" and "changed since the run was submitted" in st["error"]
     # a shard reads the labels once, when it starts: each one started before the rewrite (old labels
     # throughout) or failed
-    for sid, f in store.finished(h.run_id).items():
+    for sid, f in store.ledger.finished(h.run_id).items():
         assert f["status"] == "error" or f["started_at"] < os.path.getmtime(labels), sid
     h.close()
 
@@ -358,8 +358,8 @@ def _unsigned_and_forged_runs(assets, redis_url, start_workers, tmp_path, keypai
                f"a worker refuses {run_id}'s record")
     time.sleep(2 * signed.lease_s)  # more rounds of healing (each worker's turn comes every lease / 3)
     for run_id in (h.run_id, forged["run_id"]):
-        assert store.attempts(run_id) == {} and store.shard_results(run_id) == {}, run_id
-        assert store.redispatched(run_id) == {}, run_id
+        assert store.ledger.attempts(run_id) == {} and store.ledger.shard_results(run_id) == {}, run_id
+        assert store.ledger.redispatched(run_id) == {}, run_id
     assert list(out.rglob("*")) == []  # nothing written
     assert "Refusing to deserialize untrusted content" in w.log_text()
     h.close()

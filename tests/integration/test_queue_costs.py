@@ -30,31 +30,31 @@ def test_a_shards_ledger_costs_few_commands_and_a_kept_result_stops_every_other_
         store = RunStore(url)
         run_id = f"costs-{uuid.uuid4().hex[:6]}"
         shards = [{"shard_id": f"shard-{i:05d}", "start": 8 * i, "stop": 8 * i + 8} for i in range(2)]
-        store.save_manifest(run_manifest(run_id, shards))
+        store.runs.save_manifest(run_manifest(run_id, shards))
         sid, info = shards[0]["shard_id"], {"worker": "w", "images": 8}
         for script in ("CLAIM", "TICK", "COMMIT", "RENEW", "FAIL"):  # loaded once per connection: not a shard's cost
             store._scripts[script].sha = store.r.script_load(store._scripts[script].script)
         _commands(store.r)
 
-        assert store.claim_shard(run_id, sid, holder="a#1", lease_s=30, info=info, max_attempts=3) == ("ok", (1, 0))
+        assert store.ledger.claim_shard(run_id, sid, holder="a#1", lease_s=30, info=info, max_attempts=3) == ("ok", (1, 0))
         claim = _commands(store.r)
         # the same shard delivered again (a worker that seemed gone): the new copy takes the lease
-        assert store.claim_shard(run_id, sid, holder="b#2", lease_s=30, info=info, max_attempts=3) == ("ok", (2, 0))
+        assert store.ledger.claim_shard(run_id, sid, holder="b#2", lease_s=30, info=info, max_attempts=3) == ("ok", (2, 0))
         _commands(store.r)
-        assert store.shard_tick(run_id, sid, holder="b#2", done=3, lease_s=30) == ("ok", None)
+        assert store.ledger.shard_tick(run_id, sid, holder="b#2", done=3, lease_s=30) == ("ok", None)
         tick = _commands(store.r)
-        assert store.shard_tick(run_id, sid, holder="a#1", done=5, lease_s=30) == ("stop", "superseded")
-        assert store.images_done(run_id) == 3  # the running copy's progress, from its lease
-        assert store.renew_lease(run_id, sid, "b#2", 30) and not store.renew_lease(run_id, sid, "a#1", 30)
+        assert store.ledger.shard_tick(run_id, sid, holder="a#1", done=5, lease_s=30) == ("stop", "superseded")
+        assert store.ledger.images_done(run_id) == 3  # the running copy's progress, from its lease
+        assert store.ledger.renew_lease(run_id, sid, "b#2", 30) and not store.ledger.renew_lease(run_id, sid, "a#1", 30)
         _commands(store.r)
-        outcome = store.commit_shard(run_id, sid, holder="b#2", status="ok", result={"shard_id": sid},
+        outcome = store.ledger.commit_shard(run_id, sid, holder="b#2", status="ok", result={"shard_id": sid},
                                      summary={"status": "ok", "images": 8, "finished_at": 5.0})
         first_commit = _commands(store.r)
         assert outcome == ("accepted", (1, 2, 1))
         other = shards[1]["shard_id"]
-        assert store.claim_shard(run_id, other, holder="a#4", lease_s=30, info=info, max_attempts=3) == ("ok", (1, 0))
+        assert store.ledger.claim_shard(run_id, other, holder="a#4", lease_s=30, info=info, max_attempts=3) == ("ok", (1, 0))
         _commands(store.r)
-        assert store.commit_shard(run_id, other, holder="a#4", status="ok", result={"shard_id": other},
+        assert store.ledger.commit_shard(run_id, other, holder="a#4", status="ok", result={"shard_id": other},
                                   summary={"status": "ok", "images": 8, "finished_at": 4.0}) == ("accepted", (2, 2, 2))
         commit = _commands(store.r)
         # EVALSHA and the commands inside each script: the claim reads what the run holds against
@@ -62,13 +62,13 @@ def test_a_shards_ledger_costs_few_commands_and_a_kept_result_stops_every_other_
         # HLEN), and the run's first kept result also gives the run's four shard records their expiry
         assert (claim, tick, commit, first_commit) == (6, 3, 7, 12)
         # the kept result stops every other copy, without reading the results
-        assert store.shard_tick(run_id, sid, holder="a#1", done=6, lease_s=30) == ("stop", "done-elsewhere")
-        assert store.claim_shard(run_id, sid, holder="c#3", lease_s=30, info=info, max_attempts=3) == \
+        assert store.ledger.shard_tick(run_id, sid, holder="a#1", done=6, lease_s=30) == ("stop", "done-elsewhere")
+        assert store.ledger.claim_shard(run_id, sid, holder="c#3", lease_s=30, info=info, max_attempts=3) == \
             ("has-result", None)
-        assert store.commit_shard(run_id, sid, holder="a#1", status="ok", result={"shard_id": sid},
+        assert store.ledger.commit_shard(run_id, sid, holder="a#1", status="ok", result={"shard_id": sid},
                                   summary={"status": "ok"}) == ("dropped", "duplicate")
-        assert store.images_done(run_id) == 16 == store.images_done(run_id, accepted_only=True)
-        assert store.last_accepted_at(run_id) == 5.0
+        assert store.ledger.images_done(run_id) == 16 == store.ledger.images_done(run_id, accepted_only=True)
+        assert store.ledger.last_accepted_at(run_id) == 5.0
         # the run's first kept result gave its records their expiry (no shard script writes one)
         for part in ("results", "finished", "attempts", "running", "dropped"):
             key = f"nasq:run:{run_id}:{part}"
@@ -162,7 +162,7 @@ def test_plots_whose_merging_worker_died_are_rendered_by_the_next(assets, redis_
         h.close()
     assert res.report.files_to_come == ("plot", "devices", "html") and res.not_rendered == {}
     assert all(os.path.getsize(res.report.files[k]) > 0 for k in res.report.files_to_come)
-    assert store.report(h.run_id) == later["report"] == res.report  # rendering changed no number
+    assert store.runs.report(h.run_id) == later["report"] == res.report  # rendering changed no number
     later["workers"].stop()
 
 

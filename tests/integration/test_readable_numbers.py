@@ -96,8 +96,8 @@ def test_a_failed_run_explains_itself_and_counts_only_accepted_images(redis_url,
     finally:
         h.close()
     store = RunStore(redis_url)
-    until(lambda: store.published(h.run_id), 60, "the failed run's report is in place")
-    r = store.report(h.run_id)
+    until(lambda: store.runs.published(h.run_id), 60, "the failed run's report is in place")
+    r = store.runs.report(h.run_id)
     assert r.state == "failed" and r.error and not r.complete
     assert r.images == 8 and r.images_planned == 24
     failed = {f["shard_id"]: f for f in r.shards_failed}
@@ -137,20 +137,20 @@ def test_a_cancelled_run_counts_only_what_was_kept(redis_url, start_workers, tmp
     store = RunStore(redis_url)
     try:
         # some shards kept, and copies mid-shard that have reported progress
-        until(lambda: store.results_count(h.run_id) >= 3 and store.images_done(h.run_id) >
-               store.images_done(h.run_id, accepted_only=True), 120, "kept shards and progress of running ones")
+        until(lambda: store.ledger.results_count(h.run_id) >= 3 and store.ledger.images_done(h.run_id) >
+               store.ledger.images_done(h.run_id, accepted_only=True), 120, "kept shards and progress of running ones")
         p = cli(["cancel", h.run_id], broker=redis_url, report_dir=rep)
         assert p.returncode == 0, p.stderr
     finally:
         h.close()
     from nasq.cli.exits import RUN_CANCELLED
 
-    r = store.report(h.run_id)
+    r = store.runs.report(h.run_id)
     p = cli(["status", h.run_id, "--json"], broker=redis_url)
     st = json.loads(p.stdout)
     assert p.returncode == RUN_CANCELLED
     assert st["state"] == "cancelled" and r.state == "cancelled"
-    kept = 8 * store.results_count(h.run_id)
+    kept = 8 * store.ledger.results_count(h.run_id)
     assert st["images_done"] == r.images == kept == sum(w_["images"] for w_ in st["workers"].values())
     assert 0 < st["rate_img_s"] <= 3 * 4.0
     assert len(r.shards_failed) == 30 - kept // 8 and f"{kept} of 240 images" in open(r.files["markdown"]).read()

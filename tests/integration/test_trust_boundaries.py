@@ -194,6 +194,6 @@ def test_inherited_cuda_visible_devices_pin_workers_to_the_physical_gpus(redis_u
              for i, d in enumerate(("cuda:0", "cuda:1"))]
     with LocalCluster(specs, workdir=str(tmp_path / "w"), broker_url=redis_url, settings=Settings(),
                       env={"CUDA_VISIBLE_DEVICES": "2,3"}, log=lambda *_: None) as url:
-        workers = RunStore(url).workers()
+        workers = RunStore(url).registry.workers()
         assert {workers[s.name]["device"]: workers[s.name]["physical_device"] for s in specs} == {"cuda:0": "2",
                                                                                                   "cuda:1": "3"}

@@ -91,17 +91,17 @@ def test_an_image_rewritten_mid_run_with_the_same_size_is_never_scored(kind, ass
     dataset = h.manifest.job.dataset
     assert dataset.content and dataset.fingerprint == dataset.content[:16]  # the fingerprint covers the bytes
     store = RunStore(redis_url)
-    until(lambda: store.running(h.run_id) or store.shard_counts(h.run_id)[0], 60, "the worker has listed the data")
+    until(lambda: store.ledger.running(h.run_id) or store.ledger.shard_counts(h.run_id)[0], 60, "the worker has listed the data")
     named = _change(kind, data)  # while the worker is at the first shards (4 images at 8 img/s each)
     with pytest.raises(RunError) as e:
         h.wait(progress=False, timeout=180, log=lambda *_: None)
-    report = store.report(h.run_id)
+    report = store.runs.report(h.run_id)
     failed = {f["shard_id"]: f["reason"] for f in report.shards_failed}
     assert set(failed) == {"shard-00003", "shard-00004"}, json.dumps(failed, indent=1)  # images [12, 16), [16, 20)
     for sid, i in (("shard-00003", 15), ("shard-00004", 19)):
         assert f"{named[i]} changed since the run was submitted" in failed[sid], failed[sid]
     assert "changed since the run was submitted" in str(e.value)
-    pred = store.predictions(h.run_id)
+    pred = store.runs.predictions(h.run_id)
     assert not set(range(12, 20)) & set(pred["indices"]) and set(range(12)) <= set(pred["indices"])
     h.close()
     w.stop()
@@ -172,7 +172,7 @@ def test_a_finished_signed_run_replayed_through_redis_changes_nothing(assets, st
         folder = rep / h.run_id
         before = {p.name: p.read_bytes() for p in folder.iterdir()}
         store = RunStore(url)
-        attempts, ran = store.attempts(h.run_id), w.log_text().count(f"of run {h.run_id}: ")
+        attempts, ran = store.ledger.attempts(h.run_id), w.log_text().count(f"of run {h.run_id}: ")
         # the replay: someone who can write to Redis, without the key
         key = f"nasq:run:{h.run_id}:"
         store.r.set(key + "state", json.dumps({"state": "running", "at": time.time(), "shards": 4}))
@@ -186,14 +186,14 @@ def test_a_finished_signed_run_replayed_through_redis_changes_nothing(assets, st
         store.r.sadd("nasq:runs:active", copy)
         app = make_app(Settings(broker_url=url, **signing))
         app.signature(TASK_MERGE, args=([],), kwargs={"run_id": h.run_id}, queue=w.queue).apply_async()
-        until(lambda: (store.state(h.run_id) or {}).get("state") == "done", 30, "the records are restored")
+        until(lambda: (store.runs.state(h.run_id) or {}).get("state") == "done", 30, "the records are restored")
         until(lambda: f"run {copy}: refused to act on its record" in w.log_text(), 30, "the copy is refused")
         time.sleep(4 * settings.lease_s)  # rounds of healing on both workers' heartbeats
-        assert store.attempts(h.run_id) == attempts and w.log_text().count(f"of run {h.run_id}: ") == ran
-        assert store.attempts(copy) == {} and store.shard_results(copy) == {}
+        assert store.ledger.attempts(h.run_id) == attempts and w.log_text().count(f"of run {h.run_id}: ") == ran
+        assert store.ledger.attempts(copy) == {} and store.ledger.shard_results(copy) == {}
         assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # byte for byte
-        assert store.report(h.run_id) == res.report and store.published(h.run_id)
-        assert h.run_id not in store.active_runs()
+        assert store.runs.report(h.run_id) == res.report and store.runs.published(h.run_id)
+        assert h.run_id not in store.runs.active_runs()
         logged = w.log_text().count(f"run {h.run_id}: its report in")
         assert 1 <= logged <= 2, logged  # once per worker process at most
         h.close()
@@ -286,7 +286,7 @@ def test_the_merging_worker_killed_at_any_moment_publishes_one_whole_report(redi
             assert os.path.basename(path) in res.not_rendered or os.path.isfile(path), (moment, kind, path)
         folder = rep / h.run_id
         assert json.loads((folder / "report.json").read_text()) == res.report.to_payload(), moment
-        assert res.report == store.report(h.run_id), moment
+        assert res.report == store.runs.report(h.run_id), moment
         assert [p for p in os.listdir(rep) if p.startswith(h.run_id)] == [h.run_id], moment  # one report
         staging = rep / ".staging"
         assert not staging.exists() or not [p for p in os.listdir(staging) if p.startswith(h.run_id)], moment
@@ -354,8 +354,8 @@ def test_json_is_written_for_failed_and_cancelled_runs(assets, redis_url, start_
                                         "--json", str(out)], cwd=repo, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     store = RunStore(redis_url)
-    run_id = until(lambda: next((r for r in store.run_ids(5) if store.running(r)
-                                 and ((m := store.manifest(r)) and m.created or 0) >= t0 - 1), None), 60, "the run starts")
+    run_id = until(lambda: next((r for r in store.runs.run_ids(5) if store.ledger.running(r)
+                                 and ((m := store.runs.manifest(r)) and m.created or 0) >= t0 - 1), None), 60, "the run starts")
     c = cli(["cancel", run_id], broker=redis_url, report_dir=tmp_path / "rep")
     assert c.returncode == 0, c.stderr
     _, err = proc.communicate(timeout=120)

@@ -21,20 +21,20 @@ def test_killed_worker_child_requeues_its_shard(assets, redis_url, settings, sta
         run_id, result = handle.run_id, handle.result
         # The first shard loads the model (seconds): kill the pool child while it runs.
         deadline = time.time() + 60
-        while time.time() < deadline and not store.running(run_id):
+        while time.time() < deadline and not store.ledger.running(run_id):
             time.sleep(0.05)
-        assert store.running(run_id), "no shard started"
+        assert store.ledger.running(run_id), "no shard started"
         stats = app.control.inspect(destination=[w.names[0]], timeout=2).stats()[w.names[0]]
         child = stats["pool"]["processes"][0]
         os.kill(child, signal.SIGKILL)
         report = result.get(timeout=120)
-        attempts = store.attempts(run_id)
+        attempts = store.ledger.attempts(run_id)
         assert max(attempts.values()) == 2  # the killed shard ran twice
         assert report["images"] == 20 and report["top1"] == 100.0
         ref = evaluate_local(weights=assets["weights"], data=assets["data"], labels=assets["labels"], batch_size=4,
                              settings=settings)
-        assert store.predictions(run_id)["top5"] == ref["top5"]
-        assert np.allclose(store.predictions(run_id)["scores"], ref["scores"], atol=1e-4)
+        assert store.runs.predictions(run_id)["top5"] == ref["top5"]
+        assert np.allclose(store.runs.predictions(run_id)["scores"], ref["scores"], atol=1e-4)
     finally:
         w.stop()
 
@@ -59,7 +59,7 @@ def test_a_machine_lost_mid_shard_costs_a_lease_not_the_visibility_timeout(asset
         def kill_when_busy():
             deadline = time.time() + 60
             while time.time() < deadline:
-                mine = [sid for sid, r in store.running(handle.run_id).items() if r["worker"] == victim_name]
+                mine = [sid for sid, r in store.ledger.running(handle.run_id).items() if r["worker"] == victim_name]
                 if mine:
                     os.killpg(victim.pid, signal.SIGKILL)
                     killed.update(shard=mine[0], at=time.time())
@@ -80,7 +80,7 @@ def test_a_machine_lost_mid_shard_costs_a_lease_not_the_visibility_timeout(asset
         assert result.predictions["names"] == ref["names"] and result.predictions["top5"] == ref["top5"]
         assert np.allclose(result.predictions["scores"], ref["scores"], atol=1e-4)
         assert waited < 3 + 30, f"recovered {waited:.1f} s after the kill"  # one lease + a shard, with slack
-        assert store.state(handle.run_id)["state"] == "done"
+        assert store.runs.state(handle.run_id)["state"] == "done"
     finally:
         w.stop()
 
@@ -94,20 +94,20 @@ def test_a_shard_is_taken_for_dispatching_again_once_and_counted_in_the_same_ste
     store = RunStore(redis_url)
     run = f"race-{uuid.uuid4().hex[:8]}"
     won = []
-    threads = [threading.Thread(target=lambda: won.append(store.claim_stranded(run, "shard-00001", 0, why="test")))
+    threads = [threading.Thread(target=lambda: won.append(store.ledger.claim_stranded(run, "shard-00001", 0, why="test")))
                for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert sorted(won) == [0] * 7 + [1] and store.redispatched(run) == {"shard-00001": 1}  # its count now: 1
-    assert store.claim_stranded(run, "shard-00001", 0, why="test") == 0  # a healer that saw the old count
-    assert store.claim_stranded(run, "shard-00001", why="test") == 2  # reads the count now
-    assert store.redispatched(run) == {"shard-00001": 2} and "shard-00001" in store.redispatched_at(run)
-    assert store.redispatched_why(run) == {"shard-00001": "test"}
+    assert sorted(won) == [0] * 7 + [1] and store.ledger.redispatched(run) == {"shard-00001": 1}  # its count now: 1
+    assert store.ledger.claim_stranded(run, "shard-00001", 0, why="test") == 0  # a healer that saw the old count
+    assert store.ledger.claim_stranded(run, "shard-00001", why="test") == 2  # reads the count now
+    assert store.ledger.redispatched(run) == {"shard-00001": 2} and "shard-00001" in store.ledger.redispatched_at(run)
+    assert store.ledger.redispatched_why(run) == {"shard-00001": "test"}
     store.r.hset(f"nasq:run:{run}:running", "shard-00002", json.dumps({"worker": "w9", "host": "h", "device": "cpu"}))
-    assert store.claim_lost(run, "shard-00002") == 1 and store.claim_lost(run, "shard-00002") == 0  # running, lease gone
-    lost = store.failures(run)["shard-00002"]  # the lost copy is a failure of its worker
+    assert store.ledger.claim_lost(run, "shard-00002") == 1 and store.ledger.claim_lost(run, "shard-00002") == 0  # running, lease gone
+    lost = store.ledger.failures(run)["shard-00002"]  # the lost copy is a failure of its worker
     assert [(f["worker"], f["kind"]) for f in lost] == [("w9", "lost")]
-    assert store.redispatched(run)["shard-00002"] == 1 and not store.running(run)
+    assert store.ledger.redispatched(run)["shard-00002"] == 1 and not store.ledger.running(run)
     assert store.r.ttl(f"nasq:run:{run}:redispatched") > 0

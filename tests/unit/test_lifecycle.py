@@ -119,6 +119,8 @@ class MemoryStore:
     """What the merge reads and writes in the run store, in dicts; ``states`` lists the
     transitions that took effect (the run starts running)."""
 
+    runs = ledger = property(lambda self: self)  # it plays the parts of the run store the merge uses
+
     def __init__(self, manifest, running=(), stored=()):
         from nasq.runstate import TRANSITIONS
 

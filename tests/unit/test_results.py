@@ -150,6 +150,8 @@ def test_a_cancelled_run_stays_cancelled(tmp_path):
     class Store:
         """A cancelled run's record; a transition takes effect only from the states it starts from."""
 
+        runs = ledger = property(lambda self: self)
+
         def __init__(self):
             self.writes = []
 
@@ -183,7 +185,7 @@ def test_a_cancelled_run_stays_cancelled(tmp_path):
     store = Store()
     with pytest.raises(RunEnded, match="cancelled"):
         finish_run("r1", [], store=store, report_dir=str(tmp_path), merge_wait_s=1, first_try=0)
-    assert not mark_failed(store, store.manifest("r1"), [], RuntimeError("x"), str(tmp_path))
+    assert not mark_failed(store, store.runs.manifest("r1"), [], RuntimeError("x"), str(tmp_path))
     assert store.writes == [] and list(tmp_path.iterdir()) == []
 
 

@@ -240,6 +240,8 @@ def test_the_merge_writes_only_under_its_own_run_folder(tmp_path):
         run_manifest("/tmp/elsewhere")
 
     class Store:
+        runs = property(lambda self: self)
+
         def manifest(self, run_id):  # and a manifest of another run is refused by the merge
             return replace(run_manifest("r1"), run_id="/tmp/elsewhere")
 
