@@ -229,7 +229,7 @@ def redact(url: str | None) -> str | None:
 
 
 def _flag(help: str, **how) -> dict:
-    """Metadata making a ``BackendOptions`` field a flag of ``nasq worker`` (``nasq.options``
+    """Metadata making a ``BackendOptions`` field a flag of ``nasq worker`` (``nasq.flags``
     builds the flags, a local worker's argv and the parsing back from these)."""
     return {"help": help, **how}
 

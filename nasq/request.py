@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 
 from .config import DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE, MAX_SHARD_IMAGES
 from .config import _flag as _arg  # a field's flag metadata, as BackendOptions declares its own
-from .options import _choices, flag_of, int_in, int_list
+from .flags import add_field_flag, flag_of, int_in, int_list
 
 # Beyond BackendOptions' keys (``help``, ``choices``: a tuple or a registry of ``nasq.backends``,
 # ``metavar``), a request field's flag may say: ``flags`` (default: ``--the-name``), ``required``,
@@ -124,22 +124,7 @@ def takes_request():
 def add_request_flags(parser) -> None:
     """The flags of every field of ``EvalRequest`` (``nasq eval`` and ``python -m producer``)."""
     for f in fields(EvalRequest):
-        meta = f.metadata
-        names = _flags(f)
-        if f.type in (bool, "bool"):
-            parser.add_argument(*names, dest=f.name, action="store_true", help=meta["help"])
-            continue
-        kw: dict = {"dest": f.name, "default": f.default}
-        if meta.get("required"):
-            kw = {"dest": f.name, "required": True}
-        for key in ("type", "metavar"):
-            if key in meta:
-                kw[key] = meta[key]
-        if "choices" in meta:
-            kw["choices"] = _choices(meta["choices"])
-        shown = "" if meta.get("required") or "default:" in meta["help"] or f.default is None \
-            else f" (default: {f.default})"
-        parser.add_argument(*names, help=meta["help"] + shown, **kw)
+        add_field_flag(parser, f)
 
 
 def request_from_args(args) -> EvalRequest:

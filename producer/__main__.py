@@ -11,7 +11,7 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from nasq.cli.common import submission_args
-    from nasq.options import Parser, broker_flag
+    from nasq.flags import Parser, broker_flag
 
     p = Parser(prog="python -m producer", description=__doc__.splitlines()[0],
                epilog="Example: python -m producer --broker redis://head:6379/0 --weights "

@@ -21,7 +21,7 @@ from workers import pinning
 
 def build_parser() -> argparse.ArgumentParser:
     from nasq import backends
-    from nasq.options import Parser, add_option_flags, broker_flag, int_in
+    from nasq.flags import Parser, add_option_flags, broker_flag, int_in
 
     p = Parser(
         prog="nasq worker", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     from nasq.config import WorkerConfig, load_settings, settings_from_file
-    from nasq.options import options_from
+    from nasq.flags import options_from
     from nasq.wire import BUILD_QUEUE, eval_queue, worker_queue
 
     options = options_from(args)

@@ -13,7 +13,7 @@ from .. import backends
 from ..config import DEFAULT_BATCH_SIZE, BackendOptions, Settings, load_settings
 from ..data.labels import read_labels
 from ..errors import BrokerTrouble, NasqError
-from ..options import flag_of
+from ..flags import flag_of
 from ..request import EvalRequest, rerun_argv, takes_request
 from ..queue.broker import probe
 from ..queue.healing import Healer

@@ -13,7 +13,7 @@ import sys
 
 from ..config import debug_requested
 from ..errors import NasqError
-from ..options import Parser
+from ..flags import Parser
 from . import exits
 from .common import eval_args, finish
 from .run_cmds import (_bench_args, _build_args, _cancel_args, _demo_args, _preprocess_args, _resume_args, cmd_bench,

@@ -9,7 +9,7 @@ import sys
 
 from ..errors import NasqError
 from ..rundata import Report
-from ..options import EMBEDDED_ONLY, add_option_flags, broker_flag, int_in, wait_flags
+from ..flags import EMBEDDED_ONLY, add_option_flags, broker_flag, int_in, wait_flags
 from ..request import add_request_flags
 
 EMBEDDED_NOTE = "; for the workers of an embedded run (with a broker, it is `nasq worker`'s and refused here)"

@@ -5,7 +5,7 @@ import shlex
 import sys
 
 from ..config import DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE
-from ..options import broker_flag, int_in, int_list, seconds
+from ..flags import broker_flag, int_in, int_list, seconds
 from ..errors import RunError
 from ..request import request_from_args
 from .common import (backend_flags, check_report_paths, ended_with, finish, log, one_device, out_dir, out_file,

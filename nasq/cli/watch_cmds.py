@@ -7,7 +7,7 @@ import sys
 
 from ..config import MAX_BATCH_SIZE
 from ..errors import NasqError
-from ..options import broker_flag, int_in, int_list, seconds
+from ..flags import broker_flag, int_in, int_list, seconds
 from .common import backend_flags, log, out_dir, settings_of, store_of
 
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, replace
 
 from ..config import BackendOptions, Settings, settings_to_file
-from ..options import option_argv
+from ..flags import option_argv
 from ..errors import NasqError, RunError
 from ..wire import BUILD_QUEUE
 from .app import make_app

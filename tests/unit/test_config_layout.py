@@ -87,7 +87,7 @@ def test_every_worker_option_has_one_home(tmp_path):
     import dataclasses
 
     from nasq.config import BackendOptions, Settings, WorkerConfig
-    from nasq.options import OPTION_FIELDS, flag_of, options_from
+    from nasq.flags import OPTION_FIELDS, flag_of, options_from
     from nasq.queue.local import WorkerSpec
     from workers.__main__ import build_parser
 

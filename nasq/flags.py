@@ -96,6 +96,34 @@ def _choices(spec):
     return spec
 
 
+def add_field_flag(parser, f: dataclasses.Field, *, default=dataclasses.MISSING, text: str | None = None,
+                   unset: str = "") -> None:
+    """The flag of one declared field (``config.BackendOptions``, ``request.EvalRequest``): its
+    names (``flags``, else ``--<name>``), help, type (``type``, or an integer in ``low``..``high``),
+    choices (a registry's name: its union over backends), metavar, and whether it is required,
+    all from the field's metadata; ``default`` and ``text`` replace the field's own. The help
+    says the default, or ``unset`` for a choice left to someone else."""
+    meta = f.metadata
+    names = meta.get("flags") or (flag_of(f.name),)
+    text = meta["help"] if text is None else text
+    if f.type in (bool, "bool"):
+        parser.add_argument(*names, dest=f.name, action="store_true", help=text)
+        return
+    default = f.default if default is dataclasses.MISSING else default
+    kw: dict = {"dest": f.name, **({"required": True} if meta.get("required") else {"default": default})}
+    if meta.get("metavar"):
+        kw["metavar"] = meta["metavar"]
+    if "type" in meta:
+        kw["type"] = meta["type"]
+    elif "low" in meta:
+        kw["type"] = int_in(meta["low"], meta.get("high"))
+    if "choices" in meta:
+        kw["choices"] = _choices(meta["choices"])
+    shown = "" if meta.get("required") or "default:" in text else \
+        f" (default: {default})" if default is not None else unset if "choices" in meta else ""
+    parser.add_argument(*names, help=text + shown, **kw)
+
+
 def add_option_flags(parser, names: list[str] | None = None, *, defaults: dict | None = None,
                      helps: dict | None = None, help_suffix: str = "") -> None:
     """Add the flags of the device options ``names`` (all by default) to ``parser``; ``defaults``
@@ -103,23 +131,9 @@ def add_option_flags(parser, names: list[str] | None = None, *, defaults: dict |
     option means to this command)."""
     defaults, helps = defaults or {}, helps or {}
     for f in OPTION_FIELDS:
-        if names is not None and f.name not in names:
-            continue
-        meta, default = f.metadata, defaults.get(f.name, f.default)
-        text = helps.get(f.name, meta["help"]) + help_suffix
-        if f.type in (bool, "bool"):
-            parser.add_argument(flag_of(f.name), dest=f.name, action="store_true", help=text)
-            continue
-        kw: dict = {"default": default, "dest": f.name}
-        if meta.get("metavar"):
-            kw["metavar"] = meta["metavar"]
-        if "choices" in meta:
-            kw["choices"] = _choices(meta["choices"])
-        if "low" in meta:
-            kw["type"] = int_in(meta["low"], meta.get("high"))
-        shown = "" if "default:" in text else \
-            f" (default: {default})" if default is not None else " (default: the worker's)" if "choices" in meta else ""
-        parser.add_argument(flag_of(f.name), help=text + shown, **kw)
+        if names is None or f.name in names:
+            add_field_flag(parser, f, default=defaults.get(f.name, f.default),
+                           text=helps.get(f.name, f.metadata["help"]) + help_suffix, unset=" (default: the worker's)")
 
 
 def options_from(args, base: BackendOptions = BackendOptions()) -> BackendOptions:
