@@ -50,7 +50,7 @@ def main() -> None:
                                       shard_size=size, queue="eval.nobody", settings=settings, log=lambda *_: None)
                 seconds = time.perf_counter() - t
                 calls = {k.removeprefix("cmdstat_"): v["calls"] for k, v in r.info("commandstats").items()}
-                row = {"shards": len(h.manifest["shards"]), "seconds": round(seconds, 4),
+                row = {"shards": len(h.manifest.shards), "seconds": round(seconds, 4),
                        "redis_commands": sum(calls.values()),
                        "top": dict(sorted(calls.items(), key=lambda kv: -kv[1])[:5])}
                 rows.append(row)

@@ -16,6 +16,7 @@ from ..queue.store import BrokerFull
 from ..results.report import render
 from ..rundata import Report, RunManifest
 from ..runstate import RunState, Transition, is_ended
+from ..wire import MessageError
 
 
 @dataclass
@@ -216,7 +217,10 @@ def _ended_error(store, run_id: str, st: dict) -> RunError:
     report (what it finished, the shards it lacks and why) is, once its files are published
     (waited for a little: a cancel writes its report after the cancel takes effect)."""
     published = store.runs.wait_published(run_id, timeout_s=30.0)
-    report = store.runs.report(run_id)
+    try:
+        report = store.runs.report(run_id)
+    except MessageError:  # changed in Redis by hand: the run's end is still told
+        report = None
     where = (report.files or {}).get("json") if published and report else None
     done = f"{report.images} of {report.planned_images} images evaluated" if report else ""
     text = st.get("error") or f"run {run_id} {st.get('state', 'failed')}"

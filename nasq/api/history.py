@@ -47,7 +47,10 @@ def load_run(run_id: str, *, settings: Settings) -> tuple[Report, dict | None]:
     from ..results.history import get
 
     store = store_or_none(settings)
-    report = store.runs.report(run_id) if store is not None else None
+    try:
+        report = store.runs.report(run_id) if store is not None else None
+    except MessageError:  # changed in Redis by hand: the report folder has the one published
+        report = None
     if report is not None:
         return report, store.runs.predictions(run_id)
     row = get(settings.report_dir, run_id)

@@ -49,8 +49,7 @@ class RunRecords(StorePart):
         Raises:
             MessageError: the stored manifest is malformed (the field is named).
         """
-        stored = self._get(RunKeys(run_id).manifest)
-        return None if stored is None else RunManifest.from_payload(stored)
+        return self._record(RunKeys(run_id).manifest, RunManifest)
 
     def sealed_manifest(self, run_id: str) -> str | None:
         v = self.r.get(RunKeys(run_id).sealed)
@@ -141,8 +140,12 @@ class RunRecords(StorePart):
         Raises:
             MessageError: the stored report is malformed (the field is named).
         """
-        stored = self._get(RunKeys(run_id).report)
-        return None if stored is None else Report.from_payload(stored)
+        return self._record(RunKeys(run_id).report, Report)
+
+    def _record(self, key: str, kind):
+        """The ``kind`` (``RunManifest``, ``Report``) stored at ``key``, or None."""
+        stored = self._get(key)
+        return None if stored is None else kind.from_payload(stored)
 
     def predictions(self, run_id: str) -> dict | None:
         return self._get(RunKeys(run_id).predictions)

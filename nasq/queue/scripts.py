@@ -21,7 +21,7 @@ _COMMON = """
 local function state_of(key)
   local raw = redis.call('GET', key)
   if not raw then return nil end
-  return cjson.decode(raw)[$O_STATE]
+  return cjson.decode(raw)['state']
 end
 local function among(value, list)
   if not value then return false end
@@ -60,7 +60,7 @@ KEPT = "|kept"
 CLAIM = _COMMON + """
 local got = redis.call('MGET', KEYS[1], KEYS[4])
 if not got[1] then return {$O_GONE} end
-local st = cjson.decode(got[1])[$O_STATE]
+local st = cjson.decode(got[1])['state']
 if not among(st, ARGV[6]) then return {$O_ENDED, st} end
 if got[2] == ARGV[7] then return {$O_HAS_RESULT} end
 local bar = redis.call('HMGET', KEYS[5], ARGV[8], ARGV[8] .. '|' .. ARGV[1], ARGV[8] .. '#streak')
@@ -80,7 +80,7 @@ return {$O_OK, n, tonumber(bar[3] or '0')}
 TICK = _COMMON + """
 local got = redis.call('MGET', KEYS[1], KEYS[2])
 if not got[1] then return {$O_STOP, $O_GONE} end
-local st = cjson.decode(got[1])[$O_STATE]
+local st = cjson.decode(got[1])['state']
 if not among(st, ARGV[4]) then return {$O_STOP, st} end
 if got[2] == ARGV[5] then return {$O_STOP, $O_DONE_ELSEWHERE} end
 local holder = holder_of(got[2])
@@ -104,7 +104,7 @@ COMMIT = _COMMON + """
 local got = redis.call('MGET', KEYS[1], KEYS[6])
 local mine = holder_of(got[2]) == ARGV[2]
 local record = got[1] and cjson.decode(got[1])
-local st = record and record[$O_STATE]
+local st = record and record['state']
 local function dropped(why) return drop(KEYS[5], ARGV[1], ARGV[6], why) end
 if ARGV[3] ~= $S_OK and mine then redis.call('DEL', KEYS[6]) end
 if ARGV[3] == $S_STOPPED then
@@ -149,7 +149,7 @@ FAIL = _COMMON + """
 local got = redis.call('MGET', KEYS[1], KEYS[5])
 local mine = ARGV[2] ~= '' and holder_of(got[2]) == ARGV[2]
 local record = got[1] and cjson.decode(got[1])
-local st = record and record[$O_STATE]
+local st = record and record['state']
 local function dropped(why) return drop(KEYS[12], ARGV[1], ARGV[13], why) end
 if not among(st, ARGV[10]) then
   if mine then redis.call('DEL', KEYS[5]) end

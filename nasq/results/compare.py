@@ -77,7 +77,7 @@ def compare(a: Report, pa: dict, b: Report, pb: dict) -> dict:
                         "the paired comparison")
     for name, r in (("A", a), ("B", b)):
         if not r.complete:
-            warnings.append(f"run {name} is {r.state}: it covers {r.images} of {r.planned_images} images")
+            warnings.append(f"run {name} is {r.shown_state}: it covers {r.images} of {r.planned_images} images")
     simulated = [name for name, r in (("A", a), ("B", b)) if r.backend.name == "sim"]
     if len(simulated) == 1:
         warnings.append(f"run {simulated[0]} ran on SIMULATED devices and the other on real ones: its throughput is "

@@ -205,7 +205,7 @@ def warnings_of(report: Report) -> list[str]:
                    + (" (RANDOM weights from nasq demo)" if "random" in os.path.basename(model.get("weights") or "")
                       else ""))
     if not report.complete:
-        out.append(f"{report.state.upper()} run: {report.images} of {report.images_planned} images "
+        out.append(f"{report.shown_state.upper()} run: {report.images} of {report.images_planned} images "
                    "evaluated; every number covers only those")
     few = [d for d in report.per_device if d["latency_ms"]["count"] and not d["latency_ms"]["p99_samples_ok"]]
     if few:

@@ -155,8 +155,9 @@ def publish(store, manifest: RunManifest, report: Report, staging: str, report_d
 
 
 def _final_report(folder: str) -> bool:
-    report = read_report(os.path.join(folder, "report.json"))
-    return report is not None and report.state in FINAL
+    """The folder holds a done or cancelled report (one this release cannot read whole counts
+    by the state it says: write once fails closed)."""
+    return Report.state_of(read_json(os.path.join(folder, "report.json"))) in FINAL
 
 
 def read_report(path: str) -> Report | None:

@@ -44,7 +44,7 @@ def state_line(report: Report) -> str | None:
     if report.complete:
         return None
     failed = report.shards_failed
-    return (f"{report.state.upper()}: {report.images} of {report.planned_images} images evaluated "
+    return (f"{report.shown_state.upper()}: {report.images} of {report.planned_images} images evaluated "
             f"({_known(report.shards_ok)} of {_known(report.shards)} shards); every number covers only "
             f"those" + (f"; {len(failed)} shard(s) not evaluated (below)" if failed else ""))
 
@@ -267,7 +267,7 @@ P99_NOTE = "\\* p99 from fewer than 100 batches: close to the maximum, not a tai
 def _facts(report: Report) -> list[list]:
     m = report.model
     t = report.throughput
-    facts = [["state", report.state + (f": {report.error}" if report.error else "")],
+    facts = [["state", report.shown_state + (f": {report.error}" if report.error else "")],
              ["model", f"{m.get('arch', '?')}, {report.num_outputs} outputs, "
                        f"sha256 {str(m.get('sha256', m.get('artifact_key', '?')))[:16]}"],
              ["backend", f"{report.backend.name} ({versions_text(report.backend.versions)})"],
@@ -367,7 +367,7 @@ def render_html(report: Report, plots: list[str]) -> str:
     if report.errors:
         sections.append((f"Excluded images ({report.error_count})",
                          esc_table([[e["name"], e["reason"]] for e in report.errors[:500]], ["image", "reason"])))
-    title = f"nasq run {report.run_id}" + ("" if report.complete else f" ({report.state.upper()})")
+    title = f"nasq run {report.run_id}" + ("" if report.complete else f" ({report.shown_state.upper()})")
     excluded = [f"EXCLUDED: {device_cell(e)} ({e.get('reason')})" for e in report.excluded_devices or ()]
     return page(title, sections, banners=[*filter(None, [state_line(report)]), *report.warnings, *excluded])
 

@@ -2,14 +2,16 @@
 run's end, writes as report.json and hands the client (``EvalResult.report``).
 
 Its JSON is the one every release wrote. ``Report.from_payload`` reads it, naming the field that
-is wrong; fields an earlier release did not write read as unset, and fields a later release
-adds are kept as they are (``extra``) and written back. ``to_payload`` writes the fields a
-report always has, and the others (a partial report's, the failover record, the files) only
-when they are set.
+is wrong; fields an earlier release did not write read as unset (a report without ``complete``
+is complete unless it is ``partial``), and fields a later release adds, at the top or in the
+backend, throughput and environment records, are kept as they are and written back; the
+dataset record is the wire's ``DatasetRef``. ``to_payload`` writes a report that was read with
+the fields it had, and one built here with the fields a report always has and the others (a
+partial report's, the failover record, the files) when they are set.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 
 from ..runstate import RunState
 from ..wire import DatasetRef, _dict, _name, _need
@@ -49,16 +51,19 @@ class BackendInfo:
 
     name: str | None
     versions: dict = field(default_factory=dict)
+    #: the earliest reports named the backend only: written back so
+    named_only: bool = field(default=False, compare=False)
+    extra: dict = field(default_factory=dict, compare=False)
 
     @classmethod
     def from_payload(cls, v) -> BackendInfo:
-        if isinstance(v, str) or v is None:  # the earliest reports named the backend only
-            return cls(v)
+        if isinstance(v, str) or v is None:
+            return cls(v, named_only=isinstance(v, str))
         v = _dict(v, "report.backend")
-        return cls(_text(v, "name"), dict(_obj(v, "versions") or {}))
+        return cls(_text(v, "name"), dict(_obj(v, "versions") or {}), extra=_unknown(cls, v))
 
-    def to_payload(self) -> dict:
-        return {"name": self.name, "versions": self.versions}
+    def to_payload(self):
+        return self.name if self.named_only else {"name": self.name, "versions": self.versions, **self.extra}
 
 
 @dataclass(frozen=True)
@@ -69,14 +74,17 @@ class Throughput:
     end_to_end_img_s: float | None = None
     end_to_end_s: float | None = None
     compute_img_s: float | None = None
+    extra: dict = field(default_factory=dict, compare=False)
+
+    NAMES = ("shard_span_img_s", "end_to_end_img_s", "end_to_end_s", "compute_img_s")
 
     @classmethod
     def from_payload(cls, v) -> Throughput:
-        v = _dict(v or {}, "report.throughput")
-        return cls(**{f.name: _num(v, f.name) for f in fields(cls)})
+        given = _dict(v or {}, "report.throughput")
+        return cls(**{n: _num(given, n) for n in cls.NAMES}, extra=_unknown(cls, given))
 
     def to_payload(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {**{n: getattr(self, n) for n in self.NAMES}, **self.extra}
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,7 @@ class RunEnvironment:
     submitted_from: str | None = None
     client_nasq: str | None = None
     command: tuple[str, ...] | None = None
+    extra: dict = field(default_factory=dict, compare=False)
 
     @classmethod
     def from_payload(cls, v) -> RunEnvironment:
@@ -95,32 +104,44 @@ class RunEnvironment:
         command = _rows(v, "command")
         _need(command is None or all(isinstance(a, str) for a in command), "report.environment.command must be "
               "a list of strings or null")
-        return cls(dict(_obj(v, "hosts") or {}), _text(v, "submitted_from"), _text(v, "client_nasq"), command)
+        return cls(dict(_obj(v, "hosts") or {}), _text(v, "submitted_from"), _text(v, "client_nasq"), command,
+                   extra=_unknown(cls, v))
 
     def to_payload(self) -> dict:
         return {"hosts": self.hosts, "submitted_from": self.submitted_from, "client_nasq": self.client_nasq,
-                "command": None if self.command is None else list(self.command)}
+                "command": None if self.command is None else list(self.command), **self.extra}
 
 
-#: the fields written only when set: a partial report's, the failover record and the files
+def _unknown(cls, v: dict) -> dict:
+    """The fields of ``v`` that ``cls`` does not declare: a later release's, kept as they are."""
+    known = {f.name for f in fields(cls)}
+    return {k: x for k, x in v.items() if k not in known}
+
+
+#: the fields a report built by this release writes only when they are set: a partial report's,
+#: the failover record and the files
 _SOMETIMES = ("partial", "failure", "shards_not_ok", "redispatched_shards", "excluded_devices", "shard_failures",
               "files", "files_not_written", "files_to_come")
 
 
-@dataclass(frozen=True)
+#: what reading a report fills in when its JSON lacks the field (``complete``: from ``partial``)
+_DERIVED = ("complete",)
+
+
+@dataclass(frozen=True, eq=False)
 class Report:
-    """A run's report. ``state`` is the run's end (``runstate.RunState``'s value); ``complete``
-    is False for a failed or cancelled run's partial report, whose numbers cover only the
-    shards it finished."""
+    """A run's report, its fields in the order report.json has them. ``state`` is the run's end
+    (``runstate.RunState``'s value; reports of the earliest releases have none); ``complete`` is
+    False for a failed or cancelled run's partial report, whose numbers cover only the shards it
+    finished. Two reports are equal when their JSON is."""
 
     run_id: str
-    images: int
-    per_device: tuple[dict, ...]
-    state: str = RunState.DONE.value
+    state: str | None = None
     error: str | None = None
     complete: bool = True
     created: float | None = None
     finished: float | None = None
+    images: int = 0
     images_planned: int | None = None
     images_total: int | None = None
     top1: float | None = None
@@ -144,6 +165,8 @@ class Report:
     error_count: int = 0
     #: images that could not be evaluated: {name, reason} each
     errors: tuple[dict, ...] = ()
+    #: per device: where it is, what it is, its shards, images, timings and latency percentiles
+    per_device: tuple[dict, ...] = ()
     #: images read from the host cache and from the source, in all and per host
     data_read: dict | None = None
     backend: BackendInfo = field(default_factory=lambda: BackendInfo(None))
@@ -177,12 +200,21 @@ class Report:
     #: the kinds rendered after the numbers are stored (plots, the HTML page)
     files_to_come: tuple[str, ...] | None = None
     #: fields of a later release's report, kept as they are
-    extra: dict = field(default_factory=dict, compare=False)
+    extra: dict = field(default_factory=dict)
+    #: the fields the JSON it was read from had, and its dataset's (``dataset.<field>``; None:
+    #: built here): a field it lacked is written back only once it is set, so a report of any
+    #: release is written back as it was
+    read_from: frozenset | None = field(default=None, repr=False)
 
     @property
     def planned_images(self) -> int | None:
         """The images the run planned (reports of earlier releases: the dataset's)."""
         return self.images_total if self.images_planned is None else self.images_planned
+
+    @property
+    def shown_state(self) -> str:
+        """How the report names its run's end (a report without a state: partial or done)."""
+        return self.state or ("partial" if not self.complete else RunState.DONE.value)
 
     def top(self, k: int) -> float | None:
         """Top-``k`` accuracy in percent (None without labels)."""
@@ -191,22 +223,40 @@ class Report:
     def top_ci95(self, k: int) -> tuple[float, float] | None:
         return getattr(self, f"top{k}_ci95")
 
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Report) and self.to_payload() == other.to_payload()
+
+    __hash__ = None
+
     # ------------------------------------------------------------------ its JSON
 
     def to_payload(self) -> dict:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name == "extra" or f.name in _SOMETIMES and v is None:
+            if f.name in ("extra", "read_from"):
+                continue
+            if self.read_from is None:
+                if f.name in _SOMETIMES and v is None:
+                    continue
+            elif f.name not in self.read_from and (f.name in _DERIVED or v == _default(f)):
                 continue
             if isinstance(v, (BackendInfo, Throughput, RunEnvironment)):
                 v = v.to_payload()
-            elif isinstance(v, DatasetRef):
-                v = {g.name: getattr(v, g.name) for g in fields(v)}
+            elif isinstance(v, DatasetRef):  # the fields it was read with (earlier releases had fewer)
+                v = {g.name: getattr(v, g.name) for g in fields(v) if self.read_from is None
+                     or f"dataset.{g.name}" in self.read_from or getattr(v, g.name) is not None}
             elif isinstance(v, tuple):
                 v = list(v)
             out[f.name] = v
         return {**out, **self.extra}
+
+    @staticmethod
+    def state_of(payload) -> str | None:
+        """The state a report's JSON says, read without reading the rest (a report this release
+        cannot read whole still says whether it is final)."""
+        state = payload.get("state") if isinstance(payload, dict) else None
+        return state if isinstance(state, str) else None
 
     @classmethod
     def from_payload(cls, d) -> Report:
@@ -218,12 +268,11 @@ class Report:
         per_device = _rows(d, "per_device")
         _need(per_device is not None and all(isinstance(x, dict) for x in per_device),
               "report.per_device must be a list of objects")
-        known = {f.name for f in fields(cls)}
         counts = {n: _of(d, n, (int,), "a count") for n in ("images_planned", "images_total", "labelled",
                                                             "num_outputs", "batch_size", "shards", "shards_ok")}
         numbers = {n: _num(d, n) for n in ("created", "finished", "throughput_img_s", "wall_s", "model_load_s",
                                            *(f"top{k}" for k in range(1, TOPK + 1)))}
-        texts = {n: _text(d, n) for n in ("error", "precision", "labels_file", "labels_sha256", "failure")}
+        texts = {n: _text(d, n) for n in ("state", "error", "precision", "labels_file", "labels_sha256", "failure")}
         rows = {n: _rows(d, n) for n in ("errors", "shards_failed", "duplicate_shard_results_dropped", "warnings",
                                          "shards_not_ok", "excluded_devices", "files_to_come")}
         objects = {n: _obj(d, n) for n in ("correct", "data_read", "redispatched_shards", "shard_failures", "files",
@@ -231,7 +280,7 @@ class Report:
         intervals = {f"top{k}_ci95": _interval(d, f"top{k}_ci95") for k in range(1, TOPK + 1)}
         complete, partial = _of(d, "complete", (bool,), "true or false"), _of(d, "partial", (bool,), "true or false")
         return cls(run_id=_name(d, "run_id"), images=images, per_device=per_device,
-                   state=_text(d, "state") or RunState.DONE.value, complete=True if complete is None else complete, partial=partial,
+                   complete=(not partial) if complete is None else complete, partial=partial,
                    error_count=_of(d, "error_count", (int,), "a count") or 0,
                    throughput=Throughput.from_payload(d.get("throughput")),
                    backend=BackendInfo.from_payload(d.get("backend")), model=dict(_obj(d, "model") or {}),
@@ -239,7 +288,13 @@ class Report:
                    environment=RunEnvironment.from_payload(d.get("environment")),
                    **counts, **numbers, **texts, **intervals, **objects,
                    **{n: v if v is not None or n in _SOMETIMES else () for n, v in rows.items()},
-                   extra={k: v for k, v in d.items() if k not in known})
+                   extra=_unknown(cls, d),
+                   read_from=frozenset(d) | {f"dataset.{k}" for k in (d.get("dataset") or {})})
+
+
+def _default(f):
+    """A field's default value (what a report that lacks the field holds)."""
+    return f.default_factory() if f.default_factory is not MISSING else f.default
 
 
 def _interval(d: dict, name: str) -> tuple[float, float] | None:

@@ -65,3 +65,29 @@ def test_a_run_of_the_previous_release_reads_and_writes_back_unchanged(tmp_path,
         listed = cli(["runs", "--json"], broker=url, report_dir=tmp_path / "rep")
         (row,) = [r for r in json.loads(listed.stdout) if r["run_id"] == RUN_ID]
         assert row["top1"] == 62.5 and row["state"] == "done" and row["images"] == 16
+
+
+def test_a_partial_report_of_the_earliest_releases_stays_partial_and_is_never_final(tmp_path):
+    """Releases before runs had a ``state`` marked a failed run's report ``partial`` only: it
+    reads as incomplete, is never taken for a final report (write once does not hold a failed
+    run), and is written back as it was."""
+    from nasq.results.publish import ended_on_disk
+    from nasq.results.report import state_line
+
+    old = {"run_id": "20261101-120000-abcdef", "created": 1.0, "finished": 2.0, "images": 8, "images_total": 24,
+           "top1": 50.0, "top5": 100.0, "throughput_img_s": 4.0, "wall_s": 2.0,
+           "throughput": {"shard_span_img_s": 4.0, "end_to_end_img_s": None, "end_to_end_s": None,
+                          "compute_img_s": 5.0},
+           "model_load_s": 0.5, "error_count": 0, "errors": [], "per_device": [],
+           "backend": {"name": "torch", "versions": {"torch": "2.5.0"}}, "model": {"weights": "/w.pth"},
+           "num_outputs": 1001, "batch_size": 8, "precision": "fp32",
+           "dataset": {"root": "/d", "kind": "jpeg", "images": 24, "fingerprint": "f"}, "labels_file": None,
+           "shards": 3, "duplicate_shard_results_dropped": [], "partial": True, "failure": "boom", "shards_ok": 1,
+           "shards_not_ok": ["shard-00001", "shard-00002"]}
+    report = Report.from_payload(old)
+    assert report.to_payload() == old and report.state is None and not report.complete
+    assert report.shown_state == "partial" and state_line(report).startswith("PARTIAL: 8 of 24 images")
+    folder = tmp_path / old["run_id"]
+    folder.mkdir()
+    (folder / "report.json").write_text(json.dumps(old))
+    assert ended_on_disk(str(tmp_path), old["run_id"]) is None  # not final: the run may be resumed
