@@ -10,6 +10,7 @@ import time
 import redis
 
 from ..rundata import Report, RunManifest
+from ..wire import MessageError
 from ..runstate import ENDED, TRANSITIONS, Outcome, RunState, Transition
 from .redis_store import ACTIVE, DIGESTS, EXPIRING, RUNS, RunKeys, StorePart, _rides_out_full, _states, log
 
@@ -143,8 +144,15 @@ class RunRecords(StorePart):
         return self._record(RunKeys(run_id).report, Report)
 
     def _record(self, key: str, kind):
-        """The ``kind`` (``RunManifest``, ``Report``) stored at ``key``, or None."""
-        stored = self._get(key)
+        """The ``kind`` (``RunManifest``, ``Report``) stored at ``key``, or None.
+
+        Raises:
+            MessageError: what is stored there is not that (not even JSON: written by hand).
+        """
+        try:
+            stored = self._get(key)
+        except ValueError as e:
+            raise MessageError(f"{key} is not JSON: {e}") from None
         return None if stored is None else kind.from_payload(stored)
 
     def predictions(self, run_id: str) -> dict | None:

@@ -57,8 +57,8 @@ class BackendInfo:
 
     @classmethod
     def from_payload(cls, v) -> BackendInfo:
-        if isinstance(v, str) or v is None:
-            return cls(v, named_only=isinstance(v, str))
+        if isinstance(v, str) or v is None:  # (None: the field was absent, or null: written back as it was)
+            return cls(v, named_only=True)
         v = _dict(v, "report.backend")
         return cls(_text(v, "name"), dict(_obj(v, "versions") or {}), extra=_unknown(cls, v))
 
@@ -114,8 +114,12 @@ class RunEnvironment:
 
 def _unknown(cls, v: dict) -> dict:
     """The fields of ``v`` that ``cls`` does not declare: a later release's, kept as they are."""
-    known = {f.name for f in fields(cls)}
+    known = {f.name for f in fields(cls)} - _BOOKKEEPING
     return {k: x for k, x in v.items() if k not in known}
+
+
+#: the fields that say how a record was read, not what it holds: never a key of its JSON
+_BOOKKEEPING = {"extra", "read_from", "named_only"}
 
 
 #: the fields a report built by this release writes only when they are set: a partial report's,
@@ -193,15 +197,15 @@ class Report:
     excluded_devices: tuple[dict, ...] | None = None
     #: shard id -> each failed copy of it
     shard_failures: dict | None = None
+    #: the kinds rendered after the numbers are stored (plots, the HTML page)
+    files_to_come: tuple[str, ...] | None = None
     #: kind -> the file's path in the run's folder
     files: dict | None = None
     #: file name -> why it could not be written
     files_not_written: dict | None = None
-    #: the kinds rendered after the numbers are stored (plots, the HTML page)
-    files_to_come: tuple[str, ...] | None = None
     #: fields of a later release's report, kept as they are
     extra: dict = field(default_factory=dict)
-    #: the fields the JSON it was read from had, and its dataset's (``dataset.<field>``; None:
+    #: the fields the JSON it was read from had, and its dataset's (``("dataset", field)``; None:
     #: built here): a field it lacked is written back only once it is set, so a report of any
     #: release is written back as it was
     read_from: frozenset | None = field(default=None, repr=False)
@@ -239,13 +243,13 @@ class Report:
             if self.read_from is None:
                 if f.name in _SOMETIMES and v is None:
                     continue
-            elif f.name not in self.read_from and (f.name in _DERIVED or v == _default(f)):
+            elif f.name not in self.read_from and v == (not self.partial if f.name in _DERIVED else _default(f)):
                 continue
             if isinstance(v, (BackendInfo, Throughput, RunEnvironment)):
                 v = v.to_payload()
             elif isinstance(v, DatasetRef):  # the fields it was read with (earlier releases had fewer)
                 v = {g.name: getattr(v, g.name) for g in fields(v) if self.read_from is None
-                     or f"dataset.{g.name}" in self.read_from or getattr(v, g.name) is not None}
+                     or ("dataset", g.name) in self.read_from or getattr(v, g.name) is not None}
             elif isinstance(v, tuple):
                 v = list(v)
             out[f.name] = v
@@ -289,7 +293,7 @@ class Report:
                    **counts, **numbers, **texts, **intervals, **objects,
                    **{n: v if v is not None or n in _SOMETIMES else () for n, v in rows.items()},
                    extra=_unknown(cls, d),
-                   read_from=frozenset(d) | {f"dataset.{k}" for k in (d.get("dataset") or {})})
+                   read_from=frozenset(d) | {("dataset", k) for k in (d.get("dataset") or {})})
 
 
 def _default(f):
