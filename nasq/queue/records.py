@@ -2,6 +2,7 @@
 of ``nasq.runstate`` (one atomic script each), its merges, report and notes."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -149,11 +150,12 @@ class RunRecords(StorePart):
         Raises:
             MessageError: what is stored there is not that (not even JSON: written by hand).
         """
-        try:
-            stored = self._get(key)
-        except ValueError as e:
-            raise MessageError(f"{key} is not JSON: {e}") from None
-        return None if stored is None else kind.from_payload(stored)
+        raw = self.r.get(key)
+        if raw is None:
+            return None
+        with _named_if_not_json(key):
+            stored = json.loads(raw)
+        return kind.from_payload(stored)
 
     def predictions(self, run_id: str) -> dict | None:
         return self._get(RunKeys(run_id).predictions)
@@ -353,3 +355,12 @@ def _gone(token: str) -> bool:
     if host != socket.gethostname() or ns != _pid_ns() or ns == "?" or not pid.isdigit():
         return False
     return _started(int(pid)) != started
+
+
+@contextlib.contextmanager
+def _named_if_not_json(key: str):
+    """A record written by hand that is not even JSON is refused as a malformed one is."""
+    try:
+        yield
+    except ValueError as e:
+        raise MessageError(f"{key} is not JSON ({e})") from None

@@ -12,8 +12,8 @@ import time
 from dataclasses import replace
 
 from ..errors import RunError
-from ..rundata import BackendInfo, Report, RunEnvironment, RunManifest, Throughput
-from ..runstate import RunState, ShardStatus
+from ..rundata import BackendInfo, Report, RunEnvironment, RunManifest, ShardResult, Throughput
+from ..runstate import RunState
 from .stats import wilson
 
 TOPK = 5
@@ -28,35 +28,32 @@ class MissingShards(RunError):
         super().__init__(f"run {run_id}: {len(missing)} shard(s) missing from the merge: {shown}")
 
 
-def collect(manifest: RunManifest, results: list) -> tuple[dict[str, dict], list[str]]:
+def collect(manifest: RunManifest, results: list) -> tuple[dict[str, ShardResult], list[str]]:
     """One result per shard id: returns ({shard_id: result}, duplicate shard ids dropped).
 
     Raises:
         MissingShards: a shard of the manifest has no result.
         RunError: a shard failed (its error is in the message).
+        MessageError: a result of the run is malformed (the field is named).
     """
     run_id = manifest.run_id
-    by_id: dict[str, dict] = {}
+    by_id: dict[str, ShardResult] = {}
     dropped: list[str] = []
-    for r in results:
-        if not isinstance(r, dict) or r.get("run_id") != run_id:
+    for r in filter(None, (ShardResult.read(x, run_id) for x in results)):
+        if r.shard_id in by_id:
+            dropped.append(r.shard_id)  # a redelivered shard: the first result is as good as the second
             continue
-        sid = r["shard_id"]
-        if sid in by_id:
-            dropped.append(sid)  # a redelivered shard: the first result is as good as the second
-            continue
-        by_id[sid] = r
+        by_id[r.shard_id] = r
     expected = manifest.shard_ids
     missing = [sid for sid in expected if sid not in by_id]
     if missing:
         raise MissingShards(run_id, missing)
-    failed = [by_id[sid] for sid in expected if by_id[sid].get("status") != ShardStatus.OK]
+    failed = [by_id[sid] for sid in expected if not by_id[sid].ok]
     if failed:
-        lines = "; ".join(f"{r['shard_id']} on {r.get('worker', '?')}: {r.get('error', 'failed')}" for r in failed[:5])
+        lines = "; ".join(f"{r.shard_id} on {r.worker or '?'}: {r.error or 'failed'}" for r in failed[:5])
         raise RunError(f"run {run_id}: {len(failed)} shard(s) failed: {lines}")
     for s in manifest.shards:
-        r = by_id[s.shard_id]
-        seen = len(r["indices"]) + len(r["errors"])
+        seen = by_id[s.shard_id].accounted
         if seen != s.images:
             raise RunError(f"run {run_id}: shard {s.shard_id} accounts for {seen} images, expected {s.images}")
     return {sid: by_id[sid] for sid in expected}, dropped
@@ -108,34 +105,31 @@ def merge(manifest: RunManifest, results: list) -> tuple[Report, dict]:
     reads: dict[str, dict] = {}
     for sid, r in shards.items():
         for key in pred:
-            pred[key] += r[key]
-        errors += r["errors"]
-        t = r["timing"]
-        host = r.get("host") or (r.get("environment") or {}).get("host")
-        if r.get("environment"):
-            hosts.setdefault(host, r["environment"])
-        for k, v in (r.get("data") or {}).items():  # images read from the host cache and from the source
+            pred[key] += getattr(r, key)
+        errors += r.errors
+        t, host = r.timing, r.at_host
+        if r.environment:
+            hosts.setdefault(host, r.environment)
+        for k, v in r.data.items():  # images read from the host cache and from the source
             reads.setdefault(host or "?", {}).setdefault(k, 0)
             reads[host or "?"][k] += v
-        key = (r["worker"], r["device"])
-        d = devices.setdefault(key, {"worker": r["worker"], "host": host, "device": r["device"],
-                                     "device_name": r.get("device_name"), "accelerator": r.get("accelerator") or {},
-                                     "versions": r.get("versions") or {}, "backend": r["backend"], "shards": 0,
-                                     "images": 0, "compute_s": 0.0, "data_s": 0.0, "wall_s": 0.0,
-                                     "first_start": t["started_at"], "last_finish": t["finished_at"],
-                                     "model_load_s": 0.0, "_lat": []})
+        d = devices.setdefault((r.worker, r.device), {
+            "worker": r.worker, "host": host, "device": r.device, "device_name": r.device_name,
+            "accelerator": r.accelerator, "versions": r.versions, "backend": r.backend, "shards": 0, "images": 0,
+            "compute_s": 0.0, "data_s": 0.0, "wall_s": 0.0, "first_start": t.started_at, "last_finish": t.finished_at,
+            "model_load_s": 0.0, "_lat": []})
         d["shards"] += 1
         # "device": the runtime's own execution time (ais_bench's exec_time_list); "host": time around the call
         if d.get("compute_clock") != "device":  # a shard without images reports "host"
-            d["compute_clock"] = t.get("compute_clock", "host")
-        d["model_load_s"] = max(d["model_load_s"], r.get("load_s") or 0.0)
-        d["_lat"] += r.get("latency_ms") or []
-        d["images"] += len(r["indices"])
-        d["compute_s"] += t["compute_s"]
-        d["data_s"] += t["data_s"]
-        d["wall_s"] += t["wall_s"]
-        d["first_start"] = min(d["first_start"], t["started_at"])
-        d["last_finish"] = max(d["last_finish"], t["finished_at"])
+            d["compute_clock"] = t.compute_clock
+        d["model_load_s"] = max(d["model_load_s"], r.load_s or 0.0)
+        d["_lat"] += r.latency_ms
+        d["images"] += len(r.indices)
+        d["compute_s"] += t.compute_s
+        d["data_s"] += t.data_s
+        d["wall_s"] += t.wall_s
+        d["first_start"] = min(d["first_start"], t.started_at)
+        d["last_finish"] = max(d["last_finish"], t.finished_at)
     per_device = []
     for d in devices.values():
         lat = d.pop("_lat")
@@ -147,13 +141,11 @@ def merge(manifest: RunManifest, results: list) -> tuple[Report, dict]:
             if lat and d["latency_ms"]["mean"] else None
         per_device.append(d)
     per_device.sort(key=lambda d: (d["host"] or "", d["device"], d["worker"]))
-    start = min((r["timing"]["started_at"] for r in shards.values()), default=0.0)
-    end = max((r["timing"]["finished_at"] for r in shards.values()), default=0.0)
+    start = min((r.timing.started_at for r in shards.values()), default=0.0)
+    end = max((r.timing.finished_at for r in shards.values()), default=0.0)
     n = len(pred["indices"])
     job = manifest.job
-    first = next(iter(shards.values()), None) or {
-        "backend": job.backend, "precision": job.precision,
-        "model_info": {"weights": job.model.weights, "sha256": job.model.sha256}}
+    first = next(iter(shards.values()), None)  # what ran the run (none: what it was to run on)
     finished = time.time()
     created = manifest.created
     reads_total = {k: sum(h.get(k, 0) for h in reads.values())
@@ -174,11 +166,11 @@ def merge(manifest: RunManifest, results: list) -> tuple[Report, dict]:
         errors=tuple({"name": e["name"], "reason": e["reason"]} for e in errors),
         per_device=tuple(per_device),
         data_read={"hosts": reads, **reads_total},
-        backend=BackendInfo(first["backend"], first.get("versions", {})),
-        model=first.get("model_info", {}),
-        num_outputs=first.get("num_outputs"),
+        backend=BackendInfo(first.backend, first.versions) if first else BackendInfo(job.backend),
+        model=first.model_info if first else {"weights": job.model.weights, "sha256": job.model.sha256},
+        num_outputs=first.num_outputs if first else None,
         batch_size=job.batch_size,
-        precision=first.get("precision"),
+        precision=first.precision if first else job.precision,
         dataset=job.dataset,
         labels_file=job.labels,
         labels_sha256=job.labels_sha256,
@@ -214,13 +206,12 @@ def warnings_of(report: Report) -> list[str]:
     return out
 
 
-def ok_results(manifest: RunManifest, results: list) -> list[dict]:
+def ok_results(manifest: RunManifest, results: list) -> list[ShardResult]:
     """The ok results of the run's shards, one per shard id (the first)."""
     ok, seen = [], set()
-    for r in results:
-        if isinstance(r, dict) and r.get("run_id") == manifest.run_id and r.get("status") == ShardStatus.OK \
-                and r["shard_id"] not in seen:
-            seen.add(r["shard_id"])
+    for r in filter(None, (ShardResult.read(x, manifest.run_id) for x in results)):
+        if r.ok and r.shard_id not in seen:
+            seen.add(r.shard_id)
             ok.append(r)
     return ok
 
@@ -232,7 +223,7 @@ def merge_partial(manifest: RunManifest, results: list, reason: str, *, state: s
     worker, attempts}; a shard not named there never finished). A run without any finished
     shard gets a report of 0 images all the same: it says what failed."""
     ok = ok_results(manifest, results)
-    seen = {r["shard_id"] for r in ok}
+    seen = {r.shard_id for r in ok}
     report, pred = merge(manifest.only(seen), ok)
     report = replace(report, partial=True, complete=False, state=state, error=reason, failure=reason,
                      images_planned=manifest.images_planned, shards=len(manifest.shards), shards_ok=len(ok),

@@ -271,6 +271,6 @@ def history(store, report_dir: str, row: dict) -> None:
 
 
 def shard_timings(manifest: RunManifest, results: list) -> list[dict]:
-    return [{"worker": r["worker"], "host": r.get("host"), "device": r["device"], "images": len(r["indices"]),
-             **r["timing"]}
+    """Where and when each kept shard ran, and its images: what the throughput plot draws."""
+    return [{"worker": r.worker, "host": r.host, "device": r.device, "images": len(r.indices), **r.timing.to_payload()}
             for r in ok_results(manifest, results)]

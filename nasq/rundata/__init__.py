@@ -9,5 +9,7 @@ No module outside this package and ``nasq.wire`` reads these records by string k
 """
 from .manifest import PlannedShard, RunManifest
 from .report import BackendInfo, Report, RunEnvironment, Throughput
+from .shard_result import ShardResult, ShardTiming
 
-__all__ = ["BackendInfo", "PlannedShard", "Report", "RunEnvironment", "RunManifest", "Throughput"]
+__all__ = ["BackendInfo", "PlannedShard", "Report", "RunEnvironment", "RunManifest", "ShardResult", "ShardTiming",
+           "Throughput"]

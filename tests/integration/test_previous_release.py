@@ -7,12 +7,15 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from nasq.queue.redis_server import RedisServer
 from nasq.queue.store import RunStore
 from nasq.results.merge import merge
 from nasq.results.report import render
 from nasq.results.status import run_status
 from nasq.rundata import Report, RunManifest
+from nasq.wire import MessageError
 
 RUN_ID = "20261207-093626-0e3a96"
 RECORDS = os.path.join(os.path.dirname(__file__), "..", "data", "previous_release_run.json")
@@ -65,6 +68,14 @@ def test_a_run_of_the_previous_release_reads_and_writes_back_unchanged(tmp_path,
         listed = cli(["runs", "--json"], broker=url, report_dir=tmp_path / "rep")
         (row,) = [r for r in json.loads(listed.stdout) if r["run_id"] == RUN_ID]
         assert row["top1"] == 62.5 and row["state"] == "done" and row["images"] == 16
+
+        # a record changed by hand is refused by name, not read half
+        store.r.set(f"nasq:run:{RUN_ID}:report", "{not json")
+        with pytest.raises(MessageError, match="is not JSON"):
+            store.runs.report(RUN_ID)
+        store.r.set(f"nasq:run:{RUN_ID}:manifest", json.dumps({**raw_manifest, "shards": "all"}))
+        with pytest.raises(MessageError, match="shards must be a list"):
+            store.runs.manifest(RUN_ID)
 
 
 def test_a_partial_report_of_the_earliest_releases_stays_partial_and_is_never_final(tmp_path):
