@@ -7,6 +7,7 @@ shard id of the manifest, every shard present and ``ok``, every image accounted 
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import replace
@@ -14,11 +15,14 @@ from dataclasses import replace
 from ..errors import RunError
 from ..rundata import BackendInfo, Report, RunEnvironment, RunManifest, ShardResult, Throughput
 from ..runstate import RunState
+from ..wire import MessageError
 from .stats import wilson
 
 TOPK = 5
 #: a p99 from fewer batches than this is close to the maximum, not a tail estimate
 P99_MIN_SAMPLES = 100
+
+log = logging.getLogger("nasq.merge")
 
 
 class MissingShards(RunError):
@@ -207,10 +211,17 @@ def warnings_of(report: Report) -> list[str]:
 
 
 def ok_results(manifest: RunManifest, results: list) -> list[ShardResult]:
-    """The ok results of the run's shards, one per shard id (the first)."""
+    """The ok results of the run's shards, one per shard id (the first). One that cannot be read
+    is left out (logged): a failed run's partial report is written all the same, and names its
+    shard as not evaluated."""
     ok, seen = [], set()
-    for r in filter(None, (ShardResult.read(x, manifest.run_id) for x in results)):
-        if r.ok and r.shard_id not in seen:
+    for x in results:
+        try:
+            r = ShardResult.read(x, manifest.run_id)
+        except MessageError as e:
+            log.warning("run %s: a shard result left out: %s", manifest.run_id, e)
+            continue
+        if r is not None and r.ok and r.shard_id not in seen:
             seen.add(r.shard_id)
             ok.append(r)
     return ok

@@ -18,8 +18,12 @@ def _numbers(d: dict, *names: str) -> dict:
     for n in names:
         v = d.get(n)
         _need(isinstance(v, (int, float)) and not isinstance(v, bool), f"timing.{n} must be a number, not {v!r}"[:200])
-        out[n] = float(v)
+        out[n] = v
     return out
+
+
+def _text_or_none(v) -> str | None:
+    return v if isinstance(v, str) else None
 
 
 @dataclass(frozen=True)
@@ -37,9 +41,8 @@ class ShardTiming:
     @classmethod
     def from_payload(cls, d) -> ShardTiming:
         d = _dict(d, "timing")
-        clock = d.get("compute_clock", "host")
-        _need(clock in ("host", "device"), f"timing.compute_clock must be host or device, not {clock!r}"[:200])
-        return cls(**_numbers(d, "started_at", "finished_at", "compute_s", "data_s", "wall_s"), compute_clock=clock)
+        return cls(**_numbers(d, "started_at", "finished_at", "compute_s", "data_s", "wall_s"),
+                   compute_clock=d.get("compute_clock") or "host")
 
     def to_payload(self) -> dict:
         return {"started_at": self.started_at, "finished_at": self.finished_at, "compute_s": self.compute_s,
@@ -48,7 +51,7 @@ class ShardTiming:
 
 def _list(d: dict, name: str) -> list:
     v = d.get(name)
-    _need(isinstance(v, list), f"{name} must be a list, not {type(v).__name__}")
+    _need(isinstance(v, (list, tuple)), f"{name} must be a list, not {type(v).__name__}")
     return v
 
 
@@ -118,19 +121,17 @@ class ShardResult:
 
     @classmethod
     def from_payload(cls, d) -> ShardResult:
+        """A result as returned or stored. One that is not ``ok`` is read for what says why
+        (nothing of it is checked: a failure is never refused); an ``ok`` one must hold its
+        images, their predictions and its timings."""
         d = _dict(d, "shard result")
-        status = _str(d, "status")
-        common = {"run_id": _name(d, "run_id"), "shard_id": _name(d, "shard_id"), "status": status,
-                  "worker": _str(d, "worker", optional=True), "error": d.get("error") and str(d.get("error")),
-                  "host": _str(d, "host", optional=True), "device": _str(d, "device", optional=True),
-                  "backend": _str(d, "backend", optional=True), "precision": _str(d, "precision", optional=True)}
-        if status != ShardStatus.OK:
+        common = {"run_id": _name(d, "run_id"), "shard_id": _name(d, "shard_id"), "status": _str(d, "status"),
+                  **{k: _text_or_none(d.get(k)) for k in ("worker", "host", "device", "backend", "precision")},
+                  "error": None if d.get("error") is None else str(d.get("error"))}
+        if common["status"] != ShardStatus.OK:
             return cls(**common)
-        n = d.get("num_outputs")
-        _need(n is None or isinstance(n, int) and not isinstance(n, bool), f"num_outputs must be a count, not {n!r}")
         return cls(**common, **{k: _list(d, k) for k in ("indices", "names", "labels", "top5", "scores", "errors")},
                    timing=ShardTiming.from_payload(d.get("timing")),
-                   **{k: dict(_dict(d.get(k) or {}, k)) for k in ("accelerator", "data", "environment", "versions",
-                                                                   "model_info")},
-                   device_name=d.get("device_name") and str(d.get("device_name")), num_outputs=n,
-                   latency_ms=list(d.get("latency_ms") or []), load_s=d.get("load_s"))
+                   **{k: d.get(k) or {} for k in ("accelerator", "data", "environment", "versions", "model_info")},
+                   device_name=d.get("device_name"), num_outputs=d.get("num_outputs"),
+                   latency_ms=d.get("latency_ms") or [], load_s=d.get("load_s"))

@@ -86,3 +86,20 @@ def test_accuracy_topk_and_missing_labels():
     assert acc["top1"] == pytest.approx(100 / 3, abs=1e-3) and acc["top2"] == pytest.approx(200 / 3, abs=1e-3)
     assert acc["top5"] == pytest.approx(200 / 3, abs=1e-3)
     assert accuracy([None], [[1, 2, 3, 4, 5]])["top1"] is None
+
+
+def test_a_failed_run_is_reported_even_when_a_result_cannot_be_read():
+    """The merge names a malformed result; the failure path leaves it out and still writes the
+    partial report, which lists its shard as not evaluated."""
+    from nasq.results.merge import merge_partial
+    from nasq.wire import MessageError
+
+    m = _manifest()
+    results = [_result(s) for s in m.shards]
+    results[1] = {**results[1], "timing": None}  # a worker's result changed in Redis by hand
+    with pytest.raises(MessageError, match="timing"):
+        collect(m, results)
+    report, pred = merge_partial(m, results, "boom")
+    assert report.images == 10 - 4 and report.shards_not_ok == (m.shards[1].shard_id,) and not report.complete
+    failed = {"status": "error", "run_id": "r1", "shard_id": m.shards[2].shard_id, "worker": None, "host": ""}
+    assert merge_partial(m, results[:2] + [failed], "boom")[0].shards_ok == 1  # a failure is never refused
