@@ -11,7 +11,7 @@ import redis
 from ..inference.failover import FailureView
 from ..rundata import RunManifest
 from ..runstate import ACCEPTS_RESULTS, ENDED, MAY_START, Outcome, Redispatch, RunState, ShardStatus
-from .redis_store import EXPIRING, RunKeys, StorePart, _rides_out_full, _states
+from .redis_store import EXPIRING, StorePart, run_keys, _rides_out_full, _states
 from .scripts import KEPT
 
 
@@ -48,7 +48,7 @@ class ShardLedger(StorePart):
         in a row in this run)), ("ended", state), ("has-result", None), ("exhausted", attempts),
         ("refused", "excluded" | "failed-here": the run holds it against this worker) or
         ("gone", None)."""
-        k = RunKeys(run_id)
+        k = run_keys(run_id)
         out = self._run("CLAIM", [k.state, k.attempts, k.running, k.lease(shard_id), k.barred],
                         [shard_id, holder, max(1, int(lease_s * 1000)), {**info, "holder": holder, "at": time.time()},
                          max_attempts, _states(MAY_START), KEPT, info["worker"]])
@@ -61,7 +61,7 @@ class ShardLedger(StorePart):
         stop: ("ok", None) or ("stop", why). Progress is advisory: on a full broker it is skipped,
         not waited for, and ("full", None) says that the lease was not extended either."""
         try:
-            out = self._run("TICK", [RunKeys(run_id).state, RunKeys(run_id).lease(shard_id)],
+            out = self._run("TICK", [run_keys(run_id).state, run_keys(run_id).lease(shard_id)],
                             [holder, int(done), max(1, int(lease_s * 1000)), _states(ACCEPTS_RESULTS), KEPT])
         except redis.exceptions.OutOfMemoryError:
             return Outcome.FULL, None
@@ -74,7 +74,7 @@ class ShardLedger(StorePart):
         first; ``reset_streak``: ``worker``'s run of failures in this run ends) or "stopped"
         (given up). A failure goes through ``record_failure``. Returns ("accepted", (results
         kept, shards of the run, shards finished: kept or failed for good)) or ("dropped", why)."""
-        k = RunKeys(run_id)
+        k = run_keys(run_id)
         out = self._run("COMMIT", [k.state, k.results, k.finished, k.running, k.dropped, k.lease(shard_id), k.attempts,
                                    k.barred],
                         [shard_id, holder, status, json.dumps(result) if result is not None else "", summary,
@@ -89,10 +89,10 @@ class ShardLedger(StorePart):
         far (as stored, for the compare and set of ``record_failure``), the run's excluded
         workers and ``worker``'s failures in a row."""
         with self.r.pipeline(transaction=False) as p:
-            p.hget(RunKeys(run_id).failures, shard_id)
-            p.hgetall(RunKeys(run_id).excluded)
-            p.hkeys(RunKeys(run_id).barred)
-            p.hget(RunKeys(run_id).barred, f"{worker}#streak")
+            p.hget(run_keys(run_id).failures, shard_id)
+            p.hgetall(run_keys(run_id).excluded)
+            p.hkeys(run_keys(run_id).barred)
+            p.hget(run_keys(run_id).barred, f"{worker}#streak")
             raw, excluded, barred, streak = p.execute()
         raw = raw.decode() if raw else ""
         barred = {k.decode() for k in barred}
@@ -112,7 +112,7 @@ class ShardLedger(StorePart):
         Returns ("failed", (finished, shards, running)), ("retry", dispatch count now),
         ("changed", None): another failure came first (read again and decide again), or
         ("dropped", why)."""
-        k = RunKeys(run_id)
+        k = run_keys(run_id)
         out = self._run("FAIL", [k.state, k.results, k.finished, k.running, k.lease(shard_id), k.failures, k.barred,
                                  k.excluded, k.redispatched, k.redispatched_at, k.redispatched_why, k.dropped,
                                  k.attempts],
@@ -128,20 +128,20 @@ class ShardLedger(StorePart):
     def keep_run(self, run_id: str) -> None:
         """Give the run's shard records their expiry again (healing does, while the run goes)."""
         with self.r.pipeline(transaction=False) as p:
-            for key in RunKeys(run_id).parts(*EXPIRING):
+            for key in run_keys(run_id).parts(*EXPIRING):
                 p.expire(key, self.expires)
             p.execute()
 
     def renew_lease(self, run_id: str, shard_id: str, holder: str, ttl_s: float) -> bool:
         """Extend the lease if ``holder`` still has it (allowed while the broker is full)."""
-        return bool(self._run("RENEW", [RunKeys(run_id).lease(shard_id)], [holder, max(1, int(ttl_s * 1000))]))
+        return bool(self._run("RENEW", [run_keys(run_id).lease(shard_id)], [holder, max(1, int(ttl_s * 1000))]))
 
     def lost_shards(self, run_id: str) -> list[str]:
         """Shards recorded as running whose lease expired: their worker is gone."""
-        running = [k.decode() for k in self.r.hkeys(RunKeys(run_id).running)]
+        running = [k.decode() for k in self.r.hkeys(run_keys(run_id).running)]
         if not running:
             return []
-        holders = self.r.mget([RunKeys(run_id).lease(sid) for sid in running])  # one command
+        holders = self.r.mget([run_keys(run_id).lease(sid) for sid in running])  # one command
         return [sid for sid, h in zip(running, holders) if h is None]
 
     @_rides_out_full
@@ -155,18 +155,18 @@ class ShardLedger(StorePart):
                                             else "revoked in flight (a broker restart)"))
 
     def _redispatch(self, run_id: str, shard_id: str, how: str, seen: int = 0, *, why: str) -> int:
-        k = RunKeys(run_id)
+        k = run_keys(run_id)
         return int(self._run("REDISPATCH", [k.running, k.redispatched, k.redispatched_at, k.redispatched_why,
                                             k.failures, k.missing],
                              [shard_id, how, time.time(), self.expires, seen, why]))
 
     def redispatched_at(self, run_id: str) -> dict[str, float]:
         """When each re-dispatched shard was last sent again."""
-        return {k.decode(): float(v) for k, v in self.r.hgetall(RunKeys(run_id).redispatched_at).items()}
+        return {k.decode(): float(v) for k, v in self.r.hgetall(run_keys(run_id).redispatched_at).items()}
 
     def redispatched_why(self, run_id: str) -> dict[str, str]:
         """Why each re-dispatched shard was last sent again (healing, a failure, ``nasq resume``)."""
-        return {k.decode(): v.decode() for k, v in self.r.hgetall(RunKeys(run_id).redispatched_why).items()}
+        return {k.decode(): v.decode() for k, v in self.r.hgetall(run_keys(run_id).redispatched_why).items()}
 
     @_rides_out_full
     def claim_stranded(self, run_id: str, shard_id: str, seen: int | None = None, *, why: str,
@@ -177,36 +177,36 @@ class ShardLedger(StorePart):
         goes up in the same step (and, unless ``resume`` sends it, its count of missing
         messages: ``missing``). 0 for every other caller."""
         if seen is None:
-            seen = int(self.r.hget(RunKeys(run_id).redispatched, shard_id) or 0)
+            seen = int(self.r.hget(run_keys(run_id).redispatched, shard_id) or 0)
         return self._redispatch(run_id, shard_id, Redispatch.RESUME if resume else Redispatch.STRANDED, seen, why=why)
 
     def redispatched(self, run_id: str) -> dict[str, int]:
-        return {k.decode(): int(v) for k, v in self.r.hgetall(RunKeys(run_id).redispatched).items()}
+        return {k.decode(): int(v) for k, v in self.r.hgetall(run_keys(run_id).redispatched).items()}
 
     @_rides_out_full
     def claim_merge(self, run_id: str, generation: int) -> bool:
         """True once per run and resume: for the component that sends the merge of a run whose
         chord cannot fire."""
-        return bool(self.r.set(RunKeys(run_id).merge_sent(generation), 1, nx=True, ex=self.expires))
+        return bool(self.r.set(run_keys(run_id).merge_sent(generation), 1, nx=True, ex=self.expires))
 
     def shard_results(self, run_id: str) -> dict[str, dict]:
         """The kept result of each finished shard (the first copy's)."""
-        return self._hash(RunKeys(run_id).results)
+        return self._hash(run_keys(run_id).results)
 
     def result_ids(self, run_id: str) -> set[str]:
         """The shards that have their result (without reading the results)."""
-        return {k.decode() for k in self.r.hkeys(RunKeys(run_id).results)}
+        return {k.decode() for k in self.r.hkeys(run_keys(run_id).results)}
 
     def running(self, run_id: str) -> dict[str, dict]:
-        return self._hash(RunKeys(run_id).running)
+        return self._hash(run_keys(run_id).running)
 
     def finished(self, run_id: str) -> dict[str, dict]:
-        return self._hash(RunKeys(run_id).finished)
+        return self._hash(run_keys(run_id).finished)
 
     def dropped(self, run_id: str) -> dict[str, int]:
         """Shard id -> copies dropped: late or duplicate results, and copies that gave up because
         another copy took over."""
-        return {k.decode(): int(v) for k, v in self.r.hgetall(RunKeys(run_id).dropped).items()}
+        return {k.decode(): int(v) for k, v in self.r.hgetall(run_keys(run_id).dropped).items()}
 
     def last_accepted_at(self, run_id: str) -> float | None:
         """When the latest kept shard finished (its worker's clock), from the finished records."""
@@ -216,13 +216,13 @@ class ShardLedger(StorePart):
     def shard_counts(self, run_id: str) -> tuple[int, int]:
         """(finished, running) shard counts, without reading the records."""
         with self.r.pipeline(transaction=False) as p:  # reads: no MULTI (refused while Redis is full)
-            p.hlen(RunKeys(run_id).finished)
-            p.hlen(RunKeys(run_id).running)
+            p.hlen(run_keys(run_id).finished)
+            p.hlen(run_keys(run_id).running)
             finished, running = p.execute()
         return int(finished), int(running)
 
     def results_count(self, run_id: str) -> int:
-        return int(self.r.hlen(RunKeys(run_id).results))
+        return int(self.r.hlen(run_keys(run_id).results))
 
     @_rides_out_full
     def heal_turn(self, every_s: float) -> bool:
@@ -237,24 +237,24 @@ class ShardLedger(StorePart):
         manifest = manifest or self._runs.manifest(run_id)
         sizes = manifest.shard_sizes() if manifest else {}
         with self.r.pipeline(transaction=False) as p:  # reads: no MULTI (refused while Redis is full)
-            p.hkeys(RunKeys(run_id).results)
-            p.hkeys(RunKeys(run_id).running)
+            p.hkeys(run_keys(run_id).results)
+            p.hkeys(run_keys(run_id).running)
             kept, running = ({k.decode() for k in keys} for keys in p.execute())
         total = sum(sizes.get(sid, 0) for sid in kept)
         running = sorted(running - kept)
         if accepted_only or not running:
             return total
-        return total + sum(lease_progress(v) for v in self.r.mget([RunKeys(run_id).lease(sid) for sid in running]))
+        return total + sum(lease_progress(v) for v in self.r.mget([run_keys(run_id).lease(sid) for sid in running]))
 
     def failures(self, run_id: str) -> dict[str, list[dict]]:
         """Shard id -> the failures of its copies (each: worker, host, device, error, at, kind),
         for the shards that failed somewhere, whether they then ran elsewhere or not."""
-        return self._hash(RunKeys(run_id).failures)
+        return self._hash(run_keys(run_id).failures)
 
     def nobody_since(self, run_id: str, shard_id: str, *, clear: bool = False) -> float:
         """Since when no live worker but excluded ones (or ones that failed it) may take the
         shard: the first call's time, kept until ``clear``."""
-        key, field = RunKeys(run_id).barred, f"nobody|{shard_id}"
+        key, field = run_keys(run_id).barred, f"nobody|{shard_id}"
         if clear:
             self.r.hdel(key, field)
             return 0.0
@@ -264,22 +264,22 @@ class ShardLedger(StorePart):
     def lift_exclusions(self, run_id: str) -> None:
         """What ``nasq resume`` does to a run's exclusions: the workers take its shards again (the
         record of each exclusion stays, marked lifted)."""
-        self.r.delete(RunKeys(run_id).barred)
+        self.r.delete(run_keys(run_id).barred)
 
     def missing(self, run_id: str) -> dict[str, int]:
         """Shard id -> how often its message was found missing and sent again by healing."""
-        return {k.decode(): int(v) for k, v in self.r.hgetall(RunKeys(run_id).missing).items()}
+        return {k.decode(): int(v) for k, v in self.r.hgetall(run_keys(run_id).missing).items()}
 
     def exclusions(self, run_id: str) -> dict[str, dict]:
         """Worker -> the record of its exclusion from the run (when, why, the shards it failed),
         with ``lifted``: True once a ``nasq resume`` lifted it (the worker takes the run's shards
         again)."""
         with self.r.pipeline(transaction=False) as p:
-            p.hgetall(RunKeys(run_id).excluded)
-            p.hkeys(RunKeys(run_id).barred)
+            p.hgetall(run_keys(run_id).excluded)
+            p.hkeys(run_keys(run_id).barred)
             records, barred = p.execute()
         barred = {k.decode() for k in barred}
         return {k.decode(): {**json.loads(v), "lifted": k.decode() not in barred} for k, v in records.items()}
 
     def attempts(self, run_id: str) -> dict[str, int]:
-        return {k.decode(): int(v) for k, v in self.r.hgetall(RunKeys(run_id).attempts).items()}
+        return {k.decode(): int(v) for k, v in self.r.hgetall(run_keys(run_id).attempts).items()}

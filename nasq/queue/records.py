@@ -2,7 +2,6 @@
 of ``nasq.runstate`` (one atomic script each), its merges, report and notes."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
@@ -13,7 +12,7 @@ import redis
 from ..rundata import Report, RunManifest
 from ..wire import MessageError
 from ..runstate import ENDED, TRANSITIONS, Outcome, RunState, Transition
-from .redis_store import ACTIVE, DIGESTS, EXPIRING, RUNS, RunKeys, StorePart, _rides_out_full, _states, log
+from .redis_store import ACTIVE, DIGESTS, EXPIRING, RUNS, StorePart, run_keys, _rides_out_full, _states, log
 
 
 class RunRecords(StorePart):
@@ -26,11 +25,11 @@ class RunRecords(StorePart):
         submitting client), state ``submitted``."""
         run_id = manifest.run_id
         with self.r.pipeline() as p:
-            p.set(RunKeys(run_id).manifest, json.dumps(manifest.to_payload()), ex=self.expires)
+            p.set(run_keys(run_id).manifest, json.dumps(manifest.to_payload()), ex=self.expires)
             if sealed is not None:
-                p.set(RunKeys(run_id).sealed, sealed, ex=self.expires)
+                p.set(run_keys(run_id).sealed, sealed, ex=self.expires)
             p.zadd(RUNS, {run_id: manifest.created or time.time()})
-            p.set(RunKeys(run_id).state, json.dumps({"state": str(RunState.SUBMITTED), "at": time.time(),
+            p.set(run_keys(run_id).state, json.dumps({"state": str(RunState.SUBMITTED), "at": time.time(),
                                                         "shards": len(manifest.shards)}), ex=self.expires)
             p.sadd(ACTIVE, run_id)
             p.execute()
@@ -51,14 +50,14 @@ class RunRecords(StorePart):
         Raises:
             MessageError: the stored manifest is malformed (the field is named).
         """
-        return self._record(RunKeys(run_id).manifest, RunManifest)
+        return self._record(run_keys(run_id).manifest, RunManifest)
 
     def sealed_manifest(self, run_id: str) -> str | None:
-        v = self.r.get(RunKeys(run_id).sealed)
+        v = self.r.get(run_keys(run_id).sealed)
         return v.decode() if v else None
 
     def has_run(self, run_id: str) -> bool:
-        return bool(self.r.exists(RunKeys(run_id).manifest))
+        return bool(self.r.exists(run_keys(run_id).manifest))
 
     def broker_warnings(self) -> list[str]:
         """What this Redis lacks for runs to survive it (read with CONFIG GET; managed Redis
@@ -82,7 +81,7 @@ class RunRecords(StorePart):
         return out
 
     def state(self, run_id: str) -> dict | None:
-        return self._get(RunKeys(run_id).state)
+        return self._get(run_keys(run_id).state)
 
     def state_name(self, run_id: str) -> str | None:
         return (self.state(run_id) or {}).get("state")
@@ -104,7 +103,7 @@ class RunRecords(StorePart):
         and lifts the run's exclusions."""
         sources, target = TRANSITIONS[name]
         record = {"state": str(target), "at": time.time(), **fields}
-        k = RunKeys(run_id)
+        k = run_keys(run_id)
         named = ("running", "attempts", "finished", "failures", "barred", "merges")
         out = self._run("TRANSITION",
                         [k.state, ACTIVE, k.report, k.predictions, k.published, k.rendered, k.rendering,
@@ -119,22 +118,22 @@ class RunRecords(StorePart):
 
     @_rides_out_full
     def next_resume(self, run_id: str) -> int:
-        key = RunKeys(run_id).resumes
+        key = run_keys(run_id).resumes
         n = int(self.r.incr(key))
         self.r.expire(key, self.expires)
         return n
 
     def resumes(self, run_id: str) -> int:
-        return int(self.r.get(RunKeys(run_id).resumes) or 0)
+        return int(self.r.get(run_keys(run_id).resumes) or 0)
 
     def merge_ids(self, run_id: str) -> list[str]:
         """The task ids of the run's merges: the chord's and one per resume."""
-        return sorted(x.decode() for x in self.r.smembers(RunKeys(run_id).merges))
+        return sorted(x.decode() for x in self.r.smembers(run_keys(run_id).merges))
 
     @_rides_out_full
     def add_merge_id(self, run_id: str, task_id: str) -> None:
-        self.r.sadd(RunKeys(run_id).merges, task_id)
-        self.r.expire(RunKeys(run_id).merges, self.expires)
+        self.r.sadd(run_keys(run_id).merges, task_id)
+        self.r.expire(run_keys(run_id).merges, self.expires)
 
     def report(self, run_id: str) -> Report | None:
         """The run's report; None: none yet.
@@ -142,7 +141,7 @@ class RunRecords(StorePart):
         Raises:
             MessageError: the stored report is malformed (the field is named).
         """
-        return self._record(RunKeys(run_id).report, Report)
+        return self._record(run_keys(run_id).report, Report)
 
     def _record(self, key: str, kind):
         """The ``kind`` (``RunManifest``, ``Report``) stored at ``key``, or None.
@@ -153,50 +152,52 @@ class RunRecords(StorePart):
         raw = self.r.get(key)
         if raw is None:
             return None
-        with _named_if_not_json(key):
+        try:
             stored = json.loads(raw)
+        except ValueError as e:  # written by hand: refused as a malformed record is
+            raise MessageError(f"{key} is not JSON ({e})") from None
         return kind.from_payload(stored)
 
     def predictions(self, run_id: str) -> dict | None:
-        return self._get(RunKeys(run_id).predictions)
+        return self._get(run_keys(run_id).predictions)
 
     @_rides_out_full
     def save_report_of_ended(self, run_id: str, report: Report, predictions: dict | None) -> None:
         """The partial report of a run that already ended (a cancelled one, written after the
         cancel took effect)."""
-        self._set(RunKeys(run_id).report, report.to_payload())
+        self._set(run_keys(run_id).report, report.to_payload())
         if predictions is not None:
-            self._set(RunKeys(run_id).predictions, predictions)
+            self._set(run_keys(run_id).predictions, predictions)
 
     def mark_published(self, run_id: str) -> None:
         """The ended run's report files are in place and its history row written (or noted as not)."""
-        self._mark(RunKeys(run_id).published, run_id, "its report as published")
+        self._mark(run_keys(run_id).published, run_id, "its report as published")
 
     def published(self, run_id: str) -> bool:
-        return bool(self.r.exists(RunKeys(run_id).published))
+        return bool(self.r.exists(run_keys(run_id).published))
 
     def mark_rendered(self, run_id: str, not_written: dict[str, str] | None = None) -> None:
         """The ended run's plots and HTML page are written too, but for ``not_written`` (file
         name -> reason)."""
-        self._mark(RunKeys(run_id).rendered, run_id, "its plots as rendered", json.dumps(not_written or {}))
+        self._mark(run_keys(run_id).rendered, run_id, "its plots as rendered", json.dumps(not_written or {}))
 
     def rendered(self, run_id: str) -> bool:
-        return bool(self.r.exists(RunKeys(run_id).rendered))
+        return bool(self.r.exists(run_keys(run_id).rendered))
 
     def not_rendered(self, run_id: str) -> dict[str, str]:
         """File name -> reason, of the files the merging worker could not render."""
-        return self._get(RunKeys(run_id).rendered) or {}
+        return self._get(run_keys(run_id).rendered) or {}
 
     def claim_render(self, run_id: str, ttl_s: float = 60.0, *, renew: bool = False) -> bool:
         """True for the one worker that renders the run's plots and HTML page now; the claim
         lapses after ``ttl_s`` unless renewed (a worker that died rendering leaves it to the next)."""
-        return self._claim(RunKeys(run_id).rendering, ttl_s, renew=renew)
+        return self._claim(run_keys(run_id).rendering, ttl_s, renew=renew)
 
     def claim_publish(self, run_id: str, ttl_s: float, *, renew: bool = False) -> bool:
         """True for the one worker that publishes the run's report files now (``renew``: the
         merging worker, which takes it whatever holds it); it lapses after ``ttl_s``, so that a
         worker that died publishing leaves it to the next within seconds."""
-        return self._claim(RunKeys(run_id).publishing, ttl_s, renew=renew, take=renew)
+        return self._claim(run_keys(run_id).publishing, ttl_s, renew=renew, take=renew)
 
     def _claim(self, key: str, ttl_s: float, *, renew: bool = False, take: bool = False) -> bool:
         """A claim held by this process (its value: ``process_token()``): taken if free, or
@@ -213,10 +214,10 @@ class RunRecords(StorePart):
         self._run("UNCLAIM_KEY", [key], [process_token()])
 
     def drop_publish(self, run_id: str) -> None:
-        self._unclaim(RunKeys(run_id).publishing)
+        self._unclaim(run_keys(run_id).publishing)
 
     def publishing(self, run_id: str) -> bool:
-        return bool(self.r.exists(RunKeys(run_id).publishing))
+        return bool(self.r.exists(run_keys(run_id).publishing))
 
     def restore_ended(self, run_id: str, report: Report, predictions: dict | None) -> None:
         """Write a finished run's records back as its published report says (someone changed
@@ -224,12 +225,12 @@ class RunRecords(StorePart):
         record = {"state": report.state, "at": report.finished, "error": report.error,
                   "restored": "from its published report"}
         with self.r.pipeline() as p:
-            p.set(RunKeys(run_id).state, json.dumps(record), ex=self.expires)
-            p.set(RunKeys(run_id).report, json.dumps(report.to_payload()), ex=self.expires)
+            p.set(run_keys(run_id).state, json.dumps(record), ex=self.expires)
+            p.set(run_keys(run_id).report, json.dumps(report.to_payload()), ex=self.expires)
             if predictions is not None:
-                p.set(RunKeys(run_id).predictions, json.dumps(predictions), ex=self.expires)
-            p.set(RunKeys(run_id).published, "1", ex=self.expires)
-            p.set(RunKeys(run_id).rendered, "{}", ex=self.expires)
+                p.set(run_keys(run_id).predictions, json.dumps(predictions), ex=self.expires)
+            p.set(run_keys(run_id).published, "1", ex=self.expires)
+            p.set(run_keys(run_id).rendered, "{}", ex=self.expires)
             p.srem(ACTIVE, run_id)
             p.execute()
 
@@ -275,7 +276,7 @@ class RunRecords(StorePart):
                 return absent("being rendered by the merging worker")
             if time.time() >= deadline:
                 return absent(f"not rendered within {timeout_s:g} s of the numbers")
-            if self.r.exists(RunKeys(run_id).rendering):
+            if self.r.exists(run_keys(run_id).rendering):
                 idle_since = None
             elif idle_since is None:
                 idle_since = time.time()
@@ -301,7 +302,7 @@ class RunRecords(StorePart):
         client (a signed run's client ignores it: this record cannot harm a signed run)."""
         if not self.has_run(run_id):
             return False
-        key = RunKeys(run_id).refused
+        key = run_keys(run_id).refused
         try:
             with self.r.pipeline(transaction=False) as p:
                 p.hset(key, worker, json.dumps({"signed": signed, "text": text[:500], "at": time.time()}))
@@ -313,17 +314,17 @@ class RunRecords(StorePart):
 
     def refusals(self, run_id: str) -> dict[str, dict]:
         """Worker -> {signed, text, at}: the workers that refused the run's messages for their signature."""
-        return self._hash(RunKeys(run_id).refused)
+        return self._hash(run_keys(run_id).refused)
 
     def add_note(self, run_id: str, what: str, text: str) -> None:
         try:
-            self.r.hset(RunKeys(run_id).notes, what, text)
-            self.r.expire(RunKeys(run_id).notes, self.expires)
+            self.r.hset(run_keys(run_id).notes, what, text)
+            self.r.expire(run_keys(run_id).notes, self.expires)
         except redis.exceptions.OutOfMemoryError:
             log.warning("run %s: %s (could not record it: the broker is full)", run_id, text)
 
     def notes(self, run_id: str) -> dict[str, str]:
-        return {k.decode(): v.decode() for k, v in self.r.hgetall(RunKeys(run_id).notes).items()}
+        return {k.decode(): v.decode() for k, v in self.r.hgetall(run_keys(run_id).notes).items()}
 
 
 
@@ -356,11 +357,3 @@ def _gone(token: str) -> bool:
         return False
     return _started(int(pid)) != started
 
-
-@contextlib.contextmanager
-def _named_if_not_json(key: str):
-    """A record written by hand that is not even JSON is refused as a malformed one is."""
-    try:
-        yield
-    except ValueError as e:
-        raise MessageError(f"{key} is not JSON ({e})") from None

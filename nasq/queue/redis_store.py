@@ -92,6 +92,10 @@ class RunKeys:
         return [getattr(self, n) for n in names]
 
 
+#: ``RunKeys`` of a run, made once per run id (every call of the store names some of them)
+run_keys = functools.lru_cache(maxsize=1024)(RunKeys)
+
+
 class BrokerFull(BrokerTrouble):
     """The broker refused a write: Redis reached ``maxmemory`` (policy ``noeviction``)."""
 
@@ -174,7 +178,6 @@ class RedisStore:
                    connect_timeout_s=settings.broker_connect_timeout_s,
                    socket_timeout_s=settings.broker_socket_timeout_s, health_check_s=settings.broker_health_check_s,
                    wait_when_full=wait_when_full)
-
 
     def _set(self, key: str, value) -> None:
         self.r.set(key, json.dumps(value), ex=self.expires)

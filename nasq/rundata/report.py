@@ -76,15 +76,13 @@ class Throughput:
     compute_img_s: float | None = None
     extra: dict = field(default_factory=dict, compare=False)
 
-    NAMES = ("shard_span_img_s", "end_to_end_img_s", "end_to_end_s", "compute_img_s")
-
     @classmethod
     def from_payload(cls, v) -> Throughput:
         given = _dict(v or {}, "report.throughput")
-        return cls(**{n: _num(given, n) for n in cls.NAMES}, extra=_unknown(cls, given))
+        return cls(**{n: _num(given, n) for n in _declared(cls)}, extra=_unknown(cls, given))
 
     def to_payload(self) -> dict:
-        return {**{n: getattr(self, n) for n in self.NAMES}, **self.extra}
+        return {**{n: getattr(self, n) for n in _declared(self)}, **self.extra}
 
 
 @dataclass(frozen=True)
@@ -112,9 +110,14 @@ class RunEnvironment:
                 "command": None if self.command is None else list(self.command), **self.extra}
 
 
+def _declared(cls) -> list[str]:
+    """The fields of a record's JSON that ``cls`` declares (not those saying how it was read)."""
+    return [f.name for f in fields(cls) if f.name not in _BOOKKEEPING]
+
+
 def _unknown(cls, v: dict) -> dict:
     """The fields of ``v`` that ``cls`` does not declare: a later release's, kept as they are."""
-    known = {f.name for f in fields(cls)} - _BOOKKEEPING
+    known = set(_declared(cls))
     return {k: x for k, x in v.items() if k not in known}
 
 

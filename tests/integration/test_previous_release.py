@@ -102,3 +102,29 @@ def test_a_partial_report_of_the_earliest_releases_stays_partial_and_is_never_fi
     folder.mkdir()
     (folder / "report.json").write_text(json.dumps(old))
     assert ended_on_disk(str(tmp_path), old["run_id"]) is None  # not final: the run may be resumed
+
+
+def test_a_manifest_rewritten_in_redis_is_left_alone_by_healing_and_listings(tmp_path, caplog):
+    """A running run whose manifest was rewritten by hand (no signing): healing refuses to act
+    on it, once in the log, naming the field; `nasq runs` leaves it out; nothing is sent."""
+    from nasq.config import Settings
+    from nasq.queue.app import make_app
+    from nasq.queue.healing import Healer
+    from nasq.results.status import runs_rows
+
+    with RedisServer(str(tmp_path / "redis")) as url:
+        store = RunStore(url)
+        records = _restore(store)
+        bad = {**json.loads(records[f"nasq:run:{RUN_ID}:manifest"]["value"]), "shards": "all"}
+        store.r.set(f"nasq:run:{RUN_ID}:manifest", json.dumps(bad))
+        store.r.set(f"nasq:run:{RUN_ID}:state", json.dumps({"state": "running", "at": 0, "shards": 4}))
+        store.r.delete(f"nasq:run:{RUN_ID}:results", f"nasq:run:{RUN_ID}:finished")
+        settings = Settings(broker_url=url, report_dir=str(tmp_path / "rep"))
+        app = make_app(settings)
+        healer = Healer.for_settings(app, store, settings)
+        with caplog.at_level("WARNING"):
+            assert healer.heal(RUN_ID) == [] and healer.heal(RUN_ID) == []
+        refusals = [r.getMessage() for r in caplog.records if "refused to act on its record" in r.getMessage()]
+        assert len(refusals) == 1 and "shards must be a list" in refusals[0]
+        assert store.ledger.redispatched(RUN_ID) == {} and store.r.llen("eval.sim") == 0  # nothing sent
+        assert RUN_ID not in {r["run_id"] for r in runs_rows(store, str(tmp_path / "rep"))}
